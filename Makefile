@@ -1,0 +1,30 @@
+# `make demo` and `make test` set everything up on a fresh machine: .venv, pinned packages, the project.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO := artifacts/dialogpt-small-fp32
+PROMPT ?= Hello, how are you today?
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+# Export the synthetic DialoGPT-small (once; re-exported if the artifact is damaged), then generate.
+demo: $(STAMP)
+	$(BIN)/gpt2onnx info $(DEMO) >/dev/null 2>&1 || $(BIN)/gpt2onnx export synthetic:dialogpt-small -o $(DEMO) --force
+	$(BIN)/gpt2onnx generate $(DEMO) "$(PROMPT)" --max-new-tokens 32 --timing
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf artifacts reports .pytest_cache

@@ -1,0 +1,190 @@
+"""Checkpoints: local Hugging Face directories, hub ids, and seeded synthetic DialoGPT models.
+
+`load(spec)` returns a `Checkpoint`: the transformers GPT-2 model (fp32, eval mode), its tokenizer
+as a `tokenizers.Tokenizer`, and a source string for the manifest. torch and transformers are
+imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from gpt2onnx.runtime.errors import Gpt2OnnxError
+
+EOS_ID = 50256
+VOCAB_SIZE = 50257
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_positions: int = 1024
+    # HF's default 0.02 for the real shapes (realistic activation ranges); the tiny test model uses a
+    # wide init so its greedy output varies token to token instead of repeating one token.
+    initializer_range: float = 0.02
+
+
+# The exact DialoGPT architectures (GPT-2 small / medium / large) plus a tiny one for tests.
+SYNTHETIC = {
+    "dialogpt-small": SyntheticSpec(12, 768, 12),
+    "dialogpt-medium": SyntheticSpec(24, 1024, 16),
+    "dialogpt-large": SyntheticSpec(36, 1280, 20),
+    "tiny": SyntheticSpec(2, 64, 4, 128, initializer_range=0.5),
+}
+
+
+@dataclass
+class Checkpoint:
+    model: Any  # transformers.GPT2LMHeadModel, fp32, eval()
+    tokenizer: Any  # tokenizers.Tokenizer
+    source: str  # "synthetic:NAME", a hub id, or an absolute path
+    seed: int | None = None
+
+    @property
+    def synthetic(self) -> bool:
+        return self.source.startswith("synthetic:")
+
+
+def sample_text() -> str:
+    """The text the project ships for tokenizer training and teacher-forced accuracy."""
+    return resources.files("gpt2onnx.export").joinpath("data/sample.txt").read_text("utf-8")
+
+
+def load(spec: str, seed: int = 0) -> Checkpoint:
+    """Load `synthetic:NAME`, a local Hugging Face directory, or a hub id.
+
+    Raises:
+        Gpt2OnnxError: unknown synthetic name, a directory that is not a GPT-2 checkpoint, or a
+            hub id that cannot be fetched.
+    """
+    if spec.startswith("synthetic:"):
+        name = spec.split(":", 1)[1]
+        if name not in SYNTHETIC:
+            raise Gpt2OnnxError(
+                f"unknown synthetic model {name!r}; choose one of: "
+                + ", ".join(f"synthetic:{n}" for n in SYNTHETIC)
+            )
+        return Checkpoint(synthetic_model(name, seed), synthetic_tokenizer(), spec, seed)
+    if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise Gpt2OnnxError(f"{spec} has no config.json; pass a Hugging Face checkpoint directory")
+        return _load_hf(os.path.abspath(spec))
+    if os.path.exists(spec):
+        raise Gpt2OnnxError(f"{spec} is a file; pass a checkpoint directory, a hub id or synthetic:NAME")
+    if spec.startswith((os.sep, ".", "~")) or spec.count("/") > 1:
+        raise Gpt2OnnxError(f"cannot load checkpoint {spec!r}: no such directory; pass a checkpoint directory, a hub id or synthetic:NAME")
+    return _load_hf(spec)
+
+
+def _load_hf(name_or_path: str) -> Checkpoint:
+    import transformers
+
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype="float32")
+        hf_tok = transformers.AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+    except (OSError, ValueError) as e:  # missing files, unreachable hub, malformed hub id
+        raise Gpt2OnnxError(
+            f"cannot load checkpoint {name_or_path!r} ({str(e).splitlines()[0]}); pass a local "
+            "directory with config.json, weights and tokenizer files, or synthetic:NAME"
+        ) from None
+    if model.config.model_type != "gpt2":
+        raise Gpt2OnnxError(f"{name_or_path} is a {model.config.model_type!r} model; only GPT-2-family checkpoints are supported")
+    if not getattr(hf_tok, "is_fast", False):
+        raise Gpt2OnnxError(f"{name_or_path} has no fast tokenizer (tokenizer.json); save one with transformers first")
+    return Checkpoint(model.eval(), hf_tok.backend_tokenizer, name_or_path)
+
+
+def synthetic_model(name: str, seed: int = 0):
+    """A GPT2LMHeadModel with the named architecture and weights drawn from `seed`."""
+    import torch
+    import transformers
+
+    s = SYNTHETIC[name]
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB_SIZE, n_positions=s.n_positions, n_embd=s.n_embd, n_layer=s.n_layer,
+        n_head=s.n_head, initializer_range=s.initializer_range, bos_token_id=EOS_ID, eos_token_id=EOS_ID,
+        # a synthetic model needs no dropout; tie weights as DialoGPT does
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.GPT2LMHeadModel(config)
+    return model.eval()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, in GPT-2's id order (ids 0..255)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+@lru_cache(maxsize=1)
+def _synthetic_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    byte_chars = list(_bytes_to_unicode().values())  # GPT-2 id order
+    # Merges learned from the shipped text make common words single tokens, so prompts have
+    # realistic token counts; the rest of the vocabulary is filled with pair merges.
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    learner.train_from_iterator(
+        [sample_text()],
+        trainers.BpeTrainer(vocab_size=4000, initial_alphabet=byte_chars, show_progress=False),
+    )
+    import json
+
+    learned = json.loads(learner.to_str())["model"]["merges"]
+    merges: list[tuple[str, str]] = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in learned]
+    vocab = {c: i for i, c in enumerate(byte_chars)}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    merges = [m for m in merges if vocab.get(m[0] + m[1], EOS_ID) < EOS_ID]
+    # Deterministic filler: every pair of byte symbols in id order until the vocabulary is full.
+    for a in byte_chars:
+        if len(vocab) >= EOS_ID:
+            break
+        for b in byte_chars:
+            if len(vocab) >= EOS_ID:
+                break
+            if a + b not in vocab:
+                vocab[a + b] = len(vocab)
+                merges.append((a, b))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens(["<|endoftext|>"])
+    assert tok.get_vocab_size() == VOCAB_SIZE and tok.token_to_id("<|endoftext|>") == EOS_ID
+    return tok.to_str()
+
+
+def synthetic_tokenizer():
+    """A GPT-2-compatible byte-level BPE tokenizer of exactly 50257 ids, `<|endoftext|>` = 50256."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(_synthetic_tokenizer_json())
+
+
+def save_hf_checkpoint(ckpt: Checkpoint, path: str) -> None:
+    """Write `ckpt` as a Hugging Face directory (config, safetensors weights, tokenizer files)."""
+    import transformers
+
+    ckpt.model.save_pretrained(path)
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=ckpt.tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>", model_max_length=ckpt.model.config.n_positions,
+    )
+    hf_tok.save_pretrained(path)

@@ -1,0 +1,165 @@
+"""The export pipeline: load -> build graph -> (quantize) -> parity -> write the artifact atomically."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from gpt2onnx.runtime.artifact import FORMAT_VERSION, MANIFEST_NAME, PRECISIONS, sha256
+from gpt2onnx.runtime.errors import Gpt2OnnxError
+
+from . import checkpoints, graph, parity
+
+PROTOBUF_LIMIT = 2_000_000_000  # weights beyond ~2 GB go to model.onnx.data
+
+
+@dataclass
+class ExportOptions:
+    model: str  # synthetic:NAME, a checkpoint directory, or a hub id
+    output: str  # the artifact directory to create
+    precision: str = "fp32"
+    provider: str = "cpu"  # the execution provider the artifact is built for
+    fuse: bool = True
+    seed: int = 0  # weights of synthetic checkpoints
+    force: bool = False  # replace an existing output directory
+    parity_steps: int = 3
+
+
+def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
+    """Export `opts.model` to the artifact directory `opts.output`; returns that path.
+
+    Raises:
+        Gpt2OnnxError: bad options, an existing output without `force`, a checkpoint that cannot be
+            loaded, or parity outside the precision's tolerance (nothing is written then).
+    """
+    _check_options(opts)
+    log(f"loading {opts.model}")
+    ckpt = checkpoints.load(opts.model, opts.seed)
+    cfg = graph.model_config(ckpt.model.config)
+    log(f"building the {'fused' if opts.fuse else 'plain'} {opts.precision} graph: {cfg.n_layer} layers, width {cfg.n_embd}")
+    model = graph.build(cfg, graph.weights(ckpt.model, cfg), fused=opts.fuse)
+
+    out = os.path.abspath(opts.output)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+    try:
+        model_path = os.path.join(tmp, "model.onnx")
+        _save_onnx(model, model_path)
+        del model
+        log("checking parity against PyTorch")
+        rows = _parity_prompts(ckpt, cfg)
+        figures = parity.decode_parity(parity.ort_session(model_path), ckpt.model, cfg, rows, steps=opts.parity_steps)
+        tol = parity.TOLERANCES[opts.precision]
+        if not figures["max_abs_logit_diff"] <= tol:
+            raise Gpt2OnnxError(
+                f"parity failed: max |Δlogit| {figures['max_abs_logit_diff']:.3g} exceeds the {opts.precision} tolerance {tol}"
+            )
+        ckpt.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+        manifest = _manifest(opts, ckpt, cfg, model_path, {"decode_vs_pytorch_fp32": {**figures, "tolerance": tol}}, tmp)
+        with open(os.path.join(tmp, MANIFEST_NAME), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+        _replace_dir(tmp, out, opts.force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out} (max |Δlogit| {figures['max_abs_logit_diff']:.2e}, top-1 agreement {figures['top1_agreement']:.3f})")
+    return out
+
+
+def _check_options(opts: ExportOptions) -> None:
+    if opts.precision not in PRECISIONS:
+        raise Gpt2OnnxError(f"unknown precision {opts.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if opts.precision not in parity.TOLERANCES:
+        raise Gpt2OnnxError(f"precision {opts.precision} is not available yet; use fp32")
+    if opts.provider not in ("cpu", "cuda"):
+        raise Gpt2OnnxError(f"unknown provider {opts.provider!r}; choose cpu or cuda")
+    if os.path.exists(opts.output) and not opts.force:
+        raise Gpt2OnnxError(f"{opts.output} already exists; pass --force to replace it or choose another -o")
+    if os.path.exists(opts.output) and not os.path.isdir(opts.output):
+        raise Gpt2OnnxError(f"{opts.output} is a file; choose a directory path for -o")
+
+
+def _parity_prompts(ckpt, cfg) -> list[list[int]]:
+    """Two prompts of different lengths from the shipped text, so the batch is left-padded."""
+    ids = ckpt.tokenizer.encode(checkpoints.sample_text()).ids
+    ids = [i for i in ids if i < cfg.vocab_size]
+    n = min(24, cfg.n_positions // 4)
+    return [ids[:n], ids[n: n + n // 2]]
+
+
+def _save_onnx(model, path: str) -> None:
+    import onnx
+
+    big = sum(t.ByteSize() for t in model.graph.initializer) > PROTOBUF_LIMIT
+    onnx.save_model(model, path, save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=os.path.basename(path) + ".data", size_threshold=1024)
+
+
+def _replace_dir(tmp: str, out: str, force: bool) -> None:
+    """Rename `tmp` to `out`; with `force`, the old directory is moved aside first, then removed."""
+    if os.path.exists(out):
+        if not force:
+            raise Gpt2OnnxError(f"{out} already exists; pass --force to replace it")
+        old = tmp + ".old"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def _manifest(opts: ExportOptions, ckpt, cfg: graph.ModelConfig, model_path: str, parity_figs: dict, tmp: str) -> dict:
+    import onnx
+
+    m = onnx.load(model_path, load_external_data=False)
+    kv_dtype = "float16" if opts.precision == "fp16" else "float32"
+    io = {
+        "inputs": {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in m.graph.input},
+        "outputs": {o.name: onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type).name for o in m.graph.output},
+        "kv": {
+            "layout": "BNSH",  # [batch, heads, sequence, head_dim]
+            "dtype": kv_dtype,
+            # fused graphs write the cache in place when past and present are bound to one buffer
+            "shared_buffer": bool(opts.fuse),
+            "past_key": "past_key_values.{i}.key", "past_value": "past_key_values.{i}.value",
+            "present_key": "present.{i}.key", "present_value": "present.{i}.value",
+        },
+        "logits_to_keep": "num_logits_to_keep",
+    }
+    files = {}
+    for name in sorted(os.listdir(tmp)):
+        p = os.path.join(tmp, name)
+        files[name] = {"bytes": os.path.getsize(p), "sha256": sha256(p)}
+    return {
+        "format": "gpt2onnx",
+        "format_version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"checkpoint": ckpt.source, "synthetic": ckpt.synthetic, "seed": ckpt.seed if ckpt.synthetic else None},
+        "config": {**asdict(cfg), "head_dim": cfg.head_dim},
+        "precision": opts.precision,
+        "provider": opts.provider,
+        "fused": opts.fuse,
+        "opset": graph.OPSET,
+        "io": io,
+        "fused_ops": graph.fused_counts(m),
+        "parity": parity_figs,
+        "files": files,
+        "versions": _versions(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("gpt2onnx", "torch", "transformers", "onnx", "onnxruntime", "tokenizers", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out

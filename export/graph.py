@@ -1,0 +1,312 @@
+"""Build the GPT-2 decoder graph with past key values straight from the checkpoint's weights.
+
+Why emit the graph instead of tracing it: the fused graph we want (GroupQueryAttention that writes
+the KV cache in place, SkipLayerNormalization, FastGelu) is known exactly, so we write it directly,
+map every weight explicitly and assert its shape (the CTranslate2 converter approach). Tracing
+transformers' GPT-2 produces a graph whose shape changes with every transformers release and which
+the optimizer then has to pattern-match back into the same operators. The parity check against the
+PyTorch model (export/parity.py) is what proves the graph right.
+
+One graph serves the prompt pass and every decode step:
+
+  inputs   input_ids            int64 [batch, seq]
+           attention_mask       int64 [batch, past + seq]   1 = real token, 0 = left padding
+           position_ids         int64 [batch, seq]
+           num_logits_to_keep   int64 []                    0 = all positions, k = last k
+           past_key_values.{i}.key|value  [batch, heads, past, head_dim]
+  outputs  logits               float32 [batch, kept, vocab]
+           present.{i}.key|value          [batch, heads, past + seq, head_dim]
+
+Fused graphs use GroupQueryAttention (kv heads = heads): when the runtime binds past and present to
+the same buffer of capacity `max_len`, the op appends the new keys/values in place and `past` is
+that capacity; without binding it concatenates like the plain graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpt2onnx.runtime.errors import Gpt2OnnxError
+
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+MASK_VALUE = -10000.0  # exp(-1e4) == 0 in fp32 and fp16, and finite, so a fully masked row stays NaN-free
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    vocab_size: int
+    n_positions: int
+    layer_norm_epsilon: float
+    eos_token_id: int
+    bos_token_id: int
+    pad_token_id: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def model_config(hf_config) -> ModelConfig:
+    """Read and check a transformers GPT2Config; refuse variants the graph does not implement."""
+    unsupported = {
+        "activation_function": (hf_config.activation_function, "gelu_new"),
+        "scale_attn_weights": (hf_config.scale_attn_weights, True),
+        "scale_attn_by_inverse_layer_idx": (hf_config.scale_attn_by_inverse_layer_idx, False),
+        "reorder_and_upcast_attn": (hf_config.reorder_and_upcast_attn, False),
+    }
+    for key, (got, want) in unsupported.items():
+        if got != want:
+            raise Gpt2OnnxError(f"checkpoint has {key}={got!r}; gpt2onnx supports {key}={want!r} only")
+    eos = hf_config.eos_token_id if hf_config.eos_token_id is not None else hf_config.vocab_size - 1
+    return ModelConfig(
+        n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd,
+        vocab_size=hf_config.vocab_size, n_positions=hf_config.n_positions,
+        layer_norm_epsilon=float(hf_config.layer_norm_epsilon), eos_token_id=int(eos),
+        bos_token_id=int(hf_config.bos_token_id if hf_config.bos_token_id is not None else eos),
+        pad_token_id=int(hf_config.pad_token_id if hf_config.pad_token_id is not None else eos),
+    )
+
+
+def weights(model, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Map the transformers GPT2LMHeadModel state dict to our names, asserting every shape."""
+    sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    H, V, P = cfg.n_embd, cfg.vocab_size, cfg.n_positions
+    out: dict[str, np.ndarray] = {}
+
+    def take(ours: str, theirs: str, shape: tuple[int, ...]) -> None:
+        arr = sd.get(theirs)
+        if arr is None:
+            raise Gpt2OnnxError(f"checkpoint lacks weight {theirs}; is it a GPT-2 model?")
+        if arr.shape != shape:
+            raise Gpt2OnnxError(f"weight {theirs} has shape {arr.shape}, expected {shape}")
+        out[ours] = np.ascontiguousarray(arr)
+
+    take("wte", "transformer.wte.weight", (V, H))
+    take("wpe", "transformer.wpe.weight", (P, H))
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        take(f"h{i}.ln_1.g", p + "ln_1.weight", (H,))
+        take(f"h{i}.ln_1.b", p + "ln_1.bias", (H,))
+        # transformers' Conv1D stores weights as [in, out]: x @ W, no transpose needed.
+        take(f"h{i}.qkv.w", p + "attn.c_attn.weight", (H, 3 * H))
+        take(f"h{i}.qkv.b", p + "attn.c_attn.bias", (3 * H,))
+        take(f"h{i}.attn_out.w", p + "attn.c_proj.weight", (H, H))
+        take(f"h{i}.attn_out.b", p + "attn.c_proj.bias", (H,))
+        take(f"h{i}.ln_2.g", p + "ln_2.weight", (H,))
+        take(f"h{i}.ln_2.b", p + "ln_2.bias", (H,))
+        take(f"h{i}.fc.w", p + "mlp.c_fc.weight", (H, 4 * H))
+        take(f"h{i}.fc.b", p + "mlp.c_fc.bias", (4 * H,))
+        take(f"h{i}.proj.w", p + "mlp.c_proj.weight", (4 * H, H))
+        take(f"h{i}.proj.b", p + "mlp.c_proj.bias", (H,))
+    take("ln_f.g", "transformer.ln_f.weight", (H,))
+    take("ln_f.b", "transformer.ln_f.bias", (H,))
+    head = sd.get("lm_head.weight", sd["transformer.wte.weight"])
+    if head.shape != (V, H):
+        raise Gpt2OnnxError(f"weight lm_head.weight has shape {head.shape}, expected {(V, H)}")
+    # [H, V] so the head is a plain MatMul that the quantizers recognise.
+    out["lm_head.w"] = np.ascontiguousarray(head.T)
+    return out
+
+
+class _Builder:
+    """Accumulates nodes and initializers; names are unique by construction."""
+
+    def __init__(self, dtype: np.dtype):
+        import onnx
+
+        self.onnx = onnx
+        self.dtype = np.dtype(dtype)
+        self.nodes: list = []
+        self.inits: list = []
+        self._n = 0
+        self._names: set[str] = set()
+
+    def const(self, name: str, arr: np.ndarray, cast: bool = True) -> str:
+        if name in self._names:  # shared constants (shapes, scales) are added once
+            return name
+        self._names.add(name)
+        if cast and arr.dtype.kind == "f":
+            arr = arr.astype(self.dtype)
+        self.inits.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str | None = None,
+           outputs: list[str] | None = None, **attrs) -> list[str]:
+        self._n += 1
+        base = name or f"{op_type}_{self._n}"
+        outs = outputs or [f"{base}_out{j}" for j in range(n_out)]
+        self.nodes.append(self.onnx.helper.make_node(op_type, inputs, outs, name=base, domain=domain, **attrs))
+        return outs
+
+    def one(self, *args, **kw) -> str:
+        return self.op(*args, **kw)[0]
+
+
+def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dtype: str = "float32"):
+    """Return the onnx.ModelProto of the decoder. `dtype` is the weight/activation/KV dtype."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    np_dtype = np.dtype(dtype)
+    elem = helper.np_dtype_to_tensor_dtype(np_dtype)
+    b = _Builder(np_dtype)
+    H, N, D = cfg.n_embd, cfg.n_head, cfg.head_dim
+    i64 = lambda name, vals: b.const(name, np.array(vals, dtype=np.int64), cast=False)  # noqa: E731
+
+    # Shapes needed by both variants: B, S, T (= past + S).
+    ids_shape = b.one("Shape", ["input_ids"], name="ids_shape")
+    mask_shape = b.one("Shape", ["attention_mask"], name="mask_shape")
+    batch = b.one("Slice", [ids_shape, i64("c_0", [0]), i64("c_1", [1])], name="batch")
+    seq = b.one("Slice", [ids_shape, "c_1", i64("c_2", [2])], name="seq")
+    total = b.one("Slice", [mask_shape, "c_1", "c_2"], name="total")
+
+    # Padding bias [B, 1, 1, T]: 0 for real tokens, MASK_VALUE for left padding.
+    mask_f = b.one("Cast", ["attention_mask"], to=elem, name="mask_f")
+    inv = b.one("Sub", [b.const("one", np.array(1.0)), mask_f], name="mask_inv")
+    pad_bias = b.one("Mul", [inv, b.const("mask_value", np.array(MASK_VALUE))], name="pad_bias_2d")
+    pad_bias = b.one("Unsqueeze", [pad_bias, i64("axes_1_2", [1, 2])], name="pad_bias")
+
+    # Embeddings. The fused graph folds the add into layer 0's SkipLayerNormalization.
+    tok = b.one("Gather", [b.const("wte", w["wte"]), "input_ids"], name="tok_emb")
+    pos = b.one("Gather", [b.const("wpe", w["wpe"]), "position_ids"], name="pos_emb")
+
+    eps = cfg.layer_norm_epsilon
+    if fused:
+        # GroupQueryAttention's scalar inputs: seqlens_k [B] = T - 1 for every row (left padding keeps
+        # rows aligned; the bias masks the padding), total_sequence_length [] = T.
+        total32 = b.one("Cast", [total], to=TensorProto.INT32, name="total_i32")
+        total_scalar = b.one("Squeeze", [total32, b.const("c0_axes", np.array([0], np.int64), cast=False)], name="total_seq_len")
+        last = b.one("Sub", [total32, b.const("one_i32", np.array([1], np.int32), cast=False)], name="total_minus_1")
+        seqlens_k = b.one("Expand", [last, batch], name="seqlens_k")
+        bias_shape = b.one("Concat", [batch, i64("c_1b", [1]), seq, total], axis=0, name="bias_shape")
+        attn_bias = b.one("Expand", [pad_bias, bias_shape], name="attn_bias")
+        ln, residual = b.op("SkipLayerNormalization", [tok, pos, b.const("h0.ln_1.g", w["h0.ln_1.g"]), b.const("h0.ln_1.b", w["h0.ln_1.b"])],
+                            domain=MS_DOMAIN, epsilon=eps, name="h0.ln_1", outputs=["h0.ln_1_out", "", "", "h0.resid_in"])[::3]
+    else:
+        causal = _causal_bias(b, seq, total, i64)
+        attn_bias = b.one("Add", [pad_bias, causal], name="attn_bias")  # [B, 1, S, T]
+        residual = b.one("Add", [tok, pos], name="emb")
+        ln = b.one("LayerNormalization", [residual, b.const("h0.ln_1.g", w["h0.ln_1.g"]), b.const("h0.ln_1.b", w["h0.ln_1.b"])],
+                   axis=-1, epsilon=eps, name="h0.ln_1")
+
+    for i in range(cfg.n_layer):
+        p = f"h{i}."
+        c = lambda k: b.const(p + k, w[p + k])  # noqa: E731, B023
+        qkv = b.one("Add", [b.one("MatMul", [ln, c("qkv.w")], name=p + "qkv"), c("qkv.b")], name=p + "qkv_bias")  # [B, S, 3H]
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
+        if fused:
+            attn = b.op("GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens_k, total_scalar,
+                                                 "", "", "", attn_bias],
+                        domain=MS_DOMAIN, num_heads=N, kv_num_heads=N, name=p + "attn",
+                        outputs=[p + "attn_out", pres_k, pres_v])[0]
+            proj = b.one("MatMul", [attn, c("attn_out.w")], name=p + "attn_proj")
+            ln, residual = b.op("SkipLayerNormalization", [proj, residual, c("ln_2.g"), c("ln_2.b"), c("attn_out.b")],
+                                domain=MS_DOMAIN, epsilon=eps, name=p + "ln_2",
+                                outputs=[p + "ln_2_out", "", "", p + "resid_mid"])[::3]
+            fc = b.one("FastGelu", [b.one("MatMul", [ln, c("fc.w")], name=p + "fc"), c("fc.b")], domain=MS_DOMAIN, name=p + "gelu")
+            mlp = b.one("MatMul", [fc, c("proj.w")], name=p + "mlp_proj")
+            nxt = f"h{i + 1}.ln_1" if i + 1 < cfg.n_layer else "ln_f"
+            ln, residual = b.op("SkipLayerNormalization", [mlp, residual, b.const(nxt + ".g", w[nxt + ".g"]),
+                                                           b.const(nxt + ".b", w[nxt + ".b"]), c("proj.b")],
+                                domain=MS_DOMAIN, epsilon=eps, name=nxt, outputs=[nxt + "_out", "", "", f"h{i + 1}.resid_in"])[::3]
+        else:
+            attn = _plain_attention(b, p, qkv, past_k, past_v, pres_k, pres_v, attn_bias, N, D, H, i64)
+            proj = b.one("Add", [b.one("MatMul", [attn, c("attn_out.w")], name=p + "attn_proj"), c("attn_out.b")])
+            residual = b.one("Add", [proj, residual], name=p + "resid_mid")
+            ln = b.one("LayerNormalization", [residual, c("ln_2.g"), c("ln_2.b")], axis=-1, epsilon=eps, name=p + "ln_2")
+            fc = b.one("Add", [b.one("MatMul", [ln, c("fc.w")], name=p + "fc"), c("fc.b")])
+            mlp = b.one("Add", [b.one("MatMul", [_gelu_tanh(b, fc), c("proj.w")], name=p + "mlp_proj"), c("proj.b")])
+            residual = b.one("Add", [mlp, residual], name=f"h{i + 1}.resid_in")
+            nxt = f"h{i + 1}.ln_1" if i + 1 < cfg.n_layer else "ln_f"
+            ln = b.one("LayerNormalization", [residual, b.const(nxt + ".g", w[nxt + ".g"]), b.const(nxt + ".b", w[nxt + ".b"])],
+                       axis=-1, epsilon=eps, name=nxt)
+
+    # Only the last `num_logits_to_keep` positions reach the LM head: decoding needs one row, and
+    # the prompt pass would otherwise spend seq x vocab x width multiply-adds on logits nobody reads.
+    keep = b.one("Neg", [b.one("Reshape", ["num_logits_to_keep", i64("shape_1", [1])])], name="keep_start")
+    kept = b.one("Slice", [ln, keep, i64("int64_max", [np.iinfo(np.int64).max]), "c_1"], name="keep_last")
+    logits = b.one("MatMul", [kept, b.const("lm_head.w", w["lm_head.w"])], name="lm_head")
+    if np_dtype != np.float32:
+        b.one("Cast", [logits], to=TensorProto.FLOAT, name="logits_f32", outputs=["logits"])
+    else:
+        b.nodes[-1].output[0] = "logits"
+
+    kv = lambda name, past: helper.make_tensor_value_info(name, elem, ["batch", N, past, D])  # noqa: E731
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("num_logits_to_keep", TensorProto.INT64, []),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", cfg.vocab_size])]
+    for i in range(cfg.n_layer):
+        inputs += [kv(f"past_key_values.{i}.key", "past"), kv(f"past_key_values.{i}.value", "past")]
+        outputs += [kv(f"present.{i}.key", "present"), kv(f"present.{i}.value", "present")]
+    graph = helper.make_graph(b.nodes, "gpt2onnx_decoder", inputs, outputs, b.inits)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="gpt2onnx")
+    model.ir_version = min(model.ir_version, 10)  # readable by onnxruntime releases of the last two years
+    return model
+
+
+def _causal_bias(b: _Builder, seq: str, total: str, i64) -> str:
+    """[1, 1, S, T] additive bias: query i (absolute position T - S + i) may see keys 0..T-S+i."""
+    seq_s = b.one("Squeeze", [seq], name="seq_scalar")
+    total_s = b.one("Squeeze", [total], name="total_scalar")
+    past = b.one("Sub", [total_s, seq_s], name="past_len")
+    q_pos = b.one("Add", [b.one("Range", [i64("zero_s", 0), seq_s, i64("one_s", 1)], name="q_range"), past], name="q_pos")
+    k_pos = b.one("Range", ["zero_s", total_s, "one_s"], name="k_pos")
+    q_col = b.one("Unsqueeze", [q_pos, i64("axes_1", [1])], name="q_col")  # [S, 1]
+    future = b.one("Greater", [k_pos, q_col], name="future")  # [S, T]
+    bias = b.one("Where", [future, "mask_value", b.const("zero_f", np.array(0.0))], name="causal_2d")
+    return b.one("Unsqueeze", [bias, i64("axes_0_1", [0, 1])], name="causal_bias")
+
+
+def _plain_attention(b: _Builder, p: str, qkv: str, past_k: str, past_v: str, pres_k: str, pres_v: str,
+                     bias: str, N: int, D: int, H: int, i64) -> str:
+    """Multi-head attention in standard ONNX ops; present = concat(past, new)."""
+    q, k, v = b.op("Split", [qkv, i64("split_3h", [H, H, H])], n_out=3, axis=2, name=p + "split")
+    heads = i64("bsnd", [0, 0, N, D])
+
+    def to_heads(x: str, tag: str) -> str:  # [B, S, H] -> [B, N, S, D]
+        return b.one("Transpose", [b.one("Reshape", [x, heads], name=p + tag + "_rs")], perm=[0, 2, 1, 3], name=p + tag + "_t")
+
+    b.op("Concat", [past_k, to_heads(k, "k")], axis=2, name=p + "cat_k", outputs=[pres_k])
+    b.op("Concat", [past_v, to_heads(v, "v")], axis=2, name=p + "cat_v", outputs=[pres_v])
+    kt = b.one("Transpose", [pres_k], perm=[0, 1, 3, 2], name=p + "kt")
+    scores = b.one("MatMul", [to_heads(q, "q"), kt], name=p + "qk")  # [B, N, S, T]
+    scores = b.one("Add", [b.one("Mul", [scores, b.const("attn_scale", np.array(1.0 / np.sqrt(D)))]), bias])
+    ctx = b.one("MatMul", [b.one("Softmax", [scores], axis=-1, name=p + "softmax"), pres_v], name=p + "pv")
+    ctx = b.one("Transpose", [ctx], perm=[0, 2, 1, 3], name=p + "ctx_t")
+    return b.one("Reshape", [ctx, i64("bsh", [0, 0, H])], name=p + "ctx")
+
+
+def _gelu_tanh(b: _Builder, x: str) -> str:
+    """GPT-2's gelu_new: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    cube = b.one("Mul", [b.one("Mul", [x, x]), x])
+    inner = b.one("Add", [x, b.one("Mul", [cube, b.const("gelu_c", np.array(0.044715))])])
+    t = b.one("Tanh", [b.one("Mul", [inner, b.const("gelu_k", np.array(np.sqrt(2.0 / np.pi)))])])
+    return b.one("Mul", [b.one("Mul", [x, b.const("half", np.array(0.5))]), b.one("Add", [t, "one"])])
+
+
+def fused_counts(model) -> dict[str, int]:
+    """Count the operators that matter for speed, read from the graph itself."""
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in FUSED_OPS:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+FUSED_OPS = {
+    "GroupQueryAttention", "MultiHeadAttention", "Attention", "SkipLayerNormalization", "LayerNormalization",
+    "FastGelu", "BiasGelu", "Gelu", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger", "MatMul",
+    "GatherBlockQuantized",
+}

@@ -1,0 +1,202 @@
+"""`gpt2onnx export | generate | chat | info | bench`. argparse lives here only; each command
+builds one options object and passes it on. Defaults come from those objects, not from here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from gpt2onnx.runtime.errors import Gpt2OnnxError
+from gpt2onnx.runtime.sampling import GenerationConfig
+
+SYNTHETIC_NOTE = "note: synthetic weights; speed is real, the text is noise"
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    d = GenerationConfig()
+    p.add_argument("--max-new-tokens", type=int, help=f"tokens to generate (default {d.max_new_tokens})")
+    p.add_argument("--sample", dest="do_sample", action="store_true", default=None, help="sample instead of greedy")
+    p.add_argument("--temperature", type=float, help=f"sampling temperature (default {d.temperature})")
+    p.add_argument("--top-k", type=int, help="keep the k most likely tokens (default off)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default off)")
+    p.add_argument("--repetition-penalty", type=float, help="penalty > 1 for tokens already present (default off)")
+    p.add_argument("--seed", type=int, help="seed for sampling")
+    p.add_argument("--eos-token-id", type=int, help="stop token (default the model's; -1 never stops early)")
+    p.add_argument("--truncate", action="store_true", default=None, help="keep the newest prompt tokens when too long")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--provider", default="auto", choices=None, help="auto | cpu | cuda (default auto)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default one per core)")
+
+
+def _generation_config(args) -> GenerationConfig:
+    given = {f.name: getattr(args, f.name) for f in fields(GenerationConfig) if getattr(args, f.name, None) is not None}
+    return GenerationConfig(**given)
+
+
+def _parse_ids(text: str) -> list[list[int]]:
+    try:
+        return [[int(t) for t in row.split(",") if t.strip()] for row in text.split(";")]
+    except ValueError:
+        raise Gpt2OnnxError(f"--ids must be comma-separated integers, rows separated by ';' (got {text!r})") from None
+
+
+def cmd_export(args) -> None:
+    try:
+        from gpt2onnx.export.convert import ExportOptions, export
+    except ImportError as e:
+        raise Gpt2OnnxError(f"the export stage needs {e.name}; install it with `pip install gpt2onnx[export]`") from None
+    opts = ExportOptions(model=args.model, output=args.output, precision=args.precision, provider=args.target_provider,
+                         fuse=not args.no_fuse, seed=args.seed, force=args.force)
+    export(opts, log=lambda m: print(m, flush=True))
+
+
+def _engine(args):
+    from gpt2onnx.runtime import Engine
+
+    return Engine.load(args.artifact, provider=args.provider, threads=args.threads)
+
+
+def cmd_generate(args) -> None:
+    cfg = _generation_config(args)
+    if (args.ids is None) == (not args.prompt):
+        raise Gpt2OnnxError("give either prompt text or --ids, not both and not neither")
+    if args.stream and (args.ids is not None or len(args.prompt) != 1 or args.json):
+        raise Gpt2OnnxError("--stream takes exactly one text prompt and no --json")
+    engine = _engine(args)
+    if args.stream:
+        for piece in engine.stream(args.prompt[0], **vars(cfg)):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        rows = _parse_ids(args.ids) if args.ids is not None else [engine.encode(p) for p in args.prompt]
+        new = engine.generate(rows, **vars(cfg))
+        texts = [engine.decode(r) for r in new]
+        if args.json:
+            print(json.dumps({"ids": new, "text": texts}, ensure_ascii=False))
+        else:
+            for t in texts:
+                print(t)
+    if args.timing:
+        s = engine.stats
+        print(f"timing: batch {s.batch}, prompt {s.prompt_tokens} tokens in {1e3 * s.prefill_s:.1f} ms, "
+              f"{s.new_tokens} new tokens, decode {s.per_token_ms:.2f} ms/token "
+              f"({1e3 / max(s.per_token_ms, 1e-9) * s.batch:.1f} tokens/s), provider {engine.provider}", file=sys.stderr)
+    if engine.manifest.synthetic:
+        print(SYNTHETIC_NOTE, file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    cfg = _generation_config(args)
+    engine = _engine(args)
+    session = engine.chat(**vars(cfg))
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # non-UTF-8 input gets our message, not a crash
+    print("chat: type a message; /reset forgets the history; Ctrl-D quits." + (f" ({SYNTHETIC_NOTE})" if engine.manifest.synthetic else ""),
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/reset":
+            session.reset()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        try:
+            print(session.send(line), flush=True)
+        except Gpt2OnnxError as e:  # one bad line does not end the conversation
+            print(f"gpt2onnx: error: {e}", file=sys.stderr)
+
+
+def cmd_info(args) -> None:
+    from gpt2onnx.runtime.artifact import describe, load_manifest
+
+    m = load_manifest(args.artifact, verify="size")
+    print(json.dumps(m.raw, indent=2) if args.json else describe(m))
+
+
+def cmd_bench(args) -> None:
+    try:
+        from gpt2onnx.benchmarks.harness import main as bench_main
+    except ImportError as e:
+        raise Gpt2OnnxError(f"the benchmark needs {e.name}; install it with `pip install gpt2onnx[bench]`") from None
+    bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpt2onnx", description="Export, run and measure GPT-2-family models on ONNX Runtime.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a checkpoint to an artifact directory")
+    p.add_argument("model", help="synthetic:dialogpt-small|medium|large|tiny, a checkpoint directory, or a hub id")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to create")
+    p.add_argument("--precision", default="fp32", help="fp32 | fp16 | int8 | int4 (default fp32)")
+    p.add_argument("--provider", dest="target_provider", default="cpu", help="provider the artifact is built for: cpu | cuda")
+    p.add_argument("--no-fuse", action="store_true", help="plain ONNX operators instead of onnxruntime's fused ones")
+    p.add_argument("--seed", type=int, default=0, help="weights seed of synthetic checkpoints (default 0)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="generate from prompts")
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("prompt", nargs="*", help="prompt text (one row per argument)")
+    p.add_argument("--ids", help="token ids instead of text: '1,2,3' or '1,2;3,4' for a batch")
+    p.add_argument("--json", action="store_true", help='print {"ids": [[...]], "text": [...]} (new tokens only)')
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--timing", action="store_true", help="print prefill and per-token times to stderr")
+    _add_generation_args(p)
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive DialoGPT chat (Ctrl-D quits)")
+    p.add_argument("artifact", help="artifact directory")
+    _add_generation_args(p)
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="print an artifact's manifest")
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("--json", action="store_true", help="the raw manifest")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="benchmark artifacts against PyTorch and optimum")
+    try:
+        from gpt2onnx.benchmarks.harness import add_arguments
+    except ImportError:
+        add_arguments = None
+    if add_arguments:
+        add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except Gpt2OnnxError as e:
+        print(f"gpt2onnx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gpt2onnx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: one line unless --debug
+        if args.debug:
+            raise
+        print(f"gpt2onnx: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""DialoGPT chat: every turn is its text followed by `<|endoftext|>`; the model continues the history.
+
+When the history and the reply would not fit the position table, the oldest turns are dropped
+(whole turns, so the model never sees half a sentence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+
+from .errors import Gpt2OnnxError
+from .sampling import GenerationConfig
+
+
+class ChatSession:
+    def __init__(self, engine, cfg: GenerationConfig):
+        self.engine = engine
+        self.cfg = replace(cfg, eos_token_id=engine.eos_token_id if cfg.eos_token_id is None else cfg.eos_token_id)
+        self.turns: list[list[int]] = []  # token ids of each turn, each ending with EOS
+
+    def reset(self) -> None:
+        """Forget the history."""
+        self.turns.clear()
+
+    def send(self, text: str) -> str:
+        """Add the user's turn, generate the reply, remember both; returns the reply text."""
+        eos = self.engine.eos_token_id
+        user = self.engine.encode(text) + [eos]
+        budget = self.engine.n_positions - self.cfg.max_new_tokens
+        if len(user) > budget:
+            raise Gpt2OnnxError(f"message of {len(user)} tokens does not fit the {budget} tokens left for history; shorten it")
+        self.turns.append(user)
+        while sum(map(len, self.turns)) > budget:
+            self.turns.pop(0)
+        prompt = [t for turn in self.turns for t in turn]
+        reply = self.engine.generate([prompt], **asdict(self.cfg))[0]
+        if not reply or reply[-1] != eos:
+            reply = reply + [eos]  # close the turn so the next one starts cleanly
+        self.turns.append(reply)
+        return self.engine.decode(reply)

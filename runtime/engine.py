@@ -1,0 +1,330 @@
+"""The decode engine: onnxruntime + numpy + tokenizers, no torch.
+
+    engine = Engine.load("artifacts/dialogpt-small")
+    engine.generate([[...ids...]], max_new_tokens=32)       -> [[new ids]]
+    engine.generate_text("Hello", max_new_tokens=32)         -> "reply"
+    for piece in engine.stream("Hello"): print(piece, end="")
+    chat = engine.chat(); chat.send("Hi!")
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .artifact import Manifest, load_manifest
+from .errors import Gpt2OnnxError
+from .sampling import GenerationConfig, Sampler
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@dataclass
+class SessionConfig:
+    """How the onnxruntime session is built; recorded by the benchmark report."""
+
+    provider: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # intra-op threads; None = one per core
+    verify: str = "sha256"  # artifact file checks: sha256 | size | none
+
+
+@dataclass
+class Stats:
+    """Timings of the last generation (seconds)."""
+
+    batch: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)
+
+    @property
+    def per_token_ms(self) -> float:
+        return 1e3 * self.decode_s / max(1, len(self.step_s))
+
+
+def select_provider(requested: str) -> str:
+    """Map cpu | cuda | auto to the name of an available onnxruntime execution provider."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested == "auto":
+        return PROVIDERS["cuda"] if PROVIDERS["cuda"] in available else PROVIDERS["cpu"]
+    if requested not in PROVIDERS:
+        raise Gpt2OnnxError(f"unknown provider {requested!r}; choose auto, cpu or cuda")
+    if PROVIDERS[requested] not in available:
+        raise Gpt2OnnxError(
+            f"{requested} is not available in this onnxruntime (available: {', '.join(available)}); "
+            "use --provider cpu, or install onnxruntime-gpu for cuda"
+        )
+    return PROVIDERS[requested]
+
+
+class Engine:
+    """A loaded artifact: session, tokenizer and manifest."""
+
+    def __init__(self, manifest: Manifest, session, tokenizer, provider: str, session_config: SessionConfig):
+        self.manifest = manifest
+        self.session = session
+        self.tokenizer = tokenizer
+        self.provider = provider
+        self.session_config = session_config
+        self.device = "cuda" if provider == PROVIDERS["cuda"] else "cpu"
+        c = manifest.config
+        self.n_layer, self.n_head, self.head_dim = c["n_layer"], c["n_head"], c["n_embd"] // c["n_head"]
+        self.vocab_size, self.n_positions = c["vocab_size"], c["n_positions"]
+        self.eos_token_id, self.pad_token_id = c["eos_token_id"], c["pad_token_id"]
+        self.kv_dtype = np.dtype(manifest.kv["dtype"])
+        self.shared_kv = bool(manifest.kv["shared_buffer"])
+        self.stats = Stats()
+
+    @classmethod
+    def load(cls, path: str, provider: str = "auto", threads: int | None = None, verify: str = "sha256") -> Engine:
+        """Validate the artifact at `path` and build its session.
+
+        Raises:
+            Gpt2OnnxError: damaged or mismatched artifact, unknown or unavailable provider.
+        """
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        sc = SessionConfig(provider=provider, threads=threads, verify=verify)
+        ep = select_provider(provider)  # before the slow checks: a wrong flag fails fast
+        manifest = load_manifest(path, verify=verify)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or os.cpu_count() or 1
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(manifest.file("model.onnx"), so, providers=[ep])
+            tokenizer = Tokenizer.from_file(manifest.file("tokenizer.json"))
+        except Exception as e:  # onnxruntime and tokenizers raise their own types for bad files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise Gpt2OnnxError(f"cannot load the artifact at {path}: {first[:300]}; re-export it") from None
+        return cls(manifest, session, tokenizer, ep, sc)
+
+    # ---- text ------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise Gpt2OnnxError(f"prompt must be text, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Gpt2OnnxError("prompt is not valid UTF-8; pass UTF-8 text") from None
+        if not text:
+            raise Gpt2OnnxError("prompt is empty; pass some text")
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def generate_text(self, prompt: str | list[str], **kw) -> str | list[str]:
+        """Generate from text; returns the new text of each prompt (a str for a str)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise Gpt2OnnxError("no prompts given; pass at least one")
+        new = self.generate([self.encode(p) for p in prompts], **kw)
+        texts = [self.decode(r) for r in new]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(self, prompt: str | list[int], **kw) -> Iterator[str]:
+        """Yield the new text piece by piece. A piece never ends inside a multi-byte character:
+        a token that leaves a character incomplete is held until the next one completes it."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        new: list[int] = []
+        prefix = read = 0  # new[prefix:read] was emitted already; decoding from `prefix` keeps context
+        for tokens, done in self._tokens([ids], self._config(kw)):
+            if done[0]:
+                break
+            new.append(int(tokens[0]))
+            shown, text = self.decode(new[prefix:read]), self.decode(new[prefix:])
+            if len(text) > len(shown) and not text.endswith("\ufffd"):
+                yield text[len(shown):]
+                prefix, read = read, len(new)
+        tail = self.decode(new[prefix:])[len(self.decode(new[prefix:read])):]
+        if tail:  # bytes that never completed a character: flush them as the decoder renders them
+            yield tail
+
+    def chat(self, **kw):
+        """A DialoGPT chat session over this engine; `kw` are generation options."""
+        from .chat import ChatSession
+
+        return ChatSession(self, self._config(kw))
+
+    # ---- tokens ----------------------------------------------------------------------------
+
+    def generate(self, input_ids: list[list[int]], **kw) -> list[list[int]]:
+        """Generate for a batch of prompts of any lengths.
+
+        Args:
+            input_ids: one list of token ids per row.
+            **kw: GenerationConfig fields (max_new_tokens, do_sample, temperature, top_k, top_p,
+                repetition_penalty, seed, eos_token_id, truncate).
+        Returns:
+            the new tokens of each row, stopping after its EOS token (included).
+        Raises:
+            Gpt2OnnxError: empty prompt, ids outside the vocabulary, a request longer than the context.
+        """
+        cfg = self._config(kw)
+        rows = self._check_rows(input_ids, cfg)
+        out: list[list[int]] = [[] for _ in rows]
+        for tokens, done in self._tokens(rows, cfg):
+            for r, t in enumerate(tokens):
+                if not done[r]:
+                    out[r].append(int(t))
+        return out
+
+    def _config(self, kw: dict) -> GenerationConfig:
+        try:
+            cfg = GenerationConfig(**kw)
+        except TypeError as e:
+            raise Gpt2OnnxError(f"unknown generation option: {e}") from None
+        cfg.validate()
+        return cfg
+
+    def _check_rows(self, input_ids, cfg: GenerationConfig) -> list[list[int]]:
+        if not input_ids or isinstance(input_ids[0], (int, np.integer)):
+            raise Gpt2OnnxError("input_ids must be a non-empty list of lists of token ids")
+        limit = self.n_positions
+        if cfg.max_new_tokens >= limit:
+            raise Gpt2OnnxError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in {limit} positions; lower it")
+        rows = []
+        for r, row in enumerate(input_ids):
+            row = [int(t) for t in row]
+            if not row:
+                raise Gpt2OnnxError(f"prompt {r} is empty; pass at least one token")
+            bad = [t for t in row if not 0 <= t < self.vocab_size]
+            if bad:
+                raise Gpt2OnnxError(f"token id {bad[0]} in prompt {r} is outside the vocabulary 0..{self.vocab_size - 1}")
+            room = limit - cfg.max_new_tokens
+            if len(row) > room and not cfg.truncate:
+                what = (f"prompt {r} has {len(row)} tokens, longer than the {limit}-position context" if len(row) > limit
+                        else f"prompt {r} ({len(row)} tokens) plus max_new_tokens={cfg.max_new_tokens} runs past the {limit}-position context")
+                raise Gpt2OnnxError(f"{what}; shorten it, lower max_new_tokens, or pass --truncate to keep the newest tokens")
+            rows.append(row[-room:])
+        return rows
+
+    def _tokens(self, rows: list[list[int]], cfg: GenerationConfig) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The decode loop. Yields (tokens [batch], done [batch]) once per new token; `done[r]` is
+        True for rows that had already finished before this token."""
+        eos = self.eos_token_id if cfg.eos_token_id is None else cfg.eos_token_id
+        state = DecodeState(self, rows, cfg.max_new_tokens)
+        self.stats = state.stats
+        sampler = Sampler(cfg)
+        seen = state.seen_tokens() if cfg.repetition_penalty != 1.0 else None
+        done = np.zeros(len(rows), bool)
+        logits = state.prefill()
+        for step in range(cfg.max_new_tokens):
+            tokens = np.where(done, self.pad_token_id, sampler(logits, seen))
+            state.stats.new_tokens = step + 1
+            yield tokens, done
+            done = done | (tokens == eos)
+            if done.all() or step + 1 == cfg.max_new_tokens:
+                break
+            if seen is not None:
+                seen[np.arange(len(rows)), tokens] = True
+            logits = state.step(tokens)
+
+
+class DecodeState:
+    """The buffers of one generation, allocated once: KV cache, mask, ids, positions, logits.
+
+    With a shared-buffer artifact the KV cache is [batch, heads, capacity, head_dim] per layer and
+    key/value tensor, bound as both past and present, so the attention op writes each new token's
+    keys and values in place. Otherwise present = concat(past, new) and is fed back each step.
+    """
+
+    def __init__(self, engine: Engine, rows: list[list[int]], max_new_tokens: int):
+        import onnxruntime as ort
+
+        self.e = engine
+        self.B, self.S0 = len(rows), max(map(len, rows))
+        self.capacity = self.S0 + max_new_tokens
+        e, B = engine, self.B
+        # left padding: the real tokens of every row end at the same column
+        self.prompt_ids = np.full((B, self.S0), e.pad_token_id, np.int64)
+        self.mask = np.ones((B, self.capacity), np.int64)  # [B, capacity]; columns < T are live
+        for r, row in enumerate(rows):
+            self.prompt_ids[r, self.S0 - len(row):] = row
+            self.mask[r, : self.S0 - len(row)] = 0
+        self.rows = rows
+        self.pos = np.clip(np.cumsum(self.mask[:, : self.S0], axis=1) - 1, 0, None)  # [B, S0]
+        self.T = self.S0
+        self.ids = np.zeros((B, 1), np.int64)
+        self.next_pos = self.pos[:, -1:].copy()  # [B, 1]
+        self.mask_flat = np.empty(B * self.capacity, np.int64)  # contiguous [B, T] views of self.mask
+        self.keep_one = np.array(1, np.int64)
+        self.logits = np.empty((B, 1, e.vocab_size), np.float32)
+        self.logits_ov = ort.OrtValue.ortvalue_from_numpy(self.logits)  # shares memory with self.logits
+        self.io = e.session.io_binding()
+        self.io.bind_ortvalue_output("logits", self.logits_ov)
+        if e.shared_kv:
+            shape = [B, e.n_head, self.capacity, e.head_dim]
+            self.kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, e.kv_dtype, e.device, 0) for _ in range(2 * e.n_layer)]
+            for j, name in enumerate(self._kv_names()):
+                self.io.bind_ortvalue_input(name[0], self.kv[j])
+                self.io.bind_ortvalue_output(name[1], self.kv[j])
+        else:
+            empty = np.zeros((B, e.n_head, 0, e.head_dim), e.kv_dtype)
+            self.kv = [ort.OrtValue.ortvalue_from_numpy(empty, e.device, 0) for _ in range(2 * e.n_layer)]
+        self.stats = Stats(batch=B, prompt_tokens=sum(map(len, rows)))
+
+    def _kv_names(self) -> Iterator[tuple[str, str]]:
+        for i in range(self.e.n_layer):
+            yield f"past_key_values.{i}.key", f"present.{i}.key"
+            yield f"past_key_values.{i}.value", f"present.{i}.value"
+
+    def seen_tokens(self) -> np.ndarray:
+        seen = np.zeros((self.B, self.e.vocab_size), bool)
+        for r, row in enumerate(self.rows):
+            seen[r, row] = True
+        return seen
+
+    def _run(self, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        io = self.io
+        mask = self.mask_flat[: self.B * self.T].reshape(self.B, self.T)
+        np.copyto(mask, self.mask[:, : self.T])
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("position_ids", pos)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input("num_logits_to_keep", self.keep_one)
+        if not self.e.shared_kv:  # feed the last present back as past; onnxruntime allocates the next
+            for j, (past, present) in enumerate(self._kv_names()):
+                io.bind_ortvalue_input(past, self.kv[j])
+                io.bind_output(present, self.e.device)
+        self.e.session.run_with_iobinding(io)
+        if not self.e.shared_kv:
+            self.kv = io.get_outputs()[1:]
+        return self.logits[:, -1]  # [B, vocab], a view of the bound buffer
+
+    def prefill(self) -> np.ndarray:
+        t = time.perf_counter()
+        logits = self._run(self.prompt_ids, self.pos)
+        self.stats.prefill_s = time.perf_counter() - t
+        return logits
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        t = time.perf_counter()
+        self.ids[:, 0] = tokens
+        self.T += 1
+        self.next_pos += 1
+        logits = self._run(self.ids, self.next_pos)
+        dt = time.perf_counter() - t
+        self.stats.step_s.append(dt)
+        self.stats.decode_s += dt
+        return logits
+
+
+def stats_dict(stats: Stats) -> dict:
+    d = asdict(stats)
+    d.pop("step_s")
+    d["per_token_ms"] = stats.per_token_ms
+    return d

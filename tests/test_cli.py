@@ -1,0 +1,142 @@
+"""The CLI through subprocess, and every bad input: one line on stderr, non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from .conftest import run_cli
+
+
+def assert_one_line_error(r, *needles: str) -> None:
+    assert r.returncode != 0
+    err = r.stderr if isinstance(r.stderr, str) else r.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gpt2onnx: error: "), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("cmd", ["export", "generate", "chat", "info", "bench"])
+def test_help(cmd):
+    r = run_cli(cmd, "--help")
+    assert r.returncode == 0 and "usage: gpt2onnx " + cmd in r.stdout
+
+
+def test_generate_json_text_and_ids(tiny_artifact, engine):
+    r = run_cli("generate", tiny_artifact, "Hello, how are you?", "Hi", "--json", "--max-new-tokens", "6", "--provider", "cpu")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    expected = engine.generate([engine.encode("Hello, how are you?"), engine.encode("Hi")], max_new_tokens=6)
+    assert out["ids"] == expected
+    assert out["text"] == [engine.decode(x) for x in expected]
+    assert "synthetic weights" in r.stderr
+    r = run_cli("generate", tiny_artifact, "--ids", "1,2,3;4,5", "--json", "--max-new-tokens", "4")
+    assert json.loads(r.stdout)["ids"] == engine.generate([[1, 2, 3], [4, 5]], max_new_tokens=4)
+
+
+def test_generate_stream_and_timing(tiny_artifact, engine):
+    r = run_cli("generate", tiny_artifact, "Hello", "--stream", "--max-new-tokens", "8", "--timing")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == engine.generate_text("Hello", max_new_tokens=8)
+    assert "ms/token" in r.stderr
+
+
+def test_info(tiny_artifact):
+    r = run_cli("info", tiny_artifact)
+    assert r.returncode == 0 and "GroupQueryAttention 2" in r.stdout and "max_abs_logit_diff" in r.stdout
+    assert json.loads(run_cli("info", tiny_artifact, "--json").stdout)["precision"] == "fp32"
+
+
+def test_chat_loop(tiny_artifact):
+    r = run_cli("chat", tiny_artifact, "--max-new-tokens", "5", input="Hello!\n/reset\nHow are you?\n")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) >= 2 and "history cleared" in r.stderr
+
+
+def test_export_refuses_existing_dir_then_force(tmp_path, tiny_artifact):
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert_one_line_error(run_cli("export", "synthetic:tiny", "-o", str(out)), "already exists", "--force")
+    assert (out / "keep.txt").exists()
+    r = run_cli("export", "synthetic:tiny", "-o", str(out), "--force")
+    assert r.returncode == 0, r.stderr
+    assert not (out / "keep.txt").exists() and (out / "gpt2onnx.json").exists()
+    assert not [p for p in os.listdir(tmp_path) if p != "art"]  # no temp dirs left behind
+
+
+@pytest.fixture()
+def damaged(tmp_path, tiny_artifact):
+    def make(kind: str) -> str:
+        d = tmp_path / kind
+        shutil.copytree(tiny_artifact, d)
+        model = d / "model.onnx"
+        if kind == "bad-json":
+            (d / "gpt2onnx.json").write_text("{not json")
+        elif kind == "missing-model":
+            model.unlink()
+        elif kind == "truncated":
+            data = model.read_bytes()
+            model.write_bytes(data[: len(data) // 2])
+        elif kind == "sha-mismatch":
+            data = bytearray(model.read_bytes())
+            data[-100] ^= 0xFF
+            model.write_bytes(bytes(data))
+        return str(d)
+    return make
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("bad-json", "not valid JSON"),
+    ("missing-model", "missing model.onnx"),
+    ("truncated", "truncated"),
+    ("sha-mismatch", "sha256"),
+])
+def test_damaged_artifact(damaged, kind, needle):
+    assert_one_line_error(run_cli("generate", damaged(kind), "hello"), needle, "re-export")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["generate", "/nonexistent/art", "hi"], ["does not exist"]),
+    (["generate", "{art}", "hi", "--provider", "tpu"], ["unknown provider"]),
+    (["generate", "{art}", "hi", "--provider", "cuda"], ["cuda is not available", "CPUExecutionProvider"]),
+    (["generate", "{art}", ""], ["prompt is empty"]),
+    (["generate", "{art}", "word " * 300], ["longer than the 128-position context", "--truncate"]),
+    (["generate", "{art}", "hello there my friend", "--max-new-tokens", "127"], ["runs past the 128-position context"]),
+    (["generate", "{art}", "hi", "--max-new-tokens", "500"], ["leaves no room"]),
+    (["generate", "{art}", "--ids", "1,2,99999"], ["outside the vocabulary"]),
+    (["generate", "{art}", "--ids", "1,x"], ["comma-separated"]),
+    (["generate", "{art}"], ["either prompt text or --ids"]),
+    (["info", "/nonexistent/art"], ["does not exist"]),
+    (["export", "synthetic:huge", "-o", "/tmp/never"], ["unknown synthetic model"]),
+    (["export", "synthetic:tiny", "-o", "/tmp/never", "--precision", "fp8"], ["unknown precision"]),
+    (["export", "/nonexistent/checkpoint-dir-xyz", "-o", "/tmp/never"], ["cannot load checkpoint"]),
+])
+def test_bad_input(tiny_artifact, args, needles):
+    r = run_cli(*[a.replace("{art}", tiny_artifact) for a in args])
+    assert_one_line_error(r, *needles)
+    assert not os.path.exists("/tmp/never")
+
+
+def test_truncate_flag(tiny_artifact):
+    r = run_cli("generate", tiny_artifact, "word " * 300, "--truncate", "--max-new-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr and len(json.loads(r.stdout)["ids"][0]) == 4
+
+
+def test_non_utf8_input(tiny_artifact):
+    import subprocess
+    import sys
+
+    # argv that is not UTF-8 (Python maps the bad byte to a surrogate)
+    r = subprocess.run([sys.executable.encode(), b"-m", b"gpt2onnx.cli", b"generate", tiny_artifact.encode(), b"caf\xe9"],
+                       capture_output=True)
+    assert_one_line_error(r, "not valid UTF-8")
+    # and in the chat loop, where one bad line does not end the session
+    r = run_cli("chat", tiny_artifact, "--max-new-tokens", "3", input=b"caf\xe9\nhello\n")
+    assert r.returncode == 0
+    assert b"not valid UTF-8" in r.stderr and r.stdout.strip()

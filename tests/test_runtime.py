@@ -1,0 +1,131 @@
+"""Runtime behaviour beyond parity: sampling, streaming, chat, the tokenizer, no torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gpt2onnx.export import checkpoints
+from gpt2onnx.runtime import Gpt2OnnxError
+from gpt2onnx.runtime.sampling import GenerationConfig, Sampler
+
+
+def test_synthetic_tokenizer_is_gpt2_shaped_and_deterministic():
+    tok = checkpoints.synthetic_tokenizer()
+    assert tok.get_vocab_size() == 50257
+    assert tok.token_to_id("<|endoftext|>") == 50256
+    assert checkpoints.synthetic_tokenizer().to_str() == tok.to_str()
+    text = "Hello, café — naïve 🙂 1998"
+    assert tok.decode(tok.encode(text).ids) == text
+    assert len(tok.encode(checkpoints.sample_text()).ids) >= 256  # enough text for accuracy figures
+
+
+def test_sampling_reproducible_for_a_seed(engine):
+    kw = dict(max_new_tokens=16, do_sample=True, temperature=0.9, top_k=50, top_p=0.95, seed=1234)
+    a = engine.generate([[1, 2, 3], [4, 5]], **kw)
+    assert a == engine.generate([[1, 2, 3], [4, 5]], **kw)
+    assert a != engine.generate([[1, 2, 3], [4, 5]], **{**kw, "seed": 4321})
+
+
+def test_sampler_filters():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+    draws = lambda **kw: {int(Sampler(GenerationConfig(do_sample=True, seed=s, **kw))(logits)[0]) for s in range(200)}  # noqa: E731
+    assert draws(top_k=2) == {0, 1}
+    assert draws(top_p=0.7) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 reaches it
+    assert draws(top_k=1) == {0}
+    assert draws() == {0, 1, 2, 3}
+    # repetition penalty: a seen positive logit is divided, so the top token can change
+    seen = np.array([[True, False, False, False]])
+    pen = Sampler(GenerationConfig(repetition_penalty=10.0))
+    assert pen(np.array([[2.0, 1.0, 0.0, -1.0]], np.float32), seen)[0] == 1
+
+
+def test_repetition_penalty_changes_greedy_output(engine):
+    plain = engine.generate([[1, 2, 3]], max_new_tokens=20)[0]
+    assert len(set(plain)) < len(plain)  # the tiny model repeats itself ...
+    penalised = engine.generate([[1, 2, 3]], max_new_tokens=20, repetition_penalty=1e4)[0]
+    assert len(set(penalised)) == len(penalised)  # ... unless repeats are penalised away
+
+
+def test_stream_joins_to_generate_text(engine):
+    pieces = list(engine.stream("Hello there", max_new_tokens=20))
+    assert "".join(pieces) == engine.generate_text("Hello there", max_new_tokens=20)
+
+
+def test_stream_never_splits_a_character(engine, monkeypatch):
+    """Feed byte-level tokens one byte at a time: multi-byte characters arrive only when complete."""
+    text = "naïve café — ünïcødé 🙂!"
+    byte_ids = {b: i for i, b in enumerate(checkpoints._bytes_to_unicode())}
+    ids = [byte_ids[b] for b in text.encode("utf-8")]
+
+    def fake_tokens(rows, cfg):
+        for t in ids:
+            yield np.array([t]), np.array([False])
+
+    monkeypatch.setattr(engine, "_tokens", fake_tokens)
+    pieces = list(engine.stream("x"))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert len(pieces) < len(ids)  # some pieces waited for the rest of their character
+
+
+def test_generate_text_batch(engine):
+    texts = engine.generate_text(["Hi", "How are you doing today?"], max_new_tokens=5)
+    assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_chat_history_turns_and_reset(engine):
+    chat = engine.chat(max_new_tokens=8)
+    chat.send("Hello!")
+    chat.send("What are you doing this weekend?")
+    assert len(chat.turns) == 4 and all(t[-1] == engine.eos_token_id for t in chat.turns)
+    # the reply of turn 2 is the continuation of the whole history joined by <|endoftext|>
+    history = [t for turn in chat.turns[:3] for t in turn]
+    expected = engine.generate([history], max_new_tokens=8)[0]
+    assert chat.turns[3][: len(expected)] == expected
+    chat.reset()
+    assert chat.turns == []
+
+
+def test_chat_drops_oldest_turns_to_fit(engine):
+    chat = engine.chat(max_new_tokens=20)  # tiny has 128 positions: 108 left for history
+    for i in range(12):
+        chat.send(f"This is message number {i}, with a few more words to fill the context.")
+        assert sum(map(len, chat.turns)) <= engine.n_positions
+    assert len(chat.turns) < 24  # old turns were dropped
+    assert "number 11" in engine.decode(chat.turns[-2])
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(do_sample=True, temperature=0), "temperature"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(nonsense=1), "unknown generation option"),
+])
+def test_bad_generation_options(engine, kw, msg):
+    with pytest.raises(Gpt2OnnxError, match=msg):
+        engine.generate([[1, 2]], **kw)
+
+
+def test_truncate_keeps_newest_tokens(engine):
+    long = list(range(1, 200))  # tiny: 128 positions
+    with pytest.raises(Gpt2OnnxError, match="longer than the 128-position context"):
+        engine.generate([long], max_new_tokens=4)
+    out = engine.generate([long], max_new_tokens=4, truncate=True)
+    assert out == engine.generate([long[-124:]], max_new_tokens=4)
+
+
+def test_runtime_imports_no_torch(tiny_artifact):
+    code = (
+        "import sys\n"
+        "from gpt2onnx.runtime import Engine\n"
+        f"e = Engine.load({tiny_artifact!r}, provider='cpu')\n"
+        "e.generate_text('hi', max_new_tokens=3); list(e.stream('hi', max_new_tokens=3)); e.chat().send('hi')\n"
+        "bad = [m for m in ('torch', 'transformers', 'onnx') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
