@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := artifacts/dialogpt-small-fp32
+BENCH_PRECISIONS ?= fp32
+BENCH_OUT ?= reports/dialogpt-small-cpu
 PROMPT ?= Hello, how are you today?
 
 .PHONY: demo test bench lint clean
@@ -19,6 +21,14 @@ $(STAMP): pyproject.toml requirements.lock
 demo: $(STAMP)
 	$(BIN)/gpt2onnx info $(DEMO) >/dev/null 2>&1 || $(BIN)/gpt2onnx export synthetic:dialogpt-small -o $(DEMO) --force
 	$(BIN)/gpt2onnx generate $(DEMO) "$(PROMPT)" --max-new-tokens 32 --timing
+
+# Export what the report compares (once), then measure beside PyTorch and optimum (~15 min on 2 cores).
+bench: $(STAMP)
+	for p in $(BENCH_PRECISIONS); do \
+	  $(BIN)/gpt2onnx info artifacts/dialogpt-small-$$p >/dev/null 2>&1 || \
+	  $(BIN)/gpt2onnx export synthetic:dialogpt-small -o artifacts/dialogpt-small-$$p --precision $$p --force || exit 1; \
+	done
+	$(BIN)/gpt2onnx bench $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-small-$(p)) --out $(BENCH_OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -35,7 +35,7 @@ SYNTHETIC = {
     "dialogpt-small": SyntheticSpec(12, 768, 12),
     "dialogpt-medium": SyntheticSpec(24, 1024, 16),
     "dialogpt-large": SyntheticSpec(36, 1280, 20),
-    "tiny": SyntheticSpec(2, 64, 4, 128, initializer_range=0.5),
+    "tiny": SyntheticSpec(2, 64, 4, 128, initializer_range=0.2),
 }
 
 

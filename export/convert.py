@@ -47,6 +47,9 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
     out = os.path.abspath(opts.output)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual mode
     try:
         model_path = os.path.join(tmp, "model.onnx")
         _save_onnx(model, model_path)
@@ -147,6 +150,7 @@ def _manifest(opts: ExportOptions, ckpt, cfg: graph.ModelConfig, model_path: str
         "opset": graph.OPSET,
         "io": io,
         "fused_ops": graph.fused_counts(m),
+        "weights": {"bytes_per_token": graph.weight_bytes_per_token(m)},
         "parity": parity_figs,
         "files": files,
         "versions": _versions(),

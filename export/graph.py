@@ -310,3 +310,24 @@ FUSED_OPS = {
     "FastGelu", "BiasGelu", "Gelu", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger", "MatMul",
     "GatherBlockQuantized",
 }
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every initializer except tables only gathered from
+    (token and position embeddings: one row each per token)."""
+    import onnx
+
+    consumers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for t in model.graph.initializer:
+        ops = consumers.get(t.name, set())
+        if ops and ops <= {"Gather", "GatherBlockQuantized"}:
+            continue
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += int(next(e.value for e in t.external_data if e.key == "length"))
+        else:
+            total += len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
+    return total

@@ -40,6 +40,7 @@ class Stats:
     prompt_tokens: int = 0
     new_tokens: int = 0
     prefill_s: float = 0.0
+    ttft_s: float = 0.0  # from the request to the first new token (buffers, prefill, sampling)
     decode_s: float = 0.0
     step_s: list[float] = field(default_factory=list)
 
@@ -215,6 +216,7 @@ class Engine:
     def _tokens(self, rows: list[list[int]], cfg: GenerationConfig) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The decode loop. Yields (tokens [batch], done [batch]) once per new token; `done[r]` is
         True for rows that had already finished before this token."""
+        t0 = time.perf_counter()
         eos = self.eos_token_id if cfg.eos_token_id is None else cfg.eos_token_id
         state = DecodeState(self, rows, cfg.max_new_tokens)
         self.stats = state.stats
@@ -225,6 +227,8 @@ class Engine:
         for step in range(cfg.max_new_tokens):
             tokens = np.where(done, self.pad_token_id, sampler(logits, seen))
             state.stats.new_tokens = step + 1
+            if step == 0:
+                state.stats.ttft_s = time.perf_counter() - t0
             yield tokens, done
             done = done | (tokens == eos)
             if done.all() or step + 1 == cfg.max_new_tokens:

@@ -1,0 +1,338 @@
+"""`gpt2onnx bench`: latency, throughput, memory and accuracy of artifacts beside PyTorch and optimum.
+
+Every system runs in its own worker process (systems.py). Measurements are interleaved: for each
+repeat, each scenario point is run on every system in turn (A B C A B C ...), after one untimed
+warm-up per point. Figures are medians over repeats. Output: results.json (schema below),
+results.csv, report.md and PNG plots in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from gpt2onnx.runtime.artifact import load_manifest
+from gpt2onnx.runtime.errors import Gpt2OnnxError
+
+from .systems import SystemSpec, Worker
+
+SCHEMA_VERSION = 1
+# results.json, schema 1:
+#   schema_version: 1
+#   created: ISO time;  command: argv
+#   machine: {cpu, cores_logical, cores_physical, memory_gb, memory_bandwidth_gbs: {read, copy}, gpu, python, versions}
+#   settings: Settings fields
+#   systems: [{name, kind, precision, provider, path, threads, load_s, size_bytes, weights_bytes_per_token,
+#              peak_rss_mb, gpu_peak_mb?, accuracy: manifest parity/accuracy figures or null}]
+#   skipped: [{baseline, reason}]
+#   records: one per measurement run: {system, scenario, repeat, batch, prompt_len, new_tokens,
+#             ttft_ms, p50_ms, p90_ms, p99_ms, mean_ms, total_s, tokens_per_s, decode_tokens_per_s}
+#   summary: medians over repeats, one per (system, scenario, batch, prompt_len): same figures, plus
+#            achieved_gbs (weights_bytes_per_token / p50) and bandwidth_fraction (of measured read bandwidth)
+
+
+@dataclass
+class Settings:
+    artifacts: list[str]
+    baselines: list[str] = field(default_factory=lambda: ["pytorch", "optimum"])
+    batch: list[int] = field(default_factory=lambda: [1, 4, 16])
+    prompt_len: list[int] = field(default_factory=lambda: [32, 128, 512])
+    new_tokens: int = 64
+    repeats: int = 5
+    context: list[int] = field(default_factory=lambda: [50, 200, 400, 600, 800, 900, 1000])
+    context_new_tokens: int = 16
+    provider: str = "cpu"
+    threads: int = 0  # 0 = one per core
+    out: str = "reports/latest"
+    cache: str = "artifacts/bench-cache"  # baseline checkpoints and optimum exports, reused
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = Settings(artifacts=[])
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    p.add_argument("artifacts", nargs="+", metavar="ARTIFACT_DIR", help="artifact directories to measure")
+    p.add_argument("--baselines", default=",".join(d.baselines), help="comma list of pytorch, optimum ('' for none)")
+    p.add_argument("--batch", type=ints, default=d.batch, help="batch sizes for throughput (default 1,4,16)")
+    p.add_argument("--prompt-len", type=ints, default=d.prompt_len, help="prompt lengths for time to first token")
+    p.add_argument("--new-tokens", type=int, default=d.new_tokens, help="tokens generated per run")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="timed repeats (median reported)")
+    p.add_argument("--context", type=ints, default=d.context, help="context lengths of the latency curve")
+    p.add_argument("--context-new-tokens", type=int, default=d.context_new_tokens, help="tokens per context point")
+    p.add_argument("--bench-provider", dest="provider", default=d.provider, help="cpu | cuda for every system")
+    p.add_argument("--threads", type=int, default=d.threads, help="intra-op threads for every system (0 = per core)")
+    p.add_argument("--out", default=d.out, help="report directory")
+    p.add_argument("--cache", default=d.cache, help="where baseline checkpoints and exports are kept")
+
+
+def main(args: argparse.Namespace) -> None:
+    s = Settings(artifacts=args.artifacts, baselines=[b for b in args.baselines.split(",") if b], batch=args.batch,
+                 prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, context=args.context,
+                 context_new_tokens=args.context_new_tokens, provider=args.provider, threads=args.threads,
+                 out=args.out, cache=args.cache)
+    results = run(s, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"wrote {s.out}/report.md ({len(results['records'])} measurements)")
+
+
+def baseline_missing(kind: str) -> str | None:
+    """Why a baseline cannot run here, or None."""
+    need = {"pytorch": ["torch", "transformers"], "optimum": ["torch", "transformers", "optimum.onnxruntime"]}[kind]
+    for mod in need:
+        try:
+            if importlib.util.find_spec(mod) is None:
+                raise ImportError
+        except (ImportError, ValueError):
+            pkg = "optimum-onnx" if mod.startswith("optimum") else mod
+            return f"{pkg} is not installed (pip install 'gpt2onnx[bench]' or {pkg})"
+    return None
+
+
+def run(s: Settings, log=print) -> dict:
+    """Measure, then write results.json, results.csv, report.md and plots into `s.out`."""
+    _check_settings(s)
+    manifests = [load_manifest(a, verify="sha256") for a in s.artifacts]  # a damaged artifact stops here
+    n_positions = min(m.config["n_positions"] for m in manifests)
+    contexts = [c for c in s.context if c + s.context_new_tokens <= n_positions]
+    specs = [SystemSpec(f"ours {m.precision}{'' if m.raw.get('fused', True) else ' unfused'} {s.provider}", "ours", m.path,
+                        s.provider, s.threads, m.precision) for m in manifests]
+    skipped = []
+    for kind in s.baselines:
+        why = baseline_missing(kind)
+        if why:
+            log(f"skipping the {kind} baseline: {why}")
+            skipped.append({"baseline": kind, "reason": why})
+            continue
+        specs.append(_baseline_spec(kind, manifests[0], s, log))
+
+    machine = machine_info()
+    log(f"memory bandwidth: read {machine['memory_bandwidth_gbs']['read']:.1f} GB/s, copy {machine['memory_bandwidth_gbs']['copy']:.1f} GB/s")
+    points = [("decode", 1, p, s.new_tokens) for p in s.prompt_len]
+    points += [("throughput", b, s.prompt_len[0], s.new_tokens) for b in s.batch if b != 1]
+    points += [("context", 1, c, s.context_new_tokens) for c in contexts]
+
+    workers: list[Worker] = []
+    systems: list[dict] = []
+    records: list[dict] = []
+    try:
+        for spec in specs:
+            log(f"loading {spec.name}")
+            w = Worker(spec)
+            workers.append(w)
+            systems.append(_system_record(spec, w.loaded, manifests))
+        from rich.progress import Progress
+
+        total = len(points) * len(workers) * (s.repeats + 1)
+        with Progress(transient=False) as bar:
+            task = bar.add_task("measuring", total=total)
+            for rep in range(-1, s.repeats):  # -1 = warm-up, not recorded
+                for scenario, batch, plen, new in points:
+                    for w in workers:
+                        bar.update(task, description=f"{'warm-up' if rep < 0 else f'repeat {rep + 1}/{s.repeats}'} "
+                                                     f"{scenario} b{batch} p{plen} {w.spec.name}")
+                        r = w.request("generate", batch=batch, prompt_len=plen, new_tokens=new if rep >= 0 else min(new, 4))
+                        if rep >= 0:
+                            records.append(_record(w.spec.name, scenario, rep, batch, plen, new, r))
+                        bar.advance(task)
+        for w, sysrec in zip(workers, systems):
+            sysrec.update(w.request("memory"))
+    finally:
+        for w in workers:
+            w.close()
+
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": sys.argv,
+        "machine": machine,
+        "settings": asdict(s),
+        "systems": systems,
+        "skipped": skipped,
+        "records": records,
+        "summary": summarize(records, systems, machine),
+    }
+    write(results, s.out)
+    return results
+
+
+def _check_settings(s: Settings) -> None:
+    unknown = [b for b in s.baselines if b not in ("pytorch", "optimum")]
+    if unknown:
+        raise Gpt2OnnxError(f"unknown baseline {unknown[0]!r}; choose from pytorch, optimum")
+    if s.repeats < 1 or s.new_tokens < 2:
+        raise Gpt2OnnxError("--repeats must be >= 1 and --new-tokens >= 2")
+    if not s.batch or not s.prompt_len or min(s.batch + s.prompt_len) < 1:
+        raise Gpt2OnnxError("--batch and --prompt-len need positive integers")
+    if s.provider not in ("cpu", "cuda"):
+        raise Gpt2OnnxError(f"unknown provider {s.provider!r}; choose cpu or cuda")
+
+
+def _baseline_spec(kind: str, m, s: Settings, log) -> SystemSpec:
+    """Baselines run the checkpoint the first artifact came from, prepared once into the cache."""
+    hf = _hf_checkpoint(m, s.cache, log)
+    precision = "fp16" if (kind == "pytorch" and s.provider == "cuda") else "fp32"
+    if kind == "pytorch":
+        return SystemSpec(f"pytorch {precision} {s.provider}", "pytorch", hf, s.provider, s.threads, precision)
+    out = os.path.join(s.cache, "optimum-" + os.path.basename(hf.rstrip("/")))
+    if not os.path.isfile(os.path.join(out, "model.onnx")):
+        log(f"exporting the optimum baseline to {out} (optimum's defaults)")
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        tmp = out + ".tmp"
+        ORTModelForCausalLM.from_pretrained(hf, export=True).save_pretrained(tmp)
+        os.replace(tmp, out)
+    return SystemSpec(f"optimum fp32 {s.provider}", "optimum", out, s.provider, s.threads, "fp32")
+
+
+def _hf_checkpoint(m, cache: str, log) -> str:
+    src = m.raw["source"]
+    if not src.get("synthetic"):
+        return src["checkpoint"]
+    name = src["checkpoint"].split(":", 1)[1]
+    path = os.path.join(cache, f"hf-{name}-seed{src['seed']}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        log(f"saving {src['checkpoint']} (seed {src['seed']}) as a Hugging Face checkpoint in {path}")
+        from gpt2onnx.export import checkpoints
+
+        checkpoints.save_hf_checkpoint(checkpoints.load(src["checkpoint"], src["seed"]), path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def _system_record(spec: SystemSpec, loaded: dict, manifests) -> dict:
+    rec = {"name": spec.name, "kind": spec.kind, "precision": spec.precision, "provider": loaded.get("provider", spec.provider),
+           "path": spec.path, "threads": loaded["threads"], "load_s": loaded["load_s"],
+           "weights_bytes_per_token": loaded.get("weights", {}).get("bytes_per_token"),
+           "size_bytes": _dir_size(spec.path), "accuracy": None}
+    if spec.kind == "ours":
+        m = next(m for m in manifests if m.path == spec.path)
+        rec["accuracy"] = {**m.raw.get("parity", {}), **m.raw.get("accuracy", {})}
+        rec["fused_ops"] = m.raw.get("fused_ops")
+        rec["quantization"] = m.raw.get("quantization")
+    return rec
+
+
+def _dir_size(path: str) -> int | None:
+    if not os.path.isdir(path):
+        return None
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
+
+
+def _record(system: str, scenario: str, rep: int, batch: int, plen: int, new: int, r: dict) -> dict:
+    steps = np.array(r["step_s"]) * 1e3
+    return {
+        "system": system, "scenario": scenario, "repeat": rep, "batch": batch, "prompt_len": plen, "new_tokens": new,
+        "ttft_ms": r["ttft_s"] * 1e3,
+        "p50_ms": float(np.percentile(steps, 50)), "p90_ms": float(np.percentile(steps, 90)),
+        "p99_ms": float(np.percentile(steps, 99)), "mean_ms": float(steps.mean()),
+        "total_s": r["total_s"], "tokens_per_s": batch * new / r["total_s"],
+        "decode_tokens_per_s": batch * len(steps) / (steps.sum() / 1e3),
+    }
+
+
+FIGURES = ("ttft_ms", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "total_s", "tokens_per_s", "decode_tokens_per_s")
+
+
+def summarize(records: list[dict], systems: list[dict], machine: dict) -> list[dict]:
+    """Median over repeats per (system, scenario, batch, prompt_len), with achieved bandwidth."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["system"], r["scenario"], r["batch"], r["prompt_len"]), []).append(r)
+    by_name = {s["name"]: s for s in systems}
+    read_bw = machine["memory_bandwidth_gbs"]["read"]
+    out = []
+    for (system, scenario, batch, plen), rs in groups.items():
+        row = {"system": system, "scenario": scenario, "batch": batch, "prompt_len": plen,
+               "new_tokens": rs[0]["new_tokens"], "repeats": len(rs)}
+        row.update({f: float(np.median([r[f] for r in rs])) for f in FIGURES})
+        wb = by_name[system].get("weights_bytes_per_token")
+        row["achieved_gbs"] = wb / (row["p50_ms"] / 1e3) / 1e9 if wb else None
+        row["bandwidth_fraction"] = row["achieved_gbs"] / read_bw if wb else None
+        out.append(row)
+    return out
+
+
+# ---- machine -------------------------------------------------------------------------------------
+
+def memory_bandwidth_gbs(mb: int = 512) -> dict[str, float]:
+    """Best of 5: read (a sum over `mb` MB split across the cores) and copy (read + write) GB/s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = mb * 2**20 // 4
+    src = np.ones(n, np.float32)
+    dst = np.empty_like(src)
+    cores = os.cpu_count() or 1
+    parts = np.array_split(src, cores)
+    read = copy = 0.0
+    with ThreadPoolExecutor(cores) as pool:
+        for _ in range(5):
+            t = time.perf_counter()
+            list(pool.map(np.add.reduce, parts))  # numpy releases the GIL: one reader per core
+            read = max(read, src.nbytes / (time.perf_counter() - t) / 1e9)
+            t = time.perf_counter()
+            np.copyto(dst, src)
+            copy = max(copy, 2 * src.nbytes / (time.perf_counter() - t) / 1e9)
+    return {"read": read, "copy": copy}
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores_logical": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        import psutil
+
+        info["cores_physical"] = psutil.cpu_count(logical=False)
+        info["memory_gb"] = psutil.virtual_memory().total / 2**30
+    except ImportError:
+        pass
+    info["gpu"] = _gpu_name()
+    info["memory_bandwidth_gbs"] = memory_bandwidth_gbs()
+    from importlib.metadata import PackageNotFoundError, version
+
+    info["versions"] = {}
+    for pkg in ("gpt2onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "tokenizers", "torch", "transformers", "optimum", "optimum-onnx"):
+        try:
+            info["versions"][pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return info
+
+
+def _gpu_name() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+# ---- output --------------------------------------------------------------------------------------
+
+def write(results: dict, out: str) -> None:
+    from . import report
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        rows = results["records"]
+        if rows:
+            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+            wr.writeheader()
+            wr.writerows(rows)
+    report.write_report(results, out)

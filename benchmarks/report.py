@@ -1,0 +1,172 @@
+"""report.md and PNG plots from a results dict (see harness.py for the schema)."""
+
+from __future__ import annotations
+
+import os
+
+
+def _fmt(v, spec: str = ".2f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _lookup(summary, system, scenario, batch, plen):
+    return next((r for r in summary if r["system"] == system and r["scenario"] == scenario
+                 and r["batch"] == batch and r["prompt_len"] == plen), None)
+
+
+def _batch1(summary, system, plen):
+    return _lookup(summary, system, "decode", 1, plen)
+
+
+def write_report(results: dict, out: str) -> None:
+    s = results["settings"]
+    m = results["machine"]
+    summary = results["summary"]
+    systems = results["systems"]
+    p0 = s["prompt_len"][0]
+    baselines = [x for x in systems if x["kind"] != "ours"]
+    bw = m["memory_bandwidth_gbs"]
+    L = [
+        "# gpt2onnx benchmark",
+        "",
+        f"{results['created']} · {m['cpu']} · {m.get('cores_physical', '?')} physical / {m['cores_logical']} logical cores · "
+        f"{_fmt(m.get('memory_gb'), '.0f')} GiB · GPU: {m.get('gpu') or 'none'}",
+        f"Measured memory bandwidth: read {bw['read']:.1f} GB/s, copy {bw['copy']:.1f} GB/s. "
+        f"Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
+        f"Settings: provider {s['provider']}, threads {s['threads'] or 'one per core'}, {s['repeats']} repeats "
+        "(medians reported; one warm-up run per point not counted), systems interleaved run by run.",
+    ]
+    for sk in results["skipped"]:
+        L.append(f"Skipped baseline **{sk['baseline']}**: {sk['reason']}.")
+    L += [
+        "",
+        f"## Batch 1 decode: prompt {p0}, {s['new_tokens']} new tokens",
+        "",
+        "Ratios are per-token p50 against each baseline (below 1 = faster). Achieved bandwidth = bytes of "
+        "weights read per token / p50 per-token time; the floor is the measured read bandwidth.",
+        "",
+        "| system | load s | TTFT ms | p50 ms/tok | p90 | p99 | tok/s | peak RSS MB | size MB | weights MB/tok | GB/s (% of floor) | "
+        "max abs Δlogit | top-1 | " + " | ".join(f"× {b['name']}" for b in baselines) + " |",
+        "|" + "---|" * (13 + len(baselines)),
+    ]
+    for x in systems:
+        r = _batch1(summary, x["name"], p0)
+        if r is None:
+            continue
+        acc = _accuracy(x)
+        ratios = []
+        for b in baselines:
+            rb = _batch1(summary, b["name"], p0)
+            ratios.append(_fmt(r["p50_ms"] / rb["p50_ms"]) if rb else "—")
+        wb = x.get("weights_bytes_per_token")
+        gbs = f"{r['achieved_gbs']:.1f} ({100 * r['bandwidth_fraction']:.0f}%)" if r.get("achieved_gbs") else "—"
+        L.append(
+            f"| {x['name']} | {x['load_s']:.2f} | {r['ttft_ms']:.1f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['decode_tokens_per_s']:.1f} | {_fmt(x.get('peak_rss_mb'), '.0f')} | {_fmt(x['size_bytes'] and x['size_bytes'] / 1e6, '.0f')} | "
+            f"{_fmt(wb and wb / 1e6, '.0f')} | {gbs} | {acc['dlogit']} | {acc['top1']} | " + " | ".join(ratios) + " |"
+        )
+    if any(x.get("gpu_peak_mb") or x.get("gpu_used_mb") for x in systems):
+        L += ["", "GPU memory: " + ", ".join(f"{x['name']} {_fmt(x.get('gpu_peak_mb') or x.get('gpu_used_mb'), '.0f')} MB" for x in systems)]
+
+    L += ["", "## Time to first token (batch 1), ms", "", "| system | " + " | ".join(f"prompt {p}" for p in s["prompt_len"]) + " |",
+          "|" + "---|" * (1 + len(s["prompt_len"]))]
+    for x in systems:
+        cells = [_fmt((_batch1(summary, x["name"], p) or {}).get("ttft_ms"), ".1f") for p in s["prompt_len"]]
+        L.append(f"| {x['name']} | " + " | ".join(cells) + " |")
+
+    batches = sorted(set(s["batch"]) | {1})
+    L += ["", f"## Throughput by batch (prompt {p0}, {s['new_tokens']} new tokens), tokens/s end to end (decode only)", "",
+          "| system | " + " | ".join(f"batch {b}" for b in batches) + " |", "|" + "---|" * (1 + len(batches))]
+    for x in systems:
+        cells = []
+        for b in batches:
+            r = _batch1(summary, x["name"], p0) if b == 1 else _lookup(summary, x["name"], "throughput", b, p0)
+            cells.append(f"{r['tokens_per_s']:.0f} ({r['decode_tokens_per_s']:.0f})" if r else "—")
+        L.append(f"| {x['name']} | " + " | ".join(cells) + " |")
+
+    ctx = sorted({r["prompt_len"] for r in summary if r["scenario"] == "context"})
+    if ctx:
+        L += ["", f"## Per-token latency against context length (batch 1, p50 ms over {s['context_new_tokens']} tokens)", "",
+              "| system | " + " | ".join(str(c) for c in ctx) + " | last / first |", "|" + "---|" * (2 + len(ctx))]
+        for x in systems:
+            vals = [(_lookup(summary, x["name"], "context", 1, c) or {}).get("p50_ms") for c in ctx]
+            growth = _fmt(vals[-1] / vals[0]) if vals[0] and vals[-1] else "—"
+            L.append(f"| {x['name']} | " + " | ".join(_fmt(v) for v in vals) + f" | {growth} |")
+
+    ours = [x for x in systems if x["kind"] == "ours" and x.get("accuracy")]
+    if ours:
+        L += ["", "## Accuracy against the PyTorch fp32 model (from each artifact's manifest)", "",
+              "Synthetic checkpoints have seeded random weights whose logits are flat, so top-1 agreement "
+              "understates what a trained model would show.", ""]
+        for x in ours:
+            for name, figs in x["accuracy"].items():
+                if isinstance(figs, dict):
+                    L.append(f"- {x['name']} · {name}: " + ", ".join(f"{k} {_num(v)}" for k, v in figs.items()))
+    L += ["", "Plots: `latency_vs_context.png`, `throughput_vs_batch.png`, `precisions.png`. Raw data: `results.json`, `results.csv`.", ""]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(L))
+    _plots(results, out)
+
+
+def _num(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _accuracy(x: dict) -> dict:
+    acc = x.get("accuracy") or {}
+    figs = acc.get("teacher_forced") or acc.get("decode_vs_pytorch_fp32") or {}
+    d = figs.get("max_abs_logit_diff")
+    t = figs.get("top1_agreement")
+    return {"dlogit": _fmt(d, ".1e") if d is not None else ("reference" if x["kind"] == "pytorch" else "—"),
+            "top1": _fmt(t, ".3f") if t is not None else "—"}
+
+
+def _plots(results: dict, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary, systems, s = results["summary"], results["systems"], results["settings"]
+    p0 = s["prompt_len"][0]
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for x in systems:
+        pts = sorted((r["prompt_len"], r["p50_ms"]) for r in summary if r["system"] == x["name"] and r["scenario"] == "context")
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=x["name"])
+    ax.set(xlabel="context length (tokens)", ylabel="per-token latency p50 (ms)", title="Per-token latency against context, batch 1")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "latency_vs_context.png"), dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for x in systems:
+        pts = [(1, r["decode_tokens_per_s"]) for r in summary if r["system"] == x["name"] and r["scenario"] == "decode" and r["prompt_len"] == p0]
+        pts += [(r["batch"], r["decode_tokens_per_s"]) for r in summary if r["system"] == x["name"] and r["scenario"] == "throughput"]
+        if pts:
+            ax.plot(*zip(*sorted(pts)), marker="o", label=x["name"])
+    ax.set(xlabel="batch size", ylabel="decode tokens/s", title=f"Throughput against batch size (prompt {p0})", xscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "throughput_vs_batch.png"), dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names, vals = [], []
+    for x in systems:
+        r = _batch1(summary, x["name"], p0)
+        if r:
+            names.append(x["name"])
+            vals.append(r["p50_ms"])
+    bars = ax.bar(range(len(vals)), vals, color=["#2a7" if x["kind"] == "ours" else "#888" for x in systems if _batch1(summary, x["name"], p0)])
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set(ylabel="per-token latency p50 (ms)", title=f"Batch-1 decode by precision and system (prompt {p0})")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "precisions.png"), dpi=110)
+    plt.close(fig)
