@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := artifacts/dialogpt-small-fp32
-BENCH_PRECISIONS ?= fp32
+BENCH_PRECISIONS ?= fp32 int8 int4
 BENCH_OUT ?= reports/dialogpt-small-cpu
 PROMPT ?= Hello, how are you today?
 

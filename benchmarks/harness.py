@@ -20,13 +20,15 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-
 from gpt2onnx.runtime.artifact import load_manifest
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 
 from .systems import SystemSpec, Worker
 
 SCHEMA_VERSION = 1
+# Pause before each timed run: the previous system's worker threads (PyTorch's OpenMP, onnxruntime's
+# pool) spin for a while after their work, and on a 2-core machine they would slow the next system.
+SETTLE_S = 0.3
 # results.json, schema 1:
 #   schema_version: 1
 #   created: ISO time;  command: argv
@@ -134,10 +136,13 @@ def run(s: Settings, log=print) -> dict:
         with Progress(transient=False) as bar:
             task = bar.add_task("measuring", total=total)
             for rep in range(-1, s.repeats):  # -1 = warm-up, not recorded
+                if not bar.console.is_terminal:  # no live bar in a log file: a line per pass instead
+                    log("warm-up" if rep < 0 else f"repeat {rep + 1}/{s.repeats}")
                 for scenario, batch, plen, new in points:
                     for w in workers:
                         bar.update(task, description=f"{'warm-up' if rep < 0 else f'repeat {rep + 1}/{s.repeats}'} "
                                                      f"{scenario} b{batch} p{plen} {w.spec.name}")
+                        time.sleep(SETTLE_S)
                         r = w.request("generate", batch=batch, prompt_len=plen, new_tokens=new if rep >= 0 else min(new, 4))
                         if rep >= 0:
                             records.append(_record(w.spec.name, scenario, rep, batch, plen, new, r))
@@ -263,19 +268,23 @@ def summarize(records: list[dict], systems: list[dict], machine: dict) -> list[d
 # ---- machine -------------------------------------------------------------------------------------
 
 def memory_bandwidth_gbs(mb: int = 512) -> dict[str, float]:
-    """Best of 5: read (a sum over `mb` MB split across the cores) and copy (read + write) GB/s."""
+    """Best of 7: read (an integer max over `mb` MB, one reader per core) and copy (read + write) GB/s.
+
+    An integer max costs one instruction per 8 values, so it is bound by memory, not arithmetic
+    (a float sum is not: on the 2-core AVX2 machine it reads 17 GB/s where the max reads 23 GB/s,
+    the rate onnxruntime's own M=1 MatMul reaches on a 512 MB weight)."""
     from concurrent.futures import ThreadPoolExecutor
 
     n = mb * 2**20 // 4
-    src = np.ones(n, np.float32)
+    src = np.ones(n, np.int32)
     dst = np.empty_like(src)
     cores = os.cpu_count() or 1
-    parts = np.array_split(src, cores)
+    parts = np.array_split(src, 4 * cores)
     read = copy = 0.0
     with ThreadPoolExecutor(cores) as pool:
-        for _ in range(5):
+        for _ in range(7):
             t = time.perf_counter()
-            list(pool.map(np.add.reduce, parts))  # numpy releases the GIL: one reader per core
+            list(pool.map(np.max, parts))  # numpy releases the GIL: one reader per core
             read = max(read, src.nbytes / (time.perf_counter() - t) / 1e9)
             t = time.perf_counter()
             np.copyto(dst, src)

@@ -185,7 +185,6 @@ class _Optimum(_HFGenerate):
 
     def info(self) -> dict:
         import onnx
-
         from gpt2onnx.export.graph import weight_bytes_per_token
 
         m = onnx.load(os.path.join(self.path, "model.onnx"), load_external_data=False)

@@ -7,13 +7,13 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 from gpt2onnx.runtime.artifact import FORMAT_VERSION, MANIFEST_NAME, PRECISIONS, sha256
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 
-from . import checkpoints, graph, parity
+from . import checkpoints, graph, parity, quantize
 
 PROTOBUF_LIMIT = 2_000_000_000  # weights beyond ~2 GB go to model.onnx.data
 
@@ -28,6 +28,9 @@ class ExportOptions:
     seed: int = 0  # weights of synthetic checkpoints
     force: bool = False  # replace an existing output directory
     parity_steps: int = 3
+    enforce_tolerances: bool = True  # False only for measuring sweeps (benchmarks/quant_sweep.py)
+    int8: quantize.Int8Config = field(default_factory=quantize.Int8Config)
+    int4: quantize.Int4Config = field(default_factory=quantize.Int4Config)
 
 
 def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
@@ -41,8 +44,9 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
     log(f"loading {opts.model}")
     ckpt = checkpoints.load(opts.model, opts.seed)
     cfg = graph.model_config(ckpt.model.config)
-    log(f"building the {'fused' if opts.fuse else 'plain'} {opts.precision} graph: {cfg.n_layer} layers, width {cfg.n_embd}")
-    model = graph.build(cfg, graph.weights(ckpt.model, cfg), fused=opts.fuse)
+    dtype = "float16" if opts.precision == "fp16" else "float32"
+    log(f"building the {'fused' if opts.fuse else 'plain'} {dtype} graph: {cfg.n_layer} layers, width {cfg.n_embd}")
+    model = graph.build(cfg, graph.weights(ckpt.model, cfg), fused=opts.fuse, dtype=dtype)
 
     out = os.path.abspath(opts.output)
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -52,33 +56,54 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual mode
     try:
         model_path = os.path.join(tmp, "model.onnx")
-        _save_onnx(model, model_path)
-        del model
-        log("checking parity against PyTorch")
+        quant = None
+        if opts.precision in ("int8", "int4"):
+            float_path = os.path.join(tmp, "float", "model.onnx")
+            os.makedirs(os.path.dirname(float_path))
+            _save_onnx(model, float_path)
+            del model
+            log(f"quantizing to {opts.precision}")
+            if opts.precision == "int8":
+                quant = quantize.quantize_int8(float_path, model_path, opts.int8)
+            else:
+                quant = quantize.quantize_int4(float_path, model_path, opts.int4)
+            shutil.rmtree(os.path.dirname(float_path))
+        else:
+            _save_onnx(model, model_path)
+            del model
+        log("checking parity and accuracy against PyTorch fp32")
+        session = parity.ort_session(model_path)
         rows = _parity_prompts(ckpt, cfg)
-        figures = parity.decode_parity(parity.ort_session(model_path), ckpt.model, cfg, rows, steps=opts.parity_steps)
-        tol = parity.TOLERANCES[opts.precision]
-        if not figures["max_abs_logit_diff"] <= tol:
-            raise Gpt2OnnxError(
-                f"parity failed: max |Δlogit| {figures['max_abs_logit_diff']:.3g} exceeds the {opts.precision} tolerance {tol}"
-            )
+        figures = parity.decode_parity(session, ckpt.model, cfg, rows, steps=opts.parity_steps)
+        text = [i for i in ckpt.tokenizer.encode(checkpoints.sample_text()).ids if i < cfg.vocab_size]
+        accuracy = parity.teacher_forced(session, ckpt.model, cfg, text)
+        del session
+        problem = parity.check(opts.precision, figures, accuracy)
+        if problem and opts.enforce_tolerances:
+            raise Gpt2OnnxError(f"accuracy check failed: {problem}; nothing was written")
         ckpt.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-        manifest = _manifest(opts, ckpt, cfg, model_path, {"decode_vs_pytorch_fp32": {**figures, "tolerance": tol}}, tmp)
+        tol = parity.TOLERANCES[opts.precision]
+        manifest = _manifest(opts, ckpt, cfg, model_path, tmp)
+        manifest["parity"] = {"decode_vs_pytorch_fp32": {**figures, "tolerance": tol["max_abs_logit_diff"]}}
+        manifest["accuracy"] = {"teacher_forced": accuracy, "tolerances": tol}
+        manifest["quantization"] = quant
         with open(os.path.join(tmp, MANIFEST_NAME), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
         _replace_dir(tmp, out, opts.force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"wrote {out} (max |Δlogit| {figures['max_abs_logit_diff']:.2e}, top-1 agreement {figures['top1_agreement']:.3f})")
+    log(f"wrote {out}: decode max |Δlogit| {figures['max_abs_logit_diff']:.2e}; teacher-forced over {accuracy['tokens']} tokens: "
+        f"mean KL {accuracy['mean_kl']:.2e}, top-1 {accuracy['top1_agreement']:.3f}, perplexity {accuracy['perplexity_change_pct']:+.2f}%")
     return out
 
 
 def _check_options(opts: ExportOptions) -> None:
     if opts.precision not in PRECISIONS:
         raise Gpt2OnnxError(f"unknown precision {opts.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if opts.precision not in parity.TOLERANCES:
-        raise Gpt2OnnxError(f"precision {opts.precision} is not available yet; use fp32")
+    if opts.precision == "int8" and opts.provider == "cuda":
+        raise Gpt2OnnxError("int8 artifacts run on the cpu provider only (onnxruntime has no CUDA DynamicQuantizeMatMul); "
+                            "use --precision int4 or fp16 for cuda")
     if opts.provider not in ("cpu", "cuda"):
         raise Gpt2OnnxError(f"unknown provider {opts.provider!r}; choose cpu or cuda")
     if os.path.exists(opts.output) and not opts.force:
@@ -116,7 +141,7 @@ def _replace_dir(tmp: str, out: str, force: bool) -> None:
         os.rename(tmp, out)
 
 
-def _manifest(opts: ExportOptions, ckpt, cfg: graph.ModelConfig, model_path: str, parity_figs: dict, tmp: str) -> dict:
+def _manifest(opts: ExportOptions, ckpt, cfg: graph.ModelConfig, model_path: str, tmp: str) -> dict:
     import onnx
 
     m = onnx.load(model_path, load_external_data=False)
@@ -150,8 +175,9 @@ def _manifest(opts: ExportOptions, ckpt, cfg: graph.ModelConfig, model_path: str
         "opset": graph.OPSET,
         "io": io,
         "fused_ops": graph.fused_counts(m),
+        # what onnxruntime runs after its own graph optimizations (e.g. MatMulInteger -> DynamicQuantizeMatMul)
+        "runtime_ops": graph.runtime_counts(model_path),
         "weights": {"bytes_per_token": graph.weight_bytes_per_token(m)},
-        "parity": parity_figs,
         "files": files,
         "versions": _versions(),
     }

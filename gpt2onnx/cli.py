@@ -49,8 +49,17 @@ def cmd_export(args) -> None:
         from gpt2onnx.export.convert import ExportOptions, export
     except ImportError as e:
         raise Gpt2OnnxError(f"the export stage needs {e.name}; install it with `pip install gpt2onnx[export]`") from None
+    from gpt2onnx.export.quantize import Int4Config, Int8Config
+
+    keep = tuple(n for n in (args.keep_float or "").split(",") if n)
+    d8, d4 = Int8Config(), Int4Config()
+    int8 = Int8Config(per_channel=d8.per_channel and not args.int8_per_tensor,
+                      reduce_range=d8.reduce_range and not args.int8_full_range, exclude=keep or d8.exclude)
+    int4 = Int4Config(block_size=args.int4_block_size or d4.block_size, symmetric=d4.symmetric and not args.int4_asymmetric,
+                      accuracy_level=d4.accuracy_level if args.int4_accuracy_level is None else args.int4_accuracy_level,
+                      exclude=keep or d4.exclude)
     opts = ExportOptions(model=args.model, output=args.output, precision=args.precision, provider=args.target_provider,
-                         fuse=not args.no_fuse, seed=args.seed, force=args.force)
+                         fuse=not args.no_fuse, seed=args.seed, force=args.force, int8=int8, int4=int4)
     export(opts, log=lambda m: print(m, flush=True))
 
 
@@ -144,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fuse", action="store_true", help="plain ONNX operators instead of onnxruntime's fused ones")
     p.add_argument("--seed", type=int, default=0, help="weights seed of synthetic checkpoints (default 0)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    q = p.add_argument_group("quantization (defaults chosen by measurement, see export/quantize.py)")
+    q.add_argument("--int8-per-tensor", action="store_true", help="int8: one scale per weight instead of per column")
+    q.add_argument("--int8-full-range", action="store_true", help="int8: 8-bit weights instead of 7-bit (VNNI machines)")
+    q.add_argument("--int4-block-size", type=int, help="int4: weights per scale (power of two >= 16)")
+    q.add_argument("--int4-asymmetric", action="store_true", help="int4: zero points per block")
+    q.add_argument("--int4-accuracy-level", type=int, help="int4: 0 fp32 activations, 4 int8 activations")
+    q.add_argument("--keep-float", help="comma list of MatMul node names left unquantized (e.g. lm_head)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate from prompts")
@@ -180,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.formatwarning = lambda msg, *a, **k: f"gpt2onnx: warning: {msg}\n"
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

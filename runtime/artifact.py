@@ -128,12 +128,20 @@ def describe(m: Manifest) -> str:
     lines.append(f"kv cache     {kv['layout']} {kv['dtype']}, shared past/present buffer: {kv['shared_buffer']}")
     if r.get("fused_ops"):
         lines.append("operators    " + ", ".join(f"{k} {v}" for k, v in r["fused_ops"].items()))
+    if r.get("runtime_ops"):
+        lines.append("as run (CPU) " + ", ".join(f"{k} {v}" for k, v in r["runtime_ops"].items()))
+    if r.get("weights"):
+        lines.append(f"weights      {r['weights']['bytes_per_token'] / 1e6:.1f} MB read per decode step")
     for name, figs in r.get("parity", {}).items():
         if isinstance(figs, dict):
             lines.append(f"parity       {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in figs.items()))
     for name, figs in r.get("accuracy", {}).items():
-        if isinstance(figs, dict):
+        if isinstance(figs, dict) and name != "tolerances":
             lines.append(f"accuracy     {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in figs.items()))
+    if r.get("accuracy", {}).get("tolerances"):
+        lines.append("tolerances   " + ", ".join(f"{k} {_fmt(v)}" for k, v in r["accuracy"]["tolerances"].items()))
+    if r.get("accuracy") and src.get("synthetic"):
+        lines.append("             (seeded random weights give flat logits: top-1 agreement understates a trained model's)")
     for name, meta in r["files"].items():
         lines.append(f"file         {name}: {meta['bytes'] / 1e6:.1f} MB sha256 {meta['sha256'][:16]}…")
     lines.append("versions     " + ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -66,6 +67,15 @@ def select_provider(requested: str) -> str:
     return PROVIDERS[requested]
 
 
+def _check_precision(precision: str, ep: str) -> None:
+    """Refuse or warn about precision and provider pairs that run badly."""
+    if precision == "int8" and ep == PROVIDERS["cuda"]:
+        raise Gpt2OnnxError("int8 artifacts run on the cpu provider only; use --provider cpu, or an int4 or fp16 artifact for cuda")
+    if precision == "fp16" and ep == PROVIDERS["cpu"]:
+        warnings.warn("fp16 on the CPU provider is no faster than fp32 (its CPU kernels compute through fp32; measured 27.6 vs 26.7 ms/token on DialoGPT-small); "
+                      "use an fp32, int8 or int4 artifact for cpu", UserWarning, stacklevel=3)
+
+
 class Engine:
     """A loaded artifact: session, tokenizer and manifest."""
 
@@ -97,6 +107,7 @@ class Engine:
         sc = SessionConfig(provider=provider, threads=threads, verify=verify)
         ep = select_provider(provider)  # before the slow checks: a wrong flag fails fast
         manifest = load_manifest(path, verify=verify)
+        _check_precision(manifest.precision, ep)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or os.cpu_count() or 1
         so.inter_op_num_threads = 1
@@ -221,11 +232,14 @@ class Engine:
         state = DecodeState(self, rows, cfg.max_new_tokens)
         self.stats = state.stats
         sampler = Sampler(cfg)
-        seen = state.seen_tokens() if cfg.repetition_penalty != 1.0 else None
+        seen = state.seen_tokens() if cfg.repetition_penalty != 1.0 else None  # [B, vocab]
         done = np.zeros(len(rows), bool)
+        live = np.arange(len(rows))  # the request row each state row holds
+        tokens = np.full(len(rows), self.pad_token_id)
         logits = state.prefill()
         for step in range(cfg.max_new_tokens):
-            tokens = np.where(done, self.pad_token_id, sampler(logits, seen))
+            tokens[:] = self.pad_token_id
+            tokens[live] = sampler(logits, None if seen is None else seen[live])
             state.stats.new_tokens = step + 1
             if step == 0:
                 state.stats.ttft_s = time.perf_counter() - t0
@@ -234,8 +248,11 @@ class Engine:
             if done.all() or step + 1 == cfg.max_new_tokens:
                 break
             if seen is not None:
-                seen[np.arange(len(rows)), tokens] = True
-            logits = state.step(tokens)
+                seen[live, tokens[live]] = True
+            if 2 * done[live].sum() >= len(live) > 1:  # half the rows finished: stop computing them
+                state.compact(~done[live])
+                live = live[~done[live]]
+            logits = state.step(tokens[live])
 
 
 class DecodeState:
@@ -244,12 +261,13 @@ class DecodeState:
     With a shared-buffer artifact the KV cache is [batch, heads, capacity, head_dim] per layer and
     key/value tensor, bound as both past and present, so the attention op writes each new token's
     keys and values in place. Otherwise present = concat(past, new) and is fed back each step.
+    `compact(keep)` drops finished rows (one copy of the cache) so they stop costing work.
     """
 
     def __init__(self, engine: Engine, rows: list[list[int]], max_new_tokens: int):
         import onnxruntime as ort
 
-        self.e = engine
+        self.e, self.ort = engine, ort
         self.B, self.S0 = len(rows), max(map(len, rows))
         self.capacity = self.S0 + max_new_tokens
         e, B = engine, self.B
@@ -262,24 +280,37 @@ class DecodeState:
         self.rows = rows
         self.pos = np.clip(np.cumsum(self.mask[:, : self.S0], axis=1) - 1, 0, None)  # [B, S0]
         self.T = self.S0
-        self.ids = np.zeros((B, 1), np.int64)
         self.next_pos = self.pos[:, -1:].copy()  # [B, 1]
-        self.mask_flat = np.empty(B * self.capacity, np.int64)  # contiguous [B, T] views of self.mask
         self.keep_one = np.array(1, np.int64)
-        self.logits = np.empty((B, 1, e.vocab_size), np.float32)
-        self.logits_ov = ort.OrtValue.ortvalue_from_numpy(self.logits)  # shares memory with self.logits
-        self.io = e.session.io_binding()
-        self.io.bind_ortvalue_output("logits", self.logits_ov)
-        if e.shared_kv:
+        if e.shared_kv:  # [B, heads, capacity, head_dim] per layer and tensor, written in place
             shape = [B, e.n_head, self.capacity, e.head_dim]
-            self.kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, e.kv_dtype, e.device, 0) for _ in range(2 * e.n_layer)]
-            for j, name in enumerate(self._kv_names()):
-                self.io.bind_ortvalue_input(name[0], self.kv[j])
-                self.io.bind_ortvalue_output(name[1], self.kv[j])
-        else:
-            empty = np.zeros((B, e.n_head, 0, e.head_dim), e.kv_dtype)
-            self.kv = [ort.OrtValue.ortvalue_from_numpy(empty, e.device, 0) for _ in range(2 * e.n_layer)]
+            kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, e.kv_dtype, e.device, 0) for _ in range(2 * e.n_layer)]
+        else:  # [B, heads, 0, head_dim]: grows by concatenation
+            kv = [ort.OrtValue.ortvalue_from_numpy(np.zeros((B, e.n_head, 0, e.head_dim), e.kv_dtype), e.device, 0)
+                  for _ in range(2 * e.n_layer)]
+        self._bind(kv)
         self.stats = Stats(batch=B, prompt_tokens=sum(map(len, rows)))
+
+    def _bind(self, kv: list) -> None:
+        """(Re)allocate the per-batch buffers for self.B rows and bind them once."""
+        e, B = self.e, self.B
+        self.kv = kv
+        self.ids = np.zeros((B, 1), np.int64)
+        self.mask_flat = np.empty(B * self.capacity, np.int64)  # contiguous [B, T] views of self.mask
+        self.logits = np.empty((B, 1, e.vocab_size), np.float32)
+        self.io = e.session.io_binding()
+        self.io.bind_ortvalue_output("logits", self.ort.OrtValue.ortvalue_from_numpy(self.logits))  # shares memory
+        if e.shared_kv:
+            for j, (past, present) in enumerate(self._kv_names()):
+                self.io.bind_ortvalue_input(past, kv[j])
+                self.io.bind_ortvalue_output(present, kv[j])
+
+    def compact(self, keep: np.ndarray) -> None:
+        """Keep only the rows where `keep` is True (bool [B])."""
+        self.B = int(keep.sum())
+        self.mask, self.next_pos = self.mask[keep], self.next_pos[keep]
+        kv = [self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[keep]), self.e.device, 0) for v in self.kv]
+        self._bind(kv)
 
     def _kv_names(self) -> Iterator[tuple[str, str]]:
         for i in range(self.e.n_layer):
@@ -316,6 +347,7 @@ class DecodeState:
         return logits
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Feed one token per row ([B]); returns the next logits [B, vocab]."""
         t = time.perf_counter()
         self.ids[:, 0] = tokens
         self.T += 1

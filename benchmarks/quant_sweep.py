@@ -1,0 +1,84 @@
+"""Measure int8 and int4 quantization choices: accuracy (teacher-forced, from the export) and speed.
+
+    python -m gpt2onnx.benchmarks.quant_sweep [synthetic:dialogpt-small] [--out reports/quant-sweep.json]
+
+Every configuration is exported (tolerances not enforced, so every figure is seen), then all are
+timed interleaved beside the fp32 export: batch 1, prompt 32, 48 new tokens, median of 3 rounds.
+The defaults in export/quantize.py come from this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+import warnings
+
+import numpy as np
+from gpt2onnx.export.convert import ExportOptions, export
+from gpt2onnx.export.quantize import Int4Config, Int8Config
+
+CONFIGS = [
+    ("fp32", {}),
+    ("int8", {"int8": Int8Config(per_channel=True, reduce_range=True)}),
+    ("int8", {"int8": Int8Config(per_channel=True, reduce_range=False)}),
+    ("int8", {"int8": Int8Config(per_channel=False, reduce_range=True)}),
+    ("int8", {"int8": Int8Config(per_channel=False, reduce_range=False)}),
+    ("int8", {"int8": Int8Config(per_channel=True, reduce_range=True, exclude=("lm_head",))}),
+    ("int4", {"int4": Int4Config(block_size=32, symmetric=True, accuracy_level=4)}),
+    ("int4", {"int4": Int4Config(block_size=32, symmetric=False, accuracy_level=4)}),
+    ("int4", {"int4": Int4Config(block_size=32, symmetric=True, accuracy_level=0)}),
+    ("int4", {"int4": Int4Config(block_size=16, symmetric=True, accuracy_level=4)}),
+    ("int4", {"int4": Int4Config(block_size=128, symmetric=True, accuracy_level=4)}),
+    ("int4", {"int4": Int4Config(block_size=128, symmetric=False, accuracy_level=4)}),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?", default="synthetic:dialogpt-small")
+    ap.add_argument("--out", default="reports/quant-sweep.json")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    from gpt2onnx.runtime import Engine
+
+    rows = []
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.out)) or ".") as tmp:
+        for i, (precision, kw) in enumerate(CONFIGS):
+            path = export(ExportOptions(args.model, os.path.join(tmp, str(i)), precision=precision,
+                                        enforce_tolerances=False, **kw), log=lambda m: None)
+            m = json.load(open(os.path.join(path, "gpt2onnx.json")))
+            rows.append({"precision": precision, "config": m["quantization"], "path": path,
+                         "accuracy": m["accuracy"]["teacher_forced"], "weights_mb": m["weights"]["bytes_per_token"] / 1e6})
+            print(f"exported {i + 1}/{len(CONFIGS)} {precision} {m['quantization']}", flush=True)
+        engines = [Engine.load(r["path"], provider="cpu", verify="none") for r in rows]
+        prompt = [list(range(1000, 1032))]
+        times = [[] for _ in rows]
+        ttft = [[] for _ in rows]
+        for rnd in range(args.rounds + 1):  # round 0 warms up
+            for j, e in enumerate(engines):
+                time.sleep(0.2)
+                e.generate(prompt, max_new_tokens=48, eos_token_id=-1)
+                if rnd:
+                    times[j].append(float(np.median(e.stats.step_s)) * 1e3)
+                    ttft[j].append(e.stats.ttft_s * 1e3)
+    base = float(np.median(times[0]))
+    for r, t, f in zip(rows, times, ttft):
+        r.pop("path")
+        r["p50_ms"], r["ttft_ms"], r["vs_fp32"] = float(np.median(t)), float(np.median(f)), float(np.median(t)) / base
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"model": args.model, "rows": rows}, f, indent=2)
+    print(f"{'precision':9s} {'config':70s} {'MB/tok':>7s} {'ms/tok':>7s} {'×fp32':>6s} {'TTFT':>6s} {'KL':>9s} {'top-1':>6s} {'ppl %':>7s}")
+    for r in rows:
+        c = {k: v for k, v in (r["config"] or {}).items() if k not in ("method", "weight_type")}
+        a = r["accuracy"]
+        print(f"{r['precision']:9s} {str(c):70s} {r['weights_mb']:7.0f} {r['p50_ms']:7.2f} {r['vs_fp32']:6.2f} {r['ttft_ms']:6.1f} "
+              f"{a['mean_kl']:9.2e} {a['top1_agreement']:6.3f} {a['perplexity_change_pct']:+7.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Fusion counts per layer, and fp16 / int8 / int4 artifacts: tolerances, generation, bad combinations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gpt2onnx.export import checkpoints, parity
+from gpt2onnx.export.convert import ExportOptions, export
+from gpt2onnx.runtime import Engine, Gpt2OnnxError
+from gpt2onnx.runtime.engine import DecodeState
+
+from .conftest import QUIET
+from .test_parity import PROMPTS
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory, tiny_artifact):
+    made = {"fp32": tiny_artifact}
+
+    def get(precision: str) -> str:
+        if precision not in made:
+            out = tmp_path_factory.mktemp("prec") / precision
+            made[precision] = export(ExportOptions("synthetic:tiny", str(out), precision=precision), log=QUIET)
+        return made[precision]
+
+    return get
+
+
+def test_fused_operator_counts_per_layer(engine, tiny_plain_artifact):
+    L = engine.n_layer
+    ops = engine.manifest.raw["fused_ops"]
+    assert ops["GroupQueryAttention"] == L
+    assert ops["SkipLayerNormalization"] == 2 * L + 1  # ln_1, ln_2 per layer (with their residual adds) and ln_f
+    assert ops["FastGelu"] == L
+    assert ops["MatMul"] == 4 * L + 1  # qkv, attention out, fc, proj per layer; LM head
+    assert "LayerNormalization" not in ops
+    plain = Engine.load(tiny_plain_artifact, provider="cpu").manifest.raw["fused_ops"]
+    assert not {"GroupQueryAttention", "SkipLayerNormalization", "FastGelu"} & set(plain)
+    assert plain["LayerNormalization"] == 2 * L + 1
+
+
+@pytest.mark.parametrize("precision, op", [("int8", "DynamicQuantizeMatMul"), ("int4", "MatMulNBits")])
+def test_quantized_operator_counts(artifacts, precision, op):
+    m = Engine.load(artifacts(precision), provider="cpu").manifest.raw
+    L = m["config"]["n_layer"]
+    assert m["runtime_ops"].get(op) == 4 * L + 1, m["runtime_ops"]
+    assert m["runtime_ops"]["GroupQueryAttention"] == L
+    assert m["quantization"]["weight_type"] == precision
+
+
+@pytest.mark.filterwarnings("ignore:fp16 on the CPU")
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int4"])
+def test_accuracy_within_written_tolerances(artifacts, tiny, precision):
+    """Recompute the teacher-forced figures independently of the export and hold them to the tolerances."""
+    engine = Engine.load(artifacts(precision), provider="cpu")
+    recorded = engine.manifest.raw["accuracy"]["teacher_forced"]
+    text = tiny.tokenizer.encode(checkpoints.sample_text()).ids
+    from gpt2onnx.export.graph import model_config
+
+    cfg = model_config(tiny.model.config)
+    figs = parity.teacher_forced(parity.ort_session(engine.manifest.file("model.onnx")), tiny.model, cfg, text)
+    tol = parity.TOLERANCES[precision]
+    assert figs["tokens"] >= 256
+    assert figs["mean_kl"] <= tol["mean_kl"] and figs["top1_agreement"] >= tol["top1_agreement"]
+    assert figs["mean_kl"] == pytest.approx(recorded["mean_kl"], rel=1e-3, abs=1e-12)
+    for key in ("max_abs_logit_diff", "mean_kl", "top1_agreement", "perplexity_change_pct"):
+        assert key in recorded
+    # ordering that must hold for honest figures: more bits, closer to PyTorch
+    if precision != "fp32":
+        fp32 = Engine.load(artifacts("fp32"), provider="cpu").manifest.raw["accuracy"]["teacher_forced"]
+        assert figs["mean_kl"] > fp32["mean_kl"]
+
+
+@pytest.mark.filterwarnings("ignore:fp16 on the CPU")
+@pytest.mark.parametrize("precision", ["fp16", "int4"])
+def test_generation_and_batches_work(artifacts, precision):
+    engine = Engine.load(artifacts(precision), provider="cpu")
+    batched = engine.generate(PROMPTS, max_new_tokens=8)
+    assert [len(r) for r in batched] == [8, 8, 8]
+    assert batched == [engine.generate([p], max_new_tokens=8)[0] for p in PROMPTS]
+
+
+def test_int8_batches_within_tolerance(artifacts):
+    """Dynamic int8 quantizes activations with one scale per call, so a row's numbers depend on its
+    batch mates (padding included): batched logits match one-by-one logits within the int8 tolerance,
+    not bit for bit."""
+    engine = Engine.load(artifacts("int8"), provider="cpu")
+    assert [len(r) for r in engine.generate(PROMPTS, max_new_tokens=8)] == [8, 8, 8]
+    batched = DecodeState(engine, PROMPTS, max_new_tokens=4).prefill().copy()
+    single = np.concatenate([DecodeState(engine, [p], max_new_tokens=4).prefill() for p in PROMPTS])
+    diff = np.abs(batched - single).max()
+    assert 0 < diff <= parity.TOLERANCES["int8"]["max_abs_logit_diff"]
+    assert (batched.argmax(-1) == single.argmax(-1)).mean() >= 2 / 3
+
+
+@pytest.mark.filterwarnings("ignore:fp16 on the CPU")
+def test_fp16_finite_over_full_context(artifacts):
+    engine = Engine.load(artifacts("fp16"), provider="cpu")
+    assert engine.kv_dtype == np.float16
+    state = DecodeState(engine, [list(range(100, 108)), list(range(200, 204))], max_new_tokens=engine.n_positions - 8)
+    logits = state.prefill()
+    for _ in range(engine.n_positions - 9):  # to the last position of the table
+        assert np.isfinite(logits).all()
+        logits = state.step(logits.argmax(-1))
+    assert np.isfinite(logits).all() and state.T == engine.n_positions - 1
+
+
+def test_int8_on_cuda_is_refused_with_advice(tmp_path):
+    with pytest.raises(Gpt2OnnxError, match="use --precision int4 or fp16 for cuda"):
+        export(ExportOptions("synthetic:tiny", str(tmp_path / "x"), precision="int8", provider="cuda"), log=QUIET)
+    assert not (tmp_path / "x").exists()
+
+
+def test_fp16_on_cpu_warns(artifacts):
+    with pytest.warns(UserWarning, match="fp16 on the CPU provider is no faster"):
+        Engine.load(artifacts("fp16"), provider="cpu")

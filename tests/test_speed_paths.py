@@ -1,0 +1,95 @@
+"""The speed machinery, checked for behaviour (never for time): in-place cache, no per-token
+allocation, finished rows dropped, provider selection and fallback."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+from gpt2onnx.runtime import Engine, Gpt2OnnxError
+from gpt2onnx.runtime import engine as engine_mod
+from gpt2onnx.runtime.engine import DecodeState
+
+from .test_parity import PROMPTS
+
+
+def test_kv_cache_allocated_once_and_written_in_place(engine):
+    state = DecodeState(engine, PROMPTS, max_new_tokens=10)
+    buffers = [id(v) for v in state.kv]
+    before = state.kv[0].numpy().copy()
+    logits = state.prefill()
+    for _ in range(5):
+        logits = state.step(logits.argmax(-1))
+    assert [id(v) for v in state.kv] == buffers  # same buffers ...
+    k0 = state.kv[0].numpy()
+    assert k0.shape[2] == state.capacity  # ... of the full capacity ...
+    written = state.T - 1  # ... holding every position fed so far (the last token's keys come with the next step)
+    assert not np.array_equal(k0[:, :, :written], before[:, :, :written])
+
+
+def test_no_allocation_on_the_per_token_path(engine):
+    """Python/numpy allocations of a greedy decode step stay tiny: logits, ids, mask and cache are
+    preallocated buffers (the logits alone would be batch x vocab x 4 = 600 kB a step)."""
+    state = DecodeState(engine, PROMPTS, max_new_tokens=40)
+    logits = state.prefill()
+    tokens = np.empty(len(PROMPTS), np.int64)
+    for _ in range(3):  # settle any first-use caches
+        np.argmax(logits, -1, out=tokens)
+        logits = state.step(tokens)
+    tracemalloc.start()
+    base, _ = tracemalloc.get_traced_memory()
+    for _ in range(30):
+        np.argmax(logits, -1, out=tokens)
+        logits = state.step(tokens)
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak - base < 16 * 1024, f"{peak - base} bytes allocated at peak over 30 steps"
+    assert current - base < 8 * 1024, f"{current - base} bytes retained over 30 steps"  # the step-time list only
+
+
+def test_finished_rows_stop_costing_work(engine, monkeypatch):
+    """When half the rows hit EOS the state drops them; the outputs do not change."""
+    first = engine.generate([PROMPTS[0]], max_new_tokens=12)[0]
+    eos = first[1]  # row 0 stops at its second token
+    expected = [engine.generate([p], max_new_tokens=12, eos_token_id=eos)[0] for p in PROMPTS]
+    assert len(expected[0]) == 2 and all(len(r) > 2 for r in expected[1:])
+    sizes = []
+    real = DecodeState.compact
+    monkeypatch.setattr(DecodeState, "compact", lambda self, keep: (sizes.append(int(keep.sum())), real(self, keep)))
+    rows = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[2]]  # two rows finish together: half the batch
+    out = engine.generate(rows, max_new_tokens=12, eos_token_id=eos)
+    assert out == [expected[0], expected[0], expected[1], expected[2]]
+    assert sizes == [2]
+
+
+def test_plain_artifact_compacts_too(tiny_plain_artifact):
+    e = Engine.load(tiny_plain_artifact, provider="cpu")
+    first = e.generate([PROMPTS[0]], max_new_tokens=8)[0]
+    rows = [PROMPTS[0], PROMPTS[1]]
+    expected = [e.generate([r], max_new_tokens=8, eos_token_id=first[2])[0] for r in rows]
+    assert e.generate(rows, max_new_tokens=8, eos_token_id=first[2]) == expected
+
+
+def test_provider_selection_and_fallback(monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert engine_mod.select_provider("auto") == "CPUExecutionProvider"
+    assert engine_mod.select_provider("cpu") == "CPUExecutionProvider"
+    with pytest.raises(Gpt2OnnxError, match="cuda is not available.*CPUExecutionProvider"):
+        engine_mod.select_provider("cuda")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert engine_mod.select_provider("auto") == "CUDAExecutionProvider"
+    assert engine_mod.select_provider("cuda") == "CUDAExecutionProvider"
+
+
+def test_int8_refused_on_cuda_at_load():
+    with pytest.raises(Gpt2OnnxError, match="int8 artifacts run on the cpu provider only"):
+        engine_mod._check_precision("int8", "CUDAExecutionProvider")
+
+
+def test_threads_are_configurable(tiny_artifact):
+    e = Engine.load(tiny_artifact, provider="cpu", threads=1)
+    assert e.session_config.threads == 1
+    assert e.generate([[1, 2, 3]], max_new_tokens=4) == Engine.load(tiny_artifact, provider="cpu").generate([[1, 2, 3]], max_new_tokens=4)
