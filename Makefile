@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO := artifacts/dialogpt-small-fp32
 BENCH_PRECISIONS ?= fp32 int8 int4
 BENCH_OUT ?= reports/dialogpt-small-cpu
+BENCH_ARGS ?=
 PROMPT ?= Hello, how are you today?
 
 .PHONY: demo test bench lint clean
@@ -28,7 +29,7 @@ bench: $(STAMP)
 	  $(BIN)/gpt2onnx info artifacts/dialogpt-small-$$p >/dev/null 2>&1 || \
 	  $(BIN)/gpt2onnx export synthetic:dialogpt-small -o artifacts/dialogpt-small-$$p --precision $$p --force || exit 1; \
 	done
-	$(BIN)/gpt2onnx bench $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-small-$(p)) --out $(BENCH_OUT)
+	$(BIN)/gpt2onnx bench $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-small-$(p)) --out $(BENCH_OUT) $(BENCH_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

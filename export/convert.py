@@ -28,6 +28,9 @@ class ExportOptions:
     seed: int = 0  # weights of synthetic checkpoints
     force: bool = False  # replace an existing output directory
     parity_steps: int = 3
+    # KV cache dtype; None = the activations' (fp16 for fp16, fp32 otherwise). float16 under fp32
+    # activations halves the bytes attention reads per token (long contexts) at a small cost per call.
+    kv_dtype: str | None = None
     enforce_tolerances: bool = True  # False only for measuring sweeps (benchmarks/quant_sweep.py)
     int8: quantize.Int8Config = field(default_factory=quantize.Int8Config)
     int4: quantize.Int4Config = field(default_factory=quantize.Int4Config)
@@ -46,7 +49,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
     cfg = graph.model_config(ckpt.model.config)
     dtype = "float16" if opts.precision == "fp16" else "float32"
     log(f"building the {'fused' if opts.fuse else 'plain'} {dtype} graph: {cfg.n_layer} layers, width {cfg.n_embd}")
-    model = graph.build(cfg, graph.weights(ckpt.model, cfg), fused=opts.fuse, dtype=dtype)
+    model = graph.build(cfg, graph.weights(ckpt.model, cfg), fused=opts.fuse, dtype=dtype, kv_dtype=opts.kv_dtype)
 
     out = os.path.abspath(opts.output)
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -104,6 +107,10 @@ def _check_options(opts: ExportOptions) -> None:
     if opts.precision == "int8" and opts.provider == "cuda":
         raise Gpt2OnnxError("int8 artifacts run on the cpu provider only (onnxruntime has no CUDA DynamicQuantizeMatMul); "
                             "use --precision int4 or fp16 for cuda")
+    if opts.kv_dtype not in (None, "float32", "float16"):
+        raise Gpt2OnnxError(f"unknown KV cache dtype {opts.kv_dtype!r}; choose float32 or float16")
+    if opts.kv_dtype and not opts.fuse and opts.kv_dtype != ("float16" if opts.precision == "fp16" else "float32"):
+        raise Gpt2OnnxError("--kv-dtype needs the fused graph; drop --no-fuse")
     if opts.provider not in ("cpu", "cuda"):
         raise Gpt2OnnxError(f"unknown provider {opts.provider!r}; choose cpu or cuda")
     if os.path.exists(opts.output) and not opts.force:
@@ -145,7 +152,7 @@ def _manifest(opts: ExportOptions, ckpt, cfg: graph.ModelConfig, model_path: str
     import onnx
 
     m = onnx.load(model_path, load_external_data=False)
-    kv_dtype = "float16" if opts.precision == "fp16" else "float32"
+    kv_dtype = opts.kv_dtype or ("float16" if opts.precision == "fp16" else "float32")
     io = {
         "inputs": {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in m.graph.input},
         "outputs": {o.name: onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type).name for o in m.graph.output},

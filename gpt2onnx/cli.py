@@ -59,7 +59,8 @@ def cmd_export(args) -> None:
                       accuracy_level=d4.accuracy_level if args.int4_accuracy_level is None else args.int4_accuracy_level,
                       exclude=keep or d4.exclude)
     opts = ExportOptions(model=args.model, output=args.output, precision=args.precision, provider=args.target_provider,
-                         fuse=not args.no_fuse, seed=args.seed, force=args.force, int8=int8, int4=int4)
+                         fuse=not args.no_fuse, seed=args.seed, force=args.force, int8=int8, int4=int4,
+                         kv_dtype=args.kv_dtype)
     export(opts, log=lambda m: print(m, flush=True))
 
 
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fuse", action="store_true", help="plain ONNX operators instead of onnxruntime's fused ones")
     p.add_argument("--seed", type=int, default=0, help="weights seed of synthetic checkpoints (default 0)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--kv-dtype", help="KV cache dtype float32 | float16 (default: the activations')")
     q = p.add_argument_group("quantization (defaults chosen by measurement, see export/quantize.py)")
     q.add_argument("--int8-per-tensor", action="store_true", help="int8: one scale per weight instead of per column")
     q.add_argument("--int8-full-range", action="store_true", help="int8: 8-bit weights instead of 7-bit (VNNI machines)")

@@ -114,3 +114,15 @@ def test_int8_on_cuda_is_refused_with_advice(tmp_path):
 def test_fp16_on_cpu_warns(artifacts):
     with pytest.warns(UserWarning, match="fp16 on the CPU provider is no faster"):
         Engine.load(artifacts("fp16"), provider="cpu")
+
+
+def test_fp16_kv_cache_under_int8_weights(tmp_path, tiny):
+    """A float16 cache under fp32 activations: half the cache bytes, same tokens as fp32 cache mostly."""
+    art = export(ExportOptions("synthetic:tiny", str(tmp_path / "a"), precision="int8", kv_dtype="float16"), log=QUIET)
+    engine = Engine.load(art, provider="cpu")
+    assert engine.kv_dtype == np.float16 and engine.manifest.raw["io"]["kv"]["dtype"] == "float16"
+    state = DecodeState(engine, PROMPTS, max_new_tokens=4)
+    assert state.kv[0].numpy().dtype == np.float16
+    acc = engine.manifest.raw["accuracy"]["teacher_forced"]
+    assert acc["mean_kl"] <= parity.TOLERANCES["int8"]["mean_kl"]
+    assert [len(r) for r in engine.generate(PROMPTS, max_new_tokens=6)] == [6, 6, 6]
