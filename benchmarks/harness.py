@@ -51,7 +51,7 @@ class Settings:
     prompt_len: list[int] = field(default_factory=lambda: [32, 128, 512])
     new_tokens: int = 64
     repeats: int = 5
-    context: list[int] = field(default_factory=lambda: [50, 200, 400, 600, 800, 900, 1000])
+    context: list[int] = field(default_factory=lambda: [50, 300, 600, 900, 1000])
     context_new_tokens: int = 16
     provider: str = "cpu"
     threads: int = 0  # 0 = one per core

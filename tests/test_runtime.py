@@ -128,3 +128,14 @@ def test_runtime_imports_no_torch(tiny_artifact):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_runtime_distribution_needs_no_torch():
+    """`pip install .` (no extras) is the runtime: onnxruntime, numpy, tokenizers; torch only in extras."""
+    import tomllib
+    from pathlib import Path
+
+    meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    names = {d.split(">")[0].split("=")[0].split("<")[0].strip() for d in meta["dependencies"]}
+    assert names == {"onnxruntime", "numpy", "tokenizers"}
+    assert any(d.startswith("torch") for d in meta["optional-dependencies"]["export"])
