@@ -93,7 +93,7 @@ def cmd_generate(args) -> None:
     if args.timing:
         s = engine.stats
         print(f"timing: batch {s.batch}, prompt {s.prompt_tokens} tokens in {1e3 * s.prefill_s:.1f} ms, "
-              f"{s.new_tokens} new tokens, decode {s.per_token_ms:.2f} ms/token "
+              f"{s.new_tokens} new tokens, decode {s.per_token_p50_ms:.2f} ms/token median, {s.per_token_ms:.2f} mean "
               f"({1e3 / max(s.per_token_ms, 1e-9) * s.batch:.1f} tokens/s), provider {engine.provider}", file=sys.stderr)
     if engine.manifest.synthetic:
         print(SYNTHETIC_NOTE, file=sys.stderr)

@@ -47,7 +47,13 @@ class Stats:
 
     @property
     def per_token_ms(self) -> float:
+        """Mean decode step time (ms)."""
         return 1e3 * self.decode_s / max(1, len(self.step_s))
+
+    @property
+    def per_token_p50_ms(self) -> float:
+        """Median decode step time (ms): robust to a slow first step or a noisy neighbour."""
+        return 1e3 * float(np.median(self.step_s)) if self.step_s else 0.0
 
 
 def select_provider(requested: str) -> str:
@@ -74,6 +80,18 @@ def _check_precision(precision: str, ep: str) -> None:
     if precision == "fp16" and ep == PROVIDERS["cpu"]:
         warnings.warn("fp16 on the CPU provider is no faster than fp32 (its CPU kernels compute through fp32; measured 27.6 vs 26.7 ms/token on DialoGPT-small); "
                       "use an fp32, int8 or int4 artifact for cpu", UserWarning, stacklevel=3)
+
+
+def _check_io(manifest: Manifest, session) -> None:
+    """The graph must have exactly the inputs and outputs the manifest promises."""
+    io = manifest.raw["io"]
+    got_in = {i.name for i in session.get_inputs()}
+    got_out = {o.name for o in session.get_outputs()}
+    if got_in != set(io["inputs"]) or got_out != set(io["outputs"]):
+        missing = sorted((set(io["inputs"]) - got_in) | (set(io["outputs"]) - got_out))
+        extra = sorted((got_in - set(io["inputs"])) | (got_out - set(io["outputs"])))
+        raise Gpt2OnnxError(f"model.onnx in {manifest.path} does not match its manifest (missing {missing[:3]}, "
+                            f"unexpected {extra[:3]}); the artifact is mixed up, re-export it")
 
 
 class Engine:
@@ -120,6 +138,7 @@ class Engine:
         except Exception as e:  # onnxruntime and tokenizers raise their own types for bad files
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise Gpt2OnnxError(f"cannot load the artifact at {path}: {first[:300]}; re-export it") from None
+        _check_io(manifest, session)
         return cls(manifest, session, tokenizer, ep, sc)
 
     # ---- text ------------------------------------------------------------------------------

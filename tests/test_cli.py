@@ -140,3 +140,13 @@ def test_non_utf8_input(tiny_artifact):
     r = run_cli("chat", tiny_artifact, "--max-new-tokens", "3", input=b"caf\xe9\nhello\n")
     assert r.returncode == 0
     assert b"not valid UTF-8" in r.stderr and r.stdout.strip()
+
+
+def test_mismatched_model_and_manifest(tmp_path, tiny_artifact, tiny_plain_artifact):
+    """A manifest whose hashes match but whose graph is another artifact's (hand-edited) is refused."""
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_artifact, mixed)
+    manifest = json.loads((mixed / "gpt2onnx.json").read_text())
+    manifest["io"]["inputs"]["extra_input"] = "int64"
+    (mixed / "gpt2onnx.json").write_text(json.dumps(manifest))
+    assert_one_line_error(run_cli("generate", str(mixed), "hi"), "does not match its manifest", "re-export")
