@@ -11,6 +11,7 @@ One graph serves the prompt pass and every decode step:
 
   inputs   input_ids            int64 [batch, seq]
            attention_mask       int64 [batch, past + seq]   1 = real token, 0 = left padding
+                                (fused graphs also take [batch, capacity] with 0 beyond past + seq)
            position_ids         int64 [batch, seq]
            num_logits_to_keep   int64 []                    0 = all positions, k = last k
            past_key_values.{i}.key|value  [batch, heads, past, head_dim]
@@ -186,12 +187,20 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
 
     eps = cfg.layer_norm_epsilon
     if fused:
-        # GroupQueryAttention's scalar inputs: seqlens_k [B] = T - 1 for every row (left padding keeps
-        # rows aligned; the bias masks the padding), total_sequence_length [] = T.
+        # GroupQueryAttention's scalar inputs. The mask may be wider than past + seq: a runtime that
+        # binds one [B, capacity] mask for the whole generation leaves future columns 0, so every
+        # step has the same input shapes (CUDA graphs need that). Hence T = 1 + the last column that
+        # holds a real token in any row (left padding keeps rows aligned at their right end);
+        # seqlens_k [B] = T - 1 for every row (the bias masks the padding), and
+        # total_sequence_length [] = the mask's width, an upper bound of T.
         total32 = b.one("Cast", [total], to=TensorProto.INT32, name="total_i32")
         total_scalar = b.one("Squeeze", [total32, b.const("c0_axes", np.array([0], np.int64), cast=False)], name="total_seq_len")
-        last = b.one("Sub", [total32, b.const("one_i32", np.array([1], np.int32), cast=False)], name="total_minus_1")
-        seqlens_k = b.one("Expand", [last, batch], name="seqlens_k")
+        cols = b.one("Range", [i64("one_s64", 1), b.one("Add", [b.one("Squeeze", [total], name="width"), "one_s64"]), "one_s64"],
+                     name="col_numbers")  # [T_max] = 1..width
+        real_cols = b.one("Mul", ["attention_mask", cols], name="real_cols")
+        last = b.one("Sub", [b.one("ReduceMax", [real_cols], keepdims=0, name="seq_total"), "one_s64"], name="last_pos")
+        last32 = b.one("Reshape", [b.one("Cast", [last], to=TensorProto.INT32, name="last_i32"), i64("shape_1a", [1])])
+        seqlens_k = b.one("Expand", [last32, batch], name="seqlens_k")
         bias_shape = b.one("Concat", [batch, i64("c_1b", [1]), seq, total], axis=0, name="bias_shape")
         attn_bias = b.one("Expand", [pad_bias, bias_shape], name="attn_bias")
         if kv_np != np_dtype:

@@ -279,7 +279,9 @@ class DecodeState:
 
     With a shared-buffer artifact the KV cache is [batch, heads, capacity, head_dim] per layer and
     key/value tensor, bound as both past and present, so the attention op writes each new token's
-    keys and values in place. Otherwise present = concat(past, new) and is fed back each step.
+    keys and values in place; the decode inputs have fixed shapes ([B, 1] ids and positions, a
+    [B, capacity] mask whose future columns are 0) and are bound once, then written in place.
+    Otherwise present = concat(past, new) and is fed back each step.
     `compact(keep)` drops finished rows (one copy of the cache) so they stop costing work.
     """
 
@@ -292,10 +294,10 @@ class DecodeState:
         e, B = engine, self.B
         # left padding: the real tokens of every row end at the same column
         self.prompt_ids = np.full((B, self.S0), e.pad_token_id, np.int64)
-        self.mask = np.ones((B, self.capacity), np.int64)  # [B, capacity]; columns < T are live
+        self.mask = np.zeros((B, self.capacity), np.int64)  # [B, capacity]: 1 = real token so far
         for r, row in enumerate(rows):
             self.prompt_ids[r, self.S0 - len(row):] = row
-            self.mask[r, : self.S0 - len(row)] = 0
+            self.mask[r, self.S0 - len(row): self.S0] = 1
         self.rows = rows
         self.pos = np.clip(np.cumsum(self.mask[:, : self.S0], axis=1) - 1, 0, None)  # [B, S0]
         self.T = self.S0
@@ -311,11 +313,10 @@ class DecodeState:
         self.stats = Stats(batch=B, prompt_tokens=sum(map(len, rows)))
 
     def _bind(self, kv: list) -> None:
-        """(Re)allocate the per-batch buffers for self.B rows and bind them once."""
+        """(Re)allocate the per-batch buffers for self.B rows and bind the outputs and the cache."""
         e, B = self.e, self.B
         self.kv = kv
         self.ids = np.zeros((B, 1), np.int64)
-        self.mask_flat = np.empty(B * self.capacity, np.int64)  # contiguous [B, T] views of self.mask
         self.logits = np.empty((B, 1, e.vocab_size), np.float32)
         self.io = e.session.io_binding()
         self.io.bind_ortvalue_output("logits", self.ort.OrtValue.ortvalue_from_numpy(self.logits))  # shares memory
@@ -323,13 +324,28 @@ class DecodeState:
             for j, (past, present) in enumerate(self._kv_names()):
                 self.io.bind_ortvalue_input(past, kv[j])
                 self.io.bind_ortvalue_output(present, kv[j])
+        self.step_inputs = None  # bound after the prompt pass
+
+    def _bind_step_inputs(self) -> None:
+        """Bind the fixed-shape decode inputs once. On CPU the OrtValues share the numpy arrays'
+        memory, so writing the arrays is enough; on CUDA they are device copies refreshed per step."""
+        arrays = {"input_ids": self.ids, "position_ids": self.next_pos, "attention_mask": self.mask}
+        if self.e.device == "cpu":
+            self.step_inputs = {k: (a, self.ort.OrtValue.ortvalue_from_numpy(a)) for k, a in arrays.items()}
+        else:
+            self.step_inputs = {k: (a, self.ort.OrtValue.ortvalue_from_numpy(a, self.e.device, 0)) for k, a in arrays.items()}
+        for name, (_, ov) in self.step_inputs.items():
+            self.io.bind_ortvalue_input(name, ov)
+        self.io.bind_cpu_input("num_logits_to_keep", self.keep_one)
 
     def compact(self, keep: np.ndarray) -> None:
         """Keep only the rows where `keep` is True (bool [B])."""
         self.B = int(keep.sum())
-        self.mask, self.next_pos = self.mask[keep], self.next_pos[keep]
+        self.mask, self.next_pos = np.ascontiguousarray(self.mask[keep]), np.ascontiguousarray(self.next_pos[keep])
         kv = [self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[keep]), self.e.device, 0) for v in self.kv]
         self._bind(kv)
+        if self.e.shared_kv:
+            self._bind_step_inputs()
 
     def _kv_names(self) -> Iterator[tuple[str, str]]:
         for i in range(self.e.n_layer):
@@ -342,28 +358,34 @@ class DecodeState:
             seen[r, row] = True
         return seen
 
-    def _run(self, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    def _run_concat(self, ids: np.ndarray, pos: np.ndarray) -> None:
+        """Plain graphs: the mask is exactly [B, T] and the cache comes back as new outputs."""
         io = self.io
-        mask = self.mask_flat[: self.B * self.T].reshape(self.B, self.T)
-        np.copyto(mask, self.mask[:, : self.T])
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("position_ids", pos)
-        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask[:, : self.T]))
         io.bind_cpu_input("num_logits_to_keep", self.keep_one)
-        if not self.e.shared_kv:  # feed the last present back as past; onnxruntime allocates the next
-            for j, (past, present) in enumerate(self._kv_names()):
-                io.bind_ortvalue_input(past, self.kv[j])
-                io.bind_output(present, self.e.device)
+        for j, (past, present) in enumerate(self._kv_names()):
+            io.bind_ortvalue_input(past, self.kv[j])
+            io.bind_output(present, self.e.device)
         self.e.session.run_with_iobinding(io)
-        if not self.e.shared_kv:
-            self.kv = io.get_outputs()[1:]
-        return self.logits[:, -1]  # [B, vocab], a view of the bound buffer
+        self.kv = io.get_outputs()[1:]
 
     def prefill(self) -> np.ndarray:
         t = time.perf_counter()
-        logits = self._run(self.prompt_ids, self.pos)
+        if self.e.shared_kv:
+            io = self.io
+            io.bind_cpu_input("input_ids", self.prompt_ids)
+            io.bind_cpu_input("position_ids", self.pos)
+            # exactly [B, S0]: the prompt pass is a first prompt for the attention op
+            io.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask[:, : self.S0]))
+            io.bind_cpu_input("num_logits_to_keep", self.keep_one)
+            self.e.session.run_with_iobinding(io)
+            self._bind_step_inputs()
+        else:
+            self._run_concat(self.prompt_ids, self.pos)
         self.stats.prefill_s = time.perf_counter() - t
-        return logits
+        return self.logits[:, -1]  # [B, vocab], a view of the bound buffer
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feed one token per row ([B]); returns the next logits [B, vocab]."""
@@ -371,11 +393,18 @@ class DecodeState:
         self.ids[:, 0] = tokens
         self.T += 1
         self.next_pos += 1
-        logits = self._run(self.ids, self.next_pos)
+        self.mask[:, self.T - 1] = 1
+        if self.e.shared_kv:
+            if self.e.device != "cpu":  # device copies of the decode inputs
+                for arr, ov in self.step_inputs.values():
+                    ov.update_inplace(arr)
+            self.e.session.run_with_iobinding(self.io)
+        else:
+            self._run_concat(self.ids, self.next_pos)
         dt = time.perf_counter() - t
         self.stats.step_s.append(dt)
         self.stats.decode_s += dt
-        return logits
+        return self.logits[:, -1]
 
 
 def stats_dict(stats: Stats) -> dict:
