@@ -31,6 +31,8 @@ class SessionConfig:
     provider: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # intra-op threads; None = one per core
     verify: str = "sha256"  # artifact file checks: sha256 | size | none
+    # capture the decode step in a CUDA graph (CUDA only; None = on where CUDA is used)
+    cuda_graph: bool | None = None
 
 
 @dataclass
@@ -82,6 +84,20 @@ def _check_precision(precision: str, ep: str) -> None:
                       "use an fp32, int8 or int4 artifact for cpu", UserWarning, stacklevel=3)
 
 
+def _session(ort, model_path: str, so, ep: str, sc: SessionConfig):
+    """The inference session; on CUDA with a CUDA graph when every node can be captured, else
+    without one (with a warning that says so)."""
+    if not sc.cuda_graph:
+        return ort.InferenceSession(model_path, so, providers=[ep])
+    try:
+        return ort.InferenceSession(model_path, so, providers=[(ep, {"enable_cuda_graph": "1"})])
+    except Exception as e:  # e.g. a node placed on the CPU: onnxruntime refuses to capture the graph
+        sc.cuda_graph = False
+        warnings.warn(f"CUDA graph capture unavailable for this artifact ({str(e).splitlines()[0][:200]}); "
+                      "decoding without it", UserWarning, stacklevel=4)
+        return ort.InferenceSession(model_path, so, providers=[ep])
+
+
 def _check_io(manifest: Manifest, session) -> None:
     """The graph must have exactly the inputs and outputs the manifest promises."""
     io = manifest.raw["io"]
@@ -111,10 +127,17 @@ class Engine:
         self.kv_dtype = np.dtype(manifest.kv["dtype"])
         self.shared_kv = bool(manifest.kv["shared_buffer"])
         self.stats = Stats()
+        self.cuda_graph = bool(session_config.cuda_graph) and self.shared_kv
+        self._graph_buffers: dict[int, dict] = {}  # batch size -> buffers the captured graph reads
 
     @classmethod
-    def load(cls, path: str, provider: str = "auto", threads: int | None = None, verify: str = "sha256") -> Engine:
+    def load(cls, path: str, provider: str = "auto", threads: int | None = None, verify: str = "sha256",
+             cuda_graph: bool | None = None) -> Engine:
         """Validate the artifact at `path` and build its session.
+
+        `cuda_graph` (CUDA only, default on) replays the decode step from a captured CUDA graph: the
+        step's buffers then live for the engine's lifetime, one set per batch size, at the full
+        position table, so a later generation of that batch size replays the same graph.
 
         Raises:
             Gpt2OnnxError: damaged or mismatched artifact, unknown or unavailable provider.
@@ -122,8 +145,9 @@ class Engine:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        sc = SessionConfig(provider=provider, threads=threads, verify=verify)
         ep = select_provider(provider)  # before the slow checks: a wrong flag fails fast
+        use_graph = ep == PROVIDERS["cuda"] and cuda_graph is not False
+        sc = SessionConfig(provider=provider, threads=threads, verify=verify, cuda_graph=use_graph)
         manifest = load_manifest(path, verify=verify)
         _check_precision(manifest.precision, ep)
         so = ort.SessionOptions()
@@ -133,7 +157,7 @@ class Engine:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
         try:
-            session = ort.InferenceSession(manifest.file("model.onnx"), so, providers=[ep])
+            session = _session(ort, manifest.file("model.onnx"), so, ep, sc)
             tokenizer = Tokenizer.from_file(manifest.file("tokenizer.json"))
         except Exception as e:  # onnxruntime and tokenizers raise their own types for bad files
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -268,7 +292,7 @@ class Engine:
                 break
             if seen is not None:
                 seen[live, tokens[live]] = True
-            if 2 * done[live].sum() >= len(live) > 1:  # half the rows finished: stop computing them
+            if not state.graph and 2 * done[live].sum() >= len(live) > 1:  # half the rows finished: stop computing them
                 state.compact(~done[live])
                 live = live[~done[live]]
             logits = state.step(tokens[live])
@@ -290,7 +314,9 @@ class DecodeState:
 
         self.e, self.ort = engine, ort
         self.B, self.S0 = len(rows), max(map(len, rows))
-        self.capacity = self.S0 + max_new_tokens
+        self.graph = engine.cuda_graph
+        # a captured graph replays fixed addresses and shapes: size for the whole position table
+        self.capacity = engine.n_positions if self.graph else self.S0 + max_new_tokens
         e, B = engine, self.B
         # left padding: the real tokens of every row end at the same column
         self.prompt_ids = np.full((B, self.S0), e.pad_token_id, np.int64)
@@ -303,14 +329,33 @@ class DecodeState:
         self.T = self.S0
         self.next_pos = self.pos[:, -1:].copy()  # [B, 1]
         self.keep_one = np.array(1, np.int64)
-        if e.shared_kv:  # [B, heads, capacity, head_dim] per layer and tensor, written in place
+        if self.graph:
+            kv = self._graph_buffers()["kv"]
+        elif e.shared_kv:  # [B, heads, capacity, head_dim] per layer and tensor, written in place
             shape = [B, e.n_head, self.capacity, e.head_dim]
             kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, e.kv_dtype, e.device, 0) for _ in range(2 * e.n_layer)]
         else:  # [B, heads, 0, head_dim]: grows by concatenation
             kv = [ort.OrtValue.ortvalue_from_numpy(np.zeros((B, e.n_head, 0, e.head_dim), e.kv_dtype), e.device, 0)
                   for _ in range(2 * e.n_layer)]
+        self.run_options = None
         self._bind(kv)
         self.stats = Stats(batch=B, prompt_tokens=sum(map(len, rows)))
+
+    def _graph_buffers(self) -> dict:
+        """The device buffers of the captured decode graph for this batch size, made once."""
+        e, ort, B = self.e, self.ort, self.B
+        if B not in e._graph_buffers:
+            shape = [B, e.n_head, self.capacity, e.head_dim]
+            e._graph_buffers[B] = {
+                "id": str(len(e._graph_buffers) + 1),
+                "kv": [ort.OrtValue.ortvalue_from_shape_and_type(shape, e.kv_dtype, e.device, 0) for _ in range(2 * e.n_layer)],
+                "input_ids": ort.OrtValue.ortvalue_from_shape_and_type([B, 1], np.int64, e.device, 0),
+                "position_ids": ort.OrtValue.ortvalue_from_shape_and_type([B, 1], np.int64, e.device, 0),
+                "attention_mask": ort.OrtValue.ortvalue_from_shape_and_type([B, self.capacity], np.int64, e.device, 0),
+                "num_logits_to_keep": ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64), e.device, 0),
+                "logits": ort.OrtValue.ortvalue_from_shape_and_type([B, 1, e.vocab_size], np.float32, e.device, 0),
+            }
+        return e._graph_buffers[B]
 
     def _bind(self, kv: list) -> None:
         """(Re)allocate the per-batch buffers for self.B rows and bind the outputs and the cache."""
@@ -330,6 +375,17 @@ class DecodeState:
         """Bind the fixed-shape decode inputs once. On CPU the OrtValues share the numpy arrays'
         memory, so writing the arrays is enough; on CUDA they are device copies refreshed per step."""
         arrays = {"input_ids": self.ids, "position_ids": self.next_pos, "attention_mask": self.mask}
+        if self.graph:
+            g = self._graph_buffers()
+            self.step_inputs = {k: (a, g[k]) for k, a in arrays.items()}
+            for k, (a, ov) in self.step_inputs.items():
+                ov.update_inplace(a)
+                self.io.bind_ortvalue_input(k, ov)
+            self.io.bind_ortvalue_input("num_logits_to_keep", g["num_logits_to_keep"])
+            self.io.bind_ortvalue_output("logits", g["logits"])  # captured graphs write device memory only
+            self.run_options = self.ort.RunOptions()
+            self.run_options.add_run_config_entry("gpu_graph_id", g["id"])
+            return
         if self.e.device == "cpu":
             self.step_inputs = {k: (a, self.ort.OrtValue.ortvalue_from_numpy(a)) for k, a in arrays.items()}
         else:
@@ -371,6 +427,14 @@ class DecodeState:
         self.e.session.run_with_iobinding(io)
         self.kv = io.get_outputs()[1:]
 
+    def prefill_options(self):
+        """The prompt pass has its own shapes: never captured (gpu_graph_id -1)."""
+        if not self.graph:
+            return None
+        ro = self.ort.RunOptions()
+        ro.add_run_config_entry("gpu_graph_id", "-1")
+        return ro
+
     def prefill(self) -> np.ndarray:
         t = time.perf_counter()
         if self.e.shared_kv:
@@ -380,7 +444,7 @@ class DecodeState:
             # exactly [B, S0]: the prompt pass is a first prompt for the attention op
             io.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask[:, : self.S0]))
             io.bind_cpu_input("num_logits_to_keep", self.keep_one)
-            self.e.session.run_with_iobinding(io)
+            self.e.session.run_with_iobinding(io, self.prefill_options())
             self._bind_step_inputs()
         else:
             self._run_concat(self.prompt_ids, self.pos)
@@ -395,10 +459,14 @@ class DecodeState:
         self.next_pos += 1
         self.mask[:, self.T - 1] = 1
         if self.e.shared_kv:
-            if self.e.device != "cpu":  # device copies of the decode inputs
+            if self.graph or self.e.device != "cpu":  # separate copies of the decode inputs
                 for arr, ov in self.step_inputs.values():
                     ov.update_inplace(arr)
-            self.e.session.run_with_iobinding(self.io)
+            if self.graph:  # first call captures, later calls replay
+                self.e.session.run_with_iobinding(self.io, self.run_options)
+                self.logits[...] = self._graph_buffers()["logits"].numpy()
+            else:
+                self.e.session.run_with_iobinding(self.io)
         else:
             self._run_concat(self.ids, self.next_pos)
         dt = time.perf_counter() - t

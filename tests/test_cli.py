@@ -142,7 +142,7 @@ def test_non_utf8_input(tiny_artifact):
     assert b"not valid UTF-8" in r.stderr and r.stdout.strip()
 
 
-def test_mismatched_model_and_manifest(tmp_path, tiny_artifact, tiny_plain_artifact):
+def test_mismatched_model_and_manifest(tmp_path, tiny_artifact):
     """A manifest whose hashes match but whose graph is another artifact's (hand-edited) is refused."""
     mixed = tmp_path / "mixed"
     shutil.copytree(tiny_artifact, mixed)

@@ -132,8 +132,9 @@ def test_runtime_imports_no_torch(tiny_artifact):
 
 def test_runtime_distribution_needs_no_torch():
     """`pip install .` (no extras) is the runtime: onnxruntime, numpy, tokenizers; torch only in extras."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     names = {d.split(">")[0].split("=")[0].split("<")[0].strip() for d in meta["dependencies"]}

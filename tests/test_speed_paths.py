@@ -93,3 +93,21 @@ def test_threads_are_configurable(tiny_artifact):
     e = Engine.load(tiny_artifact, provider="cpu", threads=1)
     assert e.session_config.threads == 1
     assert e.generate([[1, 2, 3]], max_new_tokens=4) == Engine.load(tiny_artifact, provider="cpu").generate([[1, 2, 3]], max_new_tokens=4)
+
+
+def test_graph_mode_buffers_reused_across_generations(tiny_artifact):
+    """The CUDA-graph decode path (fixed buffers per batch size at the full position table, reused by
+    later generations, logits through a device buffer) exercised on CPU, where the run option that
+    names the graph is ignored: its tokens must equal the ordinary path's."""
+    plain = Engine.load(tiny_artifact, provider="cpu")
+    graph = Engine.load(tiny_artifact, provider="cpu")
+    graph.cuda_graph = True
+    for prompts in (PROMPTS, [p[::-1] for p in PROMPTS], PROMPTS[:1]):
+        assert graph.generate(prompts, max_new_tokens=6) == plain.generate(prompts, max_new_tokens=6)
+    assert sorted(graph._graph_buffers) == [1, 3]  # one buffer set per batch size, reused
+    assert graph._graph_buffers[3]["kv"][0].shape()[2] == graph.n_positions
+
+
+def test_cuda_graph_only_requested_on_cuda(tiny_artifact):
+    e = Engine.load(tiny_artifact, provider="cpu")
+    assert e.session_config.cuda_graph is False and e.cuda_graph is False
