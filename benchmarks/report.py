@@ -42,12 +42,12 @@ def write_report(results: dict, out: str) -> None:
         "",
         f"## Batch 1 decode: prompt {p0}, {s['new_tokens']} new tokens",
         "",
-        "Ratios are per-token p50 against each baseline (below 1 = faster). Achieved bandwidth = bytes of "
-        "weights read per token / p50 per-token time; the floor is the measured read bandwidth.",
+        "Ratios are per-token p50 against each baseline (below 1 = faster). Floor = bytes of weights read per "
+        "token / the measured read bandwidth: no batch-1 decode can be faster. Achieved bandwidth = those bytes / p50.",
         "",
-        "| system | load s | TTFT ms | p50 ms/tok | p90 | p99 | tok/s | peak RSS MB | size MB | weights MB/tok | GB/s (% of floor) | "
-        "max abs Δlogit | top-1 | " + " | ".join(f"× {b['name']}" for b in baselines) + " |",
-        "|" + "---|" * (13 + len(baselines)),
+        "| system | load s | TTFT ms | p50 ms/tok | p90 | p99 | tok/s | peak RSS MB | size MB | weights MB/tok | floor ms/tok | "
+        "GB/s (% of read bw) | max abs Δlogit | top-1 | " + " | ".join(f"× {b['name']}" for b in baselines) + " |",
+        "|" + "---|" * (14 + len(baselines)),
     ]
     for x in systems:
         r = _batch1(summary, x["name"], p0)
@@ -63,7 +63,8 @@ def write_report(results: dict, out: str) -> None:
         L.append(
             f"| {x['name']} | {x['load_s']:.2f} | {r['ttft_ms']:.1f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
             f"{r['decode_tokens_per_s']:.1f} | {_fmt(x.get('peak_rss_mb'), '.0f')} | {_fmt(x['size_bytes'] and x['size_bytes'] / 1e6, '.0f')} | "
-            f"{_fmt(wb and wb / 1e6, '.0f')} | {gbs} | {acc['dlogit']} | {acc['top1']} | " + " | ".join(ratios) + " |"
+            f"{_fmt(wb and wb / 1e6, '.0f')} | {_fmt(wb and 1e3 * wb / (bw['read'] * 1e9), '.1f')} | {gbs} | "
+            f"{acc['dlogit']} | {acc['top1']} | " + " | ".join(ratios) + " |"
         )
     if any(x.get("gpu_peak_mb") or x.get("gpu_used_mb") for x in systems):
         L += ["", "GPU memory: " + ", ".join(f"{x['name']} {_fmt(x.get('gpu_peak_mb') or x.get('gpu_used_mb'), '.0f')} MB" for x in systems)]
@@ -170,3 +171,11 @@ def _plots(results: dict, out: str) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(out, "precisions.png"), dpi=110)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # re-render a report from its results.json: python -m gpt2onnx.benchmarks.report DIR
+    import json
+    import sys
+
+    with open(os.path.join(sys.argv[1], "results.json")) as f:
+        write_report(json.load(f), sys.argv[1])
