@@ -138,11 +138,7 @@ def _plots(results: dict, out: str) -> None:
             ax.plot(*zip(*pts), marker="o", label=x["name"])
     ax.set(xlabel="context length (tokens)", ylabel="per-token latency p50 (ms)", title="Per-token latency against context, batch 1")
     ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "latency_vs_context.png"), dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, os.path.join(out, "latency_vs_context.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for x in systems:
@@ -151,11 +147,7 @@ def _plots(results: dict, out: str) -> None:
         if pts:
             ax.plot(*zip(*sorted(pts)), marker="o", label=x["name"])
     ax.set(xlabel="batch size", ylabel="decode tokens/s", title=f"Throughput against batch size (prompt {p0})", xscale="log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "throughput_vs_batch.png"), dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, os.path.join(out, "throughput_vs_batch.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names, vals = [], []
@@ -168,8 +160,15 @@ def _plots(results: dict, out: str) -> None:
     ax.bar_label(bars, fmt="%.1f")
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set(ylabel="per-token latency p50 (ms)", title=f"Batch-1 decode by precision and system (prompt {p0})")
+    _save(plt, fig, ax, os.path.join(out, "precisions.png"), legend=False)
+
+
+def _save(plt, fig, ax, path: str, legend: bool = True) -> None:
+    if legend:
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "precisions.png"), dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
