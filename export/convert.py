@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -15,7 +16,8 @@ from gpt2onnx.runtime.errors import Gpt2OnnxError
 
 from . import checkpoints, graph, parity, quantize
 
-PROTOBUF_LIMIT = 2_000_000_000  # weights beyond ~2 GB go to model.onnx.data
+PROTOBUF_LIMIT = 2_000_000_000
+DEFAULT_KV = {"fp32": "float32", "fp16": "float16", "int8": "int8", "int4": "int8"}  # weights beyond ~2 GB go to model.onnx.data
 
 
 @dataclass
@@ -28,8 +30,10 @@ class ExportOptions:
     seed: int = 0  # weights of synthetic checkpoints
     force: bool = False  # replace an existing output directory
     parity_steps: int = 3
-    # KV cache dtype; None = the activations' (fp16 for fp16, fp32 otherwise). float16 under fp32
-    # activations halves the bytes attention reads per token (long contexts) at a small cost per call.
+    # KV cache dtype; None = DEFAULT_KV[precision]. int8 (one calibrated scale per layer and tensor)
+    # reads a quarter of fp32's bytes per token: at context 900 beside int8 weights that is the
+    # difference between 1.44x and 1.18x the context-50 step time, with no measurable accuracy cost
+    # (benchmarks in the issue notes). float16 under fp32 activations halves the bytes instead.
     kv_dtype: str | None = None
     enforce_tolerances: bool = True  # False only for measuring sweeps (benchmarks/quant_sweep.py)
     int8: quantize.Int8Config = field(default_factory=quantize.Int8Config)
@@ -44,12 +48,20 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
             loaded, or parity outside the precision's tolerance (nothing is written then).
     """
     _check_options(opts)
+    opts = dataclasses.replace(opts, kv_dtype=opts.kv_dtype or DEFAULT_KV[opts.precision])
     log(f"loading {opts.model}")
     ckpt = checkpoints.load(opts.model, opts.seed)
     cfg = graph.model_config(ckpt.model.config)
     dtype = "float16" if opts.precision == "fp16" else "float32"
     log(f"building the {'fused' if opts.fuse else 'plain'} {dtype} graph: {cfg.n_layer} layers, width {cfg.n_embd}")
-    model = graph.build(cfg, graph.weights(ckpt.model, cfg), fused=opts.fuse, dtype=dtype, kv_dtype=opts.kv_dtype)
+    scales = None
+    if not opts.fuse:  # the plain graph concatenates a cache in the activations' dtype
+        opts = dataclasses.replace(opts, kv_dtype=None)
+    if opts.kv_dtype == "int8":  # calibrated on the shipped text's first n_positions tokens
+        text = [i for i in ckpt.tokenizer.encode(checkpoints.sample_text()).ids if i < cfg.vocab_size]
+        scales = parity.kv_scales(ckpt.model, text[: cfg.n_positions])
+    model = graph.build(cfg, graph.weights(ckpt.model, cfg), fused=opts.fuse, dtype=dtype, kv_dtype=opts.kv_dtype,
+                        kv_scales=scales)
 
     out = os.path.abspath(opts.output)
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -107,9 +119,11 @@ def _check_options(opts: ExportOptions) -> None:
     if opts.precision == "int8" and opts.provider == "cuda":
         raise Gpt2OnnxError("int8 artifacts run on the cpu provider only (onnxruntime has no CUDA DynamicQuantizeMatMul); "
                             "use --precision int4 or fp16 for cuda")
-    if opts.kv_dtype not in (None, "float32", "float16"):
-        raise Gpt2OnnxError(f"unknown KV cache dtype {opts.kv_dtype!r}; choose float32 or float16")
-    if opts.kv_dtype and not opts.fuse and opts.kv_dtype != ("float16" if opts.precision == "fp16" else "float32"):
+    if opts.kv_dtype not in (None, "float32", "float16", "int8"):
+        raise Gpt2OnnxError(f"unknown KV cache dtype {opts.kv_dtype!r}; choose float32, float16 or int8")
+    if opts.kv_dtype == "int8" and opts.precision == "fp16":
+        raise Gpt2OnnxError("an int8 KV cache is for the CPU precisions; use --kv-dtype float16 or drop it for fp16")
+    if not opts.fuse and opts.kv_dtype not in (None, "float16" if opts.precision == "fp16" else "float32"):
         raise Gpt2OnnxError("--kv-dtype needs the fused graph; drop --no-fuse")
     if opts.provider not in ("cpu", "cuda"):
         raise Gpt2OnnxError(f"unknown provider {opts.provider!r}; choose cpu or cuda")
@@ -152,13 +166,15 @@ def _manifest(opts: ExportOptions, ckpt, cfg: graph.ModelConfig, model_path: str
     import onnx
 
     m = onnx.load(model_path, load_external_data=False)
-    kv_dtype = opts.kv_dtype or ("float16" if opts.precision == "fp16" else "float32")
+    kv_dtype = opts.kv_dtype if opts.fuse else ("float16" if opts.precision == "fp16" else "float32")
     io = {
         "inputs": {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in m.graph.input},
         "outputs": {o.name: onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type).name for o in m.graph.output},
         "kv": {
             "layout": "BNSH",  # [batch, heads, sequence, head_dim]
             "dtype": kv_dtype,
+            **({"quantization": "int8, one scale per layer and tensor, calibrated on the shipped text (max |x| x 1.25 / 127)"}
+               if kv_dtype == "int8" else {}),
             # fused graphs write the cache in place when past and present are bound to one buffer
             "shared_buffer": bool(opts.fuse),
             "past_key": "past_key_values.{i}.key", "past_value": "past_key_values.{i}.value",

@@ -150,12 +150,15 @@ class _Builder:
 
 
 def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dtype: str = "float32",
-          kv_dtype: str | None = None):
+          kv_dtype: str | None = None, kv_scales: list[tuple[float, float]] | None = None):
     """Return the onnx.ModelProto of the decoder.
 
     `dtype` is the weight and activation dtype; `kv_dtype` (default `dtype`) the KV cache's. A float16
     cache under float32 activations (fused graphs only) halves the bytes attention reads per token:
-    the packed QKV is cast down before GroupQueryAttention and its output cast back up."""
+    the packed QKV is cast down before GroupQueryAttention and its output cast back up. An int8
+    cache (fused graphs only) stores keys and values quantized with one calibrated scale per layer
+    and tensor (`kv_scales[i] = (key_scale, value_scale)`); the op quantizes on write and
+    dequantizes on read, so attention reads a quarter of the fp32 bytes."""
     from onnx import TensorProto, helper
 
     np_dtype = np.dtype(dtype)
@@ -164,6 +167,10 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
     kv_elem = helper.np_dtype_to_tensor_dtype(kv_np)
     if kv_np != np_dtype and not fused:
         raise Gpt2OnnxError("a KV cache dtype other than the activations' needs the fused graph")
+    kv_int8 = kv_np == np.int8
+    if kv_int8 and (kv_scales is None or len(kv_scales) != cfg.n_layer):
+        raise Gpt2OnnxError("an int8 KV cache needs one (key, value) scale per layer")
+    cast_kv = kv_np != np_dtype and not kv_int8  # a float16 cache under float32 activations
     b = _Builder(np_dtype)
     H, N, D = cfg.n_embd, cfg.n_head, cfg.head_dim
     i64 = lambda name, vals: b.const(name, np.array(vals, dtype=np.int64), cast=False)  # noqa: E731
@@ -203,7 +210,7 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
         seqlens_k = b.one("Expand", [last32, batch], name="seqlens_k")
         bias_shape = b.one("Concat", [batch, i64("c_1b", [1]), seq, total], axis=0, name="bias_shape")
         attn_bias = b.one("Expand", [pad_bias, bias_shape], name="attn_bias")
-        if kv_np != np_dtype:
+        if cast_kv:
             attn_bias = b.one("Cast", [attn_bias], to=kv_elem, name="attn_bias_kv")
         ln, residual = b.op("SkipLayerNormalization", [tok, pos, b.const("h0.ln_1.g", w["h0.ln_1.g"]), b.const("h0.ln_1.b", w["h0.ln_1.b"])],
                             domain=MS_DOMAIN, epsilon=eps, name="h0.ln_1", outputs=["h0.ln_1_out", "", "", "h0.resid_in"])[::3]
@@ -221,13 +228,18 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
         if fused:
-            if kv_np != np_dtype:
+            if cast_kv:
                 qkv = b.one("Cast", [qkv], to=kv_elem, name=p + "qkv_kv")
+            quant_in, quant_attrs = [], {}
+            if kv_int8:
+                quant_in = ["", b.const(p + "k_scale", np.array([kv_scales[i][0]], np.float32), cast=False),
+                            b.const(p + "v_scale", np.array([kv_scales[i][1]], np.float32), cast=False)]
+                quant_attrs = {"kv_cache_bit_width": 8, "k_quant_type": "PER_TENSOR", "v_quant_type": "PER_TENSOR"}
             attn = b.op("GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens_k, total_scalar,
-                                                 "", "", "", attn_bias],
-                        domain=MS_DOMAIN, num_heads=N, kv_num_heads=N, name=p + "attn",
+                                                 "", "", "", attn_bias, *quant_in],
+                        domain=MS_DOMAIN, num_heads=N, kv_num_heads=N, name=p + "attn", **quant_attrs,
                         outputs=[p + "attn_out", pres_k, pres_v])[0]
-            if kv_np != np_dtype:
+            if cast_kv:
                 attn = b.one("Cast", [attn], to=elem, name=p + "attn_out_act")
             proj = b.one("MatMul", [attn, c("attn_out.w")], name=p + "attn_proj")
             ln, residual = b.op("SkipLayerNormalization", [proj, residual, c("ln_2.g"), c("ln_2.b"), c("attn_out.b")],

@@ -39,7 +39,22 @@ def ort_session(model_path: str, threads: int | None = None):
 
 def _kv_dtype(session) -> np.dtype:
     t = next(i.type for i in session.get_inputs() if i.name.startswith("past_key_values."))
-    return np.float16 if "float16" in t else np.float32
+    return {"tensor(float16)": np.float16, "tensor(int8)": np.int8}.get(t, np.float32)
+
+
+def kv_scales(torch_model, ids: list[int], headroom: float = 1.25) -> list[tuple[float, float]]:
+    """Per-layer int8 scales for the KV cache: the largest |key| and |value| the PyTorch model
+    produces over `ids`, with `headroom` for values the calibration text did not reach, / 127."""
+    import torch
+
+    with torch.no_grad():
+        past = torch_model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+    layers = past.layers if hasattr(past, "layers") else past
+    out = []
+    for layer in layers:
+        k, v = (layer.keys, layer.values) if hasattr(layer, "keys") else layer
+        out.append((float(k.abs().max()) * headroom / 127, float(v.abs().max()) * headroom / 127))
+    return out
 
 
 def _feed(cfg: ModelConfig, ids, mask, pos, past, keep: int) -> dict[str, np.ndarray]:

@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fuse", action="store_true", help="plain ONNX operators instead of onnxruntime's fused ones")
     p.add_argument("--seed", type=int, default=0, help="weights seed of synthetic checkpoints (default 0)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.add_argument("--kv-dtype", help="KV cache dtype float32 | float16 (default: the activations')")
+    p.add_argument("--kv-dtype", help="KV cache dtype float32 | float16 | int8 (default: the activations')")
     q = p.add_argument_group("quantization (defaults chosen by measurement, see export/quantize.py)")
     q.add_argument("--int8-per-tensor", action="store_true", help="int8: one scale per weight instead of per column")
     q.add_argument("--int8-full-range", action="store_true", help="int8: 8-bit weights instead of 7-bit (VNNI machines)")

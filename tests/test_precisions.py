@@ -126,3 +126,25 @@ def test_fp16_kv_cache_under_int8_weights(tmp_path, tiny):
     acc = engine.manifest.raw["accuracy"]["teacher_forced"]
     assert acc["mean_kl"] <= parity.TOLERANCES["int8"]["mean_kl"]
     assert [len(r) for r in engine.generate(PROMPTS, max_new_tokens=6)] == [6, 6, 6]
+
+
+def test_int8_kv_cache_is_the_cpu_default(artifacts):
+    """int8 and int4 artifacts keep an int8 KV cache (calibrated per-layer scales), written in place;
+    fp32 keeps an exact fp32 cache."""
+    for precision in ("int8", "int4"):
+        engine = Engine.load(artifacts(precision), provider="cpu")
+        kv = engine.manifest.raw["io"]["kv"]
+        assert kv["dtype"] == "int8" and "calibrated" in kv["quantization"]
+        state = DecodeState(engine, PROMPTS, max_new_tokens=4)
+        logits = state.prefill()
+        k0 = state.kv[0].numpy()
+        assert k0.dtype == np.int8 and np.abs(k0[:, :, : state.S0].astype(int)).max() > 10  # real values, not zeros
+        assert np.isfinite(state.step(logits.argmax(-1))).all()
+    assert Engine.load(artifacts("fp32"), provider="cpu").manifest.raw["io"]["kv"]["dtype"] == "float32"
+
+
+def test_kv_dtype_refused_where_it_cannot_work(tmp_path):
+    with pytest.raises(Gpt2OnnxError, match="drop --no-fuse"):
+        export(ExportOptions("synthetic:tiny", str(tmp_path / "a"), kv_dtype="int8", fuse=False), log=QUIET)
+    with pytest.raises(Gpt2OnnxError, match="choose float32, float16 or int8"):
+        export(ExportOptions("synthetic:tiny", str(tmp_path / "b"), kv_dtype="int4"), log=QUIET)
