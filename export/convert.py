@@ -16,8 +16,8 @@ from gpt2onnx.runtime.errors import Gpt2OnnxError
 
 from . import checkpoints, graph, parity, quantize
 
-PROTOBUF_LIMIT = 2_000_000_000
-DEFAULT_KV = {"fp32": "float32", "fp16": "float16", "int8": "int8", "int4": "int8"}  # weights beyond ~2 GB go to model.onnx.data
+PROTOBUF_LIMIT = 2_000_000_000  # weights beyond ~2 GB go to model.onnx.data
+DEFAULT_KV = {"fp32": "float32", "fp16": "float16", "int8": "int8", "int4": "int8"}  # on the CPU provider
 
 
 @dataclass
@@ -48,7 +48,9 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
             loaded, or parity outside the precision's tolerance (nothing is written then).
     """
     _check_options(opts)
-    opts = dataclasses.replace(opts, kv_dtype=opts.kv_dtype or DEFAULT_KV[opts.precision])
+    # the int8 cache is measured on the CPU provider only; CUDA artifacts keep a float cache
+    default_kv = DEFAULT_KV[opts.precision] if opts.provider == "cpu" else ("float16" if opts.precision == "fp16" else "float32")
+    opts = dataclasses.replace(opts, kv_dtype=opts.kv_dtype or default_kv)
     log(f"loading {opts.model}")
     ckpt = checkpoints.load(opts.model, opts.seed)
     cfg = graph.model_config(ckpt.model.config)
