@@ -17,7 +17,6 @@ from gpt2onnx.runtime.errors import Gpt2OnnxError
 from . import checkpoints, graph, parity, quantize
 
 PROTOBUF_LIMIT = 2_000_000_000  # weights beyond ~2 GB go to model.onnx.data
-DEFAULT_KV = {"fp32": "float32", "fp16": "float16", "int8": "int8", "int4": "int8"}  # on the CPU provider
 
 
 @dataclass
@@ -30,7 +29,7 @@ class ExportOptions:
     seed: int = 0  # weights of synthetic checkpoints
     force: bool = False  # replace an existing output directory
     parity_steps: int = 3
-    # KV cache dtype; None = DEFAULT_KV[precision]. int8 (one calibrated scale per layer and tensor)
+    # KV cache dtype; None = int8 for int8/int4 on the CPU provider, else the activations'. int8 (one calibrated scale per layer and tensor)
     # reads a quarter of fp32's bytes per token: at context 900 beside int8 weights that is the
     # difference between 1.44x and 1.18x the context-50 step time, with no measurable accuracy cost
     # (benchmarks in the issue notes). float16 under fp32 activations halves the bytes instead.
@@ -48,19 +47,15 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
             loaded, or parity outside the precision's tolerance (nothing is written then).
     """
     _check_options(opts)
-    # the int8 cache is measured on the CPU provider only; CUDA artifacts keep a float cache
-    default_kv = DEFAULT_KV[opts.precision] if opts.provider == "cpu" else ("float16" if opts.precision == "fp16" else "float32")
-    opts = dataclasses.replace(opts, kv_dtype=opts.kv_dtype or default_kv)
+    dtype = _activation_dtype(opts.precision)
+    opts = dataclasses.replace(opts, kv_dtype=_kv_dtype(opts))
     log(f"loading {opts.model}")
     ckpt = checkpoints.load(opts.model, opts.seed)
     cfg = graph.model_config(ckpt.model.config)
-    dtype = "float16" if opts.precision == "fp16" else "float32"
+    text = [i for i in ckpt.tokenizer.encode(checkpoints.sample_text()).ids if i < cfg.vocab_size]
     log(f"building the {'fused' if opts.fuse else 'plain'} {dtype} graph: {cfg.n_layer} layers, width {cfg.n_embd}")
     scales = None
-    if not opts.fuse:  # the plain graph concatenates a cache in the activations' dtype
-        opts = dataclasses.replace(opts, kv_dtype=None)
     if opts.kv_dtype == "int8":  # calibrated on the shipped text's first n_positions tokens
-        text = [i for i in ckpt.tokenizer.encode(checkpoints.sample_text()).ids if i < cfg.vocab_size]
         scales = parity.kv_scales(ckpt.model, text[: cfg.n_positions])
     model = graph.build(cfg, graph.weights(ckpt.model, cfg), fused=opts.fuse, dtype=dtype, kv_dtype=opts.kv_dtype,
                         kv_scales=scales)
@@ -90,9 +85,8 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
             del model
         log("checking parity and accuracy against PyTorch fp32")
         session = parity.ort_session(model_path)
-        rows = _parity_prompts(ckpt, cfg)
+        rows = _parity_prompts(text, cfg)
         figures = parity.decode_parity(session, ckpt.model, cfg, rows, steps=opts.parity_steps)
-        text = [i for i in ckpt.tokenizer.encode(checkpoints.sample_text()).ids if i < cfg.vocab_size]
         accuracy = parity.teacher_forced(session, ckpt.model, cfg, text)
         del session
         problem = parity.check(opts.precision, figures, accuracy)
@@ -115,6 +109,20 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
     return out
 
 
+def _activation_dtype(precision: str) -> str:
+    return "float16" if precision == "fp16" else "float32"
+
+
+def _kv_dtype(opts: ExportOptions) -> str:
+    """The KV cache dtype: the plain graph concatenates a cache in the activations' dtype; the int8
+    cache is measured on the CPU provider only, so CUDA artifacts keep a float cache."""
+    if not opts.fuse:
+        return _activation_dtype(opts.precision)
+    if opts.kv_dtype:
+        return opts.kv_dtype
+    return "int8" if opts.provider == "cpu" and opts.precision in ("int8", "int4") else _activation_dtype(opts.precision)
+
+
 def _check_options(opts: ExportOptions) -> None:
     if opts.precision not in PRECISIONS:
         raise Gpt2OnnxError(f"unknown precision {opts.precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -125,7 +133,7 @@ def _check_options(opts: ExportOptions) -> None:
         raise Gpt2OnnxError(f"unknown KV cache dtype {opts.kv_dtype!r}; choose float32, float16 or int8")
     if opts.kv_dtype == "int8" and opts.precision == "fp16":
         raise Gpt2OnnxError("an int8 KV cache is for the CPU precisions; use --kv-dtype float16 or drop it for fp16")
-    if not opts.fuse and opts.kv_dtype not in (None, "float16" if opts.precision == "fp16" else "float32"):
+    if not opts.fuse and opts.kv_dtype not in (None, _activation_dtype(opts.precision)):
         raise Gpt2OnnxError("--kv-dtype needs the fused graph; drop --no-fuse")
     if opts.provider not in ("cpu", "cuda"):
         raise Gpt2OnnxError(f"unknown provider {opts.provider!r}; choose cpu or cuda")
@@ -135,10 +143,8 @@ def _check_options(opts: ExportOptions) -> None:
         raise Gpt2OnnxError(f"{opts.output} is a file; choose a directory path for -o")
 
 
-def _parity_prompts(ckpt, cfg) -> list[list[int]]:
-    """Two prompts of different lengths from the shipped text, so the batch is left-padded."""
-    ids = ckpt.tokenizer.encode(checkpoints.sample_text()).ids
-    ids = [i for i in ids if i < cfg.vocab_size]
+def _parity_prompts(ids: list[int], cfg) -> list[list[int]]:
+    """Two prompts of different lengths from the shipped text's ids, so the batch is left-padded."""
     n = min(24, cfg.n_positions // 4)
     return [ids[:n], ids[n: n + n // 2]]
 
@@ -168,7 +174,7 @@ def _manifest(opts: ExportOptions, ckpt, cfg: graph.ModelConfig, model_path: str
     import onnx
 
     m = onnx.load(model_path, load_external_data=False)
-    kv_dtype = opts.kv_dtype if opts.fuse else ("float16" if opts.precision == "fp16" else "float32")
+    kv_dtype = opts.kv_dtype  # resolved by _kv_dtype
     io = {
         "inputs": {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in m.graph.input},
         "outputs": {o.name: onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type).name for o in m.graph.output},

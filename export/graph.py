@@ -206,7 +206,7 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
                      name="col_numbers")  # [T_max] = 1..width
         real_cols = b.one("Mul", ["attention_mask", cols], name="real_cols")
         last = b.one("Sub", [b.one("ReduceMax", [real_cols], keepdims=0, name="seq_total"), "one_s64"], name="last_pos")
-        last32 = b.one("Reshape", [b.one("Cast", [last], to=TensorProto.INT32, name="last_i32"), i64("shape_1a", [1])])
+        last32 = b.one("Reshape", [b.one("Cast", [last], to=TensorProto.INT32, name="last_i32"), "c_1"])
         seqlens_k = b.one("Expand", [last32, batch], name="seqlens_k")
         bias_shape = b.one("Concat", [batch, i64("c_1b", [1]), seq, total], axis=0, name="bias_shape")
         attn_bias = b.one("Expand", [pad_bias, bias_shape], name="attn_bias")

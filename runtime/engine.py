@@ -13,7 +13,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -365,6 +365,7 @@ class DecodeState:
         self.logits = np.empty((B, 1, e.vocab_size), np.float32)
         self.io = e.session.io_binding()
         self.io.bind_ortvalue_output("logits", self.ort.OrtValue.ortvalue_from_numpy(self.logits))  # shares memory
+        self.io.bind_cpu_input("num_logits_to_keep", self.keep_one)  # 1 for every pass, prompt included
         if e.shared_kv:
             for j, (past, present) in enumerate(self._kv_names()):
                 self.io.bind_ortvalue_input(past, kv[j])
@@ -386,13 +387,9 @@ class DecodeState:
             self.run_options = self.ort.RunOptions()
             self.run_options.add_run_config_entry("gpu_graph_id", g["id"])
             return
-        if self.e.device == "cpu":
-            self.step_inputs = {k: (a, self.ort.OrtValue.ortvalue_from_numpy(a)) for k, a in arrays.items()}
-        else:
-            self.step_inputs = {k: (a, self.ort.OrtValue.ortvalue_from_numpy(a, self.e.device, 0)) for k, a in arrays.items()}
+        self.step_inputs = {k: (a, self.ort.OrtValue.ortvalue_from_numpy(a, self.e.device, 0)) for k, a in arrays.items()}
         for name, (_, ov) in self.step_inputs.items():
             self.io.bind_ortvalue_input(name, ov)
-        self.io.bind_cpu_input("num_logits_to_keep", self.keep_one)
 
     def compact(self, keep: np.ndarray) -> None:
         """Keep only the rows where `keep` is True (bool [B])."""
@@ -420,7 +417,6 @@ class DecodeState:
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("position_ids", pos)
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask[:, : self.T]))
-        io.bind_cpu_input("num_logits_to_keep", self.keep_one)
         for j, (past, present) in enumerate(self._kv_names()):
             io.bind_ortvalue_input(past, self.kv[j])
             io.bind_output(present, self.e.device)
@@ -443,7 +439,6 @@ class DecodeState:
             io.bind_cpu_input("position_ids", self.pos)
             # exactly [B, S0]: the prompt pass is a first prompt for the attention op
             io.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask[:, : self.S0]))
-            io.bind_cpu_input("num_logits_to_keep", self.keep_one)
             self.e.session.run_with_iobinding(io, self.prefill_options())
             self._bind_step_inputs()
         else:
@@ -473,10 +468,3 @@ class DecodeState:
         self.stats.step_s.append(dt)
         self.stats.decode_s += dt
         return self.logits[:, -1]
-
-
-def stats_dict(stats: Stats) -> dict:
-    d = asdict(stats)
-    d.pop("step_s")
-    d["per_token_ms"] = stats.per_token_ms
-    return d
