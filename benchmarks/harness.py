@@ -38,7 +38,9 @@ SETTLE_S = 0.3
 #              peak_rss_mb, gpu_peak_mb?, accuracy: manifest parity/accuracy figures or null}]
 #   skipped: [{baseline, reason}]
 #   records: one per measurement run: {system, scenario, repeat, batch, prompt_len, new_tokens,
-#             ttft_ms, p50_ms, p90_ms, p99_ms, mean_ms, total_s, tokens_per_s, decode_tokens_per_s}
+#             ttft_ms, p50_ms, p90_ms, p99_ms, mean_ms, total_s, tokens_per_s, decode_tokens_per_s};
+#            scenario chat: one per turn, prompt_len = the history so far, plus cached_tokens (the
+#            prompt tokens that did not run again)
 #   summary: medians over repeats, one per (system, scenario, batch, prompt_len): same figures, plus
 #            achieved_gbs (weights_bytes_per_token / p50) and bandwidth_fraction (of measured read bandwidth)
 
@@ -53,6 +55,10 @@ class Settings:
     repeats: int = 5
     context: list[int] = field(default_factory=lambda: [50, 300, 600, 900, 1000])
     context_new_tokens: int = 16
+    # a DialoGPT conversation: turns of user messages and fixed-length replies (0 turns = skip)
+    chat_turns: int = 8
+    chat_user_len: int = 24
+    chat_reply_len: int = 16
     provider: str = "cpu"
     threads: int = 0  # 0 = one per core
     out: str = "reports/latest"
@@ -70,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed repeats (median reported)")
     p.add_argument("--context", type=ints, default=d.context, help="context lengths of the latency curve")
     p.add_argument("--context-new-tokens", type=int, default=d.context_new_tokens, help="tokens per context point")
+    p.add_argument("--chat-turns", type=int, default=d.chat_turns, help="turns of the chat scenario (0 = skip)")
+    p.add_argument("--chat-user-len", type=int, default=d.chat_user_len, help="tokens per user message in the chat scenario")
+    p.add_argument("--chat-reply-len", type=int, default=d.chat_reply_len, help="tokens per reply in the chat scenario")
     p.add_argument("--bench-provider", dest="provider", default=d.provider, help="cpu | cuda for every system")
     p.add_argument("--threads", type=int, default=d.threads, help="intra-op threads for every system (0 = per core)")
     p.add_argument("--out", default=d.out, help="report directory")
@@ -79,7 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     s = Settings(artifacts=args.artifacts, baselines=[b for b in args.baselines.split(",") if b], batch=args.batch,
                  prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, context=args.context,
-                 context_new_tokens=args.context_new_tokens, provider=args.provider, threads=args.threads,
+                 context_new_tokens=args.context_new_tokens, chat_turns=args.chat_turns, chat_user_len=args.chat_user_len,
+                 chat_reply_len=args.chat_reply_len, provider=args.provider, threads=args.threads,
                  out=args.out, cache=args.cache)
     results = run(s, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"wrote {s.out}/report.md ({len(results['records'])} measurements)")
@@ -120,6 +130,9 @@ def run(s: Settings, log=print) -> dict:
     points = [("decode", 1, p, s.new_tokens) for p in s.prompt_len]
     points += [("throughput", b, s.prompt_len[0], s.new_tokens) for b in s.batch if b != 1]
     points += [("context", 1, c, s.context_new_tokens) for c in contexts]
+    chat_turns = min(s.chat_turns, n_positions // (s.chat_user_len + s.chat_reply_len + 2))
+    if chat_turns < s.chat_turns:
+        log(f"chat scenario: {chat_turns} of {s.chat_turns} turns fit the {n_positions}-position context")
 
     workers: list[Worker] = []
     systems: list[dict] = []
@@ -132,7 +145,7 @@ def run(s: Settings, log=print) -> dict:
             systems.append(_system_record(spec, w.loaded, manifests))
         from rich.progress import Progress
 
-        total = len(points) * len(workers) * (s.repeats + 1)
+        total = (len(points) + bool(chat_turns)) * len(workers) * (s.repeats + 1)
         with Progress(transient=False) as bar:
             task = bar.add_task("measuring", total=total)
             for rep in range(-1, s.repeats):  # -1 = warm-up, not recorded
@@ -147,6 +160,13 @@ def run(s: Settings, log=print) -> dict:
                         if rep >= 0:
                             records.append(_record(w.spec.name, scenario, rep, batch, plen, new, r))
                         bar.advance(task)
+                for w in workers if chat_turns else []:  # a conversation per system, turn by turn
+                    bar.update(task, description=f"{'warm-up' if rep < 0 else f'repeat {rep + 1}/{s.repeats}'} chat {w.spec.name}")
+                    time.sleep(SETTLE_S)
+                    r = w.request("chat", turns=chat_turns if rep >= 0 else 1, user_len=s.chat_user_len, reply_len=s.chat_reply_len)
+                    if rep >= 0:
+                        records += [_record(w.spec.name, "chat", rep, 1, t["prompt_len"], s.chat_reply_len, t) for t in r["turns"]]
+                    bar.advance(task)
         for w, sysrec in zip(workers, systems):
             sysrec.update(w.request("memory"))
     finally:
@@ -176,6 +196,8 @@ def _check_settings(s: Settings) -> None:
         raise Gpt2OnnxError("--repeats must be >= 1 and --new-tokens >= 2")
     if not s.batch or not s.prompt_len or min(s.batch + s.prompt_len) < 1:
         raise Gpt2OnnxError("--batch and --prompt-len need positive integers")
+    if min(s.chat_turns, s.chat_user_len, s.chat_reply_len - 1) < 0 or (s.chat_turns and s.chat_user_len < 1):
+        raise Gpt2OnnxError("--chat-turns must be >= 0, --chat-user-len >= 1 and --chat-reply-len >= 1")
     if s.provider not in ("cpu", "cuda"):
         raise Gpt2OnnxError(f"unknown provider {s.provider!r}; choose cpu or cuda")
 
@@ -240,6 +262,7 @@ def _record(system: str, scenario: str, rep: int, batch: int, plen: int, new: in
         "p99_ms": float(np.percentile(steps, 99)), "mean_ms": float(steps.mean()),
         "total_s": r["total_s"], "tokens_per_s": batch * new / r["total_s"],
         "decode_tokens_per_s": batch * len(steps) / (steps.sum() / 1e3),
+        **({"cached_tokens": r["cached_tokens"]} if "cached_tokens" in r else {}),
     }
 
 
@@ -258,6 +281,8 @@ def summarize(records: list[dict], systems: list[dict], machine: dict) -> list[d
         row = {"system": system, "scenario": scenario, "batch": batch, "prompt_len": plen,
                "new_tokens": rs[0]["new_tokens"], "repeats": len(rs)}
         row.update({f: float(np.median([r[f] for r in rs])) for f in FIGURES})
+        if "cached_tokens" in rs[0]:
+            row["cached_tokens"] = int(np.median([r["cached_tokens"] for r in rs]))
         wb = by_name[system].get("weights_bytes_per_token")
         row["achieved_gbs"] = wb / (row["p50_ms"] / 1e3) / 1e9 if wb else None
         row["bandwidth_fraction"] = row["achieved_gbs"] / read_bw if wb else None
@@ -341,7 +366,7 @@ def write(results: dict, out: str) -> None:
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         rows = results["records"]
         if rows:
-            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+            wr = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))  # chat rows add a column
             wr.writeheader()
             wr.writerows(rows)
     report.write_report(results, out)

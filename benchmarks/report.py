@@ -94,6 +94,22 @@ def write_report(results: dict, out: str) -> None:
             growth = _fmt(vals[-1] / vals[0]) if vals[0] and vals[-1] else "—"
             L.append(f"| {x['name']} | " + " | ".join(_fmt(v) for v in vals) + f" | {growth} |")
 
+    chat = sorted({r["prompt_len"] for r in summary if r["scenario"] == "chat"})
+    if chat:
+        L += ["", "## Chat: time to first token per turn as the history grows (batch 1, ms)", "",
+              f"A DialoGPT conversation of {len(chat)} turns: user messages of {s['chat_user_len']} tokens + EOS, replies of "
+              f"{s['chat_reply_len']} tokens + EOS; columns are the prompt (the whole history) at each turn. Ours keeps the "
+              "KV cache between turns (`engine.chat()`, PromptCache), so a turn runs only the tokens the cache lacks; "
+              "the baselines call `generate` on the whole history each turn, as DialoGPT's usage does.", "",
+              "| system | " + " | ".join(str(c) for c in chat) + " | tokens run at the last turn |", "|" + "---|" * (2 + len(chat))]
+        for x in systems:
+            rows = [_lookup(summary, x["name"], "chat", 1, c) for c in chat]
+            if not any(rows):
+                continue
+            last = rows[-1] or {}
+            ran = chat[-1] - last.get("cached_tokens", 0)
+            L.append(f"| {x['name']} | " + " | ".join(_fmt((r or {}).get("ttft_ms"), ".1f") for r in rows) + f" | {ran} |")
+
     ours = [x for x in systems if x["kind"] == "ours" and x.get("accuracy")]
     if ours:
         L += ["", "## Accuracy against the PyTorch fp32 model (from each artifact's manifest)", "",

@@ -63,6 +63,22 @@ def prompt_rows(batch: int, length: int, vocab: int) -> list[list[int]]:
     return rng.integers(0, vocab - 1, size=(batch, length)).tolist()
 
 
+def run_chat(runner, turns: int, user_len: int, reply_len: int) -> dict:
+    """A DialoGPT conversation: each turn a user message (`user_len` deterministic ids + EOS), then
+    a reply of exactly `reply_len` tokens + EOS, the whole history being the next turn's prompt.
+    Every system gets the same user messages; each continues its own replies."""
+    rng = np.random.default_rng(turns * 1000 + user_len)
+    runner.new_conversation()
+    history: list[int] = []
+    out = []
+    for _ in range(turns):
+        history += rng.integers(0, runner.vocab - 1, size=user_len).tolist() + [runner.eos]
+        timing, reply = runner.reply(history, reply_len)
+        out.append({"prompt_len": len(history), **timing})
+        history += reply + [runner.eos]
+    return {"turns": out}
+
+
 def _serve(spec: SystemSpec, conn) -> None:
     try:
         threads = spec.threads or os.cpu_count() or 1
@@ -81,6 +97,8 @@ def _serve(spec: SystemSpec, conn) -> None:
             if kind == "generate":
                 rows = prompt_rows(msg["batch"], msg["prompt_len"], runner.vocab)
                 conn.send(runner.generate(rows, msg["new_tokens"]))
+            elif kind == "chat":
+                conn.send(run_chat(runner, msg["turns"], msg["user_len"], msg["reply_len"]))
             elif kind == "memory":
                 conn.send({"peak_rss_mb": _peak_rss_mb(), **runner.gpu_memory()})
             else:
@@ -94,7 +112,8 @@ class _Ours:
         from gpt2onnx.runtime import Engine
 
         self.engine = Engine.load(spec.path, provider=spec.provider, threads=threads, verify="size")
-        self.vocab = self.engine.vocab_size
+        self.vocab, self.eos = self.engine.vocab_size, self.engine.eos_token_id
+        self.cache = None
 
     def info(self) -> dict:
         m = self.engine.manifest.raw
@@ -107,6 +126,18 @@ class _Ours:
         s = self.engine.stats
         return {"ttft_s": s.ttft_s, "step_s": s.step_s, "total_s": total}
 
+    def new_conversation(self) -> None:
+        from gpt2onnx.runtime import PromptCache
+
+        self.cache = PromptCache()  # what engine.chat() keeps: each turn runs only its new tokens
+
+    def reply(self, history: list[int], new_tokens: int) -> tuple[dict, list[int]]:
+        t = time.perf_counter()
+        new = self.engine.generate([history], cache=self.cache, max_new_tokens=new_tokens, eos_token_id=-1)[0]
+        total = time.perf_counter() - t
+        s = self.engine.stats
+        return {"ttft_s": s.ttft_s, "step_s": s.step_s, "total_s": total, "cached_tokens": s.cached_tokens}, new
+
     def gpu_memory(self) -> dict:
         return _nvidia_smi_mb() if self.engine.device == "cuda" else {}
 
@@ -118,6 +149,17 @@ class _HFGenerate:
     device = "cpu"
 
     def generate(self, rows, new_tokens: int) -> dict:
+        return self._generate(rows, new_tokens)[0]
+
+    def new_conversation(self) -> None:
+        pass  # DialoGPT's usage: every turn calls generate on the whole history, nothing kept
+
+    def reply(self, history: list[int], new_tokens: int) -> tuple[dict, list[int]]:
+        timing, out = self._generate([history], new_tokens)
+        return {**timing, "cached_tokens": 0}, out[0, len(history):].tolist()
+
+    def _generate(self, rows, new_tokens: int):
+        """Greedy `generate` of exactly `new_tokens` per row: (timings, output ids [B, S + new])."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -134,10 +176,10 @@ class _HFGenerate:
         ids = torch.tensor(rows, device=self.device)
         t = time.perf_counter()
         with torch.inference_mode():
-            self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, pad_token_id=self.eos, stopping_criteria=StoppingCriteriaList([Stamp()]))
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, pad_token_id=self.eos, stopping_criteria=StoppingCriteriaList([Stamp()]))
         total = time.perf_counter() - t
-        return {"ttft_s": stamps[0] - t, "step_s": list(np.diff(stamps)), "total_s": total}
+        return {"ttft_s": stamps[0] - t, "step_s": list(np.diff(stamps)), "total_s": total}, out.cpu()
 
     def gpu_memory(self) -> dict:
         if self.device != "cuda":

@@ -1,13 +1,16 @@
 """DialoGPT chat: every turn is its text followed by `<|endoftext|>`; the model continues the history.
 
-When the history and the reply would not fit the position table, the oldest turns are dropped
-(whole turns, so the model never sees half a sentence).
+The session keeps the KV cache of the last turn (a PromptCache), so each turn runs only its new
+tokens through the model, not the whole history. When the history and the reply would not fit the
+position table, the oldest turns are dropped (whole turns, so the model never sees half a
+sentence); every position then shifts, so that turn runs the kept history again.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, replace
 
+from .engine import PromptCache
 from .errors import Gpt2OnnxError
 from .sampling import GenerationConfig
 
@@ -17,10 +20,12 @@ class ChatSession:
         self.engine = engine
         self.cfg = replace(cfg, eos_token_id=engine.eos_token_id if cfg.eos_token_id is None else cfg.eos_token_id)
         self.turns: list[list[int]] = []  # token ids of each turn, each ending with EOS
+        self.cache = PromptCache()
 
     def reset(self) -> None:
         """Forget the history."""
         self.turns.clear()
+        self.cache.clear()
 
     def send(self, text: str) -> str:
         """Add the user's turn, generate the reply, remember both; returns the reply text."""
@@ -33,7 +38,7 @@ class ChatSession:
         while sum(map(len, self.turns)) > budget:
             self.turns.pop(0)
         prompt = [t for turn in self.turns for t in turn]
-        reply = self.engine.generate([prompt], **asdict(self.cfg))[0]
+        reply = self.engine.generate([prompt], cache=self.cache, **asdict(self.cfg))[0]
         if not reply or reply[-1] != eos:
             reply = reply + [eos]  # close the turn so the next one starts cleanly
         self.turns.append(reply)

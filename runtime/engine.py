@@ -41,6 +41,7 @@ class Stats:
 
     batch: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from a PromptCache
     new_tokens: int = 0
     prefill_s: float = 0.0
     ttft_s: float = 0.0  # from the request to the first new token (buffers, prefill, sampling)
@@ -110,6 +111,26 @@ def _check_io(manifest: Manifest, session) -> None:
                             f"unexpected {extra[:3]}); the artifact is mixed up, re-export it")
 
 
+@dataclass
+class PromptCache:
+    """Keeps the KV cache of one batch-1 generation for the next request on the same conversation.
+
+    A request whose prompt extends the tokens the cache already holds (the previous prompt and its
+    reply) runs only the new tokens through the model; any other prompt starts over. A DialoGPT chat
+    turn then costs its own tokens, not the whole history's. Pass it as `cache=` to generate or stream.
+    """
+
+    state: DecodeState | None = None
+
+    def clear(self) -> None:
+        self.state = None
+
+    @property
+    def tokens(self) -> int:
+        """How many tokens' keys and values the cache holds."""
+        return 0 if self.state is None else self.state.T
+
+
 class Engine:
     """A loaded artifact: session, tokenizer and manifest."""
 
@@ -129,6 +150,7 @@ class Engine:
         self.stats = Stats()
         self.cuda_graph = bool(session_config.cuda_graph) and self.shared_kv
         self._graph_buffers: dict[int, dict] = {}  # batch size -> buffers the captured graph reads
+        self._graph_owner: dict[int, DecodeState] = {}  # batch size -> the state whose cache those buffers hold
 
     @classmethod
     def load(cls, path: str, provider: str = "auto", threads: int | None = None, verify: str = "sha256",
@@ -190,13 +212,13 @@ class Engine:
         texts = [self.decode(r) for r in new]
         return texts[0] if isinstance(prompt, str) else texts
 
-    def stream(self, prompt: str | list[int], **kw) -> Iterator[str]:
+    def stream(self, prompt: str | list[int], cache: PromptCache | None = None, **kw) -> Iterator[str]:
         """Yield the new text piece by piece. A piece never ends inside a multi-byte character:
         a token that leaves a character incomplete is held until the next one completes it."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         new: list[int] = []
         prefix = read = 0  # new[prefix:read] was emitted already; decoding from `prefix` keeps context
-        for tokens, done in self._tokens([ids], self._config(kw)):
+        for tokens, done in self._tokens([ids], self._config(kw), cache):
             if done[0]:
                 break
             new.append(int(tokens[0]))
@@ -216,11 +238,13 @@ class Engine:
 
     # ---- tokens ----------------------------------------------------------------------------
 
-    def generate(self, input_ids: list[list[int]], **kw) -> list[list[int]]:
+    def generate(self, input_ids: list[list[int]], cache: PromptCache | None = None, **kw) -> list[list[int]]:
         """Generate for a batch of prompts of any lengths.
 
         Args:
             input_ids: one list of token ids per row.
+            cache: reuse the keys and values of an earlier batch-1 request this prompt extends
+                (see PromptCache); one row only.
             **kw: GenerationConfig fields (max_new_tokens, do_sample, temperature, top_k, top_p,
                 repetition_penalty, seed, eos_token_id, truncate).
         Returns:
@@ -231,7 +255,7 @@ class Engine:
         cfg = self._config(kw)
         rows = self._check_rows(input_ids, cfg)
         out: list[list[int]] = [[] for _ in rows]
-        for tokens, done in self._tokens(rows, cfg):
+        for tokens, done in self._tokens(rows, cfg, cache):
             for r, t in enumerate(tokens):
                 if not done[r]:
                     out[r].append(int(t))
@@ -267,19 +291,28 @@ class Engine:
             rows.append(row[-room:])
         return rows
 
-    def _tokens(self, rows: list[list[int]], cfg: GenerationConfig) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _tokens(self, rows: list[list[int]], cfg: GenerationConfig,
+                cache: PromptCache | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The decode loop. Yields (tokens [batch], done [batch]) once per new token; `done[r]` is
         True for rows that had already finished before this token."""
         t0 = time.perf_counter()
         eos = self.eos_token_id if cfg.eos_token_id is None else cfg.eos_token_id
-        state = DecodeState(self, rows, cfg.max_new_tokens)
+        if cache is not None and len(rows) != 1:
+            raise Gpt2OnnxError(f"a prompt cache serves one prompt at a time, got {len(rows)}; pass one prompt or no cache")
+        state = cache.state if cache is not None and cache.state is not None else None
+        if state is not None and state.can_extend(rows[0], cfg.max_new_tokens):
+            logits = state.extend(rows[0])
+        else:  # a cached state is sized for the whole position table, so later turns fit in it
+            state = DecodeState(self, rows, cfg.max_new_tokens, capacity=self.n_positions if cache is not None else None)
+            logits = state.prefill()
+        if cache is not None:
+            cache.state = state
         self.stats = state.stats
         sampler = Sampler(cfg)
         seen = state.seen_tokens() if cfg.repetition_penalty != 1.0 else None  # [B, vocab]
         done = np.zeros(len(rows), bool)
         live = np.arange(len(rows))  # the request row each state row holds
         tokens = np.full(len(rows), self.pad_token_id)
-        logits = state.prefill()
         for step in range(cfg.max_new_tokens):
             tokens[:] = self.pad_token_id
             tokens[live] = sampler(logits, None if seen is None else seen[live])
@@ -309,14 +342,16 @@ class DecodeState:
     `compact(keep)` drops finished rows (one copy of the cache) so they stop costing work.
     """
 
-    def __init__(self, engine: Engine, rows: list[list[int]], max_new_tokens: int):
+    def __init__(self, engine: Engine, rows: list[list[int]], max_new_tokens: int, capacity: int | None = None):
         import onnxruntime as ort
 
         self.e, self.ort = engine, ort
         self.B, self.S0 = len(rows), max(map(len, rows))
         self.graph = engine.cuda_graph
         # a captured graph replays fixed addresses and shapes: size for the whole position table
-        self.capacity = engine.n_positions if self.graph else self.S0 + max_new_tokens
+        self.capacity = engine.n_positions if self.graph else capacity or self.S0 + max_new_tokens
+        # batch 1: the tokens whose keys and values the cache holds, so a later prompt can extend them
+        self.fed: list[int] | None = list(rows[0]) if self.B == 1 else None
         e, B = engine, self.B
         # left padding: the real tokens of every row end at the same column
         self.prompt_ids = np.full((B, self.S0), e.pad_token_id, np.int64)
@@ -331,6 +366,7 @@ class DecodeState:
         self.keep_one = np.array(1, np.int64)
         if self.graph:
             kv = self._graph_buffers()["kv"]
+            engine._graph_owner[B] = self  # a later state of this batch size overwrites this cache
         elif e.shared_kv:  # [B, heads, capacity, head_dim] per layer and tensor, written in place
             shape = [B, e.n_head, self.capacity, e.head_dim]
             kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, e.kv_dtype, e.device, 0) for _ in range(2 * e.n_layer)]
@@ -364,7 +400,8 @@ class DecodeState:
         self.ids = np.zeros((B, 1), np.int64)
         self.logits = np.empty((B, 1, e.vocab_size), np.float32)
         self.io = e.session.io_binding()
-        self.io.bind_ortvalue_output("logits", self.ort.OrtValue.ortvalue_from_numpy(self.logits))  # shares memory
+        self.logits_ov = self.ort.OrtValue.ortvalue_from_numpy(self.logits)  # shares memory
+        self.io.bind_ortvalue_output("logits", self.logits_ov)
         self.io.bind_cpu_input("num_logits_to_keep", self.keep_one)  # 1 for every pass, prompt included
         if e.shared_kv:
             for j, (past, present) in enumerate(self._kv_names()):
@@ -433,23 +470,52 @@ class DecodeState:
 
     def prefill(self) -> np.ndarray:
         t = time.perf_counter()
+        self._prompt_pass(self.prompt_ids, self.pos)
+        self.stats.prefill_s = time.perf_counter() - t
+        return self.logits[:, -1]  # [B, vocab], a view of the bound buffer
+
+    def can_extend(self, row: list[int], max_new_tokens: int) -> bool:
+        """Whether `row` continues the cached tokens and it and its reply fit the cache."""
+        n = self.T
+        return (self.fed is not None and len(self.fed) == n < len(row) and row[:n] == self.fed
+                and len(row) + max_new_tokens <= self.capacity
+                and (not self.graph or self.e._graph_owner.get(1) is self))
+
+    def extend(self, row: list[int]) -> np.ndarray:
+        """A prompt pass over the tokens of `row` past the cached ones (batch 1, can_extend true):
+        they attend to the cache and append to it; returns the next logits [1, vocab]."""
+        t = time.perf_counter()
+        P, new = self.T, row[self.T:]
+        self.stats = Stats(batch=1, prompt_tokens=len(row), cached_tokens=P)
+        self.rows, self.fed = [row], list(row)
+        self.T = len(row)
+        self.mask[:, : self.T] = 1
+        self.next_pos[:] = self.T - 1
+        self._prompt_pass(np.array([new], np.int64), np.arange(P, self.T, dtype=np.int64)[None])  # [1, S] each
+        self.stats.prefill_s = time.perf_counter() - t
+        return self.logits[:, -1]
+
+    def _prompt_pass(self, ids: np.ndarray, pos: np.ndarray) -> None:
+        """Run ids [B, S] at positions pos [B, S] after the T - S cached tokens."""
         if self.e.shared_kv:
             io = self.io
-            io.bind_cpu_input("input_ids", self.prompt_ids)
-            io.bind_cpu_input("position_ids", self.pos)
-            # exactly [B, S0]: the prompt pass is a first prompt for the attention op
-            io.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask[:, : self.S0]))
+            io.bind_cpu_input("input_ids", ids)
+            io.bind_cpu_input("position_ids", pos)
+            # exactly [B, T]: a prompt pass must not see the capacity-wide mask of the decode steps
+            io.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask[:, : self.T]))
+            if self.graph:  # the decode steps bound the captured graph's device logits
+                io.bind_ortvalue_output("logits", self.logits_ov)
             self.e.session.run_with_iobinding(io, self.prefill_options())
             self._bind_step_inputs()
         else:
-            self._run_concat(self.prompt_ids, self.pos)
-        self.stats.prefill_s = time.perf_counter() - t
-        return self.logits[:, -1]  # [B, vocab], a view of the bound buffer
+            self._run_concat(ids, pos)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feed one token per row ([B]); returns the next logits [B, vocab]."""
         t = time.perf_counter()
         self.ids[:, 0] = tokens
+        if self.fed is not None:
+            self.fed.append(int(tokens[0]))
         self.T += 1
         self.next_pos += 1
         self.mask[:, self.T - 1] = 1

@@ -148,3 +148,14 @@ def test_kv_dtype_refused_where_it_cannot_work(tmp_path):
         export(ExportOptions("synthetic:tiny", str(tmp_path / "a"), kv_dtype="int8", fuse=False), log=QUIET)
     with pytest.raises(Gpt2OnnxError, match="choose float32, float16 or int8"):
         export(ExportOptions("synthetic:tiny", str(tmp_path / "b"), kv_dtype="int4"), log=QUIET)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_prompt_cache_with_an_int8_kv_cache(artifacts, precision):
+    """Extending a quantized cache: logits within the precision's tolerance of a fresh prompt pass
+    (not equal for int8, whose activation scales depend on which tokens share a call)."""
+    from .test_speed_paths import extended_vs_fresh
+
+    engine = Engine.load(artifacts(precision), provider="cpu")
+    assert engine.kv_dtype == np.int8
+    assert extended_vs_fresh(engine) <= parity.TOLERANCES[precision]["max_abs_logit_diff"]

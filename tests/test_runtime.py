@@ -60,7 +60,7 @@ def test_stream_never_splits_a_character(engine, monkeypatch):
     byte_ids = {b: i for i, b in enumerate(checkpoints._bytes_to_unicode())}
     ids = [byte_ids[b] for b in text.encode("utf-8")]
 
-    def fake_tokens(rows, cfg):
+    def fake_tokens(rows, cfg, cache=None):
         for t in ids:
             yield np.array([t]), np.array([False])
 
@@ -85,6 +85,9 @@ def test_chat_history_turns_and_reset(engine):
     history = [t for turn in chat.turns[:3] for t in turn]
     expected = engine.generate([history], max_new_tokens=8)[0]
     assert chat.turns[3][: len(expected)] == expected
+    # the second turn ran only its own tokens: the first turn's keys and values were kept
+    chat.send("And after that?")
+    assert engine.stats.cached_tokens == len(history) + len(expected) - 1  # all but the reply's last token
     chat.reset()
     assert chat.turns == []
 

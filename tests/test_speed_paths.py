@@ -1,5 +1,5 @@
 """The speed machinery, checked for behaviour (never for time): in-place cache, no per-token
-allocation, finished rows dropped, provider selection and fallback."""
+allocation, finished rows dropped, prompt cache reuse, provider selection and fallback."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from gpt2onnx.runtime import Engine, Gpt2OnnxError
+from gpt2onnx.runtime import Engine, Gpt2OnnxError, PromptCache
 from gpt2onnx.runtime import engine as engine_mod
 from gpt2onnx.runtime.engine import DecodeState
 
@@ -111,3 +111,70 @@ def test_graph_mode_buffers_reused_across_generations(tiny_artifact):
 def test_cuda_graph_only_requested_on_cuda(tiny_artifact):
     e = Engine.load(tiny_artifact, provider="cpu")
     assert e.session_config.cuda_graph is False and e.cuda_graph is False
+
+
+def extended_vs_fresh(engine: Engine, steps: int = 3) -> float:
+    """Max |logit difference| between a prompt pass that extends a cache (a prompt, 3 decode steps,
+    then 4 more tokens) and a fresh prompt pass over the same tokens, and over `steps` decode steps
+    after each."""
+    state = DecodeState(engine, PROMPTS[:1], max_new_tokens=8, capacity=engine.n_positions)
+    logits = state.prefill()
+    for _ in range(3):
+        logits = state.step(logits.argmax(-1))
+    row = state.fed + [int(logits.argmax())] + PROMPTS[1][:3]
+    assert state.can_extend(row, 8)
+    fresh = DecodeState(engine, [row], max_new_tokens=8)
+    a, b = state.extend(row), fresh.prefill()
+    assert state.stats.cached_tokens == len(PROMPTS[0]) + 3 and state.T == fresh.T == len(row)
+    diff = float(np.abs(a - b).max())
+    for _ in range(steps):
+        t = b.argmax(-1)
+        a, b = state.step(t), fresh.step(t)
+        diff = max(diff, float(np.abs(a - b).max()))
+    return diff
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_prompt_cache_extends_instead_of_rerunning(fuse, tiny_artifact, tiny_plain_artifact):
+    e = Engine.load(tiny_artifact if fuse else tiny_plain_artifact, provider="cpu")
+    assert extended_vs_fresh(e) <= 1e-4  # the fp32 parity tolerance
+    cache, history = PromptCache(), list(PROMPTS[0])
+    for turn in range(3):
+        held = cache.tokens
+        got = e.generate([history], cache=cache, max_new_tokens=6)
+        assert e.stats.cached_tokens == held and e.stats.prompt_tokens == len(history)  # only the new tokens ran
+        assert got == e.generate([history], max_new_tokens=6)  # the same reply as without the cache
+        assert cache.tokens == len(history) + len(got[0]) - 1  # the last token is sampled, never fed
+        history += got[0] + PROMPTS[turn % 3]
+    assert held > 0
+    e.generate([PROMPTS[2]], cache=cache, max_new_tokens=6)  # not a continuation: starts over
+    assert e.stats.cached_tokens == 0 and cache.tokens == len(PROMPTS[2]) + 5
+    with pytest.raises(Gpt2OnnxError, match="one prompt at a time"):
+        e.generate(PROMPTS, cache=cache, max_new_tokens=2)
+
+
+def test_prompt_cache_starts_over_when_it_cannot_extend(engine):
+    cache = PromptCache()
+    first = engine.generate([PROMPTS[0]], cache=cache, max_new_tokens=4)[0]
+    longer = PROMPTS[0] + first + [7] * (engine.n_positions - len(PROMPTS[0]) - 4 - 8)
+    engine.generate([longer], cache=cache, max_new_tokens=8)  # fits exactly: extends
+    assert engine.stats.cached_tokens == len(PROMPTS[0]) + 3
+    engine.generate([PROMPTS[0]], cache=cache, max_new_tokens=4)  # a prefix of the cache, not an extension
+    assert engine.stats.cached_tokens == 0
+
+
+def test_prompt_cache_in_graph_mode(tiny_artifact):
+    """Captured graphs share one cache per batch size: another batch-1 generation in between takes
+    it over, and the cached conversation then starts over instead of reading someone else's keys."""
+    plain = Engine.load(tiny_artifact, provider="cpu")
+    graph = Engine.load(tiny_artifact, provider="cpu")
+    graph.cuda_graph = True
+    cache, history = PromptCache(), list(PROMPTS[0])
+    first = graph.generate([history], cache=cache, max_new_tokens=5)
+    history += first[0] + PROMPTS[1]
+    assert graph.generate([history], cache=cache, max_new_tokens=5) == plain.generate([history], max_new_tokens=5)
+    assert graph.stats.cached_tokens > 0
+    graph.generate([PROMPTS[2]], max_new_tokens=5)  # no cache, batch 1: overwrites the shared buffers
+    history += [3, 4]
+    assert graph.generate([history], cache=cache, max_new_tokens=5) == plain.generate([history], max_new_tokens=5)
+    assert graph.stats.cached_tokens == 0
