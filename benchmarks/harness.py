@@ -49,7 +49,7 @@ SETTLE_S = 0.3
 class Settings:
     artifacts: list[str]
     baselines: list[str] = field(default_factory=lambda: ["pytorch", "optimum"])
-    batch: list[int] = field(default_factory=lambda: [1, 4, 16])
+    batch: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
     prompt_len: list[int] = field(default_factory=lambda: [32, 128, 512])
     new_tokens: int = 64
     repeats: int = 5
@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p.add_argument("artifacts", nargs="+", metavar="ARTIFACT_DIR", help="artifact directories to measure")
     p.add_argument("--baselines", default=",".join(d.baselines), help="comma list of pytorch, optimum ('' for none)")
-    p.add_argument("--batch", type=ints, default=d.batch, help="batch sizes for throughput (default 1,4,16)")
+    p.add_argument("--batch", type=ints, default=d.batch, help="batch sizes for throughput (default 1,4,16,64)")
     p.add_argument("--prompt-len", type=ints, default=d.prompt_len, help="prompt lengths for time to first token")
     p.add_argument("--new-tokens", type=int, default=d.new_tokens, help="tokens generated per run")
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed repeats (median reported)")

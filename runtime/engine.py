@@ -299,7 +299,7 @@ class Engine:
         eos = self.eos_token_id if cfg.eos_token_id is None else cfg.eos_token_id
         if cache is not None and len(rows) != 1:
             raise Gpt2OnnxError(f"a prompt cache serves one prompt at a time, got {len(rows)}; pass one prompt or no cache")
-        state = cache.state if cache is not None and cache.state is not None else None
+        state = cache.state if cache is not None and cache.state is not None and cache.state.e is self else None
         if state is not None and state.can_extend(rows[0], cfg.max_new_tokens):
             logits = state.extend(rows[0])
         else:  # a cached state is sized for the whole position table, so later turns fit in it

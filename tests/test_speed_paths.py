@@ -153,7 +153,7 @@ def test_prompt_cache_extends_instead_of_rerunning(fuse, tiny_artifact, tiny_pla
         e.generate(PROMPTS, cache=cache, max_new_tokens=2)
 
 
-def test_prompt_cache_starts_over_when_it_cannot_extend(engine):
+def test_prompt_cache_starts_over_when_it_cannot_extend(engine, tiny_artifact):
     cache = PromptCache()
     first = engine.generate([PROMPTS[0]], cache=cache, max_new_tokens=4)[0]
     longer = PROMPTS[0] + first + [7] * (engine.n_positions - len(PROMPTS[0]) - 4 - 8)
@@ -161,6 +161,9 @@ def test_prompt_cache_starts_over_when_it_cannot_extend(engine):
     assert engine.stats.cached_tokens == len(PROMPTS[0]) + 3
     engine.generate([PROMPTS[0]], cache=cache, max_new_tokens=4)  # a prefix of the cache, not an extension
     assert engine.stats.cached_tokens == 0
+    other = Engine.load(tiny_artifact, provider="cpu")
+    other.generate([cache.state.fed + [9]], cache=cache, max_new_tokens=4)  # another engine's cache is not read
+    assert other.stats.cached_tokens == 0
 
 
 def test_prompt_cache_in_graph_mode(tiny_artifact):
