@@ -196,8 +196,8 @@ def _check_settings(s: Settings) -> None:
         raise Gpt2OnnxError("--repeats must be >= 1 and --new-tokens >= 2")
     if not s.batch or not s.prompt_len or min(s.batch + s.prompt_len) < 1:
         raise Gpt2OnnxError("--batch and --prompt-len need positive integers")
-    if min(s.chat_turns, s.chat_user_len, s.chat_reply_len - 1) < 0 or (s.chat_turns and s.chat_user_len < 1):
-        raise Gpt2OnnxError("--chat-turns must be >= 0, --chat-user-len >= 1 and --chat-reply-len >= 1")
+    if s.chat_turns < 0 or (s.chat_turns and (s.chat_user_len < 1 or s.chat_reply_len < 2)):
+        raise Gpt2OnnxError("--chat-turns must be >= 0, --chat-user-len >= 1 and --chat-reply-len >= 2")
     if s.provider not in ("cpu", "cuda"):
         raise Gpt2OnnxError(f"unknown provider {s.provider!r}; choose cpu or cuda")
 

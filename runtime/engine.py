@@ -476,8 +476,7 @@ class DecodeState:
 
     def can_extend(self, row: list[int], max_new_tokens: int) -> bool:
         """Whether `row` continues the cached tokens and it and its reply fit the cache."""
-        n = self.T
-        return (self.fed is not None and len(self.fed) == n < len(row) and row[:n] == self.fed
+        return (self.fed is not None and len(self.fed) < len(row) and row[: len(self.fed)] == self.fed
                 and len(row) + max_new_tokens <= self.capacity
                 and (not self.graph or self.e._graph_owner.get(1) is self))
 

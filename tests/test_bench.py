@@ -75,3 +75,10 @@ def test_bench_damaged_artifact(tmp_path, tiny_artifact):
 
 def test_bench_bad_baseline(tiny_artifact, tmp_path):
     assert_one_line_error(run_cli("bench", tiny_artifact, "--baselines", "tensorrt", "--out", str(tmp_path / "r")), "unknown baseline")
+
+
+def test_bench_chat_reply_too_short(tiny_artifact, tmp_path):
+    """A 1-token reply has no decode step to time: refused up front, not a crash mid-run."""
+    r = run_cli("bench", tiny_artifact, "--baselines", "", "--chat-reply-len", "1", "--out", str(tmp_path / "r"))
+    assert_one_line_error(r, "--chat-reply-len >= 2")
+    assert not (tmp_path / "r").exists()
