@@ -194,20 +194,20 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
 
     eps = cfg.layer_norm_epsilon
     if fused:
-        # GroupQueryAttention's scalar inputs. The mask may be wider than past + seq: a runtime that
+        # GroupQueryAttention's length inputs. The mask may be wider than past + seq: a runtime that
         # binds one [B, capacity] mask for the whole generation leaves future columns 0, so every
-        # step has the same input shapes (CUDA graphs need that). Hence T = 1 + the last column that
-        # holds a real token in any row (left padding keeps rows aligned at their right end);
-        # seqlens_k [B] = T - 1 for every row (the bias masks the padding), and
-        # total_sequence_length [] = the mask's width, an upper bound of T.
+        # step has the same input shapes (CUDA graphs need that). Each row's length is 1 + the last
+        # column that holds a real token in that row: seqlens_k [B] = that - 1, and the op writes the
+        # row's new keys and values at seqlens_k - seq + 1. Left-padded batches end every row at the
+        # same column (the bias masks the padding); a scheduler's slot rows each end at their own
+        # length. total_sequence_length [] = the mask's width, an upper bound of every row's.
         total32 = b.one("Cast", [total], to=TensorProto.INT32, name="total_i32")
         total_scalar = b.one("Squeeze", [total32, b.const("c0_axes", np.array([0], np.int64), cast=False)], name="total_seq_len")
         cols = b.one("Range", [i64("one_s64", 1), b.one("Add", [b.one("Squeeze", [total], name="width"), "one_s64"]), "one_s64"],
                      name="col_numbers")  # [T_max] = 1..width
         real_cols = b.one("Mul", ["attention_mask", cols], name="real_cols")
-        last = b.one("Sub", [b.one("ReduceMax", [real_cols], keepdims=0, name="seq_total"), "one_s64"], name="last_pos")
-        last32 = b.one("Reshape", [b.one("Cast", [last], to=TensorProto.INT32, name="last_i32"), "c_1"])
-        seqlens_k = b.one("Expand", [last32, batch], name="seqlens_k")
+        last = b.one("Sub", [b.one("ReduceMax", [real_cols], axes=[1], keepdims=0, name="row_total"), "one_s64"], name="last_pos")
+        seqlens_k = b.one("Cast", [last], to=TensorProto.INT32, name="seqlens_k")  # [B]
         bias_shape = b.one("Concat", [batch, i64("c_1b", [1]), seq, total], axis=0, name="bias_shape")
         attn_bias = b.one("Expand", [pad_bias, bias_shape], name="attn_bias")
         if cast_kv:

@@ -1,8 +1,13 @@
 """The torch-free runtime: onnxruntime + numpy + tokenizers."""
 
 from .artifact import Manifest, load_manifest
-from .engine import Engine, PromptCache, SessionConfig, Stats
+from .engine import Engine
 from .errors import Gpt2OnnxError
+from .prompt_cache import PromptCache
+from .request import Result, Stats, Token
 from .sampling import GenerationConfig
+from .scheduler import Handle, QueueFull, Scheduler, SchedulerConfig
+from .session import SessionConfig
 
-__all__ = ["Engine", "GenerationConfig", "Gpt2OnnxError", "Manifest", "PromptCache", "SessionConfig", "Stats", "load_manifest"]
+__all__ = ["Engine", "GenerationConfig", "Gpt2OnnxError", "Handle", "Manifest", "PromptCache", "QueueFull", "Result",
+           "Scheduler", "SchedulerConfig", "SessionConfig", "Stats", "Token", "load_manifest"]

@@ -8,14 +8,16 @@ sentence); every position then shifts, so that turn runs the kept history again.
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 
-from .engine import PromptCache
 from .errors import Gpt2OnnxError
+from .prompt_cache import PromptCache
 from .sampling import GenerationConfig
 
 
 class ChatSession:
+    """One conversation; not shared between threads (its cache serves one generation at a time)."""
+
     def __init__(self, engine, cfg: GenerationConfig):
         self.engine = engine
         self.cfg = replace(cfg, eos_token_id=engine.eos_token_id if cfg.eos_token_id is None else cfg.eos_token_id)
@@ -38,7 +40,10 @@ class ChatSession:
         while sum(map(len, self.turns)) > budget:
             self.turns.pop(0)
         prompt = [t for turn in self.turns for t in turn]
-        reply = self.engine.generate([prompt], cache=self.cache, **asdict(self.cfg))[0]
+        req = self.engine.request(prompt, self.cfg)
+        for _ in self.engine.run([req], self.cache):
+            pass
+        reply = req.tokens
         if not reply or reply[-1] != eos:
             reply = reply + [eos]  # close the turn so the next one starts cleanly
         self.turns.append(reply)

@@ -1,20 +1,26 @@
 """Next-token choice from logits: greedy, or sampled with transformers' processor order.
 
 Order (as transformers applies them): repetition penalty -> temperature -> top-k -> top-p -> draw.
+Every request samples with its own generator, so a seeded request draws the same tokens whatever
+else shares its batch.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import Gpt2OnnxError
 
+MAX_STOP = 16  # stop strings per request
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's limit)
+
 
 @dataclass
 class GenerationConfig:
-    """One source of generation defaults; the CLI builds one of these and passes it on."""
+    """One source of generation defaults; every entry point builds one of these and passes it on whole."""
 
     max_new_tokens: int = 32
     do_sample: bool = False
@@ -25,55 +31,110 @@ class GenerationConfig:
     seed: int | None = None
     eos_token_id: int | None = None  # None = the model's; -1 = never stop early
     truncate: bool = False  # drop the oldest prompt tokens instead of refusing a too-long request
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one generated
+    stop_token_ids: tuple[int, ...] = ()  # further tokens that end a row (kept in its tokens, like EOS)
+    logprobs: int | None = None  # None = off; k = the chosen token's log-probability and the k likeliest
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise Gpt2OnnxError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        """Type and range checks that need no model; the engine adds the vocabulary checks."""
+        _int(self.max_new_tokens, "max_new_tokens", 1)
+        _bool(self.do_sample, "do_sample")
+        _bool(self.truncate, "truncate")
+        _float(self.temperature, "temperature")
         if self.do_sample and not self.temperature > 0:
             raise Gpt2OnnxError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if self.top_k < 0:
-            raise Gpt2OnnxError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if self.temperature < 0:
+            raise Gpt2OnnxError(f"temperature must be >= 0, got {self.temperature}")
+        _int(self.top_k, "top_k", 0, hint=" (0 turns it off)")
+        _float(self.top_p, "top_p")
         if not 0 < self.top_p <= 1:
             raise Gpt2OnnxError(f"top_p must be in (0, 1], got {self.top_p}")
+        _float(self.repetition_penalty, "repetition_penalty")
         if not self.repetition_penalty > 0:
             raise Gpt2OnnxError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None:
+            _int(self.seed, "seed", 0, 2**63 - 1)
+        if self.eos_token_id is not None:
+            _int(self.eos_token_id, "eos_token_id", -1, hint=" (-1 never stops early)")
+        if isinstance(self.stop, str) or not isinstance(self.stop, (tuple, list)):
+            raise Gpt2OnnxError(f"stop must be a list of strings, got {type(self.stop).__name__}")
+        if len(self.stop) > MAX_STOP or not all(isinstance(s, str) and s for s in self.stop):
+            raise Gpt2OnnxError(f"stop takes at most {MAX_STOP} non-empty strings, got {list(self.stop)!r}"[:300])
+        if not isinstance(self.stop_token_ids, (tuple, list)):
+            raise Gpt2OnnxError(f"stop_token_ids must be a list of token ids, got {type(self.stop_token_ids).__name__}")
+        for t in self.stop_token_ids:
+            _int(t, "stop_token_ids entry", 0)
+        if self.logprobs is not None:
+            _int(self.logprobs, "logprobs", 0, MAX_LOGPROBS)
+        self.stop, self.stop_token_ids = tuple(self.stop), tuple(self.stop_token_ids)
+
+
+def _int(v, name: str, lo: int, hi: int | None = None, hint: str = "") -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise Gpt2OnnxError(f"{name} must be an integer, got {v!r}"[:200])
+    if v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"from {lo} to {hi}"
+        raise Gpt2OnnxError(f"{name} must be {rng}{hint}, got {v}")
+
+
+def _float(v, name: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
+        raise Gpt2OnnxError(f"{name} must be a finite number, got {v!r}"[:200])
+
+
+def _bool(v, name: str) -> None:
+    if not isinstance(v, (bool, np.bool_)):
+        raise Gpt2OnnxError(f"{name} must be true or false, got {v!r}"[:200])
 
 
 class Sampler:
-    """Chooses one token per row from [batch, vocab] float32 logits."""
+    """Chooses the next token of one request from its float32 logits row [vocab]."""
 
     def __init__(self, cfg: GenerationConfig):
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
+        self.greedy = not cfg.do_sample and cfg.repetition_penalty == 1.0  # argmax of the raw logits
 
-    def __call__(self, logits: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
-        """logits [batch, vocab]; seen [batch, vocab] bool, tokens already in each row."""
+    def __call__(self, logits: np.ndarray, seen: np.ndarray | None = None) -> int:
+        """logits [vocab]; seen [vocab] bool, tokens already in the row (repetition penalty)."""
         cfg = self.cfg
         if cfg.repetition_penalty != 1.0 and seen is not None:
             logits = np.where(seen, np.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty), logits)
         if not cfg.do_sample:
-            return logits.argmax(-1)
+            return int(logits.argmax())
         logits = logits.astype(np.float64) / cfg.temperature
         if cfg.top_k and cfg.top_k < logits.shape[-1]:
-            kth = np.partition(logits, -cfg.top_k, axis=-1)[:, -cfg.top_k, None]
+            kth = np.partition(logits, -cfg.top_k)[-cfg.top_k]
             logits = np.where(logits < kth, -np.inf, logits)
         if cfg.top_p < 1.0:
             logits = _top_p(logits, cfg.top_p)
-        probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        # inverse-CDF draw: one uniform per row, reproducible for a seed
-        u = self.rng.random((probs.shape[0], 1))
-        return np.minimum((probs.cumsum(-1) < u).sum(-1), probs.shape[-1] - 1)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        # inverse-CDF draw: one uniform per token, reproducible for a seed
+        u = self.rng.random()
+        return int(min((probs.cumsum() < u).sum(), probs.shape[-1] - 1))
 
 
 def _top_p(logits: np.ndarray, top_p: float) -> np.ndarray:
-    """Keep the smallest set of tokens whose probability reaches top_p (at least one)."""
-    order = np.argsort(-logits, axis=-1)
-    sorted_logits = np.take_along_axis(logits, order, -1)
-    p = np.exp(sorted_logits - sorted_logits[:, :1])
-    p /= p.sum(-1, keepdims=True)
-    before = p.cumsum(-1) - p  # mass strictly before each token
-    drop_sorted = before >= top_p
-    drop = np.zeros_like(drop_sorted)
-    np.put_along_axis(drop, order, drop_sorted, -1)
+    """Keep the smallest set of tokens whose probability reaches top_p (at least one). logits [vocab]."""
+    order = np.argsort(-logits)
+    sorted_logits = logits[order]
+    p = np.exp(sorted_logits - sorted_logits[0])
+    p /= p.sum()
+    before = p.cumsum() - p  # mass strictly before each token
+    drop = np.empty_like(before, dtype=bool)
+    drop[order] = before >= top_p
     return np.where(drop, -np.inf, logits)
+
+
+def logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """Log-probability of `token` under the model's distribution (the raw logits [vocab], before
+    penalties and temperature, as vLLM reports them) and the k likeliest tokens with theirs."""
+    x = logits.astype(np.float64)
+    lse = x.max() + math.log(np.exp(x - x.max()).sum())
+    top: list[tuple[int, float]] = []
+    if k:
+        idx = np.argpartition(-x, k - 1)[:k]
+        idx = idx[np.argsort(-x[idx], kind="stable")]
+        top = [(int(i), float(x[i] - lse)) for i in idx]
+    return float(x[token] - lse), top

@@ -9,7 +9,7 @@ from gpt2onnx.export import checkpoints
 from gpt2onnx.export.convert import ExportOptions, export
 from gpt2onnx.export.parity import left_pad
 from gpt2onnx.runtime import Engine
-from gpt2onnx.runtime.engine import DecodeState
+from gpt2onnx.runtime.state import DecodeState
 
 from .conftest import QUIET
 

@@ -7,7 +7,7 @@ import pytest
 from gpt2onnx.export import checkpoints, parity
 from gpt2onnx.export.convert import ExportOptions, export
 from gpt2onnx.runtime import Engine, Gpt2OnnxError
-from gpt2onnx.runtime.engine import DecodeState
+from gpt2onnx.runtime.state import DecodeState
 
 from .conftest import QUIET
 from .test_parity import PROMPTS

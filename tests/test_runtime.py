@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from gpt2onnx.export import checkpoints
 from gpt2onnx.runtime import Gpt2OnnxError
+from gpt2onnx.runtime.request import TextStream
 from gpt2onnx.runtime.sampling import GenerationConfig, Sampler
 
 
@@ -30,16 +31,16 @@ def test_sampling_reproducible_for_a_seed(engine):
 
 
 def test_sampler_filters():
-    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
-    draws = lambda **kw: {int(Sampler(GenerationConfig(do_sample=True, seed=s, **kw))(logits)[0]) for s in range(200)}  # noqa: E731
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    draws = lambda **kw: {Sampler(GenerationConfig(do_sample=True, seed=s, **kw))(logits) for s in range(200)}  # noqa: E731
     assert draws(top_k=2) == {0, 1}
     assert draws(top_p=0.7) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 reaches it
     assert draws(top_k=1) == {0}
     assert draws() == {0, 1, 2, 3}
     # repetition penalty: a seen positive logit is divided, so the top token can change
-    seen = np.array([[True, False, False, False]])
+    seen = np.array([True, False, False, False])
     pen = Sampler(GenerationConfig(repetition_penalty=10.0))
-    assert pen(np.array([[2.0, 1.0, 0.0, -1.0]], np.float32), seen)[0] == 1
+    assert pen(np.array([2.0, 1.0, 0.0, -1.0], np.float32), seen) == 1
 
 
 def test_repetition_penalty_changes_greedy_output(engine):
@@ -54,21 +55,44 @@ def test_stream_joins_to_generate_text(engine):
     assert "".join(pieces) == engine.generate_text("Hello there", max_new_tokens=20)
 
 
-def test_stream_never_splits_a_character(engine, monkeypatch):
+def _byte_ids(text: str) -> list[int]:
+    byte_ids = {b: i for i, b in enumerate(checkpoints._bytes_to_unicode())}
+    return [byte_ids[b] for b in text.encode("utf-8")]
+
+
+def test_stream_never_splits_a_character(engine):
     """Feed byte-level tokens one byte at a time: multi-byte characters arrive only when complete."""
     text = "naïve café — ünïcødé 🙂!"
-    byte_ids = {b: i for i, b in enumerate(checkpoints._bytes_to_unicode())}
-    ids = [byte_ids[b] for b in text.encode("utf-8")]
-
-    def fake_tokens(rows, cfg, cache=None):
-        for t in ids:
-            yield np.array([t]), np.array([False])
-
-    monkeypatch.setattr(engine, "_tokens", fake_tokens)
-    pieces = list(engine.stream("x"))
-    assert "".join(pieces) == text
+    ids = _byte_ids(text)
+    ts = TextStream(engine.decode)
+    pieces = [ts.push(t) for t in ids] + [ts.finish()]
+    pieces = [p for p in pieces if p]
+    assert "".join(pieces) == text == ts.text
     assert all("\ufffd" not in p for p in pieces)
     assert len(pieces) < len(ids)  # some pieces waited for the rest of their character
+
+
+@pytest.mark.parametrize("stop, expect", [(("ab",), "xx"), (("b c", "zz"), "xxa"), (("q",), "xxab cd"), (("d",), "xxab c")])
+def test_stop_strings_cut_the_text_and_hold_back_a_possible_start(engine, stop, expect):
+    ts = TextStream(engine.decode, stop)
+    shown = ""
+    for t in _byte_ids("xxab cd"):
+        shown += ts.push(t)
+        assert ts.text.startswith(shown)
+        assert not any(s in shown for s in stop)  # never shown, not even in part at the end once known
+        if ts.stopped:
+            break
+    shown += ts.finish()
+    assert shown == ts.text == expect
+
+
+def test_stream_and_generate_agree_with_stop_strings(engine):
+    full = engine.generate_text("Hello there", max_new_tokens=12)
+    stop = full[3:6]
+    assert stop and stop in full
+    cut = engine.generate_text("Hello there", max_new_tokens=12, stop=[stop])
+    assert cut == full[: full.index(stop)]
+    assert "".join(engine.stream("Hello there", max_new_tokens=12, stop=[stop])) == cut
 
 
 def test_generate_text_batch(engine):

@@ -8,8 +8,8 @@ import tracemalloc
 import numpy as np
 import pytest
 from gpt2onnx.runtime import Engine, Gpt2OnnxError, PromptCache
-from gpt2onnx.runtime import engine as engine_mod
-from gpt2onnx.runtime.engine import DecodeState
+from gpt2onnx.runtime import session as session_mod
+from gpt2onnx.runtime.state import DecodeState
 
 from .test_parity import PROMPTS
 
@@ -75,18 +75,18 @@ def test_provider_selection_and_fallback(monkeypatch):
     import onnxruntime as ort
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    assert engine_mod.select_provider("auto") == "CPUExecutionProvider"
-    assert engine_mod.select_provider("cpu") == "CPUExecutionProvider"
+    assert session_mod.select_provider("auto") == "CPUExecutionProvider"
+    assert session_mod.select_provider("cpu") == "CPUExecutionProvider"
     with pytest.raises(Gpt2OnnxError, match="cuda is not available.*CPUExecutionProvider"):
-        engine_mod.select_provider("cuda")
+        session_mod.select_provider("cuda")
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert engine_mod.select_provider("auto") == "CUDAExecutionProvider"
-    assert engine_mod.select_provider("cuda") == "CUDAExecutionProvider"
+    assert session_mod.select_provider("auto") == "CUDAExecutionProvider"
+    assert session_mod.select_provider("cuda") == "CUDAExecutionProvider"
 
 
 def test_int8_refused_on_cuda_at_load():
     with pytest.raises(Gpt2OnnxError, match="int8 artifacts run on the cpu provider only"):
-        engine_mod._check_precision("int8", "CUDAExecutionProvider")
+        session_mod.check_precision("int8", "CUDAExecutionProvider")
 
 
 def test_threads_are_configurable(tiny_artifact):
@@ -104,8 +104,8 @@ def test_graph_mode_buffers_reused_across_generations(tiny_artifact):
     graph.cuda_graph = True
     for prompts in (PROMPTS, [p[::-1] for p in PROMPTS], PROMPTS[:1]):
         assert graph.generate(prompts, max_new_tokens=6) == plain.generate(prompts, max_new_tokens=6)
-    assert sorted(graph._graph_buffers) == [1, 3]  # one buffer set per batch size, reused
-    assert graph._graph_buffers[3]["kv"][0].shape()[2] == graph.n_positions
+    assert sorted(graph.graph_buffers.sets) == [1, 3]  # one buffer set per batch size, reused
+    assert graph.graph_buffers.sets[3]["kv"][0].shape()[2] == graph.n_positions
 
 
 def test_cuda_graph_only_requested_on_cuda(tiny_artifact):

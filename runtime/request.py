@@ -1,0 +1,177 @@
+"""One request: its prompt, its options, its sampler, its output so far and its timings.
+
+Every entry point (Engine.generate / generate_text / stream / chat and the Scheduler) turns its
+input into Request objects through `Engine.request`, so all validate the same way, and each
+request's state lives here, never on the shared Engine.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .sampling import GenerationConfig, Sampler, logprobs
+
+
+@dataclass
+class Stats:
+    """Timings of one generation (seconds; `*_s` stamps are time.perf_counter() values)."""
+
+    batch: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values were reused, not run again
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0  # from the request to the first new token (queue wait, buffers, prefill, sampling)
+    decode_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)  # decode step durations
+    submitted_s: float = 0.0  # when the request was made
+    token_s: list[float] = field(default_factory=list)  # when each new token was ready
+
+    @property
+    def per_token_ms(self) -> float:
+        """Mean decode step time (ms)."""
+        return 1e3 * self.decode_s / max(1, len(self.step_s))
+
+    @property
+    def per_token_p50_ms(self) -> float:
+        """Median decode step time (ms): robust to a slow first step or a noisy neighbour."""
+        return 1e3 * float(np.median(self.step_s)) if self.step_s else 0.0
+
+
+@dataclass
+class Token:
+    """One generated token as a consumer sees it. `text` is the new text it completes (may be ""
+    while a multi-byte character or a possible stop string is incomplete)."""
+
+    id: int
+    text: str
+    index: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, log-probability), likeliest first
+
+
+@dataclass
+class Result:
+    tokens: list[int]  # new tokens, the EOS / stop token included
+    text: str  # their text, cut before a stop string
+    finish_reason: str  # stop | length | cancelled | error
+    logprobs: list[Token] | None
+    stats: Stats
+    error: str | None = None
+
+
+class TextStream:
+    """Incremental detokenization: pieces never end inside a multi-byte character, and text that
+    could be the start of a stop string is held until it is known not to be one."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...] = ()):
+        self.decode, self.stop = decode, stop
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] were rendered already; decoding from `prefix` keeps context
+        self.text = ""  # all complete text so far
+        self.sent = 0  # characters of `text` handed out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add a token; returns the text now safe to show."""
+        self.ids.append(token)
+        shown, text = self.decode(self.ids[self.prefix:self.read]), self.decode(self.ids[self.prefix:])
+        if len(text) > len(shown) and not text.endswith("\ufffd"):
+            self.text += text[len(shown):]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The remaining text: bytes that never completed a character, as the decoder renders them."""
+        if not self.stopped:
+            tail = self.decode(self.ids[self.prefix:])[len(self.decode(self.ids[self.prefix:self.read])):]
+            self.text += tail
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stop and not self.stopped:
+            hits = [i for i in (self.text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if i >= 0]
+            if hits:
+                self.text, self.stopped = self.text[: min(hits)], True
+        end = size = len(self.text)
+        if self.stop and not self.stopped and not final:  # hold a tail that may grow into a stop string
+            for s in self.stop:
+                n = next((n for n in range(min(len(s) - 1, size - self.sent), 0, -1) if s.startswith(self.text[size - n:])), 0)
+                end = min(end, size - n)
+        piece, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return piece
+
+
+class Request:
+    """A validated request and its output. Made by `Engine.request`; consumed by one decode loop."""
+
+    def __init__(self, ids: list[int], cfg: GenerationConfig, eos: int, decode: Callable[[list[int]], str], vocab: int):
+        self.ids, self.cfg = ids, cfg
+        self.stop_ids = frozenset(([] if eos < 0 else [eos]) + list(cfg.stop_token_ids))
+        self.sampler = Sampler(cfg)
+        self.seen: np.ndarray | None = None  # [vocab] bool, only with a repetition penalty
+        if cfg.repetition_penalty != 1.0:
+            self.seen = np.zeros(vocab, bool)
+            self.seen[ids] = True
+        self.text = TextStream(decode, cfg.stop)
+        self.tokens: list[int] = []
+        self.events: list[Token] = []
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.stats = Stats(batch=1, prompt_tokens=len(ids), submitted_s=time.perf_counter())
+        self.cancelled = False
+        self.cv = threading.Condition()
+        self.wakers: list[Callable[[], None]] = []  # async consumers' callbacks
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def choose(self, logits: np.ndarray) -> Token:
+        """Sample the next token from logits [vocab], record it and decide whether the request ends."""
+        t = self.sampler(logits, self.seen)
+        lp, top = logprobs(logits, t, self.cfg.logprobs) if self.cfg.logprobs is not None else (None, None)
+        return self.accept(t, lp, top)
+
+    def accept(self, t: int, lp: float | None = None, top=None) -> Token:
+        now = time.perf_counter()
+        if not self.tokens:
+            self.stats.ttft_s = now - self.stats.submitted_s
+        self.tokens.append(t)
+        self.stats.token_s.append(now)
+        self.stats.new_tokens = len(self.tokens)
+        if self.seen is not None:
+            self.seen[t] = True
+        ev = Token(t, self.text.push(t), len(self.tokens) - 1, lp, top)
+        if t in self.stop_ids or self.text.stopped:
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.cfg.max_new_tokens:
+            self.finish_reason = "length"
+        if self.done:
+            ev.text += self.text.finish()
+        self._publish(ev)
+        return ev
+
+    def end(self, reason: str, error: str | None = None) -> None:
+        """Finish early (cancelled, error) or without a last token."""
+        if not self.done:
+            self.finish_reason, self.error = reason, error
+            self._publish(None)
+
+    def _publish(self, ev: Token | None) -> None:
+        with self.cv:
+            if ev is not None:
+                self.events.append(ev)
+            self.cv.notify_all()
+            wakers = list(self.wakers)
+        for wake in wakers:
+            wake()
+
+    def result(self) -> Result:
+        lps = [e for e in self.events] if self.cfg.logprobs is not None else None
+        return Result(list(self.tokens), self.text.text, self.finish_reason or "length", lps, self.stats, self.error)

@@ -1,0 +1,354 @@
+"""Continuous batching: many requests through one engine and one decode loop.
+
+    sched = Scheduler(engine, SchedulerConfig(max_batch=16))
+    h = sched.submit("Hello", max_new_tokens=32, do_sample=True, seed=1, stop=["\\n"])
+    for tok in h: print(tok.text, end="")         # blocking iterator; `async for` works too
+    h.result()                                     # or wait for the whole Result
+    sched.close()                                  # finish in-flight work, refuse new requests
+
+A thread runs the loop. Each step it (1) admits waiting requests into free slots, preferring a
+slot whose cached tokens share the longest prefix with the prompt (the previous turn of a
+conversation), (2) runs prompt tokens of newly admitted requests, at most `prefill_chunk` of them
+while other rows are decoding, so a running row's wait for its next token stays bounded, and (3)
+runs one decode step over every decoding row; a row that finishes leaves the batch that step and
+its slot goes to the next waiting request. Rows have their own lengths and positions (slots.py).
+Each request samples with its own options and generator, so its tokens do not depend on its
+batch-mates (in fp32 and int4; int8 artifacts quantize activations with one scale per call, see
+the README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+from .errors import Gpt2OnnxError
+from .request import Request, Result, Token
+from .sampling import _int
+from .slots import SlotCache
+
+
+class QueueFull(Gpt2OnnxError):
+    """The scheduler's queue is full: retry later (HTTP 429 / 503)."""
+
+
+@dataclass
+class SchedulerConfig:
+    max_batch: int = 16  # slots: requests decoded together (each holds a KV cache of `capacity` positions)
+    max_queue: int = 64  # requests waiting for a slot; one more is refused at once (QueueFull)
+    # prompt tokens a step may run while other rows decode: bounds a running row's stall at about one
+    # decode step plus a prompt pass of this many tokens (chosen by measurement, see the README)
+    prefill_chunk: int = 64
+    capacity: int | None = None  # positions per slot (prompt + reply); None = the model's context
+    keep_prefixes: bool = True  # a finished request's slot keeps its tokens for a later prompt that extends them
+
+    def validate(self, n_positions: int) -> None:
+        _int(self.max_batch, "max_batch", 1, 4096)
+        _int(self.max_queue, "max_queue", 0)
+        _int(self.prefill_chunk, "prefill_chunk", 1)
+        if self.capacity is not None:
+            _int(self.capacity, "capacity", 2, n_positions, hint=" (the model's context)")
+
+
+class Slot:
+    """One row of the batch: the tokens its KV cache holds, and the request using it (if any)."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.tokens: list[int] = []  # ids whose keys and values are in this row of the cache
+        self.req: Request | None = None
+        self.used = 0.0  # when its last request ended (least recently used is evicted first)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class Scheduler:
+    """Runs requests through one engine with continuous batching (see the module docstring)."""
+
+    def __init__(self, engine, config: SchedulerConfig | None = None):
+        self.engine = engine
+        self.config = cfg = config or SchedulerConfig()
+        cfg.validate(engine.n_positions)
+        if not engine.shared_kv:
+            raise Gpt2OnnxError("the scheduler needs a fused artifact (GroupQueryAttention with an in-place KV cache); "
+                                "re-export without --no-fuse")
+        self.capacity = cfg.capacity or engine.n_positions
+        self.kv = SlotCache(engine, cfg.max_batch, self.capacity, graph=engine.cuda_graph)
+        self.slots = [Slot(i) for i in range(cfg.max_batch)]
+        self.waiting: deque[Request] = deque()
+        self.running: list[Slot] = []  # admission order
+        self.closed = False
+        self.counters = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "steps": 0,
+                         "refused": 0, "cancelled": 0, "errors": 0}
+        self.cv = threading.Condition()
+        self.thread = threading.Thread(target=self._loop, name="gpt2onnx-scheduler", daemon=True)
+        self.thread.start()
+
+    # ---- the caller's side -----------------------------------------------------------------
+
+    def submit(self, prompt: str | list[int], **kw) -> Handle:
+        """Queue a request (text or token ids; GenerationConfig fields as keywords) and return its
+        Handle at once. Raises Gpt2OnnxError for a bad request, QueueFull when the queue is full,
+        and Gpt2OnnxError after close()."""
+        req = self.engine.request(prompt, self.engine.config(**kw), limit=self.capacity)
+        with self.cv:
+            if self.closed:
+                raise Gpt2OnnxError("the scheduler is shut down and takes no new requests")
+            if len(self.waiting) + len(self.running) >= len(self.slots) + self.config.max_queue:
+                self.counters["refused"] += 1
+                raise QueueFull(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
+            self.waiting.append(req)
+            self.counters["requests"] += 1
+            self.cv.notify_all()
+        return Handle(req, self)
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request: a waiting one leaves the queue now, a running one frees its slot at the next step."""
+        with self.cv:
+            if req.done:
+                return
+            req.cancelled = True
+            if req in self.waiting:
+                self.waiting.remove(req)
+                self._end(req, "cancelled")
+            self.cv.notify_all()
+
+    def close(self, cancel: bool = False, timeout: float | None = None) -> None:
+        """Refuse new requests, then finish the accepted ones (or cancel them with cancel=True, or
+        those still unfinished after `timeout` seconds) and stop the loop's thread."""
+        with self.cv:
+            self.closed = True
+            if cancel:
+                self._cancel_all()
+            self.cv.notify_all()
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            with self.cv:
+                self._cancel_all()
+                self.cv.notify_all()
+            self.thread.join()
+
+    def _cancel_all(self) -> None:
+        for req in list(self.waiting):
+            self._end(req, "cancelled")
+        self.waiting.clear()
+        for s in self.running:
+            s.req.cancelled = True
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def metrics(self) -> dict:
+        """Queue and batch occupancy and totals since start (for /metrics)."""
+        with self.cv:
+            held = sum(1 for s in self.slots if s.req is None and s.tokens)
+            return {"waiting": len(self.waiting), "running": len(self.running), "slots": len(self.slots),
+                    "held_prefixes": held, **self.counters}
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                while not self.waiting and not self.running and not self.closed:
+                    self.cv.wait()
+                if self.closed and not self.waiting and not self.running:
+                    return
+                self._admit()
+            try:
+                self._step()
+            except Exception as e:  # an onnxruntime failure: fail the running requests, keep serving
+                msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+                with self.cv:
+                    for s in self.running:
+                        s.tokens = []  # the row's cache may be half-written
+                        self.counters["errors"] += 1
+                        self._release(s, "error", msg)
+                    self.running.clear()
+
+    def _admit(self) -> None:
+        """Waiting requests into free slots (under the lock): the slot sharing the longest prefix
+        with the prompt, else an empty one, else the least recently used held one."""
+        free = [s for s in self.slots if s.req is None]
+        while self.waiting and free:
+            req = self.waiting.popleft()
+            best, reuse = None, 0
+            if self.config.keep_prefixes:
+                for s in free:
+                    p = min(common_prefix(s.tokens, req.ids), len(req.ids) - 1)  # at least one token must run
+                    if p > reuse:
+                        best, reuse = s, p
+            if best is None:
+                best = min(free, key=lambda s: (bool(s.tokens), s.used, s.index))
+            free.remove(best)
+            del best.tokens[reuse:]
+            best.req = req
+            req.stats.cached_tokens = reuse
+            self.counters["prompt_tokens"] += len(req.ids)
+            self.counters["cached_tokens"] += reuse
+            self.running.append(best)
+
+    def _step(self) -> None:
+        """Drop cancelled rows, run bounded prompt work, then one decode step."""
+        for s in [s for s in self.running if s.req.cancelled]:
+            self.counters["cancelled"] += 1
+            self._retire(s, "cancelled")
+        self._prefill()
+        rows = [s for s in self.running if s.req.tokens]  # prompt done, first token sampled
+        if not rows:
+            return
+        n = 1 + max(s.index for s in rows)
+        for r in range(self.kv.batch_for(n)):  # the step runs slots 0..n-1 (padded to a bucket with graphs)
+            s = self.slots[r]
+            if s.req is not None and s.req.tokens:
+                self.kv.feed(r, s.req.tokens[-1], len(s.tokens))
+                s.tokens.append(s.req.tokens[-1])
+            else:
+                self.kv.idle(r, len(s.tokens))
+        t = time.perf_counter()
+        logits = self.kv.decode(n)  # [n, vocab]
+        dt = time.perf_counter() - t
+        self.counters["steps"] += 1
+        for s in rows:
+            s.req.stats.step_s.append(dt)
+            s.req.stats.decode_s += dt
+            self._emit(s, s.req.choose(logits[s.index]))
+
+    def _prefill(self) -> None:
+        """Run prompt tokens of admitted requests in admission order: all of them while nothing
+        decodes, else at most `prefill_chunk` this step."""
+        budget = None if not any(s.req.tokens for s in self.running) else self.config.prefill_chunk
+        for s in [s for s in self.running if not s.req.tokens]:
+            if budget is not None and budget <= 0:
+                return
+            todo = s.req.ids[len(s.tokens):]
+            chunk = todo if budget is None else todo[:budget]
+            t = time.perf_counter()
+            logits = self.kv.prefill(s.index, chunk, len(s.tokens))
+            s.req.stats.prefill_s += time.perf_counter() - t
+            s.tokens += chunk
+            if budget is not None:
+                budget -= len(chunk)
+            if len(chunk) == len(todo):  # the whole prompt is in: its first token
+                self._emit(s, s.req.choose(logits))
+                if budget is None:  # a row decodes now: bound what the rest may add to its wait
+                    budget = self.config.prefill_chunk
+
+    def _emit(self, s: Slot, tok: Token) -> None:
+        self.counters["generated_tokens"] += 1
+        if s.req.done:
+            self._retire(s, s.req.finish_reason)
+
+    def _retire(self, s: Slot, reason: str) -> None:
+        with self.cv:
+            self.running.remove(s)
+            self._release(s, reason)
+            self.cv.notify_all()
+
+    def _release(self, s: Slot, reason: str, error: str | None = None) -> None:
+        self._end(s.req, reason, error)
+        s.req, s.used = None, time.perf_counter()
+        if not self.config.keep_prefixes:
+            s.tokens = []
+
+    def _end(self, req: Request, reason: str, error: str | None = None) -> None:
+        req.end(reason, error)
+
+
+class Handle:
+    """The caller's side of one request: iterate it (blocking or `async for`) for Token events as
+    they are produced, or wait for the whole `result()`. Leaving an iteration early, or dropping
+    the handle, cancels the request and frees its slot."""
+
+    def __init__(self, req: Request, sched: Scheduler):
+        self.request = req
+        self._sched = sched
+        weakref.finalize(self, sched.cancel, req)
+
+    @property
+    def done(self) -> bool:
+        return self.request.done
+
+    def cancel(self) -> None:
+        self._sched.cancel(self.request)
+
+    def result(self, timeout: float | None = None) -> Result:
+        """Wait for the request to end. Raises Gpt2OnnxError if it failed or `timeout` passed."""
+        req = self.request
+        with req.cv:
+            if not req.cv.wait_for(lambda: req.done, timeout):
+                raise Gpt2OnnxError(f"the request did not finish within {timeout} s")
+        return self._checked()
+
+    def _checked(self) -> Result:
+        res = self.request.result()
+        if res.finish_reason == "error":
+            raise Gpt2OnnxError(f"generation failed: {res.error}")
+        return res
+
+    def __iter__(self) -> Iterator[Token]:
+        req, i = self.request, 0
+        try:
+            while True:
+                with req.cv:
+                    req.cv.wait_for(lambda: len(req.events) > i or req.done)
+                    new, done = req.events[i:], req.done
+                i += len(new)
+                yield from new
+                if done and i >= len(req.events):
+                    self._checked()
+                    return
+        finally:
+            if not req.done:
+                self.cancel()  # the consumer went away
+
+    async def __aiter__(self) -> AsyncIterator[Token]:
+        req, i = self.request, 0
+        loop, ready = asyncio.get_running_loop(), asyncio.Event()
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+        with req.cv:
+            req.wakers.append(wake)
+        try:
+            while True:
+                ready.clear()  # before reading: a token published after the read sets it again
+                with req.cv:
+                    new, done = req.events[i:], req.done
+                i += len(new)
+                for ev in new:
+                    yield ev
+                if done and i >= len(req.events):
+                    self._checked()
+                    return
+                if not new:
+                    await ready.wait()
+        finally:
+            with req.cv:
+                req.wakers.remove(wake)
+            if not req.done:
+                self.cancel()
+
+    async def wait(self) -> Result:
+        """The whole result, awaited without blocking the event loop."""
+        async for _ in self:
+            pass
+        return self._checked()
