@@ -54,7 +54,7 @@ def main() -> None:
             rows.append({"precision": precision, "config": m["quantization"], "path": path,
                          "accuracy": m["accuracy"]["teacher_forced"], "weights_mb": m["weights"]["bytes_per_token"] / 1e6})
             print(f"exported {i + 1}/{len(CONFIGS)} {precision} {m['quantization']}", flush=True)
-        engines = [Engine.load(r["path"], provider="cpu", verify="none") for r in rows]
+        engines = [Engine.load(r["path"], provider="cpu", verify="size") for r in rows]
         prompt = [list(range(1000, 1032))]
         times = [[] for _ in rows]
         ttft = [[] for _ in rows]

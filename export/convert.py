@@ -190,6 +190,8 @@ def _manifest(opts: ExportOptions, ckpt, cfg: graph.ModelConfig, model_path: str
         },
         "logits_to_keep": "num_logits_to_keep",
     }
+    # every file the export wrote (model.onnx, model.onnx.data when the weights go external,
+    # tokenizer.json): the runtime refuses a manifest that omits a file it opens (runtime/artifact.py)
     files = {}
     for name in sorted(os.listdir(tmp)):
         p = os.path.join(tmp, name)

@@ -3,13 +3,20 @@
 The export stage writes manifests with `MANIFEST_NAME` and `FORMAT_VERSION` from here; the runtime
 reads them with `load_manifest`, which refuses a damaged or mismatched artifact with one line that
 says what is wrong and what to do.
+
+Trust: a server loads an artifact once and runs it for weeks, so the load-time check cannot be
+skipped. Every file the runtime opens (model.onnx, tokenizer.json, and any external-data file
+model.onnx reads its weights from) must be listed in the manifest's `files` with its size and
+sha256, by a plain name inside the artifact directory, and is checked on every load.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +27,9 @@ FORMAT_VERSION = 3  # 2: fused graphs take a [batch, capacity] mask during decod
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 REQUIRED_KEYS = ("format_version", "source", "config", "precision", "provider", "opset", "io", "files")
 CONFIG_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions", "eos_token_id", "pad_token_id")
+VERIFY_MODES = ("sha256", "size")  # there is no "none": an artifact's files are always checked
+REQUIRED_FILES = ("model.onnx", "tokenizer.json")  # what the runtime opens, besides external data
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,10 @@ class Manifest:
         return bool(self.raw["source"].get("synthetic"))
 
     def file(self, name: str) -> str:
+        """The path of a file the manifest lists (and `load_manifest` checked); any other name is refused."""
+        if name not in self.raw["files"]:
+            raise Gpt2OnnxError(f"the manifest of {self.path} does not list {name}; the artifact is incomplete or "
+                                "tampered with, re-export it")
         return os.path.join(self.path, name)
 
 
@@ -62,18 +76,24 @@ def load_manifest(path: str, verify: str = "sha256") -> Manifest:
 
     Args:
         path: the artifact directory.
-        verify: "sha256" checks sizes and hashes of every file (about a second per GB),
-            "size" checks sizes only, "none" skips file checks.
+        verify: "sha256" checks sizes and hashes of every listed file (about a second per GB);
+            "size" checks sizes only, for a quick `gpt2onnx info`. Names, required entries and
+            external-data references are checked in both modes; there is no mode that skips checks.
 
     Raises:
-        Gpt2OnnxError: missing directory or manifest, bad JSON, wrong format version, missing keys,
-            missing, truncated or modified files.
+        Gpt2OnnxError: an unknown `verify`; missing directory or manifest, bad JSON, wrong format
+            version, missing keys; a `files` list that omits a file the runtime opens, names a path
+            outside the directory or has malformed entries; missing, truncated or modified files.
     """
+    if verify not in VERIFY_MODES:
+        raise Gpt2OnnxError(f"verify must be 'sha256' or 'size', not {verify!r}; an artifact's files are always checked")
     if not os.path.isdir(path):
         raise Gpt2OnnxError(f"artifact directory {path} does not exist; create it with `gpt2onnx export MODEL -o {path}`")
+    root = os.path.realpath(path)
     mpath = os.path.join(path, MANIFEST_NAME)
     if not os.path.isfile(mpath):
         raise Gpt2OnnxError(f"{path} has no {MANIFEST_NAME}; it is not a gpt2onnx artifact (re-export it)")
+    _check_inside(root, mpath, MANIFEST_NAME, path)
     try:
         with open(mpath, encoding="utf-8") as f:
             raw = json.load(f)
@@ -93,20 +113,164 @@ def load_manifest(path: str, verify: str = "sha256") -> Manifest:
         raise Gpt2OnnxError(f"{mpath} config lacks {', '.join(missing)}; the artifact is damaged, re-export it")
     if raw["precision"] not in PRECISIONS:
         raise Gpt2OnnxError(f"{mpath} names unknown precision {raw['precision']!r}; re-export it")
-    for name, meta in raw["files"].items():
+    files = _check_file_list(raw["files"], mpath)
+    for name, meta in files.items():
         fpath = os.path.join(path, name)
+        _check_inside(root, fpath, name, path)
         if not os.path.isfile(fpath):
             raise Gpt2OnnxError(f"{path} is missing {name}; the artifact is incomplete, re-export it")
-        if verify == "none":
-            continue
         size = os.path.getsize(fpath)
         if size != meta["bytes"]:
             raise Gpt2OnnxError(
                 f"{name} in {path} is {size} bytes, the manifest says {meta['bytes']}; the file is truncated or replaced, re-export it"
             )
-        if verify == "sha256" and sha256(fpath) != meta["sha256"]:
+        if verify == "sha256" and sha256(fpath) != meta["sha256"].lower():
             raise Gpt2OnnxError(f"{name} in {path} does not match its sha256 in the manifest; the file is damaged, re-export it")
+    _check_unlisted(path, files)
+    _check_external_data(path, files)
     return Manifest(path=os.path.abspath(path), raw=raw)
+
+
+def _check_file_list(files: Any, mpath: str) -> dict[str, dict[str, Any]]:
+    """`files` must map plain names to {"bytes": int, "sha256": 64 hex digits} and list every file the runtime opens."""
+    if not isinstance(files, dict):
+        raise Gpt2OnnxError(f"{mpath}: `files` is not an object of name -> {{bytes, sha256}}; the artifact is damaged, re-export it")
+    for name, meta in files.items():
+        problem = _name_problem(name)
+        if problem:
+            raise Gpt2OnnxError(f"{mpath} lists the file {name!r}, which {problem}; the artifact is tampered with, re-export it")
+        if not (isinstance(meta, dict) and type(meta.get("bytes")) is int and meta["bytes"] >= 0
+                and isinstance(meta.get("sha256"), str) and _SHA256_HEX.fullmatch(meta["sha256"])):
+            raise Gpt2OnnxError(f"{mpath} has a malformed entry for {name} (it needs an integer `bytes` and a 64-hex-digit "
+                                f"`sha256`, got {json.dumps(meta)[:80]}); the artifact is damaged, re-export it")
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise Gpt2OnnxError(f"{mpath} does not list {name}; the artifact is incomplete or tampered with, re-export it")
+    return files
+
+
+def _name_problem(name: str) -> str | None:
+    """Why `name` is not a plain file name inside the artifact directory, or None when it is."""
+    if not name or "\0" in name:
+        return "is not a file name"
+    if os.path.isabs(name) or name.startswith(("/", "\\")):
+        return "is an absolute path"
+    if ".." in re.split(r"[/\\]", name):
+        return "climbs out of the artifact directory with '..'"
+    if "/" in name or "\\" in name or (os.altsep and os.altsep in name):
+        return "has a path separator (entries are plain names in the artifact directory)"
+    if name in (".", MANIFEST_NAME):
+        return "is not a data file (the manifest cannot list itself)"
+    return None
+
+
+def _check_inside(root: str, fpath: str, name: str, path: str) -> None:
+    """Refuse a file that is a link resolving outside the artifact directory (`root` is its realpath)."""
+    real = os.path.realpath(fpath)
+    if os.path.commonpath([root, real]) != root:
+        raise Gpt2OnnxError(f"{name} in {path} is a link to {real}, outside the artifact directory; an artifact must "
+                            "be self-contained, re-export it")
+
+
+def _check_unlisted(path: str, files: dict[str, Any]) -> None:
+    """Refuse weights-like files the manifest does not list: onnxruntime would read model.onnx.data
+    (export/convert.py's name for external data) if the graph pointed at it, unchecked."""
+    for name in sorted(os.listdir(path)):
+        if name not in files and name != MANIFEST_NAME and (name.endswith(".data") or name.startswith("model.onnx")):
+            raise Gpt2OnnxError(f"{path} holds {name}, which the manifest does not list; the model may read weights from "
+                                "it, so the artifact is incomplete or tampered with, re-export it")
+
+
+def _check_external_data(path: str, files: dict[str, Any]) -> None:
+    """Every external-data file model.onnx references must be a listed (hence checked, plain-named) file.
+
+    A name-based rule ("*.data must be listed") misses a graph that points at any other file, and
+    onnxruntime follows whatever `location` a tensor names, relative to the model's directory. So we
+    read the locations from model.onnx itself, with a minimal protobuf walk (the runtime has no onnx
+    package). Listed names are plain names, so a location such as "../x" or "/etc/x" is never listed.
+    """
+    try:
+        locations = _external_data_locations(os.path.join(path, "model.onnx"))
+    except (ValueError, OSError) as e:
+        raise Gpt2OnnxError(f"model.onnx in {path} is not a readable ONNX file ({e}); the artifact is damaged, re-export it") from None
+    for loc in sorted(locations):
+        if loc not in files:
+            raise Gpt2OnnxError(f"model.onnx in {path} reads weights from {loc!r}, which the manifest does not list; "
+                                "the artifact is incomplete or tampered with, re-export it")
+
+
+# ONNX protobuf fields (onnx.proto) on every path from ModelProto to a TensorProto's external_data.
+# Only these are descended into; every other field is skipped by its length, so the walk touches
+# the graph's structure and tensor headers and never the weights (the file is mapped, not read).
+_MODEL, _TRAINING, _FUNCTION, _GRAPH, _NODE, _ATTR, _SPARSE, _TENSOR, _ENTRY = range(9)
+_CHILDREN: dict[int, dict[int, int]] = {
+    _MODEL: {7: _GRAPH, 20: _TRAINING, 25: _FUNCTION},  # graph, training_info, functions
+    _TRAINING: {1: _GRAPH, 2: _GRAPH},  # initialization, algorithm
+    _FUNCTION: {7: _NODE},  # node
+    _GRAPH: {1: _NODE, 5: _TENSOR, 15: _SPARSE},  # node, initializer, sparse_initializer
+    _NODE: {5: _ATTR},  # attribute
+    _ATTR: {5: _TENSOR, 6: _GRAPH, 10: _TENSOR, 11: _GRAPH, 22: _SPARSE, 23: _SPARSE},  # t, g, tensors, graphs, sparse_*
+    _SPARSE: {1: _TENSOR, 2: _TENSOR},  # values, indices
+    _TENSOR: {13: _ENTRY},  # external_data: StringStringEntryProto {key = 1, value = 2}
+    _ENTRY: {},
+}
+
+
+def _external_data_locations(model_path: str) -> set[str]:
+    """The `location` of every external_data entry of every tensor in the model (and its subgraphs,
+    functions and training graphs), whether or not data_location says EXTERNAL.
+
+    Raises:
+        ValueError: the file is not a well-formed protobuf message.
+    """
+    found: set[str] = set()
+    with open(model_path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return found
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            stack = [(_MODEL, 0, len(buf))]  # (message kind, start, end) still to walk
+            while stack:
+                kind, pos, end = stack.pop()
+                entry: dict[int, bytes] = {}
+                while pos < end:
+                    key, pos = _varint(buf, pos, end)
+                    field, wire = key >> 3, key & 7
+                    if wire == 0:
+                        _, pos = _varint(buf, pos, end)
+                    elif wire == 1:
+                        pos += 8
+                    elif wire == 5:
+                        pos += 4
+                    elif wire == 2:
+                        n, pos = _varint(buf, pos, end)
+                        if pos + n > end:
+                            raise ValueError(f"a field at byte {pos} runs past its message")
+                        child = _CHILDREN[kind].get(field)
+                        if child is not None:
+                            stack.append((child, pos, pos + n))
+                        elif kind == _ENTRY and field in (1, 2):
+                            entry[field] = buf[pos: pos + n]
+                        pos += n
+                    else:
+                        raise ValueError(f"unexpected protobuf wire type {wire} at byte {pos}")
+                    if pos > end:
+                        raise ValueError("the file ends inside a field")
+                if kind == _ENTRY and entry.get(1) == b"location":
+                    found.add(entry.get(2, b"").decode("utf-8", "replace"))
+    return found
+
+
+def _varint(buf: Any, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise ValueError("the file ends inside a field")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
 
 
 def describe(m: Manifest) -> str:

@@ -1,0 +1,262 @@
+"""Artifact trust: every file the runtime opens is listed in the manifest, inside the directory, and checked.
+
+Each test tampers with a copy of the session's tiny artifact (never the fixture itself) and, where it
+can, re-hashes the manifest so that the one property under test is the only thing wrong; a control
+beside each refusal shows the same copy loads when that property is right.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+from gpt2onnx.runtime import Gpt2OnnxError
+from gpt2onnx.runtime.artifact import MANIFEST_NAME, load_manifest
+
+from .conftest import QUIET, run_cli
+
+
+@pytest.fixture()
+def art(tmp_path, tiny_artifact):
+    """A private copy of the tiny artifact."""
+    d = tmp_path / "art"
+    shutil.copytree(tiny_artifact, d)
+    return d
+
+
+def read_manifest(d) -> dict:
+    return json.loads((d / MANIFEST_NAME).read_text())
+
+
+def write_manifest(d, m: dict) -> None:
+    (d / MANIFEST_NAME).write_text(json.dumps(m, indent=2))
+
+
+def entry(path) -> dict:
+    data = open(path, "rb").read()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def list_file(d, name: str, path=None) -> None:
+    """Add `name` to the manifest with the size and hash of `path` (default: the file of that name in `d`)."""
+    m = read_manifest(d)
+    m["files"][name] = entry(path if path is not None else d / name)
+    write_manifest(d, m)
+
+
+def refused(d, *needles: str, verify: str = "sha256") -> str:
+    with pytest.raises(Gpt2OnnxError) as e:
+        load_manifest(str(d), verify=verify)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for n in needles:
+        assert n in msg, msg
+    return msg
+
+
+def test_untampered_copy_loads(art):
+    for verify in ("sha256", "size"):
+        m = load_manifest(str(art), verify=verify)
+        assert {"model.onnx", "tokenizer.json"} <= set(m.raw["files"])
+    assert m.file("tokenizer.json") == os.path.join(str(art), "tokenizer.json")
+
+
+@pytest.mark.parametrize("verify", ["none", "", "SHA256", None, "md5"])
+def test_verify_modes_other_than_sha256_and_size_are_refused(art, verify):
+    msg = refused(art, "'sha256'", "'size'", verify=verify)
+    assert repr(verify) in msg
+
+
+def test_engine_load_refuses_verify_none(art):
+    from gpt2onnx.runtime import Engine
+
+    with pytest.raises(Gpt2OnnxError, match="'sha256' or 'size'"):
+        Engine.load(str(art), provider="cpu", verify="none")
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "tokenizer.json"])
+def test_manifest_must_list_what_the_runtime_opens(art, name):
+    m = read_manifest(art)
+    del m["files"][name]
+    write_manifest(art, m)
+    refused(art, f"does not list {name}", "re-export", verify="size")
+
+
+def test_manifest_file_refuses_unlisted_names(art):
+    m = load_manifest(str(art))
+    with pytest.raises(Gpt2OnnxError, match="does not list vocab.json"):
+        m.file("vocab.json")
+
+
+@pytest.mark.parametrize("make_name, needle", [
+    (lambda d: "../outside.json", "'..'"),
+    (lambda d: "sub/../../outside.json", "'..'"),
+    (lambda d: "..", "'..'"),
+    (lambda d: str(d.parent / "outside.json"), "absolute path"),
+    (lambda d: "sub/tokenizer.json", "path separator"),
+    (lambda d: "sub\\tokenizer.json", "path separator"),
+    (lambda d: "", "not a file name"),
+    (lambda d: MANIFEST_NAME, "cannot list itself"),
+])
+def test_names_outside_the_directory_are_refused(art, make_name, needle):
+    # the file really exists where the name points and its size and hash match: only the name is wrong
+    outside = art.parent / "outside.json"
+    shutil.copy(art / "tokenizer.json", outside)
+    (art / "sub").mkdir()
+    shutil.copy(art / "tokenizer.json", art / "sub" / "tokenizer.json")
+    list_file(art, make_name(art), outside)
+    refused(art, needle, "re-export", verify="size")
+
+
+def test_symlink_outside_the_directory_is_refused(art):
+    outside = art.parent / "elsewhere-tokenizer.json"
+    os.replace(art / "tokenizer.json", outside)
+    os.symlink(outside, art / "tokenizer.json")  # same bytes, same hash: only the link is wrong
+    refused(art, "tokenizer.json", "outside the artifact directory")
+    # a relative link that climbs out is the same thing
+    os.unlink(art / "tokenizer.json")
+    os.symlink(os.path.join("..", outside.name), art / "tokenizer.json")
+    refused(art, "outside the artifact directory", verify="size")
+
+
+def test_symlink_inside_the_directory_is_accepted(art):
+    os.replace(art / "tokenizer.json", art / "tokenizer.real.json")
+    os.symlink("tokenizer.real.json", art / "tokenizer.json")
+    load_manifest(str(art))
+
+
+def test_manifest_symlinked_from_outside_is_refused(art):
+    outside = art.parent / "manifest.json"
+    os.replace(art / MANIFEST_NAME, outside)
+    os.symlink(outside, art / MANIFEST_NAME)
+    refused(art, MANIFEST_NAME, "outside the artifact directory")
+
+
+def test_stray_unlisted_external_data_is_refused(art):
+    (art / "model.onnx.data").write_bytes(b"\0" * 4096)
+    refused(art, "model.onnx.data", "does not list", verify="size")
+    list_file(art, "model.onnx.data")  # listed (and so checked), it is accepted
+    load_manifest(str(art))
+
+
+def test_other_unlisted_files_are_ignored(art):
+    (art / "README.txt").write_text("notes")
+    load_manifest(str(art))
+
+
+def _externalize(art, location: str) -> None:
+    """Rewrite model.onnx so its initializers live in the external file `location` (relative to art)."""
+    import onnx
+
+    model = onnx.load(str(art / "model.onnx"))
+    tmp = art / "model-ext.onnx"
+    onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=1024)
+    if location != "weights.bin":
+        model = onnx.load(str(tmp), load_external_data=False)
+        for t in model.graph.initializer:
+            for kv in t.external_data:
+                if kv.key == "location":
+                    kv.value = location
+        tmp.write_bytes(model.SerializeToString())
+    os.replace(tmp, art / "model.onnx")
+    list_file(art, "model.onnx")
+
+
+def test_external_data_referenced_by_the_model_must_be_listed(art):
+    _externalize(art, "weights.bin")
+    assert (art / "weights.bin").stat().st_size > 0
+    # not *.data and not model.onnx*: only reading model.onnx finds it
+    refused(art, "reads weights from 'weights.bin'", "does not list", verify="size")
+    list_file(art, "weights.bin")
+    load_manifest(str(art))
+    from gpt2onnx.runtime import Engine  # and the listed artifact runs
+
+    assert Engine.load(str(art), provider="cpu").generate([[1, 2, 3]], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("location", ["../weights.bin", "/tmp/weights.bin", "sub/weights.bin"])
+def test_external_data_outside_the_directory_is_refused(art, location):
+    _externalize(art, location)
+    list_file(art, "weights.bin")  # listing a same-named file inside does not help
+    refused(art, f"reads weights from {location!r}", verify="size")
+
+
+def test_export_lists_its_external_data(tmp_path, monkeypatch):
+    from gpt2onnx.export import convert
+    from gpt2onnx.runtime import Engine
+
+    monkeypatch.setattr(convert, "PROTOBUF_LIMIT", 0)  # as if the weights exceeded 2 GB
+    out = convert.export(convert.ExportOptions("synthetic:tiny", str(tmp_path / "big")), log=QUIET)
+    assert set(load_manifest(out).raw["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
+    assert Engine.load(out, provider="cpu").generate([[1, 2, 3]], max_new_tokens=2)
+
+
+def test_unparsable_model_is_refused_under_size(art):
+    (art / "model.onnx").write_bytes(b"\x0a\xff\xff\xff")  # a length that runs past the file
+    list_file(art, "model.onnx")
+    refused(art, "not a readable ONNX file", "re-export", verify="size")
+
+
+def test_modified_tokenizer_byte(art):
+    data = bytearray((art / "tokenizer.json").read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, different content
+    (art / "tokenizer.json").write_bytes(bytes(data))
+    refused(art, "tokenizer.json", "sha256")
+    load_manifest(str(art), verify="size")  # sizes only: a same-size change passes, as documented
+    (art / "tokenizer.json").write_bytes(bytes(data) + b" ")
+    refused(art, "tokenizer.json", "bytes", verify="size")
+
+
+@pytest.mark.parametrize("meta", [
+    "not an object",
+    None,
+    {"bytes": "123", "sha256": "0" * 64},
+    {"bytes": True, "sha256": "0" * 64},
+    {"bytes": 1.0, "sha256": "0" * 64},
+    {"bytes": -1, "sha256": "0" * 64},
+    {"sha256": "0" * 64},
+    {"bytes": 1},
+    {"bytes": 1, "sha256": "0" * 63},
+    {"bytes": 1, "sha256": "g" * 64},
+    {"bytes": 1, "sha256": 7},
+])
+def test_malformed_entries_are_refused(art, meta):
+    m = read_manifest(art)
+    m["files"]["tokenizer.json"] = meta
+    write_manifest(art, m)
+    refused(art, "malformed entry for tokenizer.json", verify="size")
+
+
+def test_files_must_be_an_object(art):
+    m = read_manifest(art)
+    m["files"] = list(m["files"])
+    write_manifest(art, m)
+    refused(art, "`files` is not an object", verify="size")
+
+
+def _one_line_error(r) -> str:
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gpt2onnx: error: "), r.stderr
+    return lines[0]
+
+
+def test_cli_refuses_a_tampered_artifact_in_one_line(art):
+    m = read_manifest(art)
+    del m["files"]["model.onnx"]
+    write_manifest(art, m)
+    assert "does not list model.onnx" in _one_line_error(run_cli("info", str(art)))
+    assert "does not list model.onnx" in _one_line_error(run_cli("generate", str(art), "hello", "--provider", "cpu"))
+
+
+def test_cli_refuses_a_symlink_outside_in_one_line(art):
+    outside = art.parent / "elsewhere-tokenizer.json"
+    os.replace(art / "tokenizer.json", outside)
+    os.symlink(outside, art / "tokenizer.json")
+    for args in (["info", str(art)], ["generate", str(art), "hello", "--provider", "cpu"]):
+        assert "outside the artifact directory" in _one_line_error(run_cli(*args))
