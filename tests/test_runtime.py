@@ -167,3 +167,61 @@ def test_runtime_distribution_needs_no_torch():
     names = {d.split(">")[0].split("=")[0].split("<")[0].strip() for d in meta["dependencies"]}
     assert names == {"onnxruntime", "numpy", "tokenizers"}
     assert any(d.startswith("torch") for d in meta["optional-dependencies"]["export"])
+
+
+def _entry_points(engine):
+    """Every way in: each takes token ids or text and generation options."""
+    from gpt2onnx.runtime import Scheduler, SchedulerConfig
+
+    sched = Scheduler(engine, SchedulerConfig(max_batch=1))
+    return sched, {
+        "generate": lambda p, **kw: engine.generate([p], **kw),
+        "generate_text": lambda p, **kw: engine.generate_text(engine.decode(p), **kw),
+        "stream": lambda p, **kw: list(engine.stream(p, **kw)),
+        "scheduler": lambda p, **kw: sched.submit(p, **kw).result(timeout=30),
+    }
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"), (dict(max_new_tokens="4"), "max_new_tokens must be an integer"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"), (dict(do_sample=True, temperature=0), "temperature must be > 0"),
+    (dict(top_k=-1), "top_k must be >= 0"), (dict(top_p=1.5), r"top_p must be in \(0, 1\]"), (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
+    (dict(seed=-3), "seed must be from 0"), (dict(eos_token_id=10**6), "outside the vocabulary"), (dict(stop="x"), "stop must be a list"),
+    (dict(stop_token_ids=[-2]), "stop_token_ids entry must be >= 0"), (dict(logprobs=99), "logprobs must be from 0 to 20"),
+    (dict(do_sample="yes"), "do_sample must be true or false"), (dict(beams=2), "unknown generation option"),
+])
+def test_every_entry_point_validates_the_same_way(engine, kw, match):
+    sched, points = _entry_points(engine)
+    try:
+        for name, call in points.items():
+            with pytest.raises(Gpt2OnnxError, match=match):
+                call([1, 2, 3], **kw)
+        with pytest.raises(Gpt2OnnxError, match=match):
+            engine.chat(**kw)
+    finally:
+        sched.close()
+
+
+def test_too_long_prompt_is_one_message_everywhere(engine):
+    """stream used to skip the checks and fail inside onnxruntime."""
+    sched, points = _entry_points(engine)
+    long = engine.encode(" hello world" * engine.n_positions)[: engine.n_positions + 5]
+    assert len(engine.encode(engine.decode(long))) == len(long)  # the text entry point sees the same length
+    try:
+        messages = set()
+        for name, call in points.items():
+            with pytest.raises(Gpt2OnnxError, match="longer than the 128-position context") as e:
+                call(long, max_new_tokens=4)
+            messages.add(str(e.value))
+        assert len(messages) == 1, messages
+        assert engine.generate([long], max_new_tokens=4, truncate=True)  # what the message offers works
+    finally:
+        sched.close()
+
+
+@pytest.mark.parametrize("threads", [0, -1, 2.5, True, 10**6])
+def test_threads_range_checked(tiny_artifact, threads):
+    from gpt2onnx.runtime import Engine
+
+    with pytest.raises(Gpt2OnnxError, match="threads must be an integer from 1"):
+        Engine.load(tiny_artifact, provider="cpu", threads=threads)

@@ -1,0 +1,246 @@
+"""The continuous-batching scheduler: every request gets what it gets alone, whatever shares its
+batch; flow control (queue, cancellation, shutdown); conversation reuse; the async iterator."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from gpt2onnx.runtime import Engine, Gpt2OnnxError, QueueFull, Scheduler, SchedulerConfig
+
+
+def workload(n: int, seed: int = 0, max_len: int = 40, max_new: int = 16) -> list[tuple[list[int], int]]:
+    """Prompts of mixed lengths and reply lengths, deterministic."""
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, 50000, size=int(rng.integers(1, max_len))).tolist(), int(rng.integers(1, max_new))) for _ in range(n)]
+
+
+def alone(engine: Engine, prompt: list[int], **kw) -> list[int]:
+    return engine.generate([prompt], **kw)[0]
+
+
+@pytest.mark.parametrize("max_batch, chunk", [(1, 64), (4, 5), (8, 1)])
+def test_greedy_equals_engine_generate_alone(engine, max_batch, chunk):
+    """Mixed lengths, fewer slots than requests (slots reused), prompts run in chunks while others decode."""
+    work = workload(20)
+    expected = [alone(engine, p, max_new_tokens=n, eos_token_id=-1) for p, n in work]
+    with Scheduler(engine, SchedulerConfig(max_batch=max_batch, max_queue=64, prefill_chunk=chunk)) as s:
+        handles = [s.submit(p, max_new_tokens=n, eos_token_id=-1) for p, n in work]
+        got = [h.result(timeout=120) for h in handles]
+        m = s.metrics()
+    assert [r.tokens for r in got] == expected
+    assert [r.finish_reason for r in got] == ["length"] * len(work)
+    assert m["generated_tokens"] == sum(n for _, n in work) and m["running"] == 0 and m["waiting"] == 0
+
+
+def test_seeded_sampling_does_not_depend_on_batch_mates(engine):
+    work = workload(12, seed=1)
+    opts = [dict(do_sample=True, seed=i, top_k=[0, 40][i % 2], top_p=[1.0, 0.9][i % 3 == 0], temperature=0.7 + 0.1 * (i % 4),
+                 repetition_penalty=[1.0, 1.3][i % 2]) for i in range(len(work))]
+    expected = [alone(engine, p, max_new_tokens=n, **o) for (p, n), o in zip(work, opts)]
+    for max_batch in (3, 12):
+        with Scheduler(engine, SchedulerConfig(max_batch=max_batch, prefill_chunk=7)) as s:
+            handles = [s.submit(p, max_new_tokens=n, **o) for (p, n), o in zip(work, opts)]
+            assert [h.result(timeout=120).tokens for h in handles] == expected
+
+
+def test_int4_rows_do_not_depend_on_batch_mates(tmp_path_factory):
+    """int4 (MatMulNBits) quantizes activations per row, so batching leaves every request's tokens alone."""
+    from gpt2onnx.export.convert import ExportOptions, export
+
+    from .conftest import QUIET
+
+    path = export(ExportOptions("synthetic:tiny", str(tmp_path_factory.mktemp("art") / "int4"), precision="int4"), log=QUIET)
+    e = Engine.load(path, provider="cpu")
+    work = workload(10, seed=2)
+    expected = [alone(e, p, max_new_tokens=n, eos_token_id=-1) for p, n in work]
+    with Scheduler(e, SchedulerConfig(max_batch=4, prefill_chunk=9)) as s:
+        assert [h.result(timeout=120).tokens for h in [s.submit(p, max_new_tokens=n, eos_token_id=-1) for p, n in work]] == expected
+
+
+def test_stop_conditions_and_logprobs_per_request(engine):
+    prompt = [15496, 11, 703, 389]
+    base = alone(engine, prompt, max_new_tokens=12, eos_token_id=-1)
+    text = engine.decode(base)
+    stop = text[4:7]
+    with Scheduler(engine, SchedulerConfig(max_batch=4)) as s:
+        by_id = s.submit(prompt, max_new_tokens=12, eos_token_id=-1, stop_token_ids=[base[5]])
+        by_text = s.submit(prompt, max_new_tokens=12, eos_token_id=-1, stop=[stop])
+        by_len = s.submit(prompt, max_new_tokens=3, eos_token_id=-1)
+        lp = s.submit(prompt, max_new_tokens=6, eos_token_id=-1, logprobs=3)
+        r_id, r_text, r_len, r_lp = (h.result(timeout=60) for h in (by_id, by_text, by_len, lp))
+    assert r_id.tokens == base[: base.index(base[5]) + 1] and r_id.finish_reason == "stop"
+    assert r_text.text == text[: text.index(stop)] and r_text.finish_reason == "stop" and stop not in r_text.text
+    assert r_len.tokens == base[:3] and r_len.finish_reason == "length"
+    assert r_lp.tokens == base[:6] and len(r_lp.logprobs) == 6
+    for ev in r_lp.logprobs:
+        assert len(ev.top_logprobs) == 3 and ev.top_logprobs[0][0] == ev.id  # greedy: the chosen token is the likeliest
+        assert ev.logprob == pytest.approx(ev.top_logprobs[0][1]) and ev.logprob <= 0
+        assert [p for _, p in ev.top_logprobs] == sorted((p for _, p in ev.top_logprobs), reverse=True)
+        assert sum(np.exp(p) for _, p in ev.top_logprobs) <= 1 + 1e-6
+
+
+def test_logprobs_match_the_model_distribution(engine):
+    """The reported log-probability is log_softmax of the model's logits for the chosen token."""
+    from gpt2onnx.runtime.state import DecodeState
+
+    prompt = [40, 1101, 257]
+    logits = DecodeState(engine, [prompt], max_new_tokens=1).prefill()[0].astype(np.float64)
+    want = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+    with Scheduler(engine) as s:
+        ev = s.submit(prompt, max_new_tokens=1, logprobs=2).result(timeout=60).logprobs[0]
+    assert ev.logprob == pytest.approx(want[ev.id], abs=1e-4)
+    assert [t for t, _ in ev.top_logprobs] == list(np.argsort(-want)[:2])
+
+
+def test_full_queue_refuses_at_once(engine):
+    with Scheduler(engine, SchedulerConfig(max_batch=1, max_queue=1)) as s:
+        long = [s.submit([1, 2, 3], max_new_tokens=100, eos_token_id=-1) for _ in range(2)]  # one runs, one waits
+        t = time.perf_counter()
+        with pytest.raises(QueueFull, match="queue is full"):
+            s.submit([1, 2], max_new_tokens=4)
+        assert time.perf_counter() - t < 1.0
+        assert s.metrics()["refused"] == 1
+        for h in long:
+            h.cancel()
+
+
+def test_cancel_frees_the_slot_within_a_step(engine):
+    with Scheduler(engine, SchedulerConfig(max_batch=1, max_queue=4)) as s:
+        first = s.submit([5, 6, 7], max_new_tokens=120, eos_token_id=-1)
+        it = iter(first)
+        next(it)  # it is running
+        waiting = s.submit([8, 9], max_new_tokens=3, eos_token_id=-1)
+        steps = s.metrics()["steps"]
+        first.cancel()
+        assert waiting.result(timeout=30).tokens == alone(engine, [8, 9], max_new_tokens=3, eos_token_id=-1)
+        r = first.result(timeout=5)
+        assert r.finish_reason == "cancelled" and len(r.tokens) < 120
+        assert s.metrics()["steps"] - steps <= 3 + 2  # the waiting request's 3 tokens, and at most a step or two more
+
+
+def test_consumer_going_away_cancels(engine):
+    with Scheduler(engine, SchedulerConfig(max_batch=1)) as s:
+        h = s.submit([5, 6, 7], max_new_tokens=120, eos_token_id=-1)
+        for _ in h:
+            break  # leaving the loop closes the iterator
+        assert h.result(timeout=5).finish_reason == "cancelled"
+        req = s.submit([1, 2], max_new_tokens=100, eos_token_id=-1).request  # the handle is dropped at once
+        deadline = time.time() + 5
+        while not req.done and time.time() < deadline:
+            time.sleep(0.01)
+        assert req.finish_reason == "cancelled"
+
+
+def test_close_finishes_in_flight_then_refuses(engine):
+    s = Scheduler(engine, SchedulerConfig(max_batch=2))
+    handles = [s.submit(p, max_new_tokens=n, eos_token_id=-1) for p, n in workload(5, seed=3)]
+    s.close()
+    assert all(h.done and h.result().finish_reason == "length" for h in handles)
+    assert not s.thread.is_alive()
+    with pytest.raises(Gpt2OnnxError, match="shut down"):
+        s.submit([1], max_new_tokens=2)
+    s2 = Scheduler(engine, SchedulerConfig(max_batch=1))
+    handles = [s2.submit([1, 2, 3], max_new_tokens=120, eos_token_id=-1) for _ in range(3)]
+    s2.close(cancel=True)
+    assert {h.result().finish_reason for h in handles} == {"cancelled"}
+
+
+def test_async_iterator_and_wait(engine):
+    prompt = [40, 1101, 257]
+    expected = alone(engine, prompt, max_new_tokens=10, eos_token_id=-1)
+
+    async def consume(s):
+        h = s.submit(prompt, max_new_tokens=10, eos_token_id=-1)
+        ids = [ev.id async for ev in h]
+        whole = await s.submit(prompt, max_new_tokens=10, eos_token_id=-1).wait()
+        return ids, whole.tokens
+
+    with Scheduler(engine) as s:
+        ids, whole = asyncio.run(consume(s))
+    assert ids == whole == expected
+
+
+def test_streamed_text_equals_the_result(engine):
+    with Scheduler(engine) as s:
+        h = s.submit("Hello, how are you?", max_new_tokens=20)
+        pieces = "".join(ev.text for ev in h)
+        assert pieces == h.result().text == engine.generate_text("Hello, how are you?", max_new_tokens=20)
+
+
+def test_conversation_reuses_the_held_cache(engine):
+    """A prompt extending the previous turn (prompt + reply) runs only the new tokens, and the reply
+    equals a fresh run's; held prefixes never keep a fresh request waiting."""
+    history = [15496, 11, 703, 389, 345, 30, 50256]
+    with Scheduler(engine, SchedulerConfig(max_batch=2)) as s:
+        for turn in range(3):
+            r = s.submit(history, max_new_tokens=6).result(timeout=60)
+            assert r.tokens == alone(engine, history, max_new_tokens=6)
+            if turn:
+                assert r.stats.cached_tokens == held
+            held = len(history) + len(r.tokens) - 1  # the last token is sampled, never fed
+            history = history + r.tokens + [50256, 40 + turn, 50256]
+        assert s.metrics()["held_prefixes"] >= 1
+        other = s.submit([9, 9, 9, 9], max_new_tokens=3).result(timeout=60)  # a fresh conversation
+        another = s.submit([7, 7], max_new_tokens=3).result(timeout=60)  # evicts a held prefix, never waits for one
+        assert other.stats.cached_tokens == another.stats.cached_tokens == 0
+        assert another.tokens == alone(engine, [7, 7], max_new_tokens=3)
+
+
+def test_graph_mode_buckets_on_cpu(tiny_artifact):
+    """The CUDA-graph path (batch padded to buckets 1, 2, 4, 8 ...; graph ids in run options, ignored
+    on CPU) gives the same tokens."""
+    e = Engine.load(tiny_artifact, provider="cpu")
+    e.cuda_graph = True
+    work = workload(9, seed=4)
+    expected = [alone(e, p, max_new_tokens=n, eos_token_id=-1) for p, n in work]
+    with Scheduler(e, SchedulerConfig(max_batch=6, prefill_chunk=8)) as s:
+        assert [h.result(timeout=120).tokens for h in [s.submit(p, max_new_tokens=n, eos_token_id=-1) for p, n in work]] == expected
+        assert set(s.kv._bindings) <= {1, 2, 4, 6}
+
+
+def test_plain_artifact_refused(tiny_plain_artifact):
+    e = Engine.load(tiny_plain_artifact, provider="cpu")
+    with pytest.raises(Gpt2OnnxError, match="needs a fused artifact"):
+        Scheduler(e)
+
+
+@pytest.mark.parametrize("cfg, match", [(dict(max_batch=0), "max_batch"), (dict(max_queue=-1), "max_queue"),
+                                        (dict(prefill_chunk=0), "prefill_chunk"), (dict(capacity=100000), "capacity"),
+                                        (dict(max_batch=1.5), "max_batch must be an integer")])
+def test_scheduler_config_range_checked(engine, cfg, match):
+    with pytest.raises(Gpt2OnnxError, match=match):
+        Scheduler(engine, SchedulerConfig(**cfg))
+
+
+def test_many_threads_get_what_they_get_alone(engine):
+    """Engine.generate / stream / chat from 16 threads at once return what they return one at a time."""
+    work = workload(16, seed=5)
+    opts = [dict(max_new_tokens=n, **({"do_sample": True, "seed": i, "top_k": 20} if i % 3 == 0 else {})) for i, (_, n) in enumerate(work)]
+
+    def call(i):
+        p, o = work[i][0], opts[i]
+        if i % 4 == 1:
+            return "".join(engine.stream(p, **o))
+        if i % 4 == 2:
+            chat = engine.chat(**o)
+            return [chat.send("Hi there"), chat.send("And then?")]
+        return engine.generate([p, p[::-1]], **o)
+
+    expected = [call(i) for i in range(len(work))]
+    got = [None] * len(work)
+    barrier = threading.Barrier(len(work))
+
+    def worker(i):
+        barrier.wait()
+        got[i] = call(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(work))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert got == expected
