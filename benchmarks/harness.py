@@ -2,7 +2,9 @@
 
 Every system runs in its own worker process (systems.py). Measurements are interleaved: for each
 repeat, each scenario point is run on every system in turn (A B C A B C ...), after one untimed
-warm-up per point. Figures are medians over repeats. Output: results.json (schema below),
+warm-up per point. Figures are medians over repeats. The concurrent scenario runs C closed-loop
+clients inside each worker (systems.run_clients) through the continuous-batching scheduler, a lock
+around `generate` (serial) and static batches. Output: results.json (schema below),
 results.csv, report.md and PNG plots in --out.
 """
 
@@ -25,12 +27,14 @@ from gpt2onnx.runtime.errors import Gpt2OnnxError
 
 from .systems import SystemSpec, Worker
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: concurrent records and summary rows (no batch or prompt_len), the concurrent key
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+OURS_MODES = ("scheduler", "serial", "static")  # the concurrent scenario's ways to serve an artifact
 # Pause before each timed run: the previous system's worker threads (PyTorch's OpenMP, onnxruntime's
 # pool) spin for a while after their work, and on a 2-core machine they would slow the next system.
 SETTLE_S = 0.3
-# results.json, schema 1:
-#   schema_version: 1
+# results.json, schema 2:
+#   schema_version: 2
 #   created: ISO time;  command: argv
 #   machine: {cpu, cores_logical, cores_physical, memory_gb, memory_bandwidth_gbs: {read, copy}, gpu, python, versions}
 #   settings: Settings fields
@@ -40,9 +44,19 @@ SETTLE_S = 0.3
 #   records: one per measurement run: {system, scenario, repeat, batch, prompt_len, new_tokens,
 #             ttft_ms, p50_ms, p90_ms, p99_ms, mean_ms, total_s, tokens_per_s, decode_tokens_per_s};
 #            scenario chat: one per turn, prompt_len = the history so far, plus cached_tokens (the
-#            prompt tokens that did not run again)
+#            prompt tokens that did not run again);
+#            scenario concurrent: one per (system, mode, clients, repeat): {system, scenario, mode
+#             (scheduler | serial | static), repeat, clients, max_batch, requests, tokens (generated,
+#             = the sum of reply lengths), wall_s (first submission to last token), requests_per_s,
+#             tokens_per_s, ttft_p50_ms, ttft_p99_ms (submission to first token, queue wait included),
+#             itl_p50_ms, itl_p99_ms (over every gap between consecutive tokens of a request),
+#             max_stall_ms (the largest such gap)}
 #   summary: medians over repeats, one per (system, scenario, batch, prompt_len): same figures, plus
-#            achieved_gbs (weights_bytes_per_token / p50) and bandwidth_fraction (of measured read bandwidth)
+#            achieved_gbs (weights_bytes_per_token / p50) and bandwidth_fraction (of measured read bandwidth);
+#            concurrent: one per (system, mode, clients): {system, scenario, mode, clients, max_batch,
+#            requests, tokens, repeats} + the medians of the record's figures
+#   concurrent: the request mix, or null when skipped: {prompt_len: [lo, hi], reply_len: [lo, hi]
+#               (uniform, inclusive, after clipping to n_positions), clients, requests per clients}
 
 
 @dataclass
@@ -59,6 +73,14 @@ class Settings:
     chat_turns: int = 8
     chat_user_len: int = 24
     chat_reply_len: int = 16
+    # closed-loop clients sending requests back to back (empty or 0 = skip); see concurrent_plan
+    concurrent_clients: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    concurrent_requests: int = 0  # per point; 0 = max(C, 32)
+    concurrent_repeats: int = 3
+    concurrent_precisions: list[str] = field(default_factory=lambda: ["int8"])  # none given: the first artifact
+    concurrent_max_batch: int = 64  # the scheduler's and static batching's batch: min(C, this)
+    concurrent_prompt_len: list[int] = field(default_factory=lambda: [16, 256])  # uniform, inclusive
+    concurrent_reply_len: list[int] = field(default_factory=lambda: [16, 128])
     provider: str = "cpu"
     threads: int = 0  # 0 = one per core
     out: str = "reports/latest"
@@ -79,6 +101,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-turns", type=int, default=d.chat_turns, help="turns of the chat scenario (0 = skip)")
     p.add_argument("--chat-user-len", type=int, default=d.chat_user_len, help="tokens per user message in the chat scenario")
     p.add_argument("--chat-reply-len", type=int, default=d.chat_reply_len, help="tokens per reply in the chat scenario")
+    p.add_argument("--concurrent-clients", type=ints, default=d.concurrent_clients,
+                   help="closed-loop clients per point of the concurrent scenario ('' or 0 = skip; default 1,4,16,64)")
+    p.add_argument("--concurrent-requests", type=int, default=d.concurrent_requests,
+                   help="requests per concurrent point, the same list for every system (0 = max(C, 32)). The serial systems "
+                        "take this many requests' time per point: on 2 cores DialoGPT-small int8 ~0.9 s and optimum ~3.5 s a "
+                        "request, so the defaults add ~40 min to make bench (~12 min without optimum)")
+    p.add_argument("--concurrent-repeats", type=int, default=d.concurrent_repeats, help="timed repeats of the concurrent scenario")
+    p.add_argument("--concurrent-precisions", type=lambda v: [x for x in v.split(",") if x], default=d.concurrent_precisions,
+                   help="artifacts of these precisions get the concurrent scenario (default int8; none given: the first artifact)")
+    p.add_argument("--concurrent-max-batch", type=int, default=d.concurrent_max_batch,
+                   help="batch of the scheduler and of static batching: min(clients, this)")
+    p.add_argument("--concurrent-prompt-len", type=ints, default=d.concurrent_prompt_len, metavar="LO,HI",
+                   help="prompt lengths, uniform (default 16,256; both ranges shrink to fit the model's positions)")
+    p.add_argument("--concurrent-reply-len", type=ints, default=d.concurrent_reply_len, metavar="LO,HI",
+                   help="reply lengths, uniform, every reply exactly its length (default 16,128)")
     p.add_argument("--bench-provider", dest="provider", default=d.provider, help="cpu | cuda for every system")
     p.add_argument("--threads", type=int, default=d.threads, help="intra-op threads for every system (0 = per core)")
     p.add_argument("--out", default=d.out, help="report directory")
@@ -89,7 +126,11 @@ def main(args: argparse.Namespace) -> None:
     s = Settings(artifacts=args.artifacts, baselines=[b for b in args.baselines.split(",") if b], batch=args.batch,
                  prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, context=args.context,
                  context_new_tokens=args.context_new_tokens, chat_turns=args.chat_turns, chat_user_len=args.chat_user_len,
-                 chat_reply_len=args.chat_reply_len, provider=args.provider, threads=args.threads,
+                 chat_reply_len=args.chat_reply_len, concurrent_clients=args.concurrent_clients,
+                 concurrent_requests=args.concurrent_requests, concurrent_repeats=args.concurrent_repeats,
+                 concurrent_precisions=args.concurrent_precisions, concurrent_max_batch=args.concurrent_max_batch,
+                 concurrent_prompt_len=args.concurrent_prompt_len, concurrent_reply_len=args.concurrent_reply_len,
+                 provider=args.provider, threads=args.threads,
                  out=args.out, cache=args.cache)
     results = run(s, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"wrote {s.out}/report.md ({len(results['records'])} measurements)")
@@ -133,6 +174,7 @@ def run(s: Settings, log=print) -> dict:
     chat_turns = min(s.chat_turns, n_positions // (s.chat_user_len + s.chat_reply_len + 2))
     if chat_turns < s.chat_turns:
         log(f"chat scenario: {chat_turns} of {s.chat_turns} turns fit the {n_positions}-position context")
+    conc = concurrent_plan(s, n_positions, log)
 
     workers: list[Worker] = []
     systems: list[dict] = []
@@ -145,13 +187,17 @@ def run(s: Settings, log=print) -> dict:
             systems.append(_system_record(spec, w.loaded, manifests))
         from rich.progress import Progress
 
+        conc_runs = _concurrent_runs(s, workers) if conc else []
+        conc_clients = conc["clients"] if conc_runs else []
+        conc_repeats = s.concurrent_repeats if conc_runs else 0
         total = (len(points) + bool(chat_turns)) * len(workers) * (s.repeats + 1)
+        total += len(conc_clients) * len(conc_runs) * (conc_repeats + 1)
         with Progress(transient=False) as bar:
             task = bar.add_task("measuring", total=total)
-            for rep in range(-1, s.repeats):  # -1 = warm-up, not recorded
+            for rep in range(-1, max(s.repeats, conc_repeats)):  # -1 = warm-up, not recorded
                 if not bar.console.is_terminal:  # no live bar in a log file: a line per pass instead
-                    log("warm-up" if rep < 0 else f"repeat {rep + 1}/{s.repeats}")
-                for scenario, batch, plen, new in points:
+                    log("warm-up" if rep < 0 else f"repeat {rep + 1}/{max(s.repeats, conc_repeats)}")
+                for scenario, batch, plen, new in points if rep < s.repeats else []:
                     for w in workers:
                         bar.update(task, description=f"{'warm-up' if rep < 0 else f'repeat {rep + 1}/{s.repeats}'} "
                                                      f"{scenario} b{batch} p{plen} {w.spec.name}")
@@ -160,13 +206,27 @@ def run(s: Settings, log=print) -> dict:
                         if rep >= 0:
                             records.append(_record(w.spec.name, scenario, rep, batch, plen, new, r))
                         bar.advance(task)
-                for w in workers if chat_turns else []:  # a conversation per system, turn by turn
+                for w in workers if chat_turns and rep < s.repeats else []:  # a conversation per system, turn by turn
                     bar.update(task, description=f"{'warm-up' if rep < 0 else f'repeat {rep + 1}/{s.repeats}'} chat {w.spec.name}")
                     time.sleep(SETTLE_S)
                     r = w.request("chat", turns=chat_turns if rep >= 0 else 1, user_len=s.chat_user_len, reply_len=s.chat_reply_len)
                     if rep >= 0:
                         records += [_record(w.spec.name, "chat", rep, 1, t["prompt_len"], s.chat_reply_len, t) for t in r["turns"]]
                     bar.advance(task)
+                for clients in conc_clients if rep < conc_repeats else []:
+                    n = conc["requests"][clients]
+                    for w, mode in conc_runs:
+                        bar.update(task, description=f"{'warm-up' if rep < 0 else f'repeat {rep + 1}/{conc_repeats}'} "
+                                                     f"concurrent c{clients} {w.spec.name} {mode}")
+                        time.sleep(SETTLE_S)
+                        max_batch = min(clients, s.concurrent_max_batch)
+                        # the warm-up: one request per client, 2 tokens each (every batch shape, little time)
+                        r = w.request("concurrent", mode=mode, clients=clients, requests=n if rep >= 0 else min(n, clients),
+                                      prompt_len=conc["prompt_len"], reply_len=conc["reply_len"], reply_cap=0 if rep >= 0 else 2,
+                                      max_batch=max_batch)
+                        if rep >= 0:
+                            records.append(_concurrent_record(w.spec.name, mode, rep, clients, max_batch, r["requests"]))
+                        bar.advance(task)
         for w, sysrec in zip(workers, systems):
             sysrec.update(w.request("memory"))
     finally:
@@ -181,6 +241,7 @@ def run(s: Settings, log=print) -> dict:
         "settings": asdict(s),
         "systems": systems,
         "skipped": skipped,
+        "concurrent": conc,
         "records": records,
         "summary": summarize(records, systems, machine),
     }
@@ -198,8 +259,50 @@ def _check_settings(s: Settings) -> None:
         raise Gpt2OnnxError("--batch and --prompt-len need positive integers")
     if s.chat_turns < 0 or (s.chat_turns and (s.chat_user_len < 1 or s.chat_reply_len < 2)):
         raise Gpt2OnnxError("--chat-turns must be >= 0, --chat-user-len >= 1 and --chat-reply-len >= 2")
+    if any(c < 0 for c in s.concurrent_clients) or (any(s.concurrent_clients) and (
+            s.concurrent_requests < 0 or s.concurrent_repeats < 1 or s.concurrent_max_batch < 1)):
+        raise Gpt2OnnxError("--concurrent-clients must be >= 0, --concurrent-requests >= 0, --concurrent-repeats >= 1 "
+                            "and --concurrent-max-batch >= 1")
+    for name, rng, lo in (("prompt", s.concurrent_prompt_len, 1), ("reply", s.concurrent_reply_len, 2)):
+        if len(rng) != 2 or not lo <= rng[0] <= rng[1]:
+            raise Gpt2OnnxError(f"--concurrent-{name}-len takes LO,HI with {lo} <= LO <= HI, got {','.join(map(str, rng))}")
+    unknown = [p for p in s.concurrent_precisions if p not in PRECISIONS]
+    if unknown:
+        raise Gpt2OnnxError(f"unknown precision {unknown[0]!r} in --concurrent-precisions; choose from {', '.join(PRECISIONS)}")
     if s.provider not in ("cpu", "cuda"):
         raise Gpt2OnnxError(f"unknown provider {s.provider!r}; choose cpu or cuda")
+
+
+def concurrent_plan(s: Settings, n_positions: int, log=print) -> dict | None:
+    """The concurrent scenario's request mix, or None when it is skipped.
+
+    Prompt and reply ranges shrink by one factor until the longest prompt plus the longest reply fit
+    the model's positions (a static batch pads every row to its longest prompt and runs its longest
+    reply). Returns {clients, requests: {C: requests per point}, prompt_len: [lo, hi], reply_len: [lo, hi]}."""
+    clients = [c for c in s.concurrent_clients if c > 0]
+    if not clients:
+        return None
+    (p_lo, p_hi), (r_lo, r_hi) = s.concurrent_prompt_len, s.concurrent_reply_len
+    f = min(1.0, n_positions / (p_hi + r_hi))
+    prompt = [max(1, int(p_lo * f)), max(1, int(p_hi * f))]
+    reply = [max(2, int(r_lo * f)), max(2, int(r_hi * f))]
+    if prompt[1] + reply[1] > n_positions:
+        raise Gpt2OnnxError(f"concurrent requests cannot fit the {n_positions}-position context; pass --concurrent-clients 0")
+    if f < 1:
+        log(f"concurrent scenario: prompts {prompt[0]}-{prompt[1]} and replies {reply[0]}-{reply[1]} tokens "
+            f"fit the {n_positions}-position context")
+    return {"clients": clients, "requests": {c: s.concurrent_requests or max(c, 32) for c in clients},
+            "prompt_len": prompt, "reply_len": reply}
+
+
+def _concurrent_runs(s: Settings, workers: list[Worker]) -> list[tuple[Worker, str]]:
+    """(worker, mode) pairs of the concurrent scenario: our artifacts of the chosen precisions (or the
+    first artifact) in every mode, then optimum serially. The scheduler needs a fused artifact."""
+    ours = [w for w in workers if w.spec.kind == "ours"]
+    chosen = [w for w in ours if w.spec.precision in s.concurrent_precisions] or ours[:1]
+    runs = [(w, mode) for w in chosen for mode in OURS_MODES
+            if mode != "scheduler" or w.loaded["manifest"].get("fused", True)]
+    return runs + [(w, "serial") for w in workers if w.spec.kind == "optimum"]
 
 
 def _baseline_spec(kind: str, m, s: Settings, log) -> SystemSpec:
@@ -267,12 +370,47 @@ def _record(system: str, scenario: str, rep: int, batch: int, plen: int, new: in
 
 
 FIGURES = ("ttft_ms", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "total_s", "tokens_per_s", "decode_tokens_per_s")
+CONCURRENT_FIGURES = ("wall_s", "requests_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
+                      "max_stall_ms")
+
+
+def concurrent_figures(requests: list[dict]) -> dict:
+    """The concurrent scenario's figures from per-request timing records {submitted_s, token_s}
+    (perf_counter seconds), whichever system and mode produced them.
+
+    Raises:
+        Gpt2OnnxError: a request without tokens, or stamps out of order (a first token before its
+            submission, a token not after the one before).
+    """
+    ttft = np.array([r["token_s"][0] - r["submitted_s"] if r["token_s"] else -1.0 for r in requests])
+    gaps = np.concatenate([np.diff(r["token_s"]) for r in requests])
+    if (ttft < 0).any() or (gaps <= 0).any():
+        raise Gpt2OnnxError("concurrent timing records out of order: a first token before its submission or a token "
+                            "not after the one before")
+    wall = max(r["token_s"][-1] for r in requests) - min(r["submitted_s"] for r in requests)
+    tokens = sum(len(r["token_s"]) for r in requests)
+    ttft, gaps = ttft * 1e3, gaps * 1e3
+    return {"requests": len(requests), "tokens": tokens, "wall_s": wall, "requests_per_s": len(requests) / wall,
+            "tokens_per_s": tokens / wall,
+            "ttft_p50_ms": float(np.percentile(ttft, 50)), "ttft_p99_ms": float(np.percentile(ttft, 99)),
+            "itl_p50_ms": float(np.percentile(gaps, 50)), "itl_p99_ms": float(np.percentile(gaps, 99)),
+            "max_stall_ms": float(gaps.max())}
+
+
+def _concurrent_record(system: str, mode: str, rep: int, clients: int, max_batch: int, requests: list[dict]) -> dict:
+    return {"system": system, "scenario": "concurrent", "mode": mode, "repeat": rep, "clients": clients,
+            "max_batch": max_batch, **concurrent_figures(requests)}
 
 
 def summarize(records: list[dict], systems: list[dict], machine: dict) -> list[dict]:
-    """Median over repeats per (system, scenario, batch, prompt_len), with achieved bandwidth."""
+    """Median over repeats per (system, scenario, batch, prompt_len), with achieved bandwidth;
+    concurrent records per (system, mode, clients)."""
+    conc: dict[tuple, list[dict]] = {}
     groups: dict[tuple, list[dict]] = {}
     for r in records:
+        if r["scenario"] == "concurrent":
+            conc.setdefault((r["system"], r["mode"], r["clients"]), []).append(r)
+            continue
         groups.setdefault((r["system"], r["scenario"], r["batch"], r["prompt_len"]), []).append(r)
     by_name = {s["name"]: s for s in systems}
     read_bw = machine["memory_bandwidth_gbs"]["read"]
@@ -286,6 +424,11 @@ def summarize(records: list[dict], systems: list[dict], machine: dict) -> list[d
         wb = by_name[system].get("weights_bytes_per_token")
         row["achieved_gbs"] = wb / (row["p50_ms"] / 1e3) / 1e9 if wb else None
         row["bandwidth_fraction"] = row["achieved_gbs"] / read_bw if wb else None
+        out.append(row)
+    for (system, mode, clients), rs in conc.items():
+        row = {"system": system, "scenario": "concurrent", "mode": mode, "clients": clients, "max_batch": rs[0]["max_batch"],
+               "requests": rs[0]["requests"], "tokens": rs[0]["tokens"], "repeats": len(rs)}
+        row.update({f: float(np.median([r[f] for r in rs])) for f in CONCURRENT_FIGURES})
         out.append(row)
     return out
 

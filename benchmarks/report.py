@@ -110,6 +110,9 @@ def write_report(results: dict, out: str) -> None:
             ran = chat[-1] - last.get("cached_tokens", 0)
             L.append(f"| {x['name']} | " + " | ".join(_fmt((r or {}).get("ttft_ms"), ".1f") for r in rows) + f" | {ran} |")
 
+    if any(r["scenario"] == "concurrent" for r in summary):
+        L += _concurrent_section(results)
+
     ours = [x for x in systems if x["kind"] == "ours" and x.get("accuracy")]
     if ours:
         L += ["", "## Accuracy against the PyTorch fp32 model (from each artifact's manifest)", "",
@@ -119,10 +122,74 @@ def write_report(results: dict, out: str) -> None:
             for name, figs in x["accuracy"].items():
                 if isinstance(figs, dict):
                     L.append(f"- {x['name']} · {name}: " + ", ".join(f"{k} {_num(v)}" for k, v in figs.items()))
-    L += ["", "Plots: `latency_vs_context.png`, `throughput_vs_batch.png`, `precisions.png`. Raw data: `results.json`, `results.csv`.", ""]
+    plots = ["latency_vs_context.png", "throughput_vs_batch.png", "precisions.png"]
+    plots += ["concurrent.png"] if any(r["scenario"] == "concurrent" for r in summary) else []
+    L += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots) + ". Raw data: `results.json`, `results.csv`.", ""]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(L))
     _plots(results, out)
+
+
+# The bars the concurrent scenario is held to (stated in the report with the measured values).
+BAR_CLIENTS = 16
+BAR_SPEEDUP = 4.0  # scheduler tokens/s ÷ serial tokens/s at BAR_CLIENTS, at least
+BAR_ITL = 5.0  # scheduler p99 inter-token latency ÷ the batch-1 p50 per-token time, at most
+
+
+def _concurrent_section(results: dict) -> list[str]:
+    s, summary, systems = results["settings"], results["summary"], results["systems"]
+    p0 = s["prompt_len"][0]
+    conc = [r for r in summary if r["scenario"] == "concurrent"]
+    mix = results.get("concurrent") or {}
+    clients = sorted({r["clients"] for r in conc})
+    at = lambda system, mode, c: next((r for r in conc if r["system"] == system and r["mode"] == mode and r["clients"] == c), None)  # noqa: E731
+    b1 = lambda system: (_batch1(summary, system, p0) or {}).get("p50_ms")  # noqa: E731
+    L = ["", "## Concurrent clients", "",
+         f"C closed-loop clients each send their next request as soon as their last one is complete. Prompts of "
+         f"{_range(mix.get('prompt_len'))} tokens and replies of {_range(mix.get('reply_len'))} tokens (uniform, every reply "
+         "exactly its length), the same request list for every system. Modes: **scheduler** = continuous batching "
+         "(`Scheduler`, up to the batch shown); **serial** = one `generate` at a time behind a lock, what a service "
+         "without a scheduler does; **static** = when the engine is free, everything waiting (gathered for 5 ms, up to "
+         "the batch shown) runs as one `generate` to its longest reply, each row counted done at its own length. "
+         "TTFT runs from submission (queue wait included) to the first token; ITL is every gap between consecutive "
+         "tokens of a request; max stall is the largest such gap. "
+         f"Medians over repeats ({s.get('concurrent_repeats', '?')}, systems interleaved).", ""]
+    c_bar = BAR_CLIENTS if BAR_CLIENTS in clients else clients[-1]
+    for x in systems:
+        sched = [at(x["name"], "scheduler", c) for c in clients]
+        if not any(sched):
+            continue
+        r, ser, ref = at(x["name"], "scheduler", c_bar), at(x["name"], "serial", c_bar), b1(x["name"])
+        if r and ser:
+            v = r["tokens_per_s"] / ser["tokens_per_s"]
+            L.append(f"- **{x['name']}, bar 1** (C={c_bar}): scheduler {r['tokens_per_s']:.0f} tok/s ÷ serial "
+                     f"{ser['tokens_per_s']:.0f} tok/s = **{v:.2f}×** (target ≥ {BAR_SPEEDUP:g}: {_met(v >= BAR_SPEEDUP)}).")
+        if r and ref:
+            v = r["itl_p99_ms"] / ref
+            worst = max((q for q in sched if q), key=lambda q: q["itl_p99_ms"])
+            L.append(f"- **{x['name']}, bar 2** (C={c_bar}): scheduler p99 inter-token latency {r['itl_p99_ms']:.1f} ms ÷ "
+                     f"batch-1 p50 per-token {ref:.2f} ms (decode scenario, prompt {p0}) = **{v:.2f}×** (target ≤ {BAR_ITL:g}: "
+                     f"{_met(v <= BAR_ITL)}; worst over C: {worst['itl_p99_ms'] / ref:.2f}× at C={worst['clients']}).")
+    for c in clients:
+        rows = [r for r in conc if r["clients"] == c]
+        L += ["", f"### {c} client{'s' if c > 1 else ''}: {rows[0]['requests']} requests, {rows[0]['tokens']} tokens, "
+                  f"batch ≤ {rows[0]['max_batch']}", "",
+              "| system | mode | req/s | tok/s | × serial tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
+              "ITL p99 ÷ batch-1 p50 | max stall ms |", "|" + "---|" * 11]
+        for r in rows:
+            ser, ref = at(r["system"], "serial", c), b1(r["system"])
+            L.append(f"| {r['system']} | {r['mode']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+                     f"{_fmt(ser and r['tokens_per_s'] / ser['tokens_per_s'])} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
+                     f"{r['itl_p50_ms']:.2f} | {r['itl_p99_ms']:.2f} | {_fmt(ref and r['itl_p99_ms'] / ref)} | {r['max_stall_ms']:.0f} |")
+    return L
+
+
+def _range(lohi) -> str:
+    return f"{lohi[0]}–{lohi[1]}" if lohi else "?"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**not met**"
 
 
 def _num(v) -> str:
@@ -177,6 +244,25 @@ def _plots(results: dict, out: str) -> None:
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set(ylabel="per-token latency p50 (ms)", title=f"Batch-1 decode by precision and system (prompt {p0})")
     _save(plt, fig, ax, os.path.join(out, "precisions.png"), legend=False)
+
+    conc = [r for r in summary if r["scenario"] == "concurrent"]
+    if conc:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for key in dict.fromkeys((r["system"], r["mode"]) for r in conc):
+            pts = sorted((r["clients"], r["tokens_per_s"], r["itl_p99_ms"]) for r in conc if (r["system"], r["mode"]) == key)
+            c, tps, itl = zip(*pts)
+            ax.plot(c, tps, marker="o", label=" · ".join(key))
+            ax2.plot(c, itl, marker="o", label=" · ".join(key))
+        ax.set(xlabel="concurrent clients", ylabel="generated tokens/s", title="Throughput against concurrent clients", xscale="log")
+        ax2.set(xlabel="concurrent clients", ylabel="inter-token latency p99 (ms)", title="p99 inter-token latency", xscale="log",
+                yscale="log")
+        clients = sorted({r["clients"] for r in conc})
+        for a in (ax, ax2):
+            a.set_xticks(clients, [str(c) for c in clients])
+            a.minorticks_off()
+        ax2.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+        _save(plt, fig, ax, os.path.join(out, "concurrent.png"))
 
 
 def _save(plt, fig, ax, path: str, legend: bool = True) -> None:

@@ -4,16 +4,28 @@ A worker loads one system (ours: an artifact through the runtime; `pytorch`: tra
 `optimum`: ORTModelForCausalLM) and answers timing requests over a pipe. One process per system
 gives each its own peak-memory figure (the runtime's worker never imports torch) and lets the
 harness interleave systems request by request (A B A B) so drift hits all of them alike.
+
+The `concurrent` request runs closed-loop clients as threads inside the worker (run_clients) and
+returns one timing record per request: {prompt_len, new_tokens, submitted_s, token_s}, all
+time.perf_counter() stamps, whatever serves them (the scheduler, a lock around `generate`, or
+static batches).
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+
+# Static batching gathers what arrives this long after the first waiting request: closed-loop
+# clients whose requests were in the last batch re-submit within microseconds of its end.
+STATIC_WINDOW_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,72 @@ def run_chat(runner, turns: int, user_len: int, reply_len: int) -> dict:
     return {"turns": out}
 
 
+def concurrent_requests(n: int, prompt_len: tuple[int, int], reply_len: tuple[int, int], vocab: int) -> list[tuple[list[int], int]]:
+    """`n` deterministic (prompt ids, reply length) pairs, lengths uniform in the inclusive ranges:
+    the same list for every system (ids spread over the vocabulary, as prompt_rows)."""
+    rng = np.random.default_rng([n, *prompt_len, *reply_len])
+    plens = rng.integers(prompt_len[0], prompt_len[1] + 1, size=n)
+    rlens = rng.integers(reply_len[0], reply_len[1] + 1, size=n)
+    return [(rng.integers(0, vocab - 1, size=p).tolist(), int(r)) for p, r in zip(plens, rlens)]
+
+
+def run_clients(serve, requests: list[tuple[list[int], int]], clients: int) -> list[dict]:
+    """Closed loop: `clients` threads each take the next request as soon as their last one is done.
+
+    `serve(prompt, new_tokens)` blocks until the reply is complete and returns (submitted_s, token_s):
+    when it was submitted and when each of its tokens came out. Returns one record per request, in
+    request order; an exception in any client is raised here."""
+    take = threading.Lock()
+    pending = iter(enumerate(requests))
+    out: list[dict] = [{} for _ in requests]
+
+    def client() -> None:
+        while True:
+            with take:
+                nxt = next(pending, None)
+            if nxt is None:
+                return
+            i, (prompt, n) = nxt
+            submitted, token_s = serve(prompt, n)
+            out[i] = {"prompt_len": len(prompt), "new_tokens": n, "submitted_s": submitted, "token_s": [float(t) for t in token_s]}
+
+    with ThreadPoolExecutor(clients) as pool:
+        for f in [pool.submit(client) for _ in range(clients)]:
+            f.result()
+    return out
+
+
+def token_times(start_s: float, ttft_s: float, step_s: list[float]) -> np.ndarray:
+    """Per-token stamps of one `generate` from its start, its time to first token and its decode
+    steps: the first token at start + ttft, each later one a step after the one before."""
+    return start_s + ttft_s + np.concatenate([[0.0], np.cumsum(step_s)])
+
+
+class _SerialClients:
+    """What a service without a scheduler does: one request at a time through `_one`, behind a lock.
+
+    `_one(prompt, new_tokens) -> (tokens, token_s)` must return exactly `new_tokens` tokens."""
+
+    def concurrent(self, mode: str, clients: int, requests, max_batch: int) -> list[dict]:
+        if mode != "serial":
+            raise ValueError(f"{type(self).__name__[1:]} runs the concurrent scenario serially only, not {mode!r}")
+        lock = threading.Lock()
+
+        def serve(prompt, n):
+            submitted = time.perf_counter()
+            with lock:  # the queue wait is part of the time to first token
+                tokens, token_s = self._one(prompt, n)
+            _check_reply(tokens, token_s, n)
+            return submitted, token_s
+
+        return run_clients(serve, requests, clients)
+
+
+def _check_reply(tokens, token_s, n: int) -> None:
+    if len(tokens) != n or len(token_s) != n:  # eos_token_id=-1: a reply shorter or longer than asked is a bug, not a figure
+        raise RuntimeError(f"a {n}-token request got {len(tokens)} tokens and {len(token_s)} token stamps")
+
+
 def _serve(spec: SystemSpec, conn) -> None:
     try:
         threads = spec.threads or os.cpu_count() or 1
@@ -99,6 +177,10 @@ def _serve(spec: SystemSpec, conn) -> None:
                 conn.send(runner.generate(rows, msg["new_tokens"]))
             elif kind == "chat":
                 conn.send(run_chat(runner, msg["turns"], msg["user_len"], msg["reply_len"]))
+            elif kind == "concurrent":
+                reqs = concurrent_requests(msg["requests"], msg["prompt_len"], msg["reply_len"], runner.vocab)
+                reqs = [(p, min(n, msg["reply_cap"] or n)) for p, n in reqs]  # the warm-up caps replies
+                conn.send({"requests": runner.concurrent(msg["mode"], msg["clients"], reqs, msg["max_batch"])})
             elif kind == "memory":
                 conn.send({"peak_rss_mb": _peak_rss_mb(), **runner.gpu_memory()})
             else:
@@ -107,7 +189,7 @@ def _serve(spec: SystemSpec, conn) -> None:
             conn.send({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
 
 
-class _Ours:
+class _Ours(_SerialClients):
     def __init__(self, spec: SystemSpec, threads: int):
         from gpt2onnx.runtime import Engine
 
@@ -141,8 +223,88 @@ class _Ours:
     def gpu_memory(self) -> dict:
         return _nvidia_smi_mb() if self.engine.device == "cuda" else {}
 
+    # ---- concurrent clients: mode scheduler | serial | static ----------------------------------
 
-class _HFGenerate:
+    def concurrent(self, mode: str, clients: int, requests, max_batch: int) -> list[dict]:
+        if mode == "scheduler":
+            return self._scheduled(clients, requests, max_batch)
+        if mode == "static":
+            return self._static(clients, requests, max_batch)
+        return super().concurrent(mode, clients, requests, max_batch)
+
+    def _one(self, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
+        t = time.perf_counter()
+        tokens = self.engine.generate([prompt], max_new_tokens=n, eos_token_id=-1)[0]
+        s = self.engine.stats  # this thread's generation: the caller holds the lock
+        return tokens, token_times(t, s.ttft_s, s.step_s)
+
+    def _scheduled(self, clients: int, requests, max_batch: int) -> list[dict]:
+        from gpt2onnx.runtime import Scheduler, SchedulerConfig
+
+        sched = Scheduler(self.engine, SchedulerConfig(max_batch=max_batch, max_queue=max(1024, clients)))
+
+        def serve(prompt, n):
+            res = sched.submit(prompt, max_new_tokens=n, eos_token_id=-1).result()
+            _check_reply(res.tokens, res.stats.token_s, n)
+            if res.finish_reason != "length":
+                raise RuntimeError(f"a {n}-token request finished with {res.finish_reason!r}")
+            return res.stats.submitted_s, res.stats.token_s
+
+        try:
+            return run_clients(serve, requests, clients)
+        finally:
+            sched.close()
+
+    def _static(self, clients: int, requests, max_batch: int) -> list[dict]:
+        """Static batching: when the engine is free, everything waiting (up to max_batch) runs as one
+        `generate` to the longest reply in it. A row is done at its own length; its later tokens are
+        wasted work, the true cost of static batching."""
+        waiting: queue.Queue = queue.Queue()
+
+        def batcher() -> None:
+            while (first := waiting.get()) is not None:
+                batch = [first]
+                until = time.perf_counter() + STATIC_WINDOW_S
+                while len(batch) < max_batch and (left := until - time.perf_counter()) > 0:
+                    try:
+                        item = waiting.get(timeout=left)
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        waiting.put(None)
+                        break
+                    batch.append(item)
+                try:
+                    t = time.perf_counter()
+                    out = self.engine.generate([b["prompt"] for b in batch], max_new_tokens=max(b["n"] for b in batch), eos_token_id=-1)
+                    times = token_times(t, self.engine.stats.ttft_s, self.engine.stats.step_s)
+                    for b, tokens in zip(batch, out):
+                        b["tokens"], b["token_s"] = tokens[:b["n"]], times[:b["n"]]
+                except Exception as e:  # handed to the waiting clients, raised in their threads
+                    for b in batch:
+                        b["error"] = e
+                for b in batch:
+                    b["done"].set()
+
+        def serve(prompt, n):
+            item = {"prompt": prompt, "n": n, "submitted": time.perf_counter(), "done": threading.Event()}
+            waiting.put(item)
+            item["done"].wait()
+            if "error" in item:
+                raise item["error"]
+            _check_reply(item["tokens"], item["token_s"], n)
+            return item["submitted"], item["token_s"]
+
+        thread = threading.Thread(target=batcher, daemon=True)
+        thread.start()
+        try:
+            return run_clients(serve, requests, clients)
+        finally:
+            waiting.put(None)
+            thread.join()
+
+
+class _HFGenerate(_SerialClients):
     """Shared timing for transformers-style `generate`: a stopping criterion stamps every token."""
 
     model = None
@@ -158,8 +320,13 @@ class _HFGenerate:
         timing, out = self._generate([history], new_tokens)
         return {**timing, "cached_tokens": 0}, out[0, len(history):].tolist()
 
+    def _one(self, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+        timing, out = self._generate([prompt], n)
+        return out[0, len(prompt):].tolist(), timing["token_s"]
+
     def _generate(self, rows, new_tokens: int):
-        """Greedy `generate` of exactly `new_tokens` per row: (timings, output ids [B, S + new])."""
+        """Greedy `generate` of exactly `new_tokens` per row: (timings, output ids [B, S + new]).
+        timings: ttft_s, step_s, total_s, and token_s (each token's perf_counter stamp)."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -179,7 +346,7 @@ class _HFGenerate:
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
                                       min_new_tokens=new_tokens, pad_token_id=self.eos, stopping_criteria=StoppingCriteriaList([Stamp()]))
         total = time.perf_counter() - t
-        return {"ttft_s": stamps[0] - t, "step_s": list(np.diff(stamps)), "total_s": total}, out.cpu()
+        return {"ttft_s": stamps[0] - t, "step_s": list(np.diff(stamps)), "total_s": total, "token_s": stamps}, out.cpu()
 
     def gpu_memory(self) -> dict:
         if self.device != "cuda":

@@ -305,7 +305,7 @@ class Handle:
         try:
             while True:
                 with req.cv:
-                    req.cv.wait_for(lambda: len(req.events) > i or req.done)
+                    req.cv.wait_for(lambda n=i: len(req.events) > n or req.done)
                     new, done = req.events[i:], req.done
                 i += len(new)
                 yield from new

@@ -1,4 +1,5 @@
-"""The benchmark harness on synthetic:tiny: schema, report files, a missing baseline, a damaged artifact."""
+"""The benchmark harness on synthetic:tiny: schema, report files, a missing baseline, a damaged artifact,
+the concurrent-clients scenario."""
 
 from __future__ import annotations
 
@@ -7,13 +8,18 @@ import json
 import os
 import shutil
 
-from gpt2onnx.benchmarks import harness
+import numpy as np
+import pytest
+from gpt2onnx.benchmarks import harness, systems
 
 from .conftest import run_cli
 from .test_cli import assert_one_line_error
 
 SMALL = dict(batch=[1, 2], prompt_len=[8, 16], new_tokens=4, repeats=2, context=[16, 64, 126], context_new_tokens=4,
-             chat_turns=3, chat_user_len=6, chat_reply_len=4)
+             chat_turns=3, chat_user_len=6, chat_reply_len=4, concurrent_clients=[])
+# the concurrent scenario on the tiny model: short requests, every mode, two client counts
+CONC = dict(concurrent_clients=[1, 3], concurrent_requests=7, concurrent_repeats=1, concurrent_prompt_len=[4, 40],
+            concurrent_reply_len=[3, 12])
 
 
 def test_bench_schema_and_report(tmp_path, tiny_artifact, monkeypatch):
@@ -56,12 +62,18 @@ def test_bench_schema_and_report(tmp_path, tiny_artifact, monkeypatch):
 
 def test_bench_cli_with_optimum(tmp_path, tiny_artifact):
     r = run_cli("bench", tiny_artifact, "--baselines", "optimum", "--batch", "1", "--prompt-len", "8", "--new-tokens", "3",
-                "--repeats", "1", "--context", "16", "--context-new-tokens", "3", "--chat-turns", "2", "--out", str(tmp_path / "rep"),
+                "--repeats", "1", "--context", "16", "--context-new-tokens", "3", "--chat-turns", "2", "--concurrent-clients", "2",
+                "--concurrent-requests", "3", "--concurrent-reply-len", "2,5", "--out", str(tmp_path / "rep"),
                 "--cache", str(tmp_path / "cache"), timeout=600)
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "rep" / "results.json").read_text())
     assert [x["kind"] for x in res["systems"]] == ["ours", "optimum"]
     assert os.path.isfile(tmp_path / "cache" / "optimum-hf-tiny-seed0" / "model.onnx")
+    # no int8 artifact given: the first artifact gets the concurrent scenario; optimum runs serially
+    conc = {(r["system"], r["mode"]): r for r in res["records"] if r["scenario"] == "concurrent"}
+    assert sorted(conc) == [("optimum fp32 cpu", "serial"), ("ours fp32 cpu", "scheduler"), ("ours fp32 cpu", "serial"),
+                            ("ours fp32 cpu", "static")]
+    assert len({r["tokens"] for r in conc.values()}) == 1  # the same requests, every reply exactly its length
 
 
 def test_bench_damaged_artifact(tmp_path, tiny_artifact):
@@ -81,4 +93,84 @@ def test_bench_chat_reply_too_short(tiny_artifact, tmp_path):
     """A 1-token reply has no decode step to time: refused up front, not a crash mid-run."""
     r = run_cli("bench", tiny_artifact, "--baselines", "", "--chat-reply-len", "1", "--out", str(tmp_path / "r"))
     assert_one_line_error(r, "--chat-reply-len >= 2")
+    assert not (tmp_path / "r").exists()
+
+
+def _reply_tokens(n: int, mix: dict) -> list[int]:
+    return [r for _, r in systems.concurrent_requests(n, mix["prompt_len"], mix["reply_len"], 1000)]
+
+
+def test_concurrent_plan_fits_the_context():
+    s = harness.Settings(artifacts=[])
+    assert harness.concurrent_plan(s, 1024) == {"clients": [1, 4, 16, 64], "requests": {1: 32, 4: 32, 16: 32, 64: 64},
+                                                 "prompt_len": [16, 256], "reply_len": [16, 128]}
+    tiny = harness.concurrent_plan(s, 128, log=lambda m: None)  # synthetic:tiny has 128 positions
+    assert tiny["prompt_len"][1] + tiny["reply_len"][1] <= 128 and tiny["reply_len"][0] >= 2
+    assert harness.concurrent_plan(harness.Settings(artifacts=[], concurrent_clients=[0]), 128) is None
+
+
+@pytest.mark.parametrize("mode", harness.OURS_MODES)
+def test_concurrent_worker_records(tiny_artifact, mode):
+    """Every request of the closed loop gets exactly its reply length, with stamps in order."""
+    mix = {"prompt_len": [4, 40], "reply_len": [3, 12]}
+    w = systems.Worker(systems.SystemSpec("tiny", "ours", tiny_artifact))
+    try:
+        reqs = w.request("concurrent", mode=mode, clients=3, requests=7, reply_cap=0, max_batch=3, **mix)["requests"]
+    finally:
+        w.close()
+    asked = systems.concurrent_requests(7, mix["prompt_len"], mix["reply_len"], w.loaded["manifest"]["config"]["vocab_size"])
+    assert [(r["prompt_len"], r["new_tokens"]) for r in reqs] == [(len(p), n) for p, n in asked]
+    for r in reqs:
+        assert len(r["token_s"]) == r["new_tokens"]
+        assert r["submitted_s"] < r["token_s"][0] and (np.diff(r["token_s"]) > 0).all()
+    spans = sorted((r["token_s"][0], r["token_s"][-1]) for r in reqs)
+    if mode == "serial":  # behind a lock: one request at a time
+        assert all(b[0] > a[1] for a, b in zip(spans, spans[1:]))
+    if mode == "static":  # a batch shares its stamps; the next batch starts after the last one ends
+        firsts = sorted({s for s, _ in spans})
+        ends = [max(e for s, e in spans if s == f) for f in firsts]
+        assert all(f > e for e, f in zip(ends, firsts[1:]))
+    fig = harness.concurrent_figures(reqs)
+    assert fig["tokens"] == sum(n for _, n in asked) and fig["requests"] == 7
+    assert fig["max_stall_ms"] >= fig["itl_p99_ms"] >= fig["itl_p50_ms"] > 0
+
+
+def test_concurrent_figures_refuse_disordered_stamps():
+    good = {"submitted_s": 1.0, "token_s": [1.5, 1.6, 1.8]}
+    assert harness.concurrent_figures([good])["max_stall_ms"] == pytest.approx(200)
+    with pytest.raises(harness.Gpt2OnnxError, match="out of order"):
+        harness.concurrent_figures([good, {"submitted_s": 1.0, "token_s": [1.5, 1.5]}])
+    with pytest.raises(harness.Gpt2OnnxError, match="out of order"):
+        harness.concurrent_figures([{"submitted_s": 2.0, "token_s": [1.5, 1.6]}])
+
+
+def test_bench_concurrent(tmp_path, tiny_artifact):
+    s = harness.Settings(artifacts=[tiny_artifact], baselines=[], out=str(tmp_path / "rep"), **{**SMALL, **CONC, "chat_turns": 0})
+    res = harness.run(s, log=lambda m: None)
+    on_disk = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert on_disk["concurrent"] == {"clients": [1, 3], "requests": {"1": 7, "3": 7}, "prompt_len": [4, 40], "reply_len": [3, 12]}
+    conc = [r for r in on_disk["records"] if r["scenario"] == "concurrent"]
+    assert sorted((r["mode"], r["clients"]) for r in conc) == sorted((m, c) for m in harness.OURS_MODES for c in (1, 3))
+    expected = sum(_reply_tokens(7, res["concurrent"]))  # every reply exactly its length
+    for r in conc:
+        assert r["system"] == "ours fp32 cpu" and r["requests"] == 7 and r["tokens"] == expected
+        assert r["max_batch"] == r["clients"]
+        assert r["requests_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(expected / r["wall_s"])
+        assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] and 0 < r["itl_p50_ms"] <= r["itl_p99_ms"] <= r["max_stall_ms"]
+    summary = [r for r in on_disk["summary"] if r["scenario"] == "concurrent"]
+    assert len(summary) == len(conc) and all(r["repeats"] == 1 for r in summary)
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Concurrent clients" in report and "### 3 clients: 7 requests" in report
+    assert "| ours fp32 cpu | scheduler |" in report and "| ours fp32 cpu | static |" in report
+    assert "bar 1** (C=3)" in report and "bar 2** (C=3)" in report  # no C=16 point: the largest C states the bars
+    assert (tmp_path / "rep" / "concurrent.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(tmp_path / "rep" / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(on_disk["records"])
+
+
+def test_bench_concurrent_bad_range(tiny_artifact, tmp_path):
+    r = run_cli("bench", tiny_artifact, "--baselines", "", "--concurrent-reply-len", "1,8", "--out", str(tmp_path / "r"))
+    assert_one_line_error(r, "--concurrent-reply-len takes LO,HI")
+    r = run_cli("bench", tiny_artifact, "--baselines", "", "--concurrent-precisions", "in8", "--out", str(tmp_path / "r"))
+    assert_one_line_error(r, "unknown precision 'in8'", "int8")
     assert not (tmp_path / "r").exists()

@@ -193,7 +193,7 @@ def _entry_points(engine):
 def test_every_entry_point_validates_the_same_way(engine, kw, match):
     sched, points = _entry_points(engine)
     try:
-        for name, call in points.items():
+        for call in points.values():
             with pytest.raises(Gpt2OnnxError, match=match):
                 call([1, 2, 3], **kw)
         with pytest.raises(Gpt2OnnxError, match=match):
@@ -209,7 +209,7 @@ def test_too_long_prompt_is_one_message_everywhere(engine):
     assert len(engine.encode(engine.decode(long))) == len(long)  # the text entry point sees the same length
     try:
         messages = set()
-        for name, call in points.items():
+        for call in points.values():
             with pytest.raises(Gpt2OnnxError, match="longer than the 128-position context") as e:
                 call(long, max_new_tokens=4)
             messages.add(str(e.value))

@@ -175,12 +175,12 @@ def test_conversation_reuses_the_held_cache(engine):
     """A prompt extending the previous turn (prompt + reply) runs only the new tokens, and the reply
     equals a fresh run's; held prefixes never keep a fresh request waiting."""
     history = [15496, 11, 703, 389, 345, 30, 50256]
+    held = 0
     with Scheduler(engine, SchedulerConfig(max_batch=2)) as s:
         for turn in range(3):
             r = s.submit(history, max_new_tokens=6).result(timeout=60)
             assert r.tokens == alone(engine, history, max_new_tokens=6)
-            if turn:
-                assert r.stats.cached_tokens == held
+            assert r.stats.cached_tokens == held
             held = len(history) + len(r.tokens) - 1  # the last token is sampled, never fed
             history = history + r.tokens + [50256, 40 + turn, 50256]
         assert s.metrics()["held_prefixes"] >= 1
