@@ -305,7 +305,9 @@ class Handle:
         try:
             while True:
                 with req.cv:
+                    req.followers += 1
                     req.cv.wait_for(lambda n=i: len(req.events) > n or req.done)
+                    req.followers -= 1
                     new, done = req.events[i:], req.done
                 i += len(new)
                 yield from new
