@@ -8,6 +8,7 @@ import json
 import sys
 from dataclasses import fields
 
+from gpt2onnx.export.quantize import INT8_METHODS  # no heavy imports: the choices only
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 from gpt2onnx.runtime.sampling import GenerationConfig
 
@@ -53,7 +54,7 @@ def cmd_export(args) -> None:
 
     keep = tuple(n for n in (args.keep_float or "").split(",") if n)
     d8, d4 = Int8Config(), Int4Config()
-    int8 = Int8Config(per_channel=d8.per_channel and not args.int8_per_tensor,
+    int8 = Int8Config(method=args.int8_method or d8.method, per_channel=d8.per_channel and not args.int8_per_tensor,
                       reduce_range=d8.reduce_range and not args.int8_full_range, exclude=keep or d8.exclude)
     int4 = Int4Config(block_size=args.int4_block_size or d4.block_size, symmetric=d4.symmetric and not args.int4_asymmetric,
                       accuracy_level=d4.accuracy_level if args.int4_accuracy_level is None else args.int4_accuracy_level,
@@ -156,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--kv-dtype", help="KV cache dtype float32 | float16 | int8 (default: the activations')")
     q = p.add_argument_group("quantization (defaults chosen by measurement, see export/quantize.py)")
+    q.add_argument("--int8-method", choices=INT8_METHODS,
+                   help="int8: dynamic (DynamicQuantizeMatMul, fastest; default) or nbits (8-bit MatMulNBits: "
+                        "each request's tokens independent of its batch-mates, slower)")
     q.add_argument("--int8-per-tensor", action="store_true", help="int8: one scale per weight instead of per column")
     q.add_argument("--int8-full-range", action="store_true", help="int8: 8-bit weights instead of 7-bit (VNNI machines)")
     q.add_argument("--int4-block-size", type=int, help="int4: weights per scale (power of two >= 16)")

@@ -13,8 +13,9 @@ while other rows are decoding, so a running row's wait for its next token stays 
 runs one decode step over every decoding row; a row that finishes leaves the batch that step and
 its slot goes to the next waiting request. Rows have their own lengths and positions (slots.py).
 Each request samples with its own options and generator, so its tokens do not depend on its
-batch-mates (in fp32 and int4; int8 artifacts quantize activations with one scale per call, see
-the README).
+batch-mates: exactly so in fp32, int4 and int8 exported with `--int8-method nbits` (activations
+quantized per row); the default int8 (DynamicQuantizeMatMul) shares one activation scale per
+call, so a row's logits move slightly with its batch-mates (manifest: quantization.batch_invariant).
 """
 
 from __future__ import annotations

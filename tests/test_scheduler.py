@@ -47,18 +47,23 @@ def test_seeded_sampling_does_not_depend_on_batch_mates(engine):
             assert [h.result(timeout=120).tokens for h in handles] == expected
 
 
-def test_int4_rows_do_not_depend_on_batch_mates(tmp_path_factory):
-    """int4 (MatMulNBits) quantizes activations per row, so batching leaves every request's tokens alone."""
+@pytest.mark.parametrize("precision, method", [("int4", "dynamic"), ("int8", "nbits")])
+def test_nbits_rows_do_not_depend_on_batch_mates(tmp_path_factory, precision, method):
+    """MatMulNBits (int4, and int8 exported with --int8-method nbits) quantizes activations per row,
+    so batching leaves every request's tokens alone."""
     from gpt2onnx.export.convert import ExportOptions, export
+    from gpt2onnx.export.quantize import Int8Config
 
     from .conftest import QUIET
 
-    path = export(ExportOptions("synthetic:tiny", str(tmp_path_factory.mktemp("art") / "int4"), precision="int4"), log=QUIET)
+    out = str(tmp_path_factory.mktemp("art") / precision)
+    path = export(ExportOptions("synthetic:tiny", out, precision=precision, int8=Int8Config(method=method)), log=QUIET)
     e = Engine.load(path, provider="cpu")
     work = workload(10, seed=2)
     expected = [alone(e, p, max_new_tokens=n, eos_token_id=-1) for p, n in work]
     with Scheduler(e, SchedulerConfig(max_batch=4, prefill_chunk=9)) as s:
         assert [h.result(timeout=120).tokens for h in [s.submit(p, max_new_tokens=n, eos_token_id=-1) for p, n in work]] == expected
+    assert e.manifest.raw["quantization"]["batch_invariant"] is True
 
 
 def test_stop_conditions_and_logprobs_per_request(engine):
