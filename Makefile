@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/gpt2onnx generate $(DEMO) "$(PROMPT)" --max-new-tokens 32 --timing
 
 # Export what the report compares (once), then measure beside PyTorch and optimum (~25 min on 2 cores,
-# plus ~40 min for the concurrent-clients scenario, mostly optimum serving its requests one at a time;
+# plus ~30 min for the concurrent-clients scenario, mostly optimum serving its requests one at a time;
 # BENCH_ARGS="--concurrent-clients 0" skips it).
 bench: $(STAMP)
 	for p in $(BENCH_PRECISIONS); do \

@@ -75,7 +75,9 @@ class Settings:
     chat_reply_len: int = 16
     # closed-loop clients sending requests back to back (empty or 0 = skip); see concurrent_plan
     concurrent_clients: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
-    concurrent_requests: int = 0  # per point; 0 = max(C, 32)
+    # per point; 0 = max(2C, 64): at C <= 16 four or more requests per client, so the ramp-up (all
+    # prompts at once) and the tail (a partly filled batch) do not dominate the figure
+    concurrent_requests: int = 0
     concurrent_repeats: int = 3
     concurrent_precisions: list[str] = field(default_factory=lambda: ["int8"])  # none given: the first artifact
     concurrent_max_batch: int = 64  # the scheduler's and static batching's batch: min(C, this)
@@ -104,9 +106,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrent-clients", type=ints, default=d.concurrent_clients,
                    help="closed-loop clients per point of the concurrent scenario ('' or 0 = skip; default 1,4,16,64)")
     p.add_argument("--concurrent-requests", type=int, default=d.concurrent_requests,
-                   help="requests per concurrent point, the same list for every system (0 = max(C, 32)). The serial systems "
-                        "take this many requests' time per point: on 2 cores DialoGPT-small int8 ~0.9 s and optimum ~3.5 s a "
-                        "request, so the defaults add ~40 min to make bench (~12 min without optimum)")
+                   help="requests per concurrent point, the same list for every system (0 = max(2C, 64)). The serial systems "
+                        "take this many requests' time per point: on 2 cores DialoGPT-small int8 ~0.3 s and optimum ~1.2 s a "
+                        "request, so the defaults add ~30 min to make bench (~8 min without optimum)")
     p.add_argument("--concurrent-repeats", type=int, default=d.concurrent_repeats, help="timed repeats of the concurrent scenario")
     p.add_argument("--concurrent-precisions", type=lambda v: [x for x in v.split(",") if x], default=d.concurrent_precisions,
                    help="artifacts of these precisions get the concurrent scenario (default int8; none given: the first artifact)")
@@ -291,7 +293,7 @@ def concurrent_plan(s: Settings, n_positions: int, log=print) -> dict | None:
     if f < 1:
         log(f"concurrent scenario: prompts {prompt[0]}-{prompt[1]} and replies {reply[0]}-{reply[1]} tokens "
             f"fit the {n_positions}-position context")
-    return {"clients": clients, "requests": {c: s.concurrent_requests or max(c, 32) for c in clients},
+    return {"clients": clients, "requests": {c: s.concurrent_requests or max(2 * c, 64) for c in clients},
             "prompt_len": prompt, "reply_len": reply}
 
 
