@@ -102,7 +102,7 @@ def _reply_tokens(n: int, mix: dict) -> list[int]:
 
 def test_concurrent_plan_fits_the_context():
     s = harness.Settings(artifacts=[])
-    assert harness.concurrent_plan(s, 1024) == {"clients": [1, 4, 16, 64], "requests": {1: 32, 4: 32, 16: 32, 64: 64},
+    assert harness.concurrent_plan(s, 1024) == {"clients": [1, 4, 16, 64], "requests": {1: 64, 4: 64, 16: 64, 64: 128},
                                                  "prompt_len": [16, 256], "reply_len": [16, 128]}
     tiny = harness.concurrent_plan(s, 128, log=lambda m: None)  # synthetic:tiny has 128 positions
     assert tiny["prompt_len"][1] + tiny["reply_len"][1] <= 128 and tiny["reply_len"][0] >= 2
