@@ -142,6 +142,64 @@ def cmd_bench(args) -> None:
     bench_main(args)
 
 
+def cmd_serve(args) -> None:
+    import os
+
+    try:
+        from gpt2onnx.serve.config import ServeConfig
+        from gpt2onnx.serve.server import serve
+    except ImportError as e:
+        raise Gpt2OnnxError(f"the server needs {e.name}; install it with `pip install gpt2onnx[serve]`") from None
+    d = ServeConfig()
+    given = {k: v for k, v in vars(args).items() if k in d.__dataclass_fields__ and v is not None}
+    cfg = ServeConfig(**{**given, "api_key": args.api_key or os.environ.get("GPT2ONNX_API_KEY") or None})
+    if not args.ray:
+        serve(args.artifacts, cfg)
+        return
+    try:
+        from gpt2onnx.serve.ray_app import run
+        from gpt2onnx.serve.server import check
+    except ImportError as e:
+        raise Gpt2OnnxError(f"scale-out needs {e.name}; install it with `pip install gpt2onnx[ray]`") from None
+    check(cfg)
+    if args.replicas < 1:
+        raise Gpt2OnnxError(f"--replicas must be at least 1, got {args.replicas}")
+    run(args.artifacts, cfg, args.replicas)
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    from gpt2onnx.runtime.scheduler import SchedulerConfig
+
+    d, sd = _serve_defaults(), SchedulerConfig()
+    p.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="artifact directories; each is a model named after its directory")
+    p.add_argument("--host", help=f"address to listen on (default {d['host']}: loopback only)")
+    p.add_argument("--port", type=int, help=f"port (default {d['port']}; 0 = any free port, printed at start)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (or set GPT2ONNX_API_KEY)")
+    p.add_argument("--max-tokens", type=int, help=f"cap on a request's max_tokens (default {d['max_tokens']})")
+    p.add_argument("--default-max-tokens", type=int, help=f"max_tokens when a request names none (default {d['default_max_tokens']})")
+    p.add_argument("--max-body-bytes", type=int, help=f"largest request body (default {d['max_body_bytes']})")
+    p.add_argument("--request-timeout-s", type=float, help=f"cancel a request after this long (default {d['request_timeout_s']:g})")
+    p.add_argument("--shutdown-timeout-s", type=float, help=f"on SIGTERM, time in-flight requests get (default {d['shutdown_timeout_s']:g})")
+    p.add_argument("--max-batch", type=int, help=f"requests decoded together per model (default {sd.max_batch})")
+    p.add_argument("--max-queue", type=int, help=f"requests waiting beyond the batch before 429 (default {sd.max_queue})")
+    p.add_argument("--prefill-chunk", type=int, help=f"prompt tokens per decode step while others decode (default {sd.prefill_chunk})")
+    p.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas (pip install gpt2onnx[ray])")
+    p.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas with --ray (default 2)")
+
+
+def _serve_defaults() -> dict:
+    """ServeConfig's defaults without importing the serve extra (help text only)."""
+    try:
+        from dataclasses import asdict
+
+        from gpt2onnx.serve.config import ServeConfig
+
+        return asdict(ServeConfig())
+    except ImportError:
+        return {"host": "127.0.0.1", "port": 8000, "max_tokens": 512, "default_max_tokens": 16, "max_body_bytes": 1 << 20,
+                "request_timeout_s": 300.0, "shutdown_timeout_s": 30.0}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2onnx", description="Export, run and measure GPT-2-family models on ONNX Runtime.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -189,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="artifact directory")
     p.add_argument("--json", action="store_true", help="the raw manifest")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("serve", help="serve artifacts over an OpenAI-compatible HTTP API")
+    _add_serve_args(p)
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="benchmark artifacts against PyTorch and optimum")
     try:

@@ -144,12 +144,21 @@ def test_truncate_keeps_newest_tokens(engine):
     assert out == engine.generate([long[-124:]], max_new_tokens=4)
 
 
-def test_runtime_imports_no_torch(tiny_artifact):
+def test_runtime_and_server_import_no_torch(tiny_artifact):
     code = (
         "import sys\n"
         "from gpt2onnx.runtime import Engine\n"
         f"e = Engine.load({tiny_artifact!r}, provider='cpu')\n"
         "e.generate_text('hi', max_new_tokens=3); list(e.stream('hi', max_new_tokens=3)); e.chat().send('hi')\n"
+        "from gpt2onnx.runtime import Scheduler\n"
+        "with Scheduler(e) as s: s.submit('hi', max_new_tokens=3).result()\n"
+        "from fastapi.testclient import TestClient\n"  # the server, through its routes
+        "from gpt2onnx.serve.app import Model, build_app\n"
+        "from gpt2onnx.serve.config import ServeConfig\n"
+        "app = build_app([Model('m', e, Scheduler(e), 0)], ServeConfig())\n"
+        "with TestClient(app) as c:\n"
+        "    r = c.post('/v1/completions', json={'model': 'm', 'prompt': 'hi', 'max_tokens': 3})\n"
+        "    assert r.status_code == 200, r.text\n"
         "bad = [m for m in ('torch', 'transformers', 'onnx') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -1,0 +1,56 @@
+"""Prometheus metrics: request counts, latency histograms, and each scheduler's queue and batch
+read at scrape time. One registry per app, so several apps (tests) never share series."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _SchedulerCollector:
+    def __init__(self, models):
+        self.models = models
+
+    def collect(self):
+        gauges = {k: GaugeMetricFamily(f"gpt2onnx_{k}", help_, labels=["model"]) for k, help_ in (
+            ("waiting", "requests waiting for a slot"), ("running", "requests in the batch"),
+            ("slots", "batch rows (scheduler max_batch)"), ("held_prefixes", "free slots keeping a conversation's cache"))}
+        counters = {k: CounterMetricFamily(f"gpt2onnx_{k}", help_, labels=["model"]) for k, help_ in (
+            ("prompt_tokens", "prompt tokens admitted"), ("cached_tokens", "prompt tokens reused from held caches"),
+            ("generated_tokens", "tokens generated"), ("steps", "decode steps"), ("refused", "requests refused: queue full"),
+            ("cancelled", "requests cancelled"), ("errors", "requests failed in the engine"))}
+        for m in self.models:
+            snap = m.scheduler.metrics()
+            for k, g in gauges.items():
+                g.add_metric([m.name], snap[k])
+            for k, c in counters.items():
+                c.add_metric([m.name], snap[k])
+        yield from gauges.values()
+        yield from counters.values()
+
+
+class Metrics:
+    def __init__(self, models):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("gpt2onnx_http_requests", "generation requests accepted", ["route"], registry=r)
+        self.errors = Counter("gpt2onnx_http_errors", "error responses", ["status"], registry=r)
+        self.ttft = Histogram("gpt2onnx_time_to_first_token_seconds", "submission to first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("gpt2onnx_inter_token_seconds", "gap between consecutive tokens", buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("gpt2onnx_request_seconds", "submission to last token", buckets=LATENCY_BUCKETS, registry=r)
+        r.register(_SchedulerCollector(models))
+
+    def observe(self, res) -> None:
+        """Record one finished choice's timings."""
+        ts = res.stats.token_s
+        if not ts:
+            return
+        self.ttft.observe(ts[0] - res.stats.submitted_s)
+        self.latency.observe(ts[-1] - res.stats.submitted_s)
+        for a, b in zip(ts, ts[1:]):
+            self.itl.observe(b - a)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,194 @@
+"""Scale-out on Ray Serve: N replicas, each an engine and scheduler per artifact behind the same
+OpenAI routes, and one ingress that routes each conversation to the replica holding its cache.
+
+    gpt2onnx serve ARTIFACT --ray --replicas 2            # or, from Python:
+    from gpt2onnx.serve.ray_app import application
+    serve.run(application(["artifacts/dialogpt-small-int8"], ServeConfig(), replicas=2))
+
+Routing. A chat conversation's KV cache lives in the replica that served its last turn, so every
+turn must reach the same replica. The ingress tags each request with a conversation key (carried
+as Ray Serve's multiplexed model id) and the Replica deployment uses a custom request router
+(Ray Serve's RequestRouter API): rendezvous hashing of the key over the running replicas, so a key
+always ranks the same replica first while it lives, and only the conversations of a replica that
+goes away move. (Ray's own multiplexed routing was tried first: it learns which replica holds an id
+from reports that lag by seconds, so back-to-back turns of one conversation landed on both
+replicas.) The key is the client's `X-Conversation-Id` header when given, else a hash of the model,
+the `user` field and the conversation's first turn (stable as the conversation grows). Requests
+without a key (completions) go to whichever replica Ray's default ranking picks.
+
+Each replica runs the app of app.py in-process (ASGI), so the routes, validation and errors are
+the single server's exactly; the ingress forwards method, path, headers and body and streams the
+answer back. A replica that dies is replaced by Ray; requests it held fail with a 503 that says so.
+"""
+
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the routes' annotations here
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from .config import ServeConfig
+
+try:  # the router base class exists in the ray extra only; the rest of this module needs it too
+    from ray.serve.request_router import RequestRouter
+except ImportError:  # pragma: no cover - gpt2onnx[ray] not installed: the CLI says which extra to install
+    RequestRouter = object
+
+CONVERSATION_HEADER = "x-conversation-id"
+REPLICA_HEADER = "x-gpt2onnx-replica"  # which replica answered (tests, debugging)
+
+
+def conversation_key(path: str, headers: dict[str, str], body: bytes) -> str | None:
+    """The key that pins a chat conversation to a replica, or None (no affinity needed)."""
+    if given := headers.get(CONVERSATION_HEADER):
+        return given[:200]
+    if not path.endswith("/chat/completions"):
+        return None
+    try:
+        data = json.loads(body)
+        turns = [m for m in data.get("messages", []) if m.get("role") in ("user", "assistant")]
+        first = turns[0].get("content") or ""
+        basis = json.dumps([data.get("model"), data.get("user"), first])
+    except (ValueError, AttributeError, IndexError, TypeError):
+        return None  # the replica will refuse the body with a proper 400
+    return hashlib.sha256(basis.encode()).hexdigest()[:32]
+
+
+class ConversationRouter(RequestRouter):
+    """Rendezvous hashing: a request with a conversation key goes to the replica whose hash with
+    the key ranks first (then the next, if it is full); requests without a key to any replica."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        key = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        if not key:
+            return [list(candidate_replicas)]
+        ranked = sorted(candidate_replicas, key=lambda r: hashlib.sha256(f"{key}/{r.replica_id.unique_id}".encode()).digest())
+        return [[r] for r in ranked]
+
+
+def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autoscaling: dict | None = None):
+    """The Ray Serve application: `serve.run(application(...))`. `autoscaling` (Ray's
+    autoscaling_config, e.g. {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16})
+    replaces the fixed replica count."""
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from .protocol import error_body
+
+    @serve.deployment(num_replicas=None if autoscaling else replicas, autoscaling_config=autoscaling,
+                      max_ongoing_requests=cfg.max_batch + cfg.max_queue, health_check_period_s=2, health_check_timeout_s=10,
+                      request_router_config=RequestRouterConfig(request_router_class=ConversationRouter))
+    class Replica:
+        def __init__(self, artifacts: list[str], cfg: ServeConfig):
+            from .app import build_app
+            from .server import load_models
+
+            self.models = load_models(artifacts, cfg)
+            self.app = build_app(self.models, cfg)
+            self.replica_id = serve.get_replica_context().replica_tag
+
+        async def forward(self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> AsyncIterator:
+            """Run one HTTP request through the app; yields (status, headers), then body chunks."""
+            scope = {"type": "http", "http_version": "1.1", "method": method, "path": path, "raw_path": path.encode(),
+                     "query_string": b"", "headers": headers, "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
+                     "scheme": "http", "root_path": ""}
+            import asyncio
+
+            out: asyncio.Queue = asyncio.Queue()
+            sent = False
+
+            async def receive():
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                await asyncio.Event().wait()  # the ingress hangs up by cancelling this generator
+                return {"type": "http.disconnect"}
+
+            async def send(msg):
+                await out.put(msg)
+
+            task = asyncio.ensure_future(self.app(scope, receive, send))
+            try:
+                while True:
+                    msg = await out.get()
+                    if msg["type"] == "http.response.start":
+                        headers = [(k.decode(), v.decode()) for k, v in msg.get("headers", [])]
+                        yield (msg["status"], headers + [(REPLICA_HEADER, self.replica_id)])
+                    elif msg["type"] == "http.response.body":
+                        if msg.get("body"):
+                            yield msg["body"]
+                        if not msg.get("more_body"):
+                            break
+            finally:
+                if not task.done():
+                    task.cancel()
+
+        def check_health(self) -> None:
+            for m in self.models:
+                if not m.scheduler.thread.is_alive():
+                    raise RuntimeError(f"the scheduler of {m.name} stopped")
+
+    ingress_app = FastAPI(docs_url=None, redoc_url=None)
+
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})  # it forwards bytes; the replicas compute
+    @serve.ingress(ingress_app)
+    class Ingress:
+        def __init__(self, replica):
+            self.replica = replica
+
+        @ingress_app.api_route("/{path:path}", methods=["GET", "POST"])
+        async def route(self, path: str, request: Request):
+            body = await request.body()
+            if len(body) > cfg.max_body_bytes:
+                return JSONResponse(error_body(f"request body is over this server's limit of {cfg.max_body_bytes} bytes"), 413)
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            key = conversation_key("/" + path, headers, body)
+            handle = self.replica.options(stream=True, **({"multiplexed_model_id": key} if key else {}))
+            gen = handle.forward.remote(request.method, "/" + path, [(k.encode(), v.encode()) for k, v in request.headers.items()], body)
+            try:
+                status, resp_headers = await gen.__anext__()
+            except Exception as e:  # noqa: BLE001 - a replica that died or is restarting
+                return JSONResponse(error_body(f"no replica could take the request ({type(e).__name__}); retry", "server_error"),
+                                    503, headers={"Retry-After": str(cfg.retry_after_s)})
+            media = dict(resp_headers).get("content-type", "application/json")
+            if media.startswith("text/event-stream"):
+                async def chunks():
+                    try:
+                        async for c in gen:
+                            yield c
+                    except Exception as e:  # noqa: BLE001 - the replica died mid-stream: say so, then end
+                        yield f"data: {json.dumps(error_body(f'the replica failed mid-stream ({type(e).__name__}); retry', 'server_error'))}\n\n".encode()
+                        yield b"data: [DONE]\n\n"
+
+                return StreamingResponse(chunks(), status_code=status, media_type="text/event-stream",
+                                         headers={REPLICA_HEADER: dict(resp_headers).get(REPLICA_HEADER, "")})
+            try:
+                content = b"".join([c async for c in gen])
+            except Exception as e:  # noqa: BLE001
+                return JSONResponse(error_body(f"the replica failed ({type(e).__name__}); retry", "server_error"), 503,
+                                    headers={"Retry-After": str(cfg.retry_after_s)})
+            keep = {k: v for k, v in resp_headers if k.lower() in ("retry-after", "content-type", REPLICA_HEADER)}
+            return Response(content, status_code=status, headers=keep)
+
+    return Ingress.bind(Replica.bind(artifacts, cfg))
+
+
+def run(artifacts: list[str], cfg: ServeConfig, replicas: int) -> None:
+    """`gpt2onnx serve --ray`: start a local Ray (or join RAY_ADDRESS) and serve until interrupted."""
+    import time
+
+    import ray
+    from ray import serve
+
+    ray.init(ignore_reinit_error=True)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(application(artifacts, cfg, replicas), name="gpt2onnx", route_prefix="/")
+    print(f"gpt2onnx: serving on http://{cfg.host}:{cfg.port}/v1 with {replicas} Ray Serve replicas", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()

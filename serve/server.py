@@ -1,0 +1,70 @@
+"""`gpt2onnx serve`: load the artifacts, start one scheduler each, serve HTTP with uvicorn.
+
+SIGTERM / Ctrl-C: uvicorn stops accepting connections and waits up to `shutdown_timeout_s` for open
+ones; then the app's shutdown finishes (or, past the deadline, cancels) what the schedulers still
+hold, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+
+from gpt2onnx.runtime import Engine, Gpt2OnnxError, Scheduler, SchedulerConfig
+
+from .app import Model, build_app
+from .config import ServeConfig
+
+
+def load_models(artifacts: list[str], cfg: ServeConfig) -> list[Model]:
+    """One engine and scheduler per artifact; the model id is the directory's name."""
+    names = [os.path.basename(os.path.normpath(a)) for a in artifacts]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise Gpt2OnnxError(f"two artifacts are both named {dup[0]!r}; model ids come from directory names, rename one")
+    models = []
+    for name, path in zip(names, artifacts):
+        engine = Engine.load(path, provider=cfg.provider, threads=cfg.threads)
+        sched = Scheduler(engine, SchedulerConfig(max_batch=cfg.max_batch, max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk))
+        models.append(Model(name, engine, sched, int(time.time())))
+    return models
+
+
+def check(cfg: ServeConfig) -> None:
+    """Range checks with one-line messages (the CLI's and the Ray app's)."""
+    if not 0 <= cfg.port <= 65535:
+        raise Gpt2OnnxError(f"port must be from 0 to 65535, got {cfg.port}")
+    for name in ("max_body_bytes", "max_tokens", "default_max_tokens"):
+        if getattr(cfg, name) < 1:
+            raise Gpt2OnnxError(f"{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.default_max_tokens > cfg.max_tokens:
+        raise Gpt2OnnxError(f"the default max tokens ({cfg.default_max_tokens}) is above the cap ({cfg.max_tokens})")
+    if not cfg.request_timeout_s > 0 or not cfg.shutdown_timeout_s >= 0:
+        raise Gpt2OnnxError("timeouts must be positive")
+    if cfg.api_key is not None and not cfg.api_key.strip():
+        raise Gpt2OnnxError("the API key is empty; give a non-empty key or none")
+    SchedulerConfig(max_batch=cfg.max_batch, max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk).validate(1 << 30)
+
+
+def serve(artifacts: list[str], cfg: ServeConfig) -> None:
+    import uvicorn
+
+    check(cfg)
+    try:
+        sock = socket.create_server((cfg.host, cfg.port))  # bound here, so --port 0 can say which port it got
+    except OSError as e:
+        raise Gpt2OnnxError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}; choose another --port") from None
+    models = load_models(artifacts, cfg)
+    app = build_app(models, cfg)
+    host, port = sock.getsockname()[:2]
+    print(f"gpt2onnx: serving {', '.join(m.name for m in models)} on http://{host}:{port}/v1"
+          + (" (API key required)" if cfg.api_key else ""), file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(cfg.shutdown_timeout_s) or None,
+                                           access_log=False))
+    # uvicorn handles SIGTERM (graceful stop), then re-raises it under the handler it found; a no-op
+    # one here makes a graceful stop exit 0 instead of dying by the signal
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run(sockets=[sock])

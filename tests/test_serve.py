@@ -1,0 +1,333 @@
+"""The OpenAI-compatible server, driven the way users drive it: the official `openai` client and raw
+HTTP (httpx) against `gpt2onnx serve` started on a free loopback port with synthetic:tiny."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+KEY = "sk-test-key"
+
+
+class Server:
+    """`gpt2onnx serve` in a subprocess on a free port; `url` is its /v1 base."""
+
+    def __init__(self, artifact: str, *args: str, key: str | None = KEY):
+        cmd = [sys.executable, "-m", "gpt2onnx.cli", "serve", artifact, "--port", "0", "--provider", "cpu", *args]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        env.pop("GPT2ONNX_API_KEY", None)
+        if key:
+            cmd += ["--api-key", key]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.model = os.path.basename(artifact)
+        deadline = time.time() + 60
+        line = ""
+        while time.time() < deadline:
+            line = self.proc.stderr.readline()
+            if "serving" in line or not line:
+                break
+        if "serving" not in line:
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {line}{self.proc.stderr.read()}")
+        self.base = line.split(" on ")[1].split()[0].removesuffix("/v1")
+        self.url = self.base + "/v1"
+        self.key = key
+        self._drain = threading.Thread(target=self.proc.stderr.read, daemon=True)  # never let its pipe fill
+        self._drain.start()
+
+    def client(self, **kw):
+        return openai.OpenAI(base_url=self.url, api_key=self.key or "none", max_retries=0, timeout=60, **kw)
+
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(self.base + "/metrics", timeout=10).text
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) / 1024
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact):
+    s = Server(tiny_artifact, "--max-tokens", "64")
+    yield s
+    assert s.stop() == 0
+
+
+def test_completions_with_the_openai_client(server):
+    c = server.client()
+    r = c.completions.create(model=server.model, prompt="Hello, how are you?", max_tokens=8, temperature=0)
+    assert r.object == "text_completion" and len(r.choices) == 1
+    ch = r.choices[0]
+    assert ch.finish_reason in ("stop", "length") and isinstance(ch.text, str)
+    assert r.usage.completion_tokens >= 1 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    again = c.completions.create(model=server.model, prompt="Hello, how are you?", max_tokens=8, temperature=0)
+    assert again.choices[0].text == ch.text  # greedy is deterministic
+    ids = c.completions.create(model=server.model, prompt=[15496, 11, 703], max_tokens=4, temperature=0)
+    assert ids.usage.prompt_tokens == 3
+
+
+def test_streamed_text_equals_the_whole_text(server):
+    c = server.client()
+    kw = dict(model=server.model, prompt="Tell me a story", max_tokens=24, temperature=0.8, top_p=0.9, seed=11)
+    whole = c.completions.create(**kw)
+    chunks = list(c.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert text == whole.choices[0].text
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_chat_with_the_openai_client(server):
+    c = server.client()
+    msgs = [{"role": "system", "content": "ignored"}, {"role": "user", "content": "Hi there!"}]
+    r = c.chat.completions.create(model=server.model, messages=msgs, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2)
+    msg = r.choices[0].message
+    assert msg.role == "assistant" and isinstance(msg.content, str)
+    lp = r.choices[0].logprobs.content
+    assert len(lp) == r.usage.completion_tokens and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in lp)
+    streamed = c.chat.completions.create(model=server.model, messages=msgs, max_tokens=10, temperature=0, stream=True)
+    parts = list(streamed)
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == msg.content
+
+
+def test_conversation_reuses_the_server_cache(server):
+    """The second turn's messages extend the first (user, assistant reply): the server runs only
+    the new tokens (its cached-token counter grows by the history's length)."""
+    c = server.client()
+    turn = [{"role": "user", "content": "What is the weather like?"}]
+    first = c.chat.completions.create(model=server.model, messages=turn, max_tokens=6, temperature=0)
+    before = server.metrics()[f'gpt2onnx_cached_tokens_total{{model="{server.model}"}}']
+    turn += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "And tomorrow?"}]
+    c.chat.completions.create(model=server.model, messages=turn, max_tokens=6, temperature=0)
+    gained = server.metrics()[f'gpt2onnx_cached_tokens_total{{model="{server.model}"}}'] - before
+    assert gained >= first.usage.prompt_tokens  # at least the first turn's prompt was not run again
+
+
+def test_n_seed_echo_and_logprobs(server):
+    c = server.client()
+    r = c.completions.create(model=server.model, prompt="Once upon", max_tokens=6, n=2, seed=3, temperature=1.0, logprobs=2, echo=False)
+    assert [ch.index for ch in r.choices] == [0, 1]
+    for ch in r.choices:
+        assert len(ch.logprobs.tokens) == len(ch.logprobs.token_logprobs) == len(ch.logprobs.top_logprobs)
+    e = c.completions.create(model=server.model, prompt="Once upon", max_tokens=3, temperature=0, echo=True)
+    assert e.choices[0].text.startswith("Once upon")
+
+
+def test_models_health_metrics(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [server.model]
+    h = httpx.get(server.base + "/health", timeout=10)  # no key needed
+    assert h.status_code == 200 and h.json()["status"] == "ok"
+    m = server.metrics()
+    assert f'gpt2onnx_waiting{{model="{server.model}"}}' in m and "gpt2onnx_time_to_first_token_seconds_count" in m
+
+
+@pytest.mark.parametrize("body, status, match", [
+    ({"model": "nope", "prompt": "x"}, 404, "does not exist"),
+    ({"prompt": "x"}, 400, "model"),
+    ({"model": None, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": None, "prompt": "x", "max_tokens": 100000}, 400, "above this server's limit"),
+    ({"model": None, "prompt": "x", "temperature": 5}, 400, "temperature"),
+    ({"model": None, "prompt": [[1, 99999999]]}, 400, "outside the vocabulary"),
+    ({"model": None, "prompt": "x " * 400}, 400, "longer than the 128-position context"),
+    ({"model": None, "prompt": "x", "best_of": 3}, 400, "best_of is not supported"),
+    ({"model": None, "prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
+])
+def test_bad_requests_get_openai_errors(server, body, status, match):
+    if "model" in body and body["model"] is None:
+        body["model"] = server.model
+    r = httpx.post(server.url + "/completions", json=body, headers=server.headers(), timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert match in err["message"] and err["type"]
+
+
+def test_malformed_and_oversized_bodies(server):
+    r = httpx.post(server.url + "/completions", content=b"{not json", headers={**server.headers(), "Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    big = json.dumps({"model": server.model, "prompt": "x" * (2 << 20)})
+    r = httpx.post(server.url + "/completions", content=big, headers={**server.headers(), "Content-Type": "application/json"})
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+
+def test_api_key_checked_on_every_v1_route(server):
+    bad = openai.OpenAI(base_url=server.url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model=server.model, prompt="x", max_tokens=2)
+    r = httpx.post(server.url + "/chat/completions", json={"model": server.model, "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_errors_through_the_openai_client(server):
+    c = server.client()
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=server.model, messages=[{"role": "system", "content": "only"}], max_tokens=2)
+
+
+def test_client_disconnect_cancels(server):
+    key = f'gpt2onnx_cancelled_total{{model="{server.model}"}}'
+    before = server.metrics()[key]
+    body = {"model": server.model, "prompt": "Go on", "max_tokens": 64, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/completions", json=body, headers=server.headers(), timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # one chunk, then hang up
+    deadline = time.time() + 10
+    while server.metrics()[key] <= before and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.metrics()[key] > before
+
+
+def test_full_queue_gets_429_with_retry_after(tiny_artifact):
+    """One slot and no queue: of 8 requests sent at once, one runs and the others are refused at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = Server(tiny_artifact, "--max-batch", "1", "--max-queue", "0", "--max-tokens", "120", key=None)
+    try:
+        body = {"model": s.model, "prompt": "x", "max_tokens": 120, "temperature": 0}
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: httpx.post(s.url + "/completions", json=body, timeout=30), range(8)))
+        busy = [a for a in answers if a.status_code == 429]
+        assert busy and all(a.status_code in (200, 429) for a in answers)
+        assert all(a.headers["Retry-After"].isdigit() and a.json()["error"]["type"] == "rate_limit_error" for a in busy)
+        assert all(a.json()["usage"]["completion_tokens"] == 120 for a in answers if a.status_code == 200)
+    finally:
+        assert s.stop() == 0
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_artifact):
+    s = Server(tiny_artifact, key=None)
+    out = {}
+
+    def slow():
+        out["r"] = httpx.post(s.url + "/completions", json={"model": s.model, "prompt": "x", "max_tokens": 100, "temperature": 0,
+                                                             "stop": [], "seed": 1}, timeout=60)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.5)
+    s.proc.send_signal(signal.SIGTERM)
+    t.join(60)
+    assert s.proc.wait(30) == 0
+    assert out["r"].status_code == 200 and out["r"].json()["usage"]["completion_tokens"] >= 1
+
+
+def test_serve_cli_errors_are_one_line(tiny_artifact, tmp_path):
+    from .conftest import run_cli
+
+    r = run_cli("serve", str(tmp_path / "missing"), "--port", "0")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
+    r = run_cli("serve", tiny_artifact, "--port", "70000")
+    assert r.returncode == 2 and "port must be from 0 to 65535" in r.stderr
+    r = run_cli("serve", tiny_artifact, "--max-batch", "0")
+    assert r.returncode == 2 and "max_batch" in r.stderr
+
+
+def test_load_with_faults_loses_nothing_and_does_not_grow(tiny_artifact):
+    """64 concurrent clients, 3 rounds of 64 requests each (bounded in requests and time): streaming
+    requests, some hanging up mid-stream, malformed JSON, oversized bodies and out-of-range values.
+    Every well-formed request completes exactly once or gets a clear 429/503; /health answers
+    throughout; the server's memory after the last round is within 10% (+16 MB) of after the first."""
+    import asyncio
+    import random
+
+    s = Server(tiny_artifact, "--max-batch", "8", "--max-queue", "24", "--max-tokens", "32", key=None)
+    url = s.url + "/completions"
+    kinds = ["stream"] * 38 + ["hangup"] * 8 + ["malformed"] * 6 + ["oversized"] * 6 + ["range"] * 6
+    outcome: dict[str, list] = {k: [] for k in set(kinds)}
+    health_ok, rss = [], []
+
+    async def one(client, kind: str, i: int):
+        body = {"model": s.model, "prompt": f"request {i}", "max_tokens": 4 + i % 20, "temperature": 0.7, "seed": i, "stream": True}
+        if kind == "malformed":
+            r = await client.post(url, content=b'{"model": ', headers={"Content-Type": "application/json"})
+            return r.status_code
+        if kind == "oversized":
+            r = await client.post(url, content=b'{"prompt": "' + b"x" * (1 << 21) + b'"}', headers={"Content-Type": "application/json"})
+            return r.status_code
+        if kind == "range":
+            r = await client.post(url, json={**body, "top_p": 7})
+            return r.status_code
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                return r.status_code
+            text, finishes, done = [], [], False
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    ch = json.loads(line[6:])["choices"]
+                    if ch:
+                        text.append(ch[0]["text"])
+                        if ch[0]["finish_reason"]:
+                            finishes.append(ch[0]["finish_reason"])
+                    if kind == "hangup":
+                        return "hung up"
+            return (done, finishes, "".join(text))
+
+    async def health(client, stop):
+        while not stop.is_set():
+            t = time.perf_counter()
+            r = await client.get(s.base + "/health")
+            health_ok.append(r.status_code == 200 and time.perf_counter() - t < 2.0)
+            await asyncio.sleep(0.2)
+
+    async def main():
+        limits = httpx.Limits(max_connections=80)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            stop = asyncio.Event()
+            h = asyncio.ensure_future(health(client, stop))
+            for rnd in range(3):
+                order = random.Random(rnd).sample(kinds, len(kinds))
+                results = await asyncio.wait_for(asyncio.gather(*(one(client, k, 100 * rnd + i) for i, k in enumerate(order))), 120)
+                for k, res in zip(order, results):
+                    outcome[k].append(res)
+                await asyncio.sleep(0.5)
+                rss.append(s.rss_mb())
+            stop.set()
+            await h
+
+    try:
+        asyncio.run(main())
+    finally:
+        assert s.stop() == 0
+    for res in outcome["stream"]:
+        assert res in (429, 503) or (res[0] and len(res[1]) == 1 and res[1][0] in ("stop", "length")), res
+    assert sum(isinstance(r, tuple) for r in outcome["stream"]) >= len(outcome["stream"]) // 2  # most were served
+    assert set(outcome["hangup"]) <= {"hung up", 429, 503}
+    assert set(outcome["malformed"]) == {400} and set(outcome["range"]) == {400} and set(outcome["oversized"]) == {413}
+    assert health_ok and all(health_ok)
+    assert rss[-1] <= rss[0] * 1.10 + 16, rss
