@@ -29,7 +29,7 @@ from .systems import SystemSpec, Worker
 
 SCHEMA_VERSION = 2  # 2: concurrent records and summary rows (no batch or prompt_len), the concurrent key
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
-OURS_MODES = ("scheduler", "serial", "static")  # the concurrent scenario's ways to serve an artifact
+OURS_MODES = ("scheduler", "http", "serial", "static")  # the concurrent scenario's ways to serve an artifact
 # Pause before each timed run: the previous system's worker threads (PyTorch's OpenMP, onnxruntime's
 # pool) spin for a while after their work, and on a 2-core machine they would slow the next system.
 SETTLE_S = 0.3
@@ -302,8 +302,9 @@ def _concurrent_runs(s: Settings, workers: list[Worker]) -> list[tuple[Worker, s
     first artifact) in every mode, then optimum serially. The scheduler needs a fused artifact."""
     ours = [w for w in workers if w.spec.kind == "ours"]
     chosen = [w for w in ours if w.spec.precision in s.concurrent_precisions] or ours[:1]
+    http = all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "httpx"))  # mode http needs the serve extra
     runs = [(w, mode) for w in chosen for mode in OURS_MODES
-            if mode != "scheduler" or w.loaded["manifest"].get("fused", True)]
+            if (mode not in ("scheduler", "http") or w.loaded["manifest"].get("fused", True)) and (mode != "http" or http)]
     return runs + [(w, "serial") for w in workers if w.spec.kind == "optimum"]
 
 

@@ -223,14 +223,61 @@ class _Ours(_SerialClients):
     def gpu_memory(self) -> dict:
         return _nvidia_smi_mb() if self.engine.device == "cuda" else {}
 
-    # ---- concurrent clients: mode scheduler | serial | static ----------------------------------
+    # ---- concurrent clients: mode scheduler | http | serial | static ---------------------------
 
     def concurrent(self, mode: str, clients: int, requests, max_batch: int) -> list[dict]:
         if mode == "scheduler":
             return self._scheduled(clients, requests, max_batch)
         if mode == "static":
             return self._static(clients, requests, max_batch)
+        if mode == "http":
+            return self._http(clients, requests, max_batch)
         return super().concurrent(mode, clients, requests, max_batch)
+
+    def _http(self, clients: int, requests, max_batch: int) -> list[dict]:
+        """The scheduler behind `gpt2onnx serve`'s app, in this process on a loopback port; clients
+        stream /v1/completions over HTTP and stamp each token's SSE chunk as it arrives, so the
+        difference from mode `scheduler` is what HTTP, JSON and SSE cost."""
+        import json
+        import socket
+
+        import httpx
+        import uvicorn
+        from gpt2onnx.runtime import Scheduler, SchedulerConfig
+        from gpt2onnx.serve.app import Model, build_app
+        from gpt2onnx.serve.config import ServeConfig
+
+        sched = Scheduler(self.engine, SchedulerConfig(max_batch=max_batch, max_queue=max(1024, clients)))
+        app = build_app([Model("m", self.engine, sched, 0)], ServeConfig(max_tokens=self.engine.n_positions - 1, request_timeout_s=3600))
+        sock = socket.create_server(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.01)
+        http = httpx.Client(timeout=3600, limits=httpx.Limits(max_connections=clients + 4))
+
+        def serve(prompt, n):
+            submitted, stamps = time.perf_counter(), []
+            body = {"model": "m", "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
+            with http.stream("POST", url, json=body) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:200]!r}")
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        choices = json.loads(line[6:])["choices"]
+                        if choices and choices[0]["finish_reason"] is None:  # one chunk per token
+                            stamps.append(time.perf_counter())
+            _check_reply(stamps, stamps, n)
+            return submitted, stamps
+
+        try:
+            return run_clients(serve, requests, clients)
+        finally:
+            http.close()
+            server.should_exit = True  # the app's shutdown closes the scheduler
+            thread.join(60)
 
     def _one(self, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
         t = time.perf_counter()

@@ -35,6 +35,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as OpenAI documents it (abuse monitoring)
+    ignore_eos: bool = False  # vLLM's extra field: generate max_tokens whatever the model says (benchmarks)
     # defined by OpenAI, refused unless left at their neutral values
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -55,6 +56,8 @@ class _Sampling(BaseModel):
             raise ValueError(f"max_tokens={max_new} is above this server's limit of {max_tokens_cap}")
         temperature = 1.0 if self.temperature is None else self.temperature
         kw: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": temperature > 0}
+        if self.ignore_eos:
+            kw["eos_token_id"] = -1
         if temperature > 0:
             kw["temperature"] = temperature
         for name in ("top_p", "top_k", "repetition_penalty", "seed"):

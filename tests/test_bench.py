@@ -71,8 +71,8 @@ def test_bench_cli_with_optimum(tmp_path, tiny_artifact):
     assert os.path.isfile(tmp_path / "cache" / "optimum-hf-tiny-seed0" / "model.onnx")
     # no int8 artifact given: the first artifact gets the concurrent scenario; optimum runs serially
     conc = {(r["system"], r["mode"]): r for r in res["records"] if r["scenario"] == "concurrent"}
-    assert sorted(conc) == [("optimum fp32 cpu", "serial"), ("ours fp32 cpu", "scheduler"), ("ours fp32 cpu", "serial"),
-                            ("ours fp32 cpu", "static")]
+    assert sorted(conc) == [("optimum fp32 cpu", "serial"), ("ours fp32 cpu", "http"), ("ours fp32 cpu", "scheduler"),
+                            ("ours fp32 cpu", "serial"), ("ours fp32 cpu", "static")]
     assert len({r["tokens"] for r in conc.values()}) == 1  # the same requests, every reply exactly its length
 
 

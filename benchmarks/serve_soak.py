@@ -1,0 +1,91 @@
+"""Serve many requests and watch the server's memory: does it grow with requests served?
+
+    python -m gpt2onnx.benchmarks.serve_soak ARTIFACT [--requests 10000] [--clients 8] [--every 1000]
+
+Starts `gpt2onnx serve ARTIFACT` on a free loopback port, sends `--requests` short completions
+(half streamed, a tenth hung up after the first chunk) from `--clients` closed-loop clients, and
+prints the server's resident memory (VmRSS) after every `--every` requests, then the ratio of the
+last reading to the first. Bounded: it stops after the requests or `--timeout-s`, whichever first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) / 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    import httpx
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("artifact")
+    p.add_argument("--requests", type=int, default=10_000)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--every", type=int, default=1000)
+    p.add_argument("--timeout-s", type=float, default=1800)
+    a = p.parse_args(argv)
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2onnx.cli", "serve", a.artifact, "--port", "0", "--provider", "cpu",
+                             "--max-queue", str(4 * a.clients)], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    line = proc.stderr.readline()
+    if "serving" not in line:
+        print(f"server did not start: {line}{proc.stderr.read()}", file=sys.stderr)
+        return 1
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    url = line.split(" on ")[1].split()[0] + "/completions"
+    model = os.path.basename(os.path.normpath(a.artifact))
+    lock, done, readings, failures = threading.Lock(), [0], [], []
+    deadline = time.time() + a.timeout_s
+
+    def client(ci: int) -> None:
+        with httpx.Client(timeout=60) as http:
+            while time.time() < deadline:
+                with lock:
+                    if done[0] >= a.requests:
+                        return
+                    i = done[0]
+                    done[0] += 1
+                body = {"model": model, "prompt": f"soak {i}", "max_tokens": 4 + i % 8, "temperature": 0.8, "seed": i}
+                try:
+                    if i % 2:
+                        with http.stream("POST", url, json={**body, "stream": True}) as r:
+                            for ln in r.iter_lines():
+                                if i % 10 == 1 and ln.startswith("data: {"):
+                                    break  # hang up mid-stream
+                    else:
+                        r = http.post(url, json=body)
+                        if r.status_code not in (200, 429):
+                            failures.append(r.status_code)
+                except httpx.HTTPError as e:
+                    failures.append(type(e).__name__)
+                if (i + 1) % a.every == 0:
+                    readings.append((i + 1, rss_mb(proc.pid)))
+
+    t = time.time()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(a.clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    proc.terminate()
+    proc.wait(60)
+    readings.sort()
+    for n, mb in readings:
+        print(f"after {n:6d} requests: server RSS {mb:.1f} MB")
+    print(f"{done[0]} requests in {time.time() - t:.0f} s, failures {len(failures)} {sorted(set(map(str, failures)))[:5]}")
+    if len(readings) >= 2:
+        print(f"last / first reading: {readings[-1][1] / readings[0][1]:.3f}")
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
