@@ -8,8 +8,9 @@ BENCH_PRECISIONS ?= fp32 int8 int4
 BENCH_OUT ?= reports/dialogpt-small-cpu
 BENCH_ARGS ?=
 PROMPT ?= Hello, how are you today?
+PORT ?= 8000
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench serve lint clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +23,11 @@ $(STAMP): pyproject.toml requirements.lock
 demo: $(STAMP)
 	$(BIN)/gpt2onnx info $(DEMO) >/dev/null 2>&1 || $(BIN)/gpt2onnx export synthetic:dialogpt-small -o $(DEMO) --force
 	$(BIN)/gpt2onnx generate $(DEMO) "$(PROMPT)" --max-new-tokens 32 --timing
+
+# Serve the demo artifact over the OpenAI-compatible API on 127.0.0.1:8000 (Ctrl-C stops it).
+serve: $(STAMP)
+	$(BIN)/gpt2onnx info $(DEMO) >/dev/null 2>&1 || $(BIN)/gpt2onnx export synthetic:dialogpt-small -o $(DEMO) --force
+	$(BIN)/gpt2onnx serve $(DEMO) --port $(PORT)
 
 # Export what the report compares (once), then measure beside PyTorch and optimum (~25 min on 2 cores,
 # plus ~30 min for the concurrent-clients scenario, mostly optimum serving its requests one at a time;

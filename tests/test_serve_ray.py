@@ -83,3 +83,23 @@ def test_killed_replica_is_replaced_and_requests_get_answers(ray_server, tiny_ar
         time.sleep(1)
     assert running == 2  # the replacement came up
     assert _chat(ray_server, [{"role": "user", "content": "and now"}], model).status_code == 200
+
+
+def test_autoscaling_configuration_serves(ray_server, tiny_artifact):
+    """The autoscaling form of the app (min 1, max 2 replicas) deploys and answers."""
+    import os
+
+    from gpt2onnx.serve.config import ServeConfig
+    from gpt2onnx.serve.ray_app import application
+    from ray import serve
+
+    auto = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4}
+    serve.run(application([tiny_artifact], ServeConfig(max_batch=4), autoscaling=auto), name="auto", route_prefix="/auto")
+    try:
+        r = httpx.post(ray_server + "/auto/v1/completions", json={"model": os.path.basename(tiny_artifact), "prompt": "hi",
+                                                                "max_tokens": 3, "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        replica = serve.status().applications["auto"].deployments["Replica"]
+        assert replica.status == "HEALTHY" and sum(replica.replica_states.values()) >= 1
+    finally:
+        serve.delete("auto")
