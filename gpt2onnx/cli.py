@@ -45,7 +45,29 @@ def _parse_ids(text: str) -> list[list[int]]:
         raise Gpt2OnnxError(f"--ids must be comma-separated integers, rows separated by ';' (got {text!r})") from None
 
 
+EXTRAS = {  # what each optional command needs, checked up front: a missing one is named in one line
+    "export": ("torch", "transformers", "onnx", "onnx_ir"),
+    "serve": ("fastapi", "uvicorn", "prometheus_client"),
+    "bench": ("psutil", "rich", "matplotlib"),
+}
+
+
+def _need(extra: str) -> None:
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return sys.modules.get(module, True) is None or importlib.util.find_spec(module) is None
+        except (ImportError, ValueError):
+            return True
+
+    missing = [m for m in EXTRAS[extra] if absent(m)]
+    if missing:
+        raise Gpt2OnnxError(f"`gpt2onnx {extra}` needs {missing[0]}; install it with `pip install gpt2onnx[{extra}]`")
+
+
 def cmd_export(args) -> None:
+    _need("export")
     try:
         from gpt2onnx.export.convert import ExportOptions, export
     except ImportError as e:
@@ -135,6 +157,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    _need("bench")
     try:
         from gpt2onnx.benchmarks.harness import main as bench_main
     except ImportError as e:
@@ -145,6 +168,7 @@ def cmd_bench(args) -> None:
 def cmd_serve(args) -> None:
     import os
 
+    _need("serve")
     try:
         from gpt2onnx.serve.config import ServeConfig
         from gpt2onnx.serve.server import serve
@@ -157,6 +181,8 @@ def cmd_serve(args) -> None:
         serve(args.artifacts, cfg)
         return
     try:
+        import ray.serve  # noqa: F401 - only to name the missing extra before any work
+
         from gpt2onnx.serve.ray_app import run
         from gpt2onnx.serve.server import check
     except ImportError as e:

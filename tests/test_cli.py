@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -150,3 +152,17 @@ def test_mismatched_model_and_manifest(tmp_path, tiny_artifact):
     manifest["io"]["inputs"]["extra_input"] = "int64"
     (mixed / "gpt2onnx.json").write_text(json.dumps(manifest))
     assert_one_line_error(run_cli("generate", str(mixed), "hi"), "does not match its manifest", "re-export")
+
+
+@pytest.mark.parametrize("argv, extra, module", [
+    (["export", "synthetic:tiny", "-o", "{tmp}/x"], "export", "torch"),
+    (["serve", "{art}"], "serve", "fastapi"),
+    (["bench", "{art}", "--out", "{tmp}/r"], "bench", "rich"),
+])
+def test_missing_extra_is_named_in_one_line(tiny_artifact, tmp_path, argv, extra, module):
+    """As in a `pip install .` venv: the command names the extra to install, nothing is written."""
+    argv = [a.format(tmp=tmp_path, art=tiny_artifact) for a in argv]
+    code = f"import sys; sys.modules[{module!r}] = None; from gpt2onnx.cli import main; sys.exit(main({argv!r}))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == f"gpt2onnx: error: `gpt2onnx {extra}` needs {module}; install it with `pip install gpt2onnx[{extra}]`"
+    assert not list(tmp_path.iterdir())
