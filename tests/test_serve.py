@@ -331,3 +331,25 @@ def test_load_with_faults_loses_nothing_and_does_not_grow(tiny_artifact):
     assert set(outcome["malformed"]) == {400} and set(outcome["range"]) == {400} and set(outcome["oversized"]) == {413}
     assert health_ok and all(health_ok)
     assert rss[-1] <= rss[0] * 1.10 + 16, rss
+
+
+def test_slow_clients_do_not_stall_others(server):
+    """A client that sends half a body and waits, and one that never reads its stream, while a
+    normal request is served promptly."""
+    import socket
+
+    host, port = server.base.removeprefix("http://").split(":")
+    slow_body = socket.create_connection((host, int(port)))
+    slow_body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200\r\n"
+                      + f"Authorization: Bearer {server.key}\r\n\r\n".encode() + b'{"model": ')
+    body = {"model": server.model, "prompt": "never read", "max_tokens": 60, "temperature": 0, "stream": True}
+    reader = httpx.Client(timeout=30)
+    stalled = reader.send(reader.build_request("POST", server.url + "/completions", json=body, headers=server.headers()), stream=True)
+    try:
+        t = time.perf_counter()
+        r = server.client().completions.create(model=server.model, prompt="meanwhile", max_tokens=8, temperature=0)
+        assert r.usage.completion_tokens >= 1 and time.perf_counter() - t < 10
+    finally:
+        stalled.close()
+        reader.close()
+        slow_body.close()
