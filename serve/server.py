@@ -62,6 +62,9 @@ def serve(artifacts: list[str], cfg: ServeConfig) -> None:
     host, port = sock.getsockname()[:2]
     print(f"gpt2onnx: serving {', '.join(m.name for m in models)} on http://{host}:{port}/v1"
           + (" (API key required)" if cfg.api_key else ""), file=sys.stderr, flush=True)
+    synthetic = [m.name for m in models if m.engine.manifest.synthetic]
+    if synthetic:
+        print(f"gpt2onnx: note: {', '.join(synthetic)} has synthetic weights; speed is real, the text is noise", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(cfg.shutdown_timeout_s) or None,
                                            access_log=False))
     # uvicorn handles SIGTERM (graceful stop), then re-raises it under the handler it found; a no-op
