@@ -68,10 +68,12 @@ class ConversationRouter(RequestRouter):
         return [[r] for r in ranked]
 
 
-def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autoscaling: dict | None = None):
+def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autoscaling: dict | None = None,
+                replica_cpus: float = 1.0):
     """The Ray Serve application: `serve.run(application(...))`. `autoscaling` (Ray's
     autoscaling_config, e.g. {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16})
-    replaces the fixed replica count."""
+    replaces the fixed replica count. `replica_cpus` is what Ray reserves per replica: match it to
+    the engine's threads on a real cluster; fractions let several replicas share a small machine."""
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
@@ -79,7 +81,8 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
 
     @serve.deployment(num_replicas=None if autoscaling else replicas, autoscaling_config=autoscaling,
                       max_ongoing_requests=cfg.max_batch + cfg.max_queue, health_check_period_s=2, health_check_timeout_s=10,
-                      request_router_config=RequestRouterConfig(request_router_class=ConversationRouter))
+                      request_router_config=RequestRouterConfig(request_router_class=ConversationRouter),
+                      ray_actor_options={"num_cpus": replica_cpus})
     class Replica:
         def __init__(self, artifacts: list[str], cfg: ServeConfig):
             from .app import build_app

@@ -18,6 +18,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _deploy(app, name: str, prefix: str, within_s: float = 180) -> None:
+    """serve.run, but a deployment that cannot be placed fails the test instead of hanging CI."""
+    import threading
+
+    from ray import serve
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve.run(app, name=name, route_prefix=prefix)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(within_s)
+    if t.is_alive():
+        pytest.fail(f"Ray Serve did not deploy {name!r} within {within_s:g} s: {serve.status().applications.get(name)}")
+    if errors:
+        raise errors[0]
+
+
 @pytest.fixture(scope="module")
 def ray_server(tiny_artifact):
     from gpt2onnx.serve.config import ServeConfig
@@ -27,7 +50,8 @@ def ray_server(tiny_artifact):
     port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(application([tiny_artifact], ServeConfig(max_batch=4), replicas=2), name="gpt2onnx", route_prefix="/")
+    # half a CPU each: the two replicas and the autoscaling test's app fit the 2 CPUs Ray is given
+    _deploy(application([tiny_artifact], ServeConfig(max_batch=4), replicas=2, replica_cpus=0.5), "gpt2onnx", "/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
@@ -94,7 +118,7 @@ def test_autoscaling_configuration_serves(ray_server, tiny_artifact):
     from ray import serve
 
     auto = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4}
-    serve.run(application([tiny_artifact], ServeConfig(max_batch=4), autoscaling=auto), name="auto", route_prefix="/auto")
+    _deploy(application([tiny_artifact], ServeConfig(max_batch=4), autoscaling=auto, replica_cpus=0.5), "auto", "/auto")
     try:
         r = httpx.post(ray_server + "/auto/v1/completions", json={"model": os.path.basename(tiny_artifact), "prompt": "hi",
                                                                 "max_tokens": 3, "temperature": 0}, timeout=60)
