@@ -119,12 +119,13 @@ def test_cancel_frees_the_slot_within_a_step(engine):
         it = iter(first)
         next(it)  # it is running
         waiting = s.submit([8, 9], max_new_tokens=3, eos_token_id=-1)
-        steps = s.metrics()["steps"]
+        at_cancel = len(first.request.tokens)
         first.cancel()
         assert waiting.result(timeout=30).tokens == alone(engine, [8, 9], max_new_tokens=3, eos_token_id=-1)
         r = first.result(timeout=5)
         assert r.finish_reason == "cancelled" and len(r.tokens) < 120
-        assert s.metrics()["steps"] - steps <= 3 + 2  # the waiting request's 3 tokens, and at most a step or two more
+        # the step in flight may finish (and one more may slip in between reading the count and cancelling)
+        assert len(r.tokens) - at_cancel <= 2
 
 
 def test_consumer_going_away_cancels(engine):
