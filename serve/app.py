@@ -203,7 +203,9 @@ def build_app(models: list[Model], cfg: ServeConfig) -> FastAPI:
             for h in handles:
                 h.cancel()
 
-    async def stream(handles: list, chunk, final, usage_chunk, include_usage: bool) -> AsyncIterator[bytes]:
+    async def stream(handles: list, env, token_choice, final_choice, usage, include_usage: bool) -> AsyncIterator[bytes]:
+        """SSE: a chunk per token per choice, a last chunk per choice with its finish_reason, the usage
+        chunk if asked, then [DONE]. `env(choices, **extra)` wraps choices in the response object."""
         deadline = time.monotonic() + cfg.request_timeout_s
         results: list[Result | None] = [None] * len(handles)
         it = merged(handles)
@@ -220,13 +222,13 @@ def build_app(models: list[Model], cfg: ServeConfig) -> FastAPI:
                     yield sse(error_body(str(res), "server_error"))
                     break
                 if tok is not None:
-                    yield sse(chunk(i, tok))
+                    yield sse(env([token_choice(i, tok)]))
                 else:
                     results[i] = res
                     metrics.observe(res)
-                    yield sse(final(i, res))
+                    yield sse(env([final_choice(i, res)]))
             if include_usage and all(results):
-                yield sse(usage_chunk(results))
+                yield sse(env([], usage=usage(results)))
             yield b"data: [DONE]\n\n"
         finally:
             await it.aclose()
@@ -279,28 +281,22 @@ def build_app(models: list[Model], cfg: ServeConfig) -> FastAPI:
             completion = sum(len(r.tokens) for r in results)
             return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+        env = envelope(rid, "text_completion", created, model.name)
         if body.stream:
-            def chunk(i: int, tok: Token) -> dict:
+            def token_choice(i: int, tok: Token) -> dict:
                 text = (echo[i] if tok.index == 0 else "") + tok.text
-                return {"id": rid, "object": "text_completion", "created": created, "model": model.name,
-                        "choices": [{"index": i, "text": text, "logprobs": logprobs_of([tok]), "finish_reason": None}]}
+                return {"index": i, "text": text, "logprobs": logprobs_of([tok]), "finish_reason": None}
 
-            def final(i: int, res: Result) -> dict:
-                return {"id": rid, "object": "text_completion", "created": created, "model": model.name,
-                        "choices": [{"index": i, "text": "", "logprobs": None, "finish_reason": finish(res)}]}
+            def final_choice(i: int, res: Result) -> dict:
+                return {"index": i, "text": "", "logprobs": None, "finish_reason": finish(res)}
 
-            def usage_chunk(results):
-                return {"id": rid, "object": "text_completion", "created": created, "model": model.name, "choices": [],
-                        "usage": usage(results)}
-
-            return StreamingResponse(stream(handles, chunk, final, usage_chunk, body.include_usage), media_type="text/event-stream")
+            return StreamingResponse(stream(handles, env, token_choice, final_choice, usage, body.include_usage),
+                                     media_type="text/event-stream")
         results = await wait_all(request, handles)
         for r in results:
             metrics.observe(r)
-        return {"id": rid, "object": "text_completion", "created": created, "model": model.name,
-                "choices": [{"index": i, "text": echo[i] + r.text, "logprobs": logprobs_of(r.logprobs or []),
-                             "finish_reason": finish(r)} for i, r in enumerate(results)],
-                "usage": usage(results)}
+        return env([{"index": i, "text": echo[i] + r.text, "logprobs": logprobs_of(r.logprobs or []), "finish_reason": finish(r)}
+                    for i, r in enumerate(results)], usage=usage(results))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -329,27 +325,22 @@ def build_app(models: list[Model], cfg: ServeConfig) -> FastAPI:
             return {"prompt_tokens": len(prompt), "completion_tokens": completion, "total_tokens": len(prompt) + completion}
 
         if body.stream:
-            def chunk(i: int, tok: Token) -> dict:
+            def token_choice(i: int, tok: Token) -> dict:
                 delta = {"role": "assistant", "content": tok.text} if tok.index == 0 else {"content": tok.text}
-                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model.name,
-                        "choices": [{"index": i, "delta": delta, "logprobs": logprobs_of([tok]), "finish_reason": None}]}
+                return {"index": i, "delta": delta, "logprobs": logprobs_of([tok]), "finish_reason": None}
 
-            def final(i: int, res: Result) -> dict:
-                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model.name,
-                        "choices": [{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish(res)}]}
+            def final_choice(i: int, res: Result) -> dict:
+                return {"index": i, "delta": {}, "logprobs": None, "finish_reason": finish(res)}
 
-            def usage_chunk(results):
-                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model.name, "choices": [],
-                        "usage": usage(results)}
-
-            return StreamingResponse(stream(handles, chunk, final, usage_chunk, body.include_usage), media_type="text/event-stream")
+            env = envelope(rid, "chat.completion.chunk", created, model.name)
+            return StreamingResponse(stream(handles, env, token_choice, final_choice, usage, body.include_usage),
+                                     media_type="text/event-stream")
         results = await wait_all(request, handles)
         for r in results:
             metrics.observe(r)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model.name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": logprobs_of(r.logprobs or []),
-                             "finish_reason": finish(r)} for i, r in enumerate(results)],
-                "usage": usage(results)}
+        env = envelope(rid, "chat.completion", created, model.name)
+        return env([{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": logprobs_of(r.logprobs or []),
+                     "finish_reason": finish(r)} for i, r in enumerate(results)], usage=usage(results))
 
     def gen_kw(body) -> dict:
         try:
@@ -358,6 +349,11 @@ def build_app(models: list[Model], cfg: ServeConfig) -> FastAPI:
             raise APIError(400, str(e), param="max_tokens") from None
 
     return app
+
+
+def envelope(rid: str, kind: str, created: int, model: str):
+    """The response object around a list of choices (OpenAI's id / object / created / model)."""
+    return lambda choices, **extra: {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, **extra}
 
 
 def finish(r: Result) -> str:
