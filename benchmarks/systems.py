@@ -243,11 +243,10 @@ class _Ours(_SerialClients):
 
         import httpx
         import uvicorn
-        from gpt2onnx.runtime import Scheduler, SchedulerConfig
         from gpt2onnx.serve.app import Model, build_app
         from gpt2onnx.serve.config import ServeConfig
 
-        sched = Scheduler(self.engine, SchedulerConfig(max_batch=max_batch, max_queue=max(1024, clients)))
+        sched = self._scheduler(max_batch, clients)
         app = build_app([Model("m", self.engine, sched, 0)], ServeConfig(max_tokens=self.engine.n_positions - 1, request_timeout_s=3600))
         sock = socket.create_server(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
@@ -285,10 +284,14 @@ class _Ours(_SerialClients):
         s = self.engine.stats  # this thread's generation: the caller holds the lock
         return tokens, token_times(t, s.ttft_s, s.step_s)
 
-    def _scheduled(self, clients: int, requests, max_batch: int) -> list[dict]:
+    def _scheduler(self, max_batch: int, clients: int):
+        """The scheduler modes scheduler and http measure: a queue that never refuses the clients."""
         from gpt2onnx.runtime import Scheduler, SchedulerConfig
 
-        sched = Scheduler(self.engine, SchedulerConfig(max_batch=max_batch, max_queue=max(1024, clients)))
+        return Scheduler(self.engine, SchedulerConfig(max_batch=max_batch, max_queue=max(1024, clients)))
+
+    def _scheduled(self, clients: int, requests, max_batch: int) -> list[dict]:
+        sched = self._scheduler(max_batch, clients)
 
         def serve(prompt, n):
             res = sched.submit(prompt, max_new_tokens=n, eos_token_id=-1).result()

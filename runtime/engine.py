@@ -49,6 +49,8 @@ class Engine:
         self.eos_token_id, self.pad_token_id = c["eos_token_id"], c["pad_token_id"]
         self.kv_dtype = np.dtype(manifest.kv["dtype"])
         self.shared_kv = bool(manifest.kv["shared_buffer"])
+        # (past input, present output) per layer and tensor, the order every KV buffer list follows
+        self.kv_names = [(f"past_key_values.{i}.{t}", f"present.{i}.{t}") for i in range(self.n_layer) for t in ("key", "value")]
         self.cuda_graph = bool(session_config.cuda_graph) and self.shared_kv
         self.graph_buffers = GraphBuffers()
         self._local = threading.local()  # each thread's last Stats

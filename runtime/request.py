@@ -177,5 +177,5 @@ class Request:
             wake()
 
     def result(self) -> Result:
-        lps = [e for e in self.events] if self.cfg.logprobs is not None else None
+        lps = list(self.events) if self.cfg.logprobs is not None else None
         return Result(list(self.tokens), self.text.text, self.finish_reason or "length", lps, self.stats, self.error)

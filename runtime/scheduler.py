@@ -122,7 +122,7 @@ class Scheduler:
             req.cancelled = True
             if req in self.waiting:
                 self.waiting.remove(req)
-                self._end(req, "cancelled")
+                req.end("cancelled")
             self.cv.notify_all()
 
     def close(self, cancel: bool = False, timeout: float | None = None) -> None:
@@ -142,7 +142,7 @@ class Scheduler:
 
     def _cancel_all(self) -> None:
         for req in list(self.waiting):
-            self._end(req, "cancelled")
+            req.end("cancelled")
         self.waiting.clear()
         for s in self.running:
             s.req.cancelled = True
@@ -261,13 +261,10 @@ class Scheduler:
             self.cv.notify_all()
 
     def _release(self, s: Slot, reason: str, error: str | None = None) -> None:
-        self._end(s.req, reason, error)
+        s.req.end(reason, error)
         s.req, s.used = None, time.perf_counter()
         if not self.config.keep_prefixes:
             s.tokens = []
-
-    def _end(self, req: Request, reason: str, error: str | None = None) -> None:
-        req.end(reason, error)
 
 
 class Handle:

@@ -32,7 +32,6 @@ class SlotCache:
         else:
             self._kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, e.kv_dtype, e.device, 0) for _ in range(2 * e.n_layer)]
             self.kv_ptr = [v.data_ptr() for v in self._kv]
-        self.names = [(f"past_key_values.{i}.{t}", f"present.{i}.{t}") for i in range(e.n_layer) for t in ("key", "value")]
         # host copies of the decode inputs, [slots, ...]; the first n rows are a step's inputs
         self.ids = np.full((slots, 1), e.pad_token_id, np.int64)
         self.pos = np.zeros((slots, 1), np.int64)
@@ -48,10 +47,6 @@ class SlotCache:
             self._prefill_ro = ort.RunOptions()
             self._prefill_ro.add_run_config_entry("gpu_graph_id", "-1")  # prompt passes are never captured
 
-    @property
-    def nbytes(self) -> int:
-        return self.slot_bytes * self.slots * len(self.kv_ptr)
-
     def batch_for(self, n: int) -> int:
         """Rows a step over n slots runs: n, or with CUDA graphs the bucket (power of two) holding n."""
         if not self.graph:
@@ -61,7 +56,7 @@ class SlotCache:
     def _bind_kv(self, io, first: int, rows: int) -> None:
         dev, dt = self.e.device, self.e.kv_dtype
         shape = [rows, *self.slot_shape[1:]]
-        for ptr, (past, present) in zip(self.kv_ptr, self.names):
+        for ptr, (past, present) in zip(self.kv_ptr, self.e.kv_names):
             at = ptr + first * self.slot_bytes
             io.bind_input(past, dev, 0, dt, shape, at)
             io.bind_output(present, dev, 0, dt, shape, at)

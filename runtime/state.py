@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -67,7 +66,6 @@ class DecodeState:
         for r, row in enumerate(rows):
             self.prompt_ids[r, self.S0 - len(row):] = row
             self.mask[r, self.S0 - len(row): self.S0] = 1
-        self.rows = rows
         self.pos = np.clip(np.cumsum(self.mask[:, : self.S0], axis=1) - 1, 0, None)  # [B, S0]
         self.T = self.S0
         self.next_pos = self.pos[:, -1:].copy()  # [B, 1]
@@ -100,7 +98,7 @@ class DecodeState:
         self.io.bind_ortvalue_output("logits", self.logits_ov)
         self.io.bind_cpu_input("num_logits_to_keep", self.keep_one)  # 1 for every pass, prompt included
         if e.shared_kv:
-            for j, (past, present) in enumerate(self._kv_names()):
+            for j, (past, present) in enumerate(e.kv_names):
                 self.io.bind_ortvalue_input(past, kv[j])
                 self.io.bind_ortvalue_output(present, kv[j])
         self.step_inputs = None  # bound after the prompt pass
@@ -133,18 +131,13 @@ class DecodeState:
         if self.e.shared_kv:
             self._bind_step_inputs()
 
-    def _kv_names(self) -> Iterator[tuple[str, str]]:
-        for i in range(self.e.n_layer):
-            yield f"past_key_values.{i}.key", f"present.{i}.key"
-            yield f"past_key_values.{i}.value", f"present.{i}.value"
-
     def _run_concat(self, ids: np.ndarray, pos: np.ndarray) -> None:
         """Plain graphs: the mask is exactly [B, T] and the cache comes back as new outputs."""
         io = self.io
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("position_ids", pos)
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask[:, : self.T]))
-        for j, (past, present) in enumerate(self._kv_names()):
+        for j, (past, present) in enumerate(self.e.kv_names):
             io.bind_ortvalue_input(past, self.kv[j])
             io.bind_output(present, self.e.device)
         self.e.session.run_with_iobinding(io)
@@ -176,7 +169,7 @@ class DecodeState:
         t = time.perf_counter()
         P, new = self.T, row[self.T:]
         self.stats = Stats(batch=1, prompt_tokens=len(row), cached_tokens=P)
-        self.rows, self.fed = [row], list(row)
+        self.fed = list(row)
         self.T = len(row)
         self.mask[:, : self.T] = 1
         self.next_pos[:] = self.T - 1

@@ -22,3 +22,9 @@ class ServeConfig:
     prefill_chunk: int = 64
     threads: int | None = None
     provider: str = "auto"
+
+    def scheduler_config(self):
+        """The SchedulerConfig of each model's scheduler."""
+        from gpt2onnx.runtime import SchedulerConfig
+
+        return SchedulerConfig(max_batch=self.max_batch, max_queue=self.max_queue, prefill_chunk=self.prefill_chunk)

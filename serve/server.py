@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 
-from gpt2onnx.runtime import Engine, Gpt2OnnxError, Scheduler, SchedulerConfig
+from gpt2onnx.runtime import Engine, Gpt2OnnxError, Scheduler
 
 from .app import Model, build_app
 from .config import ServeConfig
@@ -28,7 +28,7 @@ def load_models(artifacts: list[str], cfg: ServeConfig) -> list[Model]:
     models = []
     for name, path in zip(names, artifacts):
         engine = Engine.load(path, provider=cfg.provider, threads=cfg.threads)
-        sched = Scheduler(engine, SchedulerConfig(max_batch=cfg.max_batch, max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk))
+        sched = Scheduler(engine, cfg.scheduler_config())
         models.append(Model(name, engine, sched, int(time.time())))
     return models
 
@@ -46,7 +46,7 @@ def check(cfg: ServeConfig) -> None:
         raise Gpt2OnnxError("timeouts must be positive")
     if cfg.api_key is not None and not cfg.api_key.strip():
         raise Gpt2OnnxError("the API key is empty; give a non-empty key or none")
-    SchedulerConfig(max_batch=cfg.max_batch, max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk).validate(1 << 30)
+    cfg.scheduler_config().validate(1 << 30)
 
 
 def serve(artifacts: list[str], cfg: ServeConfig) -> None:
