@@ -26,6 +26,22 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed for sampling")
     p.add_argument("--eos-token-id", type=int, help="stop token (default the model's; -1 never stops early)")
     p.add_argument("--truncate", action="store_true", default=None, help="keep the newest prompt tokens when too long")
+    p.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size, prompt included (default off)")
+    p.add_argument("--min-new-tokens", type=int, help="forbid the stop token before this many new tokens (default 0)")
+    b = p.add_argument_group("beam search (the whole reply at the end: not with --stream or --sample)")
+    b.add_argument("--num-beams", type=int, help=f"beams per prompt (default {d.num_beams}: no beam search)")
+    b.add_argument("--length-penalty", type=float,
+                   help=f"a finished beam scores log-probability / new_tokens ** this; > 0 favours longer replies (default {d.length_penalty:g})")
+    b.add_argument("--early-stopping", type=_early_stopping, metavar="{true,false,never}",
+                   help=f"true: stop once num_beams replies are finished; false: when none can improve (a heuristic); "
+                        f"never: only when none can (default {str(d.early_stopping).lower()})")
+
+
+def _early_stopping(text: str) -> bool | str:
+    values = {"true": True, "false": False, "never": "never"}
+    if text.lower() not in values:
+        raise argparse.ArgumentTypeError(f"choose from true, false, never (got {text!r})")
+    return values[text.lower()]
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -122,10 +138,25 @@ def cmd_generate(args) -> None:
         print(SYNTHETIC_NOTE, file=sys.stderr)
 
 
+def _turn_timing(engine) -> str:
+    s = engine.stats
+    return (f"timing: {s.prompt_tokens - s.cached_tokens} new prompt tokens run ({s.cached_tokens} reused from the cache) "
+            f"in {1e3 * s.prefill_s:.1f} ms, {s.new_tokens} reply tokens at {s.per_token_p50_ms:.2f} ms/token median")
+
+
 def cmd_chat(args) -> None:
     cfg = _generation_config(args)
     engine = _engine(args)
     session = engine.chat(**vars(cfg))
+    if args.say:  # a scripted conversation: each message is a turn, printed with the reply
+        if engine.manifest.synthetic:
+            print(SYNTHETIC_NOTE, file=sys.stderr)
+        for line in args.say:
+            print(f"> {line}", flush=True)
+            print(session.send(line), flush=True)
+            if args.timing:
+                print(_turn_timing(engine), file=sys.stderr, flush=True)
+        return
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")  # non-UTF-8 input gets our message, not a crash
     print("chat: type a message; /reset forgets the history; Ctrl-D quits." + (f" ({SYNTHETIC_NOTE})" if engine.manifest.synthetic else ""),
@@ -145,6 +176,8 @@ def cmd_chat(args) -> None:
             continue
         try:
             print(session.send(line), flush=True)
+            if args.timing:
+                print(_turn_timing(engine), file=sys.stderr, flush=True)
         except Gpt2OnnxError as e:  # one bad line does not end the conversation
             print(f"gpt2onnx: error: {e}", file=sys.stderr)
 
@@ -263,8 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="interactive DialoGPT chat (Ctrl-D quits)")
+    p = sub.add_parser("chat", help="interactive DialoGPT chat (Ctrl-D quits), or a scripted one with --say")
     p.add_argument("artifact", help="artifact directory")
+    p.add_argument("--say", action="append", metavar="TEXT",
+                   help="a user turn; repeat for a scripted conversation printed with its replies (no stdin read)")
+    p.add_argument("--timing", action="store_true", help="print each turn's prompt and per-token times to stderr")
     _add_generation_args(p)
     _add_engine_args(p)
     p.set_defaults(func=cmd_chat)

@@ -3,7 +3,9 @@
 The session keeps the KV cache of the last turn (a PromptCache), so each turn runs only its new
 tokens through the model, not the whole history. When the history and the reply would not fit the
 position table, the oldest turns are dropped (whole turns, so the model never sees half a
-sentence); every position then shifts, so that turn runs the kept history again.
+sentence); every position then shifts, so that turn runs the kept history again. With beam search
+(num_beams > 1) every turn runs the whole history: the beams' rows of the cache end up holding
+other hypotheses than the reply chosen.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ class ChatSession:
         while sum(map(len, self.turns)) > budget:
             self.turns.pop(0)
         prompt = [t for turn in self.turns for t in turn]
-        req = self.engine.request(prompt, self.cfg)
-        for _ in self.engine.run([req], self.cache):
+        req = self.engine.request(prompt, self.cfg, stream=False)
+        for _ in self.engine.run([req], self.cache if self.cfg.num_beams == 1 else None):
             pass
         reply = req.tokens
         if not reply or reply[-1] != eos:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .artifact import Manifest, load_manifest
+from .beam import Beams
 from .errors import Gpt2OnnxError
 from .prompt_cache import PromptCache
 from .request import Request, Stats
@@ -105,13 +106,19 @@ class Engine:
                 raise Gpt2OnnxError(f"{name} {bad[0]} is outside the vocabulary 0..{self.vocab_size - 1}")
         return cfg
 
-    def request(self, prompt: str | list[int], cfg: GenerationConfig, limit: int | None = None, index: int = 0) -> Request:
+    def request(self, prompt: str | list[int], cfg: GenerationConfig, limit: int | None = None, index: int = 0,
+                stream: bool = True) -> Request:
         """Validate one prompt (text or token ids) against `cfg` and a context of `limit` positions
-        (default the model's) and make its Request.
+        (default the model's) and make its Request. `stream`: the caller hands out tokens as they
+        come (stream, the Scheduler), which beam search cannot: it knows its tokens only at the end.
 
         Raises:
-            Gpt2OnnxError: empty prompt, ids outside the vocabulary, a request longer than the context.
+            Gpt2OnnxError: empty prompt, ids outside the vocabulary, a request longer than the context,
+                num_beams > 1 for a streaming caller.
         """
+        if stream and cfg.num_beams > 1:
+            raise Gpt2OnnxError("num_beams > 1 knows its tokens only at the end, so it cannot stream or run in the "
+                                "Scheduler (the server); use generate, generate_text or chat, or num_beams=1")
         limit = limit or self.n_positions
         row = self.encode(prompt) if isinstance(prompt, str) else prompt
         if isinstance(row, (int, np.integer)) or not hasattr(row, "__iter__"):
@@ -139,7 +146,7 @@ class Engine:
         cfg = self.config(**kw)
         if isinstance(prompts, (str, bytes)) or not prompts or isinstance(prompts[0], (int, np.integer)):
             raise Gpt2OnnxError("input_ids must be a non-empty list of lists of token ids")
-        return [self.request(p, cfg, index=i) for i, p in enumerate(prompts)]
+        return [self.request(p, cfg, index=i, stream=False) for i, p in enumerate(prompts)]
 
     # ---- text ------------------------------------------------------------------------------
 
@@ -167,7 +174,9 @@ class Engine:
             cache: reuse the keys and values of an earlier batch-1 request this prompt extends
                 (see PromptCache); one row only.
             **kw: GenerationConfig fields (max_new_tokens, do_sample, temperature, top_k, top_p,
-                repetition_penalty, seed, eos_token_id, truncate, stop, stop_token_ids, logprobs).
+                repetition_penalty, seed, eos_token_id, truncate, stop, stop_token_ids, logprobs,
+                no_repeat_ngram_size, min_new_tokens; num_beams, length_penalty, early_stopping for
+                beam search, which returns each prompt's best beam).
         Returns:
             the new tokens of each row, stopping after its EOS / stop token (included).
         Raises:
@@ -206,7 +215,10 @@ class Engine:
     def run(self, reqs: list[Request], cache: PromptCache | None = None) -> Iterator[list]:
         """Decode `reqs` together (one sampled token per unfinished request per step) until all
         finish; yields each step's new Token events. Rows that finish are dropped from the batch
-        once half of it has."""
+        once half of it has. Beam search (num_beams > 1) yields once, at the end."""
+        if reqs and reqs[0].cfg.num_beams > 1:
+            yield from self._run_beams(reqs, cache)
+            return
         if cache is not None and len(reqs) != 1:
             raise Gpt2OnnxError(f"a prompt cache serves one prompt at a time, got {len(reqs)}; pass one prompt or no cache")
         with self._turn(cache):
@@ -239,6 +251,24 @@ class Engine:
                 tokens[:] = [reqs[r].tokens[-1] for r in live]
                 tokens[done] = self.pad_token_id
                 logits = state.step(tokens)
+
+    def _run_beams(self, reqs: list[Request], cache: PromptCache | None) -> Iterator[list]:
+        """Beam search over `reqs` (one config): K rows per prompt in one DecodeState, uncaptured,
+        the cache rows following their beams; yields each request's best hypothesis at the end."""
+        if cache is not None:
+            raise Gpt2OnnxError("a PromptCache does not serve beam search; pass no cache with num_beams > 1")
+        K, steps = reqs[0].cfg.num_beams, reqs[0].cfg.max_new_tokens
+        state = DecodeState(self, [r.ids for r in reqs for _ in range(K)], steps, graph=False)
+        self._local.stats = stats = state.stats
+        stats.batch, stats.prompt_tokens = len(reqs), sum(len(r.ids) for r in reqs)
+        beams = Beams(reqs, self.vocab_size)
+        logits = state.prefill()
+        while beams.advance(logits):
+            state.reorder(beams.parents)
+            logits = state.step(beams.tokens)
+        stats.new_tokens = beams.t
+        stats.ttft_s = time.perf_counter() - min(r.stats.submitted_s for r in reqs)
+        yield beams.finish()
 
     @contextlib.contextmanager
     def _turn(self, cache: PromptCache | None):

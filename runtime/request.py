@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .sampling import GenerationConfig, Sampler, logprobs
+from .sampling import GenerationConfig, Sampler, logprobs, ngram_bans
 
 
 @dataclass
@@ -118,6 +118,10 @@ class Request:
         if cfg.repetition_penalty != 1.0:
             self.seen = np.zeros(vocab, bool)
             self.seen[ids] = True
+        self.row: np.ndarray | None = None  # [prompt + max_new_tokens] int64 (prompt, then each new token): n-gram bans
+        if cfg.no_repeat_ngram_size:
+            self.row = np.zeros(len(ids) + cfg.max_new_tokens, np.int64)
+            self.row[: len(ids)] = ids
         self.text = TextStream(decode, cfg.stop)
         self.tokens: list[int] = []
         self.events: list[Token] = []
@@ -135,9 +139,24 @@ class Request:
 
     def choose(self, logits: np.ndarray) -> Token:
         """Sample the next token from logits [vocab], record it and decide whether the request ends."""
-        t = self.sampler(logits, self.seen)
+        t = self.sampler(self.constrain(logits), self.seen)
         lp, top = logprobs(logits, t, self.cfg.logprobs) if self.cfg.logprobs is not None else (None, None)
         return self.accept(t, lp, top)
+
+    def constrain(self, logits: np.ndarray) -> np.ndarray:
+        """logits [vocab] with the tokens min_new_tokens and no_repeat_ngram_size forbid now set to
+        -inf (a copy, made only when they forbid some)."""
+        cfg, n = self.cfg, len(self.tokens)
+        early = bool(self.stop_ids) and n < cfg.min_new_tokens
+        bans = ngram_bans(self.row[: len(self.ids) + n], cfg.no_repeat_ngram_size) if self.row is not None else None
+        if not early and (bans is None or not len(bans)):
+            return logits
+        logits = logits.copy()
+        if early:
+            logits[list(self.stop_ids)] = -np.inf
+        if bans is not None:
+            logits[bans] = -np.inf
+        return logits
 
     def accept(self, t: int, lp: float | None = None, top=None) -> Token:
         now = time.perf_counter()
@@ -146,6 +165,8 @@ class Request:
         self.tokens.append(t)
         self.stats.token_s.append(now)
         self.stats.new_tokens = len(self.tokens)
+        if self.row is not None:
+            self.row[len(self.ids) + len(self.tokens) - 1] = t
         if self.seen is not None:
             self.seen[t] = True
         ev = Token(t, self.text.push(t), len(self.tokens) - 1, lp, top)

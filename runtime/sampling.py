@@ -1,6 +1,7 @@
 """Next-token choice from logits: greedy, or sampled with transformers' processor order.
 
-Order (as transformers applies them): repetition penalty -> temperature -> top-k -> top-p -> draw.
+Order (as transformers applies them): repetition penalty -> no-repeat n-grams -> min_new_tokens ->
+temperature -> top-k -> top-p -> draw. (Beam search, beam.py, uses the first three on log-probabilities.)
 Every request samples with its own generator, so a seeded request draws the same tokens whatever
 else shares its batch.
 """
@@ -16,6 +17,7 @@ from .errors import Gpt2OnnxError
 
 MAX_STOP = 16  # stop strings per request
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's limit)
+MAX_BEAMS = 16  # beams per prompt: each is a full row of the batch (its own KV cache)
 
 
 @dataclass
@@ -34,6 +36,11 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one generated
     stop_token_ids: tuple[int, ...] = ()  # further tokens that end a row (kept in its tokens, like EOS)
     logprobs: int | None = None  # None = off; k = the chosen token's log-probability and the k likeliest
+    no_repeat_ngram_size: int = 0  # 0 = off; n = a row never repeats an n-gram it holds (prompt included)
+    min_new_tokens: int = 0  # the stop tokens are forbidden until this many new tokens
+    num_beams: int = 1  # > 1: beam search (generate, generate_text and chat; not stream or the Scheduler)
+    length_penalty: float = 1.0  # beam search: a hypothesis scores log-probability / new_tokens ** length_penalty
+    early_stopping: bool | str = False  # beam search: True | False | "never", as transformers
 
     def validate(self) -> None:
         """Type and range checks that need no model; the engine adds the vocabulary checks."""
@@ -66,6 +73,18 @@ class GenerationConfig:
             _int(t, "stop_token_ids entry", 0)
         if self.logprobs is not None:
             _int(self.logprobs, "logprobs", 0, MAX_LOGPROBS)
+        _int(self.no_repeat_ngram_size, "no_repeat_ngram_size", 0, hint=" (0 turns it off)")
+        _int(self.min_new_tokens, "min_new_tokens", 0)
+        _int(self.num_beams, "num_beams", 1, MAX_BEAMS, hint=" (1 turns beam search off)")
+        _float(self.length_penalty, "length_penalty")
+        if isinstance(self.early_stopping, (bool, np.bool_)):
+            self.early_stopping = bool(self.early_stopping)
+        elif self.early_stopping != "never":
+            raise Gpt2OnnxError(f'early_stopping must be true, false or "never", got {self.early_stopping!r}'[:200])
+        if self.num_beams > 1 and self.do_sample:
+            raise Gpt2OnnxError("num_beams > 1 is beam search, which does not sample here; drop do_sample or set num_beams=1")
+        if self.num_beams > 1 and self.logprobs is not None:
+            raise Gpt2OnnxError("logprobs is not available with num_beams > 1; drop one of them")
         self.stop, self.stop_token_ids = tuple(self.stop), tuple(self.stop_token_ids)
 
 
@@ -113,6 +132,15 @@ class Sampler:
         # inverse-CDF draw: one uniform per token, reproducible for a seed
         u = self.rng.random()
         return int(min((probs.cumsum() < u).sum(), probs.shape[-1] - 1))
+
+
+def ngram_bans(row: np.ndarray, n: int) -> np.ndarray:
+    """The tokens that would repeat an n-gram of `row` ([L] int64, prompt included), as transformers'
+    NoRepeatNGramLogitsProcessor finds them: those that followed an earlier occurrence of its last n - 1 tokens."""
+    if n <= 0 or len(row) < n:
+        return row[:0]
+    windows = np.lib.stride_tricks.sliding_window_view(row, n)  # [L - n + 1, n], a view
+    return windows[(windows[:, :-1] == row[len(row) - n + 1:]).all(axis=1), -1]
 
 
 def _top_p(logits: np.ndarray, top_p: float) -> np.ndarray:

@@ -47,14 +47,16 @@ class DecodeState:
     keys and values in place; the decode inputs have fixed shapes ([B, 1] ids and positions, a
     [B, capacity] mask whose future columns are 0) and are bound once, then written in place.
     Otherwise present = concat(past, new) and is fed back each step.
-    `compact(keep)` drops finished rows (one copy of the cache) so they stop costing work.
+    `compact(keep)` drops finished rows (one copy of the cache) so they stop costing work;
+    `reorder(parents)` makes each row continue another row's sequence (beam search).
+    `graph=False` runs uncaptured even on a CUDA-graph engine (beam search reorders rows between steps).
     """
 
-    def __init__(self, engine, rows: list[list[int]], max_new_tokens: int, capacity: int | None = None):
+    def __init__(self, engine, rows: list[list[int]], max_new_tokens: int, capacity: int | None = None, graph: bool = True):
         self.e, self.ort = engine, engine.ort
         ort = self.ort
         self.B, self.S0 = len(rows), max(map(len, rows))
-        self.graph = engine.cuda_graph
+        self.graph = engine.cuda_graph and graph
         # a captured graph replays fixed addresses and shapes: size for the whole position table
         self.capacity = engine.n_positions if self.graph else capacity or self.S0 + max_new_tokens
         # batch 1: the tokens whose keys and values the cache holds, so a later prompt can extend them
@@ -91,6 +93,7 @@ class DecodeState:
         """(Re)allocate the per-batch buffers for self.B rows and bind the outputs and the cache."""
         e, B = self.e, self.B
         self.kv = kv
+        self.spare: list | None = None  # reorder's second set of cache buffers, made at its first call
         self.ids = np.zeros((B, 1), np.int64)
         self.logits = np.empty((B, 1, e.vocab_size), np.float32)
         self.io = e.session.io_binding()
@@ -130,6 +133,28 @@ class DecodeState:
         self._bind(kv)
         if self.e.shared_kv:
             self._bind_step_inputs()
+
+    def reorder(self, parents: np.ndarray) -> None:
+        """Row i continues the sequence row parents[i] held (int64 [B]; rows with equal masks and
+        positions, as the beams of one prompt are). On CPU the cache rows are gathered into a second
+        set of buffers, made once, which is then bound in place of the first: no allocation per token."""
+        e = self.e
+        if not e.shared_kv:  # plain graphs: the cache is a new output every step anyway
+            self.kv = [self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[parents]), e.device, 0) for v in self.kv]
+        elif e.device != "cpu":  # device buffers: gathered through the host, addresses kept
+            for v in self.kv:
+                v.update_inplace(np.ascontiguousarray(v.numpy()[parents]))
+        else:
+            if self.spare is None:
+                shape = [self.B, e.n_head, self.capacity, e.head_dim]
+                self.spare = [self.ort.OrtValue.ortvalue_from_shape_and_type(shape, e.kv_dtype, e.device, 0) for _ in self.kv]
+                self.arrays = [v.numpy() for v in self.kv], [v.numpy() for v in self.spare]  # views, no copies
+            (src, dst), (kv, spare) = self.arrays, (self.kv, self.spare)
+            for j, (past, present) in enumerate(e.kv_names):
+                np.take(src[j], parents, axis=0, out=dst[j], mode="clip")  # [B, heads, capacity, head_dim]; "clip": unbuffered
+                self.io.bind_ortvalue_input(past, spare[j])
+                self.io.bind_ortvalue_output(present, spare[j])
+            self.kv, self.spare, self.arrays = spare, kv, (dst, src)
 
     def _run_concat(self, ids: np.ndarray, pos: np.ndarray) -> None:
         """Plain graphs: the mask is exactly [B, T] and the cache comes back as new outputs."""
