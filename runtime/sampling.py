@@ -116,22 +116,30 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, seen: np.ndarray | None = None) -> int:
         """logits [vocab]; seen [vocab] bool, tokens already in the row (repetition penalty)."""
+        logits = self.warp(logits, seen)
+        if not self.cfg.do_sample:
+            return int(logits.argmax())
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        # inverse-CDF draw: one uniform per token, reproducible for a seed
+        u = self.rng.random()
+        return int(min((probs.cumsum() < u).sum(), probs.shape[-1] - 1))
+
+    def warp(self, logits: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
+        """The scores the token is chosen from: logits [vocab] after the repetition penalty and, when
+        sampling, temperature, top-k and top-p (float64; -inf is never drawn)."""
         cfg = self.cfg
         if cfg.repetition_penalty != 1.0 and seen is not None:
             logits = np.where(seen, np.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty), logits)
         if not cfg.do_sample:
-            return int(logits.argmax())
+            return logits
         logits = logits.astype(np.float64) / cfg.temperature
         if cfg.top_k and cfg.top_k < logits.shape[-1]:
             kth = np.partition(logits, -cfg.top_k)[-cfg.top_k]
             logits = np.where(logits < kth, -np.inf, logits)
         if cfg.top_p < 1.0:
             logits = _top_p(logits, cfg.top_p)
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        # inverse-CDF draw: one uniform per token, reproducible for a seed
-        u = self.rng.random()
-        return int(min((probs.cumsum() < u).sum(), probs.shape[-1] - 1))
+        return logits
 
 
 def ngram_bans(row: np.ndarray, n: int) -> np.ndarray:
