@@ -16,7 +16,7 @@ from gpt2onnx.runtime.errors import Gpt2OnnxError
 
 from . import checkpoints, graph, parity, quantize
 
-PROTOBUF_LIMIT = 2_000_000_000  # weights beyond ~2 GB go to model.onnx.data
+ALIGN = 4096  # external weights start on page boundaries (mmap); see _save_onnx
 
 
 @dataclass
@@ -76,10 +76,12 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
             del model
             log(f"quantizing to {opts.precision}")
             if opts.precision == "int8":
-                quant = quantize.quantize_int8(float_path, model_path, opts.int8)
+                model, quant = quantize.quantize_int8(float_path, opts.int8)
             else:
-                quant = quantize.quantize_int4(float_path, model_path, opts.int4)
+                model, quant = quantize.quantize_int4(float_path, opts.int4)
             shutil.rmtree(os.path.dirname(float_path))
+            _save_onnx(model, model_path)
+            del model
         else:
             _save_onnx(model, model_path)
             del model
@@ -150,11 +152,30 @@ def _parity_prompts(ids: list[int], cfg) -> list[list[int]]:
 
 
 def _save_onnx(model, path: str) -> None:
+    """The graph in `path`, the weights in `path`.data with every tensor of 4 KiB or more starting on
+    a 4096-byte boundary: onnxruntime memory-maps aligned external initializers on the CPU instead of
+    copying them into its own buffers, so a process holds one copy of the weights (in the page cache,
+    shared by every process that loads the artifact), and a table only gathered from (the token
+    embedding) costs resident memory only for the rows it reads."""
     import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import set_external_data
 
-    big = sum(t.ByteSize() for t in model.graph.initializer) > PROTOBUF_LIMIT
-    onnx.save_model(model, path, save_as_external_data=big, all_tensors_to_one_file=True,
-                    location=os.path.basename(path) + ".data", size_threshold=1024)
+    data = path + ".data"
+    with open(data, "wb") as f:
+        for t in model.graph.initializer:
+            raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+            if len(raw) < ALIGN:
+                continue
+            f.write(b"\0" * (-f.tell() % ALIGN))
+            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                t.ClearField(field)  # quantizers write some scales as typed fields, not raw bytes
+            t.raw_data = raw
+            set_external_data(t, os.path.basename(data), offset=f.tell(), length=len(raw))
+            f.write(raw)
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save_model(model, path)
 
 
 def _replace_dir(tmp: str, out: str, force: bool) -> None:

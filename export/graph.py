@@ -33,6 +33,9 @@ from gpt2onnx.runtime.errors import Gpt2OnnxError
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
+# node names export/quantize.py looks for: the token-embedding Gather (on initializer "wte") and the
+# LM head MatMul (on "lm_head.w" = wte transposed when the checkpoint ties them, as GPT-2 does)
+TOKEN_EMBEDDING, LM_HEAD = "tok_emb", "lm_head"
 MASK_VALUE = -10000.0  # exp(-1e4) == 0 in fp32 and fp16, and finite, so a fully masked row stays NaN-free
 
 
@@ -189,7 +192,7 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
     pad_bias = b.one("Unsqueeze", [pad_bias, i64("axes_1_2", [1, 2])], name="pad_bias")
 
     # Embeddings. The fused graph folds the add into layer 0's SkipLayerNormalization.
-    tok = b.one("Gather", [b.const("wte", w["wte"]), "input_ids"], name="tok_emb")
+    tok = b.one("Gather", [b.const("wte", w["wte"]), "input_ids"], name=TOKEN_EMBEDDING)
     pos = b.one("Gather", [b.const("wpe", w["wpe"]), "position_ids"], name="pos_emb")
 
     eps = cfg.layer_norm_epsilon
@@ -267,7 +270,7 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
     # the prompt pass would otherwise spend seq x vocab x width multiply-adds on logits nobody reads.
     keep = b.one("Neg", [b.one("Reshape", ["num_logits_to_keep", i64("shape_1", [1])])], name="keep_start")
     kept = b.one("Slice", [ln, keep, i64("int64_max", [np.iinfo(np.int64).max]), "c_1"], name="keep_last")
-    logits = b.one("MatMul", [kept, b.const("lm_head.w", w["lm_head.w"])], name="lm_head")
+    logits = b.one("MatMul", [kept, b.const("lm_head.w", w["lm_head.w"])], name=LM_HEAD)
     if np_dtype != np.float32:
         b.one("Cast", [logits], to=TensorProto.FLOAT, name="logits_f32", outputs=["logits"])
     else:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
+import numpy as np
+from gpt2onnx.export.graph import LM_HEAD, MS_DOMAIN, TOKEN_EMBEDDING
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 
 INT8_METHODS = ("dynamic", "nbits")
@@ -26,12 +28,14 @@ class Int8Config:
     # server that must give each request what it gets alone); measured on synthetic:dialogpt-small,
     # 2-core AVX2 box: batch-1 decode +15%, batch-16 step +35%, 136-token prompt 2x slower.
     method: str = "dynamic"
-    block_size: int = 32  # nbits only: weights per scale along the input dimension
+    block_size: int = 32  # nbits, and the head shared with the embedding: weights per scale along the input
     per_channel: bool = True  # one scale per output column: the weights' ranges differ a lot by column
     # AVX2 without VNNI multiplies u8 x s8 with VPMADDUBSW, whose 16-bit sums saturate on 8-bit
     # weights; 7-bit weights (reduce_range) avoid that.
     reduce_range: bool = True
     exclude: tuple[str, ...] = ()  # node names kept in fp32 (e.g. "lm_head")
+    # the token embedding as 8-bit blocks (GatherBlockQuantized); tied to the head, one table serves both
+    embedding: bool = True
 
 
 @dataclass(frozen=True)
@@ -41,46 +45,140 @@ class Int4Config:
     # 4 = int8 activations: MLAS's fastest MatMulNBits path on AVX2; 0 keeps fp32 activations
     accuracy_level: int = 4
     exclude: tuple[str, ...] = ()
+    embedding: bool = True  # the token embedding as 4-bit blocks, shared with the head when tied
 
 
-def quantize_int8(src: str, dst: str, cfg: Int8Config = Int8Config()) -> dict:
-    """Quantize the MatMul weights of the model at `src` to int8 into `dst`; returns the manifest entry."""
+def quantize_int8(src: str, cfg: Int8Config = Int8Config()):
+    """Quantize the MatMul weights of the float model at `src` to int8; returns (ModelProto, manifest entry)."""
     import onnx
 
     if cfg.method not in INT8_METHODS:
         raise Gpt2OnnxError(f"unknown int8 method {cfg.method!r}; choose {' or '.join(INT8_METHODS)}")
+    model = onnx.load(src)
+    tied = cfg.embedding and _tied(model)
     if cfg.method == "nbits":
-        _nbits(src, dst, 8, cfg.block_size, True, 4, cfg.exclude)
-        return {"method": "onnxruntime MatMulNBits (RTN), int8 activations per row and block", "weight_type": "int8",
-                "block_size": cfg.block_size, "exclude": list(cfg.exclude), "batch_invariant": True}
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+        model = _nbits(model, 8, cfg.block_size, True, 4, cfg.exclude)
+        entry = {"method": "onnxruntime MatMulNBits (RTN), int8 activations per row and block", "weight_type": "int8",
+                 "block_size": cfg.block_size, "exclude": list(cfg.exclude), "batch_invariant": True}
+    else:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=cfg.per_channel,
-                     reduce_range=cfg.reduce_range, weight_type=QuantType.QInt8,
-                     nodes_to_exclude=list(cfg.exclude), use_external_data_format=_big(src),
-                     # contrib ops defeat ONNX shape inference; every activation here is fp32
-                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
-    entry = {k: v for k, v in asdict(cfg).items() if k != "block_size"}
-    return {**entry, "method": "onnxruntime dynamic quantization", "weight_type": "int8", "batch_invariant": False}
+        # a shared embedding needs the head in MatMulNBits' row-major [vocab, blocks, block] layout, which
+        # GatherBlockQuantized can gather rows from; DynamicQuantizeMatMul keeps [hidden, vocab]
+        head = [LM_HEAD] if tied and LM_HEAD not in cfg.exclude else []
+        tmp = src + ".dynamic.onnx"
+        try:
+            quantize_dynamic(model, tmp, op_types_to_quantize=["MatMul"], per_channel=cfg.per_channel,
+                             reduce_range=cfg.reduce_range, weight_type=QuantType.QInt8,
+                             nodes_to_exclude=list(cfg.exclude) + head, use_external_data_format=_big(src),
+                             # contrib ops defeat ONNX shape inference; every activation here is fp32
+                             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+            model = onnx.load(tmp)
+        finally:
+            for f in (tmp, tmp + ".data"):
+                if os.path.exists(f):
+                    os.remove(f)
+        if head:
+            model = _nbits(model, 8, cfg.block_size, True, 4, (), include=head)
+        entry = {k: v for k, v in asdict(cfg).items() if k not in ("block_size", "embedding")}
+        entry = {**entry, "method": "onnxruntime dynamic quantization", "weight_type": "int8", "batch_invariant": False}
+        if head:
+            entry["lm_head"] = f"MatMulNBits 8-bit, block {cfg.block_size}, int8 activations (shared with the embedding)"
+    entry["embedding"] = _quantize_embedding(model, 8, cfg.block_size, tied) if cfg.embedding else "float32"
+    return model, entry
 
 
-def quantize_int4(src: str, dst: str, cfg: Int4Config = Int4Config()) -> dict:
-    """Weight-only 4-bit MatMulNBits for every MatMul with a constant weight; returns the manifest entry."""
+def quantize_int4(src: str, cfg: Int4Config = Int4Config()):
+    """Weight-only 4-bit MatMulNBits for every MatMul with a constant weight of the float model at
+    `src`; returns (ModelProto, manifest entry)."""
+    import onnx
+
     if cfg.block_size < 16 or cfg.block_size & (cfg.block_size - 1):
         raise Gpt2OnnxError(f"int4 block size must be a power of two >= 16, got {cfg.block_size}")
-    _nbits(src, dst, 4, cfg.block_size, cfg.symmetric, cfg.accuracy_level, cfg.exclude)
-    return {"method": "onnxruntime MatMulNBits (RTN)", "weight_type": "int4", **asdict(cfg),
-            "batch_invariant": True}  # activations quantized per row and block
+    model = onnx.load(src)
+    tied = cfg.embedding and _tied(model)
+    model = _nbits(model, 4, cfg.block_size, cfg.symmetric, cfg.accuracy_level, cfg.exclude)
+    entry = {"method": "onnxruntime MatMulNBits (RTN)", "weight_type": "int4", **asdict(cfg),
+             "batch_invariant": True}  # activations quantized per row and block
+    entry["embedding"] = _quantize_embedding(model, 4, cfg.block_size, tied) if cfg.embedding else "float32"
+    return model, entry
 
 
-def _nbits(src: str, dst: str, bits: int, block_size: int, symmetric: bool, accuracy_level: int, exclude) -> None:
-    import onnx
+def _nbits(model, bits: int, block_size: int, symmetric: bool, accuracy_level: int, exclude, include=None):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    q = MatMulNBitsQuantizer(onnx.load(src), bits=bits, block_size=block_size, is_symmetric=symmetric,
-                             accuracy_level=accuracy_level, nodes_to_exclude=list(exclude), op_types_to_quantize=("MatMul",))
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                             accuracy_level=accuracy_level, nodes_to_exclude=list(exclude), nodes_to_include=include,
+                             op_types_to_quantize=("MatMul",))
     q.process()
-    q.model.save_model_to_file(dst, use_external_data_format=_big(src))
+    return q.model.model
+
+
+def _tied(model) -> bool:
+    """Whether the LM head's weight is the token embedding transposed (GPT-2 and DialoGPT tie them)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer if t.name in ("wte", "lm_head.w")}
+    if len(inits) < 2:
+        return False
+    wte, head = (numpy_helper.to_array(inits[n]) for n in ("wte", "lm_head.w"))
+    return wte.shape == head.shape[::-1] and bool(np.array_equal(wte, head.T))
+
+
+def _quantize_embedding(model, bits: int, block_size: int, tied: bool) -> str:
+    """Replace the token-embedding Gather on "wte" [V, H] by GatherBlockQuantized on `bits`-bit
+    blocks of `block_size` along H, symmetric (implicit zero point 2^(bits-1), MatMulNBits'). When the
+    head is tied and quantized, the gather reads the head's own MatMulNBits weight [V, H/block, block
+    bytes] and scales [V, H/block] (reshaped to [V, H/block, 1], a 4-byte-per-block copy at load), so
+    the artifact holds the table once; otherwise wte is quantized on its own. Returns the manifest note."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    gather = next((n for n in g.node if n.name == TOKEN_EMBEDDING and n.op_type == "Gather"), None)
+    if gather is None or gather.input[0] != "wte":
+        return "float32 (no token-embedding Gather found)"
+    wte_t = next(t for t in g.initializer if t.name == "wte")
+    V, H = wte_t.dims
+    if H % block_size:
+        return f"float32 (width {H} is not a multiple of block {block_size})"
+    head = next((n for n in g.node if n.name.startswith(LM_HEAD) and n.op_type == "MatMulNBits"), None)
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute} if head is not None else {}
+    shared = (tied and head is not None and len(head.input) == 3  # symmetric: no zero points
+              and attrs.get("bits") == bits and attrs.get("block_size") == block_size)
+    nb = H // block_size
+    if shared:
+        data, scales, note = head.input[1], head.input[2], f"int{bits} blocks of {block_size}, shared with the LM head"
+    else:
+        w = numpy_helper.to_array(wte_t).astype(np.float32).reshape(V, nb, block_size)
+        zp = 1 << (bits - 1)
+        scale = np.abs(w).max(-1) / (zp - 1)  # [V, nb]
+        scale[scale == 0] = 1.0
+        q = (np.clip(np.rint(w / scale[..., None]), 1 - zp, zp - 1) + zp).astype(np.uint8)  # [V, nb, block]
+        if bits == 4:
+            q = q[..., 0::2] | (q[..., 1::2] << 4)  # two per byte, low nibble first: [V, nb, block/2]
+        data, scales, note = "wte_q", "wte_scales", f"int{bits} blocks of {block_size}"
+        g.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(q), data),
+                              numpy_helper.from_array(scale.astype(np.float32), scales)])
+    g.initializer.remove(wte_t)
+    g.initializer.append(numpy_helper.from_array(np.array([V, nb, 1], np.int64), "tok_emb_scales_shape"))
+    g.initializer.append(numpy_helper.from_array(np.array([0, 0, H], np.int64), "tok_emb_out_shape"))
+    out = gather.output[0]
+    at = list(g.node).index(gather)
+    g.node.remove(gather)
+    nodes = [
+        helper.make_node("Reshape", [scales, "tok_emb_scales_shape"], ["tok_emb_scales3"], name="tok_emb_scales3"),
+        # [B, S] ids -> [B, S, H/block, block]
+        helper.make_node("GatherBlockQuantized", [data, gather.input[1], "tok_emb_scales3"], ["tok_emb_blocks"],
+                         name=TOKEN_EMBEDDING, domain=MS_DOMAIN, gather_axis=0, quantize_axis=2,
+                         block_size=block_size, bits=bits),
+        helper.make_node("Reshape", ["tok_emb_blocks", "tok_emb_out_shape"], [out], name="tok_emb_out"),
+    ]
+    for i, n in enumerate(nodes):
+        g.node.insert(at + i, n)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    return note
 
 
 def _big(path: str) -> bool:

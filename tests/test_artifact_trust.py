@@ -136,9 +136,9 @@ def test_manifest_symlinked_from_outside_is_refused(art):
 
 
 def test_stray_unlisted_external_data_is_refused(art):
-    (art / "model.onnx.data").write_bytes(b"\0" * 4096)
-    refused(art, "model.onnx.data", "does not list", verify="size")
-    list_file(art, "model.onnx.data")  # listed (and so checked), it is accepted
+    (art / "weights.data").write_bytes(b"\0" * 4096)
+    refused(art, "weights.data", "does not list", verify="size")
+    list_file(art, "weights.data")  # listed (and so checked), it is accepted
     load_manifest(str(art))
 
 
@@ -185,13 +185,20 @@ def test_external_data_outside_the_directory_is_refused(art, location):
     refused(art, f"reads weights from {location!r}", verify="size")
 
 
-def test_export_lists_its_external_data(tmp_path, monkeypatch):
+def test_export_lists_its_external_data_page_aligned(tmp_path):
+    """The weights go to model.onnx.data, each large tensor on a 4096-byte boundary (so onnxruntime
+    maps them instead of copying), and the manifest lists the file."""
+    import onnx
     from gpt2onnx.export import convert
     from gpt2onnx.runtime import Engine
 
-    monkeypatch.setattr(convert, "PROTOBUF_LIMIT", 0)  # as if the weights exceeded 2 GB
     out = convert.export(convert.ExportOptions("synthetic:tiny", str(tmp_path / "big")), log=QUIET)
     assert set(load_manifest(out).raw["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
+    m = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
+    ext = [{e.key: e.value for e in t.external_data} for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(ext) >= 4 * 2 + 2  # every layer's matrices and the embeddings, at least
+    assert all(int(e["offset"]) % 4096 == 0 for e in ext)
+    assert os.path.getsize(os.path.join(out, "model.onnx")) < 100_000  # the graph alone
     assert Engine.load(out, provider="cpu").generate([[1, 2, 3]], max_new_tokens=2)
 
 

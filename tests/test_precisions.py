@@ -43,9 +43,65 @@ def test_fused_operator_counts_per_layer(engine, tiny_plain_artifact):
 def test_quantized_operator_counts(artifacts, precision, op):
     m = Engine.load(artifacts(precision), provider="cpu").manifest.raw
     L = m["config"]["n_layer"]
-    assert m["runtime_ops"].get(op) == 4 * L + 1, m["runtime_ops"]
-    assert m["runtime_ops"]["GroupQueryAttention"] == L
+    ops = m["runtime_ops"]
+    # int8: the layers' matrices dynamic, the head 8-bit MatMulNBits (the layout the embedding shares)
+    assert ops.get(op) == 4 * L + (op == "MatMulNBits"), ops
+    assert ops.get("MatMulNBits") == (1 if precision == "int8" else 4 * L + 1)
+    assert ops["GroupQueryAttention"] == L and ops["GatherBlockQuantized"] == 1
     assert m["quantization"]["weight_type"] == precision
+
+
+@pytest.mark.parametrize("precision, bits", [("int8", 8), ("int4", 4)])
+def test_embedding_is_quantized_and_shared_with_the_tied_head(artifacts, precision, bits):
+    """One quantized table serves the token embedding and the LM head: no float wte left."""
+    import os
+
+    import onnx
+
+    m = onnx.load(os.path.join(artifacts(precision), "model.onnx"), load_external_data=False)
+    assert "wte" not in {t.name for t in m.graph.initializer}
+    gather = next(n for n in m.graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in m.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("lm_head"))
+    assert gather.input[0] == head.input[1]
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in gather.attribute}["bits"] == bits
+    assert "shared with the LM head" in Engine.load(artifacts(precision), provider="cpu").manifest.raw["quantization"]["embedding"]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_untied_embedding_is_quantized_on_its_own(tmp_path, tiny_artifact, bits):
+    """A head that is not the embedding transposed keeps its own weight; wte becomes its own
+    `bits`-bit table, whose gathered rows equal the table dequantized (the nibble order included)."""
+    import os
+
+    import onnx
+    import onnxruntime as ort
+    from gpt2onnx.export import quantize
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(os.path.join(tiny_artifact, "model.onnx"))
+    head = next(t for t in m.graph.initializer if t.name == "lm_head.w")
+    head.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(head) * 0.5, "lm_head.w"))
+    wte = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "wte"))
+    src = str(tmp_path / "float.onnx")
+    onnx.save(m, src)
+    q, entry = (quantize.quantize_int4(src) if bits == 4 else quantize.quantize_int8(src))
+    assert entry["embedding"] == f"int{bits} blocks of 32"
+    inits = {t.name: t for t in q.graph.initializer}
+    assert "wte" not in inits and "wte_q" in inits
+    # run the three embedding nodes alone
+    nodes = [n for n in q.graph.node if n.name in ("tok_emb_scales3", "tok_emb", "tok_emb_out")]
+    need = {i for n in nodes for i in n.input} - {o for n in nodes for o in n.output} - {"input_ids"}
+    g = helper.make_graph(nodes, "emb", [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [1, None])],
+                          [helper.make_tensor_value_info(nodes[-1].output[0], onnx.TensorProto.FLOAT, None)],
+                          [inits[n] for n in need])
+    sess = ort.InferenceSession(helper.make_model(g, opset_imports=q.opset_import).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 7, wte.shape[0] - 1]], np.int64)
+    got = sess.run(None, {"input_ids": ids})[0][0]  # [3, H]
+    scale = numpy_helper.to_array(inits["wte_scales"])[ids[0]]  # [3, H/32]
+    err = np.abs(got - wte[ids[0]]).reshape(3, -1, 32).max(-1)
+    assert (err <= scale / 2 + 1e-6).all()  # round to nearest: within half a step per block
+    assert np.abs(got).max() > 0
 
 
 @pytest.mark.filterwarnings("ignore:fp16 on the CPU")
