@@ -10,7 +10,7 @@ BENCH_ARGS ?=
 PROMPT ?= Hello, how are you today?
 PORT ?= 8000
 
-.PHONY: demo test bench serve lint clean
+.PHONY: demo test bench serve lint clean llamacpp
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,36 @@ bench: $(STAMP)
 	  $(BIN)/gpt2onnx export synthetic:dialogpt-small -o artifacts/dialogpt-small-$$p --precision $$p --force || exit 1; \
 	done
 	$(BIN)/gpt2onnx bench $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-small-$(p)) --out $(BENCH_OUT) $(BENCH_ARGS)
+
+# The llama.cpp anchor (optional; `make bench` measures it once this has run): llama-cpp-python built
+# from its source distribution, once (~6 CPU-minutes: 11 min on a busy 2-core machine). The wheel and the vendored llama.cpp (its GGUF
+# converter) stay in build/llamacpp, so a new .venv reinstalls without compiling again.
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP_DIR := build/llamacpp
+LLAMACPP_SDIST := $(LLAMACPP_DIR)/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz
+LLAMACPP_WHEEL_STAMP := $(LLAMACPP_DIR)/.wheel-$(LLAMACPP_VERSION)
+LLAMACPP_STAMP := $(VENV)/.llamacpp-$(LLAMACPP_VERSION)
+
+llamacpp: $(LLAMACPP_STAMP)
+
+$(LLAMACPP_SDIST): | $(STAMP)
+	mkdir -p $(LLAMACPP_DIR)
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMACPP_VERSION) -d $(LLAMACPP_DIR)
+
+# The sources unpacked to build/llamacpp/llama.cpp (the harness finds the converter there), then the wheel:
+# no multimodal library (LLAVA_BUILD), two compile jobs, tuned for this CPU (llama.cpp's GGML_NATIVE default).
+$(LLAMACPP_WHEEL_STAMP): $(LLAMACPP_SDIST)
+	rm -rf $(LLAMACPP_DIR)/src $(LLAMACPP_DIR)/llama.cpp $(LLAMACPP_DIR)/*.whl
+	mkdir -p $(LLAMACPP_DIR)/src
+	tar -xzf $(LLAMACPP_SDIST) -C $(LLAMACPP_DIR)/src --strip-components 1
+	ln -s src/vendor/llama.cpp $(LLAMACPP_DIR)/llama.cpp
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	  $(BIN)/python -m pip wheel --no-deps -w $(LLAMACPP_DIR) $(LLAMACPP_DIR)/src
+	touch $@
+
+$(LLAMACPP_STAMP): $(LLAMACPP_WHEEL_STAMP) $(STAMP)
+	$(BIN)/python -m pip install -q diskcache==5.6.3 $(LLAMACPP_DIR)/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl
+	touch $@
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -25,10 +25,14 @@ import numpy as np
 from gpt2onnx.runtime.artifact import load_manifest
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 
+from . import anchors
 from .systems import SystemSpec, Worker
 
 SCHEMA_VERSION = 2  # 2: concurrent records and summary rows (no batch or prompt_len), the concurrent key
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# pytorch and optimum run the checkpoint in fp32 (pytorch fp16 on CUDA); the anchors (anchors.py) are
+# converted once per precision of the artifacts measured. Absent ones are skipped with the reason.
+BASELINES = ("pytorch", "optimum", "llamacpp", "ctranslate2")
 OURS_MODES = ("scheduler", "http", "serial", "static")  # the concurrent scenario's ways to serve an artifact
 # Pause before each timed run: the previous system's worker threads (PyTorch's OpenMP, onnxruntime's
 # pool) spin for a while after their work, and on a 2-core machine they would slow the next system.
@@ -62,7 +66,7 @@ SETTLE_S = 0.3
 @dataclass
 class Settings:
     artifacts: list[str]
-    baselines: list[str] = field(default_factory=lambda: ["pytorch", "optimum"])
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     batch: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
     prompt_len: list[int] = field(default_factory=lambda: [32, 128, 512])
     new_tokens: int = 64
@@ -86,14 +90,17 @@ class Settings:
     provider: str = "cpu"
     threads: int = 0  # 0 = one per core
     out: str = "reports/latest"
-    cache: str = "artifacts/bench-cache"  # baseline checkpoints and optimum exports, reused
+    cache: str = "artifacts/bench-cache"  # baseline checkpoints, optimum exports and anchor conversions, reused
+    llamacpp_src: str = anchors.LLAMACPP_SRC  # the llama.cpp sources `make llamacpp` unpacks (its GGUF converter)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = Settings(artifacts=[])
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p.add_argument("artifacts", nargs="+", metavar="ARTIFACT_DIR", help="artifact directories to measure")
-    p.add_argument("--baselines", default=",".join(d.baselines), help="comma list of pytorch, optimum ('' for none)")
+    p.add_argument("--baselines", default=",".join(d.baselines),
+                   help=f"comma list of {', '.join(BASELINES)} ('' for none; default all, those not installed are skipped "
+                        "with the reason: llamacpp needs `make llamacpp`)")
     p.add_argument("--batch", type=ints, default=d.batch, help="batch sizes for throughput (default 1,4,16,64)")
     p.add_argument("--prompt-len", type=ints, default=d.prompt_len, help="prompt lengths for time to first token")
     p.add_argument("--new-tokens", type=int, default=d.new_tokens, help="tokens generated per run")
@@ -122,6 +129,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=d.threads, help="intra-op threads for every system (0 = per core)")
     p.add_argument("--out", default=d.out, help="report directory")
     p.add_argument("--cache", default=d.cache, help="where baseline checkpoints and exports are kept")
+    p.add_argument("--llamacpp-src", default=d.llamacpp_src, help="llama.cpp sources with convert_hf_to_gguf.py "
+                   "(default: where `make llamacpp` puts them)")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -133,13 +142,15 @@ def main(args: argparse.Namespace) -> None:
                  concurrent_precisions=args.concurrent_precisions, concurrent_max_batch=args.concurrent_max_batch,
                  concurrent_prompt_len=args.concurrent_prompt_len, concurrent_reply_len=args.concurrent_reply_len,
                  provider=args.provider, threads=args.threads,
-                 out=args.out, cache=args.cache)
+                 out=args.out, cache=args.cache, llamacpp_src=args.llamacpp_src)
     results = run(s, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"wrote {s.out}/report.md ({len(results['records'])} measurements)")
 
 
-def baseline_missing(kind: str) -> str | None:
+def baseline_missing(kind: str, llamacpp_src: str = anchors.LLAMACPP_SRC) -> str | None:
     """Why a baseline cannot run here, or None."""
+    if kind in ("llamacpp", "ctranslate2"):
+        return anchors.missing(kind, llamacpp_src)
     need = {"pytorch": ["torch", "transformers"], "optimum": ["torch", "transformers", "optimum.onnxruntime"]}[kind]
     for mod in need:
         try:
@@ -161,10 +172,15 @@ def run(s: Settings, log=print) -> dict:
                         s.provider, s.threads, m.precision) for m in manifests]
     skipped = []
     for kind in s.baselines:
-        why = baseline_missing(kind)
+        why = baseline_missing(kind, s.llamacpp_src)
         if why:
             log(f"skipping the {kind} baseline: {why}")
             skipped.append({"baseline": kind, "reason": why})
+            continue
+        if kind in ("llamacpp", "ctranslate2"):
+            got, missed = _anchor_specs(kind, manifests, s, log)
+            specs += got
+            skipped += missed
             continue
         specs.append(_baseline_spec(kind, manifests[0], s, log))
 
@@ -192,7 +208,7 @@ def run(s: Settings, log=print) -> dict:
         conc_runs = _concurrent_runs(s, workers) if conc else []
         conc_clients = conc["clients"] if conc_runs else []
         conc_repeats = s.concurrent_repeats if conc_runs else 0
-        total = (len(points) + bool(chat_turns)) * len(workers) * (s.repeats + 1)
+        total = (sum(_fits(w, p[1]) for p in points for w in workers) + bool(chat_turns) * len(workers)) * (s.repeats + 1)
         total += len(conc_clients) * len(conc_runs) * (conc_repeats + 1)
         with Progress(transient=False) as bar:
             task = bar.add_task("measuring", total=total)
@@ -200,11 +216,15 @@ def run(s: Settings, log=print) -> dict:
                 if not bar.console.is_terminal:  # no live bar in a log file: a line per pass instead
                     log("warm-up" if rep < 0 else f"repeat {rep + 1}/{max(s.repeats, conc_repeats)}")
                 for scenario, batch, plen, new in points if rep < s.repeats else []:
-                    for w in workers:
+                    for w in [w for w in workers if _fits(w, batch)]:  # llama.cpp: batch 1 only, its other cells stay empty
                         bar.update(task, description=f"{'warm-up' if rep < 0 else f'repeat {rep + 1}/{s.repeats}'} "
                                                      f"{scenario} b{batch} p{plen} {w.spec.name}")
                         time.sleep(SETTLE_S)
-                        r = w.request("generate", batch=batch, prompt_len=plen, new_tokens=new if rep >= 0 else min(new, 4))
+                        n = new if rep >= 0 else min(new, 4)
+                        r = w.request("generate", batch=batch, prompt_len=plen, new_tokens=n)
+                        if len(r["tokens"]) != batch or any(len(t) != n for t in r["tokens"]):  # a bug, not a figure
+                            raise Gpt2OnnxError(f"{w.spec.name}: asked for {batch} rows of {n} tokens, got "
+                                                f"{[len(t) for t in r['tokens']]}")
                         if rep >= 0:
                             records.append(_record(w.spec.name, scenario, rep, batch, plen, new, r))
                         bar.advance(task)
@@ -251,10 +271,14 @@ def run(s: Settings, log=print) -> dict:
     return results
 
 
+def _fits(w: Worker, batch: int) -> bool:
+    return batch <= w.loaded.get("max_batch", batch)
+
+
 def _check_settings(s: Settings) -> None:
-    unknown = [b for b in s.baselines if b not in ("pytorch", "optimum")]
+    unknown = [b for b in s.baselines if b not in BASELINES]
     if unknown:
-        raise Gpt2OnnxError(f"unknown baseline {unknown[0]!r}; choose from pytorch, optimum")
+        raise Gpt2OnnxError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}")
     if s.repeats < 1 or s.new_tokens < 2:
         raise Gpt2OnnxError("--repeats must be >= 1 and --new-tokens >= 2")
     if not s.batch or not s.prompt_len or min(s.batch + s.prompt_len) < 1:
@@ -325,6 +349,43 @@ def _baseline_spec(kind: str, m, s: Settings, log) -> SystemSpec:
     return SystemSpec(f"optimum fp32 {s.provider}", "optimum", out, s.provider, s.threads, "fp32")
 
 
+def _anchor_specs(kind: str, manifests, s: Settings, log) -> tuple[list[SystemSpec], list[dict]]:
+    """One llama.cpp or CTranslate2 system per precision of the artifacts (in their order), converted
+    from the checkpoint the first artifact came from. A precision it has no counterpart for, or whose
+    conversion fails, comes back as a skipped entry with the reason."""
+    hf = _hf_checkpoint(manifests[0], s.cache, log)
+    specs, skipped = [], []
+    for precision in dict.fromkeys(m.precision for m in manifests):
+        why = _anchor_unfit(kind, precision, s.provider)
+        if not why:
+            try:
+                if kind == "llamacpp":
+                    path = anchors.gguf_model(hf, s.cache, precision, s.llamacpp_src, log)
+                    name = f"llama.cpp {anchors.GGUF_TYPES[precision]} cpu"
+                else:
+                    path = anchors.ctranslate2_model(hf, s.cache, precision, log)
+                    name = f"ctranslate2 {anchors.CT2_TYPES[precision]} {s.provider}"
+                specs.append(SystemSpec(name, kind, path, s.provider, s.threads, precision))
+                continue
+            except Exception as e:  # a failed conversion costs this row, not the whole run
+                why = f"conversion failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log(f"skipping the {kind} baseline at {precision}: {why}")
+        skipped.append({"baseline": f"{kind} {precision}", "reason": why})
+    return specs, skipped
+
+
+def _anchor_unfit(kind: str, precision: str, provider: str) -> str | None:
+    if kind == "llamacpp":
+        if provider != "cpu":
+            return "make llamacpp builds llama.cpp for CPU only"
+        return None if precision in anchors.GGUF_TYPES else f"no GGUF counterpart of {precision}"
+    if precision == "int4":
+        return "CTranslate2's int4 takes AWQ checkpoints only"
+    if precision not in anchors.CT2_TYPES or (precision == "fp16" and provider != "cuda"):
+        return f"no CTranslate2 {precision} on {provider}"
+    return None
+
+
 def _hf_checkpoint(m, cache: str, log) -> str:
     src = m.raw["source"]
     if not src.get("synthetic"):
@@ -354,6 +415,9 @@ def _system_record(spec: SystemSpec, loaded: dict, manifests) -> dict:
 
 
 def _dir_size(path: str) -> int | None:
+    """Bytes on disk of a model directory's files (or of a single-file model: a GGUF)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
     if not os.path.isdir(path):
         return None
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
@@ -483,7 +547,8 @@ def machine_info() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     info["versions"] = {}
-    for pkg in ("gpt2onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "tokenizers", "torch", "transformers", "optimum", "optimum-onnx"):
+    for pkg in ("gpt2onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "tokenizers", "torch", "transformers", "optimum", "optimum-onnx",
+                "ctranslate2", "llama_cpp_python"):
         try:
             info["versions"][pkg] = version(pkg)
         except PackageNotFoundError:

@@ -18,13 +18,18 @@ def _batch1(summary, system, plen):
     return _lookup(summary, system, "decode", 1, plen)
 
 
+# The baselines compared at each precision of ours (benchmarks/anchors.py), and their column titles.
+ANCHORS = {"llamacpp": "llama.cpp", "ctranslate2": "CTranslate2"}
+
+
 def write_report(results: dict, out: str) -> None:
     s = results["settings"]
     m = results["machine"]
     summary = results["summary"]
     systems = results["systems"]
     p0 = s["prompt_len"][0]
-    baselines = [x for x in systems if x["kind"] != "ours"]
+    baselines = [x for x in systems if x["kind"] in ("pytorch", "optimum")]  # a ratio column each
+    anchors = [k for k in ANCHORS if any(x["kind"] == k for x in systems)]  # a column each: the same precision
     bw = m["memory_bandwidth_gbs"]
     L = [
         "# gpt2onnx benchmark",
@@ -46,8 +51,9 @@ def write_report(results: dict, out: str) -> None:
         "token / the measured read bandwidth: no batch-1 decode can be faster. Achieved bandwidth = those bytes / p50.",
         "",
         "| system | load s | TTFT ms | p50 ms/tok | p90 | p99 | tok/s | peak RSS MB | size MB | weights MB/tok | floor ms/tok | "
-        "GB/s (% of read bw) | max abs Δlogit | top-1 | " + " | ".join(f"× {b['name']}" for b in baselines) + " |",
-        "|" + "---|" * (14 + len(baselines)),
+        "GB/s (% of read bw) | max abs Δlogit | top-1 | " + " | ".join(
+            [f"× {b['name']}" for b in baselines] + [f"× {ANCHORS[k]} same precision" for k in anchors]) + " |",
+        "|" + "---|" * (14 + len(baselines) + len(anchors)),
     ]
     for x in systems:
         r = _batch1(summary, x["name"], p0)
@@ -57,6 +63,10 @@ def write_report(results: dict, out: str) -> None:
         ratios = []
         for b in baselines:
             rb = _batch1(summary, b["name"], p0)
+            ratios.append(_fmt(r["p50_ms"] / rb["p50_ms"]) if rb else "—")
+        for k in anchors:
+            a = next((y for y in systems if y["kind"] == k and y["precision"] == x["precision"]), None)
+            rb = a and _batch1(summary, a["name"], p0)
             ratios.append(_fmt(r["p50_ms"] / rb["p50_ms"]) if rb else "—")
         wb = x.get("weights_bytes_per_token")
         gbs = f"{r['achieved_gbs']:.1f} ({100 * r['bandwidth_fraction']:.0f}%)" if r.get("achieved_gbs") else "—"
@@ -77,6 +87,8 @@ def write_report(results: dict, out: str) -> None:
 
     batches = sorted(set(s["batch"]) | {1})
     L += ["", f"## Throughput by batch (prompt {p0}, {s['new_tokens']} new tokens), tokens/s end to end (decode only)", "",
+          *(["llama.cpp runs batch 1 only here (llama-cpp-python decodes one sequence): its other cells are empty.", ""]
+            if any(x["kind"] == "llamacpp" for x in systems) else []),
           "| system | " + " | ".join(f"batch {b}" for b in batches) + " |", "|" + "---|" * (1 + len(batches))]
     for x in systems:
         cells = []
@@ -100,7 +112,8 @@ def write_report(results: dict, out: str) -> None:
               f"A DialoGPT conversation of {len(chat)} turns: user messages of {s['chat_user_len']} tokens + EOS, replies of "
               f"{s['chat_reply_len']} tokens + EOS; columns are the prompt (the whole history) at each turn. Ours keeps the "
               "KV cache between turns (`engine.chat()`, PromptCache), so a turn runs only the tokens the cache lacks; "
-              "the baselines call `generate` on the whole history each turn, as DialoGPT's usage does.", "",
+              "PyTorch, optimum and CTranslate2 run the whole history each turn, as DialoGPT's usage does; llama.cpp "
+              "(llama-cpp-python) keeps its KV cache and runs what follows the longest common prefix.", "",
               "| system | " + " | ".join(str(c) for c in chat) + " | tokens run at the last turn |", "|" + "---|" * (2 + len(chat))]
         for x in systems:
             rows = [_lookup(summary, x["name"], "chat", 1, c) for c in chat]

@@ -1,10 +1,13 @@
 """The systems under measurement, each served by its own worker process.
 
 A worker loads one system (ours: an artifact through the runtime; `pytorch`: transformers eager;
-`optimum`: ORTModelForCausalLM) and answers timing requests over a pipe. One process per system
+`optimum`: ORTModelForCausalLM; `llamacpp`: a GGUF file through llama-cpp-python, batch 1 only;
+`ctranslate2`: a CTranslate2 Generator) and answers timing requests over a pipe. One process per system
 gives each its own peak-memory figure (the runtime's worker never imports torch) and lets the
 harness interleave systems request by request (A B A B) so drift hits all of them alike.
 
+The `generate` request returns {ttft_s, step_s (each decode step after the first token), total_s,
+tokens (the new ids of each row: exactly the number asked, EOS never ends a row early)}.
 The `concurrent` request runs closed-loop clients as threads inside the worker (run_clients) and
 returns one timing record per request: {prompt_len, new_tokens, submitted_s, token_s}, all
 time.perf_counter() stamps, whatever serves them (the scheduler, a lock around `generate`, or
@@ -31,8 +34,10 @@ STATIC_WINDOW_S = 0.005
 @dataclass(frozen=True)
 class SystemSpec:
     name: str  # row label in the report: "ours fp32 cpu", "pytorch fp32", "optimum fp32"
-    kind: str  # ours | pytorch | optimum
-    path: str  # artifact dir (ours), HF checkpoint dir (pytorch), optimum export dir (optimum)
+    kind: str  # ours | pytorch | optimum | llamacpp | ctranslate2
+    # artifact dir (ours), HF checkpoint dir (pytorch), optimum export dir (optimum), GGUF file (llamacpp),
+    # CTranslate2 model dir (ctranslate2)
+    path: str
     provider: str = "cpu"  # cpu | cuda
     threads: int = 0  # 0 = one per core
     precision: str = "fp32"
@@ -161,7 +166,8 @@ def _serve(spec: SystemSpec, conn) -> None:
     try:
         threads = spec.threads or os.cpu_count() or 1
         t = time.perf_counter()
-        runner = {"ours": _Ours, "pytorch": _PyTorch, "optimum": _Optimum}[spec.kind](spec, threads)
+        runner = {"ours": _Ours, "pytorch": _PyTorch, "optimum": _Optimum, "llamacpp": _LlamaCpp,
+                  "ctranslate2": _CTranslate2}[spec.kind](spec, threads)
         conn.send({"load_s": time.perf_counter() - t, "threads": threads, **runner.info()})
     except Exception as e:  # reported to the parent as one line
         conn.send({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
@@ -203,10 +209,10 @@ class _Ours(_SerialClients):
 
     def generate(self, rows, new_tokens: int) -> dict:
         t = time.perf_counter()
-        self.engine.generate(rows, max_new_tokens=new_tokens, eos_token_id=-1)
+        out = self.engine.generate(rows, max_new_tokens=new_tokens, eos_token_id=-1)
         total = time.perf_counter() - t
         s = self.engine.stats
-        return {"ttft_s": s.ttft_s, "step_s": s.step_s, "total_s": total}
+        return {"ttft_s": s.ttft_s, "step_s": s.step_s, "total_s": total, "tokens": [list(map(int, o)) for o in out]}
 
     def new_conversation(self) -> None:
         from gpt2onnx.runtime import PromptCache
@@ -361,7 +367,8 @@ class _HFGenerate(_SerialClients):
     device = "cpu"
 
     def generate(self, rows, new_tokens: int) -> dict:
-        return self._generate(rows, new_tokens)[0]
+        timing, out = self._generate(rows, new_tokens)
+        return {**timing, "tokens": out[:, len(rows[0]):].tolist()}
 
     def new_conversation(self) -> None:
         pass  # DialoGPT's usage: every turn calls generate on the whole history, nothing kept
@@ -448,6 +455,129 @@ class _Optimum(_HFGenerate):
 
         m = onnx.load(os.path.join(self.path, "model.onnx"), load_external_data=False)
         return {"provider": self.device, "weights": {"bytes_per_token": weight_bytes_per_token(m)}}
+
+
+class _LlamaCpp(_SerialClients):
+    """llama.cpp through llama-cpp-python: greedy, exactly `new_tokens` per reply (its `generate`
+    never stops on EOS by itself). Batch 1 only: the binding decodes one sequence, so the harness
+    leaves this system's batch > 1 cells empty. Between chat turns the binding keeps the KV cache
+    and runs only the tokens after the longest common prefix, as llama.cpp users get it."""
+
+    max_batch = 1
+
+    def __init__(self, spec: SystemSpec, threads: int):
+        from llama_cpp import Llama
+
+        from .anchors import gguf_info
+
+        if spec.provider != "cpu":
+            raise RuntimeError("the llamacpp baseline is built for CPU only")
+        # n_ctx 0: the model's own context (n_positions); the rest are llama.cpp's defaults
+        self.llm = Llama(spec.path, n_ctx=0, n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.vocab, self.eos = self.llm.n_vocab(), self.llm.token_eos()
+        self.weights = {"bytes_per_token": gguf_info(spec.path)["bytes_per_token"]}
+
+    def info(self) -> dict:
+        return {"provider": "cpu", "weights": self.weights, "max_batch": self.max_batch}
+
+    def generate(self, rows, new_tokens: int) -> dict:
+        if len(rows) != 1:
+            raise ValueError("the llamacpp baseline decodes batch 1 only")
+        self.llm.reset()  # a fresh KV cache: no prefix of an earlier run is reused
+        timing, out = self._run(rows[0], new_tokens)
+        return {**timing, "tokens": [out]}
+
+    def new_conversation(self) -> None:
+        self.llm.reset()
+
+    def reply(self, history: list[int], new_tokens: int) -> tuple[dict, list[int]]:
+        held = self.llm.n_tokens
+        same = next((i for i, (a, b) in enumerate(zip(self.llm.input_ids[:held], history)) if a != b), min(held, len(history)))
+        timing, out = self._run(history, new_tokens)
+        return {**timing, "cached_tokens": min(same, len(history) - 1)}, out  # the binding re-runs a fully cached prompt's last token
+
+    def _one(self, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+        self.llm.reset()
+        timing, out = self._run(prompt, n)
+        return out, timing["token_s"]
+
+    def _run(self, prompt: list[int], n: int) -> tuple[dict, list[int]]:
+        stamps, out = [], []
+        t = time.perf_counter()
+        gen = self.llm.generate(prompt, temp=0.0, repeat_penalty=1.0)  # temp 0: llama.cpp's greedy sampler
+        for tok in gen:
+            stamps.append(time.perf_counter())
+            out.append(int(tok))
+            if len(out) == n:
+                break
+        gen.close()
+        total = time.perf_counter() - t
+        return {"ttft_s": stamps[0] - t, "step_s": list(np.diff(stamps)), "total_s": total, "token_s": stamps}, out
+
+    def gpu_memory(self) -> dict:
+        return {}
+
+
+class _CTranslate2(_SerialClients):
+    """A CTranslate2 Generator: greedy, exactly `new_tokens` per row (min_length = max_length, so EOS
+    is held back as the PyTorch baseline's min_new_tokens does). The prompt runs at once
+    (include_prompt_in_result=False); a callback stamps every token. No cache between chat turns."""
+
+    def __init__(self, spec: SystemSpec, threads: int):
+        import json
+
+        import ctranslate2
+
+        self.device = "cuda" if spec.provider == "cuda" else "cpu"
+        compute = {"fp32": "float32", "fp16": "float16", "int8": "int8"}[spec.precision]
+        self.model = ctranslate2.Generator(spec.path, device=self.device, compute_type=compute, intra_threads=threads,
+                                           inter_threads=1)
+        with open(os.path.join(spec.path, "vocabulary.json"), encoding="utf-8") as f:
+            self.tokens = json.load(f)  # id -> the string Generator takes
+        with open(os.path.join(spec.path, "config.json"), encoding="utf-8") as f:
+            self.eos = self.tokens.index(json.load(f)["eos_token"])
+        self.vocab = len(self.tokens)
+        self.path = spec.path
+
+    def info(self) -> dict:
+        from .anchors import ctranslate2_bytes_per_token
+
+        return {"provider": self.device, "weights": {"bytes_per_token": ctranslate2_bytes_per_token(self.path)}}
+
+    def generate(self, rows, new_tokens: int) -> dict:
+        timing, out = self._generate(rows, new_tokens)
+        return {**timing, "tokens": out}
+
+    def new_conversation(self) -> None:
+        pass
+
+    def reply(self, history: list[int], new_tokens: int) -> tuple[dict, list[int]]:
+        timing, out = self._generate([history], new_tokens)
+        return {**timing, "cached_tokens": 0}, out[0]
+
+    def _one(self, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+        timing, out = self._generate([prompt], n)
+        return out[0], timing["token_s"]
+
+    def _generate(self, rows, new_tokens: int) -> tuple[dict, list[list[int]]]:
+        """Greedy generation of exactly `new_tokens` per row: (timings as _HFGenerate's, new ids per row)."""
+        stamps: list[float] = []
+
+        def stamp(step) -> bool:
+            if step.batch_id == 0:  # every row steps together: one stamp per step
+                stamps.append(time.perf_counter())
+            return False
+
+        start = [[self.tokens[i] for i in row] for row in rows]
+        t = time.perf_counter()
+        res = self.model.generate_batch(start, max_length=new_tokens, min_length=new_tokens, sampling_topk=1, beam_size=1,
+                                        include_prompt_in_result=False, callback=stamp)
+        total = time.perf_counter() - t
+        out = [r.sequences_ids[0] for r in res]
+        return {"ttft_s": stamps[0] - t, "step_s": list(np.diff(stamps)), "total_s": total, "token_s": stamps}, out
+
+    def gpu_memory(self) -> dict:
+        return _nvidia_smi_mb() if self.device == "cuda" else {}
 
 
 def _peak_rss_mb() -> float:

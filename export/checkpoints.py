@@ -107,7 +107,8 @@ def synthetic_model(name: str, seed: int = 0):
 
     s = SYNTHETIC[name]
     config = transformers.GPT2Config(
-        vocab_size=VOCAB_SIZE, n_positions=s.n_positions, n_embd=s.n_embd, n_layer=s.n_layer,
+        # n_ctx as real GPT-2 / DialoGPT configs carry it (llama.cpp's GGUF converter reads it)
+        vocab_size=VOCAB_SIZE, n_positions=s.n_positions, n_ctx=s.n_positions, n_embd=s.n_embd, n_layer=s.n_layer,
         n_head=s.n_head, initializer_range=s.initializer_range, bos_token_id=EOS_ID, eos_token_id=EOS_ID,
         # a synthetic model needs no dropout; tie weights as DialoGPT does
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,

@@ -1,5 +1,5 @@
 """The benchmark harness on synthetic:tiny: schema, report files, a missing baseline, a damaged artifact,
-the concurrent-clients scenario."""
+the concurrent-clients scenario, the CTranslate2 and llama.cpp baselines."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import csv
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
-from gpt2onnx.benchmarks import harness, systems
+from gpt2onnx.benchmarks import anchors, harness, systems
+from gpt2onnx.export import checkpoints
+from gpt2onnx.export.convert import ExportOptions, export
 
-from .conftest import run_cli
+from .conftest import QUIET, run_cli
 from .test_cli import assert_one_line_error
 
 SMALL = dict(batch=[1, 2], prompt_len=[8, 16], new_tokens=4, repeats=2, context=[16, 64, 126], context_new_tokens=4,
@@ -24,7 +27,8 @@ CONC = dict(concurrent_clients=[1, 3], concurrent_requests=7, concurrent_repeats
 
 def test_bench_schema_and_report(tmp_path, tiny_artifact, monkeypatch):
     real = harness.baseline_missing
-    monkeypatch.setattr(harness, "baseline_missing", lambda k: "optimum-onnx is not installed (test)" if k == "optimum" else real(k))
+    monkeypatch.setattr(harness, "baseline_missing",
+                        lambda k, *a: "optimum-onnx is not installed (test)" if k == "optimum" else real(k, *a))
     s = harness.Settings(artifacts=[tiny_artifact], baselines=["pytorch", "optimum"], out=str(tmp_path / "rep"),
                          cache=str(tmp_path / "cache"), **SMALL)
     res = harness.run(s, log=lambda m: None)
@@ -174,3 +178,138 @@ def test_bench_concurrent_bad_range(tiny_artifact, tmp_path):
     r = run_cli("bench", tiny_artifact, "--baselines", "", "--concurrent-precisions", "in8", "--out", str(tmp_path / "r"))
     assert_one_line_error(r, "unknown precision 'in8'", "int8")
     assert not (tmp_path / "r").exists()
+
+
+# ---- the anchors: CTranslate2 and llama.cpp converted from the checkpoint the artifacts came from -------
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory, tiny):
+    """synthetic:tiny as a Hugging Face directory, as the harness saves it for its baselines."""
+    path = str(tmp_path_factory.mktemp("hf") / "hf-tiny-seed0")
+    checkpoints.save_hf_checkpoint(tiny, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_int4_artifact(tmp_path_factory):
+    return export(ExportOptions("synthetic:tiny", str(tmp_path_factory.mktemp("art") / "tiny-int4"), precision="int4"), log=QUIET)
+
+
+def _generated(spec: systems.SystemSpec, batch: int, prompt_len: int, new_tokens: int) -> list[list[int]]:
+    w = systems.Worker(spec)
+    try:
+        return w.request("generate", batch=batch, prompt_len=prompt_len, new_tokens=new_tokens)["tokens"]
+    finally:
+        w.close()
+
+
+def test_checkpoints_we_save_carry_n_ctx(tiny_hf):
+    """llama.cpp's GGUF converter reads n_ctx, as real GPT-2 / DialoGPT configs have it."""
+    assert json.loads((Path(tiny_hf) / "config.json").read_text())["n_ctx"] == 128
+
+
+def test_ctranslate2_fp32_greedy_equals_pytorch(tiny_hf, tmp_path):
+    path = anchors.ctranslate2_model(tiny_hf, str(tmp_path), "fp32", log=QUIET)
+    ct2 = _generated(systems.SystemSpec("ct2", "ctranslate2", path, precision="fp32"), 2, 8, 12)
+    pt = _generated(systems.SystemSpec("pt", "pytorch", tiny_hf), 2, 8, 12)
+    assert [len(t) for t in ct2] == [12, 12] and len(set(ct2[0])) > 3  # varied tokens, not one repeated
+    assert ct2 == pt
+
+
+def test_ctranslate2_int8_converts_and_generates(tiny_hf, tmp_path):
+    fp32 = anchors.ctranslate2_model(tiny_hf, str(tmp_path), "fp32", log=QUIET)
+    int8 = anchors.ctranslate2_model(tiny_hf, str(tmp_path), "int8", log=QUIET)
+    assert os.path.getsize(os.path.join(int8, "model.bin")) < 0.4 * os.path.getsize(os.path.join(fp32, "model.bin"))
+    assert anchors.ctranslate2_model(tiny_hf, str(tmp_path), "int8", log=lambda m: pytest.fail(m)) == int8  # cached
+    w = systems.Worker(systems.SystemSpec("ct2", "ctranslate2", int8, precision="int8"))
+    try:
+        assert w.loaded["weights"]["bytes_per_token"] < os.path.getsize(os.path.join(int8, "model.bin"))
+        for batch in (1, 3):
+            r = w.request("generate", batch=batch, prompt_len=8, new_tokens=7)
+            assert [len(t) for t in r["tokens"]] == [7] * batch and len(r["step_s"]) == 6 and r["ttft_s"] > 0
+        turns = w.request("chat", turns=2, user_len=6, reply_len=4)["turns"]
+        assert [t["cached_tokens"] for t in turns] == [0, 0]  # no cache between turns: the whole history runs
+    finally:
+        w.close()
+
+
+def test_bench_anchor_rows_and_skips(tmp_path, tiny_artifact, tiny_int4_artifact):
+    """CTranslate2 gets a row per precision it has (fp32), a skip line for the one it lacks (int4),
+    and its rows sit beside ours in the tables; an absent llama.cpp is one skip line."""
+    nowhere = str(tmp_path / "no-llama.cpp")
+    why = harness.baseline_missing("llamacpp", nowhere)
+    assert "make llamacpp" in why and "\n" not in why
+    s = harness.Settings(artifacts=[tiny_artifact, tiny_int4_artifact], baselines=["ctranslate2", "llamacpp"],
+                         llamacpp_src=nowhere, out=str(tmp_path / "rep"), cache=str(tmp_path / "cache"),
+                         **{**SMALL, "repeats": 1, "context": [16], "chat_turns": 2})
+    res = harness.run(s, log=lambda m: None)
+    assert [(x["name"], x["kind"], x["precision"]) for x in res["systems"]] == [
+        ("ours fp32 cpu", "ours", "fp32"), ("ours int4 cpu", "ours", "int4"), ("ctranslate2 float32 cpu", "ctranslate2", "fp32")]
+    assert res["skipped"] == [{"baseline": "ctranslate2 int4", "reason": "CTranslate2's int4 takes AWQ checkpoints only"},
+                              {"baseline": "llamacpp", "reason": why}]
+    ct2 = res["systems"][2]
+    assert ct2["size_bytes"] > 0 and ct2["peak_rss_mb"] > 0 and ct2["weights_bytes_per_token"] > 0
+    scenarios = {(r["scenario"], r["batch"]) for r in res["records"] if r["system"] == ct2["name"]}
+    assert scenarios == {("decode", 1), ("throughput", 2), ("context", 1), ("chat", 1)}
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert f"Skipped baseline **llamacpp**: {why}." in report and "Skipped baseline **ctranslate2 int4**" in report
+    assert "× CTranslate2 same precision |" in report
+    sections = {sec.split("\n", 1)[0]: sec for sec in report.split("\n## ")}
+    for title in ("Batch 1 decode", "Time to first token", "Throughput by batch", "Per-token latency", "Chat"):
+        sec = next(v for k, v in sections.items() if k.startswith(title))
+        assert "| ctranslate2 float32 cpu |" in sec, title
+
+
+def _llamacpp_or_skip() -> None:
+    """The llama.cpp tests need `make llamacpp` (minutes of compiling, not part of make test): skipped,
+    saying so, only where it has not run."""
+    why = anchors.missing("llamacpp")
+    if why:
+        pytest.skip(f"llama.cpp is not built here: {why}")
+
+
+def test_llamacpp_conversions_load_and_generate(tiny_hf, tmp_path):
+    _llamacpp_or_skip()
+    sizes = {}
+    for precision, gtype in anchors.GGUF_TYPES.items():
+        path = anchors.gguf_model(tiny_hf, str(tmp_path), precision, log=QUIET)
+        info = anchors.gguf_info(path)
+        assert path.endswith(f"model-{gtype}.gguf") and info["type"] == gtype and 0 < info["bytes_per_token"] < os.path.getsize(path)
+        sizes[gtype] = os.path.getsize(path)
+        w = systems.Worker(systems.SystemSpec(f"llama.cpp {gtype}", "llamacpp", path, precision=precision))
+        try:
+            assert w.loaded["max_batch"] == 1 and w.loaded["weights"]["bytes_per_token"] == info["bytes_per_token"]
+            r = w.request("generate", batch=1, prompt_len=8, new_tokens=12)
+            assert [len(t) for t in r["tokens"]] == [12] and len(r["step_s"]) == 11 and r["ttft_s"] > 0
+            assert r["tokens"] == w.request("generate", batch=1, prompt_len=8, new_tokens=12)["tokens"]  # greedy, fresh cache
+            turns = w.request("chat", turns=3, user_len=6, reply_len=4)["turns"]
+            assert [t["cached_tokens"] for t in turns] == [0, 10, 22]  # the binding keeps all but the last reply token
+            assert w.request("memory")["peak_rss_mb"] > 0
+        finally:
+            w.close()
+    assert sizes["F32"] > sizes["Q8_0"] > sizes["Q4_0"]
+
+
+def test_llamacpp_f32_follows_pytorch(tiny_hf, tmp_path):
+    """The F32 conversion is the same model: greedy tokens agree with PyTorch's (llama.cpp keeps its
+    KV cache in fp16, so a near tie late in the reply may differ; the first tokens may not)."""
+    _llamacpp_or_skip()
+    path = anchors.gguf_model(tiny_hf, str(tmp_path), "fp32", log=QUIET)
+    llama = _generated(systems.SystemSpec("llama.cpp", "llamacpp", path), 1, 8, 12)[0]
+    pt = _generated(systems.SystemSpec("pt", "pytorch", tiny_hf), 1, 8, 12)[0]
+    assert llama[:4] == pt[:4], (llama, pt)
+
+
+def test_bench_llamacpp_leaves_batch_cells_empty(tmp_path, tiny_artifact):
+    _llamacpp_or_skip()
+    s = harness.Settings(artifacts=[tiny_artifact], baselines=["llamacpp"], out=str(tmp_path / "rep"),
+                         cache=str(tmp_path / "cache"), **{**SMALL, "repeats": 1, "context": [16], "chat_turns": 2})
+    res = harness.run(s, log=lambda m: None)
+    assert [x["name"] for x in res["systems"]] == ["ours fp32 cpu", "llama.cpp F32 cpu"] and res["skipped"] == []
+    scenarios = {(r["scenario"], r["batch"]) for r in res["records"] if r["system"] == "llama.cpp F32 cpu"}
+    assert scenarios == {("decode", 1), ("context", 1), ("chat", 1)}  # no batch 2
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "× llama.cpp same precision |" in report and "llama.cpp runs batch 1 only" in report
+    throughput = report.split("## Throughput by batch", 1)[1].split("\n## ", 1)[0]
+    row = next(ln for ln in throughput.splitlines() if ln.startswith("| llama.cpp F32 cpu |"))
+    assert row.endswith("| — |") and row.count("|") == 4  # batch 1 measured, batch 2 empty
