@@ -57,7 +57,7 @@ def sample_text() -> str:
 
 
 def load(spec: str, seed: int = 0) -> Checkpoint:
-    """Load `synthetic:NAME`, a local Hugging Face directory, or a hub id.
+    """Load `synthetic:NAME`, `trained:NAME`, a local Hugging Face directory, or a hub id.
 
     Raises:
         Gpt2OnnxError: unknown synthetic name, a directory that is not a GPT-2 checkpoint, or a
@@ -71,6 +71,12 @@ def load(spec: str, seed: int = 0) -> Checkpoint:
                 + ", ".join(f"synthetic:{n}" for n in SYNTHETIC)
             )
         return Checkpoint(synthetic_model(name, seed), synthetic_tokenizer(), spec, seed)
+    if spec.startswith("trained:"):  # trained here once and cached (export/train.py), then an ordinary directory
+        from . import train
+
+        ckpt = _load_hf(train.cached(spec.split(":", 1)[1]))
+        ckpt.source = spec
+        return ckpt
     if os.path.isdir(spec):
         if not os.path.isfile(os.path.join(spec, "config.json")):
             raise Gpt2OnnxError(f"{spec} has no config.json; pass a Hugging Face checkpoint directory")
@@ -134,16 +140,21 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 @lru_cache(maxsize=1)
 def _synthetic_tokenizer_json() -> str:
+    return bpe_tokenizer_json([sample_text()], learned_vocab=4000)
+
+
+def bpe_tokenizer_json(texts: list[str], learned_vocab: int) -> str:
+    """A GPT-2-compatible byte-level BPE tokenizer of exactly 50257 ids (`<|endoftext|>` = 50256), as
+    JSON: merges learned from `texts` up to `learned_vocab` ids, the rest filled deterministically."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     byte_chars = list(_bytes_to_unicode().values())  # GPT-2 id order
-    # Merges learned from the shipped text make common words single tokens, so prompts have
+    # Merges learned from the given text make common words single tokens, so prompts have
     # realistic token counts; the rest of the vocabulary is filled with pair merges.
     learner = Tokenizer(models.BPE())
     learner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     learner.train_from_iterator(
-        [sample_text()],
-        trainers.BpeTrainer(vocab_size=4000, initial_alphabet=byte_chars, show_progress=False),
+        texts, trainers.BpeTrainer(vocab_size=learned_vocab, initial_alphabet=byte_chars, show_progress=False),
     )
     import json
 
