@@ -90,6 +90,8 @@ class Settings:
     provider: str = "cpu"
     threads: int = 0  # 0 = one per core
     out: str = "reports/latest"
+    # a fresh process per system loads and generates once for its peak RSS (and ours' breakdown)
+    footprint: bool = True
     cache: str = "artifacts/bench-cache"  # baseline checkpoints, optimum exports and anchor conversions, reused
     llamacpp_src: str = anchors.LLAMACPP_SRC  # the llama.cpp sources `make llamacpp` unpacks (its GGUF converter)
 
@@ -125,6 +127,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt lengths, uniform (default 16,256; both ranges shrink to fit the model's positions)")
     p.add_argument("--concurrent-reply-len", type=ints, default=d.concurrent_reply_len, metavar="LO,HI",
                    help="reply lengths, uniform, every reply exactly its length (default 16,128)")
+    p.add_argument("--no-footprint", dest="footprint", action="store_false",
+                   help="skip the fresh-process memory measurement per system")
     p.add_argument("--bench-provider", dest="provider", default=d.provider, help="cpu | cuda for every system")
     p.add_argument("--threads", type=int, default=d.threads, help="intra-op threads for every system (0 = per core)")
     p.add_argument("--out", default=d.out, help="report directory")
@@ -141,7 +145,7 @@ def main(args: argparse.Namespace) -> None:
                  concurrent_requests=args.concurrent_requests, concurrent_repeats=args.concurrent_repeats,
                  concurrent_precisions=args.concurrent_precisions, concurrent_max_batch=args.concurrent_max_batch,
                  concurrent_prompt_len=args.concurrent_prompt_len, concurrent_reply_len=args.concurrent_reply_len,
-                 provider=args.provider, threads=args.threads,
+                 provider=args.provider, threads=args.threads, footprint=args.footprint,
                  out=args.out, cache=args.cache, llamacpp_src=args.llamacpp_src)
     results = run(s, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"wrote {s.out}/report.md ({len(results['records'])} measurements)")
@@ -254,6 +258,8 @@ def run(s: Settings, log=print) -> dict:
     finally:
         for w in workers:
             w.close()
+    if s.footprint:
+        footprint(specs, systems, s, log)
 
     results = {
         "schema_version": SCHEMA_VERSION,
@@ -269,6 +275,24 @@ def run(s: Settings, log=print) -> dict:
     }
     write(results, s.out)
     return results
+
+
+def footprint(specs: list[SystemSpec], systems: list[dict], s: Settings, log) -> None:
+    """Peak resident memory of a fresh process per system that loads it and generates once (batch 1,
+    the first prompt length, new_tokens): what an edge deployment pays, free of the other scenarios'
+    batches. For ours, also the stage-by-stage breakdown (benchmarks/memory.py)."""
+    from gpt2onnx.benchmarks import memory
+
+    for spec, sysrec in zip(specs, systems):
+        log(f"footprint of {spec.name}")
+        w = Worker(spec)
+        try:
+            w.request("generate", batch=1, prompt_len=s.prompt_len[0], new_tokens=s.new_tokens)
+            sysrec["footprint_mb"] = w.request("memory")["peak_rss_mb"]
+        finally:
+            w.close()
+        if spec.kind == "ours" and spec.provider == "cpu":
+            sysrec["memory_stages"] = memory.footprint(spec.path, s.prompt_len[0], s.new_tokens)["stages"]
 
 
 def _fits(w: Worker, batch: int) -> bool:

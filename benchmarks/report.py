@@ -78,6 +78,7 @@ def write_report(results: dict, out: str) -> None:
         )
     if any(x.get("gpu_peak_mb") or x.get("gpu_used_mb") for x in systems):
         L += ["", "GPU memory: " + ", ".join(f"{x['name']} {_fmt(x.get('gpu_peak_mb') or x.get('gpu_used_mb'), '.0f')} MB" for x in systems)]
+    L += _memory(systems)
 
     L += ["", "## Time to first token (batch 1), ms", "", "| system | " + " | ".join(f"prompt {p}" for p in s["prompt_len"]) + " |",
           "|" + "---|" * (1 + len(s["prompt_len"]))]
@@ -302,3 +303,27 @@ if __name__ == "__main__":  # re-render a report from its results.json: python -
 
     with open(os.path.join(sys.argv[1], "results.json")) as f:
         write_report(json.load(f), sys.argv[1])
+
+
+def _memory(systems: list[dict]) -> list[str]:
+    """The footprint table (a fresh process per system loads and generates once) and where our
+    processes' memory goes, stage by stage."""
+    rows = [x for x in systems if x.get("footprint_mb")]
+    if not rows:
+        return []
+    L = ["", "## Memory: a fresh process that loads and generates once (batch 1)", "",
+         "Peak RSS (VmHWM) of a process that does nothing else: the figure an edge deployment pays. The peak RSS "
+         "column above is the long-running worker's, after every scenario's batches.", "",
+         "| system | peak RSS MB | size on disk MB | peak ÷ size |", "|---|---|---|---|"]
+    for x in rows:
+        size = x.get("size_bytes") and x["size_bytes"] / 1e6
+        L.append(f"| {x['name']} | {x['footprint_mb']:.0f} | {_fmt(size, '.0f')} | {_fmt(size and x['footprint_mb'] / size)} |")
+    staged = {x["name"]: {"stages": x["memory_stages"], "peak_mb": x["memory_stages"]["generate"]["VmHWM"]}
+              for x in rows if x.get("memory_stages")}
+    if staged:
+        from gpt2onnx.benchmarks.memory import table
+
+        L += ["", "Where ours goes (MB of resident memory each stage adds; file-backed = weights onnxruntime maps from "
+              "model.onnx.data; the session's anonymous growth is mostly onnxruntime's pre-packed copy of the "
+              "quantized weights):", "", table(staged)]
+    return L
