@@ -40,8 +40,9 @@ bench: $(STAMP)
 	$(BIN)/gpt2onnx bench $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-small-$(p)) --out $(BENCH_OUT) $(BENCH_ARGS)
 
 # The llama.cpp anchor (optional; `make bench` measures it once this has run): llama-cpp-python built
-# from its source distribution, once (~6 CPU-minutes: 11 min on a busy 2-core machine). The wheel and the vendored llama.cpp (its GGUF
-# converter) stay in build/llamacpp, so a new .venv reinstalls without compiling again.
+# from its source distribution, once (~6 CPU-minutes: 11 min on a busy 2-core machine). The wheel and
+# the vendored llama.cpp (its GGUF converter) stay in build/llamacpp, so a new .venv reinstalls without
+# compiling again.
 LLAMACPP_VERSION := 0.3.36
 LLAMACPP_DIR := build/llamacpp
 LLAMACPP_SDIST := $(LLAMACPP_DIR)/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz
