@@ -473,7 +473,7 @@ class _LlamaCpp(_SerialClients):
         if spec.provider != "cpu":
             raise RuntimeError("the llamacpp baseline is built for CPU only")
         # n_ctx 0: the model's own context (n_positions); the rest are the binding's defaults (f16 KV
-        # cache, n_batch 512, flash attention off: at these contexts llama.cpp's "auto" changes little)
+        # cache, n_batch 512, flash attention off where llama.cpp's own tools default to "auto")
         self.llm = Llama(spec.path, n_ctx=0, n_threads=threads, n_threads_batch=threads, verbose=False)
         self.vocab, self.eos = self.llm.n_vocab(), self.llm.token_eos()
         self.weights = {"bytes_per_token": gguf_info(spec.path)["bytes_per_token"]}
