@@ -271,3 +271,12 @@ def test_cli_early_stopping_is_a_closed_choice(tiny_artifact):
     r = run_cli("generate", tiny_artifact, "Hello", "--num-beams", "2", "--early-stopping", "maybe")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "choose from true, false, never" in r.stderr.splitlines()[-1]
+
+
+def test_beam_speed_harness_runs(engine):
+    """benchmarks/beam_speed.py times beams 1 / K at batch 1 for the report (checked for shape, never for time)."""
+    from gpt2onnx.benchmarks.beam_speed import measure
+
+    rows = measure(engine, beams=(1, 2), prompt_len=5, new_tokens=3, repeats=1)
+    assert [r["num_beams"] for r in rows] == [1, 2] and rows[0]["vs_one_beam"] == 1.0
+    assert all(r["ms_per_token"] > 0 and r["batch"] == 1 for r in rows)
