@@ -112,7 +112,8 @@ class Sampler:
     def __init__(self, cfg: GenerationConfig):
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
-        self.greedy = not cfg.do_sample and cfg.repetition_penalty == 1.0  # argmax of the raw logits
+        self.greedy = (not cfg.do_sample and cfg.repetition_penalty == 1.0  # argmax of the raw logits
+                       and not cfg.no_repeat_ngram_size and not cfg.min_new_tokens)
 
     def __call__(self, logits: np.ndarray, seen: np.ndarray | None = None) -> int:
         """logits [vocab]; seen [vocab] bool, tokens already in the row (repetition penalty)."""
