@@ -280,3 +280,9 @@ def test_beam_speed_harness_runs(engine):
     rows = measure(engine, beams=(1, 2), prompt_len=5, new_tokens=3, repeats=1)
     assert [r["num_beams"] for r in rows] == [1, 2] and rows[0]["vs_one_beam"] == 1.0
     assert all(r["ms_per_token"] > 0 and r["batch"] == 1 for r in rows)
+
+
+def test_stop_strings_cut_the_best_beam_text(engine):
+    full = engine.generate_text("Hello there", max_new_tokens=12, num_beams=3)
+    stop = full[3:6]
+    assert stop and engine.generate_text("Hello there", max_new_tokens=12, num_beams=3, stop=[stop]) == full[: full.index(stop)]
