@@ -92,6 +92,7 @@ class Settings:
     out: str = "reports/latest"
     # a fresh process per system loads and generates once for its peak RSS (and ours' breakdown)
     footprint: bool = True
+    beams: int = 4  # beam search speed: 1 vs this many beams at batch 1 (0 = skip)
     cache: str = "artifacts/bench-cache"  # baseline checkpoints, optimum exports and anchor conversions, reused
     llamacpp_src: str = anchors.LLAMACPP_SRC  # the llama.cpp sources `make llamacpp` unpacks (its GGUF converter)
 
@@ -127,6 +128,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt lengths, uniform (default 16,256; both ranges shrink to fit the model's positions)")
     p.add_argument("--concurrent-reply-len", type=ints, default=d.concurrent_reply_len, metavar="LO,HI",
                    help="reply lengths, uniform, every reply exactly its length (default 16,128)")
+    p.add_argument("--beams", type=int, default=d.beams, help="beam search scenario: 1 vs this many beams (0 = skip)")
     p.add_argument("--no-footprint", dest="footprint", action="store_false",
                    help="skip the fresh-process memory measurement per system")
     p.add_argument("--bench-provider", dest="provider", default=d.provider, help="cpu | cuda for every system")
@@ -145,7 +147,7 @@ def main(args: argparse.Namespace) -> None:
                  concurrent_requests=args.concurrent_requests, concurrent_repeats=args.concurrent_repeats,
                  concurrent_precisions=args.concurrent_precisions, concurrent_max_batch=args.concurrent_max_batch,
                  concurrent_prompt_len=args.concurrent_prompt_len, concurrent_reply_len=args.concurrent_reply_len,
-                 provider=args.provider, threads=args.threads, footprint=args.footprint,
+                 provider=args.provider, threads=args.threads, footprint=args.footprint, beams=args.beams,
                  out=args.out, cache=args.cache, llamacpp_src=args.llamacpp_src)
     results = run(s, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"wrote {s.out}/report.md ({len(results['records'])} measurements)")
@@ -260,6 +262,7 @@ def run(s: Settings, log=print) -> dict:
             w.close()
     if s.footprint:
         footprint(specs, systems, s, log)
+    beams = beam_speeds(specs, s, log) if s.beams else {}
 
     results = {
         "schema_version": SCHEMA_VERSION,
@@ -270,6 +273,7 @@ def run(s: Settings, log=print) -> dict:
         "systems": systems,
         "skipped": skipped,
         "concurrent": conc,
+        "beams": beams,
         "records": records,
         "summary": summarize(records, systems, machine),
     }
@@ -293,6 +297,21 @@ def footprint(specs: list[SystemSpec], systems: list[dict], s: Settings, log) ->
             w.close()
         if spec.kind == "ours" and spec.provider == "cpu":
             sysrec["memory_stages"] = memory.footprint(spec.path, s.prompt_len[0], s.new_tokens)["stages"]
+
+
+def beam_speeds(specs: list[SystemSpec], s: Settings, log) -> dict[str, list[dict]]:
+    """Beam search at batch 1 (benchmarks/beam_speed.py): 1 and `s.beams` beams, interleaved, for each
+    of our artifacts, in this process after the workers are gone."""
+    from gpt2onnx.benchmarks.beam_speed import measure
+    from gpt2onnx.runtime import Engine
+
+    out = {}
+    for spec in (x for x in specs if x.kind == "ours"):
+        log(f"beam search: {spec.name}")
+        engine = Engine.load(spec.path, provider=spec.provider, threads=spec.threads or None, verify="size")
+        out[spec.name] = measure(engine, (1, s.beams), s.prompt_len[0], s.new_tokens, s.repeats)
+        del engine
+    return out
 
 
 def _fits(w: Worker, batch: int) -> bool:

@@ -79,6 +79,7 @@ def write_report(results: dict, out: str) -> None:
     if any(x.get("gpu_peak_mb") or x.get("gpu_used_mb") for x in systems):
         L += ["", "GPU memory: " + ", ".join(f"{x['name']} {_fmt(x.get('gpu_peak_mb') or x.get('gpu_used_mb'), '.0f')} MB" for x in systems)]
     L += _memory(systems)
+    L += _beams(results.get("beams") or {})
 
     L += ["", "## Time to first token (batch 1), ms", "", "| system | " + " | ".join(f"prompt {p}" for p in s["prompt_len"]) + " |",
           "|" + "---|" * (1 + len(s["prompt_len"]))]
@@ -326,4 +327,19 @@ def _memory(systems: list[dict]) -> list[str]:
         L += ["", "Where ours goes (MB of resident memory each stage adds; file-backed = weights onnxruntime maps from "
               "model.onnx.data; the session's anonymous growth is mostly onnxruntime's pre-packed copy of the "
               "quantized weights):", "", table(staged)]
+    return L
+
+
+def _beams(beams: dict[str, list[dict]]) -> list[str]:
+    """Beam search at batch 1: what a reply token costs with 1 and K beams."""
+    if not beams:
+        return []
+    L = ["", "## Beam search (batch 1)", "",
+         "One prompt, EOS off, 1 and K beams interleaved (benchmarks/beam_speed.py). ms/token = (wall - prefill) / "
+         "new tokens: the model step over K rows, the beam bookkeeping and the KV cache reorder together.", "",
+         "| system | beams | prefill ms | ms/token | model step p50 ms | tokens/s | × 1 beam |", "|---|---|---|---|---|---|---|"]
+    for name, rows in beams.items():
+        for r in rows:
+            L.append(f"| {name} | {r['num_beams']} | {r['prefill_ms']:.1f} | {r['ms_per_token']:.2f} | {r['step_p50_ms']:.2f} | "
+                     f"{r['tokens_per_s']:.0f} | {_fmt(r['vs_one_beam'])} |")
     return L
