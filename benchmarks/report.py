@@ -128,21 +128,65 @@ def write_report(results: dict, out: str) -> None:
     if any(r["scenario"] == "concurrent" for r in summary):
         L += _concurrent_section(results)
 
-    ours = [x for x in systems if x["kind"] == "ours" and x.get("accuracy")]
-    if ours:
-        L += ["", "## Accuracy against the PyTorch fp32 model (from each artifact's manifest)", "",
-              "Synthetic checkpoints have seeded random weights whose logits are flat, so top-1 agreement "
-              "understates what a trained model would show.", ""]
-        for x in ours:
-            for name, figs in x["accuracy"].items():
-                if isinstance(figs, dict):
-                    L.append(f"- {x['name']} · {name}: " + ", ".join(f"{k} {_num(v)}" for k, v in figs.items()))
+    trained = _trained_accuracy(out)
+    L += _accuracy_section(systems, trained)
     plots = ["latency_vs_context.png", "throughput_vs_batch.png", "precisions.png"]
     plots += ["concurrent.png"] if any(r["scenario"] == "concurrent" for r in summary) else []
+    plots += ["accuracy.png"] if trained else []
     L += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots) + ". Raw data: `results.json`, `results.csv`.", ""]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(L))
     _plots(results, out)
+    if trained:
+        from .accuracy import plot
+
+        plot([trained], os.path.join(out, "accuracy.png"))
+
+
+def _trained_accuracy(out: str) -> dict | None:
+    """The precision table on trained weights, when `python -m gpt2onnx.benchmarks.accuracy --out`
+    wrote accuracy.json into this report's directory (`make bench` does)."""
+    import json
+
+    path = os.path.join(out, "accuracy.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _accuracy_section(systems: list[dict], trained: dict | None) -> list[str]:
+    """One row per model and precision: the trained reference model on its held-out conversations
+    (benchmarks/accuracy.py), then each measured artifact's export-time figures from its manifest."""
+    ours = [x for x in systems if x["kind"] == "ours" and (x.get("accuracy") or {}).get("teacher_forced")]
+    if not ours and not trained:
+        return []
+    L = ["", "## Accuracy against the PyTorch fp32 model, by precision", ""]
+    if trained:
+        from .accuracy import table
+
+        tr = trained["training"]
+        L += [f"**Trained weights** ({trained['model']}: {tr['settings']['n_layer']} layers x {tr['settings']['n_embd']}, "
+              f"trained here, held-out perplexity {tr['heldout_perplexity']:.2f}), on "
+              f"{trained['heldout']['conversations']} held-out conversations: teacher-forced through the KV cache, and "
+              f"greedy replies of ≤ {trained['heldout']['reply_tokens']} tokens to each opening turn compared token for "
+              "token with PyTorch fp32 `generate` (first divergence: the reply token where differing replies first differ).",
+              ""]
+        L += table(trained["rows"])
+        L.append("")
+    if ours:
+        L += ["**The measured artifacts** (figures from each manifest, taken at export: teacher-forced over the shipped "
+              "text). Synthetic checkpoints have seeded random weights whose logits are flat, so top-1 agreement "
+              "understates what a trained model shows; the table above is the one to read for quality.", "",
+              "| system | precision | perplexity (PyTorch fp32) | Δ perplexity | mean KL | top-1 | decode max abs Δlogit |",
+              "|" + "---|" * 7]
+        for x in ours:
+            tf = x["accuracy"]["teacher_forced"]
+            dec = x["accuracy"].get("decode_vs_pytorch_fp32") or {}
+            L.append(f"| {x['name']} | {x['precision']} | {tf['perplexity']:.4g} "
+                     f"({tf['perplexity_pytorch']:.4g}) | {tf['perplexity_change_pct']:+.2f}% | {tf['mean_kl']:.2e} | "
+                     f"{tf['top1_agreement']:.3f} | {_fmt(dec.get('max_abs_logit_diff'), '.1e')} |")
+    return L
 
 
 # The bars the concurrent scenario is held to (stated in the report with the measured values).
@@ -214,10 +258,6 @@ def _range(lohi) -> str:
 
 def _met(ok: bool) -> str:
     return "met" if ok else "**not met**"
-
-
-def _num(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _accuracy(x: dict) -> dict:

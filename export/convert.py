@@ -91,11 +91,11 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
         figures = parity.decode_parity(session, ckpt.model, cfg, rows, steps=opts.parity_steps)
         accuracy = parity.teacher_forced(session, ckpt.model, cfg, text)
         del session
-        problem = parity.check(opts.precision, figures, accuracy)
+        tol = parity.tolerances(opts.precision, opts.kv_dtype, ckpt.source)
+        problem = parity.check(opts.precision, figures, accuracy, tol)
         if problem and opts.enforce_tolerances:
             raise Gpt2OnnxError(f"accuracy check failed: {problem}; nothing was written")
         ckpt.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-        tol = parity.TOLERANCES[opts.precision]
         manifest = _manifest(opts, ckpt, cfg, model_path, tmp)
         manifest["parity"] = {"decode_vs_pytorch_fp32": {**figures, "tolerance": tol["max_abs_logit_diff"]}}
         manifest["accuracy"] = {"teacher_forced": accuracy, "tolerances": tol}

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 
-TRAIN_VERSION = 1  # bump when the training code changes what it produces
+TRAIN_VERSION = 2  # bump when the training code changes what it produces
 DEFAULT_CACHE = os.path.join("artifacts", "trained")  # relative to the working directory (make, pytest: the repo root)
 EOT = "<|endoftext|>"
 
@@ -44,9 +44,9 @@ class TrainConfig:
     n_positions: int = 256  # conversations here are short (the longest is ~200 tokens)
     learned_vocab: int = 8000  # BPE ids learned from the training split; the rest of the 50257 are filler merges
     epochs: int = 6
-    batch: int = 8  # conversations per step: more updates per epoch learn faster from this little data
+    batch: int = 16  # conversations per step
     lr: float = 2e-3
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     weight_decay: float = 0.01
     dropout: float = 0.1
     holdout_every: int = 10  # one first turn in ten (and every conversation that opens with it) is held out
@@ -56,9 +56,9 @@ class TrainConfig:
 
 # Sizes chosen by measurement on the 2-core development machine (figures in README, "A trained reference model").
 PRESETS = {
-    "chat": TrainConfig(n_layer=4, n_embd=256, n_head=4, epochs=4),
+    "chat": TrainConfig(n_layer=4, n_embd=128, n_head=4, epochs=8, lr=4e-3),
     # for tests: the same data and code path in well under a minute
-    "chat-tiny": TrainConfig(n_layer=2, n_embd=64, n_head=2, epochs=3, lr=3e-3),
+    "chat-tiny": TrainConfig(n_layer=2, n_embd=64, n_head=2, epochs=4, batch=32, lr=3e-3),
 }
 
 
@@ -138,7 +138,7 @@ def train(cfg: TrainConfig, out: str, log: Callable[[str], None] = print) -> dic
 
     from .checkpoints import EOS_ID, VOCAB_SIZE, bpe_tokenizer_json
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     train_convs, held = split(conversations(), cfg.holdout_every)
     tok = Tokenizer.from_str(bpe_tokenizer_json(["\n".join(c) for c in train_convs], cfg.learned_vocab))
     assert tok.get_vocab_size() == VOCAB_SIZE and tok.token_to_id(EOT) == EOS_ID
@@ -170,6 +170,7 @@ def train(cfg: TrainConfig, out: str, log: Callable[[str], None] = print) -> dic
         "heldout_perplexity_by_epoch": curve,
         "heldout_perplexity": ppl,
         "minutes": round(minutes, 2),
+        "cpu_minutes": round((time.process_time() - cpu0) / 60, 2),  # all threads; beside wall minutes, shows a busy machine
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, torch {torch.__version__}",
     }
     _save(model, tok, out, record, held)
@@ -188,7 +189,7 @@ def _fit(model, rows: list[list[int]], cfg: TrainConfig, log, held_rows) -> tupl
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95))
+                            lr=cfg.lr, betas=(0.9, 0.95), fused=True)  # one pass over the 50257-row table, not ten
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
                                               * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
     model.train()

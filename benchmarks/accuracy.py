@@ -1,0 +1,256 @@
+"""The precision table on trained weights.
+
+Every precision of a trained reference model (export/train.py), exported by the normal export path,
+measured against the PyTorch fp32 model on the conversations held out of its training:
+
+- teacher-forced, as generation runs it (the opening turn as one prompt pass, then one token per
+  step through the KV cache): perplexity of ours and of PyTorch over every token but each
+  conversation's first, mean KL(PyTorch || ours) and top-1 agreement at every scored position;
+- greedy replies: for each held-out opening turn, the reply the runtime's `Engine.generate` gives
+  (batch 1) against PyTorch fp32 greedy through transformers `generate`: the share of prompts whose
+  reply is token for token the reference's, and where the replies that differ first differ.
+
+    python -m gpt2onnx.benchmarks.accuracy trained:chat --out reports/accuracy-trained-chat
+
+writes accuracy.json, accuracy.md and accuracy.png to --out. The benchmark report shows the table
+when accuracy.json sits beside its results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+
+# The rows: (name, precision, KV cache dtype; None = the export's default for that precision).
+VARIANTS = (
+    ("fp32", "fp32", None),
+    ("fp16", "fp16", None),
+    ("fp32 + int8 KV", "fp32", "int8"),
+    ("int8", "int8", None),  # int8 KV cache by default on the CPU provider
+    ("int4", "int4", None),  # int8 KV cache by default on the CPU provider
+)
+REPLY_TOKENS = 32  # greedy reply length cap (replies end earlier at <|endoftext|>)
+
+
+def heldout_rows(ckpt, convs: list[list[str]]) -> list[tuple[int, list[int]]]:
+    """(prompt length, ids) per held-out conversation: the opening turn + EOS is the prompt."""
+    from gpt2onnx.export.train import encode_conversation
+
+    eos = ckpt.model.config.eos_token_id
+    n = ckpt.model.config.n_positions
+    return [(len(encode_conversation(ckpt.tokenizer, c[:1], eos)), encode_conversation(ckpt.tokenizer, c, eos)[:n]) for c in convs]
+
+
+def teacher_forced(session, torch_model, cfg, rows: list[tuple[int, list[int]]]) -> dict:
+    """Perplexities, mean KL and top-1 agreement over the held-out conversations, each run as a
+    prompt pass over its opening turn and then one token per step (the KV cache path)."""
+    import torch
+    from gpt2onnx.export import parity
+
+    kls, agree, nll_ref, nll_ours, max_diff = [], [], [], [], 0.0
+    empty = np.zeros((1, cfg.n_head, 0, cfg.head_dim), parity.kv_dtype(session))
+    for p, ids in rows:
+        x = np.array([ids], np.int64)
+        with torch.no_grad():
+            ref = torch_model(input_ids=torch.from_numpy(x)).logits[0].double().numpy()  # [T, vocab]
+        outs = session.run(None, parity.feed(cfg, x[:, :p], np.ones((1, p), np.int64), np.arange(p)[None],
+                                             [empty] * (2 * cfg.n_layer), keep=0))
+        ours = [outs[0][0]]
+        for t in range(p, len(ids)):
+            outs = session.run(None, parity.feed(cfg, x[:, t: t + 1], np.ones((1, t + 1), np.int64), np.array([[t]]),
+                                                 outs[1:], keep=1))
+            ours.append(outs[0][0])
+        ours = np.concatenate(ours).astype(np.float64)[:-1]  # [T-1, vocab]: predictions of tokens 1..T-1
+        ref = ref[:-1]
+        max_diff = max(max_diff, float(np.abs(ours - ref).max()))
+        lp_ref, lp_ours = parity.log_softmax(ref), parity.log_softmax(ours)
+        kls.append((np.exp(lp_ref) * (lp_ref - lp_ours)).sum(-1))
+        agree.append(ref.argmax(-1) == ours.argmax(-1))
+        nxt = x[0, 1:]
+        nll_ref.append(-lp_ref[np.arange(len(nxt)), nxt])
+        nll_ours.append(-lp_ours[np.arange(len(nxt)), nxt])
+    ppl_ref, ppl = float(np.exp(np.concatenate(nll_ref).mean())), float(np.exp(np.concatenate(nll_ours).mean()))
+    return {
+        "tokens": int(sum(len(a) for a in agree)),
+        "perplexity_pytorch": ppl_ref,
+        "perplexity": ppl,
+        "perplexity_change_pct": 100.0 * (ppl / ppl_ref - 1.0),
+        "mean_kl": float(np.concatenate(kls).mean()),
+        "top1_agreement": float(np.concatenate(agree).mean()),
+        "max_abs_logit_diff": max_diff,
+    }
+
+
+def reference_replies(torch_model, prompts: list[list[int]], max_new_tokens: int = REPLY_TOKENS) -> list[list[int]]:
+    """PyTorch fp32 greedy replies through transformers `generate` (EOS included when reached)."""
+    import torch
+
+    eos = torch_model.config.eos_token_id
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch_model.generate(torch.tensor([p]), attention_mask=torch.ones((1, len(p)), dtype=torch.long),
+                                       max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                       eos_token_id=eos, pad_token_id=eos)
+            out.append(ids[0, len(p):].tolist())
+    return out
+
+
+def reply_agreement(ours: list[list[int]], ref: list[list[int]]) -> dict:
+    """Share of replies equal token for token, and the first differing position of the others."""
+    first = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), min(len(o), len(r)))
+             for o, r in zip(ours, ref) if o != r]
+    return {
+        "prompts": len(ref),
+        "greedy_agreement": 1.0 - len(first) / len(ref),
+        "diverged": len(first),
+        "first_divergence_median": float(statistics.median(first)) if first else None,
+        "first_divergence_mean": float(statistics.mean(first)) if first else None,
+    }
+
+
+def measure(model: str, out: str, artifacts: str, log=print, force: bool = False, limit: int | None = None) -> dict:
+    """Export every variant of `model` (a trained:NAME) into `artifacts`, measure each against
+    PyTorch fp32 on its held-out conversations (the first `limit` of them, default all), write
+    accuracy.json / .md / .png into `out`; returns what accuracy.json holds."""
+    import warnings
+
+    from gpt2onnx.export import checkpoints, parity, train
+    from gpt2onnx.export.convert import ExportOptions, export
+    from gpt2onnx.export.graph import model_config
+    from gpt2onnx.runtime import Engine
+
+    ckpt = checkpoints.load(model)
+    path = train.cached(model.split(":", 1)[1], log=log)
+    with open(os.path.join(path, "training.json"), encoding="utf-8") as f:
+        record = json.load(f)
+    convs = train.heldout(path)[:limit]
+    rows = heldout_rows(ckpt, convs)
+    cfg = model_config(ckpt.model.config)
+    prompts = [ids[:p] for p, ids in rows]
+    t = time.perf_counter()
+    ref = reference_replies(ckpt.model, prompts)
+    log(f"PyTorch fp32 greedy replies to {len(prompts)} held-out prompts in {time.perf_counter() - t:.0f} s")
+    results = []
+    for name, precision, kv in VARIANTS:
+        art = os.path.join(artifacts, f"{model.split(':', 1)[1]}-{name.replace(' + ', '-').replace(' ', '')}")
+        if force or not _usable(art):
+            log(f"exporting {model} {name}")
+            export(ExportOptions(model, art, precision=precision, kv_dtype=kv, force=True), log=lambda m: None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fp16 on the CPU provider: slower, measured anyway
+            engine = Engine.load(art, provider="cpu")
+        t = time.perf_counter()
+        figs = teacher_forced(parity.ort_session(engine.manifest.file("model.onnx")), ckpt.model, cfg, rows)
+        ours = [engine.generate([p], max_new_tokens=REPLY_TOKENS)[0] for p in prompts]
+        row = {"model": model, "variant": name, "precision": precision, "kv_dtype": engine.manifest.raw["io"]["kv"]["dtype"],
+               **figs, **reply_agreement(ours, ref), "tolerances": engine.manifest.raw["accuracy"]["tolerances"],
+               "export_check": engine.manifest.raw["accuracy"]["teacher_forced"]}
+        results.append(row)
+        log(f"{name}: perplexity {row['perplexity']:.3f} ({row['perplexity_change_pct']:+.2f}%), KL {row['mean_kl']:.2e}, "
+            f"top-1 {row['top1_agreement']:.4f}, greedy replies {row['greedy_agreement']:.3f} ({time.perf_counter() - t:.0f} s)")
+    doc = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": model,
+        "training": record,
+        "heldout": {"conversations": len(rows), "reply_tokens": REPLY_TOKENS,
+                    "examples": [{"prompt": c[0], "reference_reply": ckpt.tokenizer.decode(r, skip_special_tokens=True)}
+                                 for c, r in list(zip(convs, ref))[:5]]},
+        "rows": results,
+    }
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "accuracy.json"), "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, ensure_ascii=False)
+    with open(os.path.join(out, "accuracy.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(markdown(doc)) + "\n")
+    plot([doc], os.path.join(out, "accuracy.png"))
+    return doc
+
+
+def _usable(art: str) -> bool:
+    from gpt2onnx.runtime.artifact import load_manifest
+
+    try:
+        load_manifest(art, verify="size")
+        return True
+    except Exception:  # absent or damaged: export again
+        return False
+
+
+def table(rows: list[dict]) -> list[str]:
+    """One markdown row per model and precision."""
+    L = ["| model | precision | KV cache | perplexity (PyTorch fp32) | Δ perplexity | mean KL | top-1 | greedy replies equal | "
+         "first divergence median / mean |", "|" + "---|" * 9]
+    for r in rows:
+        greedy = "—" if r.get("greedy_agreement") is None else f"{r['greedy_agreement']:.3f} ({r['prompts'] - r['diverged']}/{r['prompts']})"
+        div = "—" if r.get("first_divergence_median") is None else f"{r['first_divergence_median']:.0f} / {r['first_divergence_mean']:.1f}"
+        L.append(f"| {r['model']} | {r['variant']} | {r['kv_dtype']} | {r['perplexity']:.3f} ({r['perplexity_pytorch']:.3f}) | "
+                 f"{r['perplexity_change_pct']:+.2f}% | {r['mean_kl']:.2e} | {r['top1_agreement']:.4f} | {greedy} | {div} |")
+    return L
+
+
+def markdown(doc: dict) -> list[str]:
+    tr = doc["training"]
+    s = tr["settings"]
+    L = [f"# Precision table on trained weights: {doc['model']}", "",
+         f"{doc['created']}. A GPT-2 of {s['n_layer']} layers x {s['n_embd']} ({tr['parameters'] / 1e6:.1f}M parameters, "
+         f"vocabulary 50257, tied embeddings) trained here on {tr['data']['train_conversations']} conversations "
+         f"({tr['data']['train_tokens']} tokens) in {tr['minutes']:.1f} min ({tr['machine']}); held-out perplexity "
+         f"{tr['heldout_perplexity']:.2f}.",
+         f"Measured on the {doc['heldout']['conversations']} held-out conversations against the PyTorch fp32 model: "
+         "teacher-forced (opening turn as a prompt pass, then one token per step through the KV cache) and greedy replies "
+         f"to each opening turn (≤ {doc['heldout']['reply_tokens']} tokens; ours through `Engine.generate`, batch 1; "
+         "the reference through transformers `generate`). First divergence: the reply token index where a reply that "
+         "differs first differs.", ""]
+    L += table(doc["rows"])
+    L += ["", "Reference replies (PyTorch fp32 greedy):", ""]
+    L += [f"- {e['prompt']!r} → {e['reference_reply']!r}" for e in doc["heldout"]["examples"]]
+    return L
+
+
+def plot(docs: list[dict], path: str) -> None:
+    """Mean KL (log scale) and top-1 agreement by precision, one bar group per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = [r["variant"] for r in docs[0]["rows"]]
+    w = 0.8 / len(docs)
+    for k, doc in enumerate(docs):
+        by = {r["variant"]: r for r in doc["rows"]}
+        xs = [i + k * w for i in range(len(names))]
+        ax.bar(xs, [max(by[n]["mean_kl"], 1e-12) if n in by else 0 for n in names], w, label=doc["model"])
+        ax2.bar(xs, [by[n]["top1_agreement"] if n in by else 0 for n in names], w, label=doc["model"])
+    for a in (ax, ax2):
+        a.set_xticks([i + 0.4 - w / 2 for i in range(len(names))], names, rotation=15)
+        a.grid(alpha=0.3, axis="y")
+        a.legend()
+    ax.set(yscale="log", ylabel="mean KL(PyTorch fp32 || ours)", title="KL on held-out conversations")
+    lo = min(r["top1_agreement"] for d in docs for r in d["rows"])
+    ax2.set(ylabel="top-1 agreement", ylim=(min(0.9, lo - 0.01), 1.0), title="Top-1 agreement with PyTorch fp32")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m gpt2onnx.benchmarks.accuracy", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", nargs="?", default="trained:chat", help="a trained:NAME model (default trained:chat)")
+    p.add_argument("--out", default="reports/accuracy-trained-chat", help="where accuracy.json/.md/.png go")
+    p.add_argument("--artifacts", default="artifacts", help="where the exported variants are kept")
+    p.add_argument("--force", action="store_true", help="export every variant again")
+    p.add_argument("--limit", type=int, help="measure the first N held-out conversations only (default all)")
+    args = p.parse_args(argv)
+    measure(args.model, args.out, args.artifacts, log=lambda m: print(m, flush=True), force=args.force, limit=args.limit)
+
+
+if __name__ == "__main__":
+    main()

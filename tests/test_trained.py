@@ -1,0 +1,162 @@
+"""The trained reference model (export/train.py) through the normal export path: the checkpoint it
+writes, golden greedy replies, the precision table (benchmarks/accuracy.py) and the scripted chat.
+
+The tests use `trained:chat-tiny` (2 layers x 64, the same data and code as `trained:chat`), trained
+once into artifacts/trained/ (under a minute on 2 cores) and reused by later runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+from gpt2onnx.export import checkpoints, parity, train
+from gpt2onnx.export.convert import ExportOptions, export
+from gpt2onnx.runtime import Engine
+
+from .conftest import QUIET, run_cli
+
+MODEL = "trained:chat-tiny"
+GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden_chat_tiny.json")
+
+
+def weights_sha256(model) -> str:
+    """A hash of the weights' values (not of a file's layout)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode() + t.detach().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def chat_tiny():
+    return checkpoints.load(MODEL)
+
+
+@pytest.fixture(scope="session")
+def chat_tiny_artifact(tmp_path_factory, chat_tiny):
+    return export(ExportOptions(MODEL, str(tmp_path_factory.mktemp("trained") / "chat-tiny")), log=QUIET)
+
+
+def test_checkpoint_is_an_ordinary_gpt2_directory(chat_tiny):
+    path = train.cached("chat-tiny", log=QUIET)
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    assert cfg["model_type"] == "gpt2" and cfg["vocab_size"] == checkpoints.VOCAB_SIZE
+    assert cfg["n_ctx"] == cfg["n_positions"] == train.PRESETS["chat-tiny"].n_positions
+    assert cfg.get("tie_word_embeddings", True) and cfg["eos_token_id"] == checkpoints.EOS_ID
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "training.json", "heldout.json"):
+        assert os.path.isfile(os.path.join(path, name)), name
+    assert chat_tiny.source == MODEL and not chat_tiny.synthetic
+    assert chat_tiny.tokenizer.token_to_id("<|endoftext|>") == checkpoints.EOS_ID
+    assert chat_tiny.tokenizer.get_vocab_size() == checkpoints.VOCAB_SIZE
+    record = json.load(open(os.path.join(path, "training.json")))
+    # far below the 50257 of a model that learned nothing (tiny: ~1260; trained:chat: README)
+    assert record["heldout_perplexity"] < checkpoints.VOCAB_SIZE / 20 and record["heldout_perplexity_by_epoch"][-1] == pytest.approx(
+        record["heldout_perplexity"], rel=1e-3)
+
+
+def test_split_keeps_heldout_openings_out_of_training():
+    convs = train.conversations()
+    tr, held = train.split(convs, 10)
+    assert len(tr) + len(held) == len(convs) and 0.05 < len(held) / len(convs) < 0.2
+    key = lambda c: c[0].lower().strip(" ?!.")  # noqa: E731
+    assert not {key(c) for c in tr} & {key(c) for c in held}
+    assert train.split(convs, 10) == (tr, held)  # deterministic
+    assert train.data_key(train.PRESETS["chat"]) != train.data_key(train.PRESETS["chat-tiny"])
+
+
+def test_export_holds_the_trained_tolerances(chat_tiny_artifact):
+    m = Engine.load(chat_tiny_artifact, provider="cpu").manifest.raw
+    assert m["source"]["checkpoint"] == MODEL
+    assert m["accuracy"]["tolerances"] == parity.TRAINED_TOLERANCES["fp32"]
+    assert parity.tolerances("fp32", "int8", MODEL) is parity.TRAINED_TOLERANCES["fp32+int8kv"]
+    assert parity.tolerances("int4", "int8", "synthetic:tiny") is parity.TOLERANCES["int4"]
+
+
+def test_golden_replies(chat_tiny, chat_tiny_artifact):
+    """The fp32 artifact's greedy replies to a few prompts: equal to PyTorch greedy here, and to the
+    token ids stored when the goldens were recorded (catches drift in export, graph or runtime)."""
+    from gpt2onnx.benchmarks.accuracy import reference_replies
+
+    golden = json.load(open(GOLDEN))
+    engine = Engine.load(chat_tiny_artifact, provider="cpu")
+    prompts = [g["prompt_ids"] for g in golden["replies"]]
+    assert prompts == [engine.encode(g["prompt"]) + [engine.eos_token_id] for g in golden["replies"]]
+    ours = [engine.generate([p], max_new_tokens=golden["max_new_tokens"])[0] for p in prompts]
+    assert ours == reference_replies(chat_tiny.model, prompts, golden["max_new_tokens"])
+    if weights_sha256(chat_tiny.model) != golden["weights_sha256"]:
+        pytest.skip("this machine's training produced other weights (float rounding differs by CPU); the stored "
+                    "replies belong to the recorded weights (the PyTorch comparison above still ran)")
+    assert ours == [g["reply_ids"] for g in golden["replies"]]
+
+
+def test_precision_table(tmp_path, chat_tiny):
+    """Every precision through the normal export path, on a few held-out conversations."""
+    from gpt2onnx.benchmarks import accuracy
+
+    doc = accuracy.measure(MODEL, str(tmp_path / "rep"), str(tmp_path / "art"), log=QUIET, limit=12)
+    rows = {r["variant"]: r for r in doc["rows"]}
+    assert list(rows) == [v[0] for v in accuracy.VARIANTS]
+    assert rows["fp32"]["greedy_agreement"] == 1.0 and rows["fp32"]["mean_kl"] < 1e-8
+    assert rows["fp32"]["first_divergence_median"] is None
+    assert rows["int8"]["kv_dtype"] == rows["int4"]["kv_dtype"] == rows["fp32 + int8 KV"]["kv_dtype"] == "int8"
+    for r in rows.values():
+        assert r["prompts"] == 12 and r["tokens"] > 100
+        assert 0 <= r["greedy_agreement"] <= 1 and 0.5 < r["top1_agreement"] <= 1
+        assert r["perplexity_pytorch"] == pytest.approx(rows["fp32"]["perplexity_pytorch"])
+    assert rows["int4"]["mean_kl"] > rows["int8"]["mean_kl"] > rows["fp32"]["mean_kl"]
+    saved = json.loads((tmp_path / "rep" / "accuracy.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(doc["rows"]))
+    md = (tmp_path / "rep" / "accuracy.md").read_text()
+    assert "| trained:chat-tiny | int4 | int8 |" in md
+    assert (tmp_path / "rep" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+    from gpt2onnx.benchmarks.report import _accuracy_section
+
+    section = "\n".join(_accuracy_section([], saved))
+    assert "**Trained weights** (trained:chat-tiny" in section and "| trained:chat-tiny | fp16 |" in section
+
+
+def test_reply_agreement_counts_first_divergence():
+    from gpt2onnx.benchmarks.accuracy import reply_agreement
+
+    r = reply_agreement([[1, 2, 3], [1, 2, 9], [5], [1, 2]], [[1, 2, 3], [1, 2, 3], [4], [1, 2, 3]])
+    assert r["greedy_agreement"] == 0.25 and r["diverged"] == 3
+    assert r["first_divergence_median"] == 2 and r["first_divergence_mean"] == pytest.approx(4 / 3)
+
+
+def test_scripted_chat_prints_turns_and_timings(chat_tiny_artifact):
+    r = run_cli("chat", chat_tiny_artifact, "--say", "Hello", "--say", "What is your name?", "--max-new-tokens", "8",
+                "--timing")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "> Hello" and "> What is your name?" in lines and len(lines) == 4
+    assert r.stderr.count("timing:") == 2 and "synthetic" not in r.stderr
+    # the second turn ran only its own tokens: the first turn's are reused from the cache
+    assert "(0 reused" not in r.stderr.splitlines()[-1]
+
+
+def record_golden(prompts=("Hello", "How are you?", "Tell me a joke.", "What is AI?", "Do you like music?"),
+                  max_new_tokens: int = 16) -> None:
+    """Write the goldens from the cached chat-tiny (run: python -m tests.test_trained)."""
+    from gpt2onnx.benchmarks.accuracy import reference_replies
+
+    ckpt = checkpoints.load(MODEL)
+    eos = checkpoints.EOS_ID
+    ids = [ckpt.tokenizer.encode(p).ids + [eos] for p in prompts]
+    replies = reference_replies(ckpt.model, ids, max_new_tokens)
+    doc = {"model": MODEL, "weights_sha256": weights_sha256(ckpt.model), "max_new_tokens": max_new_tokens,
+           "replies": [{"prompt": p, "prompt_ids": i, "reply_ids": r, "reply": ckpt.tokenizer.decode(r)}
+                       for p, i, r in zip(prompts, ids, replies)]}
+    os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
+    with open(GOLDEN, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1, ensure_ascii=False)
+    print(json.dumps([r["reply"] for r in doc["replies"]], ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    np.set_printoptions(linewidth=200)
+    record_golden()
