@@ -43,7 +43,7 @@ SYNTHETIC = {
 class Checkpoint:
     model: Any  # transformers.GPT2LMHeadModel, fp32, eval()
     tokenizer: Any  # tokenizers.Tokenizer
-    source: str  # "synthetic:NAME", a hub id, or an absolute path
+    source: str  # "synthetic:NAME", "trained:NAME", a hub id, or an absolute path
     seed: int | None = None
 
     @property

@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="export a checkpoint to an artifact directory")
-    p.add_argument("model", help="synthetic:dialogpt-small|medium|large|tiny, a checkpoint directory, or a hub id")
+    p.add_argument("model", help="synthetic:dialogpt-small|medium|large|tiny, trained:chat|chat-tiny (trained here once), "
+                                  "a checkpoint directory, or a hub id")
     p.add_argument("-o", "--output", required=True, help="artifact directory to create")
     p.add_argument("--precision", default="fp32", help="fp32 | fp16 | int8 | int4 (default fp32)")
     p.add_argument("--provider", dest="target_provider", default="cpu", help="provider the artifact is built for: cpu | cuda")
