@@ -39,16 +39,26 @@ serve: $(STAMP)
 	$(BIN)/gpt2onnx info $(DEMO) >/dev/null 2>&1 || $(BIN)/gpt2onnx export synthetic:dialogpt-small -o $(DEMO) --force
 	$(BIN)/gpt2onnx serve $(DEMO) --port $(PORT)
 
-# Export what the report compares (once), then measure beside PyTorch and optimum (~25 min on 2 cores,
-# plus ~30 min for the concurrent-clients scenario, mostly optimum serving its requests one at a time;
-# BENCH_ARGS="--concurrent-clients 0" skips it).
-bench: $(STAMP)
-	for p in $(BENCH_PRECISIONS); do \
-	  $(BIN)/gpt2onnx info artifacts/dialogpt-small-$$p >/dev/null 2>&1 || \
-	  $(BIN)/gpt2onnx export synthetic:dialogpt-small -o artifacts/dialogpt-small-$$p --precision $$p --force || exit 1; \
+# Export what the report compares (once per change of the export code; a damaged artifact is
+# re-exported), then measure beside PyTorch, optimum and, where installed, llama.cpp (`make llamacpp`)
+# and CTranslate2 (~40 min on 2 cores, ~20 of them the concurrent-clients scenario, mostly optimum
+# serving its requests one at a time; BENCH_ARGS="--concurrent-clients 0" skips it). Then
+# DialoGPT-medium, ours only, fewer repeats, into its own report.
+SMALL_ARTS := $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-small-$(p))
+MEDIUM_ARTS := $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-medium-$(p))
+MEDIUM_OUT ?= reports/dialogpt-medium-cpu
+MEDIUM_ARGS ?= --baselines "" --repeats 2 --batch 1,16 --prompt-len 32,512 --context 50,500,1000 --chat-turns 0 --concurrent-clients 0
+
+artifacts/dialogpt-%/gpt2onnx.json: $(wildcard export/*.py) $(STAMP)
+	n=$*; $(BIN)/gpt2onnx export synthetic:dialogpt-$${n%-*} -o artifacts/dialogpt-$$n --precision $${n##*-} --force
+
+bench: $(STAMP) $(addsuffix /gpt2onnx.json,$(SMALL_ARTS) $(MEDIUM_ARTS))
+	for a in $(SMALL_ARTS) $(MEDIUM_ARTS); do \
+	  $(BIN)/gpt2onnx info $$a >/dev/null 2>&1 || { rm -f $$a/gpt2onnx.json; $(MAKE) $$a/gpt2onnx.json; } || exit 1; \
 	done
 	$(BIN)/python -m gpt2onnx.benchmarks.accuracy trained:chat --out $(BENCH_OUT)  # the precision table on trained weights
-	$(BIN)/gpt2onnx bench $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-small-$(p)) --out $(BENCH_OUT) $(BENCH_ARGS)
+	$(BIN)/gpt2onnx bench $(SMALL_ARTS) --out $(BENCH_OUT) $(BENCH_ARGS)
+	$(BIN)/gpt2onnx bench $(MEDIUM_ARTS) --out $(MEDIUM_OUT) $(MEDIUM_ARGS)
 
 # The llama.cpp anchor (optional; `make bench` measures it once this has run): llama-cpp-python built
 # from its source distribution, once (~6 CPU-minutes: 11 min on a busy 2-core machine). The wheel and
