@@ -30,7 +30,7 @@ $(CHAT)/gpt2onnx.json: export/train.py $(STAMP)
 demo: $(STAMP) $(CHAT)/gpt2onnx.json
 	$(BIN)/gpt2onnx info $(CHAT) >/dev/null 2>&1 || $(BIN)/gpt2onnx export trained:chat -o $(CHAT) --force
 	$(BIN)/gpt2onnx chat $(CHAT) --say "Hello, how are you?" --say "What is your favorite book?" --say "Tell me a joke." \
-	  --max-new-tokens 32 --timing
+	  --max-new-tokens 32 --no-repeat-ngram-size 3 --timing
 	$(BIN)/gpt2onnx info $(DEMO) >/dev/null 2>&1 || $(BIN)/gpt2onnx export synthetic:dialogpt-small -o $(DEMO) --force
 	$(BIN)/gpt2onnx generate $(DEMO) "$(PROMPT)" --max-new-tokens 32 --timing
 

@@ -133,7 +133,8 @@ def measure(model: str, out: str, artifacts: str, log=print, force: bool = False
     convs = train.heldout(path)[:limit]
     rows = heldout_rows(ckpt, convs)
     cfg = model_config(ckpt.model.config)
-    prompts = [ids[:p] for p, ids in rows]
+    # greedy replies: each distinct opening turn once (the corpus repeats openings with other replies)
+    prompts = list({tuple(ids[:p]): ids[:p] for p, ids in rows}.values())
     t = time.perf_counter()
     ref = reference_replies(ckpt.model, prompts)
     log(f"PyTorch fp32 greedy replies to {len(prompts)} held-out prompts in {time.perf_counter() - t:.0f} s")
@@ -159,9 +160,9 @@ def measure(model: str, out: str, artifacts: str, log=print, force: bool = False
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": model,
         "training": record,
-        "heldout": {"conversations": len(rows), "reply_tokens": REPLY_TOKENS,
-                    "examples": [{"prompt": c[0], "reference_reply": ckpt.tokenizer.decode(r, skip_special_tokens=True)}
-                                 for c, r in list(zip(convs, ref))[:5]]},
+        "heldout": {"conversations": len(rows), "prompts": len(prompts), "reply_tokens": REPLY_TOKENS,
+                    "examples": [{"prompt": ckpt.tokenizer.decode(p[:-1]), "reference_reply": ckpt.tokenizer.decode(r, skip_special_tokens=True)}
+                                 for p, r in list(zip(prompts, ref))[:8]]},
         "rows": results,
     }
     os.makedirs(out, exist_ok=True)
@@ -205,7 +206,8 @@ def markdown(doc: dict) -> list[str]:
          f"{tr['heldout_perplexity']:.2f}.",
          f"Measured on the {doc['heldout']['conversations']} held-out conversations against the PyTorch fp32 model: "
          "teacher-forced (opening turn as a prompt pass, then one token per step through the KV cache) and greedy replies "
-         f"to each opening turn (≤ {doc['heldout']['reply_tokens']} tokens; ours through `Engine.generate`, batch 1; "
+         f"to each of their {doc['heldout']['prompts']} distinct opening turns (≤ {doc['heldout']['reply_tokens']} tokens; "
+         "ours through `Engine.generate`, batch 1; "
          "the reference through transformers `generate`). First divergence: the reply token index where a reply that "
          "differs first differs.", ""]
     L += table(doc["rows"])

@@ -31,23 +31,28 @@ TOLERANCES = {
 # the weights, is then what moves the logits.
 TOLERANCES["fp32+int8kv"] = TOLERANCES["int8"]
 
-# The trained reference model (export/train.py): peaked logits, so top-1 agreement means something
-# and can be held tighter than on random weights, while its larger logits move further in absolute
-# terms. Chosen from the held-out figures of benchmarks/accuracy.py (reports/accuracy-trained-chat/):
-# each bound has room over the measured value for another machine's float rounding, no more.
+# The trained reference model trained:chat (export/train.py): peaked logits, so top-1 agreement
+# means something and is held much tighter than on random weights. Chosen from its figures (export
+# check: decode max |Δlogit|, teacher-forced KL and top-1 over the shipped text; the held-out table
+# is reports/accuracy-trained-chat/), with room for another machine's rounding and another seed's
+# training. Measured at export: fp32 1.5e-5 / 4e-13 / 1.000; fp16 0.015 / 5.2e-7 / 0.996;
+# fp32 + int8 KV 0.10 / 5.4e-5 / 1.000; int8 0.25 / 2.3e-4 / 0.992; int4 2.7 / 0.016 / 0.910.
+# (trained:chat-tiny, 64 wide, keeps the general ones: its 64-wide rows are two int4 blocks.)
 TRAINED_TOLERANCES = {
-    "fp32": TOLERANCES["fp32"],
-    "fp16": TOLERANCES["fp16"],
-    "int8": TOLERANCES["int8"],
-    "int4": TOLERANCES["int4"],
-    "fp32+int8kv": TOLERANCES["int8"],
+    "trained:chat": {
+        "fp32": TOLERANCES["fp32"],
+        "fp16": {"max_abs_logit_diff": 0.1, "mean_kl": 5e-6, "top1_agreement": 0.98},
+        "fp32+int8kv": {"max_abs_logit_diff": 0.5, "mean_kl": 5e-4, "top1_agreement": 0.97},
+        "int8": {"max_abs_logit_diff": 1.0, "mean_kl": 2e-3, "top1_agreement": 0.96},
+        "int4": {"max_abs_logit_diff": 6.0, "mean_kl": 0.08, "top1_agreement": 0.80},
+    },
 }
 
 
 def tolerances(precision: str, kv: str | None, source: str) -> dict[str, float]:
     """The written tolerances an export of `source` at `precision` with this KV cache is held to."""
     key = "fp32+int8kv" if precision == "fp32" and kv == "int8" else precision
-    return (TRAINED_TOLERANCES if source.startswith("trained:") else TOLERANCES)[key]
+    return TRAINED_TOLERANCES.get(source, TOLERANCES)[key]
 
 
 def ort_session(model_path: str, threads: int | None = None):

@@ -71,9 +71,13 @@ def test_split_keeps_heldout_openings_out_of_training():
 def test_export_holds_the_trained_tolerances(chat_tiny_artifact):
     m = Engine.load(chat_tiny_artifact, provider="cpu").manifest.raw
     assert m["source"]["checkpoint"] == MODEL
-    assert m["accuracy"]["tolerances"] == parity.TRAINED_TOLERANCES["fp32"]
-    assert parity.tolerances("fp32", "int8", MODEL) is parity.TRAINED_TOLERANCES["fp32+int8kv"]
-    assert parity.tolerances("int4", "int8", "synthetic:tiny") is parity.TOLERANCES["int4"]
+    assert m["accuracy"]["tolerances"] == parity.TOLERANCES["fp32"]
+    chat = parity.TRAINED_TOLERANCES["trained:chat"]
+    assert parity.tolerances("fp32", "int8", "trained:chat") is chat["fp32+int8kv"]
+    assert parity.tolerances("int4", "int8", "trained:chat")["top1_agreement"] > parity.TOLERANCES["int4"]["top1_agreement"]
+    assert parity.tolerances("int4", "int8", MODEL) is parity.TOLERANCES["int4"]  # the tiny variant: the general ones
+    for precision, tol in chat.items():  # tighter or equal everywhere but |Δlogit| (trained logits are larger)
+        assert tol["top1_agreement"] >= parity.TOLERANCES[precision]["top1_agreement"]
 
 
 def test_golden_replies(chat_tiny, chat_tiny_artifact):
@@ -104,7 +108,7 @@ def test_precision_table(tmp_path, chat_tiny):
     assert rows["fp32"]["first_divergence_median"] is None
     assert rows["int8"]["kv_dtype"] == rows["int4"]["kv_dtype"] == rows["fp32 + int8 KV"]["kv_dtype"] == "int8"
     for r in rows.values():
-        assert r["prompts"] == 12 and r["tokens"] > 100
+        assert r["prompts"] == doc["heldout"]["prompts"] <= 12 and r["tokens"] > 100
         assert 0 <= r["greedy_agreement"] <= 1 and 0.5 < r["top1_agreement"] <= 1
         assert r["perplexity_pytorch"] == pytest.approx(rows["fp32"]["perplexity_pytorch"])
     assert rows["int4"]["mean_kl"] > rows["int8"]["mean_kl"] > rows["fp32"]["mean_kl"]
