@@ -51,6 +51,7 @@ def teacher_forced(session, torch_model, cfg, rows: list[tuple[int, list[int]]])
     """Perplexities, mean KL and top-1 agreement over the held-out conversations, each run as a
     prompt pass over its opening turn and then one token per step (the KV cache path)."""
     import torch
+
     from gpt2onnx.export import parity
 
     kls, agree, nll_ref, nll_ours, max_diff = [], [], [], [], 0.0

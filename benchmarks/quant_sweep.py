@@ -18,8 +18,9 @@ import time
 import warnings
 
 import numpy as np
-from gpt2onnx.export.convert import ExportOptions, export
+
 from gpt2onnx.benchmarks import memory
+from gpt2onnx.export.convert import ExportOptions, export
 from gpt2onnx.export.quantize import Int4Config, Int8Config
 
 # (precision, export options, engine options); every row is exported, measured and kept in the

@@ -249,6 +249,7 @@ class _Ours(_SerialClients):
 
         import httpx
         import uvicorn
+
         from gpt2onnx.serve.app import Model, build_app
         from gpt2onnx.serve.config import ServeConfig
 
@@ -451,6 +452,7 @@ class _Optimum(_HFGenerate):
 
     def info(self) -> dict:
         import onnx
+
         from gpt2onnx.export.graph import weight_bytes_per_token
 
         m = onnx.load(os.path.join(self.path, "model.onnx"), load_external_data=False)

@@ -29,6 +29,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 
 OPSET = 17

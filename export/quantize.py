@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
 from gpt2onnx.export.graph import LM_HEAD, MS_DOMAIN, TOKEN_EMBEDDING
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from gpt2onnx.runtime import Engine, Gpt2OnnxError, QueueFull, Scheduler
-from gpt2onnx.runtime.request import Result, Token
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gpt2onnx.runtime import Engine, Gpt2OnnxError, QueueFull, Scheduler
+from gpt2onnx.runtime.request import Result, Token
 
 from .config import ServeConfig
 from .metrics import Metrics

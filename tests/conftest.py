@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+
 from gpt2onnx.export import checkpoints
 from gpt2onnx.export.convert import ExportOptions, export
 

@@ -13,6 +13,7 @@ import os
 import shutil
 
 import pytest
+
 from gpt2onnx.runtime import Gpt2OnnxError
 from gpt2onnx.runtime.artifact import MANIFEST_NAME, load_manifest
 
@@ -189,6 +190,7 @@ def test_export_lists_its_external_data_page_aligned(tmp_path):
     """The weights go to model.onnx.data, each large tensor on a 4096-byte boundary (so onnxruntime
     maps them instead of copying), and the manifest lists the file."""
     import onnx
+
     from gpt2onnx.export import convert
     from gpt2onnx.runtime import Engine
 

@@ -9,6 +9,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+
 from gpt2onnx.export.parity import left_pad
 from gpt2onnx.runtime import Gpt2OnnxError, PromptCache, Scheduler
 from gpt2onnx.runtime.state import DecodeState

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from gpt2onnx.export import checkpoints
 from gpt2onnx.export.convert import ExportOptions, export
 from gpt2onnx.export.parity import left_pad

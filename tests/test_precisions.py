@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from gpt2onnx.export import checkpoints, parity
 from gpt2onnx.export.convert import ExportOptions, export
 from gpt2onnx.runtime import Engine, Gpt2OnnxError
@@ -75,8 +76,9 @@ def test_untied_embedding_is_quantized_on_its_own(tmp_path, tiny_artifact, bits)
 
     import onnx
     import onnxruntime as ort
-    from gpt2onnx.export import quantize
     from onnx import helper, numpy_helper
+
+    from gpt2onnx.export import quantize
 
     m = onnx.load(os.path.join(tiny_artifact, "model.onnx"))
     head = next(t for t in m.graph.initializer if t.name == "lm_head.w")

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from gpt2onnx.export import checkpoints
 from gpt2onnx.runtime import Gpt2OnnxError
 from gpt2onnx.runtime.request import TextStream

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+
 from gpt2onnx.runtime import Engine, Gpt2OnnxError, QueueFull, Scheduler, SchedulerConfig
 
 

@@ -43,9 +43,10 @@ def _deploy(app, name: str, prefix: str, within_s: float = 180) -> None:
 
 @pytest.fixture(scope="module")
 def ray_server(tiny_artifact):
+    from ray import serve
+
     from gpt2onnx.serve.config import ServeConfig
     from gpt2onnx.serve.ray_app import application
-    from ray import serve
 
     port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
@@ -113,9 +114,10 @@ def test_autoscaling_configuration_serves(ray_server, tiny_artifact):
     """The autoscaling form of the app (min 1, max 2 replicas) deploys and answers."""
     import os
 
+    from ray import serve
+
     from gpt2onnx.serve.config import ServeConfig
     from gpt2onnx.serve.ray_app import application
-    from ray import serve
 
     auto = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4}
     _deploy(application([tiny_artifact], ServeConfig(max_batch=4), autoscaling=auto, replica_cpus=0.5), "auto", "/auto")

@@ -7,6 +7,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+
 from gpt2onnx.runtime import Engine, Gpt2OnnxError, PromptCache
 from gpt2onnx.runtime import session as session_mod
 from gpt2onnx.runtime.state import DecodeState

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 import pytest
+
 from gpt2onnx.export import checkpoints, parity, train
 from gpt2onnx.export.convert import ExportOptions, export
 from gpt2onnx.runtime import Engine
