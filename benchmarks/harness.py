@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
 from gpt2onnx.runtime.artifact import load_manifest
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 
@@ -43,7 +44,8 @@ SETTLE_S = 0.3
 #   machine: {cpu, cores_logical, cores_physical, memory_gb, memory_bandwidth_gbs: {read, copy}, gpu, python, versions}
 #   settings: Settings fields
 #   systems: [{name, kind, precision, provider, path, threads, load_s, size_bytes, weights_bytes_per_token,
-#              peak_rss_mb, gpu_peak_mb?, accuracy: manifest parity/accuracy figures or null}]
+#              peak_rss_mb, gpu_peak_mb?, accuracy: manifest parity/accuracy figures or null;
+#              ours also: fused_ops, quantization, shape [n_layer, n_embd]}]
 #   skipped: [{baseline, reason}]
 #   records: one per measurement run: {system, scenario, repeat, batch, prompt_len, new_tokens,
 #             ttft_ms, p50_ms, p90_ms, p99_ms, mean_ms, total_s, tokens_per_s, decode_tokens_per_s};
@@ -454,6 +456,7 @@ def _system_record(spec: SystemSpec, loaded: dict, manifests) -> dict:
         rec["accuracy"] = {**m.raw.get("parity", {}), **m.raw.get("accuracy", {})}
         rec["fused_ops"] = m.raw.get("fused_ops")
         rec["quantization"] = m.raw.get("quantization")
+        rec["shape"] = [m.raw["config"]["n_layer"], m.raw["config"]["n_embd"]]  # what the report's per-model bars key on
     return rec
 
 

@@ -79,6 +79,7 @@ def write_report(results: dict, out: str) -> None:
     if any(x.get("gpu_peak_mb") or x.get("gpu_used_mb") for x in systems):
         L += ["", "GPU memory: " + ", ".join(f"{x['name']} {_fmt(x.get('gpu_peak_mb') or x.get('gpu_used_mb'), '.0f')} MB" for x in systems)]
     L += _memory(systems)
+    L += _edge_section(results)
     L += _beams(results.get("beams") or {})
 
     L += ["", "## Time to first token (batch 1), ms", "", "| system | " + " | ".join(f"prompt {p}" for p in s["prompt_len"]) + " |",
@@ -367,6 +368,43 @@ def _memory(systems: list[dict]) -> list[str]:
         L += ["", "Where ours goes (MB of resident memory each stage adds; file-backed = weights onnxruntime maps from "
               "model.onnx.data; the session's anonymous growth is mostly onnxruntime's pre-packed copy of the "
               "quantized weights):", "", table(staged)]
+    return L
+
+
+# The CPU edge bars (issue 11), each against llama.cpp at the same precision in the same run: our batch-1
+# per-token p50 and a fresh process's peak RSS as fractions of llama.cpp's, and the artifact's size. The
+# size bars are stated for DialoGPT-small's shape (12 layers x 768), the model they were set for.
+EDGE_SPEED = {"fp32": 0.9, "int8": 0.9, "int4": 0.9}  # our p50 ms/token ÷ llama.cpp's, at most
+EDGE_RSS = {"int8": 1.2, "int4": 1.2}  # our fresh-process peak RSS ÷ llama.cpp's, at most
+EDGE_SIZE_MB = {"int8": 150, "int4": 100}  # our artifact on disk, at most
+EDGE_SHAPE = (12, 768)
+
+
+def _edge_section(results: dict) -> list[str]:
+    """Each bar with the two measured values it compares, met or not."""
+    summary, systems, p0 = results["summary"], results["systems"], results["settings"]["prompt_len"][0]
+    llama = {x["precision"]: x for x in systems if x["kind"] == "llamacpp"}
+    ours = [x for x in systems if x["kind"] == "ours" and x["precision"] in llama]
+    if not ours:
+        return []
+    L = ["", "## The CPU edge bars, against llama.cpp at the same precision", "",
+         f"Batch 1, prompt {p0}, {results['settings']['new_tokens']} new tokens, the same run; peak RSS of a fresh process "
+         "that loads and generates once (the memory table above).", ""]
+    for x in ours:
+        a, p = llama[x["precision"]], x["precision"]
+        r, ra = _batch1(summary, x["name"], p0), _batch1(summary, a["name"], p0)
+        if p in EDGE_SPEED and r and ra:
+            v = r["p50_ms"] / ra["p50_ms"]
+            L.append(f"- **{x['name']}, per token**: {r['p50_ms']:.2f} ÷ {a['name']} {ra['p50_ms']:.2f} ms = **{v:.2f}×** "
+                     f"(target ≤ {EDGE_SPEED[p]:g}: {_met(v <= EDGE_SPEED[p])}).")
+        if p in EDGE_RSS and x.get("footprint_mb") and a.get("footprint_mb"):
+            v = x["footprint_mb"] / a["footprint_mb"]
+            L.append(f"- **{x['name']}, peak RSS**: {x['footprint_mb']:.0f} ÷ {a['name']} {a['footprint_mb']:.0f} MB = "
+                     f"**{v:.2f}×** (target ≤ {EDGE_RSS[p]:g}: {_met(v <= EDGE_RSS[p])}).")
+        if p in EDGE_SIZE_MB and x.get("size_bytes") and tuple(x.get("shape") or ()) == EDGE_SHAPE:
+            mb = x["size_bytes"] / 1e6
+            L.append(f"- **{x['name']}, artifact size**: **{mb:.0f} MB** (llama.cpp {_fmt(a.get('size_bytes') and a['size_bytes'] / 1e6, '.0f')} MB; "
+                     f"target ≤ {EDGE_SIZE_MB[p]}: {_met(mb <= EDGE_SIZE_MB[p])}).")
     return L
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from gpt2onnx.benchmarks import anchors, harness, systems
 from gpt2onnx.export import checkpoints
 from gpt2onnx.export.convert import ExportOptions, export
@@ -313,3 +314,38 @@ def test_bench_llamacpp_leaves_batch_cells_empty(tmp_path, tiny_artifact):
     throughput = report.split("## Throughput by batch", 1)[1].split("\n## ", 1)[0]
     row = next(ln for ln in throughput.splitlines() if ln.startswith("| llama.cpp F32 cpu |"))
     assert row.endswith("| — |") and row.count("|") == 4  # batch 1 measured, batch 2 empty
+
+
+def _edge_results(ours_int4_ms: float, ours_int8_ms: float, shape: list[int]) -> dict:
+    """A results dict with our int8/int4 and llama.cpp's Q8_0/Q4_0 rows: the figures the edge bars read."""
+    def sysrec(name, kind, precision, footprint, size_mb):
+        return {"name": name, "kind": kind, "precision": precision, "footprint_mb": footprint,
+                "size_bytes": size_mb * 1e6, **({"shape": shape} if kind == "ours" else {})}
+
+    def row(name, ms):
+        return {"system": name, "scenario": "decode", "batch": 1, "prompt_len": 32, "p50_ms": ms}
+
+    return {"settings": {"prompt_len": [32], "new_tokens": 64},
+            "systems": [sysrec("ours int8 cpu", "ours", "int8", 200, 136), sysrec("ours int4 cpu", "ours", "int4", 230, 76),
+                        sysrec("llama.cpp Q8_0 cpu", "llamacpp", "int8", 173, 136), sysrec("llama.cpp Q4_0 cpu", "llamacpp", "int4", 168, 85)],
+            "summary": [row("ours int8 cpu", ours_int8_ms), row("ours int4 cpu", ours_int4_ms),
+                        row("llama.cpp Q8_0 cpu", 4.0), row("llama.cpp Q4_0 cpu", 4.0)]}
+
+
+def test_edge_bars_state_each_ratio_and_verdict():
+    from gpt2onnx.benchmarks.report import _edge_section
+
+    lines = _edge_section(_edge_results(ours_int4_ms=2.0, ours_int8_ms=4.0, shape=[12, 768]))
+    text = "\n".join(lines)
+    assert "- **ours int4 cpu, per token**: 2.00 ÷ llama.cpp Q4_0 cpu 4.00 ms = **0.50×** (target ≤ 0.9: met)." in text
+    assert "- **ours int8 cpu, per token**: 4.00 ÷ llama.cpp Q8_0 cpu 4.00 ms = **1.00×** (target ≤ 0.9: **not met**)." in text
+    assert "- **ours int8 cpu, peak RSS**: 200 ÷ llama.cpp Q8_0 cpu 173 MB = **1.16×** (target ≤ 1.2: met)." in text
+    assert "- **ours int4 cpu, peak RSS**: 230 ÷ llama.cpp Q4_0 cpu 168 MB = **1.37×** (target ≤ 1.2: **not met**)." in text
+    assert "- **ours int4 cpu, artifact size**: **76 MB** (llama.cpp 85 MB; target ≤ 100: met)." in text
+    assert "ours int8 cpu, artifact size**: **136 MB** (llama.cpp 136 MB; target ≤ 150: met)" in text
+    # the size bars belong to DialoGPT-small's shape; another model gets the ratios only, and no llama.cpp row, no section
+    medium = "\n".join(_edge_section(_edge_results(2.0, 4.0, shape=[24, 1024])))
+    assert "per token" in medium and "artifact size" not in medium
+    no_anchor = _edge_results(2.0, 4.0, [12, 768])
+    no_anchor["systems"] = [x for x in no_anchor["systems"] if x["kind"] == "ours"]
+    assert _edge_section(no_anchor) == []
