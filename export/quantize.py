@@ -115,8 +115,12 @@ def quantize_int4(src: str, cfg: Int4Config = Int4Config()):
 
 
 def _nbits(model, bits: int, block_size: int, symmetric: bool, accuracy_level: int, exclude, include=None):
+    import logging
+
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    # the module configures logging at INFO on import and logs a line per MatMul it visits
+    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
                              accuracy_level=accuracy_level, nodes_to_exclude=list(exclude), nodes_to_include=include,
                              op_types_to_quantize=("MatMul",))
