@@ -67,7 +67,8 @@ bench: $(STAMP) $(addsuffix /gpt2onnx.json,$(SMALL_ARTS) $(MEDIUM_ARTS))
 LLAMACPP_VERSION := 0.3.36
 LLAMACPP_DIR := build/llamacpp
 LLAMACPP_SDIST := $(LLAMACPP_DIR)/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz
-LLAMACPP_WHEEL_STAMP := $(LLAMACPP_DIR)/.wheel-$(LLAMACPP_VERSION)
+LLAMACPP_WHEEL_STAMP := $(LLAMACPP_DIR)/.wheel-$(LLAMACPP_VERSION)-noamx
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMACPP_STAMP := $(VENV)/.llamacpp-$(LLAMACPP_VERSION)
 
 llamacpp: $(LLAMACPP_STAMP)
@@ -77,18 +78,22 @@ $(LLAMACPP_SDIST): | $(STAMP)
 	$(BIN)/python -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMACPP_VERSION) -d $(LLAMACPP_DIR)
 
 # The sources unpacked to build/llamacpp/llama.cpp (the harness finds the converter there), then the wheel:
-# no multimodal library (LLAVA_BUILD), two compile jobs, tuned for this CPU (llama.cpp's GGML_NATIVE default).
+# no multimodal library (LLAVA_BUILD), two compile jobs, tuned for this CPU (llama.cpp's GGML_NATIVE default)
+# but without AMX: virtual machines can advertise AMX that the host does not enable, and then every Q8_0
+# and Q4_0 matmul dies on its first ldtilecfg (seen on this project's 2-core Xeon VMs). AMX speeds up
+# prompt batches, not batch-1 decode, which is bound by memory.
 $(LLAMACPP_WHEEL_STAMP): $(LLAMACPP_SDIST)
 	rm -rf $(LLAMACPP_DIR)/src $(LLAMACPP_DIR)/llama.cpp $(LLAMACPP_DIR)/*.whl
 	mkdir -p $(LLAMACPP_DIR)/src
 	tar -xzf $(LLAMACPP_SDIST) -C $(LLAMACPP_DIR)/src --strip-components 1
 	ln -s src/vendor/llama.cpp $(LLAMACPP_DIR)/llama.cpp
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'" CMAKE_BUILD_PARALLEL_LEVEL=2 \
 	  $(BIN)/python -m pip wheel --no-deps -w $(LLAMACPP_DIR) $(LLAMACPP_DIR)/src
 	touch $@
 
 $(LLAMACPP_STAMP): $(LLAMACPP_WHEEL_STAMP) $(STAMP)
-	$(BIN)/python -m pip install -q diskcache==5.6.3 $(LLAMACPP_DIR)/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl
+	$(BIN)/python -m pip install -q diskcache==5.6.3
+	$(BIN)/python -m pip install -q --force-reinstall --no-deps $(LLAMACPP_DIR)/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl
 	touch $@
 
 test: $(STAMP)

@@ -27,7 +27,7 @@ from gpt2onnx.runtime.artifact import load_manifest
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 
 from . import anchors
-from .systems import SystemSpec, Worker
+from .systems import SystemSpec, Worker, WorkerDied
 
 SCHEMA_VERSION = 2  # 2: concurrent records and summary rows (no batch or prompt_len), the concurrent key
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -205,10 +205,30 @@ def run(s: Settings, log=print) -> dict:
     workers: list[Worker] = []
     systems: list[dict] = []
     records: list[dict] = []
+    dead: set[str] = set()  # baselines whose process died: dropped with the reason, their figures too
+
+    def died(spec: SystemSpec, e: WorkerDied, doing: str) -> None:
+        if spec.kind == "ours":
+            raise Gpt2OnnxError(f"{spec.name}: {e} while {doing}") from None
+        log(f"dropping the {spec.name} baseline: {e} while {doing}")
+        skipped.append({"baseline": spec.name, "reason": f"{e} while {doing}"})
+        dead.add(spec.name)
+
+    def ask(w: Worker, doing: str, kind: str, **args) -> dict | None:
+        try:
+            return w.request(kind, **args)
+        except WorkerDied as e:
+            died(w.spec, e, doing)
+            return None
+
     try:
         for spec in specs:
             log(f"loading {spec.name}")
-            w = Worker(spec)
+            try:
+                w = Worker(spec)
+            except WorkerDied as e:
+                died(spec, e, "loading")
+                continue
             workers.append(w)
             systems.append(_system_record(spec, w.loaded, manifests))
         from rich.progress import Progress
@@ -224,44 +244,51 @@ def run(s: Settings, log=print) -> dict:
                 if not bar.console.is_terminal:  # no live bar in a log file: a line per pass instead
                     log("warm-up" if rep < 0 else f"repeat {rep + 1}/{max(s.repeats, conc_repeats)}")
                 for scenario, batch, plen, new in points if rep < s.repeats else []:
-                    for w in [w for w in workers if _fits(w, batch)]:  # llama.cpp: batch 1 only, its other cells stay empty
+                    for w in [w for w in workers if _fits(w, batch) and w.spec.name not in dead]:  # llama.cpp: batch 1 only
                         bar.update(task, description=f"{'warm-up' if rep < 0 else f'repeat {rep + 1}/{s.repeats}'} "
                                                      f"{scenario} b{batch} p{plen} {w.spec.name}")
                         time.sleep(SETTLE_S)
                         n = new if rep >= 0 else min(new, 4)
-                        r = w.request("generate", batch=batch, prompt_len=plen, new_tokens=n)
+                        r = ask(w, f"{scenario} b{batch} p{plen}", "generate", batch=batch, prompt_len=plen, new_tokens=n)
+                        if r is None:
+                            continue
                         if len(r["tokens"]) != batch or any(len(t) != n for t in r["tokens"]):  # a bug, not a figure
                             raise Gpt2OnnxError(f"{w.spec.name}: asked for {batch} rows of {n} tokens, got "
                                                 f"{[len(t) for t in r['tokens']]}")
                         if rep >= 0:
                             records.append(_record(w.spec.name, scenario, rep, batch, plen, new, r))
                         bar.advance(task)
-                for w in workers if chat_turns and rep < s.repeats else []:  # a conversation per system, turn by turn
+                for w in [w for w in workers if w.spec.name not in dead] if chat_turns and rep < s.repeats else []:
                     bar.update(task, description=f"{'warm-up' if rep < 0 else f'repeat {rep + 1}/{s.repeats}'} chat {w.spec.name}")
                     time.sleep(SETTLE_S)
-                    r = w.request("chat", turns=chat_turns if rep >= 0 else 1, user_len=s.chat_user_len, reply_len=s.chat_reply_len)
-                    if rep >= 0:
+                    r = ask(w, "chat", "chat", turns=chat_turns if rep >= 0 else 1, user_len=s.chat_user_len,
+                            reply_len=s.chat_reply_len)
+                    if r is not None and rep >= 0:
                         records += [_record(w.spec.name, "chat", rep, 1, t["prompt_len"], s.chat_reply_len, t) for t in r["turns"]]
                     bar.advance(task)
                 for clients in conc_clients if rep < conc_repeats else []:
                     n = conc["requests"][clients]
-                    for w, mode in conc_runs:
+                    for w, mode in [(w, m) for w, m in conc_runs if w.spec.name not in dead]:
                         bar.update(task, description=f"{'warm-up' if rep < 0 else f'repeat {rep + 1}/{conc_repeats}'} "
                                                      f"concurrent c{clients} {w.spec.name} {mode}")
                         time.sleep(SETTLE_S)
                         max_batch = min(clients, s.concurrent_max_batch)
                         # the warm-up: one request per client, 2 tokens each (every batch shape, little time)
-                        r = w.request("concurrent", mode=mode, clients=clients, requests=n if rep >= 0 else min(n, clients),
+                        r = ask(w, f"concurrent c{clients}", "concurrent", mode=mode, clients=clients, requests=n if rep >= 0 else min(n, clients),
                                       prompt_len=conc["prompt_len"], reply_len=conc["reply_len"], reply_cap=0 if rep >= 0 else 2,
                                       max_batch=max_batch)
-                        if rep >= 0:
+                        if r is not None and rep >= 0:
                             records.append(_concurrent_record(w.spec.name, mode, rep, clients, max_batch, r["requests"]))
                         bar.advance(task)
         for w, sysrec in zip(workers, systems):
-            sysrec.update(w.request("memory"))
+            if w.spec.name not in dead:
+                sysrec.update(ask(w, "reporting its memory", "memory") or {})
     finally:
         for w in workers:
             w.close()
+    specs = [sp for sp in specs if sp.name not in dead]  # nothing of a dead baseline is reported but why
+    systems = [r for r in systems if r["name"] not in dead]
+    records = [r for r in records if r["system"] not in dead]
     if s.footprint:
         footprint(specs, systems, s, log)
     beams = beam_speeds(specs, s, log) if s.beams else {}

@@ -43,8 +43,13 @@ class SystemSpec:
     precision: str = "fp32"
 
 
+class WorkerDied(Exception):
+    """A system's worker process ended without answering (a crash inside a native library)."""
+
+
 class Worker:
-    """Parent-side handle: `request(kind, **args) -> dict`, `close()`."""
+    """Parent-side handle: `request(kind, **args) -> dict`, `close()`. Raises WorkerDied when the
+    process dies mid-request (a segfault in a baseline's native code must not end the whole run)."""
 
     def __init__(self, spec: SystemSpec):
         ctx = mp.get_context("spawn")  # a clean interpreter: no torch inherited by the runtime's worker
@@ -55,13 +60,22 @@ class Worker:
         self.loaded = self._recv()
 
     def _recv(self) -> dict:
-        msg = self.conn.recv()
+        try:
+            msg = self.conn.recv()
+        except (EOFError, ConnectionResetError):
+            self.proc.join(timeout=10)
+            code = self.proc.exitcode
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            raise WorkerDied(f"its process died ({how})") from None
         if "error" in msg:
             raise RuntimeError(f"{self.spec.name}: {msg['error']}")
         return msg
 
     def request(self, kind: str, **args) -> dict:
-        self.conn.send({"kind": kind, **args})
+        try:
+            self.conn.send({"kind": kind, **args})
+        except (BrokenPipeError, OSError):
+            pass  # already dead: _recv says how
         return self._recv()
 
     def close(self) -> None:

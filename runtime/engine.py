@@ -58,19 +58,21 @@ class Engine:
 
     @classmethod
     def load(cls, path: str, provider: str = "auto", threads: int | None = None, verify: str = "sha256",
-             cuda_graph: bool | None = None) -> Engine:
+             cuda_graph: bool | None = None, huge_pages: bool | None = None) -> Engine:
         """Validate the artifact at `path` and build its session.
 
         `cuda_graph` (CUDA only, default on) replays the decode step from a captured CUDA graph: the
         step's buffers then live for the engine's lifetime, one set per batch size, at the full
         position table, so a later generation of that batch size replays the same graph.
+        `huge_pages` (Linux, cpu provider, default on) moves the weights onnxruntime copies at load
+        into 2 MB pages, which batch-1 decode streams faster (runtime/session.py, `_huge_pages`).
 
         Raises:
             Gpt2OnnxError: damaged or mismatched artifact, unknown or unavailable provider, bad options.
         """
         from tokenizers import Tokenizer
 
-        sc = SessionConfig(provider=provider, threads=threads, verify=verify, cuda_graph=cuda_graph)
+        sc = SessionConfig(provider=provider, threads=threads, verify=verify, cuda_graph=cuda_graph, huge_pages=huge_pages)
         sc.validate()
         ep = select_provider(provider)  # before the slow checks: a wrong flag fails fast
         sc.cuda_graph = ep == PROVIDERS["cuda"] and cuda_graph is not False

@@ -234,6 +234,47 @@ def test_ctranslate2_int8_converts_and_generates(tiny_hf, tmp_path):
         w.close()
 
 
+def test_worker_death_is_one_line(tiny_artifact):
+    w = systems.Worker(systems.SystemSpec("tiny", "ours", tiny_artifact))
+    w.proc.kill()  # what a segfault in a baseline's native code looks like from the parent
+    with pytest.raises(systems.WorkerDied, match=r"^its process died \(killed by signal 9\)$"):
+        w.request("generate", batch=1, prompt_len=4, new_tokens=2)
+    w.close()
+
+
+def test_bench_drops_a_baseline_whose_process_dies(tmp_path, tiny_artifact, monkeypatch):
+    """A baseline that crashes mid-run (llama.cpp's AMX path did, on a VM that advertises AMX) is
+    dropped with the reason in the report; the other systems' figures are all there."""
+
+    class Crashing(systems.Worker):
+        calls = 0
+
+        def request(self, kind, **args):
+            if self.spec.kind == "pytorch" and kind == "generate":
+                Crashing.calls += 1
+                if Crashing.calls == 3:  # after the warm-up: some of its records exist, none may be reported
+                    self.proc.kill()
+            return super().request(kind, **args)
+
+    monkeypatch.setattr(harness, "Worker", Crashing)
+    s = harness.Settings(artifacts=[tiny_artifact], baselines=["pytorch"], out=str(tmp_path / "rep"),
+                         cache=str(tmp_path / "cache"), **{**SMALL, "chat_turns": 0, "context": [16]})
+    res = harness.run(s, log=lambda m: None)
+    assert [x["name"] for x in res["systems"]] == ["ours fp32 cpu"]
+    assert {r["system"] for r in res["records"]} == {"ours fp32 cpu"}
+    assert len(res["records"]) == (2 + 1 + 1) * 2  # every point of ours, both repeats
+    (skip,) = res["skipped"]
+    assert skip["baseline"] == "pytorch fp32 cpu" and skip["reason"].startswith("its process died (killed by signal 9) while ")
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "Skipped baseline **pytorch fp32 cpu**: its process died" in report and "| pytorch fp32 cpu |" not in report
+
+    monkeypatch.setattr(Crashing, "calls", 0)
+    s.baselines, s.out = [], str(tmp_path / "rep2")
+    monkeypatch.setattr(Crashing, "request", lambda self, kind, **a: (self.proc.kill(), systems.Worker.request(self, kind, **a))[1])
+    with pytest.raises(harness.Gpt2OnnxError, match=r"^ours fp32 cpu: its process died \(killed by signal 9\) while decode b1 p8$"):
+        harness.run(s, log=lambda m: None)  # ours dying is a failure, not a skipped row
+
+
 def test_bench_anchor_rows_and_skips(tmp_path, tiny_artifact, tiny_int4_artifact):
     """CTranslate2 gets a row per precision it has (fp32), a skip line for the one it lacks (int4),
     and its rows sit beside ours in the tables; an absent llama.cpp is one skip line."""
@@ -349,3 +390,24 @@ def test_edge_bars_state_each_ratio_and_verdict():
     no_anchor = _edge_results(2.0, 4.0, [12, 768])
     no_anchor["systems"] = [x for x in no_anchor["systems"] if x["kind"] == "ours"]
     assert _edge_section(no_anchor) == []
+
+
+def test_profile_counts_decode_steps_and_weight_bytes(tiny_artifact):
+    """benchmarks/profile.py: only the decode steps of the profiled generation, and the weight bytes
+    each step reads equal to the MatMul weights of the stored graph (the embeddings' Gathers read a row)."""
+    import onnx
+
+    from gpt2onnx.benchmarks import profile
+
+    p = profile.profile(tiny_artifact, prompt_len=8, new_tokens=6)
+    assert p["steps"] == 5  # 6 new tokens: the prompt pass gives the first, 5 decode steps the rest
+    model = onnx.load(os.path.join(tiny_artifact, "model.onnx"), load_external_data=False)
+    size = {t.name: int(np.prod(t.dims)) * 4 for t in model.graph.initializer}
+    matmul = sum(size.get(i, 0) for n in model.graph.node if n.op_type == "MatMul" for i in n.input)
+    ops = {o["op"]: o for o in p["ops"]}
+    assert ops["MatMul"]["weights_mb_per_step"] == pytest.approx(matmul / 1e6)
+    assert ops["MatMul"]["nodes"] == sum(n.op_type == "MatMul" for n in model.graph.node)
+    assert ops["Gather"]["weights_mb_per_step"] == 0
+    assert p["kernels_ms"] == pytest.approx(sum(o["ms_per_step"] for o in p["ops"])) and 0 < p["kernels_ms"] < 2 * p["step_ms_p50"]
+    assert p["floor_ms"] == pytest.approx(p["weights_mb_per_step"] / p["read_bandwidth_gbs"])
+    assert "| MatMul |" in profile.render(p)

@@ -235,3 +235,61 @@ def test_threads_range_checked(tiny_artifact, threads):
 
     with pytest.raises(Gpt2OnnxError, match="threads must be an integer from 1"):
         Engine.load(tiny_artifact, provider="cpu", threads=threads)
+
+
+def _anon_huge_kb(m) -> int:
+    """AnonHugePages (kB) of the mapping of mmap `m`."""
+    lo = np.frombuffer(m, np.uint8).ctypes.data
+    cur = False
+    for line in open("/proc/self/smaps"):
+        f = line.split()
+        if not f[0].endswith(":"):
+            cur = int(f[0].split("-")[0], 16) == lo
+        elif cur and f[0] == "AnonHugePages:":
+            return int(f[1])
+    raise AssertionError("mapping not found")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
+def test_huge_pages_collapse_only_new_resident_memory():
+    """What the session's build allocated moves to 2 MB pages; what existed before, or is not
+    resident, is left alone (collapsing it would fault in memory nobody touched)."""
+    import ctypes
+    import mmap
+
+    from gpt2onnx.runtime.session import _HUGE, _anon_regions, _huge_pages
+
+    libc = ctypes.CDLL(None)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+    def region(write: bool):  # a private anonymous mapping of its own: a read-only last page keeps it from merging
+        m = mmap.mmap(-1, 16 * _HUGE + 4096, flags=mmap.MAP_PRIVATE)
+        assert libc.mprotect(np.frombuffer(m, np.uint8).ctypes.data + 16 * _HUGE, 4096, mmap.PROT_READ) == 0
+        a = np.frombuffer(m, np.uint8)[: 16 * _HUGE]
+        if write:
+            a[:] = 1
+        else:
+            a[::_HUGE] = 1  # one 4 KB page resident in each 2 MB
+        return m
+
+    old = region(True)  # resident before the snapshot: not ours to move
+    before = _anon_regions()
+    new = region(True)  # written after it: what a session's pre-packed weights look like
+    untouched = region(False)  # mapped, mostly never written: mostly not resident
+    if _huge_pages(before) == 0:
+        pytest.skip("this kernel refuses MADV_COLLAPSE (Linux before 6.1, or THP set to never)")
+    assert _anon_huge_kb(new) >= 15 * _HUGE // 1024  # all but a misaligned edge
+    assert _anon_huge_kb(old) == 0 and _anon_huge_kb(untouched) == 0
+    assert np.frombuffer(new, np.uint8)[: 16 * _HUGE].min() == 1  # the contents survive the copy
+
+
+def test_huge_pages_option(tiny_artifact):
+    from gpt2onnx.runtime import Engine
+
+    with pytest.raises(Gpt2OnnxError, match="huge_pages must be true, false or unset"):
+        Engine.load(tiny_artifact, provider="cpu", huge_pages="yes")
+    off = Engine.load(tiny_artifact, provider="cpu", huge_pages=False)
+    on = Engine.load(tiny_artifact, provider="cpu")
+    assert off.session_config.huge_pages is False and on.session_config.huge_pages in (True, False)
+    prompt = [[5, 6, 7, 8]]
+    assert on.generate(prompt, max_new_tokens=8) == off.generate(prompt, max_new_tokens=8)

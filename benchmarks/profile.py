@@ -1,0 +1,137 @@
+"""Where a batch-1 decode step's time goes: onnxruntime's node profile, by operator, beside the
+weight bytes each operator reads and the rate it reads them at.
+
+    python -m gpt2onnx.benchmarks.profile ARTIFACT [--prompt-len 32] [--new-tokens 64] [--threads N]
+                                          [--json OUT]
+
+One untimed warm-up generation, then one profiled generation (seeded random prompt, EOS off, so it
+decodes exactly --new-tokens steps). Only the decode steps count (the prompt pass is dropped).
+Per operator type, per step: milliseconds of kernel time, its share of the step, the initializer
+bytes its nodes read (the stored graph's initializers; an embedding Gather reads one row) and those
+bytes over its time in GB/s, beside the machine's read bandwidth measured in the same process
+(benchmarks/harness.py). An operator that reads its weights near that rate is bound by memory.
+The step's wall time includes what the kernels do not: onnxruntime's run overhead and the
+thread pool's hand-offs ("outside kernels").
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import tempfile
+
+import numpy as np
+
+
+def profile(path: str, prompt_len: int = 32, new_tokens: int = 64, threads: int | None = None, seed: int = 0) -> dict:
+    """Profile one generation of the artifact at `path`; returns the figures (module docstring)."""
+    from gpt2onnx.runtime import Engine
+    from gpt2onnx.runtime.session import build_session
+
+    from .harness import memory_bandwidth_gbs
+
+    base = Engine.load(path, provider="cpu", threads=threads)
+    sc = base.session_config
+    manifest, tokenizer, provider = base.manifest, base.tokenizer, base.provider
+    del base  # its session's memory goes before the profiled one is built
+    with tempfile.TemporaryDirectory() as tmp:
+        session = build_session(manifest, provider, sc, profile_prefix=os.path.join(tmp, "decode"))
+        engine = Engine(manifest, session, tokenizer, provider, sc)
+        prompt = np.random.default_rng(seed).integers(0, engine.vocab_size - 1, prompt_len).tolist()
+        for _ in range(2):  # warm-up, then the profiled generation
+            engine.generate([prompt], max_new_tokens=new_tokens, eos_token_id=-1)
+        events = json.load(open(session.end_profiling()))
+    bandwidth = memory_bandwidth_gbs()["read"]
+
+    weights = _weight_bytes(engine.manifest.file("model.onnx"))
+    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    steps = runs[len(runs) // 2 + 1:]  # the profiled generation's decode steps (its prompt pass dropped)
+    first = steps[0]["ts"]
+    by_op = collections.defaultdict(lambda: {"us": 0.0, "bytes": 0, "nodes": set()})
+    by_shape = collections.defaultdict(lambda: {"us": 0.0, "bytes": 0, "nodes": set()})  # (op, weight bytes)
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < first:
+            continue
+        a = e["args"]
+        row = by_op[a["op_name"]]
+        node = e["name"][: -len("_kernel_time")]
+        b = weights.get(node, 0 if a["op_name"].startswith("Gather") else int(a.get("parameter_size", 0)))
+        for r in (row, by_shape[(a["op_name"], b)]) if b else (row,):
+            r["us"] += e["dur"]
+            r["bytes"] += b
+            r["nodes"].add(node)
+    n = len(steps)
+    step_ms = statistics.median(s["dur"] for s in steps) / 1e3
+    ops = []
+    for op, r in sorted(by_op.items(), key=lambda kv: -kv[1]["us"]):
+        ms = r["us"] / n / 1e3
+        mb = r["bytes"] / n / 1e6
+        ops.append({"op": op, "nodes": len(r["nodes"]), "ms_per_step": ms, "share": ms / step_ms,
+                    "weights_mb_per_step": mb, "gbs": mb / ms if mb else None})
+    heavy = [{"op": op, "weights_mb_per_node": b / 1e6, "nodes": len(r["nodes"]), "ms_per_step": r["us"] / n / 1e3,
+              "gbs": r["bytes"] / r["us"] / 1e3} for (op, b), r in sorted(by_shape.items(), key=lambda kv: -kv[1]["us"])]
+    kernels = sum(o["ms_per_step"] for o in ops)
+    weights_mb = sum(o["weights_mb_per_step"] for o in ops)
+    return {"artifact": path, "precision": manifest.precision, "threads": sc.threads or os.cpu_count() or 1,
+            "huge_pages": sc.huge_pages,
+            "steps": n, "step_ms_p50": step_ms, "kernels_ms": kernels, "outside_kernels_ms": step_ms - kernels,
+            "weights_mb_per_step": weights_mb, "floor_ms": weights_mb / bandwidth, "read_bandwidth_gbs": bandwidth,
+            "ops": ops, "weight_groups": heavy}
+
+
+def _weight_bytes(model_path: str) -> dict[str, int]:
+    """Bytes of the initializers each node of the stored graph reads per run, by node name. A Gather
+    (the token and position embeddings) reads one row per token, not its table: left out. Nodes that
+    onnxruntime fuses at load get names of their own and fall back to its `parameter_size`."""
+    import onnx
+
+    model = onnx.load(model_path, load_external_data=False)
+    size = {t.name: int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            for t in model.graph.initializer}
+    return {n.name: sum(size.get(i, 0) for i in n.input) for n in model.graph.node if not n.op_type.startswith("Gather")}
+
+
+def render(p: dict) -> str:
+    pages = "2 MB pages" if p["huge_pages"] else "4 KB pages"
+    lines = [f"{p['artifact']} ({p['precision']}, {p['threads']} threads, weights on {pages}): decode step p50 {p['step_ms_p50']:.2f} ms over "
+             f"{p['steps']} steps; kernels {p['kernels_ms']:.2f} ms, outside kernels {p['outside_kernels_ms']:.2f} ms",
+             f"weights read per step {p['weights_mb_per_step']:.0f} MB; read bandwidth {p['read_bandwidth_gbs']:.1f} GB/s "
+             f"-> floor {p['floor_ms']:.2f} ms ({p['floor_ms'] / p['step_ms_p50']:.0%} of the step)",
+             "", "| operator | nodes | ms/step | share | weights MB/step | GB/s (% of read bw) |", "|---|---|---|---|---|---|"]
+    for o in p["ops"]:
+        rate = f"{o['gbs']:.1f} ({o['gbs'] / p['read_bandwidth_gbs']:.0%})" if o["gbs"] else "—"
+        lines.append(f"| {o['op']} | {o['nodes']} | {o['ms_per_step']:.3f} | {o['share']:.1%} | "
+                     f"{o['weights_mb_per_step']:.1f} | {rate} |")
+    lines += ["", "Operators that read weights, by weight size per node:", "",
+              "| operator | weights MB per node | nodes | ms/step | GB/s (% of read bw) |", "|---|---|---|---|---|"]
+    for g in (g for g in p["weight_groups"] if g["weights_mb_per_node"] >= 0.1):
+        lines.append(f"| {g['op']} | {g['weights_mb_per_node']:.2f} | {g['nodes']} | {g['ms_per_step']:.3f} | "
+                     f"{g['gbs']:.1f} ({g['gbs'] / p['read_bandwidth_gbs']:.0%}) |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m gpt2onnx.benchmarks.profile", description=__doc__.split("\n\n")[0])
+    p.add_argument("artifact")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the figures here")
+    a = p.parse_args(argv)
+    from gpt2onnx.runtime.errors import Gpt2OnnxError
+
+    try:
+        result = profile(a.artifact, a.prompt_len, a.new_tokens, a.threads)
+    except Gpt2OnnxError as e:
+        raise SystemExit(f"profile: {e}") from None
+    print(render(result))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
