@@ -488,9 +488,12 @@ class _LlamaCpp(_SerialClients):
 
         if spec.provider != "cpu":
             raise RuntimeError("the llamacpp baseline is built for CPU only")
-        # n_ctx 0: the model's own context (n_positions); the rest are the binding's defaults (f16 KV
-        # cache, n_batch 512, flash attention off where llama.cpp's own tools default to "auto")
-        self.llm = Llama(spec.path, n_ctx=0, n_threads=threads, n_threads_batch=threads, verbose=False)
+        # n_ctx 0: the model's own context (n_positions). use_mmap off: the weights read into memory of
+        # their own, which decodes faster than the page cache's mapping of the GGUF (2-core Xeon, batch 1,
+        # ms/token mmap vs not: F32 35.4 vs 20.9, Q8_0 13.9 vs 11.0, Q4_0 7.8 vs 7.8, same or lower peak RSS:
+        # the anchor at its best). The rest are the binding's defaults (f16 KV cache, n_batch 512, flash
+        # attention off where llama.cpp's own tools default to "auto").
+        self.llm = Llama(spec.path, n_ctx=0, n_threads=threads, n_threads_batch=threads, use_mmap=False, verbose=False)
         self.vocab, self.eos = self.llm.n_vocab(), self.llm.token_eos()
         self.weights = {"bytes_per_token": gguf_info(spec.path)["bytes_per_token"]}
 
