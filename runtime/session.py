@@ -140,6 +140,8 @@ def _huge_pages(before: list[tuple[int, int]]) -> int:
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
     page = os.sysconf("SC_PAGE_SIZE")
+    if page != 4096:  # 16 or 64 KB base pages (some arm64 kernels): their huge page is not 2 MB
+        return 0
     vec = ctypes.create_string_buffer(_HUGE // page)
     runs: list[list[int]] = []  # [start, end) of contiguous extents to collapse
     for lo, hi in _anon_regions():
