@@ -51,8 +51,8 @@ def write_report(results: dict, out: str) -> None:
         "token / the measured read bandwidth: no batch-1 decode can be faster. Achieved bandwidth = those bytes / p50.",
         "",
         "| system | load s | TTFT ms | p50 ms/tok | p90 | p99 | tok/s | peak RSS MB | size MB | weights MB/tok | floor ms/tok | "
-        "GB/s (% of read bw) | max abs Δlogit | top-1 | " + " | ".join(
-            [f"× {b['name']}" for b in baselines] + [f"× {ANCHORS[k]} same precision" for k in anchors]) + " |",
+        "GB/s (% of read bw) | max abs Δlogit | top-1 |" + "".join(
+            f" {c} |" for c in [f"× {b['name']}" for b in baselines] + [f"× {ANCHORS[k]} same precision" for k in anchors]),
         "|" + "---|" * (14 + len(baselines) + len(anchors)),
     ]
     for x in systems:
@@ -74,7 +74,7 @@ def write_report(results: dict, out: str) -> None:
             f"| {x['name']} | {x['load_s']:.2f} | {r['ttft_ms']:.1f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
             f"{r['decode_tokens_per_s']:.1f} | {_fmt(x.get('peak_rss_mb'), '.0f')} | {_fmt(x['size_bytes'] and x['size_bytes'] / 1e6, '.0f')} | "
             f"{_fmt(wb and wb / 1e6, '.0f')} | {_fmt(wb and 1e3 * wb / (bw['read'] * 1e9), '.1f')} | {gbs} | "
-            f"{acc['dlogit']} | {acc['top1']} | " + " | ".join(ratios) + " |"
+            f"{acc['dlogit']} | {acc['top1']} |" + "".join(f" {c} |" for c in ratios)
         )
     if any(x.get("gpu_peak_mb") or x.get("gpu_used_mb") for x in systems):
         L += ["", "GPU memory: " + ", ".join(f"{x['name']} {_fmt(x.get('gpu_peak_mb') or x.get('gpu_used_mb'), '.0f')} MB" for x in systems)]
