@@ -339,14 +339,6 @@ def _save(plt, fig, ax, path: str, legend: bool = True) -> None:
     plt.close(fig)
 
 
-if __name__ == "__main__":  # re-render a report from its results.json: python -m gpt2onnx.benchmarks.report DIR
-    import json
-    import sys
-
-    with open(os.path.join(sys.argv[1], "results.json")) as f:
-        write_report(json.load(f), sys.argv[1])
-
-
 def _memory(systems: list[dict]) -> list[str]:
     """The footprint table (a fresh process per system loads and generates once) and where our
     processes' memory goes, stage by stage."""
@@ -421,3 +413,11 @@ def _beams(beams: dict[str, list[dict]]) -> list[str]:
             L.append(f"| {name} | {r['num_beams']} | {r['prefill_ms']:.1f} | {r['ms_per_token']:.2f} | {r['step_p50_ms']:.2f} | "
                      f"{r['tokens_per_s']:.0f} | {_fmt(r['vs_one_beam'])} |")
     return L
+
+
+if __name__ == "__main__":  # re-render a report from its results.json: python -m gpt2onnx.benchmarks.report DIR
+    import json
+    import sys
+
+    with open(os.path.join(sys.argv[1], "results.json")) as f:
+        write_report(json.load(f), sys.argv[1])

@@ -7,6 +7,8 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +65,11 @@ def test_bench_schema_and_report(tmp_path, tiny_artifact, monkeypatch):
     assert "## Chat: time to first token per turn" in report and "| 7 | 19 | 31 |" in report
     for png in ("latency_vs_context.png", "throughput_vs_batch.png", "precisions.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [line for line in report.splitlines() if line.endswith("|  |")]  # no empty trailing column
+    # `python -m gpt2onnx.benchmarks.report DIR` re-renders the same report from results.json
+    (out / "report.md").unlink()
+    subprocess.run([sys.executable, "-m", "gpt2onnx.benchmarks.report", str(out)], check=True, capture_output=True)
+    assert (out / "report.md").read_text() == report
 
 
 def test_bench_cli_with_optimum(tmp_path, tiny_artifact):
