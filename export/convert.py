@@ -117,12 +117,16 @@ def _activation_dtype(precision: str) -> str:
 
 def _kv_dtype(opts: ExportOptions) -> str:
     """The KV cache dtype: the plain graph concatenates a cache in the activations' dtype; the int8
-    cache is measured on the CPU provider only, so CUDA artifacts keep a float cache."""
+    cache is measured on the CPU provider only, so CUDA artifacts keep a float cache, float16 even
+    under float32 activations (fp32, int4): onnxruntime's CUDA GroupQueryAttention takes float16 /
+    bfloat16 only, and a float32 one would run on the CPU provider with copies around it every layer."""
     if not opts.fuse:
         return _activation_dtype(opts.precision)
     if opts.kv_dtype:
         return opts.kv_dtype
-    return "int8" if opts.provider == "cpu" and opts.precision in ("int8", "int4") else _activation_dtype(opts.precision)
+    if opts.provider == "cuda":
+        return "float16"
+    return "int8" if opts.precision in ("int8", "int4") else _activation_dtype(opts.precision)
 
 
 def _check_options(opts: ExportOptions) -> None:
@@ -206,10 +210,10 @@ def _manifest(opts: ExportOptions, ckpt, cfg: graph.ModelConfig, model_path: str
                if kv_dtype == "int8" else {}),
             # fused graphs write the cache in place when past and present are bound to one buffer
             "shared_buffer": bool(opts.fuse),
-            "past_key": "past_key_values.{i}.key", "past_value": "past_key_values.{i}.value",
-            "present_key": "present.{i}.key", "present_value": "present.{i}.value",
+            **graph.NAMES.manifest()["kv"],
         },
-        "logits_to_keep": "num_logits_to_keep",
+        "names": graph.NAMES.manifest()["names"],
+        "logits_to_keep": graph.NAMES.logits_to_keep,
     }
     # every file the export wrote (model.onnx, model.onnx.data when the weights go external,
     # tokenizer.json): the runtime refuses a manifest that omits a file it opens (runtime/artifact.py)
@@ -231,10 +235,20 @@ def _manifest(opts: ExportOptions, ckpt, cfg: graph.ModelConfig, model_path: str
         "fused_ops": graph.fused_counts(m),
         # what onnxruntime runs after its own graph optimizations (e.g. MatMulInteger -> DynamicQuantizeMatMul)
         "runtime_ops": graph.runtime_counts(model_path),
+        # where onnxruntime's CUDA provider would place the graph, and whether it could then capture
+        # the decode step as a CUDA graph (no host<->device copies); the runtime reads `capturable`
+        "cuda_graph": _cuda_placement(m),
         "weights": {"bytes_per_token": graph.weight_bytes_per_token(m)},
         "files": files,
         "versions": _versions(),
     }
+
+
+def _cuda_placement(model) -> dict:
+    from .placement import predict
+
+    p = predict(model)
+    return {"capturable": p.capturable, "host_device_copies": [str(c) for c in p.copies], "nodes_on_cpu": len(p.on_cpu)}
 
 
 def _versions() -> dict[str, str]:

@@ -31,6 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpt2onnx.runtime.errors import Gpt2OnnxError
+from gpt2onnx.runtime.spec import IONames
+
+NAMES = IONames()  # the graph's input and output names, written into the manifest and read back by the runtime
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -180,21 +183,22 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
     i64 = lambda name, vals: b.const(name, np.array(vals, dtype=np.int64), cast=False)  # noqa: E731
 
     # Shapes needed by both variants: B, S, T (= past + S).
-    ids_shape = b.one("Shape", ["input_ids"], name="ids_shape")
-    mask_shape = b.one("Shape", ["attention_mask"], name="mask_shape")
+    n = NAMES
+    ids_shape = b.one("Shape", [n.input_ids], name="ids_shape")
+    mask_shape = b.one("Shape", [n.attention_mask], name="mask_shape")
     batch = b.one("Slice", [ids_shape, i64("c_0", [0]), i64("c_1", [1])], name="batch")
     seq = b.one("Slice", [ids_shape, "c_1", i64("c_2", [2])], name="seq")
     total = b.one("Slice", [mask_shape, "c_1", "c_2"], name="total")
 
     # Padding bias [B, 1, 1, T]: 0 for real tokens, MASK_VALUE for left padding.
-    mask_f = b.one("Cast", ["attention_mask"], to=elem, name="mask_f")
+    mask_f = b.one("Cast", [n.attention_mask], to=elem, name="mask_f")
     inv = b.one("Sub", [b.const("one", np.array(1.0)), mask_f], name="mask_inv")
     pad_bias = b.one("Mul", [inv, b.const("mask_value", np.array(MASK_VALUE))], name="pad_bias_2d")
     pad_bias = b.one("Unsqueeze", [pad_bias, i64("axes_1_2", [1, 2])], name="pad_bias")
 
     # Embeddings. The fused graph folds the add into layer 0's SkipLayerNormalization.
-    tok = b.one("Gather", [b.const("wte", w["wte"]), "input_ids"], name=TOKEN_EMBEDDING)
-    pos = b.one("Gather", [b.const("wpe", w["wpe"]), "position_ids"], name="pos_emb")
+    tok = b.one("Gather", [b.const("wte", w["wte"]), n.input_ids], name=TOKEN_EMBEDDING)
+    pos = b.one("Gather", [b.const("wpe", w["wpe"]), n.position_ids], name="pos_emb")
 
     eps = cfg.layer_norm_epsilon
     if fused:
@@ -209,7 +213,7 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
         total_scalar = b.one("Squeeze", [total32, b.const("c0_axes", np.array([0], np.int64), cast=False)], name="total_seq_len")
         cols = b.one("Range", [i64("one_s64", 1), b.one("Add", [b.one("Squeeze", [total], name="width"), "one_s64"]), "one_s64"],
                      name="col_numbers")  # [T_max] = 1..width
-        real_cols = b.one("Mul", ["attention_mask", cols], name="real_cols")
+        real_cols = b.one("Mul", [n.attention_mask, cols], name="real_cols")
         last = b.one("Sub", [b.one("ReduceMax", [real_cols], axes=[1], keepdims=0, name="row_total"), "one_s64"], name="last_pos")
         seqlens_k = b.one("Cast", [last], to=TensorProto.INT32, name="seqlens_k")  # [B]
         bias_shape = b.one("Concat", [batch, i64("c_1b", [1]), seq, total], axis=0, name="bias_shape")
@@ -229,8 +233,7 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
         p = f"h{i}."
         c = lambda k: b.const(p + k, w[p + k])  # noqa: E731, B023
         qkv = b.one("Add", [b.one("MatMul", [ln, c("qkv.w")], name=p + "qkv"), c("qkv.b")], name=p + "qkv_bias")  # [B, S, 3H]
-        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-        pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
+        (past_k, pres_k), (past_v, pres_v) = n.kv(cfg.n_layer)[2 * i: 2 * i + 2]
         if fused:
             if cast_kv:
                 qkv = b.one("Cast", [qkv], to=kv_elem, name=p + "qkv_kv")
@@ -269,25 +272,30 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
 
     # Only the last `num_logits_to_keep` positions reach the LM head: decoding needs one row, and
     # the prompt pass would otherwise spend seq x vocab x width multiply-adds on logits nobody reads.
-    keep = b.one("Neg", [b.one("Reshape", ["num_logits_to_keep", i64("shape_1", [1])])], name="keep_start")
+    # Slice reads its starts on the host, so they are computed on the host: 0 - keep with the 0 taken
+    # from a shape ([1]), which onnxruntime's CUDA provider then places on the CPU beside the other
+    # shape arithmetic (fallback_cpu_capability.cc). A Neg or Reshape of the input alone would run on
+    # the device and need a device-to-host copy, and a graph with such a copy cannot be captured.
+    zero = b.one("Sub", [seq, seq], name="zero_from_shape")  # [1]
+    keep = b.one("Sub", [zero, n.logits_to_keep], name="keep_start")  # [1] = -num_logits_to_keep
     kept = b.one("Slice", [ln, keep, i64("int64_max", [np.iinfo(np.int64).max]), "c_1"], name="keep_last")
     logits = b.one("MatMul", [kept, b.const("lm_head.w", w["lm_head.w"])], name=LM_HEAD)
     if np_dtype != np.float32:
-        b.one("Cast", [logits], to=TensorProto.FLOAT, name="logits_f32", outputs=["logits"])
+        b.one("Cast", [logits], to=TensorProto.FLOAT, name="logits_f32", outputs=[n.logits])
     else:
-        b.nodes[-1].output[0] = "logits"
+        b.nodes[-1].output[0] = n.logits
 
     kv = lambda name, past: helper.make_tensor_value_info(name, kv_elem, ["batch", N, past, D])  # noqa: E731
     inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("num_logits_to_keep", TensorProto.INT64, []),
+        helper.make_tensor_value_info(n.input_ids, TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info(n.attention_mask, TensorProto.INT64, ["batch", "total"]),
+        helper.make_tensor_value_info(n.position_ids, TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info(n.logits_to_keep, TensorProto.INT64, []),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", cfg.vocab_size])]
-    for i in range(cfg.n_layer):
-        inputs += [kv(f"past_key_values.{i}.key", "past"), kv(f"past_key_values.{i}.value", "past")]
-        outputs += [kv(f"present.{i}.key", "present"), kv(f"present.{i}.value", "present")]
+    outputs = [helper.make_tensor_value_info(n.logits, TensorProto.FLOAT, ["batch", "kept", cfg.vocab_size])]
+    for past, present in n.kv(cfg.n_layer):
+        inputs.append(kv(past, "past"))
+        outputs.append(kv(present, "present"))
     graph = helper.make_graph(b.nodes, "gpt2onnx_decoder", inputs, outputs, b.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="gpt2onnx")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import graph
 from .graph import ModelConfig
 
 # Written tolerances per precision against the PyTorch fp32 model: max |Δlogit| over the prompt
@@ -30,6 +31,9 @@ TOLERANCES = {
 # An int8 KV cache under fp32 weights (--kv-dtype int8) is held to int8's figures: the cache, not
 # the weights, is then what moves the logits.
 TOLERANCES["fp32+int8kv"] = TOLERANCES["int8"]
+# A float16 cache under fp32 weights (CUDA exports of fp32 and int4, whose GroupQueryAttention must
+# run in float16 there) is held to fp16's figures, for the same reason.
+TOLERANCES["fp32+fp16kv"] = TOLERANCES["fp16"]
 
 # The trained reference model trained:chat (export/train.py): peaked logits, so top-1 agreement
 # means something and is held much tighter than on random weights. Chosen from its figures (export
@@ -51,8 +55,9 @@ TRAINED_TOLERANCES = {
 
 def tolerances(precision: str, kv: str | None, source: str) -> dict[str, float]:
     """The written tolerances an export of `source` at `precision` with this KV cache is held to."""
-    key = "fp32+int8kv" if precision == "fp32" and kv == "int8" else precision
-    return TRAINED_TOLERANCES.get(source, TOLERANCES)[key]
+    key = f"fp32+{kv}kv".replace("float16", "fp16") if precision == "fp32" and kv in ("int8", "float16") else precision
+    table = TRAINED_TOLERANCES.get(source, TOLERANCES)
+    return table.get(key, TOLERANCES[key])
 
 
 def ort_session(model_path: str, threads: int | None = None):
@@ -66,7 +71,7 @@ def ort_session(model_path: str, threads: int | None = None):
 
 
 def kv_dtype(session) -> np.dtype:
-    t = next(i.type for i in session.get_inputs() if i.name.startswith("past_key_values."))
+    t = next(i.type for i in session.get_inputs() if i.name == graph.NAMES.kv(1)[0][0])
     return {"tensor(float16)": np.float16, "tensor(int8)": np.int8}.get(t, np.float32)
 
 
@@ -86,9 +91,10 @@ def kv_scales(torch_model, ids: list[int], headroom: float = 1.25) -> list[tuple
 
 
 def feed(cfg: ModelConfig, ids, mask, pos, past, keep: int) -> dict[str, np.ndarray]:
-    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "num_logits_to_keep": np.array(keep, np.int64)}
-    for i in range(cfg.n_layer):
-        feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
+    n = graph.NAMES
+    feed = {n.input_ids: ids, n.attention_mask: mask, n.position_ids: pos, n.logits_to_keep: np.array(keep, np.int64)}
+    for (name, _), value in zip(n.kv(cfg.n_layer), past):
+        feed[name] = value
     return feed
 
 

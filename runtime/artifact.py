@@ -296,6 +296,11 @@ def describe(m: Manifest) -> str:
         lines.append("as run (CPU) " + ", ".join(f"{k} {v}" for k, v in r["runtime_ops"].items()))
     if r.get("weights"):
         lines.append(f"weights      {r['weights']['bytes_per_token'] / 1e6:.1f} MB read per decode step")
+    if r.get("cuda_graph"):
+        g = r["cuda_graph"]
+        lines.append("cuda graph   " + ("capturable: onnxruntime's CUDA placement needs no host<->device copy" if g["capturable"]
+                                       else f"not capturable: {len(g['host_device_copies'])} host<->device copies on CUDA "
+                                            f"(first: {g['host_device_copies'][0]}); export with --provider cuda"))
     for name, figs in r.get("parity", {}).items():
         if isinstance(figs, dict):
             lines.append(f"parity       {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in figs.items()))

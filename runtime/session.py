@@ -89,6 +89,14 @@ def build_session(manifest: Manifest, ep: str, sc: SessionConfig, profile_prefix
         sc.huge_pages = huge and _huge_pages(before) > 0
         return session
     sc.huge_pages = False
+    capture = manifest.raw.get("cuda_graph", {})
+    if sc.cuda_graph and capture.get("capturable") is False:  # export predicted the copies onnxruntime would refuse
+        sc.cuda_graph = False
+        copies = capture.get("host_device_copies") or ["?"]
+        warnings.warn(f"this artifact's graph needs host<->device copies on CUDA ({copies[0]}"
+                      f"{f' and {len(copies) - 1} more' if len(copies) > 1 else ''}), so its decode step cannot be "
+                      "captured as a CUDA graph; decoding without one (re-export it with --provider cuda)",
+                      UserWarning, stacklevel=4)
     if not sc.cuda_graph:
         return ort.InferenceSession(path, so, providers=[ep])
     try:

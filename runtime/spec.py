@@ -1,0 +1,80 @@
+"""What the decode core needs to know about a model, read back from its manifest (the artifact's
+self-description), so no module spells the graph's dims or input and output names again.
+
+`IONames` is the contract between export and runtime: export/graph.py builds the graph with these
+names and export/convert.py writes them into the manifest's `io`; `ModelSpec.from_manifest` reads
+them back, so an artifact that names its tensors differently still runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import Gpt2OnnxError
+
+
+@dataclass(frozen=True)
+class IONames:
+    """The graph's input and output names; `{i}` in the KV templates is the layer."""
+
+    input_ids: str = "input_ids"  # int64 [batch, seq]
+    attention_mask: str = "attention_mask"  # int64 [batch, total]: 1 = real token (a fused graph takes [batch, capacity])
+    position_ids: str = "position_ids"  # int64 [batch, seq]
+    logits_to_keep: str = "num_logits_to_keep"  # int64 []: 0 = every position, k = the last k (read on the host)
+    logits: str = "logits"  # float32 [batch, kept, vocab]
+    past_key: str = "past_key_values.{i}.key"  # [batch, heads, past, head_dim]
+    past_value: str = "past_key_values.{i}.value"
+    present_key: str = "present.{i}.key"  # [batch, heads, past + seq, head_dim] (the same buffer as past when bound in place)
+    present_value: str = "present.{i}.value"
+
+    def kv(self, n_layer: int) -> list[tuple[str, str]]:
+        """(past input, present output) per layer and tensor: key then value of layer 0, then layer 1 ..."""
+        return [(getattr(self, f"past_{t}").format(i=i), getattr(self, f"present_{t}").format(i=i))
+                for i in range(n_layer) for t in ("key", "value")]
+
+    def manifest(self) -> dict[str, str]:
+        """The `io` entries export writes (KV templates under `kv`, the rest at the top level)."""
+        return {"names": {k: getattr(self, k) for k in ("input_ids", "attention_mask", "position_ids", "logits")},
+                "logits_to_keep": self.logits_to_keep,
+                "kv": {k: getattr(self, k) for k in ("past_key", "past_value", "present_key", "present_value")}}
+
+    @classmethod
+    def from_manifest(cls, io: dict) -> IONames:
+        names = {**io.get("names", {}), **{k: io["kv"][k] for k in ("past_key", "past_value", "present_key", "present_value")
+                                             if k in io.get("kv", {})}}
+        if "logits_to_keep" in io:
+            names["logits_to_keep"] = io["logits_to_keep"]
+        return cls(**{k: v for k, v in names.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Dims, token ids and IO names of one artifact: everything the decode core is handed."""
+
+    n_layer: int
+    n_head: int
+    head_dim: int
+    vocab_size: int
+    n_positions: int
+    eos_token_id: int
+    pad_token_id: int
+    kv_dtype: np.dtype  # the KV cache's element type (float32 | float16 | int8)
+    in_place_kv: bool  # past and present may be bound to one [slots, heads, capacity, head_dim] buffer
+    names: IONames
+
+    @property
+    def kv_names(self) -> list[tuple[str, str]]:
+        return self.names.kv(self.n_layer)
+
+    @classmethod
+    def from_manifest(cls, manifest) -> ModelSpec:
+        c, io = manifest.config, manifest.raw["io"]
+        try:
+            return cls(n_layer=c["n_layer"], n_head=c["n_head"], head_dim=c["n_embd"] // c["n_head"],
+                       vocab_size=c["vocab_size"], n_positions=c["n_positions"], eos_token_id=c["eos_token_id"],
+                       pad_token_id=c["pad_token_id"], kv_dtype=np.dtype(io["kv"]["dtype"]),
+                       in_place_kv=bool(io["kv"]["shared_buffer"]), names=IONames.from_manifest(io))
+        except (KeyError, TypeError) as e:
+            raise Gpt2OnnxError(f"the manifest of {manifest.path} lacks io entry {e}; the artifact is damaged, re-export it") from None
