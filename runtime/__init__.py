@@ -1,6 +1,7 @@
 """The torch-free runtime: onnxruntime + numpy + tokenizers."""
 
 from .artifact import Manifest, load_manifest
+from .decoder import Decoder
 from .engine import Engine
 from .errors import Gpt2OnnxError
 from .prompt_cache import PromptCache
@@ -8,6 +9,8 @@ from .request import Result, Stats, Token
 from .sampling import GenerationConfig
 from .scheduler import Handle, QueueFull, Scheduler, SchedulerConfig
 from .session import SessionConfig
+from .spec import IONames, ModelSpec
 
-__all__ = ["Engine", "GenerationConfig", "Gpt2OnnxError", "Handle", "Manifest", "PromptCache", "QueueFull", "Result",
-           "Scheduler", "SchedulerConfig", "SessionConfig", "Stats", "Token", "load_manifest"]
+__all__ = ["Decoder", "Engine", "GenerationConfig", "Gpt2OnnxError", "Handle", "IONames", "Manifest", "ModelSpec",
+           "PromptCache", "QueueFull", "Result", "Scheduler", "SchedulerConfig", "SessionConfig", "Stats", "Token",
+           "load_manifest"]

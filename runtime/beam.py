@@ -1,7 +1,7 @@
 """Beam search as transformers' `generate(num_beams=K, do_sample=False)` runs it (4.57), returning
 each prompt's best hypothesis (num_return_sequences=1).
 
-The K beams of prompt b are rows b*K .. b*K + K - 1 of one DecodeState: the engine's loop
+The K beams of prompt b are rows b*K .. b*K + K - 1 of one Decoder (decoder.py): the engine's loop
 (Engine._run_beams) hands each step's logits to `Beams.advance`, then gathers the KV cache rows by
 `Beams.parents` and feeds `Beams.tokens`. One step, per prompt:
 

@@ -6,14 +6,15 @@
     for piece in engine.stream("Hello"): print(piece, end="")
     chat = engine.chat(); chat.send("Hi!")
 
-Every call keeps its state in its own Request and DecodeState objects, so calls from many threads
-at once return what they return one at a time. For many concurrent requests, a Scheduler
-(scheduler.py) batches them through one decode loop.
+Every call keeps its state in its own Request objects and its own rows of the decode core
+(decoder.py), so calls from many threads at once return what they return one at a time. For many
+concurrent requests, a Scheduler (scheduler.py) batches them through one decode loop over the same core.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -22,39 +23,41 @@ import numpy as np
 
 from .artifact import Manifest, load_manifest
 from .beam import Beams
+from .decoder import Decoder
 from .errors import Gpt2OnnxError
 from .prompt_cache import PromptCache
 from .request import Request, Stats
 from .sampling import GenerationConfig
 from .session import PROVIDERS, SessionConfig, build_session, check_io, check_precision, select_provider
-from .state import DecodeState, GraphBuffers
+from .spec import ModelSpec
 
 
 class Engine:
-    """A loaded artifact: session, tokenizer and manifest. Immutable after load but for the
-    CUDA-graph buffers it owns (`graph_buffers`, used one generation at a time)."""
+    """A loaded artifact: session, tokenizer, manifest and the model spec read from it. Immutable after
+    load but for the decoders it keeps for captured CUDA graphs (one per batch bucket, reused)."""
 
     def __init__(self, manifest: Manifest, session, tokenizer, provider: str, session_config: SessionConfig):
-        import onnxruntime as ort
-
-        self.ort = ort
         self.manifest = manifest
+        self.spec = ModelSpec.from_manifest(manifest)
         self.session = session
         self.tokenizer = tokenizer
         self.provider = provider
         self.session_config = session_config
         self.device = "cuda" if provider == PROVIDERS["cuda"] else "cpu"
-        c = manifest.config
-        self.n_layer, self.n_head, self.head_dim = c["n_layer"], c["n_head"], c["n_embd"] // c["n_head"]
-        self.vocab_size, self.n_positions = c["vocab_size"], c["n_positions"]
-        self.eos_token_id, self.pad_token_id = c["eos_token_id"], c["pad_token_id"]
-        self.kv_dtype = np.dtype(manifest.kv["dtype"])
-        self.shared_kv = bool(manifest.kv["shared_buffer"])
-        # (past input, present output) per layer and tensor, the order every KV buffer list follows
-        self.kv_names = [(f"past_key_values.{i}.{t}", f"present.{i}.{t}") for i in range(self.n_layer) for t in ("key", "value")]
-        self.cuda_graph = bool(session_config.cuda_graph) and self.shared_kv
-        self.graph_buffers = GraphBuffers()
+        self.cuda_graph = bool(session_config.cuda_graph)
+        # captured graphs are identified per session: every Decoder over this session draws its ids here
+        self._graph_ids = itertools.count(1)
+        # CUDA graphs replay fixed addresses: generations reuse one Decoder per batch bucket, one at a time
+        self._graph_decoders: dict[int, Decoder] = {}
+        self._graph_owner: dict[int, PromptCache | None] = {}  # the cache whose tokens a bucket's row 0 holds
+        self._graph_lock = threading.Lock()
         self._local = threading.local()  # each thread's last Stats
+
+    # the dims callers ask for most (serve, chat, benchmarks); everything else is on `spec`
+    n_positions = property(lambda self: self.spec.n_positions)
+    vocab_size = property(lambda self: self.spec.vocab_size)
+    eos_token_id = property(lambda self: self.spec.eos_token_id)
+    pad_token_id = property(lambda self: self.spec.pad_token_id)
 
     @classmethod
     def load(cls, path: str, provider: str = "auto", threads: int | None = None, verify: str = "sha256",
@@ -62,13 +65,13 @@ class Engine:
         """Validate the artifact at `path` and build its session.
 
         `cuda_graph` (CUDA only, default on) replays the decode step from a captured CUDA graph: the
-        step's buffers then live for the engine's lifetime, one set per batch size, at the full
-        position table, so a later generation of that batch size replays the same graph.
+        step's buffers then live for the engine's lifetime, one set per batch bucket, at the full
+        position table, so a later generation of that bucket replays the same graph.
         `huge_pages` (Linux, cpu provider, default on) moves the weights onnxruntime copies at load
         into 2 MB pages, which batch-1 decode streams faster (runtime/session.py, `_huge_pages`).
 
         Raises:
-            Gpt2OnnxError: damaged or mismatched artifact, unknown or unavailable provider, bad options.
+            Gpt2OnnxError: damaged, mismatched or unfused artifact, unknown or unavailable provider, bad options.
         """
         from tokenizers import Tokenizer
 
@@ -78,6 +81,9 @@ class Engine:
         sc.cuda_graph = ep == PROVIDERS["cuda"] and cuda_graph is not False
         manifest = load_manifest(path, verify=verify)
         check_precision(manifest.precision, ep)
+        if not ModelSpec.from_manifest(manifest).in_place_kv:
+            raise Gpt2OnnxError(f"{path} was exported with --no-fuse (a graph that concatenates its KV cache, kept for "
+                                "other ONNX runtimes); this runtime decodes fused graphs only, re-export without --no-fuse")
         try:
             # the tokenizer first: its JSON parse leaves ~25 MB of freed heap that the session's
             # allocations then reuse; the other order adds that to the process's peak (measured
@@ -89,6 +95,12 @@ class Engine:
             raise Gpt2OnnxError(f"cannot load the artifact at {path}: {first[:300]}; re-export it") from None
         check_io(manifest, session)
         return cls(manifest, session, tokenizer, ep, sc)
+
+    def decoder(self, slots: int, capacity: int, prefault: bool = False) -> Decoder:
+        """A new decode core of `slots` rows x `capacity` positions over this engine's session
+        (captured on CUDA when the engine is)."""
+        return Decoder(self.spec, self.session, slots, capacity, self.device,
+                       graph_id=(lambda: next(self._graph_ids)) if self.cuda_graph else None, prefault=prefault)
 
     @property
     def stats(self) -> Stats:
@@ -219,71 +231,119 @@ class Engine:
 
     def run(self, reqs: list[Request], cache: PromptCache | None = None) -> Iterator[list]:
         """Decode `reqs` together (one sampled token per unfinished request per step) until all
-        finish; yields each step's new Token events. Rows that finish are dropped from the batch
-        once half of it has. Beam search (num_beams > 1) yields once, at the end."""
+        finish; yields each step's new Token events. Once half the rows have finished, the live
+        ones are packed into the first rows so finished ones stop costing work. Beam search
+        (num_beams > 1) yields once, at the end."""
         if reqs and reqs[0].cfg.num_beams > 1:
             yield from self._run_beams(reqs, cache)
             return
         if cache is not None and len(reqs) != 1:
             raise Gpt2OnnxError(f"a prompt cache serves one prompt at a time, got {len(reqs)}; pass one prompt or no cache")
-        with self._turn(cache):
-            state = cache.state if cache is not None and getattr(cache.state, "e", None) is self else None
-            rows, steps = [r.ids for r in reqs], max(r.cfg.max_new_tokens for r in reqs)
-            if state is not None and state.can_extend(rows[0], steps):
-                logits = state.extend(rows[0])
-            else:  # a cached state is sized for the whole position table, so later turns fit in it
-                state = DecodeState(self, rows, steps, capacity=self.n_positions if cache is not None else None)
-                logits = state.prefill()
-            if cache is not None:
-                cache.state = state
-            self._local.stats = stats = state.stats
-            live = list(range(len(reqs)))  # the request each state row holds
-            tokens = np.full(len(reqs), self.pad_token_id, np.int64)
-            for step in range(steps):
-                events = [reqs[r].choose(logits[i]) for i, r in enumerate(live) if not reqs[r].done]
-                stats.new_tokens = step + 1
-                if step == 0:
-                    stats.ttft_s = time.perf_counter() - min(r.stats.submitted_s for r in reqs)
-                yield events
-                done = np.array([reqs[r].done for r in live])
-                if done.all():
-                    break
-                if not state.graph and 2 * done.sum() >= len(live) > 1:  # half the rows finished: stop computing them
-                    state.compact(~done)
-                    live = [r for r, d in zip(live, done) if not d]
-                    done = done[~done]
-                tokens = tokens[: len(live)]
-                tokens[:] = [reqs[r].tokens[-1] for r in live]
-                tokens[done] = self.pad_token_id
-                logits = state.step(tokens)
+        with self._turn(reqs, cache) as dec:
+            self._local.stats = stats = Stats(batch=len(reqs), prompt_tokens=sum(len(r.ids) for r in reqs))
+            logits = self._prefill(dec, reqs, cache, stats)
+            try:
+                yield from self._decode(dec, reqs, logits, stats)
+            finally:
+                if cache is not None:  # the cache holds the prompt and every reply token fed back
+                    cache.ids = (reqs[0].ids + reqs[0].tokens)[: int(dec.held[0])]
+
+    def _decode(self, dec: Decoder, reqs: list[Request], logits: np.ndarray, stats: Stats) -> Iterator[list]:
+        """Sample, yield, feed back, step: until every request is done (or at their longest reply)."""
+        live = list(range(len(reqs)))  # the request each decoder row holds
+        tokens = np.full(len(reqs), self.pad_token_id, np.int64)
+        for step in range(max(r.cfg.max_new_tokens for r in reqs)):
+            events = [reqs[r].choose(logits[i]) for i, r in enumerate(live) if not reqs[r].done]
+            stats.new_tokens = step + 1
+            if step == 0:
+                stats.ttft_s = time.perf_counter() - min(r.stats.submitted_s for r in reqs)
+            yield events
+            done = np.array([reqs[r].done for r in live])
+            if done.all():
+                return
+            if dec.graph_id is None and 2 * done.sum() >= len(live) > 1:  # half the rows finished: pack the rest
+                dec.reorder(np.flatnonzero(~done))
+                live = [r for r, d in zip(live, done) if not d]
+                done = done[~done]
+            tokens = tokens[: len(live)]
+            tokens[:] = [reqs[r].tokens[-1] for r in live]
+            tokens[done] = self.pad_token_id
+            t = time.perf_counter()
+            logits = dec.decode(tokens, ~done)
+            dt = time.perf_counter() - t
+            stats.step_s.append(dt)
+            stats.decode_s += dt
+
+    def _prefill(self, dec: Decoder, reqs: list[Request], cache: PromptCache | None, stats: Stats) -> np.ndarray:
+        """The prompt pass: only the tokens past a held prefix the cache's row already has."""
+        t = time.perf_counter()
+        row, held = reqs[0].ids, int(dec.held[0])
+        if cache is not None and held:
+            stats.cached_tokens = held
+            logits = dec.prefill(0, [row[held:]])
+        else:
+            logits = dec.prefill(0, [r.ids for r in reqs])
+        stats.prefill_s = time.perf_counter() - t
+        return logits
 
     def _run_beams(self, reqs: list[Request], cache: PromptCache | None) -> Iterator[list]:
-        """Beam search over `reqs` (one config): K rows per prompt in one DecodeState, uncaptured,
-        the cache rows following their beams; yields each request's best hypothesis at the end."""
+        """Beam search over `reqs` (one config): K rows per prompt in one Decoder, uncaptured (rows
+        are reordered between steps), the cache rows following their beams; yields each request's
+        best hypothesis at the end."""
         if cache is not None:
             raise Gpt2OnnxError("a PromptCache does not serve beam search; pass no cache with num_beams > 1")
         K, steps = reqs[0].cfg.num_beams, reqs[0].cfg.max_new_tokens
-        state = DecodeState(self, [r.ids for r in reqs for _ in range(K)], steps, graph=False)
-        self._local.stats = stats = state.stats
-        stats.batch, stats.prompt_tokens = len(reqs), sum(len(r.ids) for r in reqs)
+        rows = [r.ids for r in reqs for _ in range(K)]
+        dec = Decoder(self.spec, self.session, len(rows), max(map(len, rows)) + steps, self.device)
+        self._local.stats = stats = Stats(batch=len(reqs), prompt_tokens=sum(len(r.ids) for r in reqs))
         beams = Beams(reqs, self.vocab_size)
-        logits = state.prefill()
+        t = time.perf_counter()
+        logits = dec.prefill(0, rows)
+        stats.prefill_s = time.perf_counter() - t
         while beams.advance(logits):
-            state.reorder(beams.parents)
-            logits = state.step(beams.tokens)
+            dec.reorder(beams.parents)
+            t = time.perf_counter()
+            logits = dec.decode(beams.tokens)
+            stats.step_s.append(time.perf_counter() - t)
+            stats.decode_s += stats.step_s[-1]
         stats.new_tokens = beams.t
         stats.ttft_s = time.perf_counter() - min(r.stats.submitted_s for r in reqs)
         yield beams.finish()
 
     @contextlib.contextmanager
-    def _turn(self, cache: PromptCache | None):
-        """Captured graphs share buffers per batch size: one generation at a time in graph mode.
-        A PromptCache serves one generation at a time."""
-        with self.graph_buffers.lock if self.cuda_graph else contextlib.nullcontext():
+    def _turn(self, reqs: list[Request], cache: PromptCache | None) -> Iterator[Decoder]:
+        """The Decoder a generation runs on, held for the whole generation.
+
+        Uncaptured: a new Decoder sized for this generation; with a cache, the cache's batch-1 row
+        when the prompt extends what it holds, else a new row of the whole position table that the
+        cache keeps for the next turn. Captured (CUDA graphs): the engine's Decoder of the batch's
+        bucket at the whole position table, one generation at a time; the cache's tokens survive
+        only while no other generation has taken that Decoder since."""
+        if cache is not None:
+            cache.acquire()
+        try:
+            with self._graph_lock if self.cuda_graph else contextlib.nullcontext():
+                yield self._pick(reqs, cache)
+        finally:
             if cache is not None:
-                cache.acquire()
-            try:
-                yield
-            finally:
-                if cache is not None:
-                    cache.release()
+                cache.release()
+
+    def _pick(self, reqs: list[Request], cache: PromptCache | None) -> Decoder:
+        steps = max(r.cfg.max_new_tokens for r in reqs)
+        if self.cuda_graph:
+            b = 1 << (len(reqs) - 1).bit_length()
+            if b not in self._graph_decoders:
+                self._graph_decoders[b] = self.decoder(b, self.n_positions)
+            dec, owner = self._graph_decoders[b], self._graph_owner.get(b)
+            self._graph_owner[b] = cache
+        elif cache is not None:  # a cache filled by another engine is not read
+            mine = cache.decoder is not None and cache.decoder.session is self.session and cache.decoder.graph_id is None
+            dec, owner = cache.decoder if mine else self.decoder(1, self.n_positions), cache
+        else:
+            return self.decoder(len(reqs), max(len(r.ids) for r in reqs) + steps)
+        if cache is None or owner is not cache or cache.decoder is not dec or not cache.extends(reqs[0].ids, steps):
+            for r in range(dec.slots):  # start over
+                dec.truncate(r, 0)
+        if cache is not None:
+            cache.decoder, cache.ids = dec, cache.ids[: int(dec.held[0])]
+        return dec

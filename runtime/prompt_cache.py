@@ -1,5 +1,5 @@
-"""Keep one conversation's KV cache between `Engine.generate` calls (the single-caller path; the
-Scheduler keeps conversations in its slots instead)."""
+"""Keep one conversation's KV cache between `Engine.generate` calls: a held batch-1 row of the decode
+core with the tokens it holds (the Scheduler keeps conversations in its slots the same way)."""
 
 from __future__ import annotations
 
@@ -19,16 +19,23 @@ class PromptCache:
     stream. One conversation at a time: a cache in use by another generation is refused.
     """
 
-    state: object | None = None  # the DecodeState whose buffers hold the conversation
+    decoder: object | None = None  # the Decoder whose row 0 holds the conversation
+    ids: list[int] = field(default_factory=list)  # the tokens whose keys and values it holds
     _busy: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def clear(self) -> None:
-        self.state = None
+        self.decoder, self.ids = None, []
 
     @property
     def tokens(self) -> int:
         """How many tokens' keys and values the cache holds."""
-        return 0 if self.state is None else self.state.T
+        return len(self.ids)
+
+    def extends(self, prompt: list[int], max_new_tokens: int) -> bool:
+        """Whether `prompt` continues the held tokens and it and its reply fit the row."""
+        n = len(self.ids)
+        return (self.decoder is not None and 0 < n < len(prompt) and prompt[:n] == self.ids
+                and int(self.decoder.held[0]) == n and len(prompt) + max_new_tokens <= self.decoder.capacity)
 
     def acquire(self) -> None:
         if not self._busy.acquire(blocking=False):

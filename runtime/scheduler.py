@@ -11,7 +11,9 @@ slot whose cached tokens share the longest prefix with the prompt (the previous 
 conversation), (2) runs prompt tokens of newly admitted requests, at most `prefill_chunk` of them
 while other rows are decoding, so a running row's wait for its next token stays bounded, and (3)
 runs one decode step over every decoding row; a row that finishes leaves the batch that step and
-its slot goes to the next waiting request. Rows have their own lengths and positions (slots.py).
+its slot goes to the next waiting request. Fresh prompts admitted into adjacent slots run in one
+prompt pass when padding them to the longest costs little. The slots are rows of the same decode
+core `Engine.generate` uses (decoder.py), each with its own length and positions.
 Each request samples with its own options and generator, so its tokens do not depend on its
 batch-mates: exactly so in fp32, int4 and int8 exported with `--int8-method nbits` (activations
 quantized per row); the default int8 (DynamicQuantizeMatMul) shares one activation scale per
@@ -28,10 +30,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import Gpt2OnnxError
 from .request import Request, Result, Token
 from .sampling import _int
-from .slots import SlotCache
 
 
 class QueueFull(Gpt2OnnxError):
@@ -81,11 +84,11 @@ class Scheduler:
         self.engine = engine
         self.config = cfg = config or SchedulerConfig()
         cfg.validate(engine.n_positions)
-        if not engine.shared_kv:
-            raise Gpt2OnnxError("the scheduler needs a fused artifact (GroupQueryAttention with an in-place KV cache); "
-                                "re-export without --no-fuse")
         self.capacity = cfg.capacity or engine.n_positions
-        self.kv = SlotCache(engine, cfg.max_batch, self.capacity, graph=engine.cuda_graph)
+        # written once now: a long-lived cache whose first prompts should not pay page faults
+        self.kv = engine.decoder(cfg.max_batch, self.capacity, prefault=True)
+        self._tokens = np.zeros(cfg.max_batch, np.int64)  # a step's input token per slot
+        self._live = np.zeros(cfg.max_batch, bool)  # which slots decode this step (the others idle)
         self.slots = [Slot(i) for i in range(cfg.max_batch)]
         self.waiting: deque[Request] = deque()
         self.running: list[Slot] = []  # admission order
@@ -139,6 +142,7 @@ class Scheduler:
                 self._cancel_all()
                 self.cv.notify_all()
             self.thread.join()
+        self.kv.close()  # the KV cache goes now, not when the last reference to the scheduler does
 
     def _cancel_all(self) -> None:
         for req in list(self.waiting):
@@ -197,6 +201,7 @@ class Scheduler:
                 best = min(free, key=lambda s: (bool(s.tokens), s.used, s.index))
             free.remove(best)
             del best.tokens[reuse:]
+            self.kv.truncate(best.index, reuse)
             best.req = req
             req.stats.cached_tokens = reuse
             self.counters["prompt_tokens"] += len(req.ids)
@@ -212,16 +217,14 @@ class Scheduler:
         rows = [s for s in self.running if s.req.tokens]  # prompt done, first token sampled
         if not rows:
             return
-        n = 1 + max(s.index for s in rows)
-        for r in range(self.kv.batch_for(n)):  # the step runs slots 0..n-1 (padded to a bucket with graphs)
-            s = self.slots[r]
-            if s.req is not None and s.req.tokens:
-                self.kv.feed(r, s.req.tokens[-1], len(s.tokens))
-                s.tokens.append(s.req.tokens[-1])
-            else:
-                self.kv.idle(r, len(s.tokens))
+        n = 1 + max(s.index for s in rows)  # the step runs slots 0..n-1; the ones not decoding idle
+        tokens, live = self._tokens[:n], self._live[:n]
+        tokens[:], live[:] = self.engine.pad_token_id, False
+        for s in rows:
+            tokens[s.index], live[s.index] = s.req.tokens[-1], True
+            s.tokens.append(s.req.tokens[-1])
         t = time.perf_counter()
-        logits = self.kv.decode(n)  # [n, vocab]
+        logits = self.kv.decode(tokens, live)  # [n, vocab]
         dt = time.perf_counter() - t
         self.counters["steps"] += 1
         for s in rows:
@@ -233,21 +236,49 @@ class Scheduler:
         """Run prompt tokens of admitted requests in admission order: all of them while nothing
         decodes, else at most `prefill_chunk` this step."""
         budget = None if not any(s.req.tokens for s in self.running) else self.config.prefill_chunk
-        for s in [s for s in self.running if not s.req.tokens]:
+        pending = [s for s in self.running if not s.req.tokens]
+        fresh = {s.index: s for s in pending if not s.tokens}  # nothing held: may share a pass
+        for s in pending:
+            if s.req is None or s.req.tokens:  # ran in an earlier group of this loop (and may have ended)
+                continue
             if budget is not None and budget <= 0:
                 return
-            todo = s.req.ids[len(s.tokens):]
-            chunk = todo if budget is None else todo[:budget]
+            group = self._group(s, fresh, budget) if not s.tokens else [s]
             t = time.perf_counter()
-            logits = self.kv.prefill(s.index, chunk, len(s.tokens))
-            s.req.stats.prefill_s += time.perf_counter() - t
-            s.tokens += chunk
+            if len(group) > 1:
+                logits, ran = self.kv.prefill(s.index, [g.req.ids for g in group]), max(len(g.req.ids) for g in group) * len(group)
+                chunks = [g.req.ids for g in group]
+            else:
+                todo = s.req.ids[len(s.tokens):]
+                chunks = [todo if budget is None else todo[:budget]]
+                logits, ran = self.kv.prefill(s.index, chunks), len(chunks[0])
+            dt = time.perf_counter() - t
+            started = False
+            for g, chunk, lg in zip(group, chunks, logits):
+                g.req.stats.prefill_s += dt
+                g.tokens += chunk
+                fresh.pop(g.index, None)
+                if len(g.tokens) == len(g.req.ids):  # the whole prompt is in: its first token
+                    started = True
+                    self._emit(g, g.req.choose(lg))
             if budget is not None:
-                budget -= len(chunk)
-            if len(chunk) == len(todo):  # the whole prompt is in: its first token
-                self._emit(s, s.req.choose(logits))
-                if budget is None:  # a row decodes now: bound what the rest may add to its wait
-                    budget = self.config.prefill_chunk
+                budget -= ran
+            elif started:  # a row decodes now: bound what the rest may add to its wait
+                budget = self.config.prefill_chunk
+
+    def _group(self, s: Slot, fresh: dict[int, Slot], budget: int | None) -> list[Slot]:
+        """`s` and the fresh rows in the slots right after it that can share its prompt pass: left-padded
+        to the longest, within the budget, wasting at most a quarter of the pass on padding, and each
+        reply still fitting its slot behind the padding."""
+        group = [s]
+        while (nxt := fresh.get(group[-1].index + 1)) is not None:
+            lens = [len(g.req.ids) for g in group] + [len(nxt.req.ids)]
+            width, rows = max(lens), len(lens)
+            if ((budget is not None and width * rows > budget) or width * rows > 1.25 * sum(lens)
+                    or any(width + g.req.cfg.max_new_tokens > self.capacity for g in (*group, nxt))):
+                break
+            group.append(nxt)
+        return group
 
     def _emit(self, s: Slot, tok: Token) -> None:
         self.counters["generated_tokens"] += 1

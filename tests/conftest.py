@@ -40,6 +40,23 @@ def engine(tiny_artifact):
     return Engine.load(tiny_artifact, provider="cpu")
 
 
+def prefilled(engine, rows: list[list[int]], new_tokens: int, capacity: int | None = None):
+    """A decode core of len(rows) rows after its prompt pass, and the last logits [rows, vocab]."""
+    dec = engine.decoder(len(rows), capacity or max(map(len, rows)) + new_tokens)
+    return dec, dec.prefill(0, rows)
+
+
+def captured(path: str):
+    """An engine on the CPU whose decode core takes the CUDA-graph code path (fixed-address buffers per
+    batch bucket, session-wide graph ids in the run options, which the CPU provider ignores)."""
+    import dataclasses
+
+    from gpt2onnx.runtime import Engine
+
+    e = Engine.load(path, provider="cpu")
+    return Engine(e.manifest, e.session, e.tokenizer, e.provider, dataclasses.replace(e.session_config, cuda_graph=True))
+
+
 def run_cli(*args: str, input: str | bytes | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the installed CLI the way a user does; returns the completed process (text or bytes)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

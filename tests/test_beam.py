@@ -12,9 +12,8 @@ import torch
 
 from gpt2onnx.export.parity import left_pad
 from gpt2onnx.runtime import Gpt2OnnxError, PromptCache, Scheduler
-from gpt2onnx.runtime.state import DecodeState
 
-from .conftest import run_cli
+from .conftest import prefilled, run_cli
 
 # three prompts of different lengths: the batch is left-padded
 PROMPTS = [[464, 2068, 7586, 21831, 18045, 625, 262], [15496, 11, 703], [40, 1101, 257, 3303, 13, 314, 588, 340, 13, 2]]
@@ -150,7 +149,7 @@ def test_sampling_distribution_follows_transformers_processor_order(engine, tiny
     opts = dict(do_sample=True, temperature=0.8, top_k=200, top_p=0.9, repetition_penalty=1.2, no_repeat_ngram_size=2,
                 min_new_tokens=1)
     req = engine.request(prompt, engine.config(max_new_tokens=4, **opts), stream=False)
-    logits = DecodeState(engine, [prompt], 4).prefill()[0]
+    logits = prefilled(engine, [prompt], 4)[1][0]
     ours = req.sampler.warp(req.constrain(logits), req.seen)
     with torch.no_grad():
         out = tiny.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -177,43 +176,42 @@ def test_reorder_follows_parents_and_allocates_nothing(engine):
     """A reordered row continues its parent's sequence; gathering the cache into the second set of
     buffers and swapping allocates nothing per token (the beams' equivalent of the greedy path's test)."""
     def diverged():  # 8 beams of one prompt, each fed its own first token
-        state = DecodeState(engine, [PROMPTS[0]] * 8, max_new_tokens=40, graph=False)
-        state.prefill()
-        state.step(np.arange(100, 108, dtype=np.int64))
-        return state
+        dec, _ = prefilled(engine, [PROMPTS[0]] * 8, 40)
+        dec.decode(np.arange(100, 108, dtype=np.int64))
+        return dec
 
     parents, fed = np.array([1, 1, 1, 3, 0, 2, 7, 0], np.int64), np.arange(200, 208, dtype=np.int64)
     state, plain = diverged(), diverged()
     state.reorder(parents)
-    moved, expected = state.step(fed[parents]).copy(), plain.step(fed)
+    moved, expected = state.decode(fed[parents]).copy(), plain.decode(fed)
     assert np.abs(moved - expected[parents]).max() < 1e-5
     assert np.abs(moved[0] - moved[4]).max() > 1e-3  # different parents, different continuations
     tokens = np.empty(8, np.int64)
     logits = moved
-    buffers = {id(v) for v in state.kv + state.spare}
+    buffers = {id(v) for v in state._kv + state._spare}
     for _ in range(3):  # settle first-use caches
         np.argmax(logits, -1, out=tokens)
         state.reorder(parents)
-        logits = state.step(tokens)
+        logits = state.decode(tokens)
     tracemalloc.start()
     base, _ = tracemalloc.get_traced_memory()
     for _ in range(20):
         np.argmax(logits, -1, out=tokens)
         state.reorder(parents)
-        logits = state.step(tokens)
+        logits = state.decode(tokens)
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert {id(v) for v in state.kv + state.spare} == buffers  # two sets, swapped, never remade
+    assert {id(v) for v in state._kv + state._spare} == buffers  # two sets, swapped, never remade
     assert peak - base < 16 * 1024, f"{peak - base} bytes allocated at peak over 20 steps"
 
 
-def test_plain_artifact_beams_equal_fused(tiny_plain_artifact, engine):
-    """The concatenating graph reorders its cache outputs instead; the replies are the same."""
+def test_plain_artifact_refused_with_advice(tiny_plain_artifact):
+    """A --no-fuse graph concatenates its cache; the one decode core writes it in place, so the runtime
+    refuses such an artifact at load, in one line that says what to do."""
     from gpt2onnx.runtime import Engine
 
-    plain = Engine.load(tiny_plain_artifact, provider="cpu")
-    kw = dict(max_new_tokens=10, num_beams=3, no_repeat_ngram_size=2)
-    assert plain.generate(PROMPTS, **kw) == engine.generate(PROMPTS, **kw)
+    with pytest.raises(Gpt2OnnxError, match=r"exported with --no-fuse.*re-export without --no-fuse"):
+        Engine.load(tiny_plain_artifact, provider="cpu")
 
 
 BAD = [

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from gpt2onnx.export import checkpoints
 from gpt2onnx.export.convert import ExportOptions, export
 from gpt2onnx.export.parity import left_pad
 from gpt2onnx.runtime import Engine
-from gpt2onnx.runtime.state import DecodeState
 
-from .conftest import QUIET
+from .conftest import QUIET, prefilled
 
 FP32_ATOL = 1e-4  # max |Δlogit| against PyTorch fp32 (measured ~4e-7 on synthetic:tiny)
 PROMPTS = [[464, 2068, 7586, 21831, 18045, 625, 262], [15496, 11, 703], [40, 1101, 257, 3303, 13, 314, 588, 340, 13, 50256, 2]]
@@ -37,21 +35,18 @@ def test_export_manifest_records_parity(engine):
     assert figs["top1_agreement"] == 1.0
 
 
-@pytest.mark.parametrize("artifact", ["tiny_artifact", "tiny_plain_artifact"])
-def test_logits_each_step_match_transformers(request, tiny, artifact):
-    """The runtime's own IO-bound path (in-place cache for fused, concat for plain) vs transformers."""
-    engine = Engine.load(request.getfixturevalue(artifact), provider="cpu")
-    state = DecodeState(engine, PROMPTS, max_new_tokens=5)
+def test_logits_each_step_match_transformers(engine, tiny):
+    """The decode core's own IO-bound path (left-padded prompt pass, then steps writing the cache in place) vs transformers."""
     ids, mask, pos = left_pad(PROMPTS, engine.pad_token_id)
     with torch.no_grad():
         ref = tiny.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                          position_ids=torch.from_numpy(pos), use_cache=True)
-    ours = state.prefill()
+    dec, ours = prefilled(engine, PROMPTS, 5)
     assert np.abs(ours - ref.logits[:, -1].numpy()).max() <= FP32_ATOL
     past = ref.past_key_values
     for _ in range(5):
         tokens = ref.logits[:, -1].argmax(-1).numpy()
-        ours = state.step(tokens)
+        ours = dec.decode(tokens)
         mask = np.concatenate([mask, np.ones((len(PROMPTS), 1), np.int64)], axis=1)
         pos = pos[:, -1:] + 1
         with torch.no_grad():
@@ -61,9 +56,7 @@ def test_logits_each_step_match_transformers(request, tiny, artifact):
         assert np.abs(ours - ref.logits[:, -1].numpy()).max() <= FP32_ATOL
 
 
-@pytest.mark.parametrize("artifact", ["tiny_artifact", "tiny_plain_artifact"])
-def test_greedy_batch_equals_transformers(request, tiny, artifact):
-    engine = Engine.load(request.getfixturevalue(artifact), provider="cpu")
+def test_greedy_batch_equals_transformers(engine, tiny):
     ours = engine.generate(PROMPTS, max_new_tokens=24)
     theirs = hf_greedy(tiny.model, PROMPTS, 24, engine.eos_token_id)
     assert ours == theirs

@@ -7,10 +7,9 @@ import pytest
 
 from gpt2onnx.export import checkpoints, parity
 from gpt2onnx.export.convert import ExportOptions, export
-from gpt2onnx.runtime import Engine, Gpt2OnnxError
-from gpt2onnx.runtime.state import DecodeState
+from gpt2onnx.runtime import Engine, Gpt2OnnxError, load_manifest
 
-from .conftest import QUIET
+from .conftest import QUIET, prefilled
 from .test_parity import PROMPTS
 
 
@@ -28,14 +27,14 @@ def artifacts(tmp_path_factory, tiny_artifact):
 
 
 def test_fused_operator_counts_per_layer(engine, tiny_plain_artifact):
-    L = engine.n_layer
+    L = engine.spec.n_layer
     ops = engine.manifest.raw["fused_ops"]
     assert ops["GroupQueryAttention"] == L
     assert ops["SkipLayerNormalization"] == 2 * L + 1  # ln_1, ln_2 per layer (with their residual adds) and ln_f
     assert ops["FastGelu"] == L
     assert ops["MatMul"] == 4 * L + 1  # qkv, attention out, fc, proj per layer; LM head
     assert "LayerNormalization" not in ops
-    plain = Engine.load(tiny_plain_artifact, provider="cpu").manifest.raw["fused_ops"]
+    plain = load_manifest(tiny_plain_artifact).raw["fused_ops"]
     assert not {"GroupQueryAttention", "SkipLayerNormalization", "FastGelu"} & set(plain)
     assert plain["LayerNormalization"] == 2 * L + 1
 
@@ -145,8 +144,8 @@ def test_int8_batches_within_tolerance(artifacts):
     not bit for bit."""
     engine = Engine.load(artifacts("int8"), provider="cpu")
     assert [len(r) for r in engine.generate(PROMPTS, max_new_tokens=8)] == [8, 8, 8]
-    batched = DecodeState(engine, PROMPTS, max_new_tokens=4).prefill().copy()
-    single = np.concatenate([DecodeState(engine, [p], max_new_tokens=4).prefill() for p in PROMPTS])
+    batched = prefilled(engine, PROMPTS, 4)[1].copy()
+    single = np.concatenate([prefilled(engine, [p], 4)[1] for p in PROMPTS])
     diff = np.abs(batched - single).max()
     assert 0 < diff <= parity.TOLERANCES["int8"]["max_abs_logit_diff"]
     assert (batched.argmax(-1) == single.argmax(-1)).mean() >= 2 / 3
@@ -155,13 +154,12 @@ def test_int8_batches_within_tolerance(artifacts):
 @pytest.mark.filterwarnings("ignore:fp16 on the CPU")
 def test_fp16_finite_over_full_context(artifacts):
     engine = Engine.load(artifacts("fp16"), provider="cpu")
-    assert engine.kv_dtype == np.float16
-    state = DecodeState(engine, [list(range(100, 108)), list(range(200, 204))], max_new_tokens=engine.n_positions - 8)
-    logits = state.prefill()
+    assert engine.spec.kv_dtype == np.float16
+    dec, logits = prefilled(engine, [list(range(100, 108)), list(range(200, 204))], engine.n_positions - 8)
     for _ in range(engine.n_positions - 9):  # to the last position of the table
         assert np.isfinite(logits).all()
-        logits = state.step(logits.argmax(-1))
-    assert np.isfinite(logits).all() and state.T == engine.n_positions - 1
+        logits = dec.decode(logits.argmax(-1))
+    assert np.isfinite(logits).all() and dec.start[1] + dec.held[1] == dec.held[0] == engine.n_positions - 1
 
 
 def test_int8_on_cuda_is_refused_with_advice(tmp_path):
@@ -179,9 +177,9 @@ def test_fp16_kv_cache_under_int8_weights(tmp_path, tiny):
     """A float16 cache under fp32 activations: half the cache bytes, same tokens as fp32 cache mostly."""
     art = export(ExportOptions("synthetic:tiny", str(tmp_path / "a"), precision="int8", kv_dtype="float16"), log=QUIET)
     engine = Engine.load(art, provider="cpu")
-    assert engine.kv_dtype == np.float16 and engine.manifest.raw["io"]["kv"]["dtype"] == "float16"
-    state = DecodeState(engine, PROMPTS, max_new_tokens=4)
-    assert state.kv[0].numpy().dtype == np.float16
+    assert engine.spec.kv_dtype == np.float16 and engine.manifest.raw["io"]["kv"]["dtype"] == "float16"
+    dec, _ = prefilled(engine, PROMPTS, 4)
+    assert dec._kv[0].dtype == np.float16
     acc = engine.manifest.raw["accuracy"]["teacher_forced"]
     assert acc["mean_kl"] <= parity.TOLERANCES["int8"]["mean_kl"]
     assert [len(r) for r in engine.generate(PROMPTS, max_new_tokens=6)] == [6, 6, 6]
@@ -194,11 +192,10 @@ def test_int8_kv_cache_is_the_cpu_default(artifacts):
         engine = Engine.load(artifacts(precision), provider="cpu")
         kv = engine.manifest.raw["io"]["kv"]
         assert kv["dtype"] == "int8" and "calibrated" in kv["quantization"]
-        state = DecodeState(engine, PROMPTS, max_new_tokens=4)
-        logits = state.prefill()
-        k0 = state.kv[0].numpy()
-        assert k0.dtype == np.int8 and np.abs(k0[:, :, : state.S0].astype(int)).max() > 10  # real values, not zeros
-        assert np.isfinite(state.step(logits.argmax(-1))).all()
+        dec, logits = prefilled(engine, PROMPTS, 4)
+        k0 = dec._kv[0]
+        assert k0.dtype == np.int8 and np.abs(k0[:, :, : max(map(len, PROMPTS))].astype(int)).max() > 10  # real values, not zeros
+        assert np.isfinite(dec.decode(logits.argmax(-1))).all()
     assert Engine.load(artifacts("fp32"), provider="cpu").manifest.raw["io"]["kv"]["dtype"] == "float32"
 
 
@@ -216,5 +213,5 @@ def test_prompt_cache_with_an_int8_kv_cache(artifacts, precision):
     from .test_speed_paths import extended_vs_fresh
 
     engine = Engine.load(artifacts(precision), provider="cpu")
-    assert engine.kv_dtype == np.int8
+    assert engine.spec.kv_dtype == np.int8
     assert extended_vs_fresh(engine) <= parity.TOLERANCES[precision]["max_abs_logit_diff"]

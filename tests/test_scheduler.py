@@ -12,6 +12,8 @@ import pytest
 
 from gpt2onnx.runtime import Engine, Gpt2OnnxError, QueueFull, Scheduler, SchedulerConfig
 
+from .conftest import captured, prefilled
+
 
 def workload(n: int, seed: int = 0, max_len: int = 40, max_new: int = 16) -> list[tuple[list[int], int]]:
     """Prompts of mixed lengths and reply lengths, deterministic."""
@@ -91,10 +93,8 @@ def test_stop_conditions_and_logprobs_per_request(engine):
 
 def test_logprobs_match_the_model_distribution(engine):
     """The reported log-probability is log_softmax of the model's logits for the chosen token."""
-    from gpt2onnx.runtime.state import DecodeState
-
     prompt = [40, 1101, 257]
-    logits = DecodeState(engine, [prompt], max_new_tokens=1).prefill()[0].astype(np.float64)
+    logits = prefilled(engine, [prompt], 1)[1][0].astype(np.float64)
     want = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
     with Scheduler(engine) as s:
         ev = s.submit(prompt, max_new_tokens=1, logprobs=2).result(timeout=60).logprobs[0]
@@ -200,19 +200,34 @@ def test_conversation_reuses_the_held_cache(engine):
 def test_graph_mode_buckets_on_cpu(tiny_artifact):
     """The CUDA-graph path (batch padded to buckets 1, 2, 4, 8 ...; graph ids in run options, ignored
     on CPU) gives the same tokens."""
-    e = Engine.load(tiny_artifact, provider="cpu")
-    e.cuda_graph = True
+    e = captured(tiny_artifact)
     work = workload(9, seed=4)
     expected = [alone(e, p, max_new_tokens=n, eos_token_id=-1) for p, n in work]
     with Scheduler(e, SchedulerConfig(max_batch=6, prefill_chunk=8)) as s:
         assert [h.result(timeout=120).tokens for h in [s.submit(p, max_new_tokens=n, eos_token_id=-1) for p, n in work]] == expected
-        assert set(s.kv._bindings) <= {1, 2, 4, 6}
+        used = {b for _, b in s.kv._steps}
+        assert 6 in used and used <= {1, 2, 4, 6}  # six fresh prompts decode first: the 6-row bucket (capped at the slots)
+        assert s.kv is not e._graph_decoders.get(6)  # the scheduler's own buffers, own graph ids
 
 
-def test_plain_artifact_refused(tiny_plain_artifact):
-    e = Engine.load(tiny_plain_artifact, provider="cpu")
-    with pytest.raises(Gpt2OnnxError, match="needs a fused artifact"):
-        Scheduler(e)
+def test_fresh_prompts_in_adjacent_slots_share_a_prompt_pass(engine, monkeypatch):
+    """Requests admitted together into empty adjacent slots run in one left-padded prompt pass when
+    padding wastes little; their tokens are still what each gets alone."""
+    from gpt2onnx.runtime.decoder import Decoder
+
+    passes = []
+    real = Decoder.prefill
+    monkeypatch.setattr(Decoder, "prefill", lambda self, first, rows: (passes.append((first, len(rows))), real(self, first, rows))[1])
+    work = [(list(range(100, 110)), 6), (list(range(200, 209)), 5), (list(range(300, 310)), 7), ([5, 6], 4)]
+    expected = [alone(engine, p, max_new_tokens=n, eos_token_id=-1) for p, n in work]
+    passes.clear()
+    s = Scheduler(engine, SchedulerConfig(max_batch=4))
+    with s.cv:  # queue all four before the loop admits any
+        handles = [s.submit(p, max_new_tokens=n, eos_token_id=-1) for p, n in work]
+    assert [h.result(timeout=60).tokens for h in handles] == expected
+    assert passes == [(0, 3), (3, 1)]  # 10, 9, 10 tokens share a pass; 2 tokens padded to 10 would waste too much
+    s.close()
+    assert s.kv._kv is None and not s.kv._steps  # closing releases the KV cache
 
 
 @pytest.mark.parametrize("cfg, match", [(dict(max_batch=0), "max_batch"), (dict(max_queue=-1), "max_queue"),
@@ -256,7 +271,7 @@ def test_many_threads_get_what_they_get_alone(engine):
 def test_smaller_slot_capacity(engine):
     """Slots sized to a service's prompt + reply budget: requests that fit run as alone, the rest are refused."""
     with Scheduler(engine, SchedulerConfig(max_batch=2, capacity=24)) as s:
-        assert s.kv.mask.shape == (2, 24)
+        assert s.kv.mask.shape == (2, 24) and s.kv._kv[0].shape[:3] == (2, engine.spec.n_head, 24)
         assert s.submit([1, 2, 3], max_new_tokens=8, eos_token_id=-1).result(timeout=30).tokens == \
             alone(engine, [1, 2, 3], max_new_tokens=8, eos_token_id=-1)
         with pytest.raises(Gpt2OnnxError, match="runs past the 24-position context"):

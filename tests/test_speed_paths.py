@@ -10,66 +10,60 @@ import pytest
 
 from gpt2onnx.runtime import Engine, Gpt2OnnxError, PromptCache
 from gpt2onnx.runtime import session as session_mod
-from gpt2onnx.runtime.state import DecodeState
+from gpt2onnx.runtime.decoder import Decoder
 
+from .conftest import captured, prefilled
 from .test_parity import PROMPTS
 
 
 def test_kv_cache_allocated_once_and_written_in_place(engine):
-    state = DecodeState(engine, PROMPTS, max_new_tokens=10)
-    buffers = [id(v) for v in state.kv]
-    before = state.kv[0].numpy().copy()
-    logits = state.prefill()
+    dec, logits = prefilled(engine, PROMPTS, 10)
+    buffers = [id(v) for v in dec._kv]
+    before = dec._kv[0].copy()
     for _ in range(5):
-        logits = state.step(logits.argmax(-1))
-    assert [id(v) for v in state.kv] == buffers  # same buffers ...
-    k0 = state.kv[0].numpy()
-    assert k0.shape[2] == state.capacity  # ... of the full capacity ...
-    written = state.T - 1  # ... holding every position fed so far (the last token's keys come with the next step)
+        logits = dec.decode(logits.argmax(-1))
+    assert [id(v) for v in dec._kv] == buffers  # same buffers ...
+    k0 = dec._kv[0]
+    assert k0.shape[2] == dec.capacity == max(map(len, PROMPTS)) + 10  # ... of the full capacity ...
+    written = max(map(len, PROMPTS)) + 5  # ... holding every position fed so far
+    assert (dec.start + dec.held).tolist() == [written] * len(PROMPTS)
     assert not np.array_equal(k0[:, :, :written], before[:, :, :written])
 
 
 def test_no_allocation_on_the_per_token_path(engine):
     """Python/numpy allocations of a greedy decode step stay tiny: logits, ids, mask and cache are
     preallocated buffers (the logits alone would be batch x vocab x 4 = 600 kB a step)."""
-    state = DecodeState(engine, PROMPTS, max_new_tokens=40)
-    logits = state.prefill()
+    dec, logits = prefilled(engine, PROMPTS, 40)
     tokens = np.empty(len(PROMPTS), np.int64)
     for _ in range(3):  # settle any first-use caches
         np.argmax(logits, -1, out=tokens)
-        logits = state.step(tokens)
+        logits = dec.decode(tokens)
     tracemalloc.start()
     base, _ = tracemalloc.get_traced_memory()
     for _ in range(30):
         np.argmax(logits, -1, out=tokens)
-        logits = state.step(tokens)
+        logits = dec.decode(tokens)
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak - base < 16 * 1024, f"{peak - base} bytes allocated at peak over 30 steps"
-    assert current - base < 8 * 1024, f"{current - base} bytes retained over 30 steps"  # the step-time list only
+    assert current - base < 8 * 1024, f"{current - base} bytes retained over 30 steps"
 
 
 def test_finished_rows_stop_costing_work(engine, monkeypatch):
-    """When half the rows hit EOS the state drops them; the outputs do not change."""
+    """When half the rows hit EOS the live ones are packed into the first rows; the outputs do not change."""
     first = engine.generate([PROMPTS[0]], max_new_tokens=12)[0]
     eos = first[1]  # row 0 stops at its second token
     expected = [engine.generate([p], max_new_tokens=12, eos_token_id=eos)[0] for p in PROMPTS]
     assert len(expected[0]) == 2 and all(len(r) > 2 for r in expected[1:])
-    sizes = []
-    real = DecodeState.compact
-    monkeypatch.setattr(DecodeState, "compact", lambda self, keep: (sizes.append(int(keep.sum())), real(self, keep)))
-    rows = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[2]]  # two rows finish together: half the batch
+    packed, steps = [], []
+    real_reorder, real_decode = Decoder.reorder, Decoder.decode
+    monkeypatch.setattr(Decoder, "reorder", lambda self, parents: (packed.append(parents.tolist()), real_reorder(self, parents)))
+    monkeypatch.setattr(Decoder, "decode", lambda self, tokens, live=None: (steps.append(len(tokens)), real_decode(self, tokens, live))[1])
+    rows = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2]]  # rows 0 and 2 finish together: half the batch
     out = engine.generate(rows, max_new_tokens=12, eos_token_id=eos)
-    assert out == [expected[0], expected[0], expected[1], expected[2]]
-    assert sizes == [2]
-
-
-def test_plain_artifact_compacts_too(tiny_plain_artifact):
-    e = Engine.load(tiny_plain_artifact, provider="cpu")
-    first = e.generate([PROMPTS[0]], max_new_tokens=8)[0]
-    rows = [PROMPTS[0], PROMPTS[1]]
-    expected = [e.generate([r], max_new_tokens=8, eos_token_id=first[2])[0] for r in rows]
-    assert e.generate(rows, max_new_tokens=8, eos_token_id=first[2]) == expected
+    assert out == [expected[0], expected[1], expected[0], expected[2]]
+    assert packed == [[1, 3]]  # the two live rows moved to the front, once
+    assert steps[0] == 4 and steps[-1] == 2 and set(steps) == {4, 2}  # and the steps ran two rows from then on
 
 
 def test_provider_selection_and_fallback(monkeypatch):
@@ -96,17 +90,19 @@ def test_threads_are_configurable(tiny_artifact):
     assert e.generate([[1, 2, 3]], max_new_tokens=4) == Engine.load(tiny_artifact, provider="cpu").generate([[1, 2, 3]], max_new_tokens=4)
 
 
-def test_graph_mode_buffers_reused_across_generations(tiny_artifact):
-    """The CUDA-graph decode path (fixed buffers per batch size at the full position table, reused by
-    later generations, logits through a device buffer) exercised on CPU, where the run option that
-    names the graph is ignored: its tokens must equal the ordinary path's."""
+def test_graph_mode_decoders_reused_across_generations(tiny_artifact):
+    """The CUDA-graph decode path (one Decoder per batch bucket at the full position table, reused by
+    later generations, logits through a device-style buffer) exercised on CPU, where the run option
+    that names the graph is ignored: its tokens must equal the ordinary path's."""
     plain = Engine.load(tiny_artifact, provider="cpu")
-    graph = Engine.load(tiny_artifact, provider="cpu")
-    graph.cuda_graph = True
-    for prompts in (PROMPTS, [p[::-1] for p in PROMPTS], PROMPTS[:1]):
+    graph = captured(tiny_artifact)
+    for prompts in (PROMPTS, [p[::-1] for p in PROMPTS], PROMPTS[:1], PROMPTS[:2]):
         assert graph.generate(prompts, max_new_tokens=6) == plain.generate(prompts, max_new_tokens=6)
-    assert sorted(graph.graph_buffers.sets) == [1, 3]  # one buffer set per batch size, reused
-    assert graph.graph_buffers.sets[3]["kv"][0].shape()[2] == graph.n_positions
+    assert sorted(graph._graph_decoders) == [1, 2, 4]  # one per bucket: 3 rows ran in the 4-row bucket, twice
+    four = graph._graph_decoders[4]
+    assert four.capacity == graph.n_positions and sorted(four._steps) == [(0, 4)]  # one step binding, never remade
+    assert graph.generate(PROMPTS, max_new_tokens=6) == plain.generate(PROMPTS, max_new_tokens=6)
+    assert graph._graph_decoders[4] is four
 
 
 def test_cuda_graph_only_requested_on_cuda(tiny_artifact):
@@ -115,29 +111,30 @@ def test_cuda_graph_only_requested_on_cuda(tiny_artifact):
 
 
 def extended_vs_fresh(engine: Engine, steps: int = 3) -> float:
-    """Max |logit difference| between a prompt pass that extends a cache (a prompt, 3 decode steps,
+    """Max |logit difference| between a prompt pass that extends a held row (a prompt, 3 decode steps,
     then 4 more tokens) and a fresh prompt pass over the same tokens, and over `steps` decode steps
     after each."""
-    state = DecodeState(engine, PROMPTS[:1], max_new_tokens=8, capacity=engine.n_positions)
-    logits = state.prefill()
+    dec, logits = prefilled(engine, PROMPTS[:1], 8, capacity=engine.n_positions)
+    row = list(PROMPTS[0])
     for _ in range(3):
-        logits = state.step(logits.argmax(-1))
-    row = state.fed + [int(logits.argmax())] + PROMPTS[1][:3]
-    assert state.can_extend(row, 8)
-    fresh = DecodeState(engine, [row], max_new_tokens=8)
-    a, b = state.extend(row), fresh.prefill()
-    assert state.stats.cached_tokens == len(PROMPTS[0]) + 3 and state.T == fresh.T == len(row)
+        row.append(int(logits.argmax()))
+        logits = dec.decode(logits.argmax(-1))
+    row += [int(logits.argmax())] + PROMPTS[1][:3]
+    held = int(dec.held[0])
+    assert held == len(PROMPTS[0]) + 3
+    a = dec.prefill(0, [row[held:]])
+    fresh, b = prefilled(engine, [row], 8)
+    assert dec.held[0] == fresh.held[0] == len(row)
     diff = float(np.abs(a - b).max())
     for _ in range(steps):
         t = b.argmax(-1)
-        a, b = state.step(t), fresh.step(t)
+        a, b = dec.decode(t), fresh.decode(t)
         diff = max(diff, float(np.abs(a - b).max()))
     return diff
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-def test_prompt_cache_extends_instead_of_rerunning(fuse, tiny_artifact, tiny_plain_artifact):
-    e = Engine.load(tiny_artifact if fuse else tiny_plain_artifact, provider="cpu")
+def test_prompt_cache_extends_instead_of_rerunning(engine):
+    e = engine
     assert extended_vs_fresh(e) <= 1e-4  # the fp32 parity tolerance
     cache, history = PromptCache(), list(PROMPTS[0])
     for turn in range(3):
@@ -163,7 +160,7 @@ def test_prompt_cache_starts_over_when_it_cannot_extend(engine, tiny_artifact):
     engine.generate([PROMPTS[0]], cache=cache, max_new_tokens=4)  # a prefix of the cache, not an extension
     assert engine.stats.cached_tokens == 0
     other = Engine.load(tiny_artifact, provider="cpu")
-    other.generate([cache.state.fed + [9]], cache=cache, max_new_tokens=4)  # another engine's cache is not read
+    other.generate([cache.ids + [9]], cache=cache, max_new_tokens=4)  # another engine's cache is not read
     assert other.stats.cached_tokens == 0
 
 
@@ -171,8 +168,7 @@ def test_prompt_cache_in_graph_mode(tiny_artifact):
     """Captured graphs share one cache per batch size: another batch-1 generation in between takes
     it over, and the cached conversation then starts over instead of reading someone else's keys."""
     plain = Engine.load(tiny_artifact, provider="cpu")
-    graph = Engine.load(tiny_artifact, provider="cpu")
-    graph.cuda_graph = True
+    graph = captured(tiny_artifact)
     cache, history = PromptCache(), list(PROMPTS[0])
     first = graph.generate([history], cache=cache, max_new_tokens=5)
     history += first[0] + PROMPTS[1]

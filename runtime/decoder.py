@@ -1,0 +1,242 @@
+"""The one decode core: a KV cache of rows ("slots") and the two passes that run them.
+
+Per layer and tensor one buffer [slots, heads, capacity, head_dim] holds every row's keys and
+values, bound as both GroupQueryAttention's past and present, so the op writes each new token in
+place. Row r holds `held[r]` tokens at columns start[r] .. start[r] + held[r] - 1 (start[r] > 0 is
+the left padding of prompts of different lengths run in one pass). The graph reads each row's
+length from its mask row (seqlens_k = the last column holding a 1), so rows of any lengths decode
+together: a row feeding a token has mask ones on [start, start + held] and the op writes at column
+start + held, the token's position being held.
+
+Everything that generates drives this class: `Engine.generate` / `stream` / `chat` and beam search
+on the caller's thread (a Decoder of their own rows), the Scheduler from its loop (one Decoder of
+`max_batch` slots), a PromptCache (a batch-1 Decoder kept with its tokens). It is handed the model
+spec and the session, never the Engine.
+
+CPU: the step's inputs and outputs are bound by address to host arrays, once per batch size, so a
+step writes a few numbers and runs (no allocation). CUDA: the same arrays are copied into device
+buffers at fixed addresses before each step; with CUDA graphs the step is captured once per batch
+bucket (1, 2, 4 ... rows, `graph_id` from the engine's per-session counter) and replayed, while
+prompt passes run uncaptured (gpu_graph_id -1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .errors import Gpt2OnnxError
+from .spec import ModelSpec
+
+
+class Decoder:
+    """`slots` rows of `capacity` positions over one session.
+
+    Args:
+        spec: the model's dims, ids and IO names (ModelSpec.from_manifest).
+        session: the onnxruntime InferenceSession of a fused (in-place KV) graph.
+        slots, capacity: rows and positions per row of the KV cache.
+        device: "cpu" or "cuda" (where the KV cache lives).
+        graph_id: CUDA graphs: called once per batch bucket for a session-wide unique graph id; None = uncaptured.
+        prefault: write the CPU cache once now (a long-lived scheduler: its first prompts then pay no page faults).
+    """
+
+    def __init__(self, spec: ModelSpec, session, slots: int, capacity: int, device: str = "cpu",
+                 graph_id: Callable[[], int] | None = None, prefault: bool = False):
+        import onnxruntime as ort
+
+        if not spec.in_place_kv:
+            raise Gpt2OnnxError("this artifact's graph concatenates its KV cache (exported with --no-fuse); the runtime "
+                                "decodes fused graphs only, re-export without --no-fuse")
+        self.ort, self.spec, self.session = ort, spec, session
+        self.slots, self.capacity, self.device, self.graph_id = slots, capacity, device, graph_id
+        self.kv_names = spec.kv_names
+        self.row_bytes = spec.n_head * capacity * spec.head_dim * spec.kv_dtype.itemsize
+        self._kv = self._alloc_kv(prefault)  # [slots, heads, capacity, head_dim] per layer and tensor
+        self._spare: list | None = None  # reorder's second set, made at its first call
+        self._set = 0  # which of the two sets `_kv` is (bindings are cached per set)
+        # host inputs of a decode step [slots, ...]; a step over b rows reads the first b
+        self.ids = np.full((slots, 1), spec.pad_token_id, np.int64)
+        self.pos = np.zeros((slots, 1), np.int64)
+        self.mask = np.zeros((slots, capacity), np.int64)
+        self.logits = np.zeros((slots, 1, spec.vocab_size), np.float32)  # each row's latest logits
+        self.start = np.zeros(slots, np.int64)  # left padding columns before row r's tokens
+        self.held = np.zeros(slots, np.int64)  # tokens whose keys and values row r holds
+        self.mhi = np.zeros(slots, np.int64)  # mask row r is 1 on [start, mhi), 0 elsewhere
+        self._cols = np.zeros(slots, np.int64)  # scratch: the column each row writes this step
+        self._rows = np.arange(slots)
+        self.keep = np.array(1, np.int64)  # num_logits_to_keep: only the last position's logits, prompt passes too
+        self._steps: dict[tuple[int, int], tuple] = {}  # (set, rows) -> binding of a decode step, made once
+        self._prompt_ro = None
+        if graph_id is not None:
+            self._prompt_ro = ort.RunOptions()
+            self._prompt_ro.add_run_config_entry("gpu_graph_id", "-1")  # prompt passes have their own shapes: never captured
+
+    def _alloc_kv(self, prefault: bool) -> list:
+        s = self.spec
+        shape = [self.slots, s.n_head, self.capacity, s.head_dim]
+        if self.device == "cpu":
+            # prefault: np.zeros maps untouched pages and a slot's first prompt would pay their page
+            # faults (measured: up to 35 ms on a 20-token prompt); a one-off generation writes only
+            # what it uses, so it leaves them untouched
+            return [np.full(shape, 0, s.kv_dtype) if prefault else np.empty(shape, s.kv_dtype) for _ in self.kv_names]
+        return [self.ort.OrtValue.ortvalue_from_shape_and_type(shape, s.kv_dtype, self.device, 0) for _ in self.kv_names]
+
+    def _ptrs(self, kv: list) -> list[int]:
+        return [a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr() for a in kv]
+
+    def close(self) -> None:
+        """Release the cache and the bindings (a closed scheduler keeps nothing)."""
+        self._kv = self._spare = None
+        self._steps.clear()
+
+    # ---- rows --------------------------------------------------------------------------------
+
+    def batch_for(self, n: int) -> int:
+        """Rows a step over the first n runs: n, or with CUDA graphs the bucket (power of two) holding n."""
+        return n if self.graph_id is None else min(1 << (n - 1).bit_length(), self.slots)
+
+    def truncate(self, r: int, n: int) -> None:
+        """Row r keeps its first n tokens (a held prefix reused by a new request, or 0: empty)."""
+        lo = self.start[r]
+        self.mask[r, lo + n: max(self.mhi[r], lo + n)] = 0
+        self.held[r], self.mhi[r] = n, lo + n
+        if n == 0:
+            self.start[r] = self.mhi[r] = 0
+
+    def _set_row(self, r: int, start: int, held: int) -> None:
+        self.mask[r, : max(self.mhi[r], start + held)] = 0
+        self.mask[r, start: start + held] = 1
+        self.start[r], self.held[r], self.mhi[r] = start, held, start + held
+
+    def reorder(self, parents: np.ndarray) -> None:
+        """Row i continues the sequence row parents[i] holds (int64 [k]); rows k.. are left as they are.
+        Beam search calls it every step, a generation whose rows finished to pack the live ones into
+        rows 0..k-1. On CPU the cache rows are gathered into a second set of buffers, made once, which
+        then takes the first one's place: no allocation per token."""
+        k = len(parents)
+        self.start[:k], self.held[:k], self.mhi[:k] = self.start[parents], self.held[parents], self.mhi[parents]
+        self.mask[:k] = self.mask[parents]
+        if self.device != "cpu":  # device buffers: gathered through the host, addresses kept
+            for v in self._kv:
+                a = v.numpy()
+                a[:k] = a[parents]
+                v.update_inplace(a)
+            return
+        if self._spare is None:
+            self._spare = self._alloc_kv(prefault=False)
+        for src, dst in zip(self._kv, self._spare):
+            np.take(src, parents, axis=0, out=dst[:k], mode="clip")  # [k, heads, capacity, head_dim]; "clip": unbuffered
+        self._kv, self._spare, self._set = self._spare, self._kv, 1 - self._set
+
+    # ---- the two passes ----------------------------------------------------------------------
+
+    def prefill(self, first: int, rows: list[list[int]]) -> np.ndarray:
+        """Run prompt tokens on rows first .. first + len(rows) - 1, after the tokens each row holds;
+        returns the logits of each row's last token [rows, vocab].
+
+        One row may extend what it holds (a held prefix, a prompt's next chunk). Several rows run in
+        one pass only from empty (held 0): left-padded to the longest, the padding masked out.
+        """
+        k, s = len(rows), self.spec
+        if k == 1:
+            r, row = first, rows[0]
+            lo, h = self.start[r], self.held[r]
+            T = lo + h + len(row)
+            ids = np.array([row], np.int64)  # [1, S]
+            pos = np.arange(h, h + len(row), dtype=np.int64)[None]  # [1, S]
+            mask = np.ones((1, T), np.int64)  # exactly [1, T] for a prompt pass, zeros on the row's padding
+            mask[0, :lo] = 0
+            starts = [lo]
+        else:
+            if self.held[first: first + k].any():
+                raise ValueError("rows run together in one prompt pass must start empty")
+            T = max(map(len, rows))
+            ids = np.full((k, T), s.pad_token_id, np.int64)
+            mask = np.zeros((k, T), np.int64)
+            starts = [T - len(row) for row in rows]
+            for i, row in enumerate(rows):
+                ids[i, starts[i]:] = row
+                mask[i, starts[i]:] = 1
+            pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)  # [k, T]
+        if T > self.capacity:
+            raise Gpt2OnnxError(f"a prompt of {T} positions does not fit the {self.capacity}-position KV cache")
+        n = s.names
+        io = self.session.io_binding()
+        self._bind_kv(io, first, k)
+        io.bind_cpu_input(n.input_ids, ids)
+        io.bind_cpu_input(n.position_ids, pos)
+        io.bind_cpu_input(n.attention_mask, mask)
+        io.bind_cpu_input(n.logits_to_keep, self.keep)
+        io.bind_output(n.logits, "cpu", 0, np.float32, [k, 1, s.vocab_size], self.logits[first:].ctypes.data)
+        self.session.run_with_iobinding(io, self._prompt_ro)
+        for i, row in enumerate(rows):
+            r = first + i
+            self._set_row(r, starts[i], (self.held[r] if k == 1 else 0) + len(row))
+        return self.logits[first: first + k, 0]
+
+    def decode(self, tokens: np.ndarray, live: np.ndarray | None = None) -> np.ndarray:
+        """One step over rows 0 .. n-1: row r feeds tokens[r] (int64 [n]) at its next position; a row
+        where `live` (bool [n]) is False runs as a harmless idle row (its write lands past its tokens
+        and is not kept). Returns logits [n, vocab]."""
+        n = len(tokens)
+        b = self.batch_for(n)
+        self.ids[:n, 0] = tokens
+        if b > n:  # bucket padding rows: idle
+            self.ids[n:b, 0] = self.spec.pad_token_id
+        cols = self._cols[:b]
+        np.add(self.start[:b], self.held[:b], out=cols)
+        self.pos[:b, 0] = self.held[:b]
+        self.mask[self._rows[:b], cols] = 1
+        np.add(cols, 1, out=self.mhi[:b])
+        io, copies, device_logits, ro = self._step_binding(b)
+        for host, ov in copies:  # CUDA: refresh the fixed-address device copies
+            ov.update_inplace(host[:b])
+        self.session.run_with_iobinding(io, ro)
+        if device_logits is not None:
+            self.logits[:b] = device_logits.numpy()
+        if live is None:
+            self.held[:n] += 1
+        else:
+            self.held[:n] += live
+        return self.logits[:n, 0]
+
+    # ---- bindings ----------------------------------------------------------------------------
+
+    def _bind_kv(self, io, first: int, rows: int) -> None:
+        s = self.spec
+        shape = [rows, s.n_head, self.capacity, s.head_dim]
+        for ptr, (past, present) in zip(self._ptrs(self._kv), self.kv_names):
+            at = ptr + first * self.row_bytes
+            io.bind_input(past, self.device, 0, s.kv_dtype, shape, at)
+            io.bind_output(present, self.device, 0, s.kv_dtype, shape, at)
+
+    def _step_binding(self, b: int) -> tuple:
+        """The IO binding of a step over b rows, made once per cache set: on CPU it points at the
+        host arrays; on CUDA at device copies refreshed each step (fixed addresses, as replays need)."""
+        key = (self._set, b)
+        if key in self._steps:
+            return self._steps[key]
+        s, ort, n = self.spec, self.ort, self.spec.names
+        io = self.session.io_binding()
+        self._bind_kv(io, 0, b)
+        io.bind_cpu_input(n.logits_to_keep, self.keep)  # read on the host by the graph, never a device value
+        host = {n.input_ids: self.ids, n.position_ids: self.pos, n.attention_mask: self.mask}
+        copies, device_logits, ro = [], None, None
+        if self.device == "cpu":
+            for name, a in host.items():
+                io.bind_input(name, "cpu", 0, np.int64, [b, a.shape[1]], a.ctypes.data)
+            io.bind_output(n.logits, "cpu", 0, np.float32, [b, 1, s.vocab_size], self.logits.ctypes.data)
+        else:
+            for name, a in host.items():
+                ov = ort.OrtValue.ortvalue_from_shape_and_type([b, a.shape[1]], np.int64, self.device, 0)
+                io.bind_ortvalue_input(name, ov)
+                copies.append((a, ov))
+            device_logits = ort.OrtValue.ortvalue_from_shape_and_type([b, 1, s.vocab_size], np.float32, self.device, 0)
+            io.bind_ortvalue_output(n.logits, device_logits)  # captured graphs write device memory only
+        if self.graph_id is not None:
+            ro = ort.RunOptions()
+            ro.add_run_config_entry("gpu_graph_id", str(self.graph_id()))  # first run captures, later ones replay
+        self._steps[key] = (io, copies, device_logits, ro)
+        return self._steps[key]
