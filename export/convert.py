@@ -139,10 +139,26 @@ def _check_options(opts: ExportOptions) -> None:
         raise Gpt2OnnxError("--kv-dtype needs the fused graph; drop --no-fuse")
     if opts.provider not in ("cpu", "cuda"):
         raise Gpt2OnnxError(f"unknown provider {opts.provider!r}; choose cpu or cuda")
-    if os.path.exists(opts.output) and not opts.force:
-        raise Gpt2OnnxError(f"{opts.output} already exists; pass --force to replace it or choose another -o")
-    if os.path.exists(opts.output) and not os.path.isdir(opts.output):
-        raise Gpt2OnnxError(f"{opts.output} is a file; choose a directory path for -o")
+    _check_output(opts.output, opts.force)
+
+
+def _check_output(output: str, force: bool) -> None:
+    """Refuse an output location the artifact cannot be written to, before any work: an existing
+    file or directory (without `force`), a path under a regular file, or a parent that cannot be
+    written (the artifact is built in a temporary directory beside `output`, then renamed)."""
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise Gpt2OnnxError(f"{output} is a file; choose a directory path for -o")
+    if os.path.exists(output) and not force:
+        raise Gpt2OnnxError(f"{output} already exists; pass --force to replace it or choose another -o")
+    parent = os.path.dirname(os.path.abspath(output))
+    while not os.path.lexists(parent):  # the nearest existing ancestor: export creates the rest
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise Gpt2OnnxError(f"cannot create {output}: {parent} is a file, not a directory; choose another -o")
+    try:  # os.access alone says yes to root on a read-only filesystem
+        tempfile.TemporaryDirectory(prefix=".gpt2onnx-probe-", dir=parent).cleanup()
+    except OSError as e:
+        raise Gpt2OnnxError(f"cannot create {output}: {parent} is not writable ({e.strerror}); choose another -o") from None
 
 
 def _parity_prompts(ids: list[int], cfg) -> list[list[int]]:

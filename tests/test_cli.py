@@ -72,6 +72,29 @@ def test_export_refuses_existing_dir_then_force(tmp_path, tiny_artifact):
     assert not [p for p in os.listdir(tmp_path) if p != "art"]  # no temp dirs left behind
 
 
+@pytest.mark.parametrize("where, needles", [
+    ("{file}/x", ["{file} is a file, not a directory"]),
+    ("{file}/x/y", ["{file} is a file, not a directory"]),
+    ("{file}", ["{file} is a file", "directory path for -o"]),
+    ("/proc/self/gpt2onnx-x", ["/proc/self is not writable"]),  # procfs: refused even to root
+])
+def test_export_refuses_bad_output_location_first(tmp_path, monkeypatch, where, needles):
+    """Checked before the checkpoint is loaded: one line, nothing built, nothing written."""
+    from gpt2onnx.export import checkpoints
+    from gpt2onnx.export.convert import ExportOptions, export
+    from gpt2onnx.runtime.errors import Gpt2OnnxError
+
+    (tmp_path / "file").write_text("x")
+    fill = lambda s: s.format(file=tmp_path / "file")  # noqa: E731
+    monkeypatch.setattr(checkpoints, "load", lambda *a, **k: pytest.fail("the checkpoint was loaded before the output was checked"))
+    with pytest.raises(Gpt2OnnxError) as e:
+        export(ExportOptions("synthetic:tiny", fill(where), force=True))
+    for n in needles:
+        assert fill(n) in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "x"
+    assert_one_line_error(run_cli("export", "synthetic:tiny", "-o", fill(where)), *map(fill, needles))
+
+
 @pytest.fixture()
 def damaged(tmp_path, tiny_artifact):
     def make(kind: str) -> str:
