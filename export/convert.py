@@ -13,9 +13,11 @@ from dataclasses import asdict, dataclass, field
 
 from gpt2onnx.runtime.artifact import FORMAT_VERSION, MANIFEST_NAME, PRECISIONS, sha256
 from gpt2onnx.runtime.errors import Gpt2OnnxError
+from gpt2onnx.runtime.session import PROVIDERS
 
 from . import checkpoints, graph, parity, quantize
 
+KV_DTYPES = ("float32", "float16", "int8")  # ExportOptions.kv_dtype: the KV cache's dtype in the graph
 ALIGN = 4096  # external weights start on page boundaries (mmap); see _save_onnx
 
 
@@ -131,14 +133,14 @@ def _check_options(opts: ExportOptions) -> None:
     if opts.precision == "int8" and opts.provider == "cuda":
         raise Gpt2OnnxError("int8 artifacts run on the cpu provider only (onnxruntime has no CUDA DynamicQuantizeMatMul); "
                             "use --precision int4 or fp16 for cuda")
-    if opts.kv_dtype not in (None, "float32", "float16", "int8"):
-        raise Gpt2OnnxError(f"unknown KV cache dtype {opts.kv_dtype!r}; choose float32, float16 or int8")
+    if opts.kv_dtype not in (None, *KV_DTYPES):
+        raise Gpt2OnnxError(f"unknown KV cache dtype {opts.kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
     if opts.kv_dtype == "int8" and opts.precision == "fp16":
         raise Gpt2OnnxError("an int8 KV cache is for the CPU precisions; use --kv-dtype float16 or drop it for fp16")
     if not opts.fuse and opts.kv_dtype not in (None, _activation_dtype(opts.precision)):
         raise Gpt2OnnxError("--kv-dtype needs the fused graph; drop --no-fuse")
-    if opts.provider not in ("cpu", "cuda"):
-        raise Gpt2OnnxError(f"unknown provider {opts.provider!r}; choose cpu or cuda")
+    if opts.provider not in PROVIDERS:
+        raise Gpt2OnnxError(f"unknown provider {opts.provider!r}; choose one of {', '.join(PROVIDERS)}")
     _check_output(opts.output, opts.force)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -128,7 +129,7 @@ def test_damaged_artifact(damaged, kind, needle):
 
 @pytest.mark.parametrize("args, needles", [
     (["generate", "/nonexistent/art", "hi"], ["does not exist"]),
-    (["generate", "{art}", "hi", "--provider", "tpu"], ["unknown provider"]),
+    (["generate", "{art}", "hi", "--provider", "tpu"], ["--provider: invalid choice: 'tpu'", "'auto', 'cpu', 'cuda'"]),
     (["generate", "{art}", "hi", "--provider", "cuda"], ["cuda is not available", "CPUExecutionProvider"]),
     (["generate", "{art}", ""], ["prompt is empty"]),
     (["generate", "{art}", "word " * 300], ["longer than the 128-position context", "--truncate"]),
@@ -139,13 +140,40 @@ def test_damaged_artifact(damaged, kind, needle):
     (["generate", "{art}"], ["either prompt text or --ids"]),
     (["info", "/nonexistent/art"], ["does not exist"]),
     (["export", "synthetic:huge", "-o", "/tmp/never"], ["unknown synthetic model"]),
-    (["export", "synthetic:tiny", "-o", "/tmp/never", "--precision", "fp8"], ["unknown precision"]),
+    (["export", "synthetic:tiny", "-o", "/tmp/never", "--precision", "fp8"], ["invalid choice: 'fp8'", "'int4'", "gpt2onnx export --help"]),
+    (["export", "synthetic:tiny", "-o", "/tmp/never", "--kv-dtype", "bf16"], ["invalid choice: 'bf16'", "'float16'"]),
+    (["export", "synthetic:tiny", "-o", "/tmp/never", "--provider", "auto"], ["invalid choice: 'auto'", "'cpu', 'cuda'"]),
+    (["export", "synthetic:tiny"], ["required: -o/--output"]),
     (["export", "/nonexistent/checkpoint-dir-xyz", "-o", "/tmp/never"], ["cannot load checkpoint"]),
 ])
 def test_bad_input(tiny_artifact, args, needles):
     r = run_cli(*[a.replace("{art}", tiny_artifact) for a in args])
     assert_one_line_error(r, *needles)
     assert not os.path.exists("/tmp/never")
+
+
+def test_defaults_and_choices_come_from_the_option_objects():
+    """One source of defaults: what the CLI passes when a flag is not given is the option object's own."""
+    from gpt2onnx import cli
+    from gpt2onnx.export.convert import KV_DTYPES, ExportOptions
+    from gpt2onnx.runtime.artifact import PRECISIONS
+    from gpt2onnx.runtime.sampling import GenerationConfig
+    from gpt2onnx.runtime.session import PROVIDERS, SessionConfig
+
+    parser = cli.build_parser()
+    a, d = parser.parse_args(["export", "m", "-o", "x"]), ExportOptions("m", "x")
+    assert (a.precision, a.target_provider, a.seed, a.kv_dtype, a.no_fuse) == (d.precision, d.provider, d.seed, d.kv_dtype, not d.fuse)
+    for cmd in ("generate", "chat"):
+        a, d = parser.parse_args([cmd, "art"]), SessionConfig()
+        assert (a.provider, a.threads) == (d.provider, d.threads)
+        assert cli._generation_config(a) == GenerationConfig()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    choices = lambda cmd, flag: list(next(a for a in subs[cmd]._actions if flag in a.option_strings).choices)  # noqa: E731
+    assert choices("export", "--precision") == list(PRECISIONS) and choices("export", "--kv-dtype") == list(KV_DTYPES)
+    assert choices("export", "--provider") == list(PROVIDERS)
+    assert choices("generate", "--provider") == choices("chat", "--provider") == [SessionConfig().provider, *PROVIDERS]
+    for p in PRECISIONS:
+        assert parser.parse_args(["export", "m", "-o", "x", "--precision", p]).precision == p
 
 
 def test_truncate_flag(tiny_artifact):
