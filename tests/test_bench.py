@@ -18,8 +18,7 @@ from gpt2onnx.benchmarks import anchors, harness, systems
 from gpt2onnx.export import checkpoints
 from gpt2onnx.export.convert import ExportOptions, export
 
-from .conftest import QUIET, run_cli
-from .test_cli import assert_one_line_error
+from .conftest import QUIET, assert_one_line_error, run_cli
 
 SMALL = dict(batch=[1, 2], prompt_len=[8, 16], new_tokens=4, repeats=2, context=[16, 64, 126], context_new_tokens=4,
              chat_turns=3, chat_user_len=6, chat_reply_len=4, concurrent_clients=[])

@@ -10,8 +10,7 @@ from gpt2onnx.export.convert import ExportOptions, export
 from gpt2onnx.runtime import Engine, Gpt2OnnxError
 from gpt2onnx.runtime.state import DecodeState
 
-from .conftest import QUIET
-from .test_parity import PROMPTS
+from .conftest import PROMPTS, QUIET
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from gpt2onnx.runtime import Engine, Gpt2OnnxError, PromptCache
 from gpt2onnx.runtime import session as session_mod
 from gpt2onnx.runtime.state import DecodeState
 
-from .test_parity import PROMPTS
+from .conftest import PROMPTS
 
 
 def test_kv_cache_allocated_once_and_written_in_place(engine):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -163,7 +164,11 @@ def test_scripted_chat_prints_turns_and_timings(chat_tiny_artifact):
     assert lines[0] == "> Hello" and "> What is your name?" in lines and len(lines) == 4
     assert r.stderr.count("timing:") == 2 and "synthetic" not in r.stderr
     # the second turn ran only its own tokens: the first turn's are reused from the cache
-    assert "(0 reused" not in r.stderr.splitlines()[-1]
+    reused = [int(n) for n in re.findall(r"\((\d+) reused from the cache\)", r.stderr)]
+    engine = Engine.load(chat_tiny_artifact, provider="cpu")
+    chat = engine.chat(max_new_tokens=8)
+    assert lines[1::2] == [chat.send("Hello"), chat.send("What is your name?")]
+    assert reused == [0, engine.stats.cached_tokens] and reused[1] >= 2  # at least "Hello" + EOS
 
 
 def record_golden(prompts=("Hello", "How are you?", "Tell me a joke.", "What is AI?", "Do you like music?"),
