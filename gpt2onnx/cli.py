@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="export a checkpoint to an artifact directory")
-    p.add_argument("model", help="synthetic:dialogpt-small|medium|large|tiny, trained:chat|chat-tiny (trained here once), "
+    p.add_argument("model", help="synthetic:dialogpt-small|medium|large|tiny, trained:chat (trained here once), trained:chat-tiny (shipped), "
                                   "a checkpoint directory, or a hub id")
     p.add_argument("-o", "--output", required=True, help="artifact directory to create")
     precision, provider, seed = (_default(ExportOptions, n) for n in ("precision", "provider", "seed"))

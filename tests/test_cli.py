@@ -14,7 +14,7 @@ import pytest
 from .conftest import assert_one_line_error, run_cli
 
 
-@pytest.mark.parametrize("cmd", ["export", "generate", "chat", "info", "bench"])
+@pytest.mark.parametrize("cmd", ["export", "generate", "chat", "info", "serve", "bench"])
 def test_help(cmd):
     r = run_cli(cmd, "--help")
     assert r.returncode == 0 and "usage: gpt2onnx " + cmd in r.stdout
