@@ -240,6 +240,25 @@ def test_malformed_entries_are_refused(art, meta):
     refused(art, "malformed entry for tokenizer.json", verify="size")
 
 
+@pytest.mark.parametrize("tamper, needles", [
+    (lambda m: {**m, "format_version": m["format_version"] - 1}, ["format version", "re-export"]),
+    (lambda m: {k: v for k, v in m.items() if k != "io"}, ["lacks io", "re-export"]),
+    (lambda m: {**m, "config": {k: v for k, v in m["config"].items() if k != "n_positions"}}, ["config lacks n_positions", "re-export"]),
+    (lambda m: {**m, "precision": "fp8"}, ["unknown precision 'fp8'", "re-export"]),
+    (lambda m: [m], ["is not a JSON object", "re-export"]),
+], ids=["format_version", "io", "config", "precision", "not-an-object"])
+def test_manifest_fields_are_checked(art, tamper, needles):
+    """Each field the runtime relies on, wrong alone (nothing else in the copy is touched)."""
+    write_manifest(art, tamper(read_manifest(art)))
+    refused(art, *needles, verify="size")
+    assert_one_line_error(run_cli("info", str(art)), *needles)
+
+
+def test_missing_artifact_directory_and_manifest(tmp_path):
+    refused(tmp_path / "none", "does not exist", "gpt2onnx export")
+    refused(tmp_path, "has no gpt2onnx.json", "not a gpt2onnx artifact")
+
+
 def test_files_must_be_an_object(art):
     m = read_manifest(art)
     m["files"] = list(m["files"])
