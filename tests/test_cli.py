@@ -136,6 +136,9 @@ def test_damaged_artifact(damaged, kind, needle):
     (["export", "synthetic:tiny", "-o", "/tmp/never", "--kv-dtype", "bf16"], ["invalid choice: 'bf16'", "'float16'"]),
     (["export", "synthetic:tiny", "-o", "/tmp/never", "--provider", "auto"], ["invalid choice: 'auto'", "'cpu', 'cuda'"]),
     (["export", "synthetic:tiny"], ["required: -o/--output"]),
+    (["export", "synthetic:tiny", "-o", "/tmp/never", "--precision", "int8", "--provider", "cuda"], ["int8 artifacts run on the cpu provider only"]),
+    (["export", "synthetic:tiny", "-o", "/tmp/never", "--precision", "fp16", "--kv-dtype", "int8"], ["int8 KV cache is for the CPU precisions"]),
+    (["export", "synthetic:tiny", "-o", "/tmp/never", "--no-fuse", "--kv-dtype", "int8"], ["--kv-dtype needs the fused graph"]),
     (["export", "/nonexistent/checkpoint-dir-xyz", "-o", "/tmp/never"], ["cannot load checkpoint"]),
 ])
 def test_bad_input(tiny_artifact, args, needles):
