@@ -88,6 +88,19 @@ def test_export_refuses_bad_output_location_first(tmp_path, monkeypatch, where, 
     assert_one_line_error(run_cli("export", "synthetic:tiny", "-o", fill(where)), *map(fill, needles))
 
 
+def test_make_clean_removes_only_untracked_build_outputs():
+    """`make clean` once deleted the committed reports/: every path it removes must be untracked."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(["make", "-n", "-C", root, "clean"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    removed = [w for ln in r.stdout.splitlines() if ln.startswith("rm ") for w in ln.split()[1:] if not w.startswith("-")]
+    assert "artifacts" in removed and "reports" not in removed
+    tracked = subprocess.run(["git", "-C", root, "ls-files", "--", *removed], capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout: cannot tell tracked files from build outputs")
+    assert tracked.stdout == "", tracked.stdout
+
+
 @pytest.fixture()
 def damaged(tmp_path, tiny_artifact):
     def make(kind: str) -> str:
