@@ -59,9 +59,9 @@ def test_export_refuses_existing_dir_then_force(tmp_path, tiny_artifact):
     (out / "keep.txt").write_text("x")
     assert_one_line_error(run_cli("export", "synthetic:tiny", "-o", str(out)), "already exists", "--force")
     assert (out / "keep.txt").exists()
-    r = run_cli("export", "synthetic:tiny", "-o", str(out), "--force")
+    r = run_cli("export", "synthetic:tiny", "-o", str(out), "--force", "--seed", "3")
     assert r.returncode == 0, r.stderr
-    assert not (out / "keep.txt").exists() and (out / "gpt2onnx.json").exists()
+    assert not (out / "keep.txt").exists() and json.loads((out / "gpt2onnx.json").read_text())["source"]["seed"] == 3
     assert not [p for p in os.listdir(tmp_path) if p != "art"]  # no temp dirs left behind
 
 
@@ -136,6 +136,7 @@ def test_damaged_artifact(damaged, kind, needle):
     (["generate", "/nonexistent/art", "hi"], ["does not exist"]),
     (["generate", "{art}", "hi", "--provider", "tpu"], ["--provider: invalid choice: 'tpu'", "'auto', 'cpu', 'cuda'"]),
     (["generate", "{art}", "hi", "--provider", "cuda"], ["cuda is not available", "CPUExecutionProvider"]),
+    (["generate", "{art}", "hi", "--threads", "0"], ["threads must be an integer from 1"]),  # --threads reaches the engine
     (["generate", "{art}", ""], ["prompt is empty"]),
     (["generate", "{art}", "word " * 300], ["longer than the 128-position context", "--truncate"]),
     (["generate", "{art}", "hello there my friend", "--max-new-tokens", "127"], ["runs past the 128-position context"]),
