@@ -58,7 +58,8 @@ def test_checkpoint_is_an_ordinary_gpt2_directory(chat_tiny):
     assert chat_tiny.tokenizer.token_to_id("<|endoftext|>") == checkpoints.EOS_ID
     assert chat_tiny.tokenizer.get_vocab_size() == checkpoints.VOCAB_SIZE
     record = json.load(open(os.path.join(path, "training.json")))
-    assert record["settings"] == dataclasses.asdict(train.PRESETS["chat-tiny"])
+    assert record["settings"] == dataclasses.asdict(train.PRESETS["chat-tiny"]), \
+        "the chat-tiny preset changed since its weights shipped: python -m gpt2onnx.export.train chat-tiny --ship"
     # far below the 50257 of a model that learned nothing (tiny: ~1260; trained:chat: README)
     assert record["heldout_perplexity"] < checkpoints.VOCAB_SIZE / 20 and record["heldout_perplexity_by_epoch"][-1] == pytest.approx(
         record["heldout_perplexity"], rel=1e-3)
