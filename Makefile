@@ -102,5 +102,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Only what the build made: exported artifacts, the trained-model cache, pytest's cache. The committed reports/
+# stay (make bench rewrites them in place), and so does build/llamacpp (~10 minutes of compiling on 2 cores).
 clean:
-	rm -rf artifacts reports .pytest_cache
+	rm -rf artifacts .pytest_cache

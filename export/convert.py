@@ -13,9 +13,11 @@ from dataclasses import asdict, dataclass, field
 
 from gpt2onnx.runtime.artifact import FORMAT_VERSION, MANIFEST_NAME, PRECISIONS, sha256
 from gpt2onnx.runtime.errors import Gpt2OnnxError
+from gpt2onnx.runtime.session import PROVIDERS
 
 from . import checkpoints, graph, parity, quantize
 
+KV_DTYPES = ("float32", "float16", "int8")  # ExportOptions.kv_dtype: the KV cache's dtype in the graph
 ALIGN = 4096  # external weights start on page boundaries (mmap); see _save_onnx
 
 
@@ -135,18 +137,34 @@ def _check_options(opts: ExportOptions) -> None:
     if opts.precision == "int8" and opts.provider == "cuda":
         raise Gpt2OnnxError("int8 artifacts run on the cpu provider only (onnxruntime has no CUDA DynamicQuantizeMatMul); "
                             "use --precision int4 or fp16 for cuda")
-    if opts.kv_dtype not in (None, "float32", "float16", "int8"):
-        raise Gpt2OnnxError(f"unknown KV cache dtype {opts.kv_dtype!r}; choose float32, float16 or int8")
+    if opts.kv_dtype not in (None, *KV_DTYPES):
+        raise Gpt2OnnxError(f"unknown KV cache dtype {opts.kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
     if opts.kv_dtype == "int8" and opts.precision == "fp16":
         raise Gpt2OnnxError("an int8 KV cache is for the CPU precisions; use --kv-dtype float16 or drop it for fp16")
     if not opts.fuse and opts.kv_dtype not in (None, _activation_dtype(opts.precision)):
         raise Gpt2OnnxError("--kv-dtype needs the fused graph; drop --no-fuse")
-    if opts.provider not in ("cpu", "cuda"):
-        raise Gpt2OnnxError(f"unknown provider {opts.provider!r}; choose cpu or cuda")
-    if os.path.exists(opts.output) and not opts.force:
-        raise Gpt2OnnxError(f"{opts.output} already exists; pass --force to replace it or choose another -o")
-    if os.path.exists(opts.output) and not os.path.isdir(opts.output):
-        raise Gpt2OnnxError(f"{opts.output} is a file; choose a directory path for -o")
+    if opts.provider not in PROVIDERS:
+        raise Gpt2OnnxError(f"unknown provider {opts.provider!r}; choose one of {', '.join(PROVIDERS)}")
+    _check_output(opts.output, opts.force)
+
+
+def _check_output(output: str, force: bool) -> None:
+    """Refuse an output location the artifact cannot be written to, before any work: an existing
+    file or directory (without `force`), a path under a regular file, or a parent that cannot be
+    written (the artifact is built in a temporary directory beside `output`, then renamed)."""
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise Gpt2OnnxError(f"{output} is a file; choose a directory path for -o")
+    if os.path.exists(output) and not force:
+        raise Gpt2OnnxError(f"{output} already exists; pass --force to replace it or choose another -o")
+    parent = os.path.dirname(os.path.abspath(output))
+    while not os.path.lexists(parent):  # the nearest existing ancestor: export creates the rest
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise Gpt2OnnxError(f"cannot create {output}: {parent} is a file, not a directory; choose another -o")
+    try:  # os.access alone says yes to root on a read-only filesystem
+        tempfile.TemporaryDirectory(prefix=".gpt2onnx-probe-", dir=parent).cleanup()
+    except OSError as e:
+        raise Gpt2OnnxError(f"cannot create {output}: {parent} is not writable ({e.strerror}); choose another -o") from None
 
 
 def _parity_prompts(ids: list[int], cfg) -> list[list[int]]:

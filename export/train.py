@@ -6,13 +6,18 @@ GPT-2 (a causal LM over conversations, each turn followed by `<|endoftext|>`, GP
 conventions with 50257 ids, tied embeddings) on the English conversations of the `chatterbot-corpus`
 package plus the shipped `data/sample.txt`, with a held-out split kept out of training.
 
-It is trained once and cached, not shipped: the weights are ~60 MB (the 50257 x width embedding is
-most of them), too big for the repository, while training costs a few minutes on a 2-core CPU and is
-seeded. The cache directory is keyed by a hash of the settings, the training data and this module's
-`TRAIN_VERSION`, so a change to any of them trains a new model instead of reusing a stale one.
+`trained:chat` is trained once and cached, not shipped: its weights are 28 MB (the 50257 x width
+embedding is most of them), too big for the repository, while training costs a few minutes on a
+2-core CPU and is seeded. The cache directory is keyed by a hash of the settings, the training data
+and this module's `TRAIN_VERSION`, so a change to any of them trains a new model instead of reusing
+a stale one. Training repeats bit for bit on one machine, not across CPUs (float reductions round
+by instruction set), so the test model `trained:chat-tiny` ships instead (`SHIPPED`, in data/chat-tiny/:
+fp16 weights, 6.7 MB): every machine tests the same weights, and its golden replies hold everywhere.
 
-    python -m gpt2onnx.export.train chat            # train (or find) it; prints the directory
-    gpt2onnx export trained:chat -o artifacts/chat  # the same export path as any checkpoint
+    python -m gpt2onnx.export.train chat              # train (or find) it; prints the directory
+    gpt2onnx export trained:chat -o artifacts/chat    # the same export path as any checkpoint
+    python -m gpt2onnx.export.train chat-tiny --ship  # retrain the shipped one and replace it (then
+                                                      # re-record the goldens: python -m tests.test_trained)
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from importlib import resources
 
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 
@@ -60,6 +66,12 @@ PRESETS = {
     # for tests: the same data and code path in well under a minute
     "chat-tiny": TrainConfig(n_layer=2, n_embd=64, n_head=2, epochs=4, batch=32, lr=3e-3),
 }
+
+
+# Presets whose weights ship in the package (data/NAME/), unpacked into the cache on first use.
+SHIPPED = ("chat-tiny",)
+SHIPPED_FILES = ("config.json", "generation_config.json", "special_tokens_map.json", "tokenizer_config.json",
+                 "model.safetensors", "heldout.json")  # + tokenizer.json.xz, and training.json (written last)
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -260,14 +272,25 @@ def _save(model, tok, out: str, record: dict, held: list[list[str]]) -> None:
 # --- the cache ----------------------------------------------------------------------------------
 
 def cached(name: str, cache_dir: str = DEFAULT_CACHE, log: Callable[[str], None] = print) -> str:
-    """The checkpoint directory of preset `name`, trained first if the cache lacks it.
+    """The checkpoint directory of preset `name`: the shipped weights unpacked (`SHIPPED`), else
+    trained first if the cache lacks it.
 
     Raises:
-        Gpt2OnnxError: an unknown preset, or chatterbot-corpus missing.
+        Gpt2OnnxError: an unknown preset, or chatterbot-corpus missing (training only).
     """
+    _preset(name)
+    return _unpack_shipped(name, cache_dir) if name in SHIPPED else trained(name, cache_dir, log)
+
+
+def _preset(name: str) -> TrainConfig:
     if name not in PRESETS:
         raise Gpt2OnnxError(f"unknown trained model {name!r}; choose one of: " + ", ".join(f"trained:{n}" for n in PRESETS))
-    cfg = PRESETS[name]
+    return PRESETS[name]
+
+
+def trained(name: str, cache_dir: str = DEFAULT_CACHE, log: Callable[[str], None] = print) -> str:
+    """The checkpoint directory of preset `name` trained on this machine (trained first if the cache lacks it)."""
+    cfg = _preset(name)
     path = os.path.abspath(os.path.join(cache_dir, f"{name}-{data_key(cfg)}"))
     if os.path.isfile(os.path.join(path, "training.json")):
         return path
@@ -277,14 +300,100 @@ def cached(name: str, cache_dir: str = DEFAULT_CACHE, log: Callable[[str], None]
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=os.path.dirname(path))
     try:
         train(cfg, tmp, log)
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another process finished the same training first: keep its copy
-            if not os.path.isfile(os.path.join(path, "training.json")):
-                raise
+        _publish(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _publish(tmp: str, path: str) -> None:
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process finished the same directory first: keep its copy
+        if not os.path.isfile(os.path.join(path, "training.json")):
+            raise
+
+
+# --- the shipped reference weights --------------------------------------------------------------
+
+def _shipped(name: str):
+    return resources.files("gpt2onnx.export").joinpath("data", name)
+
+
+def _unpack_shipped(name: str, cache_dir: str) -> str:
+    """The shipped checkpoint as an ordinary Hugging Face directory in the cache (its tokenizer.json is
+    shipped xz-compressed: 3.2 MB -> 0.1 MB), named by the shipped weights' hash."""
+    import lzma
+
+    src = _shipped(name)
+    weights = src.joinpath("model.safetensors").read_bytes()
+    path = os.path.abspath(os.path.join(cache_dir, f"{name}-shipped-{hashlib.sha256(weights).hexdigest()[:16]}"))
+    if os.path.isfile(os.path.join(path, "training.json")):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=os.path.dirname(path))
+    try:
+        for f in SHIPPED_FILES:
+            with open(os.path.join(tmp, f), "wb") as out:
+                out.write(weights if f == "model.safetensors" else src.joinpath(f).read_bytes())
+        with open(os.path.join(tmp, "tokenizer.json"), "wb") as out:
+            out.write(lzma.decompress(src.joinpath("tokenizer.json.xz").read_bytes()))
+        with open(os.path.join(tmp, "training.json"), "wb") as out:  # written last: marks it complete
+            out.write(src.joinpath("training.json").read_bytes())
+        _publish(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def ship(name: str, cache_dir: str = DEFAULT_CACHE, log: Callable[[str], None] = print) -> str:
+    """Train preset `name` here (or take it from the cache) and replace its shipped copy: weights in
+    fp16 (the shipped weights are the reference: loaded back they are exact in fp32), tokenizer.json
+    xz-compressed, training.json with the held-out perplexity of the fp16 weights beside the trained
+    ones. Returns the package directory written. The golden replies then need re-recording."""
+    import lzma
+
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+    from tokenizers import Tokenizer
+
+    from .checkpoints import EOS_ID
+
+    src = trained(name, cache_dir, log)
+    dst = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", name)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=os.path.dirname(dst))
+    try:
+        for f in SHIPPED_FILES:
+            if f == "model.safetensors":
+                half = {k: v.to(torch.float16).contiguous() for k, v in load_file(os.path.join(src, f)).items()}
+                save_file(half, os.path.join(tmp, f), metadata={"format": "pt"})
+            elif f == "config.json":
+                with open(os.path.join(src, f), encoding="utf-8") as fi:
+                    config = json.load(fi)
+                with open(os.path.join(tmp, f), "w", encoding="utf-8") as fo:
+                    json.dump({**config, "dtype": "float16"}, fo, indent=2)
+            else:
+                shutil.copyfile(os.path.join(src, f), os.path.join(tmp, f))
+        with open(os.path.join(src, "tokenizer.json"), "rb") as fi, open(os.path.join(tmp, "tokenizer.json.xz"), "wb") as fo:
+            fo.write(lzma.compress(fi.read(), preset=9 | lzma.PRESET_EXTREME))
+        with open(os.path.join(src, "training.json"), encoding="utf-8") as f:
+            record = json.load(f)
+        model = transformers.GPT2LMHeadModel.from_pretrained(tmp, torch_dtype=torch.float32).eval()
+        tok = Tokenizer.from_file(os.path.join(src, "tokenizer.json"))
+        n = record["settings"]["n_positions"]
+        rows = [encode_conversation(tok, c, EOS_ID)[:n] for c in heldout(src)]
+        record["shipped"] = {"dtype": "float16", "heldout_perplexity": perplexity(model, rows)}
+        with open(os.path.join(tmp, "training.json"), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+        shutil.rmtree(dst, ignore_errors=True)
+        os.rename(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(os.path.getsize(os.path.join(dst, f)) for f in os.listdir(dst))
+    log(f"shipped {name} in {dst} ({size / 1e6:.1f} MB); held-out perplexity {record['heldout_perplexity']:.1f} trained, "
+        f"{record['shipped']['heldout_perplexity']:.1f} in fp16; re-record the golden replies: python -m tests.test_trained")
+    return dst
 
 
 def heldout(path: str) -> list[list[str]]:
@@ -299,8 +408,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m gpt2onnx.export.train", description="Train (or find cached) a reference chat model.")
     p.add_argument("name", choices=sorted(PRESETS), help="preset")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"where trained models are kept (default {DEFAULT_CACHE})")
+    p.add_argument("--ship", action="store_true", help="train here and replace the shipped weights of a preset in SHIPPED")
     args = p.parse_args(argv)
-    print(cached(args.name, args.cache_dir, log=lambda m: print(m, flush=True)))
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    if args.ship and args.name not in SHIPPED:
+        p.error(f"only {', '.join(SHIPPED)} ship with the package")
+    print(ship(args.name, args.cache_dir, log) if args.ship else cached(args.name, args.cache_dir, log))
 
 
 if __name__ == "__main__":

@@ -8,11 +8,26 @@ import json
 import sys
 from dataclasses import fields
 
-from gpt2onnx.export.quantize import INT8_METHODS  # no heavy imports: the choices only
+from gpt2onnx.export.convert import KV_DTYPES, ExportOptions  # no heavy imports: choices and defaults only
+from gpt2onnx.export.quantize import INT8_METHODS
+from gpt2onnx.runtime.artifact import PRECISIONS
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 from gpt2onnx.runtime.sampling import GenerationConfig
+from gpt2onnx.runtime.session import PROVIDERS, SessionConfig
 
 SYNTHETIC_NOTE = "note: synthetic weights; speed is real, the text is noise"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown choice, a missing value) in the CLI's one-line form."""
+
+    def error(self, message: str):
+        self.exit(2, f"gpt2onnx: error: {message}; see `{self.prog} --help`\n")
+
+
+def _default(cls, name: str):
+    """The default of dataclass field `name` (for option objects with required fields)."""
+    return next(f.default for f in fields(cls) if f.name == name)
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -45,8 +60,9 @@ def _early_stopping(text: str) -> bool | str:
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--provider", default="auto", choices=None, help="auto | cpu | cuda (default auto)")
-    p.add_argument("--threads", type=int, help="intra-op threads (default one per core)")
+    d = SessionConfig()
+    p.add_argument("--provider", default=d.provider, choices=("auto", *PROVIDERS), help=f"execution provider (default {d.provider})")
+    p.add_argument("--threads", type=int, default=d.threads, help="intra-op threads (default one per core)")
 
 
 def _generation_config(args) -> GenerationConfig:
@@ -216,14 +232,21 @@ def cmd_serve(args) -> None:
     try:
         import ray.serve  # noqa: F401 - only to name the missing extra before any work
 
-        from gpt2onnx.serve.ray_app import run
+        from gpt2onnx.serve.ray_app import application, run
         from gpt2onnx.serve.server import check
     except ImportError as e:
         raise Gpt2OnnxError(f"scale-out needs {e.name}; install it with `pip install gpt2onnx[ray]`") from None
     check(cfg)
-    if args.replicas < 1:
-        raise Gpt2OnnxError(f"--replicas must be at least 1, got {args.replicas}")
-    run(args.artifacts, cfg, args.replicas)
+    replicas = _default_arg(application, "replicas") if args.replicas is None else args.replicas
+    if replicas < 1:
+        raise Gpt2OnnxError(f"--replicas must be at least 1, got {replicas}")
+    run(args.artifacts, cfg, replicas)
+
+
+def _default_arg(func, name: str):
+    import inspect
+
+    return inspect.signature(func).parameters[name].default
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -243,7 +266,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, help=f"requests waiting beyond the batch before 429 (default {sd.max_queue})")
     p.add_argument("--prefill-chunk", type=int, help=f"prompt tokens per decode step while others decode (default {sd.prefill_chunk})")
     p.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas (pip install gpt2onnx[ray])")
-    p.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas with --ray (default 2)")
+    p.add_argument("--replicas", type=int, help="Ray Serve replicas with --ray (default: serve.ray_app.application's)")
 
 
 def _serve_defaults() -> dict:
@@ -260,20 +283,23 @@ def _serve_defaults() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt2onnx", description="Export, run and measure GPT-2-family models on ONNX Runtime.")
+    parser = _Parser(prog="gpt2onnx", description="Export, run and measure GPT-2-family models on ONNX Runtime.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="export a checkpoint to an artifact directory")
-    p.add_argument("model", help="synthetic:dialogpt-small|medium|large|tiny, trained:chat|chat-tiny (trained here once), "
+    p.add_argument("model", help="synthetic:dialogpt-small|medium|large|tiny, trained:chat (trained here once), trained:chat-tiny (shipped), "
                                   "a checkpoint directory, or a hub id")
     p.add_argument("-o", "--output", required=True, help="artifact directory to create")
-    p.add_argument("--precision", default="fp32", help="fp32 | fp16 | int8 | int4 (default fp32)")
-    p.add_argument("--provider", dest="target_provider", default="cpu", help="provider the artifact is built for: cpu | cuda")
+    precision, provider, seed = (_default(ExportOptions, n) for n in ("precision", "provider", "seed"))
+    p.add_argument("--precision", default=precision, choices=PRECISIONS, help=f"weights and activations (default {precision})")
+    p.add_argument("--provider", dest="target_provider", default=provider, choices=tuple(PROVIDERS),
+                   help=f"provider the artifact is built for (default {provider})")
     p.add_argument("--no-fuse", action="store_true", help="plain ONNX operators instead of onnxruntime's fused ones")
-    p.add_argument("--seed", type=int, default=0, help="weights seed of synthetic checkpoints (default 0)")
+    p.add_argument("--seed", type=int, default=seed, help=f"weights seed of synthetic checkpoints (default {seed})")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.add_argument("--kv-dtype", help="KV cache dtype float32 | float16 | int8 (default: the activations')")
+    p.add_argument("--kv-dtype", default=_default(ExportOptions, "kv_dtype"), choices=KV_DTYPES,
+                   help="KV cache dtype (default int8 for int8 and int4 on cpu, else the activations')")
     q = p.add_argument_group("quantization (defaults chosen by measurement, see export/quantize.py)")
     q.add_argument("--int8-method", choices=INT8_METHODS,
                    help="int8: dynamic (DynamicQuantizeMatMul, fastest; default) or nbits (8-bit MatMulNBits: "

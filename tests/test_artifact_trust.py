@@ -17,7 +17,7 @@ import pytest
 from gpt2onnx.runtime import Gpt2OnnxError
 from gpt2onnx.runtime.artifact import MANIFEST_NAME, load_manifest
 
-from .conftest import QUIET, run_cli
+from .conftest import QUIET, assert_one_line_error, run_cli
 
 
 @pytest.fixture()
@@ -167,7 +167,7 @@ def _externalize(art, location: str) -> None:
     list_file(art, "model.onnx")
 
 
-def test_external_data_referenced_by_the_model_must_be_listed(art):
+def test_external_data_referenced_by_the_model_must_be_listed(art, engine):
     _externalize(art, "weights.bin")
     assert (art / "weights.bin").stat().st_size > 0
     # not *.data and not model.onnx*: only reading model.onnx finds it
@@ -176,7 +176,7 @@ def test_external_data_referenced_by_the_model_must_be_listed(art):
     load_manifest(str(art))
     from gpt2onnx.runtime import Engine  # and the listed artifact runs
 
-    assert Engine.load(str(art), provider="cpu").generate([[1, 2, 3]], max_new_tokens=2)
+    assert Engine.load(str(art), provider="cpu").generate([[1, 2, 3]], max_new_tokens=2) == engine.generate([[1, 2, 3]], max_new_tokens=2)
 
 
 @pytest.mark.parametrize("location", ["../weights.bin", "/tmp/weights.bin", "sub/weights.bin"])
@@ -186,7 +186,7 @@ def test_external_data_outside_the_directory_is_refused(art, location):
     refused(art, f"reads weights from {location!r}", verify="size")
 
 
-def test_export_lists_its_external_data_page_aligned(tmp_path):
+def test_export_lists_its_external_data_page_aligned(tmp_path, engine):
     """The weights go to model.onnx.data, each large tensor on a 4096-byte boundary (so onnxruntime
     maps them instead of copying), and the manifest lists the file."""
     import onnx
@@ -201,7 +201,7 @@ def test_export_lists_its_external_data_page_aligned(tmp_path):
     assert len(ext) >= 4 * 2 + 2  # every layer's matrices and the embeddings, at least
     assert all(int(e["offset"]) % 4096 == 0 for e in ext)
     assert os.path.getsize(os.path.join(out, "model.onnx")) < 100_000  # the graph alone
-    assert Engine.load(out, provider="cpu").generate([[1, 2, 3]], max_new_tokens=2)
+    assert Engine.load(out, provider="cpu").generate([[1, 2, 3]], max_new_tokens=2) == engine.generate([[1, 2, 3]], max_new_tokens=2)
 
 
 def test_unparsable_model_is_refused_under_size(art):
@@ -240,6 +240,25 @@ def test_malformed_entries_are_refused(art, meta):
     refused(art, "malformed entry for tokenizer.json", verify="size")
 
 
+@pytest.mark.parametrize("tamper, needles", [
+    (lambda m: {**m, "format_version": m["format_version"] - 1}, ["format version", "re-export"]),
+    (lambda m: {k: v for k, v in m.items() if k != "io"}, ["lacks io", "re-export"]),
+    (lambda m: {**m, "config": {k: v for k, v in m["config"].items() if k != "n_positions"}}, ["config lacks n_positions", "re-export"]),
+    (lambda m: {**m, "precision": "fp8"}, ["unknown precision 'fp8'", "re-export"]),
+    (lambda m: [m], ["is not a JSON object", "re-export"]),
+], ids=["format_version", "io", "config", "precision", "not-an-object"])
+def test_manifest_fields_are_checked(art, tamper, needles):
+    """Each field the runtime relies on, wrong alone (nothing else in the copy is touched)."""
+    write_manifest(art, tamper(read_manifest(art)))
+    refused(art, *needles, verify="size")
+    assert_one_line_error(run_cli("info", str(art)), *needles)
+
+
+def test_missing_artifact_directory_and_manifest(tmp_path):
+    refused(tmp_path / "none", "does not exist", "gpt2onnx export")
+    refused(tmp_path, "has no gpt2onnx.json", "not a gpt2onnx artifact")
+
+
 def test_files_must_be_an_object(art):
     m = read_manifest(art)
     m["files"] = list(m["files"])
@@ -247,20 +266,12 @@ def test_files_must_be_an_object(art):
     refused(art, "`files` is not an object", verify="size")
 
 
-def _one_line_error(r) -> str:
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("gpt2onnx: error: "), r.stderr
-    return lines[0]
-
-
 def test_cli_refuses_a_tampered_artifact_in_one_line(art):
     m = read_manifest(art)
     del m["files"]["model.onnx"]
     write_manifest(art, m)
-    assert "does not list model.onnx" in _one_line_error(run_cli("info", str(art)))
-    assert "does not list model.onnx" in _one_line_error(run_cli("generate", str(art), "hello", "--provider", "cpu"))
+    assert_one_line_error(run_cli("info", str(art)), "does not list model.onnx")
+    assert_one_line_error(run_cli("generate", str(art), "hello", "--provider", "cpu"), "does not list model.onnx")
 
 
 def test_cli_refuses_a_symlink_outside_in_one_line(art):
@@ -268,4 +279,4 @@ def test_cli_refuses_a_symlink_outside_in_one_line(art):
     os.replace(art / "tokenizer.json", outside)
     os.symlink(outside, art / "tokenizer.json")
     for args in (["info", str(art)], ["generate", str(art), "hello", "--provider", "cpu"]):
-        assert "outside the artifact directory" in _one_line_error(run_cli(*args))
+        assert_one_line_error(run_cli(*args), "outside the artifact directory")

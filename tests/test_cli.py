@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -10,20 +11,10 @@ import sys
 
 import pytest
 
-from .conftest import run_cli
+from .conftest import assert_one_line_error, run_cli
 
 
-def assert_one_line_error(r, *needles: str) -> None:
-    assert r.returncode != 0
-    err = r.stderr if isinstance(r.stderr, str) else r.stderr.decode("utf-8", "replace")
-    assert "Traceback" not in err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("gpt2onnx: error: "), err
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
-@pytest.mark.parametrize("cmd", ["export", "generate", "chat", "info", "bench"])
+@pytest.mark.parametrize("cmd", ["export", "generate", "chat", "info", "serve", "bench"])
 def test_help(cmd):
     r = run_cli(cmd, "--help")
     assert r.returncode == 0 and "usage: gpt2onnx " + cmd in r.stdout
@@ -44,7 +35,7 @@ def test_generate_json_text_and_ids(tiny_artifact, engine):
 def test_generate_stream_and_timing(tiny_artifact, engine):
     r = run_cli("generate", tiny_artifact, "Hello", "--stream", "--max-new-tokens", "8", "--timing")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.rstrip("\n") == engine.generate_text("Hello", max_new_tokens=8)
+    assert r.stdout == engine.generate_text("Hello", max_new_tokens=8) + "\n" and r.stdout.strip()
     assert "ms/token" in r.stderr
 
 
@@ -54,10 +45,12 @@ def test_info(tiny_artifact):
     assert json.loads(run_cli("info", tiny_artifact, "--json").stdout)["precision"] == "fp32"
 
 
-def test_chat_loop(tiny_artifact):
+def test_chat_loop(tiny_artifact, engine):
     r = run_cli("chat", tiny_artifact, "--max-new-tokens", "5", input="Hello!\n/reset\nHow are you?\n")
     assert r.returncode == 0, r.stderr
-    assert len(r.stdout.splitlines()) >= 2 and "history cleared" in r.stderr
+    replies = [engine.chat(max_new_tokens=5).send(m) for m in ("Hello!", "How are you?")]  # /reset: each a first turn
+    assert all(replies) and r.stdout == "".join(f"{t}\n" for t in replies)
+    assert "history cleared" in r.stderr
 
 
 def test_export_refuses_existing_dir_then_force(tmp_path, tiny_artifact):
@@ -66,10 +59,46 @@ def test_export_refuses_existing_dir_then_force(tmp_path, tiny_artifact):
     (out / "keep.txt").write_text("x")
     assert_one_line_error(run_cli("export", "synthetic:tiny", "-o", str(out)), "already exists", "--force")
     assert (out / "keep.txt").exists()
-    r = run_cli("export", "synthetic:tiny", "-o", str(out), "--force")
+    r = run_cli("export", "synthetic:tiny", "-o", str(out), "--force", "--seed", "3")
     assert r.returncode == 0, r.stderr
-    assert not (out / "keep.txt").exists() and (out / "gpt2onnx.json").exists()
+    assert not (out / "keep.txt").exists() and json.loads((out / "gpt2onnx.json").read_text())["source"]["seed"] == 3
     assert not [p for p in os.listdir(tmp_path) if p != "art"]  # no temp dirs left behind
+
+
+@pytest.mark.parametrize("where, needles", [
+    ("{file}/x", ["{file} is a file, not a directory"]),
+    ("{file}/x/y", ["{file} is a file, not a directory"]),
+    ("{file}", ["{file} is a file", "directory path for -o"]),
+    ("/proc/self/gpt2onnx-x", ["/proc/self is not writable"]),  # procfs: refused even to root
+])
+def test_export_refuses_bad_output_location_first(tmp_path, monkeypatch, where, needles):
+    """Checked before the checkpoint is loaded: one line, nothing built, nothing written."""
+    from gpt2onnx.export import checkpoints
+    from gpt2onnx.export.convert import ExportOptions, export
+    from gpt2onnx.runtime.errors import Gpt2OnnxError
+
+    (tmp_path / "file").write_text("x")
+    fill = lambda s: s.format(file=tmp_path / "file")  # noqa: E731
+    monkeypatch.setattr(checkpoints, "load", lambda *a, **k: pytest.fail("the checkpoint was loaded before the output was checked"))
+    with pytest.raises(Gpt2OnnxError) as e:
+        export(ExportOptions("synthetic:tiny", fill(where), force=True))
+    for n in needles:
+        assert fill(n) in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "x"
+    assert_one_line_error(run_cli("export", "synthetic:tiny", "-o", fill(where)), *map(fill, needles))
+
+
+def test_make_clean_removes_only_untracked_build_outputs():
+    """`make clean` once deleted the committed reports/: every path it removes must be untracked."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(["make", "-n", "-C", root, "clean"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    removed = [w for ln in r.stdout.splitlines() if ln.startswith("rm ") for w in ln.split()[1:] if not w.startswith("-")]
+    assert "artifacts" in removed and "reports" not in removed
+    tracked = subprocess.run(["git", "-C", root, "ls-files", "--", *removed], capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout: cannot tell tracked files from build outputs")
+    assert tracked.stdout == "", tracked.stdout
 
 
 @pytest.fixture()
@@ -105,8 +134,9 @@ def test_damaged_artifact(damaged, kind, needle):
 
 @pytest.mark.parametrize("args, needles", [
     (["generate", "/nonexistent/art", "hi"], ["does not exist"]),
-    (["generate", "{art}", "hi", "--provider", "tpu"], ["unknown provider"]),
+    (["generate", "{art}", "hi", "--provider", "tpu"], ["--provider: invalid choice: 'tpu'", "'auto', 'cpu', 'cuda'"]),
     (["generate", "{art}", "hi", "--provider", "cuda"], ["cuda is not available", "CPUExecutionProvider"]),
+    (["generate", "{art}", "hi", "--threads", "0"], ["threads must be an integer from 1"]),  # --threads reaches the engine
     (["generate", "{art}", ""], ["prompt is empty"]),
     (["generate", "{art}", "word " * 300], ["longer than the 128-position context", "--truncate"]),
     (["generate", "{art}", "hello there my friend", "--max-new-tokens", "127"], ["runs past the 128-position context"]),
@@ -116,7 +146,13 @@ def test_damaged_artifact(damaged, kind, needle):
     (["generate", "{art}"], ["either prompt text or --ids"]),
     (["info", "/nonexistent/art"], ["does not exist"]),
     (["export", "synthetic:huge", "-o", "/tmp/never"], ["unknown synthetic model"]),
-    (["export", "synthetic:tiny", "-o", "/tmp/never", "--precision", "fp8"], ["unknown precision"]),
+    (["export", "synthetic:tiny", "-o", "/tmp/never", "--precision", "fp8"], ["invalid choice: 'fp8'", "'int4'", "gpt2onnx export --help"]),
+    (["export", "synthetic:tiny", "-o", "/tmp/never", "--kv-dtype", "bf16"], ["invalid choice: 'bf16'", "'float16'"]),
+    (["export", "synthetic:tiny", "-o", "/tmp/never", "--provider", "auto"], ["invalid choice: 'auto'", "'cpu', 'cuda'"]),
+    (["export", "synthetic:tiny"], ["required: -o/--output"]),
+    (["export", "synthetic:tiny", "-o", "/tmp/never", "--precision", "int8", "--provider", "cuda"], ["int8 artifacts run on the cpu provider only"]),
+    (["export", "synthetic:tiny", "-o", "/tmp/never", "--precision", "fp16", "--kv-dtype", "int8"], ["int8 KV cache is for the CPU precisions"]),
+    (["export", "synthetic:tiny", "-o", "/tmp/never", "--no-fuse", "--kv-dtype", "int8"], ["--kv-dtype needs the fused graph"]),
     (["export", "/nonexistent/checkpoint-dir-xyz", "-o", "/tmp/never"], ["cannot load checkpoint"]),
 ])
 def test_bad_input(tiny_artifact, args, needles):
@@ -125,9 +161,35 @@ def test_bad_input(tiny_artifact, args, needles):
     assert not os.path.exists("/tmp/never")
 
 
-def test_truncate_flag(tiny_artifact):
+def test_defaults_and_choices_come_from_the_option_objects():
+    """One source of defaults: what the CLI passes when a flag is not given is the option object's own."""
+    from gpt2onnx import cli
+    from gpt2onnx.export.convert import KV_DTYPES, ExportOptions
+    from gpt2onnx.runtime.artifact import PRECISIONS
+    from gpt2onnx.runtime.sampling import GenerationConfig
+    from gpt2onnx.runtime.session import PROVIDERS, SessionConfig
+
+    parser = cli.build_parser()
+    a, d = parser.parse_args(["export", "m", "-o", "x"]), ExportOptions("m", "x")
+    assert (a.precision, a.target_provider, a.seed, a.kv_dtype, a.no_fuse) == (d.precision, d.provider, d.seed, d.kv_dtype, not d.fuse)
+    for cmd in ("generate", "chat"):
+        a, d = parser.parse_args([cmd, "art"]), SessionConfig()
+        assert (a.provider, a.threads) == (d.provider, d.threads)
+        assert cli._generation_config(a) == GenerationConfig()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    choices = lambda cmd, flag: list(next(a for a in subs[cmd]._actions if flag in a.option_strings).choices)  # noqa: E731
+    assert choices("export", "--precision") == list(PRECISIONS) and choices("export", "--kv-dtype") == list(KV_DTYPES)
+    assert choices("export", "--provider") == list(PROVIDERS)
+    assert choices("generate", "--provider") == choices("chat", "--provider") == [SessionConfig().provider, *PROVIDERS]
+    for p in PRECISIONS:
+        assert parser.parse_args(["export", "m", "-o", "x", "--precision", p]).precision == p
+
+
+def test_truncate_flag(tiny_artifact, engine):
     r = run_cli("generate", tiny_artifact, "word " * 300, "--truncate", "--max-new-tokens", "4", "--json")
-    assert r.returncode == 0, r.stderr and len(json.loads(r.stdout)["ids"][0]) == 4
+    assert r.returncode == 0, r.stderr
+    ids = json.loads(r.stdout)["ids"]
+    assert ids == engine.generate([engine.encode("word " * 300)], max_new_tokens=4, truncate=True) and len(ids[0]) == 4
 
 
 def test_non_utf8_input(tiny_artifact):

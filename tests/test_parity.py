@@ -10,12 +10,9 @@ from gpt2onnx.export.convert import ExportOptions, export
 from gpt2onnx.export.parity import left_pad
 from gpt2onnx.runtime import Engine
 
-from .conftest import QUIET, prefilled
+from .conftest import PROMPTS, QUIET, prefilled
 
 FP32_ATOL = 1e-4  # max |Δlogit| against PyTorch fp32 (measured ~4e-7 on synthetic:tiny)
-PROMPTS = [[464, 2068, 7586, 21831, 18045, 625, 262], [15496, 11, 703], [40, 1101, 257, 3303, 13, 314, 588, 340, 13, 50256, 2]]
-
-
 def hf_greedy(model, rows: list[list[int]], max_new_tokens: int, eos: int) -> list[list[int]]:
     """transformers generate(do_sample=False) on a left-padded batch; new tokens up to EOS."""
     ids, mask, _ = left_pad(rows, eos)

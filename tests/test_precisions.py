@@ -9,8 +9,7 @@ from gpt2onnx.export import checkpoints, parity
 from gpt2onnx.export.convert import ExportOptions, export
 from gpt2onnx.runtime import Engine, Gpt2OnnxError, load_manifest
 
-from .conftest import QUIET, prefilled
-from .test_parity import PROMPTS
+from .conftest import PROMPTS, QUIET, extended_vs_fresh, prefilled
 
 
 @pytest.fixture(scope="session")
@@ -202,7 +201,7 @@ def test_int8_kv_cache_is_the_cpu_default(artifacts):
 def test_kv_dtype_refused_where_it_cannot_work(tmp_path):
     with pytest.raises(Gpt2OnnxError, match="drop --no-fuse"):
         export(ExportOptions("synthetic:tiny", str(tmp_path / "a"), kv_dtype="int8", fuse=False), log=QUIET)
-    with pytest.raises(Gpt2OnnxError, match="choose float32, float16 or int8"):
+    with pytest.raises(Gpt2OnnxError, match="choose one of float32, float16, int8"):
         export(ExportOptions("synthetic:tiny", str(tmp_path / "b"), kv_dtype="int4"), log=QUIET)
 
 
@@ -210,8 +209,6 @@ def test_kv_dtype_refused_where_it_cannot_work(tmp_path):
 def test_prompt_cache_with_an_int8_kv_cache(artifacts, precision):
     """Extending a quantized cache: logits within the precision's tolerance of a fresh prompt pass
     (not equal for int8, whose activation scales depend on which tokens share a call)."""
-    from .test_speed_paths import extended_vs_fresh
-
     engine = Engine.load(artifacts(precision), provider="cpu")
     assert engine.spec.kv_dtype == np.int8
     assert extended_vs_fresh(engine) <= parity.TOLERANCES[precision]["max_abs_logit_diff"]

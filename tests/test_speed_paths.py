@@ -12,8 +12,7 @@ from gpt2onnx.runtime import Engine, Gpt2OnnxError, PromptCache
 from gpt2onnx.runtime import session as session_mod
 from gpt2onnx.runtime.decoder import Decoder
 
-from .conftest import captured, prefilled
-from .test_parity import PROMPTS
+from .conftest import PROMPTS, captured, extended_vs_fresh, prefilled
 
 
 def test_kv_cache_allocated_once_and_written_in_place(engine):
@@ -108,29 +107,6 @@ def test_graph_mode_decoders_reused_across_generations(tiny_artifact):
 def test_cuda_graph_only_requested_on_cuda(tiny_artifact):
     e = Engine.load(tiny_artifact, provider="cpu")
     assert e.session_config.cuda_graph is False and e.cuda_graph is False
-
-
-def extended_vs_fresh(engine: Engine, steps: int = 3) -> float:
-    """Max |logit difference| between a prompt pass that extends a held row (a prompt, 3 decode steps,
-    then 4 more tokens) and a fresh prompt pass over the same tokens, and over `steps` decode steps
-    after each."""
-    dec, logits = prefilled(engine, PROMPTS[:1], 8, capacity=engine.n_positions)
-    row = list(PROMPTS[0])
-    for _ in range(3):
-        row.append(int(logits.argmax()))
-        logits = dec.decode(logits.argmax(-1))
-    row += [int(logits.argmax())] + PROMPTS[1][:3]
-    held = int(dec.held[0])
-    assert held == len(PROMPTS[0]) + 3
-    a = dec.prefill(0, [row[held:]])
-    fresh, b = prefilled(engine, [row], 8)
-    assert dec.held[0] == fresh.held[0] == len(row)
-    diff = float(np.abs(a - b).max())
-    for _ in range(steps):
-        t = b.argmax(-1)
-        a, b = dec.decode(t), fresh.decode(t)
-        diff = max(diff, float(np.abs(a - b).max()))
-    return diff
 
 
 def test_prompt_cache_extends_instead_of_rerunning(engine):
