@@ -27,13 +27,16 @@ from gpt2onnx.runtime.artifact import load_manifest
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 
 from . import anchors
-from .systems import SystemSpec, Worker, WorkerDied
+from .report import floor_bandwidth
+from .systems import SystemSpec, Worker, WorkerDied, WorkerError
 
 SCHEMA_VERSION = 2  # 2: concurrent records and summary rows (no batch or prompt_len), the concurrent key
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
-# pytorch and optimum run the checkpoint in fp32 (pytorch fp16 on CUDA); the anchors (anchors.py) are
-# converted once per precision of the artifacts measured. Absent ones are skipped with the reason.
-BASELINES = ("pytorch", "optimum", "llamacpp", "ctranslate2")
+# pytorch and optimum run the checkpoint in fp32 (pytorch fp16 on CUDA); pytorch-compile is pytorch with a
+# static KV cache and, on CUDA, its decode step compiled (torch.compile "reduce-overhead", systems.py); the
+# anchors (anchors.py) are converted once per precision of the artifacts measured. Absent ones are skipped
+# with the reason.
+BASELINES = ("pytorch", "pytorch-compile", "optimum", "llamacpp", "ctranslate2")
 OURS_MODES = ("scheduler", "http", "serial", "static")  # the concurrent scenario's ways to serve an artifact
 # Pause before each timed run: the previous system's worker threads (PyTorch's OpenMP, onnxruntime's
 # pool) spin for a while after their work, and on a 2-core machine they would slow the next system.
@@ -41,11 +44,14 @@ SETTLE_S = 0.3
 # results.json, schema 2:
 #   schema_version: 2
 #   created: ISO time;  command: argv
-#   machine: {cpu, cores_logical, cores_physical, memory_gb, memory_bandwidth_gbs: {read, copy}, gpu, python, versions}
+#   machine: {cpu, cores_logical, cores_physical, memory_gb, memory_bandwidth_gbs: {read, copy, device_copy?}, gpu, python,
+#             versions, device_bandwidth_error?}; device_copy (provider cuda): GB/s of a device-to-device copy on the
+#             GPU, measured in the run; the floor and bandwidth figures use it on CUDA (report.floor_bandwidth)
 #   settings: Settings fields
 #   systems: [{name, kind, precision, provider, path, threads, load_s, size_bytes, weights_bytes_per_token,
 #              peak_rss_mb, gpu_peak_mb?, accuracy: manifest parity/accuracy figures or null;
-#              ours also: fused_ops, quantization, shape [n_layer, n_embd]}]
+#              ours also: fused_ops, quantization, shape [n_layer, n_embd], cuda_graph (the session was created with
+#              enable_cuda_graph); pytorch-compile also: compiled (its decode step compiled: CUDA only)}]
 #   skipped: [{baseline, reason}]
 #   records: one per measurement run: {system, scenario, repeat, batch, prompt_len, new_tokens,
 #             ttft_ms, p50_ms, p90_ms, p99_ms, mean_ms, total_s, tokens_per_s, decode_tokens_per_s};
@@ -58,7 +64,8 @@ SETTLE_S = 0.3
 #             itl_p50_ms, itl_p99_ms (over every gap between consecutive tokens of a request),
 #             max_stall_ms (the largest such gap)}
 #   summary: medians over repeats, one per (system, scenario, batch, prompt_len): same figures, plus
-#            achieved_gbs (weights_bytes_per_token / p50) and bandwidth_fraction (of measured read bandwidth);
+#            achieved_gbs (weights_bytes_per_token / p50) and bandwidth_fraction (of the measured bandwidth
+#            report.floor_bandwidth picks: the GPU's device copy on CUDA, else the host's read bandwidth);
 #            concurrent: one per (system, mode, clients): {system, scenario, mode, clients, max_batch,
 #            requests, tokens, repeats} + the medians of the record's figures
 #   concurrent: the request mix, or null when skipped: {prompt_len: [lo, hi], reply_len: [lo, hi]
@@ -159,7 +166,8 @@ def baseline_missing(kind: str, llamacpp_src: str = anchors.LLAMACPP_SRC) -> str
     """Why a baseline cannot run here, or None."""
     if kind in ("llamacpp", "ctranslate2"):
         return anchors.missing(kind, llamacpp_src)
-    need = {"pytorch": ["torch", "transformers"], "optimum": ["torch", "transformers", "optimum.onnxruntime"]}[kind]
+    need = {"pytorch": ["torch", "transformers"], "pytorch-compile": ["torch", "transformers"],
+            "optimum": ["torch", "transformers", "optimum.onnxruntime"]}[kind]
     for mod in need:
         try:
             if importlib.util.find_spec(mod) is None:
@@ -192,8 +200,11 @@ def run(s: Settings, log=print) -> dict:
             continue
         specs.append(_baseline_spec(kind, manifests[0], s, log))
 
-    machine = machine_info()
-    log(f"memory bandwidth: read {machine['memory_bandwidth_gbs']['read']:.1f} GB/s, copy {machine['memory_bandwidth_gbs']['copy']:.1f} GB/s")
+    machine = machine_info(s.provider)
+    bw = machine["memory_bandwidth_gbs"]
+    log(f"memory bandwidth: read {bw['read']:.1f} GB/s, copy {bw['copy']:.1f} GB/s"
+        + (f", GPU device-to-device copy {bw['device_copy']:.0f} GB/s" if "device_copy" in bw else "")
+        + (f"; no GPU bandwidth: {machine['device_bandwidth_error']}" if "device_bandwidth_error" in machine else ""))
     points = [("decode", 1, p, s.new_tokens) for p in s.prompt_len]
     points += [("throughput", b, s.prompt_len[0], s.new_tokens) for b in s.batch if b != 1]
     points += [("context", 1, c, s.context_new_tokens) for c in contexts]
@@ -205,10 +216,14 @@ def run(s: Settings, log=print) -> dict:
     workers: list[Worker] = []
     systems: list[dict] = []
     records: list[dict] = []
-    dead: set[str] = set()  # baselines whose process died: dropped with the reason, their figures too
+    # baselines whose process died, or that answered with an error (a compile that failed): dropped with the
+    # reason, their figures too; ours is never dropped
+    dead: set[str] = set()
 
-    def died(spec: SystemSpec, e: WorkerDied, doing: str) -> None:
+    def died(spec: SystemSpec, e: WorkerDied | WorkerError, doing: str) -> None:
         if spec.kind == "ours":
+            if isinstance(e, WorkerError):
+                raise e
             raise Gpt2OnnxError(f"{spec.name}: {e} while {doing}") from None
         log(f"dropping the {spec.name} baseline: {e} while {doing}")
         skipped.append({"baseline": spec.name, "reason": f"{e} while {doing}"})
@@ -217,7 +232,7 @@ def run(s: Settings, log=print) -> dict:
     def ask(w: Worker, doing: str, kind: str, **args) -> dict | None:
         try:
             return w.request(kind, **args)
-        except WorkerDied as e:
+        except (WorkerDied, WorkerError) as e:
             died(w.spec, e, doing)
             return None
 
@@ -226,7 +241,7 @@ def run(s: Settings, log=print) -> dict:
             log(f"loading {spec.name}")
             try:
                 w = Worker(spec)
-            except WorkerDied as e:
+            except (WorkerDied, WorkerError) as e:
                 died(spec, e, "loading")
                 continue
             workers.append(w)
@@ -304,7 +319,7 @@ def run(s: Settings, log=print) -> dict:
         "concurrent": conc,
         "beams": beams,
         "records": records,
-        "summary": summarize(records, systems, machine),
+        "summary": summarize(records, systems, machine, s.provider),
     }
     write(results, s.out)
     return results
@@ -325,7 +340,7 @@ def footprint(specs: list[SystemSpec], systems: list[dict], s: Settings, log) ->
                 sysrec["footprint_mb"] = w.request("memory")["peak_rss_mb"]
             finally:
                 w.close()
-        except WorkerDied as e:
+        except (WorkerDied, WorkerError) as e:
             if spec.kind == "ours":
                 raise Gpt2OnnxError(f"{spec.name}: {e} while measuring its footprint") from None
             log(f"no footprint for {spec.name}: {e}")  # its memory table cell stays empty
@@ -412,9 +427,12 @@ def _concurrent_runs(s: Settings, workers: list[Worker]) -> list[tuple[Worker, s
 def _baseline_spec(kind: str, m, s: Settings, log) -> SystemSpec:
     """Baselines run the checkpoint the first artifact came from, prepared once into the cache."""
     hf = _hf_checkpoint(m, s.cache, log)
-    precision = "fp16" if (kind == "pytorch" and s.provider == "cuda") else "fp32"
+    precision = "fp16" if (kind in ("pytorch", "pytorch-compile") and s.provider == "cuda") else "fp32"
     if kind == "pytorch":
         return SystemSpec(f"pytorch {precision} {s.provider}", "pytorch", hf, s.provider, s.threads, precision)
+    if kind == "pytorch-compile":  # compiled on CUDA only (systems._PyTorchCompiled): named for what runs
+        label = "pytorch-compile" if s.provider == "cuda" else "pytorch-static"
+        return SystemSpec(f"{label} {precision} {s.provider}", kind, hf, s.provider, s.threads, precision)
     out = os.path.join(s.cache, "optimum-" + os.path.basename(hf.rstrip("/")))
     if not os.path.isfile(os.path.join(out, "model.onnx")):
         log(f"exporting the optimum baseline to {out} (optimum's defaults)")
@@ -489,6 +507,9 @@ def _system_record(spec: SystemSpec, loaded: dict, manifests) -> dict:
         rec["fused_ops"] = m.raw.get("fused_ops")
         rec["quantization"] = m.raw.get("quantization")
         rec["shape"] = [m.raw["config"]["n_layer"], m.raw["config"]["n_embd"]]  # what the report's per-model bars key on
+        rec["cuda_graph"] = loaded.get("cuda_graph")
+    if spec.kind == "pytorch-compile":
+        rec["compiled"] = loaded.get("compiled")
     return rec
 
 
@@ -547,9 +568,10 @@ def _concurrent_record(system: str, mode: str, rep: int, clients: int, max_batch
             "max_batch": max_batch, **concurrent_figures(requests)}
 
 
-def summarize(records: list[dict], systems: list[dict], machine: dict) -> list[dict]:
-    """Median over repeats per (system, scenario, batch, prompt_len), with achieved bandwidth;
-    concurrent records per (system, mode, clients)."""
+def summarize(records: list[dict], systems: list[dict], machine: dict, provider: str) -> list[dict]:
+    """Median over repeats per (system, scenario, batch, prompt_len), with achieved bandwidth as a
+    fraction of the bandwidth report.floor_bandwidth picks for `provider`; concurrent records per
+    (system, mode, clients)."""
     conc: dict[tuple, list[dict]] = {}
     groups: dict[tuple, list[dict]] = {}
     for r in records:
@@ -558,7 +580,7 @@ def summarize(records: list[dict], systems: list[dict], machine: dict) -> list[d
             continue
         groups.setdefault((r["system"], r["scenario"], r["batch"], r["prompt_len"]), []).append(r)
     by_name = {s["name"]: s for s in systems}
-    read_bw = machine["memory_bandwidth_gbs"]["read"]
+    _, bw_gbs = floor_bandwidth(machine, provider)
     out = []
     for (system, scenario, batch, plen), rs in groups.items():
         row = {"system": system, "scenario": scenario, "batch": batch, "prompt_len": plen,
@@ -568,7 +590,7 @@ def summarize(records: list[dict], systems: list[dict], machine: dict) -> list[d
             row["cached_tokens"] = int(np.median([r["cached_tokens"] for r in rs]))
         wb = by_name[system].get("weights_bytes_per_token")
         row["achieved_gbs"] = wb / (row["p50_ms"] / 1e3) / 1e9 if wb else None
-        row["bandwidth_fraction"] = row["achieved_gbs"] / read_bw if wb else None
+        row["bandwidth_fraction"] = row["achieved_gbs"] / bw_gbs if wb else None
         out.append(row)
     for (system, mode, clients), rs in conc.items():
         row = {"system": system, "scenario": "concurrent", "mode": mode, "clients": clients, "max_batch": rs[0]["max_batch"],
@@ -605,7 +627,46 @@ def memory_bandwidth_gbs(mb: int = 512) -> dict[str, float]:
     return {"read": read, "copy": copy}
 
 
-def machine_info() -> dict:
+def device_bandwidth_gbs(device: str = "cuda", mb: int = 512, repeats: int = 10) -> float:
+    """Memory bandwidth of a torch device, GB/s: the median over `repeats` of a device-to-device copy of
+    `mb` MB, counting each byte read and written (2 x mb / time), as CUDA's bandwidthTest counts a
+    device-to-device copy. Timed by CUDA events on CUDA (perf_counter elsewhere, which lets a test run
+    it on the CPU). Batch-1 decode reads every weight once a token: this is its floor's denominator on a GPU."""
+    import torch
+
+    src = torch.ones(mb * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch and the copy kernel's load, untimed
+    cuda = src.is_cuda
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t)
+    return 2 * src.nbytes / float(np.median(times)) / 1e9
+
+
+def _device_bandwidth_in_a_process() -> float:
+    """device_bandwidth_gbs() in a spawned process of its own: the harness process then holds no CUDA
+    context (and no torch) while the workers run. Raises what the measurement raised."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(device_bandwidth_gbs).result(timeout=300)
+
+
+def machine_info(provider: str) -> dict:
+    """The machine: CPU, cores, memory, GPU, versions, and the memory bandwidths the report's floor and
+    GB/s columns divide by: the host's (read, copy) always, the GPU's (device_copy) when `provider` is cuda."""
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -622,6 +683,11 @@ def machine_info() -> dict:
         pass
     info["gpu"] = _gpu_name()
     info["memory_bandwidth_gbs"] = memory_bandwidth_gbs()
+    if provider == "cuda":
+        try:
+            info["memory_bandwidth_gbs"]["device_copy"] = _device_bandwidth_in_a_process()
+        except Exception as e:  # e.g. torch without CUDA beside onnxruntime-gpu: the report says which bandwidth it used
+            info["device_bandwidth_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
     from importlib.metadata import PackageNotFoundError, version
 
     info["versions"] = {}

@@ -20,6 +20,21 @@ def _batch1(summary, system, plen):
 
 # The baselines compared at each precision of ours (benchmarks/anchors.py), and their column titles.
 ANCHORS = {"llamacpp": "llama.cpp", "ctranslate2": "CTranslate2"}
+# The baselines every row gets a ratio column against (they run the checkpoint, not a conversion of it).
+RATIO_BASELINES = ("pytorch", "pytorch-compile", "optimum")
+# The bandwidth a batch-1 decode's floor divides by: its column title and how the text names it.
+BANDWIDTHS = {"read": ("read bw", "the measured read bandwidth"),
+              "device_copy": ("GPU bw", "the GPU's memory bandwidth (a device-to-device copy measured in this run)")}
+
+
+def floor_bandwidth(machine: dict, provider: str) -> tuple[str, float]:
+    """(key into BANDWIDTHS, GB/s) that the floor and the achieved-bandwidth figures are measured against:
+    on CUDA the GPU's device-to-device copy when the run measured one, else the host's read bandwidth
+    (which bounds a CPU decode, not a GPU's: the report then says the GPU figure is missing)."""
+    bw = machine["memory_bandwidth_gbs"]
+    if provider == "cuda" and bw.get("device_copy"):
+        return "device_copy", bw["device_copy"]
+    return "read", bw["read"]
 
 
 def write_report(results: dict, out: str) -> None:
@@ -28,19 +43,25 @@ def write_report(results: dict, out: str) -> None:
     summary = results["summary"]
     systems = results["systems"]
     p0 = s["prompt_len"][0]
-    baselines = [x for x in systems if x["kind"] in ("pytorch", "optimum")]  # a ratio column each
+    baselines = [x for x in systems if x["kind"] in RATIO_BASELINES]  # a ratio column each
     anchors = [k for k in ANCHORS if any(x["kind"] == k for x in systems)]  # a column each: the same precision
     bw = m["memory_bandwidth_gbs"]
+    bw_key, bw_gbs = floor_bandwidth(m, s["provider"])
+    bw_col, bw_text = BANDWIDTHS[bw_key]
     L = [
         "# gpt2onnx benchmark",
         "",
         f"{results['created']} · {m['cpu']} · {m.get('cores_physical', '?')} physical / {m['cores_logical']} logical cores · "
         f"{_fmt(m.get('memory_gb'), '.0f')} GiB · GPU: {m.get('gpu') or 'none'}",
-        f"Measured memory bandwidth: read {bw['read']:.1f} GB/s, copy {bw['copy']:.1f} GB/s. "
-        f"Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
+        f"Measured memory bandwidth: read {bw['read']:.1f} GB/s, copy {bw['copy']:.1f} GB/s"
+        + (f", GPU device-to-device copy {bw['device_copy']:.0f} GB/s" if bw.get("device_copy") else "")
+        + ". Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
         f"Settings: provider {s['provider']}, threads {s['threads'] or 'one per core'}, {s['repeats']} repeats "
         "(medians reported; one warm-up run per point not counted), systems interleaved run by run.",
     ]
+    if s["provider"] == "cuda" and bw_key != "device_copy":
+        L.append(f"GPU memory bandwidth not measured ({m.get('device_bandwidth_error') or 'an older run'}): the floor and "
+                 "GB/s columns below use the host's read bandwidth, which does not bound a GPU's decode.")
     for sk in results["skipped"]:
         L.append(f"Skipped baseline **{sk['baseline']}**: {sk['reason']}.")
     ratio_cols = [f"× {b['name']}" for b in baselines] + [f"× {ANCHORS[k]} same precision" for k in anchors]
@@ -49,10 +70,11 @@ def write_report(results: dict, out: str) -> None:
         f"## Batch 1 decode: prompt {p0}, {s['new_tokens']} new tokens",
         "",
         "Ratios are per-token p50 against each baseline (below 1 = faster). Floor = bytes of weights read per "
-        "token / the measured read bandwidth: no batch-1 decode can be faster. Achieved bandwidth = those bytes / p50.",
+        f"token / {bw_text}: no batch-1 decode can be faster. Achieved bandwidth = those bytes / p50.",
+        *_compiled_note(systems),
         "",
         "| system | load s | TTFT ms | p50 ms/tok | p90 | p99 | tok/s | peak RSS MB | size MB | weights MB/tok | floor ms/tok | "
-        "GB/s (% of read bw) | max abs Δlogit | top-1 |" + "".join(f" {c} |" for c in ratio_cols),
+        f"GB/s (% of {bw_col}) | max abs Δlogit | top-1 |" + "".join(f" {c} |" for c in ratio_cols),
         "|" + "---|" * (14 + len(ratio_cols)),
     ]
     for x in systems:
@@ -73,13 +95,14 @@ def write_report(results: dict, out: str) -> None:
         L.append(
             f"| {x['name']} | {x['load_s']:.2f} | {r['ttft_ms']:.1f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
             f"{r['decode_tokens_per_s']:.1f} | {_fmt(x.get('peak_rss_mb'), '.0f')} | {_fmt(x['size_bytes'] and x['size_bytes'] / 1e6, '.0f')} | "
-            f"{_fmt(wb and wb / 1e6, '.0f')} | {_fmt(wb and 1e3 * wb / (bw['read'] * 1e9), '.1f')} | {gbs} | "
+            f"{_fmt(wb and wb / 1e6, '.0f')} | {_fmt(wb and 1e3 * wb / (bw_gbs * 1e9), '.1f' if bw_key == 'read' else '.2f')} | {gbs} | "
             f"{acc['dlogit']} | {acc['top1']} |" + "".join(f" {c} |" for c in ratios)
         )
     if any(x.get("gpu_peak_mb") or x.get("gpu_used_mb") for x in systems):
         L += ["", "GPU memory: " + ", ".join(f"{x['name']} {_fmt(x.get('gpu_peak_mb') or x.get('gpu_used_mb'), '.0f')} MB" for x in systems)]
     L += _memory(systems)
     L += _edge_section(results)
+    L += _gpu_section(results, _capture(out))
     L += _beams(results.get("beams") or {})
 
     L += ["", "## Time to first token (batch 1), ms", "", "| system | " + " | ".join(f"prompt {p}" for p in s["prompt_len"]) + " |",
@@ -397,6 +420,82 @@ def _edge_section(results: dict) -> list[str]:
             mb = x["size_bytes"] / 1e6
             L.append(f"- **{x['name']}, artifact size**: **{mb:.0f} MB** (llama.cpp {_fmt(a.get('size_bytes') and a['size_bytes'] / 1e6, '.0f')} MB; "
                      f"target ≤ {EDGE_SIZE_MB[p]}: {_met(mb <= EDGE_SIZE_MB[p])}).")
+    return L
+
+
+def _compiled_note(systems: list[dict]) -> list[str]:
+    """What the pytorch-compile baseline runs, when the run has it."""
+    x = next((x for x in systems if x["kind"] == "pytorch-compile"), None)
+    if x is None:
+        return []
+    how = ("`generate` compiles its decode step with torch.compile (mode reduce-overhead, fullgraph: the step replays "
+           "as CUDA graphs); compilation and graph capture happen in warm-up generations the system runs the first "
+           "time it meets each batch size, before any timed run, and the prompt pass runs eagerly" if x.get("compiled")
+           else "not compiled here (transformers compiles `generate`'s step on CUDA only): the static-cache path alone")
+    return ["", f"{x['name']}: transformers `generate` with a static KV cache (one `StaticCache` per batch size over the "
+                f"model's whole position table, reset between calls, so the step keeps one shape); {how}."]
+
+
+# The GPU bars (issue 19), for DialoGPT-medium fp16 on an H100 or H200, stated with the measured values.
+GPU_STEP_MS = 1.0  # our batch-1 p50 ms/token, at most, with the decode step captured
+GPU_ITL = 3.0  # scheduler p99 inter-token latency at BAR_CLIENTS ÷ our batch-1 p50, at most
+GPU_SHAPE = (24, 1024)  # DialoGPT-medium's layers x width: the model the bars were set for
+
+
+def _capture(out: str) -> dict | None:
+    """The capture check (benchmarks/gpu_check.py) when it wrote capture.json into this report's directory."""
+    import json
+
+    path = os.path.join(out, "capture.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _gpu_section(results: dict, capture: dict | None) -> list[str]:
+    """The capture check's summary (when run beside this report), then on CUDA each GPU bar with the
+    values it compares, met or not."""
+    s, summary, systems = results["settings"], results["summary"], results["systems"]
+    L = []
+    if capture:
+        from .gpu_check import render
+
+        L += ["", "## CUDA graph capture check (benchmarks/gpu_check.py, `capture.md`)", "", *render(capture)]
+    if s["provider"] != "cuda":
+        return L
+    p0 = s["prompt_len"][0]
+    ours = [x for x in systems if x["kind"] == "ours" and x["precision"] == "fp16"]
+    compiled = next((x for x in systems if x["kind"] == "pytorch-compile"), None)
+    L += ["", "## The GPU bars", "",
+          f"Batch 1, prompt {p0}, {s['new_tokens']} new tokens, the same run (the batch-1 table above); the scheduler at "
+          f"{BAR_CLIENTS} clients from the concurrent scenario. Set for DialoGPT-medium fp16 on an H100 or H200.", ""]
+    for x in ours:
+        r = _batch1(summary, x["name"], p0)
+        if r is None:
+            continue
+        other = " (a model other than DialoGPT-medium: for reference)" if x.get("shape") and tuple(x["shape"]) != GPU_SHAPE else ""
+        graph = {True: "captured (session created with enable_cuda_graph)", False: "**not captured**"}.get(x.get("cuda_graph"),
+                                                                                                         "capture not recorded")
+        ok = r["p50_ms"] <= GPU_STEP_MS and x.get("cuda_graph") is True
+        L.append(f"- **{x['name']}, per token**{other}: p50 **{r['p50_ms']:.2f} ms**, step {graph} (target ≤ {GPU_STEP_MS:g} ms "
+                 f"with the step captured: {_met(ok)}).")
+        rb = compiled and _batch1(summary, compiled["name"], p0)
+        if rb:
+            v = r["p50_ms"] / rb["p50_ms"]
+            L.append(f"- **{x['name']} against {compiled['name']}**: {r['p50_ms']:.2f} ÷ {rb['p50_ms']:.2f} ms = **{v:.2f}×** "
+                     f"(target < 1: {_met(v < 1)}).")
+        else:
+            L.append(f"- **{x['name']} against PyTorch static cache + torch.compile**: not measured in this run "
+                     "(`--baselines pytorch-compile`).")
+        c = next((q for q in summary if q["scenario"] == "concurrent" and q["system"] == x["name"] and q["mode"] == "scheduler"
+                  and q["clients"] == BAR_CLIENTS), None)
+        if c:
+            v = c["itl_p99_ms"] / r["p50_ms"]
+            L.append(f"- **{x['name']}, scheduler at C={BAR_CLIENTS}**: p99 inter-token latency {c['itl_p99_ms']:.2f} ms ÷ batch-1 "
+                     f"p50 {r['p50_ms']:.2f} ms = **{v:.2f}×** (target ≤ {GPU_ITL:g}: {_met(v <= GPU_ITL)}).")
+        else:
+            L.append(f"- **{x['name']}, scheduler at C={BAR_CLIENTS}**: not measured in this run (`--concurrent-clients {BAR_CLIENTS}`).")
     return L
 
 

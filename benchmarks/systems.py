@@ -1,7 +1,8 @@
 """The systems under measurement, each served by its own worker process.
 
 A worker loads one system (ours: an artifact through the runtime; `pytorch`: transformers eager;
-`optimum`: ORTModelForCausalLM; `llamacpp`: a GGUF file through llama-cpp-python, batch 1 only;
+`pytorch-compile`: transformers with a static KV cache and, on CUDA, the decode step compiled by
+torch.compile mode "reduce-overhead"; `optimum`: ORTModelForCausalLM; `llamacpp`: a GGUF file through llama-cpp-python, batch 1 only;
 `ctranslate2`: a CTranslate2 Generator) and answers timing requests over a pipe. One process per system
 gives each its own peak-memory figure (the runtime's worker never imports torch) and lets the
 harness interleave systems request by request (A B A B) so drift hits all of them alike.
@@ -34,8 +35,8 @@ STATIC_WINDOW_S = 0.005
 @dataclass(frozen=True)
 class SystemSpec:
     name: str  # row label in the report: "ours fp32 cpu", "pytorch fp32", "optimum fp32"
-    kind: str  # ours | pytorch | optimum | llamacpp | ctranslate2
-    # artifact dir (ours), HF checkpoint dir (pytorch), optimum export dir (optimum), GGUF file (llamacpp),
+    kind: str  # ours | pytorch | pytorch-compile | optimum | llamacpp | ctranslate2
+    # artifact dir (ours), HF checkpoint dir (pytorch, pytorch-compile), optimum export dir (optimum), GGUF file (llamacpp),
     # CTranslate2 model dir (ctranslate2)
     path: str
     provider: str = "cpu"  # cpu | cuda
@@ -47,9 +48,14 @@ class WorkerDied(Exception):
     """A system's worker process ended without answering (a crash inside a native library)."""
 
 
+class WorkerError(RuntimeError):
+    """A system's worker answered with an error: "NAME: ExceptionType: first line of its message"."""
+
+
 class Worker:
     """Parent-side handle: `request(kind, **args) -> dict`, `close()`. Raises WorkerDied when the
-    process dies mid-request (a segfault in a baseline's native code must not end the whole run)."""
+    process dies mid-request (a segfault in a baseline's native code must not end the whole run), and
+    WorkerError when it answers with an error (the harness drops such a baseline, as a dead one)."""
 
     def __init__(self, spec: SystemSpec):
         ctx = mp.get_context("spawn")  # a clean interpreter: no torch inherited by the runtime's worker
@@ -68,7 +74,7 @@ class Worker:
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
             raise WorkerDied(f"its process died ({how})") from None
         if "error" in msg:
-            raise RuntimeError(f"{self.spec.name}: {msg['error']}")
+            raise WorkerError(f"{self.spec.name}: {msg['error']}")
         return msg
 
     def request(self, kind: str, **args) -> dict:
@@ -180,8 +186,8 @@ def _serve(spec: SystemSpec, conn) -> None:
     try:
         threads = spec.threads or os.cpu_count() or 1
         t = time.perf_counter()
-        runner = {"ours": _Ours, "pytorch": _PyTorch, "optimum": _Optimum, "llamacpp": _LlamaCpp,
-                  "ctranslate2": _CTranslate2}[spec.kind](spec, threads)
+        runner = {"ours": _Ours, "pytorch": _PyTorch, "pytorch-compile": _PyTorchCompiled, "optimum": _Optimum,
+                  "llamacpp": _LlamaCpp, "ctranslate2": _CTranslate2}[spec.kind](spec, threads)
         conn.send({"load_s": time.perf_counter() - t, "threads": threads, **runner.info()})
     except Exception as e:  # reported to the parent as one line
         conn.send({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
@@ -219,7 +225,9 @@ class _Ours(_SerialClients):
 
     def info(self) -> dict:
         m = self.engine.manifest.raw
-        return {"provider": self.engine.provider, "weights": m.get("weights", {}), "manifest": m}
+        # cuda_graph: whether onnxruntime accepted enable_cuda_graph for this session (False on the cpu provider)
+        return {"provider": self.engine.provider, "weights": m.get("weights", {}), "manifest": m,
+                "cuda_graph": bool(self.engine.session_config.cuda_graph)}
 
     def generate(self, rows, new_tokens: int) -> dict:
         t = time.perf_counter()
@@ -381,6 +389,15 @@ class _HFGenerate(_SerialClients):
     model = None
     device = "cpu"
 
+    def _generate_args(self, batch: int) -> dict:
+        """Extra `generate` arguments for a batch of this size (a static cache); called inside the grad mode."""
+        return {}
+
+    def _grad_mode(self):
+        import torch
+
+        return torch.inference_mode()
+
     def generate(self, rows, new_tokens: int) -> dict:
         timing, out = self._generate(rows, new_tokens)
         return {**timing, "tokens": out[:, len(rows[0]):].tolist()}
@@ -413,10 +430,12 @@ class _HFGenerate(_SerialClients):
 
         Stamp.device_sync = self.device == "cuda"
         ids = torch.tensor(rows, device=self.device)
-        t = time.perf_counter()
-        with torch.inference_mode():
+        with self._grad_mode():
+            extra = self._generate_args(len(rows))  # made (and a static cache warmed up) before the clock starts
+            t = time.perf_counter()
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                                      min_new_tokens=new_tokens, pad_token_id=self.eos, stopping_criteria=StoppingCriteriaList([Stamp()]))
+                                      min_new_tokens=new_tokens, pad_token_id=self.eos, stopping_criteria=StoppingCriteriaList([Stamp()]),
+                                      **extra)
         total = time.perf_counter() - t
         return {"ttft_s": stamps[0] - t, "step_s": list(np.diff(stamps)), "total_s": total, "token_s": stamps}, out.cpu()
 
@@ -447,6 +466,66 @@ class _PyTorch(_HFGenerate):
         # because the tied LM head multiplies by it
         per_token = sum(p.numel() * p.element_size() for n, p in params.items() if not n.endswith("wpe.weight"))
         return {"provider": self.device, "weights": {"bytes_per_token": per_token}}
+
+
+class _PyTorchCompiled(_PyTorch):
+    """What a GPU user runs with transformers for low latency: `generate` with a static KV cache, whose
+    decode step `generate` compiles itself (torch.compile, mode "reduce-overhead": CUDA graphs), the
+    recipe of transformers' "Optimizing inference" guide. The prompt pass runs eagerly (generate
+    compiles decode steps only), so prompts of any length reuse the one compiled step.
+
+    One StaticCache per batch size, of the model's whole position table and kept across calls (reset
+    before each): the compiled step then sees one shape per batch size whatever the prompt and reply
+    lengths, so compilation and graph capture happen once, in the warm-up this class runs the first
+    time it meets a batch size, never in a timed run (a cache sized to each call's length would
+    recompile whenever a call needs more positions than the one before).
+
+    On CPU the same static-cache path runs without compiling: `generate` compiles on CUDA only (its
+    auto-compile criteria), and on the 2-core development machine inductor took 10-30 s per batch size
+    even for the 2-layer test model (forced on there once, transformers 4.57 and 5.17: one graph, no
+    recompiles or graph breaks, tokens equal to eager's), too slow for the test suite; the tokens still
+    go through the static cache and the warm-up a GPU run uses."""
+
+    # untimed generations each new batch size gets before its first timed one: the first call traces
+    # and compiles, the next records the CUDA graphs (cudagraph trees warm up before they record)
+    WARMUP_CALLS = 3
+    WARMUP_TOKENS = 8
+
+    def __init__(self, spec: SystemSpec, threads: int):
+        from transformers import CompileConfig
+
+        super().__init__(spec, threads)
+        self.compiled = self.device == "cuda"
+        self.caches: dict[int, object] = {}  # batch size -> its StaticCache
+        # fullgraph: GPT-2 compiles whole (_can_compile_fullgraph); a graph break fails loudly (the harness
+        # drops the baseline with the reason) instead of measuring a step that runs partly eager
+        self.compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
+
+    def info(self) -> dict:
+        return {**super().info(), "compiled": self.compiled}
+
+    def _grad_mode(self):
+        import torch
+
+        # no_grad, as generate itself runs: the kept cache's tensors must stay ordinary tensors, which
+        # reset() may write outside inference mode, and inference tensors are not what the recipe compiles
+        return torch.no_grad()
+
+    def _generate_args(self, batch: int) -> dict:
+        from transformers import StaticCache
+
+        cache = self.caches.get(batch)
+        if cache is None:
+            cache = self.caches[batch] = StaticCache(config=self.model.config, max_cache_len=self.model.config.n_positions)
+            self._warm_up(batch)
+        cache.reset()  # zeros, in place: the compiled step keeps reading the same addresses
+        # disable_compile off CUDA: see the class docstring
+        return {"past_key_values": cache, "compile_config": self.compile_config, "disable_compile": not self.compiled}
+
+    def _warm_up(self, batch: int) -> None:
+        rows = prompt_rows(batch, 8, self.vocab)
+        for _ in range(self.WARMUP_CALLS):
+            self._generate(rows, self.WARMUP_TOKENS)  # the cache exists now: no recursion
 
 
 class _Optimum(_HFGenerate):

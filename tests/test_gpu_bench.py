@@ -1,0 +1,261 @@
+"""The GPU check's pieces, on the CPU: the static-cache PyTorch baseline (pytorch-compile, uncompiled
+off CUDA), the capture check (benchmarks/gpu_check.py) on the cpu provider, the bandwidth the floor
+divides by, the GPU bars' text, and the invocations benchmarks/gpu.sh makes."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpt2onnx.benchmarks import gpu_check, harness, report, systems
+from gpt2onnx.export import checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory, tiny):
+    """synthetic:tiny as a Hugging Face directory, as the harness saves it for its baselines."""
+    path = str(tmp_path_factory.mktemp("hf") / "hf-tiny-seed0")
+    checkpoints.save_hf_checkpoint(tiny, path)
+    return path
+
+
+# ---- the static-cache baseline ------------------------------------------------------------------
+
+def test_static_cache_baseline_follows_eager_pytorch(tiny_hf):
+    """pytorch-compile's path off CUDA: generate through a kept StaticCache per batch size, reset between
+    calls. Its greedy tokens equal eager PyTorch's, also when a cache is reused by a later call of the
+    same batch size (a cache not reset would leak the earlier call's keys into the next)."""
+    spec = systems.SystemSpec("static", "pytorch-compile", tiny_hf, threads=1)
+    static = systems._PyTorchCompiled(spec, 1)
+    eager = systems._PyTorch(systems.SystemSpec("eager", "pytorch", tiny_hf, threads=1), 1)
+    assert static.info()["compiled"] is False  # compiled on CUDA only
+    calls = [(2, 8, 12), (1, 16, 10), (2, 30, 12), (1, 100, 20)]  # each batch size twice: the second reuses its cache
+    for batch, plen, new in calls:
+        rows = systems.prompt_rows(batch, plen, static.vocab)
+        got, want = static.generate(rows, new), eager.generate(rows, new)
+        assert [len(t) for t in got["tokens"]] == [new] * batch and len(got["step_s"]) == new - 1
+        assert got["tokens"] == want["tokens"], (batch, plen)
+    assert len(set(want["tokens"][0])) > 3  # varied tokens, not one repeated
+    assert sorted(static.caches) == [1, 2]
+    cache = static.caches[1]
+    assert type(cache).__name__ == "StaticCache" and cache.max_cache_len == 128  # the whole position table
+    assert tuple(cache.layers[0].keys.shape) == (1, 4, 128, 16)  # [batch, heads, positions, head_dim], allocated once
+    assert cache.get_seq_length() == 100 + 20 - 1  # the last call ran through it (its last token is never fed back)
+
+
+def test_bench_runs_the_static_cache_baseline(tmp_path, tiny_artifact):
+    """`--baselines pytorch,pytorch-compile` through the harness: a row and a ratio column each, named
+    for what runs (pytorch-static off CUDA), and the report says how it runs."""
+    s = harness.Settings(artifacts=[tiny_artifact], baselines=["pytorch", "pytorch-compile"], batch=[1], prompt_len=[8],
+                         new_tokens=4, repeats=1, context=[], chat_turns=0, concurrent_clients=[], footprint=False, beams=0,
+                         out=str(tmp_path / "rep"), cache=str(tmp_path / "cache"))
+    res = harness.run(s, log=lambda m: None)
+    by_kind = {x["kind"]: x for x in res["systems"]}
+    assert by_kind["pytorch-compile"]["name"] == "pytorch-static fp32 cpu" and by_kind["pytorch-compile"]["compiled"] is False
+    assert by_kind["ours"]["cuda_graph"] is False  # the cpu provider: no session with enable_cuda_graph
+    assert {r["system"] for r in res["records"]} == {"ours fp32 cpu", "pytorch fp32 cpu", "pytorch-static fp32 cpu"}
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| pytorch-static fp32 cpu |" in text and "× pytorch-static fp32 cpu |" in text
+    assert "pytorch-static fp32 cpu: transformers `generate` with a static KV cache" in text and "not compiled here" in text
+    assert "GB/s (% of read bw)" in text and "## The GPU bars" not in text  # a CPU run: the host's bandwidth, no GPU bars
+
+    # the same results as a CUDA run that measured its GPU's bandwidth: the floor and GB/s use that figure
+    res["settings"]["provider"] = "cuda"
+    res["machine"]["memory_bandwidth_gbs"]["device_copy"] = 4000.0
+    res["summary"] = harness.summarize(res["records"], res["systems"], res["machine"], "cuda")
+    ours = next(r for r in res["summary"] if r["system"] == "ours fp32 cpu" and r["scenario"] == "decode")
+    assert ours["bandwidth_fraction"] == pytest.approx(ours["achieved_gbs"] / 4000.0)
+    report.write_report(res, str(tmp_path / "rep"))
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "GPU device-to-device copy 4000 GB/s" in text and "GB/s (% of GPU bw)" in text and "% of read bw" not in text
+    assert "## The GPU bars" in text  # ours is fp32 here: no bar rows, the section states the setting only
+
+
+def test_bench_drops_a_baseline_that_answers_with_an_error(tmp_path, tiny_artifact, monkeypatch):
+    """A baseline whose generate raises (a torch.compile that fails on the GPU machine) is dropped with
+    the reason, as a crashed one is; the run and ours' figures go on. Ours answering with an error ends the run."""
+
+    class Failing(systems.Worker):
+        def request(self, kind, **args):
+            if self.spec.kind == "pytorch-compile" and kind == "generate":
+                raise systems.WorkerError(f"{self.spec.name}: BackendCompilerFailed: no C compiler")
+            return super().request(kind, **args)
+
+    monkeypatch.setattr(harness, "Worker", Failing)
+    s = harness.Settings(artifacts=[tiny_artifact], baselines=["pytorch-compile"], batch=[1], prompt_len=[8], new_tokens=3,
+                         repeats=1, context=[], chat_turns=0, concurrent_clients=[], footprint=False, beams=0,
+                         out=str(tmp_path / "rep"), cache=str(tmp_path / "cache"))
+    res = harness.run(s, log=lambda m: None)
+    assert [x["name"] for x in res["systems"]] == ["ours fp32 cpu"] and {r["system"] for r in res["records"]} == {"ours fp32 cpu"}
+    assert res["skipped"] == [{"baseline": "pytorch-static fp32 cpu",
+                               "reason": "pytorch-static fp32 cpu: BackendCompilerFailed: no C compiler while decode b1 p8"}]
+    monkeypatch.setattr(Failing, "request", lambda self, kind, **a: (_ for _ in ()).throw(systems.WorkerError("ours: boom")))
+    s.baselines, s.out = [], str(tmp_path / "rep2")
+    with pytest.raises(systems.WorkerError, match="^ours: boom$"):
+        harness.run(s, log=lambda m: None)
+
+
+# ---- the bandwidth the floor divides by ---------------------------------------------------------
+
+def test_floor_bandwidth_is_the_gpus_on_cuda():
+    machine = {"memory_bandwidth_gbs": {"read": 50.0, "copy": 20.0, "device_copy": 3000.0}}
+    assert report.floor_bandwidth(machine, "cuda") == ("device_copy", 3000.0)
+    assert report.floor_bandwidth(machine, "cpu") == ("read", 50.0)
+    no_gpu_figure = {"memory_bandwidth_gbs": {"read": 50.0, "copy": 20.0}}
+    assert report.floor_bandwidth(no_gpu_figure, "cuda") == ("read", 50.0)
+    # summarize: achieved GB/s = weights per token / p50, as a fraction of the chosen bandwidth
+    rec = {"system": "a", "scenario": "decode", "batch": 1, "prompt_len": 32, "new_tokens": 8,
+           **{f: 1.0 for f in harness.FIGURES}}  # p50 1 ms
+    systems_ = [{"name": "a", "weights_bytes_per_token": 708e6}]
+    for provider, bw in (("cuda", 3000.0), ("cpu", 50.0)):
+        row = harness.summarize([rec], systems_, machine, provider)[0]
+        assert row["achieved_gbs"] == pytest.approx(708.0) and row["bandwidth_fraction"] == pytest.approx(708.0 / bw)
+
+
+def test_device_bandwidth_measures_a_copy():
+    """The GPU bandwidth measurement, run on the CPU device: a positive figure, no CUDA needed."""
+    gbs = harness.device_bandwidth_gbs("cpu", mb=8, repeats=3)
+    assert 0.1 < gbs < 10_000
+
+
+def test_machine_info_on_cuda_measures_the_gpu_or_says_why_not():
+    """The bench on CUDA measures the GPU's bandwidth in a process of its own; where torch has no CUDA
+    (this machine) the reason is recorded, and the report then names the host bandwidth it used instead."""
+    import torch
+
+    machine = harness.machine_info("cuda")
+    if torch.cuda.is_available():
+        assert machine["memory_bandwidth_gbs"]["device_copy"] > 100 and "device_bandwidth_error" not in machine
+    else:
+        assert "device_copy" not in machine["memory_bandwidth_gbs"] and "CUDA" in machine["device_bandwidth_error"]
+        assert report.floor_bandwidth(machine, "cuda") == ("read", machine["memory_bandwidth_gbs"]["read"])
+
+
+# ---- the capture check --------------------------------------------------------------------------
+
+def test_capture_check_on_the_cpu_provider(tmp_path, tiny_artifact):
+    out = tmp_path / "gpu"
+    r = subprocess.run([sys.executable, "-m", "gpt2onnx.benchmarks.gpu_check", tiny_artifact, "--out", str(out), "--provider",
+                        "cpu", "--new-tokens", "6", "--timing-tokens", "6", "--repeats", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "capture.json").read_text())
+    cap, unc = res["runs"]["captured"], res["runs"]["uncaptured"]
+    assert (cap["cuda_graph_requested"], unc["cuda_graph_requested"]) == (True, False)
+    assert (cap["session_cuda_graph"], unc["session_cuda_graph"]) == (False, False)  # no CUDA graphs on the cpu provider
+    assert res["provider"] == "CPUExecutionProvider" and res["captured"] is False
+    assert res["tokens_equal"] is True and res["divergence"] == []
+    assert res["calls"] == ["batch 1, prompt 8", "batch 1, prompt 32", "batch 1, prompt 100", "batch 4, prompt 8"]  # 300 + 6 > 128
+    assert cap["p50_ms"] > 0 and unc["p50_ms"] > 0 and res["speedup"] == pytest.approx(unc["p50_ms"] / cap["p50_ms"])
+    md = (out / "capture.md").read_text()
+    assert "Capture: **not captured**: the CPUExecutionProvider has no CUDA graphs." in md
+    assert "| captured | yes | no |" in md and "| uncaptured | no | no |" in md
+    assert md.strip().endswith(r.stdout.strip().splitlines()[-1])  # stdout prints the same summary
+
+
+def test_capture_check_finds_differing_rows():
+    a = [[[1, 2, 3]], [[4, 5, 6], [7, 8, 9]]]
+    b = [[[1, 2, 3]], [[4, 5, 6], [7, 0, 9]]]
+    assert gpu_check.compare(["one", "two"], a, a) == []
+    assert gpu_check.compare(["one", "two"], a, b) == [{"call": "two", "row": 1, "first_diff": 1, "length": 3}]
+    with pytest.raises(ValueError):  # a call missing from one side is a bug in the check, not a difference
+        gpu_check.compare(["one", "two"], a, b[:1])
+
+
+def _capture(captured: bool, session: bool, divergence=()) -> dict:
+    run = lambda asked, has, ms: {"cuda_graph_requested": asked, "session_cuda_graph": has, "load_s": 3.0,  # noqa: E731
+                                  "load_warnings": [], "p50_ms": ms, "ttft_ms": 9.0}
+    return {"created": "2026-12-03T00:00:00Z", "checkpoint": "synthetic:dialogpt-medium", "precision": "fp16",
+            "provider": "CUDAExecutionProvider", "onnxruntime": "1.31.1",
+            "runs": {"captured": run(True, session, 0.8), "uncaptured": run(False, False, 4.0)},
+            "calls": ["batch 1, prompt 8"], "new_tokens": 32, "tokens_equal": not divergence, "divergence": list(divergence),
+            "timing": {"batch": 1, "prompt_len": 32, "new_tokens": 128, "repeats": 5}, "captured": captured, "speedup": 5.0}
+
+
+def test_capture_verdicts():
+    text = lambda r: "\n".join(gpu_check.render(r))  # noqa: E731
+    assert "Capture: **captured**: the session was created with enable_cuda_graph" in text(_capture(True, True))
+    assert "**not captured**: onnxruntime refused enable_cuda_graph" in text(_capture(False, False))
+    differ = text(_capture(False, True, [{"call": "batch 1, prompt 8", "row": 0, "first_diff": 1, "length": 32}]))
+    assert "enable_cuda_graph but its tokens differ" in differ and "1 rows differ" in differ
+    assert "- batch 1, prompt 8, row 0: first differs at token 1 of 32" in differ
+
+
+# ---- the GPU bars -------------------------------------------------------------------------------
+
+def _gpu_results(ours_ms: float, compiled_ms: float, itl_p99_ms: float, captured: bool = True) -> dict:
+    row = lambda name, ms: {"system": name, "scenario": "decode", "batch": 1, "prompt_len": 32, "p50_ms": ms}  # noqa: E731
+    return {"settings": {"provider": "cuda", "prompt_len": [32], "new_tokens": 128},
+            "systems": [{"name": "ours fp16 cuda", "kind": "ours", "precision": "fp16", "shape": [24, 1024], "cuda_graph": captured},
+                        {"name": "pytorch fp16 cuda", "kind": "pytorch", "precision": "fp16"},
+                        {"name": "pytorch-compile fp16 cuda", "kind": "pytorch-compile", "precision": "fp16", "compiled": True}],
+            "summary": [row("ours fp16 cuda", ours_ms), row("pytorch fp16 cuda", 19.0), row("pytorch-compile fp16 cuda", compiled_ms),
+                        {"system": "ours fp16 cuda", "scenario": "concurrent", "mode": "scheduler", "clients": 16,
+                         "itl_p99_ms": itl_p99_ms}]}
+
+
+def test_gpu_bars_state_each_value_and_verdict():
+    text = "\n".join(report._gpu_section(_gpu_results(0.80, 1.60, 2.0), None))
+    assert "- **ours fp16 cuda, per token**: p50 **0.80 ms**, step captured (session created with enable_cuda_graph) " \
+           "(target ≤ 1 ms with the step captured: met)." in text
+    assert "- **ours fp16 cuda against pytorch-compile fp16 cuda**: 0.80 ÷ 1.60 ms = **0.50×** (target < 1: met)." in text
+    assert "- **ours fp16 cuda, scheduler at C=16**: p99 inter-token latency 2.00 ms ÷ batch-1 p50 0.80 ms = **2.50×** " \
+           "(target ≤ 3: met)." in text
+    slow = "\n".join(report._gpu_section(_gpu_results(4.49, 1.60, 35.2, captured=False), _capture(False, False)))
+    assert "p50 **4.49 ms**, step **not captured** (target ≤ 1 ms with the step captured: **not met**)." in slow
+    assert "= **2.81×** (target < 1: **not met**)." in slow and "= **7.84×** (target ≤ 3: **not met**)." in slow
+    assert "## CUDA graph capture check" in slow and "onnxruntime refused enable_cuda_graph" in slow
+    # fast but uncaptured is not the bar; a CPU run has no GPU bars, only the capture check when there is one
+    assert "(target ≤ 1 ms with the step captured: **not met**)" in "\n".join(report._gpu_section(_gpu_results(0.5, 1.6, 1.0, False), None))
+    cpu = _gpu_results(0.8, 1.6, 2.0)
+    cpu["settings"]["provider"] = "cpu"
+    assert report._gpu_section(cpu, None) == []
+
+
+# ---- benchmarks/gpu.sh --------------------------------------------------------------------------
+
+def test_gpu_script_invocations_parse(tmp_path):
+    """gpu.sh run with a stand-in interpreter that records its arguments: the capture check and the bench
+    get arguments their own parsers accept, with the baselines, scenarios and output the GPU run needs."""
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "python"
+    # records each call (one argument a line, then a line "@@") and succeeds; makes the --out directory's report.md
+    stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" @@ >> {calls}\n'
+                    'for ((i = 1; i < $#; i++)); do [[ "${!i}" == --out ]] && j=$((i + 1)) && mkdir -p "${!j}" '
+                    '&& touch "${!j}/report.md"; done; exit 0\n')
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "gpu-out"
+    out.mkdir()
+    (out / "capture.json").write_text("{}")  # a stale check from an earlier run
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHON": str(stub), "OUT": str(out)})
+    assert r.returncode == 0, r.stderr
+    assert not (out / "capture.json").exists()  # removed before the check, so no stale one lands in the report
+    invocations = [c.strip("\n").split("\n") for c in calls.read_text().split("@@\n")[:-1]]
+    modules = [c[1:] for c in invocations if c[0] == "-m"]
+    assert [m[0] for m in modules] == ["pip", "gpt2onnx.cli", "gpt2onnx.benchmarks.gpu_check", "gpt2onnx.cli"]
+    check = gpu_check.parser().parse_args(modules[2][1:])
+    assert check.out == str(out) and check.provider == "cuda" and check.artifact == "artifacts/dialogpt-medium-fp16-cuda"
+    cli = modules[3][1:]
+    assert cli[0] == "bench"
+    import argparse
+
+    p = argparse.ArgumentParser()
+    harness.add_arguments(p)
+    a = p.parse_args(cli[1:])
+    assert a.artifacts == ["artifacts/dialogpt-medium-fp16-cuda"] and a.out == str(out) and a.provider == "cuda"
+    assert a.baselines.split(",") == ["pytorch", "pytorch-compile"]
+    assert a.batch == [1, 64] and a.concurrent_clients == [16] and a.concurrent_precisions == ["fp16"]
+    assert a.context == [] and a.chat_turns == 0 and a.footprint is False and a.beams == 0
+    s = harness.Settings(artifacts=a.artifacts, baselines=a.baselines.split(","), batch=a.batch, prompt_len=a.prompt_len,
+                         new_tokens=a.new_tokens, repeats=a.repeats, context=a.context, chat_turns=a.chat_turns,
+                         concurrent_clients=a.concurrent_clients, concurrent_precisions=a.concurrent_precisions, provider=a.provider)
+    harness._check_settings(s)  # raises on a choice the harness refuses
+    assert s.prompt_len == [32] and s.new_tokens == 128
