@@ -2,7 +2,7 @@
 
 from .artifact import Manifest, load_manifest
 from .engine import Engine
-from .errors import Gpt2OnnxError
+from .errors import Gpt2OnnxError, SchedulerClosed
 from .prompt_cache import PromptCache
 from .request import Result, Stats, Token
 from .sampling import GenerationConfig
@@ -10,4 +10,4 @@ from .scheduler import Handle, QueueFull, Scheduler, SchedulerConfig
 from .session import SessionConfig
 
 __all__ = ["Engine", "GenerationConfig", "Gpt2OnnxError", "Handle", "Manifest", "PromptCache", "QueueFull", "Result",
-           "Scheduler", "SchedulerConfig", "SessionConfig", "Stats", "Token", "load_manifest"]
+           "Scheduler", "SchedulerClosed", "SchedulerConfig", "SessionConfig", "Stats", "Token", "load_manifest"]

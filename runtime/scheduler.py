@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
-from .errors import Gpt2OnnxError
+from .errors import Gpt2OnnxError, SchedulerClosed
 from .request import Request, Result, Token
 from .sampling import _int
 from .slots import SlotCache
@@ -105,7 +105,7 @@ class Scheduler:
         req = self.engine.request(prompt, self.engine.config(**kw), limit=self.capacity)
         with self.cv:
             if self.closed:
-                raise Gpt2OnnxError("the scheduler is shut down and takes no new requests")
+                raise SchedulerClosed("the scheduler is shut down and takes no new requests")
             if len(self.waiting) + len(self.running) >= len(self.slots) + self.config.max_queue:
                 self.counters["refused"] += 1
                 raise QueueFull(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
