@@ -125,3 +125,27 @@ class ChatCompletionRequest(_Sampling):
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
     """OpenAI's error JSON."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's and llama-server's route): text, or chat messages as the DialoGPT
+    prompt /v1/chat/completions would run (without dropping turns)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None  # may be left out when the server has one model
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    return_token_strs: bool = False
+
+    def unsupported(self) -> str | None:
+        if (self.prompt is None) == (self.messages is None):
+            return "give either prompt or messages"
+        return None
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize: token ids -> text."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]

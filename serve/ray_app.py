@@ -80,7 +80,7 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
     from .protocol import error_body
 
     @serve.deployment(num_replicas=None if autoscaling else replicas, autoscaling_config=autoscaling,
-                      max_ongoing_requests=cfg.max_batch + cfg.max_queue, health_check_period_s=2, health_check_timeout_s=10,
+                      max_ongoing_requests=cfg.scheduler.max_batch + cfg.scheduler.max_queue, health_check_period_s=2, health_check_timeout_s=10,
                       request_router_config=RequestRouterConfig(request_router_class=ConversationRouter),
                       ray_actor_options={"num_cpus": replica_cpus})
     class Replica:

@@ -27,8 +27,8 @@ def load_models(artifacts: list[str], cfg: ServeConfig) -> list[Model]:
         raise Gpt2OnnxError(f"two artifacts are both named {dup[0]!r}; model ids come from directory names, rename one")
     models = []
     for name, path in zip(names, artifacts):
-        engine = Engine.load(path, provider=cfg.provider, threads=cfg.threads)
-        sched = Scheduler(engine, cfg.scheduler_config())
+        engine = Engine.load(path, **vars(cfg.session))
+        sched = Scheduler(engine, cfg.scheduler)
         models.append(Model(name, engine, sched, int(time.time())))
     return models
 
@@ -46,7 +46,8 @@ def check(cfg: ServeConfig) -> None:
         raise Gpt2OnnxError("timeouts must be positive")
     if cfg.api_key is not None and not cfg.api_key.strip():
         raise Gpt2OnnxError("the API key is empty; give a non-empty key or none")
-    cfg.scheduler_config().validate(1 << 30)
+    cfg.session.validate()
+    cfg.scheduler.validate(1 << 30)  # capacity against each model's context: when it loads
 
 
 def serve(artifacts: list[str], cfg: ServeConfig) -> None:
