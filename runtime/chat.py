@@ -1,6 +1,6 @@
 """DialoGPT chat: every turn is its text followed by `<|endoftext|>`; the model continues the history.
 
-`turn`, `encode_turns` and `fit_history` are the one place that format and truncate a DialoGPT
+`turn`, `encode_turns`, `fit_history` and `joined` are the one place that format and truncate a DialoGPT
 history: the chat session here, the server's /v1/chat/completions, the trained model's data
 (export/train.py) and the benchmarks' conversations use them. A history that does not fit loses
 its oldest whole turns (what DialoGPT users do), on every path.
@@ -31,6 +31,11 @@ def turn(ids: Sequence[int], eos: int) -> list[int]:
 def encode_turns(tokenizer, texts: Sequence[str | None], eos: int) -> list[list[int]]:
     """Each text as a DialoGPT turn. `tokenizer`: a `tokenizers.Tokenizer`; None or "" is an empty turn."""
     return [turn(tokenizer.encode(t or "", add_special_tokens=False).ids, eos) for t in texts]
+
+
+def joined(turns: Sequence[Sequence[int]]) -> list[int]:
+    """A history's prompt: its turns one after another (the model continues after the last EOS)."""
+    return [t for tu in turns for t in tu]
 
 
 def fit_history(turns: Sequence[list[int]], budget: int) -> list[list[int]]:
@@ -72,7 +77,7 @@ class ChatSession:
         eos = self.engine.eos_token_id
         user = turn(self.engine.encode(text), eos)
         self.turns = fit_history(self.turns + [user], self.engine.n_positions - self.cfg.max_new_tokens)
-        prompt = [t for tu in self.turns for t in tu]
+        prompt = joined(self.turns)
         req = self.engine.request(prompt, self.cfg, stream=False)
         for _ in self.engine.run([req], self.cache if self.cfg.num_beams == 1 else None):
             pass

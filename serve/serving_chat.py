@@ -9,7 +9,7 @@ than the context beside max_tokens loses its oldest whole turns, as `gpt2onnx ch
 from __future__ import annotations
 
 from gpt2onnx.runtime import Gpt2OnnxError
-from gpt2onnx.runtime.chat import encode_turns, fit_history
+from gpt2onnx.runtime.chat import encode_turns, fit_history, joined
 from gpt2onnx.runtime.request import Result, Token
 
 from .errors import APIError
@@ -32,7 +32,7 @@ class ChatServing(Serving):
             turns = fit_history(encode_turns(engine.tokenizer, texts, engine.eos_token_id), budget)
         except Gpt2OnnxError as e:
             raise APIError(400, str(e), param="messages") from None
-        return [[t for tu in turns for t in tu]]
+        return [joined(turns)]
 
     def options(self) -> dict:
         kw = super().options()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from gpt2onnx.runtime.chat import encode_turns
+from gpt2onnx.runtime.chat import encode_turns, joined
 
 from .errors import APIError
 from .protocol import DetokenizeRequest, TokenizeRequest
@@ -25,7 +25,7 @@ async def tokenize(request: Request):
     engine = model.engine
     if body.messages is not None:
         texts = [m.content for m in body.messages if m.role in ("user", "assistant")]
-        ids = [t for tu in encode_turns(engine.tokenizer, texts, engine.eos_token_id) for t in tu]
+        ids = joined(encode_turns(engine.tokenizer, texts, engine.eos_token_id))
     else:
         ids = engine.tokenizer.encode(body.prompt, add_special_tokens=False).ids
     out = {"count": len(ids), "max_model_len": model.scheduler.capacity, "tokens": ids}
