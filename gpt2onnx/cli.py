@@ -28,6 +28,11 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncate", action="store_true", default=None, help="keep the newest prompt tokens when too long")
     p.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size, prompt included (default off)")
     p.add_argument("--min-new-tokens", type=int, help="forbid the stop token before this many new tokens (default 0)")
+    p.add_argument("--presence-penalty", type=float, help="OpenAI's: subtract this from tokens already generated (-2..2, default off)")
+    p.add_argument("--frequency-penalty", type=float, help="OpenAI's: subtract this per earlier occurrence in the reply (-2..2, default off)")
+    p.add_argument("--logit-bias", type=_logit_bias, metavar="ID:BIAS,...",
+                   help="add BIAS (-100..100) to token ID's logit: 100 forces it, -100 bans it")
+    p.add_argument("--min-p", type=float, help="sampling: drop tokens less likely than this x the likeliest (default off)")
     b = p.add_argument_group("beam search (the whole reply at the end: not with --stream or --sample)")
     b.add_argument("--num-beams", type=int, help=f"beams per prompt (default {d.num_beams}: no beam search)")
     b.add_argument("--length-penalty", type=float,
@@ -35,6 +40,13 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--early-stopping", type=_early_stopping, metavar="{true,false,never}",
                    help=f"true: stop once num_beams replies are finished; false: when none can improve (a heuristic); "
                         f"never: only when none can (default {str(d.early_stopping).lower()})")
+
+
+def _logit_bias(text: str) -> dict[int, float]:
+    try:
+        return {int(i): float(b) for i, b in (pair.split(":") for pair in text.split(",") if pair.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give ID:BIAS pairs separated by commas, e.g. 50256:-100 (got {text!r})") from None
 
 
 def _early_stopping(text: str) -> bool | str:

@@ -438,3 +438,42 @@ def test_chat_history_drops_oldest_turns_like_the_cli(server, engine):
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "word " * 200}], max_tokens=20)
     assert e.value.body["param"] == "messages" and "does not fit" in e.value.body["message"]
+
+
+def test_openai_sampling_fields_through_the_client(server, engine):
+    """logit_bias, presence_penalty and frequency_penalty as OpenAI's own arguments, min_p as an
+    extra field: the server's tokens are Engine.generate's with the same options."""
+    c = server.client()
+    prompt = engine.encode("Hello, how are you?")
+    forced = 42
+    r = c.completions.create(model=server.model, prompt=prompt, max_tokens=5, temperature=0, logit_bias={str(forced): 100})
+    assert r.choices[0].text == engine.decode([forced] * 5) and r.usage.completion_tokens == 5
+    kw = dict(max_new_tokens=8, eos_token_id=-1, presence_penalty=1.2, frequency_penalty=0.8)
+    want = engine.generate([prompt], **kw)[0]
+    r = c.completions.create(model=server.model, prompt=prompt, max_tokens=8, temperature=0, presence_penalty=1.2,
+                             frequency_penalty=0.8, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == engine.decode(want)
+    history = engine.encode("Hi there!") + [engine.eos_token_id]  # the chat route's DialoGPT prompt
+    banned = engine.generate([history], max_new_tokens=1)[0][0]
+    kw = dict(max_new_tokens=6, eos_token_id=-1, do_sample=True, temperature=0.9, seed=5, min_p=0.2, top_k=40,
+              logit_bias={banned: -100})
+    want = engine.generate([history], **kw)[0]
+    assert banned not in want
+    chat = c.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Hi there!"}], max_tokens=6,
+                                     temperature=0.9, seed=5, logit_bias={str(banned): -100},
+                                     extra_body={"min_p": 0.2, "top_k": 40, "ignore_eos": True})
+    assert chat.choices[0].message.content == engine.decode(want)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("presence_penalty", 2.5), ("frequency_penalty", -3), ("min_p", 1.5), ("logit_bias", {"42": 101}),
+    ("logit_bias", {"forty-two": 1}), ("logit_bias", {"99999999": 1}), ("logit_bias", [1, 2]),
+])
+def test_bad_sampling_fields_are_400_naming_the_field(server, field, value):
+    body = {"model": server.model, "prompt": "x", "max_tokens": 2, field: value}
+    r = httpx.post(server.url + "/completions", json=body, headers=server.headers(), timeout=30)
+    assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().chat.completions.create(model=server.model, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                                extra_body={field: value})
+    assert field in e.value.body["message"]
