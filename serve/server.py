@@ -19,14 +19,28 @@ from .app import Model, build_app
 from .config import ServeConfig
 
 
-def load_models(artifacts: list[str], cfg: ServeConfig) -> list[Model]:
-    """One engine and scheduler per artifact; the model id is the directory's name."""
+def model_names(artifacts: list[str]) -> list[str]:
+    """Each artifact's model id: its directory's name (two alike are refused)."""
     names = [os.path.basename(os.path.normpath(a)) for a in artifacts]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise Gpt2OnnxError(f"two artifacts are both named {dup[0]!r}; model ids come from directory names, rename one")
+    return names
+
+
+def announce(names: list[str], synthetic: list[str], host: str, port: int, cfg: ServeConfig, how: str = "") -> None:
+    """The start line (what is served, where) and the synthetic-weights note, on stderr: the same
+    for the plain server and --ray."""
+    print(f"gpt2onnx: serving {', '.join(names)} on http://{host}:{port}/v1" + (f" ({how})" if how else "")
+          + (" (API key required)" if cfg.api_key else ""), file=sys.stderr, flush=True)
+    if synthetic:
+        print(f"gpt2onnx: note: {', '.join(synthetic)} has synthetic weights; speed is real, the text is noise", file=sys.stderr, flush=True)
+
+
+def load_models(artifacts: list[str], cfg: ServeConfig) -> list[Model]:
+    """One engine and scheduler per artifact; the model id is the directory's name."""
     models = []
-    for name, path in zip(names, artifacts):
+    for name, path in zip(model_names(artifacts), artifacts):
         engine = Engine.load(path, **vars(cfg.session))
         sched = Scheduler(engine, cfg.scheduler)
         models.append(Model(name, engine, sched, int(time.time())))
@@ -61,11 +75,7 @@ def serve(artifacts: list[str], cfg: ServeConfig) -> None:
     models = load_models(artifacts, cfg)
     app = build_app(models, cfg)
     host, port = sock.getsockname()[:2]
-    print(f"gpt2onnx: serving {', '.join(m.name for m in models)} on http://{host}:{port}/v1"
-          + (" (API key required)" if cfg.api_key else ""), file=sys.stderr, flush=True)
-    synthetic = [m.name for m in models if m.engine.manifest.synthetic]
-    if synthetic:
-        print(f"gpt2onnx: note: {', '.join(synthetic)} has synthetic weights; speed is real, the text is noise", file=sys.stderr, flush=True)
+    announce([m.name for m in models], [m.name for m in models if m.engine.manifest.synthetic], host, port, cfg)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(cfg.shutdown_timeout_s) or None,
                                            access_log=False))
     # uvicorn handles SIGTERM (graceful stop), then re-raises it under the handler it found; a no-op
