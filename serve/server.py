@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import replace
 
 from gpt2onnx.runtime import Engine, Gpt2OnnxError, Scheduler
 
@@ -61,7 +62,7 @@ def check(cfg: ServeConfig) -> None:
     if cfg.api_key is not None and not cfg.api_key.strip():
         raise Gpt2OnnxError("the API key is empty; give a non-empty key or none")
     cfg.session.validate()
-    cfg.scheduler.validate(1 << 30)  # capacity against each model's context: when it loads
+    replace(cfg.scheduler, capacity=None).validate(1 << 30)  # capacity against each model's context when it loads
 
 
 def serve(artifacts: list[str], cfg: ServeConfig) -> None:

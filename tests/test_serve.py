@@ -477,3 +477,25 @@ def test_bad_sampling_fields_are_400_naming_the_field(server, field, value):
         server.client().chat.completions.create(model=server.model, messages=[{"role": "user", "content": "x"}], max_tokens=2,
                                                 extra_body={field: value})
     assert field in e.value.body["message"]
+
+
+def test_cli_defaults_are_the_config_objects_and_capacity_is_settable(tiny_artifact):
+    """No flag: exactly ServeConfig() (whose scheduler and session are SchedulerConfig() and
+    SessionConfig()); --capacity and --no-keep-prefixes reach the scheduler of a running server."""
+    from gpt2onnx.cli import _serve_config, build_parser
+    from gpt2onnx.serve.config import ServeConfig
+
+    assert _serve_config(build_parser().parse_args(["serve", "ART"])) == ServeConfig()
+    cfg = _serve_config(build_parser().parse_args(["serve", "ART", "--capacity", "64", "--no-keep-prefixes", "--threads", "1"]))
+    assert (cfg.scheduler.capacity, cfg.scheduler.keep_prefixes, cfg.session.threads) == (64, False, 1)
+    s = Server(tiny_artifact, "--capacity", "64", "--no-keep-prefixes", key=None)
+    try:
+        assert httpx.post(s.base + "/tokenize", json={"prompt": "x"}, timeout=30).json()["max_model_len"] == 64
+        r = httpx.post(s.url + "/completions", json={"model": s.model, "prompt": [1] * 60, "max_tokens": 8}, timeout=30)
+        assert r.status_code == 400 and "64-position context" in r.json()["error"]["message"]
+        body = {"model": s.model, "messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 4, "temperature": 0}
+        for _ in range(2):
+            assert httpx.post(s.url + "/chat/completions", json=body, timeout=30).status_code == 200
+        assert 'gpt2onnx_cached_tokens_total{model="' + s.model + '"} 0.0' in httpx.get(s.base + "/metrics", timeout=10).text
+    finally:
+        assert s.stop() == 0
