@@ -104,15 +104,17 @@ def run_chat(runner, turns: int, user_len: int, reply_len: int) -> dict:
     """A DialoGPT conversation: each turn a user message (`user_len` deterministic ids + EOS), then
     a reply of exactly `reply_len` tokens + EOS, the whole history being the next turn's prompt.
     Every system gets the same user messages; each continues its own replies."""
+    from gpt2onnx.runtime.chat import turn  # DialoGPT's turn format, the runtime's own
+
     rng = np.random.default_rng(turns * 1000 + user_len)
     runner.new_conversation()
     history: list[int] = []
     out = []
     for _ in range(turns):
-        history += rng.integers(0, runner.vocab - 1, size=user_len).tolist() + [runner.eos]
+        history += turn(rng.integers(0, runner.vocab - 1, size=user_len).tolist(), runner.eos)
         timing, reply = runner.reply(history, reply_len)
         out.append({"prompt_len": len(history), **timing})
-        history += reply + [runner.eos]
+        history += turn(reply, runner.eos)
     return {"turns": out}
 
 

@@ -119,11 +119,10 @@ def split(convs: list[list[str]], holdout_every: int) -> tuple[list[list[str]], 
 
 
 def encode_conversation(tokenizer, turns: list[str], eos_id: int) -> list[int]:
-    """DialoGPT's format: each turn's tokens followed by `<|endoftext|>`."""
-    ids = []
-    for t in turns:
-        ids += tokenizer.encode(t).ids + [eos_id]
-    return ids
+    """DialoGPT's format, the runtime's (runtime/chat.py): each turn's tokens followed by `<|endoftext|>`."""
+    from gpt2onnx.runtime.chat import encode_turns, joined
+
+    return joined(encode_turns(tokenizer, turns, eos_id))
 
 
 def data_key(cfg: TrainConfig) -> str:

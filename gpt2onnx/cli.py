@@ -43,6 +43,11 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncate", action="store_true", default=None, help="keep the newest prompt tokens when too long")
     p.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size, prompt included (default off)")
     p.add_argument("--min-new-tokens", type=int, help="forbid the stop token before this many new tokens (default 0)")
+    p.add_argument("--presence-penalty", type=float, help="OpenAI's: subtract this from tokens already generated (-2..2, default off)")
+    p.add_argument("--frequency-penalty", type=float, help="OpenAI's: subtract this per earlier occurrence in the reply (-2..2, default off)")
+    p.add_argument("--logit-bias", type=_logit_bias, metavar="ID:BIAS,...",
+                   help="add BIAS (-100..100) to token ID's logit: 100 forces it, -100 bans it")
+    p.add_argument("--min-p", type=float, help="sampling: drop tokens less likely than this x the likeliest (default off)")
     b = p.add_argument_group("beam search (the whole reply at the end: not with --stream or --sample)")
     b.add_argument("--num-beams", type=int, help=f"beams per prompt (default {d.num_beams}: no beam search)")
     b.add_argument("--length-penalty", type=float,
@@ -50,6 +55,13 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--early-stopping", type=_early_stopping, metavar="{true,false,never}",
                    help=f"true: stop once num_beams replies are finished; false: when none can improve (a heuristic); "
                         f"never: only when none can (default {str(d.early_stopping).lower()})")
+
+
+def _logit_bias(text: str) -> dict[int, float]:
+    try:
+        return {int(i): float(b) for i, b in (pair.split(":") for pair in text.split(",") if pair.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give ID:BIAS pairs separated by commas, e.g. 50256:-100 (got {text!r})") from None
 
 
 def _early_stopping(text: str) -> bool | str:
@@ -219,13 +231,11 @@ def cmd_serve(args) -> None:
 
     _need("serve")
     try:
-        from gpt2onnx.serve.config import ServeConfig
         from gpt2onnx.serve.server import serve
     except ImportError as e:
         raise Gpt2OnnxError(f"the server needs {e.name}; install it with `pip install gpt2onnx[serve]`") from None
-    d = ServeConfig()
-    given = {k: v for k, v in vars(args).items() if k in d.__dataclass_fields__ and v is not None}
-    cfg = ServeConfig(**{**given, "api_key": args.api_key or os.environ.get("GPT2ONNX_API_KEY") or None})
+    cfg = _serve_config(args)
+    cfg.api_key = args.api_key or os.environ.get("GPT2ONNX_API_KEY") or None
     if not args.ray:
         serve(args.artifacts, cfg)
         return
@@ -249,37 +259,47 @@ def _default_arg(func, name: str):
     return inspect.signature(func).parameters[name].default
 
 
-def _add_serve_args(p: argparse.ArgumentParser) -> None:
-    from gpt2onnx.runtime.scheduler import SchedulerConfig
+def _given(cls, args, skip: tuple[str, ...] = ()) -> dict:
+    """The fields of dataclass `cls` that the command line set (flags left out stay None)."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in skip and getattr(args, f.name, None) is not None}
 
-    d, sd = _serve_defaults(), SchedulerConfig()
+
+def _serve_config(args):
+    """ServeConfig from the flags given; everything else is the defaults of ServeConfig,
+    SchedulerConfig and SessionConfig."""
+    from gpt2onnx.runtime.scheduler import SchedulerConfig
+    from gpt2onnx.runtime.session import SessionConfig
+    from gpt2onnx.serve.config import ServeConfig
+
+    return ServeConfig(**_given(ServeConfig, args, skip=("scheduler", "session", "api_key")),
+                       scheduler=SchedulerConfig(**_given(SchedulerConfig, args)),
+                       session=SessionConfig(**_given(SessionConfig, args)))
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    from gpt2onnx.serve.config import ServeConfig  # the dataclasses only: no serve extra needed for --help
+
+    d = ServeConfig()
+    sd = d.scheduler
     p.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="artifact directories; each is a model named after its directory")
-    p.add_argument("--host", help=f"address to listen on (default {d['host']}: loopback only)")
-    p.add_argument("--port", type=int, help=f"port (default {d['port']}; 0 = any free port, printed at start)")
+    p.add_argument("--host", help=f"address to listen on (default {d.host}: loopback only)")
+    p.add_argument("--port", type=int, help=f"port (default {d.port}; 0 = any free port, printed at start)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (or set GPT2ONNX_API_KEY)")
-    p.add_argument("--max-tokens", type=int, help=f"cap on a request's max_tokens (default {d['max_tokens']})")
-    p.add_argument("--default-max-tokens", type=int, help=f"max_tokens when a request names none (default {d['default_max_tokens']})")
-    p.add_argument("--max-body-bytes", type=int, help=f"largest request body (default {d['max_body_bytes']})")
-    p.add_argument("--request-timeout-s", type=float, help=f"cancel a request after this long (default {d['request_timeout_s']:g})")
-    p.add_argument("--shutdown-timeout-s", type=float, help=f"on SIGTERM, time in-flight requests get (default {d['shutdown_timeout_s']:g})")
-    p.add_argument("--max-batch", type=int, help=f"requests decoded together per model (default {sd.max_batch})")
-    p.add_argument("--max-queue", type=int, help=f"requests waiting beyond the batch before 429 (default {sd.max_queue})")
-    p.add_argument("--prefill-chunk", type=int, help=f"prompt tokens per decode step while others decode (default {sd.prefill_chunk})")
+    p.add_argument("--max-tokens", type=int, help=f"cap on a request's max_tokens (default {d.max_tokens})")
+    p.add_argument("--default-max-tokens", type=int, help=f"max_tokens when a request names none (default {d.default_max_tokens})")
+    p.add_argument("--max-body-bytes", type=int, help=f"largest request body (default {d.max_body_bytes})")
+    p.add_argument("--request-timeout-s", type=float, help=f"cancel a request after this long (default {d.request_timeout_s:g})")
+    p.add_argument("--shutdown-timeout-s", type=float, help=f"on SIGTERM, time in-flight requests get (default {d.shutdown_timeout_s:g})")
+    s = p.add_argument_group("scheduler (one per model)")
+    s.add_argument("--max-batch", type=int, help=f"requests decoded together per model (default {sd.max_batch})")
+    s.add_argument("--max-queue", type=int, help=f"requests waiting beyond the batch before 429 (default {sd.max_queue})")
+    s.add_argument("--prefill-chunk", type=int, help=f"prompt tokens per decode step while others decode (default {sd.prefill_chunk})")
+    s.add_argument("--capacity", type=int, help="positions per batch row, prompt and reply (default the model's context)")
+    s.add_argument("--keep-prefixes", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"a finished request's row keeps its tokens for a later prompt that extends them, e.g. the next "
+                        f"turn of a conversation (default {'on' if sd.keep_prefixes else 'off'})")
     p.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas (pip install gpt2onnx[ray])")
     p.add_argument("--replicas", type=int, help="Ray Serve replicas with --ray (default: serve.ray_app.application's)")
-
-
-def _serve_defaults() -> dict:
-    """ServeConfig's defaults without importing the serve extra (help text only)."""
-    try:
-        from dataclasses import asdict
-
-        from gpt2onnx.serve.config import ServeConfig
-
-        return asdict(ServeConfig())
-    except ImportError:
-        return {"host": "127.0.0.1", "port": 8000, "max_tokens": 512, "default_max_tokens": 16, "max_body_bytes": 1 << 20,
-                "request_timeout_s": 300.0, "shutdown_timeout_s": 30.0}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import Gpt2OnnxError
 from .sampling import GenerationConfig, Sampler, logprobs, ngram_bans
 
 
@@ -118,6 +119,12 @@ class Request:
         if cfg.repetition_penalty != 1.0:
             self.seen = np.zeros(vocab, bool)
             self.seen[ids] = True
+        self.counts: np.ndarray | None = None  # [vocab] int32, each token's count in the reply so far: OpenAI's penalties
+        if cfg.presence_penalty or cfg.frequency_penalty:
+            self.counts = np.zeros(vocab, np.int32)
+        bad = [t for t in cfg.logit_bias or () if t >= vocab]
+        if bad:
+            raise Gpt2OnnxError(f"logit_bias token id {bad[0]} is outside the vocabulary 0..{vocab - 1}")
         self.row: np.ndarray | None = None  # [prompt + max_new_tokens] int64 (prompt, then each new token): n-gram bans
         if cfg.no_repeat_ngram_size:
             self.row = np.zeros(len(ids) + cfg.max_new_tokens, np.int64)
@@ -139,7 +146,7 @@ class Request:
 
     def choose(self, logits: np.ndarray) -> Token:
         """Sample the next token from logits [vocab], record it and decide whether the request ends."""
-        t = self.sampler(self.constrain(logits), self.seen)
+        t = self.sampler(self.constrain(logits), self.seen, self.counts)
         lp, top = logprobs(logits, t, self.cfg.logprobs) if self.cfg.logprobs is not None else (None, None)
         return self.accept(t, lp, top)
 
@@ -169,6 +176,8 @@ class Request:
             self.row[len(self.ids) + len(self.tokens) - 1] = t
         if self.seen is not None:
             self.seen[t] = True
+        if self.counts is not None:
+            self.counts[t] += 1
         ev = Token(t, self.text.push(t), len(self.tokens) - 1, lp, top)
         if t in self.stop_ids or self.text.stopped:
             self.finish_reason = "stop"

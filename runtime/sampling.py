@@ -1,7 +1,9 @@
 """Next-token choice from logits: greedy, or sampled with transformers' processor order.
 
-Order (as transformers applies them): repetition penalty -> no-repeat n-grams -> min_new_tokens ->
-temperature -> top-k -> top-p -> draw. (Beam search, beam.py, uses the first three on log-probabilities.)
+Order (as transformers applies them, OpenAI's and min_p where vLLM puts them): logit bias ->
+repetition penalty -> presence and frequency penalties -> no-repeat n-grams -> min_new_tokens ->
+temperature -> top-k -> top-p -> min-p -> draw. (Beam search, beam.py, uses repetition penalty,
+n-grams and min_new_tokens on log-probabilities, and refuses OpenAI's fields and min_p.)
 Every request samples with its own generator, so a seeded request draws the same tokens whatever
 else shares its batch.
 """
@@ -18,6 +20,8 @@ from .errors import Gpt2OnnxError
 MAX_STOP = 16  # stop strings per request
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's limit)
 MAX_BEAMS = 16  # beams per prompt: each is a full row of the batch (its own KV cache)
+MAX_PENALTY = 2.0  # presence / frequency penalty range, OpenAI's
+MAX_BIAS = 100.0  # logit_bias range, OpenAI's: +100 forces a token, -100 bans it
 
 
 @dataclass
@@ -41,6 +45,12 @@ class GenerationConfig:
     num_beams: int = 1  # > 1: beam search (generate, generate_text and chat; not stream or the Scheduler)
     length_penalty: float = 1.0  # beam search: a hypothesis scores log-probability / new_tokens ** length_penalty
     early_stopping: bool | str = False  # beam search: True | False | "never", as transformers
+    # OpenAI's penalties over the tokens generated so far in this reply (not the prompt): a token's
+    # logit loses count * frequency_penalty + (count > 0) * presence_penalty; -2..2, 0 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before anything else (-100..100)
+    min_p: float = 0.0  # sampling: drop tokens less likely than min_p x the likeliest one's probability; 0 = off
 
     def validate(self) -> None:
         """Type and range checks that need no model; the engine adds the vocabulary checks."""
@@ -81,6 +91,25 @@ class GenerationConfig:
             self.early_stopping = bool(self.early_stopping)
         elif self.early_stopping != "never":
             raise Gpt2OnnxError(f'early_stopping must be true, false or "never", got {self.early_stopping!r}'[:200])
+        for name in ("presence_penalty", "frequency_penalty"):
+            _float(getattr(self, name), name)
+            if abs(getattr(self, name)) > MAX_PENALTY:
+                raise Gpt2OnnxError(f"{name} must be from -{MAX_PENALTY:g} to {MAX_PENALTY:g}, got {getattr(self, name)}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise Gpt2OnnxError(f"logit_bias must map token ids to numbers, got {type(self.logit_bias).__name__}")
+            for t, b in self.logit_bias.items():
+                _int(t, "logit_bias token id", 0)
+                _float(b, f"logit_bias[{t}]")
+                if abs(b) > MAX_BIAS:
+                    raise Gpt2OnnxError(f"logit_bias[{t}] must be from -{MAX_BIAS:g} to {MAX_BIAS:g}, got {b}")
+            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} or None
+        _float(self.min_p, "min_p")
+        if not 0 <= self.min_p <= 1:
+            raise Gpt2OnnxError(f"min_p must be from 0 to 1 (0 turns it off), got {self.min_p}")
+        if self.num_beams > 1 and (self.presence_penalty or self.frequency_penalty or self.logit_bias or self.min_p):
+            raise Gpt2OnnxError("presence_penalty, frequency_penalty, logit_bias and min_p are not available with num_beams > 1; "
+                                "drop them or set num_beams=1")
         if self.num_beams > 1 and self.do_sample:
             raise Gpt2OnnxError("num_beams > 1 is beam search, which does not sample here; drop do_sample or set num_beams=1")
         if self.num_beams > 1 and self.logprobs is not None:
@@ -113,11 +142,16 @@ class Sampler:
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
         self.greedy = (not cfg.do_sample and cfg.repetition_penalty == 1.0  # argmax of the raw logits
-                       and not cfg.no_repeat_ngram_size and not cfg.min_new_tokens)
+                       and not cfg.no_repeat_ngram_size and not cfg.min_new_tokens
+                       and not cfg.presence_penalty and not cfg.frequency_penalty and not cfg.logit_bias)
+        bias = cfg.logit_bias or {}
+        self.bias_ids = np.fromiter(bias.keys(), np.int64, len(bias))  # [n]
+        self.bias = np.fromiter(bias.values(), np.float32, len(bias))  # [n]
 
-    def __call__(self, logits: np.ndarray, seen: np.ndarray | None = None) -> int:
-        """logits [vocab]; seen [vocab] bool, tokens already in the row (repetition penalty)."""
-        logits = self.warp(logits, seen)
+    def __call__(self, logits: np.ndarray, seen: np.ndarray | None = None, counts: np.ndarray | None = None) -> int:
+        """logits [vocab]; seen [vocab] bool, tokens already in the row (repetition penalty); counts
+        [vocab] int, how often each token was generated so far (presence and frequency penalties)."""
+        logits = self.warp(logits, seen, counts)
         if not self.cfg.do_sample:
             return int(logits.argmax())
         probs = np.exp(logits - logits.max())
@@ -126,12 +160,19 @@ class Sampler:
         u = self.rng.random()
         return int(min((probs.cumsum() < u).sum(), probs.shape[-1] - 1))
 
-    def warp(self, logits: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
-        """The scores the token is chosen from: logits [vocab] after the repetition penalty and, when
-        sampling, temperature, top-k and top-p (float64; -inf is never drawn)."""
+    def warp(self, logits: np.ndarray, seen: np.ndarray | None = None, counts: np.ndarray | None = None) -> np.ndarray:
+        """The scores the token is chosen from: logits [vocab] after the logit bias and the penalties
+        and, when sampling, temperature, top-k, top-p and min-p (float64; -inf is never drawn).
+        Never writes to `logits` (a row of a shared buffer)."""
         cfg = self.cfg
+        if len(self.bias_ids):
+            logits = logits.copy()
+            logits[self.bias_ids] += self.bias
         if cfg.repetition_penalty != 1.0 and seen is not None:
             logits = np.where(seen, np.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty), logits)
+        if counts is not None and (cfg.presence_penalty or cfg.frequency_penalty):
+            # OpenAI: mu[j] - c[j] * frequency_penalty - (c[j] > 0) * presence_penalty
+            logits = logits - counts * np.float32(cfg.frequency_penalty) - (counts > 0) * np.float32(cfg.presence_penalty)
         if not cfg.do_sample:
             return logits
         logits = logits.astype(np.float64) / cfg.temperature
@@ -140,6 +181,8 @@ class Sampler:
             logits = np.where(logits < kth, -np.inf, logits)
         if cfg.top_p < 1.0:
             logits = _top_p(logits, cfg.top_p)
+        if cfg.min_p > 0:  # relative to the likeliest token: p / p_max = exp(logit - max logit)
+            logits = np.where(logits < logits.max() + math.log(cfg.min_p), -np.inf, logits)
         return logits
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import Gpt2OnnxError
+from .errors import Gpt2OnnxError, SchedulerClosed
 from .request import Request, Result, Token
 from .sampling import _int
 
@@ -108,7 +108,7 @@ class Scheduler:
         req = self.engine.request(prompt, self.engine.config(**kw), limit=self.capacity)
         with self.cv:
             if self.closed:
-                raise Gpt2OnnxError("the scheduler is shut down and takes no new requests")
+                raise SchedulerClosed("the scheduler is shut down and takes no new requests")
             if len(self.waiting) + len(self.running) >= len(self.slots) + self.config.max_queue:
                 self.counters["refused"] += 1
                 raise QueueFull(f"the queue is full ({self.config.max_queue} requests waiting); retry later")

@@ -1,8 +1,12 @@
-"""The server's settings: one dataclass, built by the CLI and passed whole."""
+"""The server's settings: one dataclass, built by the CLI and passed whole. It holds the scheduler's
+and the session's own option objects, so their defaults and checks live in one place (runtime/)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from gpt2onnx.runtime.scheduler import SchedulerConfig
+from gpt2onnx.runtime.session import SessionConfig
 
 
 @dataclass
@@ -16,15 +20,5 @@ class ServeConfig:
     request_timeout_s: float = 300.0  # a request still running after this is cancelled (504, or an error event)
     shutdown_timeout_s: float = 30.0  # on SIGTERM: in-flight requests get this long, then are cancelled
     retry_after_s: int = 1  # Retry-After on 429 / 503
-    # the scheduler behind each model (see runtime/scheduler.py)
-    max_batch: int = 16
-    max_queue: int = 64
-    prefill_chunk: int = 64
-    threads: int | None = None
-    provider: str = "auto"
-
-    def scheduler_config(self):
-        """The SchedulerConfig of each model's scheduler."""
-        from gpt2onnx.runtime import SchedulerConfig
-
-        return SchedulerConfig(max_batch=self.max_batch, max_queue=self.max_queue, prefill_chunk=self.prefill_chunk)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # each model's scheduler
+    session: SessionConfig = field(default_factory=SessionConfig)  # each model's onnxruntime session

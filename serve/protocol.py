@@ -6,9 +6,11 @@ rather than silently ignored (a client asking for best_of=4 must not get one sam
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+Bias = Annotated[float, Field(ge=-100, le=100)]
 
 MAX_N = 16
 
@@ -19,8 +21,8 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    """The sampling fields completions and chat share (OpenAI's names; top_k and
-    repetition_penalty are the extra fields vLLM also accepts)."""
+    """The sampling fields completions and chat share (OpenAI's names; top_k, min_p,
+    repetition_penalty and ignore_eos are extra fields vLLM also accepts)."""
 
     model_config = ConfigDict(extra="forbid")
     model: str
@@ -28,6 +30,7 @@ class _Sampling(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
@@ -36,17 +39,13 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as OpenAI documents it (abuse monitoring)
     ignore_eos: bool = False  # vLLM's extra field: generate max_tokens whatever the model says (benchmarks)
-    # defined by OpenAI, refused unless left at their neutral values
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    # OpenAI's: penalties over the tokens generated so far in each choice; bias by token id (the
+    # JSON object's keys are ids as strings)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[int, Bias] | None = None
 
     def unsupported(self) -> str | None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                return f"{name} is not supported; use repetition_penalty"
-        if self.logit_bias:
-            return "logit_bias is not supported"
         return None
 
     def generation(self, max_tokens_default: int, max_tokens_cap: int) -> dict[str, Any]:
@@ -60,7 +59,7 @@ class _Sampling(BaseModel):
             kw["eos_token_id"] = -1
         if temperature > 0:
             kw["temperature"] = temperature
-        for name in ("top_p", "top_k", "repetition_penalty", "seed"):
+        for name in ("top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "seed"):
             if getattr(self, name) is not None:
                 kw[name] = getattr(self, name)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -125,3 +124,27 @@ class ChatCompletionRequest(_Sampling):
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
     """OpenAI's error JSON."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's and llama-server's route): text, or chat messages as the DialoGPT
+    prompt /v1/chat/completions would run (without dropping turns)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None  # may be left out when the server has one model
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    return_token_strs: bool = False
+
+    def unsupported(self) -> str | None:
+        if (self.prompt is None) == (self.messages is None):
+            return "give either prompt or messages"
+        return None
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize: token ids -> text."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]

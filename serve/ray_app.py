@@ -19,6 +19,10 @@ without a key (completions) go to whichever replica Ray's default ranking picks.
 Each replica runs the app of app.py in-process (ASGI), so the routes, validation and errors are
 the single server's exactly; the ingress forwards method, path, headers and body and streams the
 answer back. A replica that dies is replaced by Ray; requests it held fail with a 503 that says so.
+
+`gpt2onnx serve --ray` behaves like the plain server: the same start line naming the models, warnings
+only (no per-request access log from the ingress or the replicas), and on SIGTERM or Ctrl-C it stops
+taking requests, lets in-flight ones finish for `shutdown_timeout_s`, and exits 0.
 """
 
 
@@ -36,6 +40,8 @@ try:  # the router base class exists in the ray extra only; the rest of this mod
 except ImportError:  # pragma: no cover - gpt2onnx[ray] not installed: the CLI says which extra to install
     RequestRouter = object
 
+# the plain server logs warnings only and no access log (uvicorn's log_level="warning", access_log=False)
+QUIET = {"log_level": "WARNING", "enable_access_log": False}
 CONVERSATION_HEADER = "x-conversation-id"
 REPLICA_HEADER = "x-gpt2onnx-replica"  # which replica answered (tests, debugging)
 
@@ -80,9 +86,10 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
     from .protocol import error_body
 
     @serve.deployment(num_replicas=None if autoscaling else replicas, autoscaling_config=autoscaling,
-                      max_ongoing_requests=cfg.max_batch + cfg.max_queue, health_check_period_s=2, health_check_timeout_s=10,
+                      max_ongoing_requests=cfg.scheduler.max_batch + cfg.scheduler.max_queue, health_check_period_s=2, health_check_timeout_s=10,
                       request_router_config=RequestRouterConfig(request_router_class=ConversationRouter),
-                      ray_actor_options={"num_cpus": replica_cpus})
+                      ray_actor_options={"num_cpus": replica_cpus}, logging_config=QUIET,
+                      graceful_shutdown_timeout_s=cfg.shutdown_timeout_s)
     class Replica:
         def __init__(self, artifacts: list[str], cfg: ServeConfig):
             from .app import build_app
@@ -129,6 +136,11 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
                 if not task.done():
                     task.cancel()
 
+        def __del__(self) -> None:
+            """Ray Serve's shutdown hook (after in-flight requests drained): stop the schedulers' threads."""
+            for m in getattr(self, "models", []):
+                m.scheduler.close(cancel=True)
+
         def check_health(self) -> None:
             for m in self.models:
                 if not m.scheduler.thread.is_alive():
@@ -136,7 +148,8 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
 
     ingress_app = FastAPI(docs_url=None, redoc_url=None)
 
-    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})  # it forwards bytes; the replicas compute
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0},  # it forwards bytes; the replicas compute
+                      logging_config=QUIET, graceful_shutdown_timeout_s=cfg.shutdown_timeout_s)
     @serve.ingress(ingress_app)
     class Ingress:
         def __init__(self, replica):
@@ -180,18 +193,45 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
 
 
 def run(artifacts: list[str], cfg: ServeConfig, replicas: int) -> None:
-    """`gpt2onnx serve --ray`: start a local Ray (or join RAY_ADDRESS) and serve until interrupted."""
-    import time
+    """`gpt2onnx serve --ray`: start a local Ray (or join RAY_ADDRESS) and serve until SIGTERM or
+    Ctrl-C, then shut Serve down (draining in-flight requests) and return."""
+    import logging
+    import os
+    import signal
+    import socket
+    import threading
 
     import ray
     from ray import serve
 
-    ray.init(ignore_reinit_error=True)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    from gpt2onnx.runtime import load_manifest
+
+    from .server import announce, model_names
+
+    names = model_names(artifacts)
+    synthetic = [n for n, a in zip(names, artifacts) if load_manifest(a, verify="size").synthetic]  # a bad path fails here, before Ray starts
+    port = cfg.port
+    if port == 0:  # Ray's proxy takes a port number: find a free one, as the plain server's --port 0 does
+        with socket.create_server((cfg.host, 0)) as s:
+            port = s.getsockname()[1]
+    # warnings only, as the plain server: Ray's and Serve's INFO lines in this process, and the workers'
+    # output (the raylet's notes on the controller it kills at shutdown) stays in Ray's log directory
+    ray.init(ignore_reinit_error=True, logging_level=logging.WARNING, log_to_driver=False)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    # ray.init installs a SIGTERM handler that raises SystemExit out of whatever runs (a traceback from
+    # atexit's ray.shutdown); ours only asks the loop below to stop
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    serve.start(http_options={"host": cfg.host, "port": port}, logging_config=QUIET)
     serve.run(application(artifacts, cfg, replicas), name="gpt2onnx", route_prefix="/")
-    print(f"gpt2onnx: serving on http://{cfg.host}:{cfg.port}/v1 with {replicas} Ray Serve replicas", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
+    announce(names, synthetic, cfg.host, port, cfg, how=f"{replicas} Ray Serve replica{'s' if replicas > 1 else ''}")
+    while not stop.wait(1.0):  # a timed wait: the signal handler runs between the waits
+        pass
+    # each replica finishes its in-flight requests (graceful_shutdown_timeout_s), then stops; a Ray
+    # this process started goes with it (serve.shutdown would first have the raylet report the
+    # controller it kills as a failed task), a cluster it joined (RAY_ADDRESS) loses only Serve
+    serve.delete("gpt2onnx")
+    if os.environ.get("RAY_ADDRESS"):
         serve.shutdown()
+    ray.shutdown()

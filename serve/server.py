@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import replace
 
 from gpt2onnx.runtime import Engine, Gpt2OnnxError, Scheduler
 
@@ -19,16 +20,30 @@ from .app import Model, build_app
 from .config import ServeConfig
 
 
-def load_models(artifacts: list[str], cfg: ServeConfig) -> list[Model]:
-    """One engine and scheduler per artifact; the model id is the directory's name."""
+def model_names(artifacts: list[str]) -> list[str]:
+    """Each artifact's model id: its directory's name (two alike are refused)."""
     names = [os.path.basename(os.path.normpath(a)) for a in artifacts]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise Gpt2OnnxError(f"two artifacts are both named {dup[0]!r}; model ids come from directory names, rename one")
+    return names
+
+
+def announce(names: list[str], synthetic: list[str], host: str, port: int, cfg: ServeConfig, how: str = "") -> None:
+    """The start line (what is served, where) and the synthetic-weights note, on stderr: the same
+    for the plain server and --ray."""
+    print(f"gpt2onnx: serving {', '.join(names)} on http://{host}:{port}/v1" + (f" ({how})" if how else "")
+          + (" (API key required)" if cfg.api_key else ""), file=sys.stderr, flush=True)
+    if synthetic:
+        print(f"gpt2onnx: note: {', '.join(synthetic)} has synthetic weights; speed is real, the text is noise", file=sys.stderr, flush=True)
+
+
+def load_models(artifacts: list[str], cfg: ServeConfig) -> list[Model]:
+    """One engine and scheduler per artifact; the model id is the directory's name."""
     models = []
-    for name, path in zip(names, artifacts):
-        engine = Engine.load(path, provider=cfg.provider, threads=cfg.threads)
-        sched = Scheduler(engine, cfg.scheduler_config())
+    for name, path in zip(model_names(artifacts), artifacts):
+        engine = Engine.load(path, **vars(cfg.session))
+        sched = Scheduler(engine, cfg.scheduler)
         models.append(Model(name, engine, sched, int(time.time())))
     return models
 
@@ -46,7 +61,8 @@ def check(cfg: ServeConfig) -> None:
         raise Gpt2OnnxError("timeouts must be positive")
     if cfg.api_key is not None and not cfg.api_key.strip():
         raise Gpt2OnnxError("the API key is empty; give a non-empty key or none")
-    cfg.scheduler_config().validate(1 << 30)
+    cfg.session.validate()
+    replace(cfg.scheduler, capacity=None).validate(1 << 30)  # capacity against each model's context when it loads
 
 
 def serve(artifacts: list[str], cfg: ServeConfig) -> None:
@@ -60,11 +76,7 @@ def serve(artifacts: list[str], cfg: ServeConfig) -> None:
     models = load_models(artifacts, cfg)
     app = build_app(models, cfg)
     host, port = sock.getsockname()[:2]
-    print(f"gpt2onnx: serving {', '.join(m.name for m in models)} on http://{host}:{port}/v1"
-          + (" (API key required)" if cfg.api_key else ""), file=sys.stderr, flush=True)
-    synthetic = [m.name for m in models if m.engine.manifest.synthetic]
-    if synthetic:
-        print(f"gpt2onnx: note: {', '.join(synthetic)} has synthetic weights; speed is real, the text is noise", file=sys.stderr, flush=True)
+    announce([m.name for m in models], [m.name for m in models if m.engine.manifest.synthetic], host, port, cfg)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(cfg.shutdown_timeout_s) or None,
                                            access_log=False))
     # uvicorn handles SIGTERM (graceful stop), then re-raises it under the handler it found; a no-op

@@ -45,6 +45,7 @@ def _deploy(app, name: str, prefix: str, within_s: float = 180) -> None:
 def ray_server(tiny_artifact):
     from ray import serve
 
+    from gpt2onnx.runtime import SchedulerConfig
     from gpt2onnx.serve.config import ServeConfig
     from gpt2onnx.serve.ray_app import application
 
@@ -52,7 +53,7 @@ def ray_server(tiny_artifact):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # half a CPU each: the two replicas and the autoscaling test's app fit the 2 CPUs Ray is given
-    _deploy(application([tiny_artifact], ServeConfig(max_batch=4), replicas=2, replica_cpus=0.5), "gpt2onnx", "/")
+    _deploy(application([tiny_artifact], ServeConfig(scheduler=SchedulerConfig(max_batch=4)), replicas=2, replica_cpus=0.5), "gpt2onnx", "/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
@@ -116,11 +117,12 @@ def test_autoscaling_configuration_serves(ray_server, tiny_artifact):
 
     from ray import serve
 
+    from gpt2onnx.runtime import SchedulerConfig
     from gpt2onnx.serve.config import ServeConfig
     from gpt2onnx.serve.ray_app import application
 
     auto = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4}
-    _deploy(application([tiny_artifact], ServeConfig(max_batch=4), autoscaling=auto, replica_cpus=0.5), "auto", "/auto")
+    _deploy(application([tiny_artifact], ServeConfig(scheduler=SchedulerConfig(max_batch=4)), autoscaling=auto, replica_cpus=0.5), "auto", "/auto")
     try:
         r = httpx.post(ray_server + "/auto/v1/completions", json={"model": os.path.basename(tiny_artifact), "prompt": "hi",
                                                                 "max_tokens": 3, "temperature": 0}, timeout=60)

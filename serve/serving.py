@@ -1,0 +1,227 @@
+"""What the generation routes share: the served models, reading and checking a request, submitting
+its choices to the scheduler, waiting for them, and OpenAI's response shaping (id, object, created,
+model, choices, usage). A route kind (serving_completion.py, serving_chat.py) says only how its body
+becomes prompts and how a token and a result become a choice.
+
+Routes read everything from `request.app.state.server` (a ServerState), never from closures: an
+app that is dropped after shutdown frees its engines and schedulers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from gpt2onnx.runtime import Engine, Gpt2OnnxError, Scheduler
+from gpt2onnx.runtime.request import Result, Token
+
+from .config import ServeConfig
+from .errors import APIError, from_runtime
+from .metrics import Metrics
+from .streaming import events
+
+
+@dataclass
+class Model:
+    """One served artifact: its name (the `model` field), engine and scheduler."""
+
+    name: str
+    engine: Engine
+    scheduler: Scheduler
+    created: int
+
+
+class ServerState:
+    """An app's models, settings and metrics, and whether it is shutting down (app.state.server)."""
+
+    def __init__(self, models: list[Model], cfg: ServeConfig):
+        self.models = {m.name: m for m in models}
+        self.cfg = cfg
+        self.metrics = Metrics(models)
+        self.closing = False
+
+
+def server_of(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def check_key(request: Request) -> None:
+    """401 unless the request carries the server's API key (constant-time comparison)."""
+    key = server_of(request).cfg.api_key
+    if key is None:
+        return
+    given = request.headers.get("authorization", "")
+    token = given[7:] if given.lower().startswith("bearer ") else ""
+    if not hmac.compare_digest(token.encode(), key.encode()):
+        raise APIError(401, "invalid or missing API key; send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
+
+
+async def read_body(request: Request, kind: type[BaseModel]) -> BaseModel:
+    """The JSON body, size-limited and validated into `kind` (400 naming the field that is wrong)."""
+    server = server_of(request)
+    cfg = server.cfg
+    if server.closing:
+        raise APIError(503, "the server is shutting down; retry on another replica", "server_error", retry_after=cfg.retry_after_s)
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > cfg.max_body_bytes:
+        raise APIError(413, f"request body of {declared} bytes is over this server's limit of {cfg.max_body_bytes}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cfg.max_body_bytes:
+            raise APIError(413, f"request body is over this server's limit of {cfg.max_body_bytes} bytes")
+        chunks.append(chunk)
+    try:
+        data = json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the body is not valid JSON: {e}") from None
+    try:
+        return kind.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(x) for x in err.get("loc", ()))
+        raise APIError(400, f"{param}: {err.get('msg')}" if param else str(err.get("msg")), param=param or None) from None
+
+
+def model_named(request: Request, name: str | None) -> Model:
+    """The served model called `name` (404 if none); None names the only one when there is one."""
+    models = server_of(request).models
+    if name is None and len(models) == 1:
+        return next(iter(models.values()))
+    if name not in models:
+        raise APIError(404, f"model {name!r} does not exist; GET /v1/models lists this server's models",
+                       param="model", code="model_not_found")
+    return models[name]
+
+
+def finish(r: Result) -> str:
+    """OpenAI's finish_reason: stop (EOS or a stop string) or length."""
+    return "stop" if r.finish_reason == "stop" else "length"
+
+
+class Serving:
+    """One generation request of a route kind; `respond()` runs it. Subclasses set the names below
+    and define prompts(), token_chunk(), final_chunk() and choice()."""
+
+    request_type: type[BaseModel]
+    route: str  # the metrics label
+    object: str  # the response object
+    chunk_object: str  # each streamed chunk's object
+    id_prefix: str
+
+    def __init__(self, request: Request, body):
+        self.request, self.body = request, body
+        self.server = server_of(request)
+        self.model = model_named(request, body.model)
+        why = body.unsupported()
+        if why:
+            raise APIError(400, why)
+        self.id, self.created = f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time())
+        self.handles: list = []
+
+    # ---- per route kind --------------------------------------------------------------------
+
+    def prompts(self) -> list[str | list[int]]:
+        raise NotImplementedError
+
+    def options(self) -> dict:
+        """GenerationConfig keywords from the body."""
+        cfg = self.server.cfg
+        try:
+            return self.body.generation(cfg.default_max_tokens, cfg.max_tokens)
+        except ValueError as e:
+            raise APIError(400, str(e), param="max_tokens") from None
+
+    def token_chunk(self, i: int, tok: Token) -> dict:
+        raise NotImplementedError
+
+    def final_chunk(self, i: int, res: Result) -> dict:
+        raise NotImplementedError
+
+    def choice(self, i: int, res: Result) -> dict:
+        raise NotImplementedError
+
+    def prompt_tokens(self) -> int:
+        return sum(len(h.request.ids) for h in self.handles[:: self.body.n])
+
+    # ---- OpenAI's response shaping ---------------------------------------------------------
+
+    def envelope(self, kind: str, choices: list[dict], **extra) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model.name, "choices": choices, **extra}
+
+    def chunk(self, choices: list[dict], **extra) -> dict:
+        return self.envelope(self.chunk_object, choices, **extra)
+
+    def usage(self, results: list[Result]) -> dict:
+        prompt, completion = self.prompt_tokens(), sum(len(r.tokens) for r in results)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    # ---- the flow --------------------------------------------------------------------------
+
+    async def respond(self):
+        """Submit every prompt x n choices, then stream (SSE) or wait for the whole response."""
+        kw = self.options()  # first: a route's prompts may depend on max_tokens (chat history truncation)
+        self.handles = self.submit(self.prompts(), kw)
+        metrics = self.server.metrics
+        metrics.requests.labels(route=self.route).inc()
+        if self.body.stream:
+            return StreamingResponse(events(self.handles, self, self.server.cfg.request_timeout_s, metrics.observe),
+                                     media_type="text/event-stream")
+        results = await self.wait()
+        for r in results:
+            metrics.observe(r)
+        return self.envelope(self.object, [self.choice(i, r) for i, r in enumerate(results)], usage=self.usage(results))
+
+    def submit(self, prompts: list, kw: dict) -> list:
+        """One scheduler request per prompt and choice; all or none (a failure cancels the rest)."""
+        handles, seed = [], kw.get("seed")
+        try:
+            for p in prompts:
+                for i in range(self.body.n):
+                    handles.append(self.model.scheduler.submit(p, **{**kw, **({"seed": seed + i} if seed is not None else {})}))
+        except Gpt2OnnxError as e:
+            for h in handles:
+                h.cancel()
+            raise from_runtime(e, self.server.cfg.retry_after_s) from None
+        return handles
+
+    async def wait(self) -> list[Result]:
+        """Every handle's result; cancels them all if the client goes away or the timeout passes."""
+        request, handles, timeout = self.request, self.handles, self.server.cfg.request_timeout_s
+
+        async def disconnected():
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.25)
+
+        work = asyncio.ensure_future(asyncio.gather(*(h.wait() for h in handles)))
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            done, _ = await asyncio.wait({work, watch}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if work in done:
+                return work.result()
+            if watch in done:  # nobody will read this answer; nginx's "client closed request"
+                raise APIError(499, "the client closed the connection")
+            raise APIError(504, f"the request did not finish within {timeout:g} s", "server_error")
+        except Gpt2OnnxError as e:  # the engine failed while generating: not the client's fault
+            raise APIError(500, str(e), "server_error") from None
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()
+            for h in handles:
+                h.cancel()
+
+
+async def run(request: Request, kind: type[Serving]):
+    """A generation route: check the key, read the body, respond."""
+    check_key(request)
+    body = await read_body(request, kind.request_type)
+    return await kind(request, body).respond()

@@ -1,0 +1,63 @@
+"""POST /v1/chat/completions: messages -> DialoGPT turns -> chat.completion.
+
+Each user or assistant message is one DialoGPT turn (runtime/chat.py: its text and
+`<|endoftext|>`); the model continues after the last. System and developer messages are dropped:
+DialoGPT was trained on conversation turns only and has no instruction channel. A history longer
+than the context beside max_tokens loses its oldest whole turns, as `gpt2onnx chat` does.
+"""
+
+from __future__ import annotations
+
+from gpt2onnx.runtime import Gpt2OnnxError
+from gpt2onnx.runtime.chat import encode_turns, fit_history, joined
+from gpt2onnx.runtime.request import Result, Token
+
+from .errors import APIError
+from .protocol import ChatCompletionRequest
+from .serving import Serving, finish
+
+
+class ChatServing(Serving):
+    request_type = ChatCompletionRequest
+    route, object, chunk_object, id_prefix = "chat", "chat.completion", "chat.completion.chunk", "chatcmpl"
+
+    def prompts(self) -> list[list[int]]:
+        engine, body = self.model.engine, self.body
+        texts = [m.content for m in body.messages if m.role in ("user", "assistant")]
+        if not texts:
+            raise APIError(400, "messages hold no user or assistant turn (system messages are ignored by DialoGPT models)",
+                           param="messages")
+        budget = self.model.scheduler.capacity - self.max_new_tokens
+        try:
+            turns = fit_history(encode_turns(engine.tokenizer, texts, engine.eos_token_id), budget)
+        except Gpt2OnnxError as e:
+            raise APIError(400, str(e), param="messages") from None
+        return [joined(turns)]
+
+    def options(self) -> dict:
+        kw = super().options()
+        self.max_new_tokens = kw["max_new_tokens"]
+        if self.body.logprobs:
+            kw["logprobs"] = self.body.top_logprobs or 0
+        return kw
+
+    def entry(self, tok_id: int, lp: float) -> dict:
+        s = self.model.engine.decode([tok_id])
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+    def logprobs(self, events: list[Token]) -> dict | None:
+        if not self.body.logprobs:
+            return None
+        return {"content": [{**self.entry(e.id, e.logprob), "top_logprobs": [self.entry(t, lp) for t, lp in (e.top_logprobs or [])]}
+                            for e in events]}
+
+    def token_chunk(self, i: int, tok: Token) -> dict:
+        delta = {"role": "assistant", "content": tok.text} if tok.index == 0 else {"content": tok.text}
+        return {"index": i, "delta": delta, "logprobs": self.logprobs([tok]), "finish_reason": None}
+
+    def final_chunk(self, i: int, res: Result) -> dict:
+        return {"index": i, "delta": {}, "logprobs": None, "finish_reason": finish(res)}
+
+    def choice(self, i: int, res: Result) -> dict:
+        return {"index": i, "message": {"role": "assistant", "content": res.text}, "logprobs": self.logprobs(res.logprobs or []),
+                "finish_reason": finish(res)}

@@ -1,0 +1,44 @@
+"""POST /tokenize and POST /detokenize with the model's own tokenizer (vLLM's and llama-server's routes).
+
+    /tokenize    {"model", "prompt"} or {"model", "messages"} -> {"count", "max_model_len", "tokens"[, "token_strs"]}
+    /detokenize  {"model", "tokens"}                          -> {"prompt"}
+"""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from gpt2onnx.runtime.chat import encode_turns, joined
+
+from .errors import APIError
+from .protocol import DetokenizeRequest, TokenizeRequest
+from .serving import check_key, model_named, read_body
+
+
+async def tokenize(request: Request):
+    check_key(request)
+    body = await read_body(request, TokenizeRequest)
+    model = model_named(request, body.model)
+    why = body.unsupported()
+    if why:
+        raise APIError(400, why, param="prompt")
+    engine = model.engine
+    if body.messages is not None:
+        texts = [m.content for m in body.messages if m.role in ("user", "assistant")]
+        ids = joined(encode_turns(engine.tokenizer, texts, engine.eos_token_id))
+    else:
+        ids = engine.tokenizer.encode(body.prompt, add_special_tokens=False).ids
+    out = {"count": len(ids), "max_model_len": model.scheduler.capacity, "tokens": ids}
+    if body.return_token_strs:
+        out["token_strs"] = [engine.tokenizer.id_to_token(t) for t in ids]
+    return out
+
+
+async def detokenize(request: Request):
+    check_key(request)
+    body = await read_body(request, DetokenizeRequest)
+    engine = model_named(request, body.model).engine
+    bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
+    if bad:
+        raise APIError(400, f"tokens: id {bad[0]} is outside the vocabulary 0..{engine.vocab_size - 1}", param="tokens")
+    return {"prompt": engine.decode(body.tokens)}
