@@ -178,7 +178,7 @@ def test_fp16_kv_cache_under_int8_weights(tmp_path, tiny):
     engine = Engine.load(art, provider="cpu")
     assert engine.spec.kv_dtype == np.float16 and engine.manifest.raw["io"]["kv"]["dtype"] == "float16"
     dec, _ = prefilled(engine, PROMPTS, 4)
-    assert dec._kv[0].dtype == np.float16
+    assert dec.kv_arrays()[0].dtype == np.float16
     acc = engine.manifest.raw["accuracy"]["teacher_forced"]
     assert acc["mean_kl"] <= parity.TOLERANCES["int8"]["mean_kl"]
     assert [len(r) for r in engine.generate(PROMPTS, max_new_tokens=6)] == [6, 6, 6]
@@ -192,7 +192,7 @@ def test_int8_kv_cache_is_the_cpu_default(artifacts):
         kv = engine.manifest.raw["io"]["kv"]
         assert kv["dtype"] == "int8" and "calibrated" in kv["quantization"]
         dec, logits = prefilled(engine, PROMPTS, 4)
-        k0 = dec._kv[0]
+        k0 = dec.kv_arrays()[0]
         assert k0.dtype == np.int8 and np.abs(k0[:, :, : max(map(len, PROMPTS))].astype(int)).max() > 10  # real values, not zeros
         assert np.isfinite(dec.decode(logits.argmax(-1))).all()
     assert Engine.load(artifacts("fp32"), provider="cpu").manifest.raw["io"]["kv"]["dtype"] == "float32"

@@ -271,7 +271,7 @@ def test_many_threads_get_what_they_get_alone(engine):
 def test_smaller_slot_capacity(engine):
     """Slots sized to a service's prompt + reply budget: requests that fit run as alone, the rest are refused."""
     with Scheduler(engine, SchedulerConfig(max_batch=2, capacity=24)) as s:
-        assert s.kv.mask.shape == (2, 24) and s.kv._kv[0].shape[:3] == (2, engine.spec.n_head, 24)
+        assert s.kv.mask.shape == (2, 24) and s.kv.kv_arrays()[0].shape[:3] == (2, engine.spec.n_head, 24)
         assert s.submit([1, 2, 3], max_new_tokens=8, eos_token_id=-1).result(timeout=30).tokens == \
             alone(engine, [1, 2, 3], max_new_tokens=8, eos_token_id=-1)
         with pytest.raises(Gpt2OnnxError, match="runs past the 24-position context"):

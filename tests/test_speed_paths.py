@@ -18,11 +18,11 @@ from .conftest import PROMPTS, captured, extended_vs_fresh, prefilled
 def test_kv_cache_allocated_once_and_written_in_place(engine):
     dec, logits = prefilled(engine, PROMPTS, 10)
     buffers = [id(v) for v in dec._kv]
-    before = dec._kv[0].copy()
+    before = dec.kv_arrays()[0].copy()
     for _ in range(5):
         logits = dec.decode(logits.argmax(-1))
     assert [id(v) for v in dec._kv] == buffers  # same buffers ...
-    k0 = dec._kv[0]
+    k0 = dec.kv_arrays()[0]
     assert k0.shape[2] == dec.capacity == max(map(len, PROMPTS)) + 10  # ... of the full capacity ...
     written = max(map(len, PROMPTS)) + 5  # ... holding every position fed so far
     assert (dec.start + dec.held).tolist() == [written] * len(PROMPTS)
