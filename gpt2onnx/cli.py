@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=precision, choices=PRECISIONS, help=f"weights and activations (default {precision})")
     p.add_argument("--provider", dest="target_provider", default=provider, choices=tuple(PROVIDERS),
                    help=f"provider the artifact is built for (default {provider})")
-    p.add_argument("--no-fuse", action="store_true", help="plain ONNX operators instead of onnxruntime's fused ones")
+    p.add_argument("--no-fuse", action="store_true", help="plain ONNX operators instead of onnxruntime's fused ones (a portable graph for other ONNX runtimes; gpt2onnx's own runtime decodes fused graphs only)")
     p.add_argument("--seed", type=int, default=seed, help=f"weights seed of synthetic checkpoints (default {seed})")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--kv-dtype", default=_default(ExportOptions, "kv_dtype"), choices=KV_DTYPES,
