@@ -40,10 +40,12 @@ class Decoder:
         device: "cpu" or "cuda" (where the KV cache lives).
         graph_id: CUDA graphs: called once per batch bucket for a session-wide unique graph id; None = uncaptured.
         prefault: write the CPU cache once now (a long-lived scheduler: its first prompts then pay no page faults).
+        session_graphs: the session was created with enable_cuda_graph, where a run that names no graph is
+            captured as graph 0: then every run this Decoder does not capture says gpu_graph_id -1.
     """
 
     def __init__(self, spec: ModelSpec, session, slots: int, capacity: int, device: str = "cpu",
-                 graph_id: Callable[[], int] | None = None, prefault: bool = False):
+                 graph_id: Callable[[], int] | None = None, prefault: bool = False, session_graphs: bool = False):
         import onnxruntime as ort
 
         if not spec.in_place_kv:
@@ -68,10 +70,10 @@ class Decoder:
         self._rows = np.arange(slots)
         self.keep = np.array(1, np.int64)  # num_logits_to_keep: only the last position's logits, prompt passes too
         self._steps: dict[tuple[int, int], tuple] = {}  # (set, rows) -> binding of a decode step, made once
-        self._prompt_ro = None
-        if graph_id is not None:
+        self._prompt_ro = None  # prompt passes have their own shapes: never captured
+        if graph_id is not None or session_graphs:
             self._prompt_ro = ort.RunOptions()
-            self._prompt_ro.add_run_config_entry("gpu_graph_id", "-1")  # prompt passes have their own shapes: never captured
+            self._prompt_ro.add_run_config_entry("gpu_graph_id", "-1")
 
     def _alloc_kv(self, prefault: bool) -> list:
         s = self.spec
@@ -245,5 +247,7 @@ class Decoder:
         if self.graph_id is not None:
             ro = ort.RunOptions()
             ro.add_run_config_entry("gpu_graph_id", str(self.graph_id()))  # first run captures, later ones replay
+        else:
+            ro = self._prompt_ro  # "-1" on a capturing session (beam search: rows reordered between steps)
         self._steps[key] = (io, copies, device_logits, ro)
         return self._steps[key]

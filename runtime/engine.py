@@ -96,11 +96,13 @@ class Engine:
         check_io(manifest, session)
         return cls(manifest, session, tokenizer, ep, sc)
 
-    def decoder(self, slots: int, capacity: int, prefault: bool = False) -> Decoder:
-        """A new decode core of `slots` rows x `capacity` positions over this engine's session
-        (captured on CUDA when the engine is)."""
-        return Decoder(self.spec, self.session, slots, capacity, self.device,
-                       graph_id=(lambda: next(self._graph_ids)) if self.cuda_graph else None, prefault=prefault)
+    def decoder(self, slots: int, capacity: int, prefault: bool = False, captured: bool = True) -> Decoder:
+        """A new decode core of `slots` rows x `capacity` positions over this engine's session, its
+        decode steps captured as CUDA graphs when the engine captures and `captured` (beam search,
+        whose rows move between steps, runs uncaptured)."""
+        graph_id = (lambda: next(self._graph_ids)) if self.cuda_graph and captured else None
+        return Decoder(self.spec, self.session, slots, capacity, self.device, graph_id=graph_id, prefault=prefault,
+                       session_graphs=self.cuda_graph)
 
     @property
     def stats(self) -> Stats:
@@ -294,7 +296,7 @@ class Engine:
             raise Gpt2OnnxError("a PromptCache does not serve beam search; pass no cache with num_beams > 1")
         K, steps = reqs[0].cfg.num_beams, reqs[0].cfg.max_new_tokens
         rows = [r.ids for r in reqs for _ in range(K)]
-        dec = Decoder(self.spec, self.session, len(rows), max(map(len, rows)) + steps, self.device)
+        dec = self.decoder(len(rows), max(map(len, rows)) + steps, captured=False)
         self._local.stats = stats = Stats(batch=len(reqs), prompt_tokens=sum(len(r.ids) for r in reqs))
         beams = Beams(reqs, self.vocab_size)
         t = time.perf_counter()

@@ -104,6 +104,28 @@ def test_graph_mode_decoders_reused_across_generations(tiny_artifact):
     assert graph._graph_decoders[4] is four
 
 
+def test_graph_ids_on_a_capturing_session(tiny_artifact):
+    """On a session created with enable_cuda_graph a run that names no graph is captured as graph 0, so
+    every run a Decoder does not mean to capture says -1 (prompt passes, beam search), and the decode
+    steps it does capture get ids unique across the session's Decoders (one per bucket)."""
+    graph = captured(tiny_artifact)
+    ids = lambda dec: sorted(int(ro.get_run_config_entry("gpu_graph_id")) for _, _, _, ro in dec._steps.values())  # noqa: E731
+    graph.generate(PROMPTS, max_new_tokens=3)
+    graph.generate(PROMPTS[:1], max_new_tokens=3)
+    a, b = graph._graph_decoders[4], graph._graph_decoders[1]
+    assert a._prompt_ro.get_run_config_entry("gpu_graph_id") == "-1"
+    beams = graph.decoder(2, 16, captured=False)
+    beams.prefill(0, PROMPTS[:2])
+    beams.decode(np.array([5, 6], np.int64))
+    assert ids(beams) == [-1] and beams._prompt_ro.get_run_config_entry("gpu_graph_id") == "-1"
+    assert len(set(ids(a) + ids(b))) == 2 and min(ids(a) + ids(b)) >= 1
+    plain = Engine.load(tiny_artifact, provider="cpu")  # an ordinary session names no graph at all
+    dec = plain.decoder(1, 16)
+    dec.prefill(0, PROMPTS[:1])
+    dec.decode(np.array([5], np.int64))
+    assert dec._prompt_ro is None and [ro for _, _, _, ro in dec._steps.values()] == [None]
+
+
 def test_cuda_graph_only_requested_on_cuda(tiny_artifact):
     e = Engine.load(tiny_artifact, provider="cpu")
     assert e.session_config.cuda_graph is False and e.cuda_graph is False
