@@ -356,7 +356,8 @@ def _plots(results: dict, out: str) -> None:
 def _save(plt, fig, ax, path: str, legend: bool = True) -> None:
     if legend:
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a plot of unlabelled series (one system) has no legend to draw
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
