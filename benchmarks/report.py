@@ -1,4 +1,4 @@
-"""report.md and PNG plots from a results dict (see harness.py for the schema)."""
+"""report.md and PNG plots from a results dict (see results.py for the schema)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _batch1(summary, system, plen):
     return _lookup(summary, system, "decode", 1, plen)
 
 
-# The baselines compared at each precision of ours (benchmarks/anchors.py), and their column titles.
+# The baselines compared at each precision of ours (benchmarks/engines/llamacpp.py, engines/ctranslate2.py), and their column titles.
 ANCHORS = {"llamacpp": "llama.cpp", "ctranslate2": "CTranslate2"}
 # The baselines every row gets a ratio column against (they run the checkpoint, not a conversion of it).
 RATIO_BASELINES = ("pytorch", "pytorch-compile", "optimum")
