@@ -22,7 +22,9 @@ from gpt2onnx.runtime.artifact import load_manifest
 
 from . import figures, loop, memory, plan, results
 from .beam_speed import beam_speeds
+from .engines import llamacpp
 from .machine import machine_info
+from .report import floor_bandwidth
 from .settings import Settings, check, from_args
 
 
@@ -55,9 +57,12 @@ def run(s: Settings, log=print) -> results.Results:
     if s.footprint:
         memory.systems_footprint(specs, systems, s.prompt_len[0], s.new_tokens, log)
     beams = beam_speeds(specs, s, log) if s.beams else {}
+    # llama.cpp's C++ tools at the first decode point; its rows become the faster of them and the binding
+    cpp = llamacpp.bench_systems(specs, s.threads, s.prompt_len[0], s.new_tokens, s.repeats, log)
+    summary = figures.summarize(records, systems, machine, s.provider)
+    llamacpp.prefer_faster(systems, summary, cpp, floor_bandwidth(machine, s.provider)[1])
 
-    out = results.assemble(s, machine, systems, skipped, scenarios.concurrent, beams, records,
-                           figures.summarize(records, systems, machine, s.provider))
+    out = results.assemble(s, machine, systems, skipped, scenarios.concurrent, beams, records, summary)
     results.write(out, s.out)
     return out
 

@@ -100,13 +100,18 @@ def baseline_missing(kind: str, llamacpp_src: str = llamacpp.LLAMACPP_SRC) -> st
 
 def concurrent_runs(s: Settings, workers: list[Worker]) -> list[tuple[Worker, str]]:
     """(worker, mode) pairs of the concurrent scenario: our artifacts of the chosen precisions (or the
-    first artifact) in every mode, then optimum serially. The scheduler needs a fused artifact."""
+    first artifact) in every mode, then optimum serially, then llama.cpp at the same precisions through
+    llama-server's continuous batching where `make llamacpp` built it. The scheduler needs a fused artifact."""
     ours = [w for w in workers if w.spec.kind == "ours"]
     chosen = [w for w in ours if w.spec.precision in s.concurrent_precisions] or ours[:1]
     http = all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "httpx"))  # mode http needs the serve extra
     runs = [(w, mode) for w in chosen for mode in OURS_MODES
             if (mode not in ("scheduler", "http") or w.loaded["manifest"].get("fused", True)) and (mode != "http" or http)]
-    return runs + [(w, "serial") for w in workers if w.spec.kind == "optimum"]
+    runs += [(w, "serial") for w in workers if w.spec.kind == "optimum"]
+    if not llamacpp.tools_missing():
+        precisions = {w.spec.precision for w in chosen}
+        runs += [(w, "server") for w in workers if w.spec.kind == "llamacpp" and w.spec.precision in precisions]
+    return runs
 
 
 def _baseline_spec(kind: str, m, s: Settings, log) -> SystemSpec:

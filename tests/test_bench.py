@@ -366,6 +366,87 @@ def test_bench_llamacpp_leaves_batch_cells_empty(tmp_path, tiny_artifact):
     assert row.endswith("| — |") and row.count("|") == 4  # batch 1 measured, batch 2 empty
 
 
+def _llamacpp_tools_or_skip() -> None:
+    """llama.cpp's C++ tools need `make llamacpp` too (it builds them beside the binding): skipped, saying
+    so, only where it has not run."""
+    _llamacpp_or_skip()
+    why = llamacpp.tools_missing()
+    if why:
+        pytest.skip(f"llama.cpp's C++ tools are not built here: {why}")
+
+
+def test_llama_bench_measures_decode_prompt_and_rss(tiny_hf, tmp_path):
+    _llamacpp_tools_or_skip()
+    path = llamacpp.gguf_model(tiny_hf, str(tmp_path), "int8", log=QUIET)
+    b = llamacpp.llama_bench(path, threads=1, prompt_len=8, new_tokens=12, repetitions=2)
+    assert b["prompt_len"] == 8 and b["new_tokens"] == 12 and b["repetitions"] == 2
+    assert 0 < b["tg_ms_per_token"] < 1e3 and b["tg_tokens_per_s"] == pytest.approx(1e3 / b["tg_ms_per_token"], rel=0.2)
+    assert 0 < b["pp_ms"] and b["pp_tokens_per_s"] == pytest.approx(8 / (b["pp_ms"] / 1e3), rel=0.2)
+    assert 1 < b["peak_rss_mb"] < 2000  # a fresh llama-bench process, not this one
+    assert "-d 8" in b["commands"][1] and "-lm none" in b["commands"][0]
+    with pytest.raises(Gpt2OnnxError, match="llama-bench failed"):
+        llamacpp.llama_bench(str(tmp_path / "missing.gguf"), 1, 8, 12, repetitions=1)
+
+
+def test_llama_server_runs_the_concurrent_clients_and_stops(tiny_hf, tmp_path):
+    """llama-server with a slot per client: every reply exactly its length, stamps in order, and the
+    server gone when the call returns."""
+    _llamacpp_tools_or_skip()
+    import psutil
+
+    path = llamacpp.gguf_model(tiny_hf, str(tmp_path), "fp32", log=QUIET)
+    asked = workloads.concurrent_requests(7, (4, 40), (3, 12), 1000)
+    before = {c.pid for c in psutil.Process().children()}
+    recs = llamacpp.server_concurrent(path, threads=1, clients=3, requests=asked, n_ctx=128)
+    assert [(r["prompt_len"], r["new_tokens"]) for r in recs] == [(len(p), n) for p, n in asked]
+    assert all(len(r["token_s"]) == r["new_tokens"] for r in recs)
+    fig = figures.concurrent_figures(recs)  # raises on stamps out of order
+    assert fig["requests"] == 7 and fig["tokens"] == sum(n for _, n in asked)
+    assert {c.pid for c in psutil.Process().children()} <= before  # the server stopped itself
+
+
+def test_bench_llamacpp_server_mode_and_path(tmp_path, tiny_artifact):
+    """With the tools built the run measures llama.cpp's concurrent clients through llama-server and
+    names which path its batch-1 rows come from."""
+    _llamacpp_tools_or_skip()
+    s = settings.Settings(artifacts=[tiny_artifact], baselines=["llamacpp"], out=str(tmp_path / "rep"),
+                          cache=str(tmp_path / "cache"), concurrent_precisions=["fp32"],
+                          **{**SMALL, **CONC, "repeats": 1, "context": [16], "chat_turns": 0, "concurrent_clients": [2]})
+    res = harness.run(s, log=lambda m: None)
+    conc = {(r["system"], r["mode"]) for r in res["records"] if r["scenario"] == "concurrent"}
+    assert ("llama.cpp F32 cpu", "server") in conc
+    llama = next(x for x in res["systems"] if x["kind"] == "llamacpp")
+    path = llama["llamacpp_path"]
+    assert path["used"] in ("llama-bench", "llama-cpp-python") and path["llama_bench"]["prompt_len"] == 8
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert f"**llama.cpp F32 cpu** rows: through **{path['used']}**, the faster path" in report
+    assert "**server** = llama.cpp's own llama-server" in report and "| llama.cpp F32 cpu | server |" in report
+
+
+def test_llamacpp_rows_take_the_faster_path():
+    """prefer_faster: llama-bench's figures replace the binding's batch-1 row only where they are faster."""
+    bench = {"prompt_len": 32, "new_tokens": 64, "tg_ms_per_token": 5.0, "tg_tokens_per_s": 200.0, "pp_ms": 20.0,
+             "pp_tokens_per_s": 1600.0, "peak_rss_mb": 150.0}
+
+    def case(binding_ms):
+        systems = [{"name": "llama.cpp Q8_0 cpu", "kind": "llamacpp", "weights_bytes_per_token": 1e8, "footprint_mb": 190.0}]
+        summary = [{"system": "llama.cpp Q8_0 cpu", "scenario": "decode", "batch": 1, "prompt_len": 32, "new_tokens": 64,
+                    "p50_ms": binding_ms, "p90_ms": binding_ms, "ttft_ms": 30.0},
+                   {"system": "llama.cpp Q8_0 cpu", "scenario": "decode", "batch": 1, "prompt_len": 128, "new_tokens": 64,
+                    "p50_ms": binding_ms, "ttft_ms": 60.0}]
+        llamacpp.prefer_faster(systems, summary, {"llama.cpp Q8_0 cpu": bench}, bandwidth_gbs=20.0)
+        return systems[0], summary
+
+    x, (row, other) = case(binding_ms=8.0)
+    assert x["llamacpp_path"]["used"] == "llama-bench" and x["llamacpp_path"]["binding_ms_per_token"] == 8.0
+    assert row["p50_ms"] == row["p90_ms"] == 5.0 and row["ttft_ms"] == 20.0 and row["source"] == "llama-bench"
+    assert row["bandwidth_fraction"] == pytest.approx(1e8 / 5e-3 / 1e9 / 20.0) and x["footprint_mb"] == 150.0
+    assert other["p50_ms"] == 8.0 and "source" not in other  # llama-bench measured the first prompt length only
+    x, (row, _) = case(binding_ms=4.0)
+    assert x["llamacpp_path"]["used"] == "llama-cpp-python" and row["p50_ms"] == 4.0 and x["footprint_mb"] == 190.0
+    assert "source" not in row
+
+
 def _edge_results(ours_int4_ms: float, ours_int8_ms: float, shape: list[int]) -> dict:
     """A results dict with our int8/int4 and llama.cpp's Q8_0/Q4_0 rows: the figures the edge bars read."""
     def sysrec(name, kind, precision, footprint, size_mb):
