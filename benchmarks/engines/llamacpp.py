@@ -314,7 +314,9 @@ def server_concurrent(gguf: str, threads: int, clients: int, requests: list[tupl
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
-    http = httpx.Client(timeout=httpx.Timeout(timeout_s), limits=httpx.Limits(max_connections=clients + 4))
+    # no kept-alive connections: llama-server's HTTP library closes a connection after a few requests (5), and a
+    # request sent on one it had closed ended with "Server disconnected without sending a response"
+    http = httpx.Client(timeout=httpx.Timeout(timeout_s), limits=httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0))
     try:
         while True:  # /health answers 200 once the model is loaded
             if proc.poll() is not None:
