@@ -61,17 +61,20 @@ bench: $(STAMP) $(addsuffix /gpt2onnx.json,$(SMALL_ARTS) $(MEDIUM_ARTS))
 	$(BIN)/gpt2onnx bench $(MEDIUM_ARTS) --out $(MEDIUM_OUT) $(MEDIUM_ARGS)
 
 # The llama.cpp anchor (optional; `make bench` measures it once this has run): llama-cpp-python built
-# from its source distribution, once (~6 CPU-minutes: 11 min on a busy 2-core machine). The wheel and
-# the vendored llama.cpp (its GGUF converter) stay in build/llamacpp, so a new .venv reinstalls without
-# compiling again.
+# from its source distribution, once (~6 CPU-minutes: 11 min on a busy 2-core machine), and llama.cpp's
+# own C++ tools llama-bench and llama-server from the same vendored sources with the same flags. The
+# wheel, the vendored llama.cpp (its GGUF converter) and the tools stay in build/llamacpp, so a new .venv
+# reinstalls without compiling again.
 LLAMACPP_VERSION := 0.3.36
 LLAMACPP_DIR := build/llamacpp
 LLAMACPP_SDIST := $(LLAMACPP_DIR)/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz
 LLAMACPP_WHEEL_STAMP := $(LLAMACPP_DIR)/.wheel-$(LLAMACPP_VERSION)-noamx
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMACPP_STAMP := $(VENV)/.llamacpp-$(LLAMACPP_VERSION)
+LLAMACPP_TOOLS := $(LLAMACPP_DIR)/tools
+LLAMACPP_TOOLS_STAMP := $(LLAMACPP_TOOLS)/.built-$(LLAMACPP_VERSION)-noamx
 
-llamacpp: $(LLAMACPP_STAMP)
+llamacpp: $(LLAMACPP_STAMP) $(LLAMACPP_TOOLS_STAMP)
 
 $(LLAMACPP_SDIST): | $(STAMP)
 	mkdir -p $(LLAMACPP_DIR)
@@ -94,6 +97,18 @@ $(LLAMACPP_WHEEL_STAMP): $(LLAMACPP_SDIST)
 $(LLAMACPP_STAMP): $(LLAMACPP_WHEEL_STAMP) $(STAMP)
 	$(BIN)/python -m pip install -q diskcache==5.6.3
 	$(BIN)/python -m pip install -q --force-reinstall --no-deps $(LLAMACPP_DIR)/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl
+	touch $@
+
+# llama-bench (batch-1 decode and prompt speed, as llama.cpp measures itself) and llama-server (continuous
+# batching, a slot per client) into build/llamacpp/tools/bin: the binding's sources, its flags (tuned for
+# this CPU, no AMX: see above), static libraries so the tools need nothing from the wheel, two compile
+# jobs. No tests, examples, TLS or web UI (the UI would be downloaded at build time).
+$(LLAMACPP_TOOLS_STAMP): $(LLAMACPP_WHEEL_STAMP)
+	cmake -S $(LLAMACPP_DIR)/llama.cpp -B $(LLAMACPP_TOOLS) -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF \
+	  -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+	  -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+	cmake --build $(LLAMACPP_TOOLS) -j 2 --target llama-bench llama-server
 	touch $@
 
 test: $(STAMP)

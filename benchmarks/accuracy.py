@@ -25,8 +25,6 @@ import os
 import statistics
 import time
 
-import numpy as np
-
 # The rows: (name, precision, KV cache dtype; None = the export's default for that precision).
 VARIANTS = (
     ("fp32", "fp32", None),
@@ -49,43 +47,15 @@ def heldout_rows(ckpt, convs: list[list[str]]) -> list[tuple[int, list[int]]]:
 
 def teacher_forced(session, torch_model, cfg, rows: list[tuple[int, list[int]]]) -> dict:
     """Perplexities, mean KL and top-1 agreement over the held-out conversations, each run as a
-    prompt pass over its opening turn and then one token per step (the KV cache path)."""
-    import torch
-
+    prompt pass over its opening turn and then one token per step (the KV cache path): the export's
+    own teacher-forced loop (export/parity.py), scoring every token but each conversation's first."""
     from gpt2onnx.export import parity
 
-    kls, agree, nll_ref, nll_ours, max_diff = [], [], [], [], 0.0
-    empty = np.zeros((1, cfg.n_head, 0, cfg.head_dim), parity.kv_dtype(session))
+    runs = []
     for p, ids in rows:
-        x = np.array([ids], np.int64)
-        with torch.no_grad():
-            ref = torch_model(input_ids=torch.from_numpy(x)).logits[0].double().numpy()  # [T, vocab]
-        outs = session.run(None, parity.feed(cfg, x[:, :p], np.ones((1, p), np.int64), np.arange(p)[None],
-                                             [empty] * (2 * cfg.n_layer), keep=0))
-        ours = [outs[0][0]]
-        for t in range(p, len(ids)):
-            outs = session.run(None, parity.feed(cfg, x[:, t: t + 1], np.ones((1, t + 1), np.int64), np.array([[t]]),
-                                                 outs[1:], keep=1))
-            ours.append(outs[0][0])
-        ours = np.concatenate(ours).astype(np.float64)[:-1]  # [T-1, vocab]: predictions of tokens 1..T-1
-        ref = ref[:-1]
-        max_diff = max(max_diff, float(np.abs(ours - ref).max()))
-        lp_ref, lp_ours = parity.log_softmax(ref), parity.log_softmax(ours)
-        kls.append((np.exp(lp_ref) * (lp_ref - lp_ours)).sum(-1))
-        agree.append(ref.argmax(-1) == ours.argmax(-1))
-        nxt = x[0, 1:]
-        nll_ref.append(-lp_ref[np.arange(len(nxt)), nxt])
-        nll_ours.append(-lp_ours[np.arange(len(nxt)), nxt])
-    ppl_ref, ppl = float(np.exp(np.concatenate(nll_ref).mean())), float(np.exp(np.concatenate(nll_ours).mean()))
-    return {
-        "tokens": int(sum(len(a) for a in agree)),
-        "perplexity_pytorch": ppl_ref,
-        "perplexity": ppl,
-        "perplexity_change_pct": 100.0 * (ppl / ppl_ref - 1.0),
-        "mean_kl": float(np.concatenate(kls).mean()),
-        "top1_agreement": float(np.concatenate(agree).mean()),
-        "max_abs_logit_diff": max_diff,
-    }
+        ref, ours = parity.forced_logits(session, torch_model, cfg, ids, prefill=p)
+        runs.append((ids, ref[:-1], ours[:-1]))  # predictions of tokens 1..T-1
+    return parity.forced_figures(runs)
 
 
 def reference_replies(torch_model, prompts: list[list[int]], max_new_tokens: int = REPLY_TOKENS) -> list[list[int]]:

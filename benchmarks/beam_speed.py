@@ -55,6 +55,20 @@ def measure(engine, beams=(1, 4), prompt_len: int = 32, new_tokens: int = 64, re
     return rows
 
 
+def beam_speeds(specs, s, log) -> dict[str, list[dict]]:
+    """Beam search at batch 1: 1 and `s.beams` beams, interleaved, for each of our systems in `specs`
+    (the benchmark's Settings `s`), in this process after the workers are gone."""
+    from gpt2onnx.runtime import Engine
+
+    out = {}
+    for spec in (x for x in specs if x.kind == "ours"):
+        log(f"beam search: {spec.name}")
+        engine = Engine.load(spec.path, provider=spec.provider, threads=spec.threads or None, verify="size")
+        out[spec.name] = measure(engine, (1, s.beams), s.prompt_len[0], s.new_tokens, s.repeats)
+        del engine
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from gpt2onnx.runtime import Engine
 

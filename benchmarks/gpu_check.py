@@ -27,7 +27,7 @@ import warnings
 
 import numpy as np
 
-from .systems import prompt_rows
+from .workloads import prompt_rows
 
 PROMPT_LENS = (8, 32, 100, 300)  # generated at batch 1 each; those that do not fit the context are left out
 BATCH = 4  # one batch of this many equal-length prompts: a second graph bucket

@@ -20,10 +20,12 @@ import sys
 STAGES = ("interpreter", "imports", "tokenizer", "session", "generate")
 
 
-def status() -> dict[str, float]:
-    """VmRSS, VmHWM (peak), RssAnon and RssFile of this process in MB."""
+def status(pid: int | str = "self") -> dict[str, float]:
+    """VmRSS, VmHWM (peak), RssAnon and RssFile of a process (this one by default) in MB: the one
+    reader of /proc/PID/status the benchmarks share. VmHWM, not ru_maxrss, for a peak: Linux carries
+    ru_maxrss across exec, so a spawned worker would report its parent's."""
     out = {}
-    with open("/proc/self/status") as f:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, value = line.partition(":")
             if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
@@ -67,6 +69,36 @@ def footprint(path: str, prompt_len: int = 32, new_tokens: int = 64, **session_o
     if "error" in msg:
         raise RuntimeError(f"{path}: {msg['error']}")
     return msg
+
+
+def systems_footprint(specs, systems: list[dict], prompt_len: int, new_tokens: int, log) -> None:
+    """Peak resident memory of a fresh worker per system that loads it and generates once (batch 1,
+    `prompt_len`, `new_tokens`): what an edge deployment pays, free of the other scenarios' batches;
+    written into each system's record as footprint_mb. For ours on the CPU, also the stage-by-stage
+    breakdown above (memory_stages).
+
+    Raises:
+        Gpt2OnnxError: one of ours died; a baseline that dies only leaves its cell empty.
+    """
+    from gpt2onnx.runtime.errors import Gpt2OnnxError
+
+    from .worker import Worker, WorkerDied, WorkerError
+
+    for spec, sysrec in zip(specs, systems):
+        log(f"footprint of {spec.name}")
+        try:
+            w = Worker(spec)
+            try:
+                w.request("generate", batch=1, prompt_len=prompt_len, new_tokens=new_tokens)
+                sysrec["footprint_mb"] = w.request("memory")["peak_rss_mb"]
+            finally:
+                w.close()
+        except (WorkerDied, WorkerError) as e:
+            if spec.kind == "ours":
+                raise Gpt2OnnxError(f"{spec.name}: {e} while measuring its footprint") from None
+            log(f"no footprint for {spec.name}: {e}")  # its memory table cell stays empty
+        if spec.kind == "ours" and spec.provider == "cpu":
+            sysrec["memory_stages"] = footprint(spec.path, prompt_len, new_tokens)["stages"]
 
 
 def table(rows: dict[str, dict]) -> str:

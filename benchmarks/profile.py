@@ -9,7 +9,7 @@ decodes exactly --new-tokens steps). Only the decode steps count (the prompt pas
 Per operator type, per step: milliseconds of kernel time, its share of the step, the initializer
 bytes its nodes read (the stored graph's initializers; an embedding Gather reads one row) and those
 bytes over its time in GB/s, beside the machine's read bandwidth measured in the same process
-(benchmarks/harness.py). An operator that reads its weights near that rate is bound by memory.
+(benchmarks/machine.py). An operator that reads its weights near that rate is bound by memory.
 The step's wall time includes what the kernels do not: onnxruntime's run overhead and the
 thread pool's hand-offs ("outside kernels").
 """
@@ -31,7 +31,7 @@ def profile(path: str, prompt_len: int = 32, new_tokens: int = 64, threads: int 
     from gpt2onnx.runtime import Engine
     from gpt2onnx.runtime.session import build_session
 
-    from .harness import memory_bandwidth_gbs
+    from .machine import memory_bandwidth_gbs
 
     base = Engine.load(path, provider="cpu", threads=threads)
     sc = base.session_config

@@ -1,4 +1,4 @@
-"""report.md and PNG plots from a results dict (see harness.py for the schema)."""
+"""report.md and PNG plots from a results dict (see results.py for the schema)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _batch1(summary, system, plen):
     return _lookup(summary, system, "decode", 1, plen)
 
 
-# The baselines compared at each precision of ours (benchmarks/anchors.py), and their column titles.
+# The baselines compared at each precision of ours (benchmarks/engines/llamacpp.py, engines/ctranslate2.py), and their column titles.
 ANCHORS = {"llamacpp": "llama.cpp", "ctranslate2": "CTranslate2"}
 # The baselines every row gets a ratio column against (they run the checkpoint, not a conversion of it).
 RATIO_BASELINES = ("pytorch", "pytorch-compile", "optimum")
@@ -64,6 +64,7 @@ def write_report(results: dict, out: str) -> None:
                  "GB/s columns below use the host's read bandwidth, which does not bound a GPU's decode.")
     for sk in results["skipped"]:
         L.append(f"Skipped baseline **{sk['baseline']}**: {sk['reason']}.")
+    L += _llamacpp_paths(systems)
     ratio_cols = [f"× {b['name']}" for b in baselines] + [f"× {ANCHORS[k]} same precision" for k in anchors]
     L += [
         "",
@@ -239,7 +240,9 @@ def _concurrent_section(results: dict) -> list[str]:
          "the batch shown) runs as one `generate` to its longest reply, each row counted done at its own length. "
          "TTFT runs from submission (queue wait included) to the first token; ITL is every gap between consecutive "
          "tokens of a request; max stall is the largest such gap. "
-         f"Medians over repeats ({s.get('concurrent_repeats', '?')}, systems interleaved).", ""]
+         + ("**server** = llama.cpp's own llama-server: continuous batching, one slot per client (`-np C`), clients "
+            "streaming `/completion` over loopback HTTP. " if any(r["mode"] == "server" for r in conc) else "")
+         + f"Medians over repeats ({s.get('concurrent_repeats', '?')}, systems interleaved).", ""]
     c_bar = BAR_CLIENTS if BAR_CLIENTS in clients else clients[-1]
     for x in systems:
         sched = [at(x["name"], "scheduler", c) for c in clients]
@@ -273,6 +276,24 @@ def _concurrent_section(results: dict) -> list[str]:
             L.append(f"| {r['system']} | {r['mode']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
                      f"{_fmt(ser and r['tokens_per_s'] / ser['tokens_per_s'])} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
                      f"{r['itl_p50_ms']:.2f} | {r['itl_p99_ms']:.2f} | {_fmt(ref and r['itl_p99_ms'] / ref)} | {r['max_stall_ms']:.0f} |")
+    return L
+
+
+def _llamacpp_paths(systems: list[dict]) -> list[str]:
+    """Which of llama.cpp's two paths its rows show (engines/llamacpp.py: prefer_faster), with both figures."""
+    L = []
+    for x in systems:
+        lp = x.get("llamacpp_path")
+        if not lp:
+            continue
+        b = lp["llama_bench"]
+        L.append(f"**{x['name']}** rows: through **{lp['used']}**, the faster path at batch 1, prompt {b['prompt_len']}: "
+                 f"llama-cpp-python {lp['binding_ms_per_token']:.2f} ms/token, llama.cpp's own llama-bench "
+                 f"{b['tg_ms_per_token']:.2f} ms/token (tg {b['new_tokens']} after {b['prompt_len']} tokens, prompt pp "
+                 f"{b['pp_tokens_per_s']:.0f} tokens/s, peak RSS {b['peak_rss_mb']:.0f} MB, binding's "
+                 f"{_fmt(lp.get('binding_footprint_mb'), '.0f')} MB)"
+                 + (". Its decode row at that prompt is llama-bench's average (no percentiles), its TTFT the pp time, "
+                    "its peak RSS llama-bench's; the other cells are the binding's." if lp["used"] == "llama-bench" else "."))
     return L
 
 

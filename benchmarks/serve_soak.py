@@ -17,10 +17,7 @@ import sys
 import threading
 import time
 
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) / 1024
+from .memory import status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 except httpx.HTTPError as e:
                     failures.append(type(e).__name__)
                 if (i + 1) % a.every == 0:
-                    readings.append((i + 1, rss_mb(proc.pid)))
+                    readings.append((i + 1, status(proc.pid)["VmRSS"]))
 
     t = time.time()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(a.clients)]

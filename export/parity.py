@@ -153,39 +153,58 @@ def teacher_forced(session, torch_model, cfg: ModelConfig, ids: list[int], min_t
     a `prefill`-token prompt pass, then one token per step, each step fed the text's next token.
 
     The text is cut into windows that fit the position table until at least `min_tokens` tokens are
-    scored. Returns max |Δlogit|, mean KL(PyTorch || ours), top-1 agreement and both perplexities.
+    scored. Returns forced_figures over every position of the windows run.
     """
-    import torch
-
     window = min(cfg.n_positions, max(min_tokens + prefill, 64))
     chunks = [ids[i: i + window] for i in range(0, len(ids), window)]
-    scored = 0
-    max_diff, kls, agree, nll_ref, nll_ours = 0.0, [], [], [], []
-    empty = np.zeros((1, cfg.n_head, 0, cfg.head_dim), kv_dtype(session))
+    runs, scored = [], 0
     for chunk in chunks:
         if scored >= min_tokens or len(chunk) < prefill + 2:
             break
-        x = np.array([chunk], np.int64)
-        with torch.no_grad():
-            ref = torch_model(input_ids=torch.from_numpy(x)).logits[0].double().numpy()  # [T, vocab]
-        ones = np.ones((1, prefill), np.int64)
-        outs = session.run(None, feed(cfg, x[:, :prefill], ones, np.arange(prefill)[None], [empty] * (2 * cfg.n_layer), keep=0))
-        ours = [outs[0][0]]
-        for t in range(prefill, len(chunk)):
-            outs = session.run(None, feed(cfg, x[:, t: t + 1], np.ones((1, t + 1), np.int64), np.array([[t]]), outs[1:], keep=1))
-            ours.append(outs[0][0])
-        ours = np.concatenate(ours).astype(np.float64)  # [T, vocab]
+        runs.append((chunk, *forced_logits(session, torch_model, cfg, chunk, prefill)))
+        scored += len(chunk)
+    return forced_figures(runs)
+
+
+def forced_logits(session, torch_model, cfg: ModelConfig, ids: list[int], prefill: int) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher forcing, the one loop export and benchmarks share: PyTorch's logits over `ids` in one
+    pass, and the graph's as generation runs them (a `prefill`-token prompt pass, then one token per
+    step through the KV cache, each step fed the next token of `ids`).
+
+    Returns (reference, ours), both [len(ids), vocab] float64: row t predicts token t + 1.
+    """
+    import torch
+
+    x = np.array([ids], np.int64)
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.from_numpy(x)).logits[0].double().numpy()  # [T, vocab]
+    empty = np.zeros((1, cfg.n_head, 0, cfg.head_dim), kv_dtype(session))
+    outs = session.run(None, feed(cfg, x[:, :prefill], np.ones((1, prefill), np.int64), np.arange(prefill)[None],
+                                  [empty] * (2 * cfg.n_layer), keep=0))
+    ours = [outs[0][0]]
+    for t in range(prefill, len(ids)):
+        outs = session.run(None, feed(cfg, x[:, t: t + 1], np.ones((1, t + 1), np.int64), np.array([[t]]), outs[1:], keep=1))
+        ours.append(outs[0][0])
+    return ref, np.concatenate(ours).astype(np.float64)
+
+
+def forced_figures(runs: list[tuple[list[int], np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Figures over teacher-forced runs (ids, reference logits, our logits), each pair of logits
+    [positions scored, vocab] (forced_logits' rows, or the first of them): the positions scored, max
+    |Δlogit|, mean KL(PyTorch || ours), top-1 agreement, both perplexities over the next tokens and
+    the change between them."""
+    max_diff, kls, agree, nll_ref, nll_ours = 0.0, [], [], [], []
+    for ids, ref, ours in runs:
         max_diff = max(max_diff, float(np.abs(ours - ref).max()))
         lp_ref, lp_ours = log_softmax(ref), log_softmax(ours)
         kls.append((np.exp(lp_ref) * (lp_ref - lp_ours)).sum(-1))
         agree.append(ref.argmax(-1) == ours.argmax(-1))
-        nxt = x[0, 1:]
+        nxt = np.asarray(ids[1:], np.int64)
         nll_ref.append(-lp_ref[np.arange(len(nxt)), nxt])
         nll_ours.append(-lp_ours[np.arange(len(nxt)), nxt])
-        scored += len(chunk)
     ppl_ref, ppl_ours = float(np.exp(np.concatenate(nll_ref).mean())), float(np.exp(np.concatenate(nll_ours).mean()))
     return {
-        "tokens": scored,
+        "tokens": int(sum(len(r) for _, r, _ in runs)),
         "max_abs_logit_diff": max_diff,
         "mean_kl": float(np.concatenate(kls).mean()),
         "top1_agreement": float(np.concatenate(agree).mean()),

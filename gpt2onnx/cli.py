@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark artifacts against PyTorch and optimum")
     try:
-        from gpt2onnx.benchmarks.harness import add_arguments
+        from gpt2onnx.benchmarks.settings import add_arguments
     except ImportError:
         add_arguments = None
     if add_arguments:

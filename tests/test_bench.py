@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt2onnx.benchmarks import anchors, harness, systems
+from gpt2onnx.benchmarks import figures, harness, loop, plan, results, settings, worker, workloads
+from gpt2onnx.benchmarks.engines import ctranslate2, llamacpp
 from gpt2onnx.export import checkpoints
 from gpt2onnx.export.convert import ExportOptions, export
+from gpt2onnx.runtime.errors import Gpt2OnnxError
 
 from .conftest import QUIET, assert_one_line_error, run_cli
 
@@ -28,15 +30,15 @@ CONC = dict(concurrent_clients=[1, 3], concurrent_requests=7, concurrent_repeats
 
 
 def test_bench_schema_and_report(tmp_path, tiny_artifact, monkeypatch):
-    real = harness.baseline_missing
-    monkeypatch.setattr(harness, "baseline_missing",
+    real = plan.baseline_missing
+    monkeypatch.setattr(plan, "baseline_missing",
                         lambda k, *a: "optimum-onnx is not installed (test)" if k == "optimum" else real(k, *a))
-    s = harness.Settings(artifacts=[tiny_artifact], baselines=["pytorch", "optimum"], out=str(tmp_path / "rep"),
+    s = settings.Settings(artifacts=[tiny_artifact], baselines=["pytorch", "optimum"], out=str(tmp_path / "rep"),
                          cache=str(tmp_path / "cache"), **SMALL)
     res = harness.run(s, log=lambda m: None)
     out = tmp_path / "rep"
     on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["schema_version"] == harness.SCHEMA_VERSION == res["schema_version"]
+    assert on_disk["schema_version"] == results.SCHEMA_VERSION == res["schema_version"]
     for key in ("cpu", "cores_logical", "memory_bandwidth_gbs", "versions", "gpu"):
         assert key in on_disk["machine"]
     assert on_disk["machine"]["memory_bandwidth_gbs"]["read"] > 0
@@ -108,28 +110,28 @@ def test_bench_chat_reply_too_short(tiny_artifact, tmp_path):
 
 
 def _reply_tokens(n: int, mix: dict) -> list[int]:
-    return [r for _, r in systems.concurrent_requests(n, mix["prompt_len"], mix["reply_len"], 1000)]
+    return [r for _, r in workloads.concurrent_requests(n, mix["prompt_len"], mix["reply_len"], 1000)]
 
 
 def test_concurrent_plan_fits_the_context():
-    s = harness.Settings(artifacts=[])
-    assert harness.concurrent_plan(s, 1024) == {"clients": [1, 4, 16, 64], "requests": {1: 64, 4: 64, 16: 64, 64: 128},
+    s = settings.Settings(artifacts=[])
+    assert plan.concurrent_plan(s, 1024) == {"clients": [1, 4, 16, 64], "requests": {1: 64, 4: 64, 16: 64, 64: 128},
                                                  "prompt_len": [16, 256], "reply_len": [16, 128]}
-    tiny = harness.concurrent_plan(s, 128, log=lambda m: None)  # synthetic:tiny has 128 positions
+    tiny = plan.concurrent_plan(s, 128, log=lambda m: None)  # synthetic:tiny has 128 positions
     assert tiny["prompt_len"][1] + tiny["reply_len"][1] <= 128 and tiny["reply_len"][0] >= 2
-    assert harness.concurrent_plan(harness.Settings(artifacts=[], concurrent_clients=[0]), 128) is None
+    assert plan.concurrent_plan(settings.Settings(artifacts=[], concurrent_clients=[0]), 128) is None
 
 
-@pytest.mark.parametrize("mode", harness.OURS_MODES)
+@pytest.mark.parametrize("mode", settings.OURS_MODES)
 def test_concurrent_worker_records(tiny_artifact, mode):
     """Every request of the closed loop gets exactly its reply length, with stamps in order."""
     mix = {"prompt_len": [4, 40], "reply_len": [3, 12]}
-    w = systems.Worker(systems.SystemSpec("tiny", "ours", tiny_artifact))
+    w = worker.Worker(worker.SystemSpec("tiny", "ours", tiny_artifact))
     try:
         reqs = w.request("concurrent", mode=mode, clients=3, requests=7, reply_cap=0, max_batch=3, **mix)["requests"]
     finally:
         w.close()
-    asked = systems.concurrent_requests(7, mix["prompt_len"], mix["reply_len"], w.loaded["manifest"]["config"]["vocab_size"])
+    asked = workloads.concurrent_requests(7, mix["prompt_len"], mix["reply_len"], w.loaded["manifest"]["config"]["vocab_size"])
     assert [(r["prompt_len"], r["new_tokens"]) for r in reqs] == [(len(p), n) for p, n in asked]
     for r in reqs:
         assert len(r["token_s"]) == r["new_tokens"]
@@ -142,27 +144,27 @@ def test_concurrent_worker_records(tiny_artifact, mode):
         ends = [max(e for s, e in spans if s == f) for f in firsts]
         assert len(firsts) >= 3  # 7 requests, at most 3 a batch (one batch would pass the next line unchecked)
         assert all(f > e for e, f in zip(ends, firsts[1:]))
-    fig = harness.concurrent_figures(reqs)
+    fig = figures.concurrent_figures(reqs)
     assert fig["tokens"] == sum(n for _, n in asked) and fig["requests"] == 7
     assert fig["max_stall_ms"] >= fig["itl_p99_ms"] >= fig["itl_p50_ms"] > 0
 
 
 def test_concurrent_figures_refuse_disordered_stamps():
     good = {"submitted_s": 1.0, "token_s": [1.5, 1.6, 1.8]}
-    assert harness.concurrent_figures([good])["max_stall_ms"] == pytest.approx(200)
-    with pytest.raises(harness.Gpt2OnnxError, match="out of order"):
-        harness.concurrent_figures([good, {"submitted_s": 1.0, "token_s": [1.5, 1.5]}])
-    with pytest.raises(harness.Gpt2OnnxError, match="out of order"):
-        harness.concurrent_figures([{"submitted_s": 2.0, "token_s": [1.5, 1.6]}])
+    assert figures.concurrent_figures([good])["max_stall_ms"] == pytest.approx(200)
+    with pytest.raises(Gpt2OnnxError, match="out of order"):
+        figures.concurrent_figures([good, {"submitted_s": 1.0, "token_s": [1.5, 1.5]}])
+    with pytest.raises(Gpt2OnnxError, match="out of order"):
+        figures.concurrent_figures([{"submitted_s": 2.0, "token_s": [1.5, 1.6]}])
 
 
 def test_bench_concurrent(tmp_path, tiny_artifact):
-    s = harness.Settings(artifacts=[tiny_artifact], baselines=[], out=str(tmp_path / "rep"), **{**SMALL, **CONC, "chat_turns": 0})
+    s = settings.Settings(artifacts=[tiny_artifact], baselines=[], out=str(tmp_path / "rep"), **{**SMALL, **CONC, "chat_turns": 0})
     res = harness.run(s, log=lambda m: None)
     on_disk = json.loads((tmp_path / "rep" / "results.json").read_text())
     assert on_disk["concurrent"] == {"clients": [1, 3], "requests": {"1": 7, "3": 7}, "prompt_len": [4, 40], "reply_len": [3, 12]}
     conc = [r for r in on_disk["records"] if r["scenario"] == "concurrent"]
-    assert sorted((r["mode"], r["clients"]) for r in conc) == sorted((m, c) for m in harness.OURS_MODES for c in (1, 3))
+    assert sorted((r["mode"], r["clients"]) for r in conc) == sorted((m, c) for m in settings.OURS_MODES for c in (1, 3))
     expected = sum(_reply_tokens(7, res["concurrent"]))  # every reply exactly its length
     for r in conc:
         assert r["system"] == "ours fp32 cpu" and r["requests"] == 7 and r["tokens"] == expected
@@ -203,8 +205,8 @@ def tiny_int4_artifact(tmp_path_factory):
     return export(ExportOptions("synthetic:tiny", str(tmp_path_factory.mktemp("art") / "tiny-int4"), precision="int4"), log=QUIET)
 
 
-def _generated(spec: systems.SystemSpec, batch: int, prompt_len: int, new_tokens: int) -> list[list[int]]:
-    w = systems.Worker(spec)
+def _generated(spec: worker.SystemSpec, batch: int, prompt_len: int, new_tokens: int) -> list[list[int]]:
+    w = worker.Worker(spec)
     try:
         return w.request("generate", batch=batch, prompt_len=prompt_len, new_tokens=new_tokens)["tokens"]
     finally:
@@ -217,19 +219,19 @@ def test_checkpoints_we_save_carry_n_ctx(tiny_hf):
 
 
 def test_ctranslate2_fp32_greedy_equals_pytorch(tiny_hf, tmp_path):
-    path = anchors.ctranslate2_model(tiny_hf, str(tmp_path), "fp32", log=QUIET)
-    ct2 = _generated(systems.SystemSpec("ct2", "ctranslate2", path, precision="fp32"), 2, 8, 12)
-    pt = _generated(systems.SystemSpec("pt", "pytorch", tiny_hf), 2, 8, 12)
+    path = ctranslate2.ctranslate2_model(tiny_hf, str(tmp_path), "fp32", log=QUIET)
+    ct2 = _generated(worker.SystemSpec("ct2", "ctranslate2", path, precision="fp32"), 2, 8, 12)
+    pt = _generated(worker.SystemSpec("pt", "pytorch", tiny_hf), 2, 8, 12)
     assert [len(t) for t in ct2] == [12, 12] and len(set(ct2[0])) > 3  # varied tokens, not one repeated
     assert ct2 == pt
 
 
 def test_ctranslate2_int8_converts_and_generates(tiny_hf, tmp_path):
-    fp32 = anchors.ctranslate2_model(tiny_hf, str(tmp_path), "fp32", log=QUIET)
-    int8 = anchors.ctranslate2_model(tiny_hf, str(tmp_path), "int8", log=QUIET)
+    fp32 = ctranslate2.ctranslate2_model(tiny_hf, str(tmp_path), "fp32", log=QUIET)
+    int8 = ctranslate2.ctranslate2_model(tiny_hf, str(tmp_path), "int8", log=QUIET)
     assert os.path.getsize(os.path.join(int8, "model.bin")) < 0.4 * os.path.getsize(os.path.join(fp32, "model.bin"))
-    assert anchors.ctranslate2_model(tiny_hf, str(tmp_path), "int8", log=lambda m: pytest.fail(m)) == int8  # cached
-    w = systems.Worker(systems.SystemSpec("ct2", "ctranslate2", int8, precision="int8"))
+    assert ctranslate2.ctranslate2_model(tiny_hf, str(tmp_path), "int8", log=lambda m: pytest.fail(m)) == int8  # cached
+    w = worker.Worker(worker.SystemSpec("ct2", "ctranslate2", int8, precision="int8"))
     try:
         assert w.loaded["weights"]["bytes_per_token"] < os.path.getsize(os.path.join(int8, "model.bin"))
         for batch in (1, 3):
@@ -242,9 +244,9 @@ def test_ctranslate2_int8_converts_and_generates(tiny_hf, tmp_path):
 
 
 def test_worker_death_is_one_line(tiny_artifact):
-    w = systems.Worker(systems.SystemSpec("tiny", "ours", tiny_artifact))
+    w = worker.Worker(worker.SystemSpec("tiny", "ours", tiny_artifact))
     w.proc.kill()  # what a segfault in a baseline's native code looks like from the parent
-    with pytest.raises(systems.WorkerDied, match=r"^its process died \(killed by signal 9\)$"):
+    with pytest.raises(worker.WorkerDied, match=r"^its process died \(killed by signal 9\)$"):
         w.request("generate", batch=1, prompt_len=4, new_tokens=2)
     w.close()
 
@@ -253,7 +255,7 @@ def test_bench_drops_a_baseline_whose_process_dies(tmp_path, tiny_artifact, monk
     """A baseline that crashes mid-run (llama.cpp's AMX path did, on a VM that advertises AMX) is
     dropped with the reason in the report; the other systems' figures are all there."""
 
-    class Crashing(systems.Worker):
+    class Crashing(worker.Worker):
         calls = 0
 
         def request(self, kind, **args):
@@ -263,8 +265,8 @@ def test_bench_drops_a_baseline_whose_process_dies(tmp_path, tiny_artifact, monk
                     self.proc.kill()
             return super().request(kind, **args)
 
-    monkeypatch.setattr(harness, "Worker", Crashing)
-    s = harness.Settings(artifacts=[tiny_artifact], baselines=["pytorch"], out=str(tmp_path / "rep"),
+    monkeypatch.setattr(loop, "Worker", Crashing)
+    s = settings.Settings(artifacts=[tiny_artifact], baselines=["pytorch"], out=str(tmp_path / "rep"),
                          cache=str(tmp_path / "cache"), **{**SMALL, "chat_turns": 0, "context": [16]})
     res = harness.run(s, log=lambda m: None)
     assert [x["name"] for x in res["systems"]] == ["ours fp32 cpu"]
@@ -277,8 +279,8 @@ def test_bench_drops_a_baseline_whose_process_dies(tmp_path, tiny_artifact, monk
 
     monkeypatch.setattr(Crashing, "calls", 0)
     s.baselines, s.out = [], str(tmp_path / "rep2")
-    monkeypatch.setattr(Crashing, "request", lambda self, kind, **a: (self.proc.kill(), systems.Worker.request(self, kind, **a))[1])
-    with pytest.raises(harness.Gpt2OnnxError, match=r"^ours fp32 cpu: its process died \(killed by signal 9\) while decode b1 p8$"):
+    monkeypatch.setattr(Crashing, "request", lambda self, kind, **a: (self.proc.kill(), worker.Worker.request(self, kind, **a))[1])
+    with pytest.raises(Gpt2OnnxError, match=r"^ours fp32 cpu: its process died \(killed by signal 9\) while decode b1 p8$"):
         harness.run(s, log=lambda m: None)  # ours dying is a failure, not a skipped row
 
 
@@ -286,9 +288,9 @@ def test_bench_anchor_rows_and_skips(tmp_path, tiny_artifact, tiny_int4_artifact
     """CTranslate2 gets a row per precision it has (fp32), a skip line for the one it lacks (int4),
     and its rows sit beside ours in the tables; an absent llama.cpp is one skip line."""
     nowhere = str(tmp_path / "no-llama.cpp")
-    why = harness.baseline_missing("llamacpp", nowhere)
+    why = plan.baseline_missing("llamacpp", nowhere)
     assert "make llamacpp" in why and "\n" not in why
-    s = harness.Settings(artifacts=[tiny_artifact, tiny_int4_artifact], baselines=["ctranslate2", "llamacpp"],
+    s = settings.Settings(artifacts=[tiny_artifact, tiny_int4_artifact], baselines=["ctranslate2", "llamacpp"],
                          llamacpp_src=nowhere, out=str(tmp_path / "rep"), cache=str(tmp_path / "cache"),
                          **{**SMALL, "repeats": 1, "context": [16], "chat_turns": 2})
     res = harness.run(s, log=lambda m: None)
@@ -312,7 +314,7 @@ def test_bench_anchor_rows_and_skips(tmp_path, tiny_artifact, tiny_int4_artifact
 def _llamacpp_or_skip() -> None:
     """The llama.cpp tests need `make llamacpp` (minutes of compiling, not part of make test): skipped,
     saying so, only where it has not run."""
-    why = anchors.missing("llamacpp")
+    why = llamacpp.missing()
     if why:
         pytest.skip(f"llama.cpp is not built here: {why}")
 
@@ -320,12 +322,12 @@ def _llamacpp_or_skip() -> None:
 def test_llamacpp_conversions_load_and_generate(tiny_hf, tmp_path):
     _llamacpp_or_skip()
     sizes = {}
-    for precision, gtype in anchors.GGUF_TYPES.items():
-        path = anchors.gguf_model(tiny_hf, str(tmp_path), precision, log=QUIET)
-        info = anchors.gguf_info(path)
+    for precision, gtype in llamacpp.GGUF_TYPES.items():
+        path = llamacpp.gguf_model(tiny_hf, str(tmp_path), precision, log=QUIET)
+        info = llamacpp.gguf_info(path)
         assert path.endswith(f"model-{gtype}.gguf") and info["type"] == gtype and 0 < info["bytes_per_token"] < os.path.getsize(path)
         sizes[gtype] = os.path.getsize(path)
-        w = systems.Worker(systems.SystemSpec(f"llama.cpp {gtype}", "llamacpp", path, precision=precision))
+        w = worker.Worker(worker.SystemSpec(f"llama.cpp {gtype}", "llamacpp", path, precision=precision))
         try:
             assert w.loaded["max_batch"] == 1 and w.loaded["weights"]["bytes_per_token"] == info["bytes_per_token"]
             r = w.request("generate", batch=1, prompt_len=8, new_tokens=12)
@@ -343,15 +345,15 @@ def test_llamacpp_f32_follows_pytorch(tiny_hf, tmp_path):
     """The F32 conversion is the same model: greedy tokens agree with PyTorch's (llama.cpp keeps its
     KV cache in fp16, so a near tie late in the reply may differ; the first tokens may not)."""
     _llamacpp_or_skip()
-    path = anchors.gguf_model(tiny_hf, str(tmp_path), "fp32", log=QUIET)
-    llama = _generated(systems.SystemSpec("llama.cpp", "llamacpp", path), 1, 8, 12)[0]
-    pt = _generated(systems.SystemSpec("pt", "pytorch", tiny_hf), 1, 8, 12)[0]
+    path = llamacpp.gguf_model(tiny_hf, str(tmp_path), "fp32", log=QUIET)
+    llama = _generated(worker.SystemSpec("llama.cpp", "llamacpp", path), 1, 8, 12)[0]
+    pt = _generated(worker.SystemSpec("pt", "pytorch", tiny_hf), 1, 8, 12)[0]
     assert llama[:4] == pt[:4], (llama, pt)
 
 
 def test_bench_llamacpp_leaves_batch_cells_empty(tmp_path, tiny_artifact):
     _llamacpp_or_skip()
-    s = harness.Settings(artifacts=[tiny_artifact], baselines=["llamacpp"], out=str(tmp_path / "rep"),
+    s = settings.Settings(artifacts=[tiny_artifact], baselines=["llamacpp"], out=str(tmp_path / "rep"),
                          cache=str(tmp_path / "cache"), **{**SMALL, "repeats": 1, "context": [16], "chat_turns": 2})
     res = harness.run(s, log=lambda m: None)
     assert [x["name"] for x in res["systems"]] == ["ours fp32 cpu", "llama.cpp F32 cpu"] and res["skipped"] == []
@@ -362,6 +364,87 @@ def test_bench_llamacpp_leaves_batch_cells_empty(tmp_path, tiny_artifact):
     throughput = report.split("## Throughput by batch", 1)[1].split("\n## ", 1)[0]
     row = next(ln for ln in throughput.splitlines() if ln.startswith("| llama.cpp F32 cpu |"))
     assert row.endswith("| — |") and row.count("|") == 4  # batch 1 measured, batch 2 empty
+
+
+def _llamacpp_tools_or_skip() -> None:
+    """llama.cpp's C++ tools need `make llamacpp` too (it builds them beside the binding): skipped, saying
+    so, only where it has not run."""
+    _llamacpp_or_skip()
+    why = llamacpp.tools_missing()
+    if why:
+        pytest.skip(f"llama.cpp's C++ tools are not built here: {why}")
+
+
+def test_llama_bench_measures_decode_prompt_and_rss(tiny_hf, tmp_path):
+    _llamacpp_tools_or_skip()
+    path = llamacpp.gguf_model(tiny_hf, str(tmp_path), "int8", log=QUIET)
+    b = llamacpp.llama_bench(path, threads=1, prompt_len=8, new_tokens=12, repetitions=2)
+    assert b["prompt_len"] == 8 and b["new_tokens"] == 12 and b["repetitions"] == 2
+    assert 0 < b["tg_ms_per_token"] < 1e3 and b["tg_tokens_per_s"] == pytest.approx(1e3 / b["tg_ms_per_token"], rel=0.2)
+    assert 0 < b["pp_ms"] and b["pp_tokens_per_s"] == pytest.approx(8 / (b["pp_ms"] / 1e3), rel=0.2)
+    assert 1 < b["peak_rss_mb"] < 2000  # a fresh llama-bench process, not this one
+    assert "-d 8" in b["commands"][1] and "-lm none" in b["commands"][0]
+    with pytest.raises(Gpt2OnnxError, match="llama-bench failed"):
+        llamacpp.llama_bench(str(tmp_path / "missing.gguf"), 1, 8, 12, repetitions=1)
+
+
+def test_llama_server_runs_the_concurrent_clients_and_stops(tiny_hf, tmp_path):
+    """llama-server with a slot per client: every reply exactly its length, stamps in order, and the
+    server gone when the call returns."""
+    _llamacpp_tools_or_skip()
+    import psutil
+
+    path = llamacpp.gguf_model(tiny_hf, str(tmp_path), "fp32", log=QUIET)
+    asked = workloads.concurrent_requests(7, (4, 40), (3, 12), 1000)
+    before = {c.pid for c in psutil.Process().children()}
+    recs = llamacpp.server_concurrent(path, threads=1, clients=3, requests=asked, n_ctx=128)
+    assert [(r["prompt_len"], r["new_tokens"]) for r in recs] == [(len(p), n) for p, n in asked]
+    assert all(len(r["token_s"]) == r["new_tokens"] for r in recs)
+    fig = figures.concurrent_figures(recs)  # raises on stamps out of order
+    assert fig["requests"] == 7 and fig["tokens"] == sum(n for _, n in asked)
+    assert {c.pid for c in psutil.Process().children()} <= before  # the server stopped itself
+
+
+def test_bench_llamacpp_server_mode_and_path(tmp_path, tiny_artifact):
+    """With the tools built the run measures llama.cpp's concurrent clients through llama-server and
+    names which path its batch-1 rows come from."""
+    _llamacpp_tools_or_skip()
+    s = settings.Settings(artifacts=[tiny_artifact], baselines=["llamacpp"], out=str(tmp_path / "rep"),
+                          cache=str(tmp_path / "cache"), concurrent_precisions=["fp32"],
+                          **{**SMALL, **CONC, "repeats": 1, "context": [16], "chat_turns": 0, "concurrent_clients": [2]})
+    res = harness.run(s, log=lambda m: None)
+    conc = {(r["system"], r["mode"]) for r in res["records"] if r["scenario"] == "concurrent"}
+    assert ("llama.cpp F32 cpu", "server") in conc
+    llama = next(x for x in res["systems"] if x["kind"] == "llamacpp")
+    path = llama["llamacpp_path"]
+    assert path["used"] in ("llama-bench", "llama-cpp-python") and path["llama_bench"]["prompt_len"] == 8
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert f"**llama.cpp F32 cpu** rows: through **{path['used']}**, the faster path" in report
+    assert "**server** = llama.cpp's own llama-server" in report and "| llama.cpp F32 cpu | server |" in report
+
+
+def test_llamacpp_rows_take_the_faster_path():
+    """prefer_faster: llama-bench's figures replace the binding's batch-1 row only where they are faster."""
+    bench = {"prompt_len": 32, "new_tokens": 64, "tg_ms_per_token": 5.0, "tg_tokens_per_s": 200.0, "pp_ms": 20.0,
+             "pp_tokens_per_s": 1600.0, "peak_rss_mb": 150.0}
+
+    def case(binding_ms):
+        systems = [{"name": "llama.cpp Q8_0 cpu", "kind": "llamacpp", "weights_bytes_per_token": 1e8, "footprint_mb": 190.0}]
+        summary = [{"system": "llama.cpp Q8_0 cpu", "scenario": "decode", "batch": 1, "prompt_len": 32, "new_tokens": 64,
+                    "p50_ms": binding_ms, "p90_ms": binding_ms, "ttft_ms": 30.0},
+                   {"system": "llama.cpp Q8_0 cpu", "scenario": "decode", "batch": 1, "prompt_len": 128, "new_tokens": 64,
+                    "p50_ms": binding_ms, "ttft_ms": 60.0}]
+        llamacpp.prefer_faster(systems, summary, {"llama.cpp Q8_0 cpu": bench}, bandwidth_gbs=20.0)
+        return systems[0], summary
+
+    x, (row, other) = case(binding_ms=8.0)
+    assert x["llamacpp_path"]["used"] == "llama-bench" and x["llamacpp_path"]["binding_ms_per_token"] == 8.0
+    assert row["p50_ms"] == row["p90_ms"] == 5.0 and row["ttft_ms"] == 20.0 and row["source"] == "llama-bench"
+    assert row["bandwidth_fraction"] == pytest.approx(1e8 / 5e-3 / 1e9 / 20.0) and x["footprint_mb"] == 150.0
+    assert other["p50_ms"] == 8.0 and "source" not in other  # llama-bench measured the first prompt length only
+    x, (row, _) = case(binding_ms=4.0)
+    assert x["llamacpp_path"]["used"] == "llama-cpp-python" and row["p50_ms"] == 4.0 and x["footprint_mb"] == 190.0
+    assert "source" not in row
 
 
 def _edge_results(ours_int4_ms: float, ours_int8_ms: float, shape: list[int]) -> dict:

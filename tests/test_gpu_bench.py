@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from gpt2onnx.benchmarks import gpu_check, harness, report, systems
+from gpt2onnx.benchmarks import figures, gpu_check, harness, loop, report, settings, worker, workloads
+from gpt2onnx.benchmarks.engines.pytorch import PyTorch, PyTorchCompiled
+from gpt2onnx.benchmarks.machine import device_bandwidth_gbs, machine_info
 from gpt2onnx.export import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,13 +35,13 @@ def test_static_cache_baseline_follows_eager_pytorch(tiny_hf):
     """pytorch-compile's path off CUDA: generate through a kept StaticCache per batch size, reset between
     calls. Its greedy tokens equal eager PyTorch's, also when a cache is reused by a later call of the
     same batch size (a cache not reset would leak the earlier call's keys into the next)."""
-    spec = systems.SystemSpec("static", "pytorch-compile", tiny_hf, threads=1)
-    static = systems._PyTorchCompiled(spec, 1)
-    eager = systems._PyTorch(systems.SystemSpec("eager", "pytorch", tiny_hf, threads=1), 1)
+    spec = worker.SystemSpec("static", "pytorch-compile", tiny_hf, threads=1)
+    static = PyTorchCompiled(spec, 1)
+    eager = PyTorch(worker.SystemSpec("eager", "pytorch", tiny_hf, threads=1), 1)
     assert static.info()["compiled"] is False  # compiled on CUDA only
     calls = [(2, 8, 12), (1, 16, 10), (2, 30, 12), (1, 100, 20)]  # each batch size twice: the second reuses its cache
     for batch, plen, new in calls:
-        rows = systems.prompt_rows(batch, plen, static.vocab)
+        rows = workloads.prompt_rows(batch, plen, static.vocab)
         got, want = static.generate(rows, new), eager.generate(rows, new)
         assert [len(t) for t in got["tokens"]] == [new] * batch and len(got["step_s"]) == new - 1
         assert got["tokens"] == want["tokens"], (batch, plen)
@@ -54,7 +56,7 @@ def test_static_cache_baseline_follows_eager_pytorch(tiny_hf):
 def test_bench_runs_the_static_cache_baseline(tmp_path, tiny_artifact):
     """`--baselines pytorch,pytorch-compile` through the harness: a row and a ratio column each, named
     for what runs (pytorch-static off CUDA), and the report says how it runs."""
-    s = harness.Settings(artifacts=[tiny_artifact], baselines=["pytorch", "pytorch-compile"], batch=[1], prompt_len=[8],
+    s = settings.Settings(artifacts=[tiny_artifact], baselines=["pytorch", "pytorch-compile"], batch=[1], prompt_len=[8],
                          new_tokens=4, repeats=1, context=[], chat_turns=0, concurrent_clients=[], footprint=False, beams=0,
                          out=str(tmp_path / "rep"), cache=str(tmp_path / "cache"))
     res = harness.run(s, log=lambda m: None)
@@ -70,7 +72,7 @@ def test_bench_runs_the_static_cache_baseline(tmp_path, tiny_artifact):
     # the same results as a CUDA run that measured its GPU's bandwidth: the floor and GB/s use that figure
     res["settings"]["provider"] = "cuda"
     res["machine"]["memory_bandwidth_gbs"]["device_copy"] = 4000.0
-    res["summary"] = harness.summarize(res["records"], res["systems"], res["machine"], "cuda")
+    res["summary"] = figures.summarize(res["records"], res["systems"], res["machine"], "cuda")
     ours = next(r for r in res["summary"] if r["system"] == "ours fp32 cpu" and r["scenario"] == "decode")
     assert ours["bandwidth_fraction"] == pytest.approx(ours["achieved_gbs"] / 4000.0)
     report.write_report(res, str(tmp_path / "rep"))
@@ -83,23 +85,23 @@ def test_bench_drops_a_baseline_that_answers_with_an_error(tmp_path, tiny_artifa
     """A baseline whose generate raises (a torch.compile that fails on the GPU machine) is dropped with
     the reason, as a crashed one is; the run and ours' figures go on. Ours answering with an error ends the run."""
 
-    class Failing(systems.Worker):
+    class Failing(worker.Worker):
         def request(self, kind, **args):
             if self.spec.kind == "pytorch-compile" and kind == "generate":
-                raise systems.WorkerError(f"{self.spec.name}: BackendCompilerFailed: no C compiler")
+                raise worker.WorkerError(f"{self.spec.name}: BackendCompilerFailed: no C compiler")
             return super().request(kind, **args)
 
-    monkeypatch.setattr(harness, "Worker", Failing)
-    s = harness.Settings(artifacts=[tiny_artifact], baselines=["pytorch-compile"], batch=[1], prompt_len=[8], new_tokens=3,
+    monkeypatch.setattr(loop, "Worker", Failing)
+    s = settings.Settings(artifacts=[tiny_artifact], baselines=["pytorch-compile"], batch=[1], prompt_len=[8], new_tokens=3,
                          repeats=1, context=[], chat_turns=0, concurrent_clients=[], footprint=False, beams=0,
                          out=str(tmp_path / "rep"), cache=str(tmp_path / "cache"))
     res = harness.run(s, log=lambda m: None)
     assert [x["name"] for x in res["systems"]] == ["ours fp32 cpu"] and {r["system"] for r in res["records"]} == {"ours fp32 cpu"}
     assert res["skipped"] == [{"baseline": "pytorch-static fp32 cpu",
                                "reason": "pytorch-static fp32 cpu: BackendCompilerFailed: no C compiler while decode b1 p8"}]
-    monkeypatch.setattr(Failing, "request", lambda self, kind, **a: (_ for _ in ()).throw(systems.WorkerError("ours: boom")))
+    monkeypatch.setattr(Failing, "request", lambda self, kind, **a: (_ for _ in ()).throw(worker.WorkerError("ours: boom")))
     s.baselines, s.out = [], str(tmp_path / "rep2")
-    with pytest.raises(systems.WorkerError, match="^ours: boom$"):
+    with pytest.raises(worker.WorkerError, match="^ours: boom$"):
         harness.run(s, log=lambda m: None)
 
 
@@ -113,16 +115,16 @@ def test_floor_bandwidth_is_the_gpus_on_cuda():
     assert report.floor_bandwidth(no_gpu_figure, "cuda") == ("read", 50.0)
     # summarize: achieved GB/s = weights per token / p50, as a fraction of the chosen bandwidth
     rec = {"system": "a", "scenario": "decode", "batch": 1, "prompt_len": 32, "new_tokens": 8,
-           **{f: 1.0 for f in harness.FIGURES}}  # p50 1 ms
+           **{f: 1.0 for f in figures.FIGURES}}  # p50 1 ms
     systems_ = [{"name": "a", "weights_bytes_per_token": 708e6}]
     for provider, bw in (("cuda", 3000.0), ("cpu", 50.0)):
-        row = harness.summarize([rec], systems_, machine, provider)[0]
+        row = figures.summarize([rec], systems_, machine, provider)[0]
         assert row["achieved_gbs"] == pytest.approx(708.0) and row["bandwidth_fraction"] == pytest.approx(708.0 / bw)
 
 
 def test_device_bandwidth_measures_a_copy():
     """The GPU bandwidth measurement, run on the CPU device: a positive figure, no CUDA needed."""
-    gbs = harness.device_bandwidth_gbs("cpu", mb=8, repeats=3)
+    gbs = device_bandwidth_gbs("cpu", mb=8, repeats=3)
     assert 0.1 < gbs < 10_000
 
 
@@ -131,7 +133,7 @@ def test_machine_info_on_cuda_measures_the_gpu_or_says_why_not():
     (this machine) the reason is recorded, and the report then names the host bandwidth it used instead."""
     import torch
 
-    machine = harness.machine_info("cuda")
+    machine = machine_info("cuda")
     if torch.cuda.is_available():
         assert machine["memory_bandwidth_gbs"]["device_copy"] > 100 and "device_bandwidth_error" not in machine
     else:
@@ -248,14 +250,14 @@ def test_gpu_script_invocations_parse(tmp_path):
     import argparse
 
     p = argparse.ArgumentParser()
-    harness.add_arguments(p)
+    settings.add_arguments(p)
     a = p.parse_args(cli[1:])
     assert a.artifacts == ["artifacts/dialogpt-medium-fp16-cuda"] and a.out == str(out) and a.provider == "cuda"
     assert a.baselines.split(",") == ["pytorch", "pytorch-compile"]
     assert a.batch == [1, 64] and a.concurrent_clients == [16] and a.concurrent_precisions == ["fp16"]
     assert a.context == [] and a.chat_turns == 0 and a.footprint is False and a.beams == 0
-    s = harness.Settings(artifacts=a.artifacts, baselines=a.baselines.split(","), batch=a.batch, prompt_len=a.prompt_len,
+    s = settings.Settings(artifacts=a.artifacts, baselines=a.baselines.split(","), batch=a.batch, prompt_len=a.prompt_len,
                          new_tokens=a.new_tokens, repeats=a.repeats, context=a.context, chat_turns=a.chat_turns,
                          concurrent_clients=a.concurrent_clients, concurrent_precisions=a.concurrent_precisions, provider=a.provider)
-    harness._check_settings(s)  # raises on a choice the harness refuses
+    settings.check(s)  # raises on a choice the harness refuses
     assert s.prompt_len == [32] and s.new_tokens == 128
