@@ -10,13 +10,13 @@
 #      untimed), batch-64 tokens/s, and the scheduler at 16 clients; the floor and GB/s columns against
 #      the GPU's memory bandwidth (a device-to-device copy measured in the run); the capture check and
 #      the GPU bars in the report.
-# Budget (estimates until a lease measures them; the script prints the seconds each stage ends at):
-# export ~60 s (once, kept in artifacts/), capture check ~30 s, bench ~4 min, of which pytorch-compile's
-# compilation for batch 1 and 64 ~1-2 min. Left out for time: the chat scenario, the context curve, the
-# fresh-process footprints (each would compile pytorch-compile again) and beam search; 3 timed repeats
-# and 1 concurrent repeat, as the 2026-11-25 run.
+# Measured on an H200 (2026-12-04): 194 s in all; export 36 s, capture check 7 s, bench 148 s. Left out
+# for time: the chat scenario, the context curve, the fresh-process footprints (each would compile
+# pytorch-compile again) and beam search; 3 timed repeats and 1 concurrent repeat.
 #
-# onnxruntime-gpu comes as ../shared/tools/ort-gpu.md says; then, from the repository root:
+# onnxruntime-gpu is not on the GPU image: bring its wheel (CUDA 13 build, ~245 MiB) in parts, join
+# them under the wheel's own file name (pip refuses any other name), install it with
+# `pip install --no-deps --target /tmp/ort`, then from the repository root:
 #   PYTHONPATH=/tmp/ort:$PYTHONPATH bash benchmarks/gpu.sh
 # PYTHON names the interpreter (default python3, the GPU image's, with its CUDA PyTorch).
 set -euo pipefail
