@@ -9,7 +9,10 @@
 #      (mode reduce-overhead) captures in CUDA graphs (pytorch-compile; compiled and captured in warm-up,
 #      untimed), batch-64 tokens/s, and the scheduler at 16 clients; the floor and GB/s columns against
 #      the GPU's memory bandwidth (a device-to-device copy measured in the run); the capture check and
-#      the GPU bars in the report.
+#      the GPU bars in the report;
+#   3. step.json / step.md (benchmarks/gpu_step.py): a batch-1 and a batch-64 decode step taken apart
+#      (input copies, the replay, the logits copy, numpy's argmax) and greedy's pick computed in the
+#      graph instead (ArgMax or TopK added as a second output): captured?, ms, ids equal to the host's.
 # Measured on an H200 (2026-12-04): 194 s in all; export 36 s, capture check 7 s, bench 148 s. Left out
 # for time: the chat scenario, the context curve, the fresh-process footprints (each would compile
 # pytorch-compile again) and beam search; 3 timed repeats and 1 concurrent repeat.
@@ -37,6 +40,10 @@ rm -f "$out/capture.json" "$out/capture.md"  # a stale check must not land in th
 # a failed check is reported and the bench still runs: its report then has no capture section
 timeout 300 "$py" -m gpt2onnx.benchmarks.gpu_check "$art" --out "$out" --provider cuda || stage "capture check FAILED (exit $?)"
 stage "capture check done"
+# where a step's time goes (inputs, replay, logits copy, host argmax) and greedy's pick on the device
+rm -f "$out/step.json" "$out/step.md"
+timeout 150 "$py" -m gpt2onnx.benchmarks.gpu_step "$art" --out "$out" --provider cuda --batch 1,64 || stage "step breakdown FAILED (exit $?)"
+stage "step breakdown done"
 
 "$py" -m gpt2onnx.cli bench "$art" --bench-provider cuda --baselines pytorch,pytorch-compile \
   --batch 1,64 --prompt-len 32 --new-tokens 128 --repeats 3 --context "" --chat-turns 0 --beams 0 --no-footprint \

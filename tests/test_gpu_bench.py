@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2onnx.benchmarks import figures, gpu_check, harness, loop, report, settings, worker, workloads
+from gpt2onnx.benchmarks import figures, gpu_check, gpu_step, harness, loop, report, settings, worker, workloads
 from gpt2onnx.benchmarks.engines.pytorch import PyTorch, PyTorchCompiled
 from gpt2onnx.benchmarks.machine import device_bandwidth_gbs, machine_info
 from gpt2onnx.export import checkpoints
@@ -162,6 +162,35 @@ def test_capture_check_on_the_cpu_provider(tmp_path, tiny_artifact):
     assert md.strip().endswith(r.stdout.strip().splitlines()[-1])  # stdout prints the same summary
 
 
+def test_step_breakdown_on_the_cpu_provider(tmp_path, tiny_artifact):
+    """gpu_step takes a step apart and runs greedy's pick in the graph; on the cpu provider nothing is
+    captured and no device copy happens, but every part is timed and both pick variants give the host's
+    argmax at every step (a variant graph built wrong would raise or pick other ids)."""
+    out = tmp_path / "step"
+    r = subprocess.run([sys.executable, "-m", "gpt2onnx.benchmarks.gpu_step", tiny_artifact, "--out", str(out), "--provider",
+                        "cpu", "--batch", "1,3", "--steps", "5"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "step.json").read_text())
+    assert res["provider"] == "CPUExecutionProvider" and res["session_cuda_graph"] is False
+    assert [(p["batch"], p["bucket"], p["steps"]) for p in res["parts"]] == [(1, 1, 5), (3, 3, 5)]  # no buckets without capture
+    for p in res["parts"]:
+        assert p["step_ms"] > 0 and p["run_ms"] > 0 and p["argmax_ms"] > 0
+        assert p["inputs_ms"] == 0 and p["logits_ms"] == 0  # the CPU binding points at the host arrays: nothing copied
+    assert [(v["op"], v["batch"]) for v in res["variants"]] == [("ArgMax", 1), ("ArgMax", 3), ("TopK", 1), ("TopK", 3)]
+    for v in res["variants"]:
+        assert "error" not in v, v
+        assert v["ids_equal_host_argmax"] == "8/8 steps" and v["captured"] is False and v["run_ms"] > 0
+    md = (out / "step.md").read_text()
+    assert "| 3 | 3 | 5 |" in md and "| TopK | 3 | yes |" in md
+
+
+def test_step_breakdown_refuses_bad_batches(tmp_path, tiny_artifact):
+    for bad in ("0", "1,x", ""):
+        r = subprocess.run([sys.executable, "-m", "gpt2onnx.benchmarks.gpu_step", tiny_artifact, "--out", str(tmp_path),
+                            "--provider", "cpu", "--batch", bad], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "--batch" in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
+
+
 def test_capture_check_finds_differing_rows():
     a = [[[1, 2, 3]], [[4, 5, 6], [7, 8, 9]]]
     b = [[[1, 2, 3]], [[4, 5, 6], [7, 0, 9]]]
@@ -242,10 +271,13 @@ def test_gpu_script_invocations_parse(tmp_path):
     assert not (out / "capture.json").exists()  # removed before the check, so no stale one lands in the report
     invocations = [c.strip("\n").split("\n") for c in calls.read_text().split("@@\n")[:-1]]
     modules = [c[1:] for c in invocations if c[0] == "-m"]
-    assert [m[0] for m in modules] == ["pip", "gpt2onnx.cli", "gpt2onnx.benchmarks.gpu_check", "gpt2onnx.cli"]
+    assert [m[0] for m in modules] == ["pip", "gpt2onnx.cli", "gpt2onnx.benchmarks.gpu_check", "gpt2onnx.benchmarks.gpu_step",
+                                       "gpt2onnx.cli"]
     check = gpu_check.parser().parse_args(modules[2][1:])
     assert check.out == str(out) and check.provider == "cuda" and check.artifact == "artifacts/dialogpt-medium-fp16-cuda"
-    cli = modules[3][1:]
+    step = gpu_step.parser().parse_args(modules[3][1:])
+    assert step.out == str(out) and step.provider == "cuda" and step.artifact == check.artifact and step.batch == "1,64"
+    cli = modules[4][1:]
     assert cli[0] == "bench"
     import argparse
 
