@@ -13,7 +13,8 @@
 #   3. step.json / step.md (benchmarks/gpu_step.py): a batch-1 and a batch-64 decode step taken apart
 #      (input copies, the replay, the logits copy, numpy's argmax) and greedy's pick computed in the
 #      graph instead (ArgMax or TopK added as a second output): captured?, ms, ids equal to the host's.
-# Measured on an H200 (2026-12-04): 194 s in all; export 36 s, capture check 7 s, bench 148 s. Left out
+# Measured on an H200 (2026-12-04): 220 s in all; export 38 s, capture check 7 s, step breakdown 13 s, bench
+# 162 s (the first run, before the step breakdown was added: 194 s). Left out
 # for time: the chat scenario, the context curve, the fresh-process footprints (each would compile
 # pytorch-compile again) and beam search; 3 timed repeats and 1 concurrent repeat.
 #
