@@ -43,7 +43,9 @@ serve: $(STAMP)
 # re-exported), then measure beside PyTorch, optimum and, where installed, llama.cpp (`make llamacpp`)
 # and CTranslate2 (~40 min on 2 cores, ~20 of them the concurrent-clients scenario, mostly optimum
 # serving its requests one at a time; BENCH_ARGS="--concurrent-clients 0" skips it). Then
-# DialoGPT-medium, ours only, fewer repeats, into its own report.
+# DialoGPT-medium, ours only, fewer repeats, into its own report. Plan for more on a busy VM: on
+# 2026-12-04 (read bandwidth 20 GB/s, pytorch-compile still a default then) two of the five repeats
+# took ~45 minutes. Run it with nothing else on the machine.
 SMALL_ARTS := $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-small-$(p))
 MEDIUM_ARTS := $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-medium-$(p))
 MEDIUM_OUT ?= reports/dialogpt-medium-cpu
