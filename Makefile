@@ -44,8 +44,8 @@ serve: $(STAMP)
 # and CTranslate2 (~40 min on 2 cores, ~20 of them the concurrent-clients scenario, mostly optimum
 # serving its requests one at a time; BENCH_ARGS="--concurrent-clients 0" skips it). Then
 # DialoGPT-medium, ours only, fewer repeats, into its own report. Plan for more on a busy VM: on
-# 2026-12-04 (read bandwidth 20 GB/s, pytorch-compile still a default then) two of the five repeats
-# took ~45 minutes. Run it with nothing else on the machine.
+# 2026-12-04 (read bandwidth 20 GB/s, pytorch-compile still a default then) loading, the warm-up, the
+# first of five repeats and part of the second took 56 minutes. Run it with nothing else on the machine.
 SMALL_ARTS := $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-small-$(p))
 MEDIUM_ARTS := $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-medium-$(p))
 MEDIUM_OUT ?= reports/dialogpt-medium-cpu
