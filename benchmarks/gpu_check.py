@@ -148,11 +148,16 @@ def render(r: dict) -> list[str]:
 
 
 def write(result: dict, out: str) -> None:
+    write_record(out, "capture", "CUDA graph capture check", result, render(result))
+
+
+def write_record(out: str, stem: str, title: str, result: dict, lines: list[str]) -> None:
+    """DIR/stem.json (the record) and DIR/stem.md (its rendering under `title`): the GPU checks' output pair."""
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "capture.json"), "w") as f:
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
         json.dump(result, f, indent=2)
-    with open(os.path.join(out, "capture.md"), "w") as f:
-        f.write("\n".join(["# CUDA graph capture check", "", *render(result), ""]))
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write("\n".join([f"# {title}", "", *lines, ""]))
 
 
 def parser() -> argparse.ArgumentParser:

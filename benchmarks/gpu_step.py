@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
 import sys
 import time
 
 import numpy as np
 
+from .gpu_check import write_record
 from .workloads import prompt_rows
 
 PROMPT = 32
@@ -65,15 +64,16 @@ def _parts(e, b: int, steps: int) -> dict:
     tokens = np.zeros(b, np.int64)
     # every timed decode advances the rows; the budget keeps them inside the cache
     steps = min(steps, (cap - PROMPT - 2 * WARMUP - 4) // 2)
-    out = {"batch": b, "steps": steps, "bucket": dec.batch_for(b)}
+    bb = dec.batch_for(b)  # the bucket the step runs
+    out = {"batch": b, "steps": steps, "bucket": bb}
     out["step_ms"] = _median_ms(lambda: dec.decode(tokens), steps)
     # the step's own binding, as decode made it (private on purpose: this tool takes the step apart)
-    io, copies, device_logits, ro = dec._step_binding(dec.batch_for(b))
-    out["inputs_ms"] = _median_ms(lambda: [ov.update_inplace(h[: dec.batch_for(b)]) for h, ov in copies], steps) if copies else 0.0
+    io, copies, device_logits, ro = dec._step_binding(bb)
+    out["inputs_ms"] = _median_ms(lambda: [ov.update_inplace(h[:bb]) for h, ov in copies], steps) if copies else 0.0
     out["run_ms"] = _median_ms(lambda: e.session.run_with_iobinding(io, ro), steps)
     if device_logits is not None:
         def fetch():
-            dec.logits[: dec.batch_for(b)] = device_logits.numpy()
+            dec.logits[:bb] = device_logits.numpy()
         out["logits_ms"] = _median_ms(fetch, steps)
     else:
         out["logits_ms"] = 0.0  # the CPU graph writes the host array itself
@@ -144,8 +144,14 @@ def _variant(e, sess, ids, op: str, b: int, steps: int) -> dict:
         out["pick_copy_ms"] = _median_ms(lambda: pick.numpy(), steps)
         dec.close()
     except Exception as err:  # onnxruntime raises its own types; the figure is whether it runs at all
-        out["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+        out["error"] = _error(err)
     return out
+
+
+def _error(err: Exception) -> str:
+    """An exception as one line for the record: its type and the first line of its message."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def measure(artifact: str, provider: str, batches: list[int], steps: int = STEPS, log=print, save=None) -> dict:
@@ -168,7 +174,7 @@ def measure(artifact: str, provider: str, batches: list[int], steps: int = STEPS
         try:
             sess, ids = _variant_session(e, artifact, op), itertools.count(1)  # graph ids drawn per session
         except Exception as err:  # onnxruntime raises its own types; a refused variant is a finding
-            r["variants"].append({"op": op, "batch": batches[0], "error": f"{type(err).__name__}: {str(err).strip()[:300]}"})
+            r["variants"].append({"op": op, "batch": batches[0], "error": _error(err)})
             continue
         for b in batches:
             log(f"device pick {op} at batch {b}")
@@ -201,11 +207,7 @@ def render(r: dict) -> list[str]:
 
 
 def write(r: dict, out: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "step.json"), "w") as f:
-        json.dump(r, f, indent=2)
-    with open(os.path.join(out, "step.md"), "w") as f:
-        f.write("\n".join(["# Where a decode step's time goes", "", *render(r), ""]))
+    write_record(out, "step", "Where a decode step's time goes", r, render(r))
 
 
 def parser() -> argparse.ArgumentParser:
