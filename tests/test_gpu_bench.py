@@ -180,8 +180,14 @@ def test_step_breakdown_on_the_cpu_provider(tmp_path, tiny_artifact):
     for v in res["variants"]:
         assert "error" not in v, v
         assert v["ids_equal_host_argmax"] == "8/8 steps" and v["captured"] is False and v["run_ms"] > 0
+    # the graph without attention_bias: the same logits as the artifact's over rows without padding
+    assert [v["batch"] for v in res["no_bias"]] == [1, 3]
+    for v in res["no_bias"]:
+        assert "error" not in v, v
+        assert v["ids_equal"] == "8/8 steps" and v["max_abs_logit_diff"] < 1e-4 and v["run_ms"] > 0 and v["prompt_ms"] > 0
+    assert all(p["prompt_ms"] > 0 for p in res["parts"])
     md = (out / "step.md").read_text()
-    assert "| 3 | 3 | 5 |" in md and "| TopK | 3 | yes |" in md
+    assert "| 3 | 3 | 5 |" in md and "| TopK | 3 | yes |" in md and "| 3 | yes | " in md.split("without GroupQueryAttention")[1]
 
 
 def test_step_breakdown_refuses_bad_batches(tmp_path, tiny_artifact):
