@@ -4,8 +4,9 @@ the uncaptured step gives?
     python -m gpt2onnx.benchmarks.gpu_check ARTIFACT_DIR --out DIR [--provider cuda|cpu]
 
 The artifact is loaded twice, `Engine.load(cuda_graph=True)` and `cuda_graph=False`; both greedily
-generate the same prompts (several lengths at batch 1, and one batch of 4) and are then timed at
-batch 1, interleaved run by run. `engine.session_config.cuda_graph` says whether onnxruntime accepted
+generate the same prompts (several lengths at batch 1, one batch of 4, and the batch-1 prompts
+together in one right-padded batch, whose rows are also compared with the same prompts alone) and
+are then timed at batch 1, interleaved run by run. `engine.session_config.cuda_graph` says whether onnxruntime accepted
 `enable_cuda_graph` for the session (the runtime leaves it True only then; a refusal is a warning at
 load, recorded here). That the step was then replayed is not visible through the runtime's API: the
 ms/token of the two engines is the evidence, and equal tokens say the replay computed what the
@@ -68,12 +69,16 @@ def check(artifact: str, provider: str = "cuda", new_tokens: int = NEW_TOKENS, r
     # (label, rows): each prompt alone, then one batch of BATCH rows
     calls = [(f"batch 1, prompt {n}", prompt_rows(1, n, first.vocab_size)) for n in lens]
     calls.append((f"batch {BATCH}, prompt {lens[0]}", prompt_rows(BATCH, lens[0], first.vocab_size)))
+    # the batch-1 prompts again, together: one right-padded prompt pass, each row's tokens against its own alone
+    calls.append((f"batch {len(lens)}, prompts {'/'.join(map(str, lens))}", [rows[0] for _, rows in calls[: len(lens)]]))
 
     tokens = {}
     for mode, e in engines.items():
         log(f"generating {len(calls)} calls of {new_tokens} tokens, {mode}")
         tokens[mode] = [e.generate(rows, max_new_tokens=new_tokens, eos_token_id=-1) for _, rows in calls]
     divergence = compare([label for label, _ in calls], tokens["captured"], tokens["uncaptured"])
+    alone = [t[0] for t in tokens["captured"][: len(lens)]]
+    padded = compare([calls[-1][0]], [tokens["captured"][-1]], [alone])  # captured: the batched rows vs each alone
 
     rows = prompt_rows(1, TIMING_PROMPT, first.vocab_size)
     steps: dict[str, list[float]] = {m: [] for m in engines}
@@ -97,6 +102,7 @@ def check(artifact: str, provider: str = "cuda", new_tokens: int = NEW_TOKENS, r
         "runs": runs,
         "calls": [label for label, _ in calls], "new_tokens": new_tokens,
         "tokens_equal": not divergence, "divergence": divergence,
+        "padded_batch": {"call": calls[-1][0], "rows": len(lens), "equal_alone": len(lens) - len(padded), "divergence": padded},
         "timing": {"batch": 1, "prompt_len": TIMING_PROMPT, "new_tokens": timing_tokens, "repeats": repeats},
         # the verdict: a session with enable_cuda_graph, and the same tokens as the uncaptured one
         "captured": runs["captured"]["session_cuda_graph"] and not divergence,
@@ -138,6 +144,11 @@ def render(r: dict) -> list[str]:
     for mode, x in r["runs"].items():
         L.append(f"| {mode} | {'yes' if x['cuda_graph_requested'] else 'no'} | {'yes' if x['session_cuda_graph'] else 'no'} | "
                  f"{x['load_s']:.2f} | {x['ttft_ms']:.1f} | {x['p50_ms']:.3f} |")
+    pb = r.get("padded_batch")
+    if pb:
+        L += ["", f"Prompts of different lengths in one right-padded batch ({pb['call']}, captured engine): "
+                  f"{pb['equal_alone']} of {pb['rows']} rows give the tokens they give alone"
+                  + "".join(f"; row {d['row']} first differs at token {d['first_diff']}" for d in pb["divergence"]) + "."]
     for w in c["load_warnings"]:
         L += ["", f"Warning at load (cuda_graph=True): {w}"]
     if r["divergence"]:

@@ -90,7 +90,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
         log("checking parity and accuracy against PyTorch fp32")
         session = parity.ort_session(model_path)
         rows = _parity_prompts(text, cfg)
-        figures = parity.decode_parity(session, ckpt.model, cfg, rows, steps=opts.parity_steps)
+        figures = parity.decode_parity(session, ckpt.model, cfg, rows, steps=opts.parity_steps, fused=opts.fuse)
         accuracy = parity.teacher_forced(session, ckpt.model, cfg, text)
         del session
         tol = parity.tolerances(opts.precision, opts.kv_dtype, ckpt.source)
@@ -168,7 +168,7 @@ def _check_output(output: str, force: bool) -> None:
 
 
 def _parity_prompts(ids: list[int], cfg) -> list[list[int]]:
-    """Two prompts of different lengths from the shipped text's ids, so the batch is left-padded."""
+    """Two prompts of different lengths from the shipped text's ids, so the batch is padded."""
     n = min(24, cfg.n_positions // 4)
     return [ids[:n], ids[n: n + n // 2]]
 

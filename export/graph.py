@@ -10,17 +10,20 @@ PyTorch model (export/parity.py) is what proves the graph right.
 One graph serves the prompt pass and every decode step:
 
   inputs   input_ids            int64 [batch, seq]
-           attention_mask       int64 [batch, past + seq]   1 = real token, 0 = left padding
-                                (fused graphs also take [batch, capacity] with 0 beyond past + seq)
-           position_ids         int64 [batch, seq]
-           num_logits_to_keep   int64 []                    0 = all positions, k = last k
+           attention_mask       int64 [batch, past + seq]   1 = real token, 0 = padding
+           position_ids         int64 [batch, seq]          padding repeats a row's last real position (or 0)
+           num_logits_to_keep   int64 []                    0 = every position, 1 = each row's last real token
            past_key_values.{i}.key|value  [batch, heads, past, head_dim]
   outputs  logits               float32 [batch, kept, vocab]
            present.{i}.key|value          [batch, heads, past + seq, head_dim]
 
 Fused graphs use GroupQueryAttention (kv heads = heads): when the runtime binds past and present to
 the same buffer of capacity `max_len`, the op appends the new keys/values in place and `past` is
-that capacity; without binding it concatenates like the plain graph.
+that capacity; without binding it concatenates like the plain graph. A fused graph's rows are
+right-padded: row b's tokens sit in columns 0 .. len_b - 1 and its mask is 1 there and 0 after (it
+may be [batch, capacity] wide), so each row's length alone says what it attends to and the op needs
+no attention_bias (with one, onnxruntime's CUDA kernel leaves flash attention for its unfused path:
+1.3-1.6x slower steps on an H200, reports/gpu/attention-bias). The plain graph takes left padding too.
 """
 
 from __future__ import annotations
@@ -182,19 +185,12 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
     H, N, D = cfg.n_embd, cfg.n_head, cfg.head_dim
     i64 = lambda name, vals: b.const(name, np.array(vals, dtype=np.int64), cast=False)  # noqa: E731
 
-    # Shapes needed by both variants: B, S, T (= past + S).
+    # Shapes needed by both variants: S, T (= past + S).
     n = NAMES
     ids_shape = b.one("Shape", [n.input_ids], name="ids_shape")
     mask_shape = b.one("Shape", [n.attention_mask], name="mask_shape")
-    batch = b.one("Slice", [ids_shape, i64("c_0", [0]), i64("c_1", [1])], name="batch")
-    seq = b.one("Slice", [ids_shape, "c_1", i64("c_2", [2])], name="seq")
+    seq = b.one("Slice", [ids_shape, i64("c_1", [1]), i64("c_2", [2])], name="seq")
     total = b.one("Slice", [mask_shape, "c_1", "c_2"], name="total")
-
-    # Padding bias [B, 1, 1, T]: 0 for real tokens, MASK_VALUE for left padding.
-    mask_f = b.one("Cast", [n.attention_mask], to=elem, name="mask_f")
-    inv = b.one("Sub", [b.const("one", np.array(1.0)), mask_f], name="mask_inv")
-    pad_bias = b.one("Mul", [inv, b.const("mask_value", np.array(MASK_VALUE))], name="pad_bias_2d")
-    pad_bias = b.one("Unsqueeze", [pad_bias, i64("axes_1_2", [1, 2])], name="pad_bias")
 
     # Embeddings. The fused graph folds the add into layer 0's SkipLayerNormalization.
     tok = b.one("Gather", [b.const("wte", w["wte"]), n.input_ids], name=TOKEN_EMBEDDING)
@@ -206,9 +202,9 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
         # binds one [B, capacity] mask for the whole generation leaves future columns 0, so every
         # step has the same input shapes (CUDA graphs need that). Each row's length is 1 + the last
         # column that holds a real token in that row: seqlens_k [B] = that - 1, and the op writes the
-        # row's new keys and values at seqlens_k - seq + 1. Left-padded batches end every row at the
-        # same column (the bias masks the padding); a scheduler's slot rows each end at their own
-        # length. total_sequence_length [] = the mask's width, an upper bound of every row's.
+        # row's new keys and values at seqlens_k - seq + 1 (a first prompt, mask width = seq, at 0:
+        # right-padded rows write their padding after their tokens, where their next token will
+        # overwrite it). total_sequence_length [] = the mask's width, an upper bound of every row's.
         total32 = b.one("Cast", [total], to=TensorProto.INT32, name="total_i32")
         total_scalar = b.one("Squeeze", [total32, b.const("c0_axes", np.array([0], np.int64), cast=False)], name="total_seq_len")
         cols = b.one("Range", [i64("one_s64", 1), b.one("Add", [b.one("Squeeze", [total], name="width"), "one_s64"]), "one_s64"],
@@ -216,13 +212,14 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
         real_cols = b.one("Mul", [n.attention_mask, cols], name="real_cols")
         last = b.one("Sub", [b.one("ReduceMax", [real_cols], axes=[1], keepdims=0, name="row_total"), "one_s64"], name="last_pos")
         seqlens_k = b.one("Cast", [last], to=TensorProto.INT32, name="seqlens_k")  # [B]
-        bias_shape = b.one("Concat", [batch, i64("c_1b", [1]), seq, total], axis=0, name="bias_shape")
-        attn_bias = b.one("Expand", [pad_bias, bias_shape], name="attn_bias")
-        if cast_kv:
-            attn_bias = b.one("Cast", [attn_bias], to=kv_elem, name="attn_bias_kv")
         ln, residual = b.op("SkipLayerNormalization", [tok, pos, b.const("h0.ln_1.g", w["h0.ln_1.g"]), b.const("h0.ln_1.b", w["h0.ln_1.b"])],
                             domain=MS_DOMAIN, epsilon=eps, name="h0.ln_1", outputs=["h0.ln_1_out", "", "", "h0.resid_in"])[::3]
     else:
+        # Padding bias [B, 1, 1, T]: 0 for real tokens, MASK_VALUE for padding; plus the causal bias.
+        mask_f = b.one("Cast", [n.attention_mask], to=elem, name="mask_f")
+        inv = b.one("Sub", [b.const("one", np.array(1.0)), mask_f], name="mask_inv")
+        pad_bias = b.one("Mul", [inv, b.const("mask_value", np.array(MASK_VALUE))], name="pad_bias_2d")
+        pad_bias = b.one("Unsqueeze", [pad_bias, i64("axes_1_2", [1, 2])], name="pad_bias")
         causal = _causal_bias(b, seq, total, i64)
         attn_bias = b.one("Add", [pad_bias, causal], name="attn_bias")  # [B, 1, S, T]
         residual = b.one("Add", [tok, pos], name="emb")
@@ -243,7 +240,7 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
                             b.const(p + "v_scale", np.array([kv_scales[i][1]], np.float32), cast=False)]
                 quant_attrs = {"kv_cache_bit_width": 8, "k_quant_type": "PER_TENSOR", "v_quant_type": "PER_TENSOR"}
             attn = b.op("GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens_k, total_scalar,
-                                                 "", "", "", attn_bias, *quant_in],
+                                                 *([""] * 4 if quant_in else []), *quant_in],
                         domain=MS_DOMAIN, num_heads=N, kv_num_heads=N, name=p + "attn", **quant_attrs,
                         outputs=[p + "attn_out", pres_k, pres_v])[0]
             if cast_kv:
@@ -270,15 +267,23 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
             ln = b.one("LayerNormalization", [residual, b.const(nxt + ".g", w[nxt + ".g"]), b.const(nxt + ".b", w[nxt + ".b"])],
                        axis=-1, epsilon=eps, name=nxt)
 
-    # Only the last `num_logits_to_keep` positions reach the LM head: decoding needs one row, and
-    # the prompt pass would otherwise spend seq x vocab x width multiply-adds on logits nobody reads.
-    # Slice reads its starts on the host, so they are computed on the host: 0 - keep with the 0 taken
-    # from a shape ([1]), which onnxruntime's CUDA provider then places on the CPU beside the other
-    # shape arithmetic (fallback_cpu_capability.cc). A Neg or Reshape of the input alone would run on
-    # the device and need a device-to-host copy, and a graph with such a copy cannot be captured.
-    zero = b.one("Sub", [seq, seq], name="zero_from_shape")  # [1]
-    keep = b.one("Sub", [zero, n.logits_to_keep], name="keep_start")  # [1] = -num_logits_to_keep
-    kept = b.one("Slice", [ln, keep, i64("int64_max", [np.iinfo(np.int64).max]), "c_1"], name="keep_last")
+    # Only the kept positions reach the LM head: decoding needs one row, and the prompt pass would
+    # otherwise spend seq x vocab x width multiply-adds on logits nobody reads. A row's last real token
+    # is where its position ids first reach their largest value (right padding repeats the last real
+    # position, left padding ends on it): ArgMax over them, on the device, picks that row of the
+    # hidden states, appended after the S others; the Slice then keeps [0, S) for keep = 0 or [S, S+1)
+    # for keep = 1. Slice reads its starts and ends on the host, so they are computed there from the
+    # shape and the input (onnxruntime's CUDA provider places such shape arithmetic on the CPU,
+    # fallback_cpu_capability.cc): any device value on that path would need a device-to-host copy,
+    # and a graph with a copy cannot be captured.
+    pos_f = b.one("Cast", [n.position_ids], to=TensorProto.FLOAT, name="pos_f")  # [B, S], exact below 2^24
+    last_tok = b.one("ArgMax", [pos_f], axis=1, keepdims=1, name="last_token")  # [B, 1]
+    last_h = b.one("Unsqueeze", [b.one("GatherND", [ln, last_tok], batch_dims=1, name="last_hidden_2d"), "c_1"],
+                   name="last_hidden")  # [B, 1, H]
+    both = b.one("Concat", [ln, last_h], axis=1, name="hidden_and_last")  # [B, S + 1, H]
+    start = b.one("Mul", [seq, n.logits_to_keep], name="keep_start")  # [1] = S * keep
+    end = b.one("Add", [seq, n.logits_to_keep], name="keep_end")  # [1] = S + keep
+    kept = b.one("Slice", [both, start, end, "c_1"], name="keep_last")
     logits = b.one("MatMul", [kept, b.const("lm_head.w", w["lm_head.w"])], name=LM_HEAD)
     if np_dtype != np.float32:
         b.one("Cast", [logits], to=TensorProto.FLOAT, name="logits_f32", outputs=[n.logits])

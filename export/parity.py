@@ -1,7 +1,8 @@
 """Parity of an exported graph against the PyTorch fp32 model it came from.
 
-`decode_parity` runs a left-padded batch through the prompt pass and `steps` incremental greedy
-steps in both, feeding both the same tokens, and compares the logits of every real position.
+`decode_parity` runs a padded batch through the prompt pass and `steps` incremental greedy steps in
+both (the graph right-padded as the runtime runs fused graphs, transformers left-padded as its users
+do), feeding both the same tokens, and compares the logits of every real position.
 """
 
 from __future__ import annotations
@@ -110,28 +111,46 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
     return ids, mask, pos
 
 
-def decode_parity(session, torch_model, cfg: ModelConfig, rows: list[list[int]], steps: int = 3) -> dict[str, float]:
-    """Max |Δlogit| and top-1 agreement over the prompt pass and `steps` decode steps."""
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids, attention_mask, position_ids for a right-padded batch, as the runtime feeds a fused graph:
+    each row from column 0, its padding after it repeating its last position."""
+    width = max(map(len, rows))
+    ids = np.full((len(rows), width), pad_id, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)] = row
+        mask[r, :len(row)] = 1
+    return ids, mask, np.cumsum(mask, axis=1) - 1
+
+
+def decode_parity(session, torch_model, cfg: ModelConfig, rows: list[list[int]], steps: int = 3,
+                  fused: bool = True) -> dict[str, float]:
+    """Max |Δlogit| and top-1 agreement over the prompt pass and `steps` decode steps. A fused graph
+    runs the batch right-padded (each row's tokens from column 0, its mask ones on its own length), the
+    plain graph left-padded like the reference."""
     import torch
 
-    ids, mask, pos = left_pad(rows, cfg.pad_token_id)
-    B = len(rows)
+    ids_t, mask_t, pos_t = left_pad(rows, cfg.pad_token_id)  # the reference's batch
+    ids, mask, pos = right_pad(rows, cfg.pad_token_id) if fused else (ids_t, mask_t, pos_t)
+    B, S, lens = len(rows), ids.shape[1], np.array([len(r) for r in rows])
     empty = np.zeros((B, cfg.n_head, 0, cfg.head_dim), kv_dtype(session))
     outs = session.run(None, feed(cfg, ids, mask, pos, [empty] * (2 * cfg.n_layer), keep=0))
     with torch.no_grad():
-        ref = torch_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                          position_ids=torch.from_numpy(pos), use_cache=True)
-    real = mask.astype(bool)
-    diffs, agree = [np.abs(outs[0] - ref.logits.numpy())[real].max()], [_top1(outs[0][real], ref.logits.numpy()[real])]
+        ref = torch_model(input_ids=torch.from_numpy(ids_t), attention_mask=torch.from_numpy(mask_t),
+                          position_ids=torch.from_numpy(pos_t), use_cache=True)
+    ours_real, ref_real = outs[0][mask.astype(bool)], ref.logits.numpy()[mask_t.astype(bool)]  # row by row, in order
+    diffs, agree = [np.abs(ours_real - ref_real).max()], [_top1(ours_real, ref_real)]
     past_t, last = ref.past_key_values, ref.logits[:, -1].numpy()
-    for _ in range(steps):
+    for t in range(steps):
         nxt = last.argmax(-1)[:, None].astype(np.int64)  # both sides get PyTorch's greedy token
-        mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
-        pos = pos[:, -1:] + 1
-        outs = session.run(None, feed(cfg, nxt, mask, pos, outs[1:], keep=1))
+        mask_t = np.concatenate([mask_t, np.ones((B, 1), np.int64)], axis=1)
+        pos_t = pos_t[:, -1:] + 1
+        # a fused graph's row is its length: ones on [0, len + t + 1), the new token written at len + t
+        mask = (np.arange(S + t + 1) < (lens + t + 1)[:, None]).astype(np.int64) if fused else mask_t
+        outs = session.run(None, feed(cfg, nxt, mask, pos_t, outs[1:], keep=1))
         with torch.no_grad():
-            ref = torch_model(input_ids=torch.from_numpy(nxt), attention_mask=torch.from_numpy(mask),
-                              position_ids=torch.from_numpy(pos), past_key_values=past_t, use_cache=True)
+            ref = torch_model(input_ids=torch.from_numpy(nxt), attention_mask=torch.from_numpy(mask_t),
+                              position_ids=torch.from_numpy(pos_t), past_key_values=past_t, use_cache=True)
         past_t, last = ref.past_key_values, ref.logits[:, -1].numpy()
         diffs.append(np.abs(outs[0][:, -1] - last).max())
         agree.append(_top1(outs[0][:, -1], last))

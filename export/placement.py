@@ -60,6 +60,8 @@ CUDA_KERNELS: dict[tuple[str, str], Kernel] = {
     ("", "Split"): _k(host_in=[1]),
     ("", "Tile"): _k(host_in=[1]),
     ("", "ConstantOfShape"): _k(host_in=[0]),
+    ("", "GatherND"): _k(),
+    ("", "ArgMax"): _k(types=("float32", "float64", "float16")),  # no integer ArgMax on CUDA
     # GroupQueryAttention's CUDA kernel is float16 / bfloat16 only: a float32 one runs on the CPU provider
     ("com.microsoft", "GroupQueryAttention"): _k(host_in=[6], types=F16),
     ("com.microsoft", "SkipLayerNormalization"): _k(),
@@ -103,7 +105,7 @@ def _dtypes(g) -> dict[str, str]:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         if n.op_type == "Cast":
             t = name(attrs["to"])
-        elif n.op_type == "Shape":
+        elif n.op_type in ("Shape", "ArgMax"):
             t = "int64"
         elif n.op_type in ("MatMulNBits", "GatherBlockQuantized"):
             t = out.get(n.input[2], "float32")  # the scales' type

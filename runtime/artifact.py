@@ -23,7 +23,7 @@ from typing import Any
 from .errors import Gpt2OnnxError
 
 MANIFEST_NAME = "gpt2onnx.json"
-FORMAT_VERSION = 3  # 2: fused graphs take a [batch, capacity] mask during decode; 3: seqlens_k per row
+FORMAT_VERSION = 4  # 2: fused graphs take a [batch, capacity] mask during decode; 3: seqlens_k per row; 4: fused rows right-padded (no attention bias), logits kept at each row's last real token
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 REQUIRED_KEYS = ("format_version", "source", "config", "precision", "provider", "opset", "io", "files")
 CONFIG_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions", "eos_token_id", "pad_token_id")

@@ -2,11 +2,11 @@
 
 Per layer and tensor one buffer [slots, heads, capacity, head_dim] holds every row's keys and
 values, bound as both GroupQueryAttention's past and present, so the op writes each new token in
-place. Row r holds `held[r]` tokens at columns start[r] .. start[r] + held[r] - 1 (start[r] > 0 is
-the left padding of prompts of different lengths run in one pass). The graph reads each row's
-length from its mask row (seqlens_k = the last column holding a 1), so rows of any lengths decode
-together: a row feeding a token has mask ones on [start, start + held] and the op writes at column
-start + held, the token's position being held.
+place. Row r holds `held[r]` tokens at columns 0 .. held[r] - 1. The graph reads each row's length
+from its mask row (seqlens_k = the last column holding a 1), so rows of any lengths decode together
+and attend to nothing else: a row feeding a token has mask ones on [0, held] and the op writes at
+column held, the token's position. Prompts of different lengths run in one pass right-padded: a
+row's padding lands after its tokens, where its own next tokens overwrite it.
 
 Everything that generates drives this class: `Engine.generate` / `stream` / `chat` and beam search
 on the caller's thread (a Decoder of their own rows), the Scheduler from its loop (one Decoder of
@@ -63,10 +63,8 @@ class Decoder:
         self.pos = np.zeros((slots, 1), np.int64)
         self.mask = np.zeros((slots, capacity), np.int64)
         self.logits = np.zeros((slots, 1, spec.vocab_size), np.float32)  # each row's latest logits
-        self.start = np.zeros(slots, np.int64)  # left padding columns before row r's tokens
         self.held = np.zeros(slots, np.int64)  # tokens whose keys and values row r holds
-        self.mhi = np.zeros(slots, np.int64)  # mask row r is 1 on [start, mhi), 0 elsewhere
-        self._cols = np.zeros(slots, np.int64)  # scratch: the column each row writes this step
+        self.mhi = np.zeros(slots, np.int64)  # mask row r is 1 on [0, mhi), 0 elsewhere (mhi = held + 1 after a step)
         self._rows = np.arange(slots)
         self.keep = np.array(1, np.int64)  # num_logits_to_keep: only the last position's logits, prompt passes too
         self._steps: dict[tuple[int, int], tuple] = {}  # (set, rows) -> binding of a decode step, made once
@@ -106,16 +104,12 @@ class Decoder:
 
     def truncate(self, r: int, n: int) -> None:
         """Row r keeps its first n tokens (a held prefix reused by a new request, or 0: empty)."""
-        lo = self.start[r]
-        self.mask[r, lo + n: max(self.mhi[r], lo + n)] = 0
-        self.held[r], self.mhi[r] = n, lo + n
-        if n == 0:
-            self.start[r] = self.mhi[r] = 0
+        self._set_row(r, n)
 
-    def _set_row(self, r: int, start: int, held: int) -> None:
-        self.mask[r, : max(self.mhi[r], start + held)] = 0
-        self.mask[r, start: start + held] = 1
-        self.start[r], self.held[r], self.mhi[r] = start, held, start + held
+    def _set_row(self, r: int, held: int) -> None:
+        self.mask[r, held: max(self.mhi[r], held)] = 0
+        self.mask[r, :held] = 1
+        self.held[r], self.mhi[r] = held, held
 
     def reorder(self, parents: np.ndarray) -> None:
         """Row i continues the sequence row parents[i] holds (int64 [k]); rows k.. are left as they are.
@@ -123,7 +117,7 @@ class Decoder:
         rows 0..k-1. On CPU the cache rows are gathered into a second set of buffers, made once, which
         then takes the first one's place: no allocation per token."""
         k = len(parents)
-        self.start[:k], self.held[:k], self.mhi[:k] = self.start[parents], self.held[parents], self.mhi[parents]
+        self.held[:k], self.mhi[:k] = self.held[parents], self.mhi[parents]
         self.mask[:k] = self.mask[parents]
         if self.device != "cpu":  # device buffers: gathered through the host, addresses kept
             for v in self._kv:
@@ -146,29 +140,27 @@ class Decoder:
         returns the logits of each row's last token [rows, vocab].
 
         One row may extend what it holds (a held prefix, a prompt's next chunk). Several rows run in
-        one pass only from empty (held 0): left-padded to the longest, the padding masked out.
+        one pass only from empty (held 0): right-padded to the longest, the padding masked out (the
+        graph keeps each row's logits at its last real token).
         """
         k, s = len(rows), self.spec
         if k == 1:
             r, row = first, rows[0]
-            lo, h = self.start[r], self.held[r]
-            T = lo + h + len(row)
+            h = int(self.held[r])
+            T = h + len(row)
             ids = np.array([row], np.int64)  # [1, S]
-            pos = np.arange(h, h + len(row), dtype=np.int64)[None]  # [1, S]
-            mask = np.ones((1, T), np.int64)  # exactly [1, T] for a prompt pass, zeros on the row's padding
-            mask[0, :lo] = 0
-            starts = [lo]
+            pos = np.arange(h, T, dtype=np.int64)[None]  # [1, S]
+            mask = np.ones((1, T), np.int64)  # exactly [1, T] for a prompt pass
         else:
             if self.held[first: first + k].any():
                 raise ValueError("rows run together in one prompt pass must start empty")
             T = max(map(len, rows))
             ids = np.full((k, T), s.pad_token_id, np.int64)
             mask = np.zeros((k, T), np.int64)
-            starts = [T - len(row) for row in rows]
             for i, row in enumerate(rows):
-                ids[i, starts[i]:] = row
-                mask[i, starts[i]:] = 1
-            pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)  # [k, T]
+                ids[i, :len(row)] = row
+                mask[i, :len(row)] = 1
+            pos = np.cumsum(mask, axis=1) - 1  # [k, T]: 0 .. len - 1, then the last repeated over the padding
         if T > self.capacity:
             raise Gpt2OnnxError(f"a prompt of {T} positions does not fit the {self.capacity}-position KV cache")
         n = s.names
@@ -182,7 +174,7 @@ class Decoder:
         self.session.run_with_iobinding(io, self._prompt_ro)
         for i, row in enumerate(rows):
             r = first + i
-            self._set_row(r, starts[i], (self.held[r] if k == 1 else 0) + len(row))
+            self._set_row(r, (int(self.held[r]) if k == 1 else 0) + len(row))
         return self.logits[first: first + k, 0]
 
     def decode(self, tokens: np.ndarray, live: np.ndarray | None = None) -> np.ndarray:
@@ -194,9 +186,8 @@ class Decoder:
         self.ids[:n, 0] = tokens
         if b > n:  # bucket padding rows: idle
             self.ids[n:b, 0] = self.spec.pad_token_id
-        cols = self._cols[:b]
-        np.add(self.start[:b], self.held[:b], out=cols)
-        self.pos[:b, 0] = self.held[:b]
+        cols = self.held[:b]  # the column each row writes: its position
+        self.pos[:b, 0] = cols
         self.mask[self._rows[:b], cols] = 1
         np.add(cols, 1, out=self.mhi[:b])
         io, copies, device_logits, ro = self._step_binding(b)

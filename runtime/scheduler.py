@@ -267,15 +267,14 @@ class Scheduler:
                 budget = self.config.prefill_chunk
 
     def _group(self, s: Slot, fresh: dict[int, Slot], budget: int | None) -> list[Slot]:
-        """`s` and the fresh rows in the slots right after it that can share its prompt pass: left-padded
-        to the longest, within the budget, wasting at most a quarter of the pass on padding, and each
-        reply still fitting its slot behind the padding."""
+        """`s` and the fresh rows in the slots right after it that can share its prompt pass: right-padded
+        to the longest (a row's padding lands after its tokens, where its reply overwrites it), within the
+        budget, wasting at most a quarter of the pass on padding."""
         group = [s]
         while (nxt := fresh.get(group[-1].index + 1)) is not None:
             lens = [len(g.req.ids) for g in group] + [len(nxt.req.ids)]
             width, rows = max(lens), len(lens)
-            if ((budget is not None and width * rows > budget) or width * rows > 1.25 * sum(lens)
-                    or any(width + g.req.cfg.max_new_tokens > self.capacity for g in (*group, nxt))):
+            if (budget is not None and width * rows > budget) or width * rows > 1.25 * sum(lens):
                 break
             group.append(nxt)
         return group

@@ -158,7 +158,7 @@ def test_fp16_finite_over_full_context(artifacts):
     for _ in range(engine.n_positions - 9):  # to the last position of the table
         assert np.isfinite(logits).all()
         logits = dec.decode(logits.argmax(-1))
-    assert np.isfinite(logits).all() and dec.start[1] + dec.held[1] == dec.held[0] == engine.n_positions - 1
+    assert np.isfinite(logits).all() and dec.held[1] + 4 == dec.held[0] == engine.n_positions - 1  # rows end at their own lengths
 
 
 def test_int8_on_cuda_is_refused_with_advice(tmp_path):
