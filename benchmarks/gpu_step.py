@@ -126,7 +126,9 @@ def _variant_session(e, artifact: str, op: str):
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    providers = [(e.provider, {"enable_cuda_graph": "1"})] if e.cuda_graph else [e.provider]
+    from gpt2onnx.runtime.session import cuda_options
+
+    providers = [(e.provider, cuda_options(bool(e.cuda_graph)))] if e.device == "cuda" else [e.provider]
     return ort.InferenceSession(_variant_model(artifact, op), so, providers=providers)
 
 

@@ -14,6 +14,21 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MAX_THREADS = 1024
 
 
+# onnxruntime's CUDA attention backends, its provider option sdpa_kernel (a bit mask): 1 = flash
+# attention only. Left to choose, onnxruntime 1.31 spends 45-85 ms on the first prompt pass of every
+# shape it has not run before (2-3 ms once seen), and a server meets a new prompt length on nearly
+# every request; flash alone runs every prompt pass in ~2 ms, new shape or not. Its price: the
+# captured decode step 0.61 -> 0.70 ms at batch 1 and 1.48 -> 1.61 ms at 16 (H200, DialoGPT-small
+# fp16, one run; 1|2 with memory-efficient attention still paid 5-14 ms per new shape). Flash needs an
+# Ampere or newer GPU: older ones fall back to onnxruntime's slower attention (not measured here).
+CUDA_OPTIONS = {"sdpa_kernel": "1"}
+
+
+def cuda_options(cuda_graph: bool) -> dict[str, str]:
+    """The CUDA provider options of every session the runtime (and the GPU tools) make."""
+    return {**CUDA_OPTIONS, **({"enable_cuda_graph": "1"} if cuda_graph else {})}
+
+
 @dataclass
 class SessionConfig:
     """How the onnxruntime session is built; recorded by the benchmark report."""
@@ -98,14 +113,14 @@ def build_session(manifest: Manifest, ep: str, sc: SessionConfig, profile_prefix
                       "captured as a CUDA graph; decoding without one (re-export it with --provider cuda)",
                       UserWarning, stacklevel=4)
     if not sc.cuda_graph:
-        return ort.InferenceSession(path, so, providers=[ep])
+        return ort.InferenceSession(path, so, providers=[(ep, cuda_options(False))])
     try:
-        return ort.InferenceSession(path, so, providers=[(ep, {"enable_cuda_graph": "1"})])
+        return ort.InferenceSession(path, so, providers=[(ep, cuda_options(True))])
     except Exception as e:  # e.g. a node placed on the CPU: onnxruntime refuses to capture the graph
         sc.cuda_graph = False
         warnings.warn(f"CUDA graph capture unavailable for this artifact ({str(e).splitlines()[0][:200]}); "
                       "decoding without it", UserWarning, stacklevel=4)
-        return ort.InferenceSession(path, so, providers=[ep])
+        return ort.InferenceSession(path, so, providers=[(ep, cuda_options(False))])
 
 
 _HUGE = 2 << 20  # the x86-64 and arm64 (4 KB base page) transparent huge page

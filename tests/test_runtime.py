@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -306,3 +307,32 @@ def test_huge_pages_option(tiny_artifact, monkeypatch):
     assert Engine.load(tiny_artifact, provider="cpu", huge_pages=True).session_config.huge_pages is False
     prompt = [[5, 6, 7, 8]]
     assert on.generate(prompt, max_new_tokens=8) == off.generate(prompt, max_new_tokens=8)
+
+
+def test_cuda_sessions_take_flash_attention_only(tiny_artifact, monkeypatch):
+    """Every CUDA session (captured, uncaptured, and the uncaptured retry after a refused capture) is
+    made with sdpa_kernel=1: left to choose, onnxruntime 1.31 paid 45-85 ms per new prompt shape on an
+    H200. onnxruntime's session constructor is stubbed: there is no CUDA here."""
+    import onnxruntime as ort
+
+    from gpt2onnx.runtime import session as session_mod
+    from gpt2onnx.runtime.artifact import load_manifest
+
+    made = []
+
+    def fake(path, so, providers):
+        made.append(providers)
+        if len(made) == 3:  # the third: a capture onnxruntime refuses
+            raise RuntimeError("This session cannot use the graph capture feature")
+        return "session"
+
+    monkeypatch.setattr(ort, "InferenceSession", fake)
+    m, ep = load_manifest(tiny_artifact, verify="size"), session_mod.PROVIDERS["cuda"]
+    m.raw["cuda_graph"] = {"capturable": True}  # as a CUDA export says (this CPU one would decline capture before trying)
+    for graph in (True, False, True):
+        sc = session_mod.SessionConfig(provider="cuda", cuda_graph=graph)
+        with pytest.warns(UserWarning) if len(made) == 2 else contextlib.nullcontext():
+            assert session_mod.build_session(m, ep, sc) == "session"
+    assert [p[0][1] for p in made] == [{"sdpa_kernel": "1", "enable_cuda_graph": "1"}, {"sdpa_kernel": "1"},
+                                       {"sdpa_kernel": "1", "enable_cuda_graph": "1"}, {"sdpa_kernel": "1"}]
+    assert all(p[0][0] == ep for p in made) and sc.cuda_graph is False  # the refused capture is said
