@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 
@@ -381,12 +382,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()  # here, so a reader that left is met below and not in the interpreter's exit
     except Gpt2OnnxError as e:
         print(f"gpt2onnx: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gpt2onnx: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`gpt2onnx info A | head -3`): stop quietly, as SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush must not fail too
+        return 141
     except Exception as e:  # a bug: one line unless --debug
         if args.debug:
             raise

@@ -45,6 +45,15 @@ def test_info(tiny_artifact):
     assert json.loads(run_cli("info", tiny_artifact, "--json").stdout)["precision"] == "fp32"
 
 
+def test_info_into_a_closed_pipe_stops_quietly(tiny_artifact):
+    """`gpt2onnx info A | head -1`: the reader leaves before the output ends; no 'internal error: BrokenPipeError'
+    and no 'Exception ignored' at exit, but the quiet status a process killed by SIGPIPE would give."""
+    cli = subprocess.Popen([sys.executable, "-m", "gpt2onnx.cli", "info", tiny_artifact], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    cli.stdout.close()  # gone before the CLI writes anything: its write meets no reader, every time
+    assert cli.wait(timeout=60) == 141 and cli.stderr.read() == b""
+
+
 def test_chat_loop(tiny_artifact, engine):
     r = run_cli("chat", tiny_artifact, "--max-new-tokens", "5", input="Hello!\n/reset\nHow are you?\n")
     assert r.returncode == 0, r.stderr
