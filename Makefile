@@ -41,11 +41,13 @@ serve: $(STAMP)
 
 # Export what the report compares (once per change of the export code; a damaged artifact is
 # re-exported), then measure beside PyTorch, optimum and, where installed, llama.cpp (`make llamacpp`)
-# and CTranslate2 (~40 min on 2 cores, ~20 of them the concurrent-clients scenario, mostly optimum
-# serving its requests one at a time; BENCH_ARGS="--concurrent-clients 0" skips it). Then
-# DialoGPT-medium, ours only, fewer repeats, into its own report. Plan for more on a busy VM: on
-# 2026-12-04 (read bandwidth 20 GB/s, pytorch-compile still a default then) loading, the warm-up, the
-# first of five repeats and part of the second took 56 minutes. Run it with nothing else on the machine.
+# and CTranslate2. Then DialoGPT-medium, ours only, fewer repeats, into its own report. Seen on the
+# 2-core AMD VM (2026-12-04, nothing else running): the exports and the precision table 8 min, loading
+# 11 systems and the warm-up 2, then repeats 1 and 2 of 5 took 28 and 27 min each, because each of the
+# first 3 also runs the concurrent-clients scenario (C = 1 / 4 / 16 / 64, ours served 4 ways, the
+# baselines one request at a time; C = 64 has 128 requests a mode). Repeats 4 and 5 skip it; with the
+# medium report, plan on 2-2.5 hours (no run has yet been seen to the end on this VM).
+# BENCH_ARGS="--concurrent-clients 0" skips the concurrent scenario. Start it first and leave the machine to it.
 SMALL_ARTS := $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-small-$(p))
 MEDIUM_ARTS := $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-medium-$(p))
 MEDIUM_OUT ?= reports/dialogpt-medium-cpu
