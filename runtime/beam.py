@@ -20,7 +20,7 @@ beat the worst of them any more (transformers' heuristic: the best running score
 search ends when no prompt takes hypotheses, or at max_new_tokens.
 
 Differences from transformers, both for a prompt's tokens not to depend on its batch-mates: n-gram
-bans and the repetition penalty look at the prompt's own tokens, not at the left padding of a batch.
+bans and the repetition penalty look at the prompt's own tokens, not at the padding of a batch.
 """
 
 from __future__ import annotations
