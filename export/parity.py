@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gpt2onnx.runtime.decoder import right_pad  # the batch as the runtime runs it
+
 from . import graph
 from .graph import ModelConfig
 
@@ -109,18 +111,6 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
         mask[r, width - len(row):] = 1
     pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     return ids, mask, pos
-
-
-def right_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ids, attention_mask, position_ids for a right-padded batch, as the runtime feeds a fused graph:
-    each row from column 0, its padding after it repeating its last position."""
-    width = max(map(len, rows))
-    ids = np.full((len(rows), width), pad_id, np.int64)
-    mask = np.zeros((len(rows), width), np.int64)
-    for r, row in enumerate(rows):
-        ids[r, :len(row)] = row
-        mask[r, :len(row)] = 1
-    return ids, mask, np.cumsum(mask, axis=1) - 1
 
 
 def decode_parity(session, torch_model, cfg: ModelConfig, rows: list[list[int]], steps: int = 3,

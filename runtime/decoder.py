@@ -30,6 +30,18 @@ from .errors import Gpt2OnnxError
 from .spec import ModelSpec
 
 
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids, attention_mask, position_ids [rows, longest] of a right-padded batch, as a fused graph takes
+    it: each row from column 0, its padding after it repeating its last position (0 .. len - 1, len - 1 ...)."""
+    width = max(map(len, rows))
+    ids = np.full((len(rows), width), pad_id, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)] = row
+        mask[r, :len(row)] = 1
+    return ids, mask, np.cumsum(mask, axis=1) - 1
+
+
 class Decoder:
     """`slots` rows of `capacity` positions over one session.
 
@@ -154,13 +166,8 @@ class Decoder:
         else:
             if self.held[first: first + k].any():
                 raise ValueError("rows run together in one prompt pass must start empty")
-            T = max(map(len, rows))
-            ids = np.full((k, T), s.pad_token_id, np.int64)
-            mask = np.zeros((k, T), np.int64)
-            for i, row in enumerate(rows):
-                ids[i, :len(row)] = row
-                mask[i, :len(row)] = 1
-            pos = np.cumsum(mask, axis=1) - 1  # [k, T]: 0 .. len - 1, then the last repeated over the padding
+            ids, mask, pos = right_pad(rows, s.pad_token_id)
+            T = ids.shape[1]
         if T > self.capacity:
             raise Gpt2OnnxError(f"a prompt of {T} positions does not fit the {self.capacity}-position KV cache")
         n = s.names
