@@ -295,6 +295,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-batch", type=int, help=f"requests decoded together per model (default {sd.max_batch})")
     s.add_argument("--max-queue", type=int, help=f"requests waiting beyond the batch before 429 (default {sd.max_queue})")
     s.add_argument("--prefill-chunk", type=int, help=f"prompt tokens per decode step while others decode (default {sd.prefill_chunk})")
+    s.add_argument("--prompt-width", type=int, help=f"while others decode, prompts go in right-padded chunks of exactly this "
+                   f"many tokens, one row per pass, captured per slot on CUDA (default {sd.prompt_width} = chunks of any length)")
     s.add_argument("--capacity", type=int, help="positions per batch row, prompt and reply (default the model's context)")
     s.add_argument("--keep-prefixes", action=argparse.BooleanOptionalAction, default=None,
                    help=f"a finished request's row keeps its tokens for a later prompt that extends them, e.g. the next "

@@ -73,13 +73,17 @@ class Decoder:
         # host inputs of a decode step [slots, ...]; a step over b rows reads the first b
         self.ids = np.full((slots, 1), spec.pad_token_id, np.int64)
         self.pos = np.zeros((slots, 1), np.int64)
+        self._inputs = {1: (self.ids, self.pos)}  # width -> (ids, positions) [slots, width], made once per width
         self.mask = np.zeros((slots, capacity), np.int64)
         self.logits = np.zeros((slots, 1, spec.vocab_size), np.float32)  # each row's latest logits
         self.held = np.zeros(slots, np.int64)  # tokens whose keys and values row r holds
         self.mhi = np.zeros(slots, np.int64)  # mask row r is 1 on [0, mhi), 0 elsewhere (mhi = held + 1 after a step)
         self._rows = np.arange(slots)
         self.keep = np.array(1, np.int64)  # num_logits_to_keep: only the last position's logits, prompt passes too
-        self._steps: dict[tuple[int, int], tuple] = {}  # (set, rows) -> binding of a decode step, made once
+        self._cols = np.arange(capacity)
+        # (set, first row, rows, width) -> the binding of a fixed-shape pass, made once: decode steps
+        # (first 0, width 1) and fixed-width prompt chunks (one row, `chunk`)
+        self._steps: dict[tuple[int, int, int, int], tuple] = {}
         self._prompt_ro = None  # prompt passes have their own shapes: never captured
         if graph_id is not None or session_graphs:
             self._prompt_ro = ort.RunOptions()
@@ -197,9 +201,9 @@ class Decoder:
         self.pos[:b, 0] = cols
         self.mask[self._rows[:b], cols] = 1
         np.add(cols, 1, out=self.mhi[:b])
-        io, copies, device_logits, ro = self._step_binding(b)
+        io, copies, device_logits, ro = self._binding(0, b, 1)
         for host, ov in copies:  # CUDA: refresh the fixed-address device copies
-            ov.update_inplace(host[:b])
+            ov.update_inplace(host)
         self.session.run_with_iobinding(io, ro)
         if device_logits is not None:
             self.logits[:b] = device_logits.numpy()
@@ -208,6 +212,47 @@ class Decoder:
         else:
             self.held[:n] += live
         return self.logits[:n, 0]
+
+    def fits(self, r: int, width: int) -> bool:
+        """Whether a `chunk` of `width` columns fits after the tokens row r holds."""
+        return int(self.held[r]) + width <= self.capacity
+
+    def chunk(self, r: int, tokens: list[int], width: int) -> np.ndarray:
+        """Row r's next 1 .. width prompt tokens in a pass of fixed shape [1, width]; returns the logits of
+        the last of them [vocab].
+
+        Right-padded to `width`: the padding repeats the last position (so the graph keeps the last real
+        token's logits) and lands after the row's tokens, where its own next tokens overwrite it. The
+        mask gives the row held + width columns, so GroupQueryAttention reads its past as
+        seqlens_k + 1 - width = held (a pass over a past takes one row: onnxruntime's GQA refuses more).
+        Fixed shapes, so under CUDA graphs it is captured once per row and width and replayed, where
+        `prefill` runs uncaptured: a scheduler's decoding rows then wait a replay, not a launch-bound
+        prompt pass, while a prompt goes in. The row needs `width` free columns (`fits`).
+        """
+        c, h = len(tokens), int(self.held[r])
+        if not 1 <= c <= width:
+            raise ValueError(f"a {width}-column chunk takes 1 to {width} tokens, got {c}")
+        if not self.fits(r, width):
+            raise Gpt2OnnxError(f"a {width}-column chunk does not fit after the {h} tokens of a {self.capacity}-position row")
+        ids, pos = self._inputs_of(width)
+        ids[0, :c], ids[0, c:] = tokens, self.spec.pad_token_id
+        pos[0, :c], pos[0, c:] = np.arange(h, h + c), h + c - 1
+        self.mask[r, :h + width] = 1  # ones on [0, held + width)
+        self.mhi[r] = max(self.mhi[r], h + width)
+        io, copies, device_logits, ro = self._binding(r, 1, width)
+        for host, ov in copies:
+            ov.update_inplace(host)
+        self.session.run_with_iobinding(io, ro)
+        if device_logits is not None:
+            self.logits[r] = device_logits.numpy()[0]
+        self._set_row(r, h + c)  # the padding's columns are not kept
+        return self.logits[r, 0]
+
+    def _inputs_of(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        if width not in self._inputs:
+            self._inputs[width] = (np.full((self.slots, width), self.spec.pad_token_id, np.int64),
+                                   np.zeros((self.slots, width), np.int64))
+        return self._inputs[width]
 
     # ---- bindings ----------------------------------------------------------------------------
 
@@ -219,25 +264,27 @@ class Decoder:
             io.bind_input(past, self.device, 0, s.kv_dtype, shape, at)
             io.bind_output(present, self.device, 0, s.kv_dtype, shape, at)
 
-    def _step_binding(self, b: int) -> tuple:
-        """The IO binding of a step over b rows, made once per cache set: on CPU it points at the
-        host arrays; on CUDA at device copies refreshed each step (fixed addresses, as replays need)."""
-        key = (self._set, b)
+    def _binding(self, first: int, b: int, width: int) -> tuple:
+        """The IO binding of a fixed-shape pass (a decode step: rows 0 .. b-1, width 1; a chunk: row
+        `first`, b 1), made once per cache set: on CPU it points at the host arrays; on CUDA at device
+        copies refreshed each pass (fixed addresses, as replays need)."""
+        key = (self._set, first, b, width)
         if key in self._steps:
             return self._steps[key]
         s, ort, n = self.spec, self.ort, self.spec.names
         io = self.session.io_binding()
-        self._bind_kv(io, 0, b)
+        self._bind_kv(io, first, b)
         io.bind_cpu_input(n.logits_to_keep, self.keep)  # read on the host by the graph, never a device value
-        host = {n.input_ids: self.ids, n.position_ids: self.pos, n.attention_mask: self.mask}
+        ids, pos = self._inputs_of(width)  # rows 0 .. b-1 (a chunk: row 0)
+        host = {n.input_ids: ids[:b], n.position_ids: pos[:b], n.attention_mask: self.mask[first: first + b]}
         copies, device_logits, ro = [], None, None
         if self.device == "cpu":
             for name, a in host.items():
-                io.bind_input(name, "cpu", 0, np.int64, [b, a.shape[1]], a.ctypes.data)
-            io.bind_output(n.logits, "cpu", 0, np.float32, [b, 1, s.vocab_size], self.logits.ctypes.data)
+                io.bind_input(name, "cpu", 0, np.int64, list(a.shape), a.ctypes.data)
+            io.bind_output(n.logits, "cpu", 0, np.float32, [b, 1, s.vocab_size], self.logits[first:].ctypes.data)
         else:
             for name, a in host.items():
-                ov = ort.OrtValue.ortvalue_from_shape_and_type([b, a.shape[1]], np.int64, self.device, 0)
+                ov = ort.OrtValue.ortvalue_from_shape_and_type(list(a.shape), np.int64, self.device, 0)
                 io.bind_ortvalue_input(name, ov)
                 copies.append((a, ov))
             device_logits = ort.OrtValue.ortvalue_from_shape_and_type([b, 1, s.vocab_size], np.float32, self.device, 0)

@@ -12,7 +12,10 @@ conversation), (2) runs prompt tokens of newly admitted requests, at most `prefi
 while other rows are decoding, so a running row's wait for its next token stays bounded, and (3)
 runs one decode step over every decoding row; a row that finishes leaves the batch that step and
 its slot goes to the next waiting request. Fresh prompts admitted into adjacent slots run in one
-prompt pass when padding them to the longest costs little. The slots are rows of the same decode
+prompt pass when padding them to the longest costs little. With `prompt_width` W > 0, the prompt
+work of (2) while rows decode runs in chunks of exactly W columns, one row per pass, right-padded
+(Decoder.chunk): fixed shapes, which CUDA graphs capture once per slot and replay, so a decoding row
+waits a replay rather than a launch-bound prompt pass of a new shape. The slots are rows of the same decode
 core `Engine.generate` uses (decoder.py), each with its own length and positions.
 Each request samples with its own options and generator, so its tokens do not depend on its
 batch-mates: exactly so in fp32, int4 and int8 exported with `--int8-method nbits` (activations
@@ -48,6 +51,9 @@ class SchedulerConfig:
     # prompt tokens a step may run while other rows decode: bounds a running row's stall at about one
     # decode step plus a prompt pass of this many tokens (chosen by measurement, see the README)
     prefill_chunk: int = 64
+    # > 0: while rows decode, prompts run in chunks of exactly this many columns (one row per pass,
+    # right-padded; captured per slot under CUDA graphs); 0 = chunks of any length, passes of their own shape
+    prompt_width: int = 0
     capacity: int | None = None  # positions per slot (prompt + reply); None = the model's context
     keep_prefixes: bool = True  # a finished request's slot keeps its tokens for a later prompt that extends them
 
@@ -57,6 +63,9 @@ class SchedulerConfig:
         _int(self.prefill_chunk, "prefill_chunk", 1)
         if self.capacity is not None:
             _int(self.capacity, "capacity", 2, n_positions, hint=" (the model's context)")
+        _int(self.prompt_width, "prompt_width", 0)
+        if 2 * self.prompt_width > (cap := self.capacity or n_positions):
+            raise Gpt2OnnxError(f"prompt_width must be at most half a slot's {cap} positions, got {self.prompt_width}")
 
 
 class Slot:
@@ -243,9 +252,14 @@ class Scheduler:
                 continue
             if budget is not None and budget <= 0:
                 return
-            group = self._group(s, fresh, budget) if not s.tokens else [s]
+            w = self.config.prompt_width
+            fixed = budget is not None and w and self.kv.fits(s.index, w)  # a captured chunk of exactly w columns
+            group = self._group(s, fresh, budget) if not s.tokens and not fixed else [s]
             t = time.perf_counter()
-            if len(group) > 1:
+            if fixed:
+                chunks = [s.req.ids[len(s.tokens):][:w]]
+                logits, ran = [self.kv.chunk(s.index, chunks[0], w)], w
+            elif len(group) > 1:
                 logits, ran = self.kv.prefill(s.index, [g.req.ids for g in group]), max(len(g.req.ids) for g in group) * len(group)
                 chunks = [g.req.ids for g in group]
             else:

@@ -205,9 +205,59 @@ def test_graph_mode_buckets_on_cpu(tiny_artifact):
     expected = [alone(e, p, max_new_tokens=n, eos_token_id=-1) for p, n in work]
     with Scheduler(e, SchedulerConfig(max_batch=6, prefill_chunk=8)) as s:
         assert [h.result(timeout=120).tokens for h in [s.submit(p, max_new_tokens=n, eos_token_id=-1) for p, n in work]] == expected
-        used = {b for _, b in s.kv._steps}
+        used = {b for _, _, b, _ in s.kv._steps}
         assert 6 in used and used <= {1, 2, 4, 6}  # six fresh prompts decode first: the 6-row bucket (capped at the slots)
         assert s.kv is not e._graph_decoders.get(6)  # the scheduler's own buffers, own graph ids
+
+
+@pytest.mark.parametrize("max_batch, width, chunk", [(4, 1, 64), (6, 8, 8), (8, 48, 64)])
+def test_fixed_width_prompt_chunks_change_no_token(engine, monkeypatch, max_batch, width, chunk):
+    """prompt_width: while rows decode, prompts go in right-padded chunks of exactly `width` columns
+    (Decoder.chunk); every request still gets exactly its tokens alone, and the chunks did run."""
+    from gpt2onnx.runtime.decoder import Decoder
+
+    widths = []
+    real = Decoder.chunk
+    monkeypatch.setattr(Decoder, "chunk", lambda self, r, toks, w: (widths.append((w, len(toks))), real(self, r, toks, w))[1])
+    work = workload(20, seed=5)
+    expected = [alone(engine, p, max_new_tokens=n, eos_token_id=-1) for p, n in work]
+    with Scheduler(engine, SchedulerConfig(max_batch=max_batch, max_queue=64, prompt_width=width, prefill_chunk=chunk)) as s:
+        got = [h.result(timeout=120) for h in [s.submit(p, max_new_tokens=n, eos_token_id=-1) for p, n in work]]
+    assert [r.tokens for r in got] == expected
+    assert widths and {w for w, _ in widths} == {width}
+    assert width == 1 or any(c < width for _, c in widths)  # some chunks were padded
+
+
+def test_prompt_chunks_captured_once_per_slot_and_width(tiny_artifact):
+    """Under CUDA graphs (the code path, on the CPU) a chunk has fixed shapes: one binding and graph id
+    per slot and width beside the decode steps' per bucket, made once, and the same tokens."""
+    e = captured(tiny_artifact)
+    work = workload(12, seed=6)
+    expected = [alone(e, p, max_new_tokens=n, eos_token_id=-1) for p, n in work]
+    with Scheduler(e, SchedulerConfig(max_batch=4, prompt_width=16, prefill_chunk=16)) as s:
+        got = [h.result(timeout=120).tokens for h in [s.submit(p, max_new_tokens=n, eos_token_id=-1) for p, n in work]]
+        keys = set(s.kv._steps)
+        ids = [int(ro.get_run_config_entry("gpu_graph_id")) for _, _, _, ro in s.kv._steps.values()]
+    assert got == expected
+    chunks = {(first, b) for _, first, b, w in keys if w == 16}
+    steps = {(first, b) for _, first, b, w in keys if w == 1}
+    assert chunks and all(b == 1 for _, b in chunks) and {b for _, b in steps} <= {1, 2, 4} and all(f == 0 for f, _ in steps)
+    assert len(set(ids)) == len(ids)  # a graph of its own per shape and row
+
+
+def test_prompt_chunk_needs_room_and_takes_at_most_its_width(engine):
+    """A chunk writes `width` columns after the row's tokens: a row without them refuses it (the
+    scheduler then runs a pass of the prompt's own length), and a chunk holds 1 .. width tokens."""
+    dec = engine.decoder(2, 24)
+    dec.prefill(0, [list(range(1, 20))])
+    assert dec.fits(0, 5) and not dec.fits(0, 6) and dec.fits(1, 24)
+    with pytest.raises(Gpt2OnnxError, match="6-column chunk does not fit after the 19 tokens of a 24-position row"):
+        dec.chunk(0, [5], 6)
+    with pytest.raises(ValueError, match="a 2-column chunk takes 1 to 2 tokens, got 3"):
+        dec.chunk(1, [1, 2, 3], 2)
+    ref = engine.decoder(1, 24)
+    want = ref.prefill(0, [[9, 8, 7]])[0].copy()
+    assert np.array_equal(dec.chunk(1, [9, 8, 7], 8), want) and dec.held[1] == 3 and dec.mask[1].sum() == 3
 
 
 def test_fresh_prompts_in_adjacent_slots_share_a_prompt_pass(engine, monkeypatch):
@@ -232,6 +282,7 @@ def test_fresh_prompts_in_adjacent_slots_share_a_prompt_pass(engine, monkeypatch
 
 @pytest.mark.parametrize("cfg, match", [(dict(max_batch=0), "max_batch"), (dict(max_queue=-1), "max_queue"),
                                         (dict(prefill_chunk=0), "prefill_chunk"), (dict(capacity=100000), "capacity"),
+                                        (dict(prompt_width=-1), "prompt_width"), (dict(capacity=64, prompt_width=33), "prompt_width"),
                                         (dict(max_batch=1.5), "max_batch must be an integer")])
 def test_scheduler_config_range_checked(engine, cfg, match):
     with pytest.raises(Gpt2OnnxError, match=match):

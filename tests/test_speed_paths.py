@@ -100,7 +100,7 @@ def test_graph_mode_decoders_reused_across_generations(tiny_artifact):
         assert graph.generate(prompts, max_new_tokens=6) == plain.generate(prompts, max_new_tokens=6)
     assert sorted(graph._graph_decoders) == [1, 2, 4]  # one per bucket: 3 rows ran in the 4-row bucket, twice
     four = graph._graph_decoders[4]
-    assert four.capacity == graph.n_positions and sorted(four._steps) == [(0, 4)]  # one step binding, never remade
+    assert four.capacity == graph.n_positions and sorted(four._steps) == [(0, 0, 4, 1)]  # one step binding, never remade
     assert graph.generate(PROMPTS, max_new_tokens=6) == plain.generate(PROMPTS, max_new_tokens=6)
     assert graph._graph_decoders[4] is four
 
