@@ -3,15 +3,18 @@
 # 8 minutes. Writes into ${OUT:-reports/gpu}:
 #   1. capture.json / capture.md (benchmarks/gpu_check.py): synthetic:dialogpt-medium fp16 loaded with
 #      and without CUDA graphs, the same greedy prompts through both (tokens equal?), whether the session
-#      was created with enable_cuda_graph, and both ms/token;
+#      was created with enable_cuda_graph, and both ms/token; the prompts through the Scheduler in captured
+#      64-column chunks, each row against its tokens alone;
 #   2. report.md, results.json ... (the harness): batch-1 ms/token (prompt 32, 128 new tokens) beside
 #      PyTorch eager fp16 (pytorch) and PyTorch fp16 with a static KV cache whose decode step torch.compile
 #      (mode reduce-overhead) captures in CUDA graphs (pytorch-compile; compiled and captured in warm-up,
-#      untimed), batch-64 tokens/s, and the scheduler at 16 clients; the floor and GB/s columns against
-#      the GPU's memory bandwidth (a device-to-device copy measured in the run); the capture check and
+#      untimed), batch-64 tokens/s, and the scheduler at 16 clients, with prompt passes of their own shape
+#      (mode scheduler) and in fixed 64-column chunks captured per slot (mode chunked64); the floor and
+#      GB/s columns against the GPU's memory bandwidth (a device-to-device copy measured in the run); the capture check and
 #      the GPU bars in the report;
 #   3. step.json / step.md (benchmarks/gpu_step.py): a batch-1 and a batch-64 decode step taken apart
-#      (input copies, the replay, the logits copy, numpy's argmax) and greedy's pick computed in the
+#      (input copies, the replay, the logits copy, numpy's argmax, a 32-token prompt uncaptured and as a
+#      captured 64-column chunk) and greedy's pick computed in the
 #      graph instead (ArgMax or TopK added as a second output): captured?, ms, ids equal to the host's.
 # Measured on an H200 (2026-12-04): 220 s in all; export 38 s, capture check 7 s, step breakdown 13 s, bench
 # 162 s (the first run, before the step breakdown was added: 194 s). Left out
@@ -48,7 +51,7 @@ stage "step breakdown done"
 
 "$py" -m gpt2onnx.cli bench "$art" --bench-provider cuda --baselines pytorch,pytorch-compile \
   --batch 1,64 --prompt-len 32 --new-tokens 128 --repeats 3 --context "" --chat-turns 0 --beams 0 --no-footprint \
-  --concurrent-clients 16 --concurrent-precisions fp16 --concurrent-repeats 1 \
+  --concurrent-clients 16 --concurrent-precisions fp16 --concurrent-repeats 1 --concurrent-prompt-width 64 \
   --out "$out" --cache artifacts/bench-cache
 stage "bench done"
 cat "$out/report.md"

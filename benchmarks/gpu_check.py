@@ -6,7 +6,9 @@ the uncaptured step gives?
 The artifact is loaded twice, `Engine.load(cuda_graph=True)` and `cuda_graph=False`; both greedily
 generate the same prompts (several lengths at batch 1, one batch of 4, and the batch-1 prompts
 together in one right-padded batch, whose rows are also compared with the same prompts alone) and
-are then timed at batch 1, interleaved run by run. `engine.session_config.cuda_graph` says whether onnxruntime accepted
+are then timed at batch 1, interleaved run by run. The same batch-1 prompts then go through the
+captured engine's Scheduler with prompt_width CHUNK (queued at once, the shortest first: the others'
+prompts go in fixed-width chunks, captured per slot, while it decodes), each row against its tokens alone. `engine.session_config.cuda_graph` says whether onnxruntime accepted
 `enable_cuda_graph` for the session (the runtime leaves it True only then; a refusal is a warning at
 load, recorded here). That the step was then replayed is not visible through the runtime's API: the
 ms/token of the two engines is the evidence, and equal tokens say the replay computed what the
@@ -37,6 +39,7 @@ TIMING_PROMPT = 32  # the timed generation: batch 1, as the benchmark's decode s
 TIMING_TOKENS = 128
 REPEATS = 5  # timed runs per engine, interleaved (median reported)
 MODES = {"captured": True, "uncaptured": False}  # the cuda_graph each engine is loaded with
+CHUNK = 64  # the scheduler's prompt_width in the chunk check (gpu.sh's concurrent mode chunked64)
 
 
 def check(artifact: str, provider: str = "cuda", new_tokens: int = NEW_TOKENS, repeats: int = REPEATS,
@@ -79,6 +82,9 @@ def check(artifact: str, provider: str = "cuda", new_tokens: int = NEW_TOKENS, r
     divergence = compare([label for label, _ in calls], tokens["captured"], tokens["uncaptured"])
     alone = [t[0] for t in tokens["captured"][: len(lens)]]
     padded = compare([calls[-1][0]], [tokens["captured"][-1]], [alone])  # captured: the batched rows vs each alone
+    log(f"scheduler with prompt_width {CHUNK}: {len(lens)} prompts, captured engine")
+    chunked = scheduled_chunks(first, [rows[0] for _, rows in calls[: len(lens)]], new_tokens)
+    chunk_div = compare([f"scheduler, prompt_width {CHUNK}"], [chunked["tokens"]], [alone])
 
     rows = prompt_rows(1, TIMING_PROMPT, first.vocab_size)
     steps: dict[str, list[float]] = {m: [] for m in engines}
@@ -103,12 +109,30 @@ def check(artifact: str, provider: str = "cuda", new_tokens: int = NEW_TOKENS, r
         "calls": [label for label, _ in calls], "new_tokens": new_tokens,
         "tokens_equal": not divergence, "divergence": divergence,
         "padded_batch": {"call": calls[-1][0], "rows": len(lens), "equal_alone": len(lens) - len(padded), "divergence": padded},
+        "scheduler_chunks": {"prompt_width": CHUNK, "rows": len(lens), "equal_alone": len(lens) - len(chunk_div),
+                             "divergence": chunk_div, "chunk_passes": chunked["chunk_passes"]},
         "timing": {"batch": 1, "prompt_len": TIMING_PROMPT, "new_tokens": timing_tokens, "repeats": repeats},
         # the verdict: a session with enable_cuda_graph, and the same tokens as the uncaptured one
         "captured": runs["captured"]["session_cuda_graph"] and not divergence,
         "speedup": runs["uncaptured"]["p50_ms"] / runs["captured"]["p50_ms"],
     }
     return result
+
+
+def scheduled_chunks(engine, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Greedy replies through a Scheduler with prompt_width CHUNK, all queued at once, shortest first:
+    its prompt runs alone while nothing decodes, and the others' go in fixed-width chunks while it
+    does. Returns {tokens: [row][token], chunk_passes: the (slot, width) chunk bindings made, each a
+    captured graph under CUDA graphs}."""
+    from gpt2onnx.runtime import Scheduler, SchedulerConfig
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    with Scheduler(engine, SchedulerConfig(max_batch=len(prompts), prompt_width=CHUNK, prefill_chunk=CHUNK)) as s:
+        with s.cv:  # queued before the loop admits any
+            handles = {i: s.submit(prompts[i], max_new_tokens=new_tokens, eos_token_id=-1) for i in order}
+        tokens = [handles[i].result(timeout=300).tokens for i in range(len(prompts))]
+        passes = sorted((first_row, width) for _, first_row, _, width in s.kv._steps if width == CHUNK)
+    return {"tokens": tokens, "chunk_passes": [list(p) for p in passes]}
 
 
 def compare(labels: list[str], a: list[list[list[int]]], b: list[list[list[int]]]) -> list[dict]:
@@ -149,6 +173,12 @@ def render(r: dict) -> list[str]:
         L += ["", f"Prompts of different lengths in one right-padded batch ({pb['call']}, captured engine): "
                   f"{pb['equal_alone']} of {pb['rows']} rows give the tokens they give alone"
                   + "".join(f"; row {d['row']} first differs at token {d['first_diff']}" for d in pb["divergence"]) + "."]
+    sc = r.get("scheduler_chunks")
+    if sc:
+        L += ["", f"The same prompts through the captured engine's Scheduler with prompt_width {sc['prompt_width']} ("
+                  f"queued at once, the shortest first, the others' prompts in fixed {sc['prompt_width']}-column chunks while it decodes; chunk "
+                  f"passes bound for {len(sc['chunk_passes'])} slots): {sc['equal_alone']} of {sc['rows']} rows give the tokens "
+                  "they give alone" + "".join(f"; row {d['row']} first differs at token {d['first_diff']}" for d in sc["divergence"]) + "."]
     for w in c["load_warnings"]:
         L += ["", f"Warning at load (cuda_graph=True): {w}"]
     if r["divergence"]:

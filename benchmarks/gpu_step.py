@@ -15,6 +15,8 @@ tokens, then each part of a step is timed alone over STEPS repetitions after a w
   argmax   numpy argmax over them: greedy's pick on the host
   prompt   a 32-token prompt pass on one empty row (uncaptured, as every prompt pass runs): what a
            scheduler's decode rows wait when a new request's prompt runs between two of their steps
+  chunk    the same 32 tokens as one fixed 64-column chunk (Decoder.chunk, captured under CUDA graphs):
+           what they wait instead with SchedulerConfig.prompt_width 64
 
 Then the device variants the issue asked to consider: the artifact's graph with greedy's pick added
 as a second int64 output (`ArgMax` over the logits, or `TopK` k=1), built in memory from the same
@@ -39,7 +41,7 @@ import time
 
 import numpy as np
 
-from .gpu_check import write_record
+from .gpu_check import CHUNK, write_record
 from .workloads import prompt_rows
 
 PROMPT = 32
@@ -72,8 +74,8 @@ def _parts(e, b: int, steps: int) -> dict:
     out = {"batch": b, "steps": steps, "bucket": bb}
     out["step_ms"] = _median_ms(lambda: dec.decode(tokens), steps)
     # the step's own binding, as decode made it (private on purpose: this tool takes the step apart)
-    io, copies, device_logits, ro = dec._step_binding(bb)
-    out["inputs_ms"] = _median_ms(lambda: [ov.update_inplace(h[:bb]) for h, ov in copies], steps) if copies else 0.0
+    io, copies, device_logits, ro = dec._binding(0, bb, 1)
+    out["inputs_ms"] = _median_ms(lambda: [ov.update_inplace(h) for h, ov in copies], steps) if copies else 0.0
     out["run_ms"] = _median_ms(lambda: e.session.run_with_iobinding(io, ro), steps)
     if device_logits is not None:
         def fetch():
@@ -84,17 +86,22 @@ def _parts(e, b: int, steps: int) -> dict:
     out["argmax_ms"] = _median_ms(lambda: dec.logits[:b, 0].argmax(-1), steps)
     out["host_ms"] = out["step_ms"] - out["run_ms"] - out["inputs_ms"] - out["logits_ms"]  # decode's own numpy work
     out["prompt_ms"] = _prompt_ms(dec, e.vocab_size, steps)
+    out["chunk_ms"] = _prompt_ms(dec, e.vocab_size, steps, chunk=True)
     dec.close()
     return out
 
 
-def _prompt_ms(dec, vocab: int, steps: int) -> float:
-    """A PROMPT-token prompt pass on row 0, emptied before each (uncaptured, as prompt passes run)."""
+def _prompt_ms(dec, vocab: int, steps: int, chunk: bool = False) -> float:
+    """A PROMPT-token prompt pass on row 0, emptied before each: uncaptured, as prompt passes run, or
+    (chunk) as one CHUNK-column chunk, whose fixed shape is captured under CUDA graphs."""
     row = prompt_rows(1, PROMPT, vocab)
 
     def one():
         dec.truncate(0, 0)
-        dec.prefill(0, row)
+        if chunk:
+            dec.chunk(0, row[0], CHUNK)
+        else:
+            dec.prefill(0, row)
     return _median_ms(one, min(steps, 50))
 
 
@@ -145,7 +152,7 @@ def _variant(e, sess, ids, op: str, b: int, steps: int) -> dict:
                       session_graphs=captured)
         dec.prefill(0, prompt_rows(b, PROMPT, e.vocab_size))
         bb = dec.batch_for(b)
-        io, copies, device_logits, ro = dec._step_binding(bb)
+        io, copies, device_logits, ro = dec._binding(0, bb, 1)
         pick = ort.OrtValue.ortvalue_from_shape_and_type([bb, 1], np.int64, e.device, 0)
         io.bind_ortvalue_output(PICK_OUTPUT, pick)  # before the first run: the capture records it
         tokens = np.zeros(b, np.int64)
@@ -206,12 +213,14 @@ def render(r: dict) -> list[str]:
          f"session with enable_cuda_graph: {'yes' if r['session_cuda_graph'] else 'no'}", "",
          f"Each part timed alone, medians over the steps shown, after {WARMUP} warm-up repetitions; rows prefilled with "
          f"{r['prompt']}-token prompts. host = step - run - inputs - logits: the Decoder's own numpy work.", "",
-         f"prompt = a {r['prompt']}-token prompt pass on one row (uncaptured).", "",
-         "| batch | bucket | steps | step ms | run ms | inputs ms | logits ms | host ms | + argmax ms (numpy) | prompt ms |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         f"prompt = a {r['prompt']}-token prompt pass on one row (uncaptured); chunk = the same tokens as one "
+         f"{CHUNK}-column chunk (Decoder.chunk: a fixed shape, captured where the session captures).", "",
+         "| batch | bucket | steps | step ms | run ms | inputs ms | logits ms | host ms | + argmax ms (numpy) | prompt ms | chunk ms |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in r["parts"]:
         L.append(f"| {p['batch']} | {p['bucket']} | {p['steps']} | {p['step_ms']:.3f} | {p['run_ms']:.3f} | {p['inputs_ms']:.3f} | "
-                 f"{p['logits_ms']:.3f} | {p['host_ms']:.3f} | {p['argmax_ms']:.3f} | {p.get('prompt_ms', float('nan')):.3f} |")
+                 f"{p['logits_ms']:.3f} | {p['host_ms']:.3f} | {p['argmax_ms']:.3f} | {p.get('prompt_ms', float('nan')):.3f} | "
+                 f"{p.get('chunk_ms', float('nan')):.3f} |")
     if r["variants"]:
         L += ["", "Greedy's pick in the graph (a second int64 output over the logits; the logits stay on the device):", "",
               "| op | batch | runs | run ms | ids copy ms | ids equal host argmax |", "|---|---|---|---|---|---|"]

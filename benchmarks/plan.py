@@ -105,8 +105,9 @@ def concurrent_runs(s: Settings, workers: list[Worker]) -> list[tuple[Worker, st
     ours = [w for w in workers if w.spec.kind == "ours"]
     chosen = [w for w in ours if w.spec.precision in s.concurrent_precisions] or ours[:1]
     http = all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "httpx"))  # mode http needs the serve extra
-    runs = [(w, mode) for w in chosen for mode in OURS_MODES
-            if (mode not in ("scheduler", "http") or w.loaded["manifest"].get("fused", True)) and (mode != "http" or http)]
+    modes = OURS_MODES + ((f"chunked{s.concurrent_prompt_width}",) if s.concurrent_prompt_width else ())
+    runs = [(w, mode) for w in chosen for mode in modes
+            if (mode in ("serial", "static") or w.loaded["manifest"].get("fused", True)) and (mode != "http" or http)]
     runs += [(w, "serial") for w in workers if w.spec.kind == "optimum"]
     if not llamacpp.tools_missing():
         precisions = {w.spec.precision for w in chosen}

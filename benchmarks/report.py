@@ -240,6 +240,9 @@ def _concurrent_section(results: dict) -> list[str]:
          "the batch shown) runs as one `generate` to its longest reply, each row counted done at its own length. "
          "TTFT runs from submission (queue wait included) to the first token; ITL is every gap between consecutive "
          "tokens of a request; max stall is the largest such gap. "
+         + "".join(f"**{m}** = the scheduler with `prompt_width` {m[len('chunked'):]}: while rows decode, prompts go in "
+                   "right-padded chunks of exactly that many columns, one row per pass (fixed shapes, captured per slot "
+                   "under CUDA graphs). " for m in sorted({r["mode"] for r in conc if r["mode"].startswith("chunked")}))
          + ("**server** = llama.cpp's own llama-server: continuous batching, one slot per client (`-np C`), clients "
             "streaming `/completion` over loopback HTTP. " if any(r["mode"] == "server" for r in conc) else "")
          + f"Medians over repeats ({s.get('concurrent_repeats', '?')}, systems interleaved).", ""]
@@ -510,13 +513,14 @@ def _gpu_section(results: dict, capture: dict | None) -> list[str]:
         else:
             L.append(f"- **{x['name']} against PyTorch static cache + torch.compile**: not measured in this run "
                      "(`--baselines pytorch-compile`).")
-        c = next((q for q in summary if q["scenario"] == "concurrent" and q["system"] == x["name"] and q["mode"] == "scheduler"
-                  and q["clients"] == BAR_CLIENTS), None)
-        if c:
+        conc = [q for q in summary if q["scenario"] == "concurrent" and q["system"] == x["name"] and q["clients"] == BAR_CLIENTS
+                and (q["mode"] == "scheduler" or q["mode"].startswith("chunked"))]
+        for c in conc:
             v = c["itl_p99_ms"] / r["p50_ms"]
-            L.append(f"- **{x['name']}, scheduler at C={BAR_CLIENTS}**: p99 inter-token latency {c['itl_p99_ms']:.2f} ms ÷ batch-1 "
+            mode = "scheduler" if c["mode"] == "scheduler" else f"scheduler ({c['mode']})"
+            L.append(f"- **{x['name']}, {mode} at C={BAR_CLIENTS}**: p99 inter-token latency {c['itl_p99_ms']:.2f} ms ÷ batch-1 "
                      f"p50 {r['p50_ms']:.2f} ms = **{v:.2f}×** (target ≤ {GPU_ITL:g}: {_met(v <= GPU_ITL)}).")
-        else:
+        if not conc:
             L.append(f"- **{x['name']}, scheduler at C={BAR_CLIENTS}**: not measured in this run (`--concurrent-clients {BAR_CLIENTS}`).")
     return L
 

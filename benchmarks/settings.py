@@ -50,6 +50,9 @@ class Settings:
     concurrent_max_batch: int = 64  # the scheduler's and static batching's batch: min(C, this)
     concurrent_prompt_len: list[int] = field(default_factory=lambda: [16, 256])  # uniform, inclusive
     concurrent_reply_len: list[int] = field(default_factory=lambda: [16, 128])
+    # > 0: ours also runs mode chunkedW, the scheduler with SchedulerConfig.prompt_width = W (fixed-width
+    # prompt chunks, captured per slot under CUDA graphs); 0 = not
+    concurrent_prompt_width: int = 0
     provider: str = "cpu"
     threads: int = 0  # 0 = one per core
     out: str = "reports/latest"
@@ -92,6 +95,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt lengths, uniform (default 16,256; both ranges shrink to fit the model's positions)")
     p.add_argument("--concurrent-reply-len", type=ints, default=d.concurrent_reply_len, metavar="LO,HI",
                    help="reply lengths, uniform, every reply exactly its length (default 16,128)")
+    p.add_argument("--concurrent-prompt-width", type=int, default=d.concurrent_prompt_width, metavar="W",
+                   help="also run ours' scheduler with prompts in fixed W-column chunks (mode chunkedW; default 0 = not)")
     p.add_argument("--beams", type=int, default=d.beams, help="beam search scenario: 1 vs this many beams (0 = skip)")
     p.add_argument("--no-footprint", dest="footprint", action="store_false",
                    help="skip the fresh-process memory measurement per system")
@@ -121,9 +126,10 @@ def check(s: Settings) -> None:
     if s.chat_turns < 0 or (s.chat_turns and (s.chat_user_len < 1 or s.chat_reply_len < 2)):
         raise Gpt2OnnxError("--chat-turns must be >= 0, --chat-user-len >= 1 and --chat-reply-len >= 2")
     if any(c < 0 for c in s.concurrent_clients) or (any(s.concurrent_clients) and (
-            s.concurrent_requests < 0 or s.concurrent_repeats < 1 or s.concurrent_max_batch < 1)):
-        raise Gpt2OnnxError("--concurrent-clients must be >= 0, --concurrent-requests >= 0, --concurrent-repeats >= 1 "
-                            "and --concurrent-max-batch >= 1")
+            s.concurrent_requests < 0 or s.concurrent_repeats < 1 or s.concurrent_max_batch < 1
+            or s.concurrent_prompt_width < 0)):
+        raise Gpt2OnnxError("--concurrent-clients must be >= 0, --concurrent-requests >= 0, --concurrent-repeats >= 1, "
+                            "--concurrent-max-batch >= 1 and --concurrent-prompt-width >= 0")
     for name, rng, lo in (("prompt", s.concurrent_prompt_len, 1), ("reply", s.concurrent_reply_len, 2)):
         if len(rng) != 2 or not lo <= rng[0] <= rng[1]:
             raise Gpt2OnnxError(f"--concurrent-{name}-len takes LO,HI with {lo} <= LO <= HI, got {','.join(map(str, rng))}")

@@ -122,7 +122,7 @@ def test_concurrent_plan_fits_the_context():
     assert plan.concurrent_plan(settings.Settings(artifacts=[], concurrent_clients=[0]), 128) is None
 
 
-@pytest.mark.parametrize("mode", settings.OURS_MODES)
+@pytest.mark.parametrize("mode", (*settings.OURS_MODES, "chunked8"))
 def test_concurrent_worker_records(tiny_artifact, mode):
     """Every request of the closed loop gets exactly its reply length, with stamps in order."""
     mix = {"prompt_len": [4, 40], "reply_len": [3, 12]}
@@ -159,12 +159,14 @@ def test_concurrent_figures_refuse_disordered_stamps():
 
 
 def test_bench_concurrent(tmp_path, tiny_artifact):
-    s = settings.Settings(artifacts=[tiny_artifact], baselines=[], out=str(tmp_path / "rep"), **{**SMALL, **CONC, "chat_turns": 0})
+    s = settings.Settings(artifacts=[tiny_artifact], baselines=[], out=str(tmp_path / "rep"),
+                          **{**SMALL, **CONC, "chat_turns": 0, "concurrent_prompt_width": 8})
+    modes = (*settings.OURS_MODES, "chunked8")  # --concurrent-prompt-width 8 adds the scheduler in fixed 8-column chunks
     res = harness.run(s, log=lambda m: None)
     on_disk = json.loads((tmp_path / "rep" / "results.json").read_text())
     assert on_disk["concurrent"] == {"clients": [1, 3], "requests": {"1": 7, "3": 7}, "prompt_len": [4, 40], "reply_len": [3, 12]}
     conc = [r for r in on_disk["records"] if r["scenario"] == "concurrent"]
-    assert sorted((r["mode"], r["clients"]) for r in conc) == sorted((m, c) for m in settings.OURS_MODES for c in (1, 3))
+    assert sorted((r["mode"], r["clients"]) for r in conc) == sorted((m, c) for m in modes for c in (1, 3))
     expected = sum(_reply_tokens(7, res["concurrent"]))  # every reply exactly its length
     for r in conc:
         assert r["system"] == "ours fp32 cpu" and r["requests"] == 7 and r["tokens"] == expected
@@ -176,6 +178,7 @@ def test_bench_concurrent(tmp_path, tiny_artifact):
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "## Concurrent clients" in report and "### 3 clients: 7 requests" in report
     assert "| ours fp32 cpu | scheduler |" in report and "| ours fp32 cpu | static |" in report
+    assert "| ours fp32 cpu | chunked8 |" in report and "**chunked8** = the scheduler with `prompt_width` 8" in report
     assert "bar 1** (C=3)" in report and "bar 2** (C=3)" in report  # no C=16 point: the largest C states the bars
     assert (tmp_path / "rep" / "concurrent.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(tmp_path / "rep" / "results.csv") as f:
@@ -187,6 +190,8 @@ def test_bench_concurrent_bad_range(tiny_artifact, tmp_path):
     assert_one_line_error(r, "--concurrent-reply-len takes LO,HI")
     r = run_cli("bench", tiny_artifact, "--baselines", "", "--concurrent-precisions", "in8", "--out", str(tmp_path / "r"))
     assert_one_line_error(r, "unknown precision 'in8'", "int8")
+    r = run_cli("bench", tiny_artifact, "--baselines", "", "--concurrent-prompt-width", "-1", "--out", str(tmp_path / "r"))
+    assert_one_line_error(r, "--concurrent-prompt-width >= 0")
     assert not (tmp_path / "r").exists()
 
 

@@ -163,6 +163,11 @@ def test_capture_check_on_the_cpu_provider(tmp_path, tiny_artifact):
     assert "Capture: **not captured**: the CPUExecutionProvider has no CUDA graphs." in md
     assert "| captured | yes | no |" in md and "| uncaptured | no | no |" in md
     assert "one right-padded batch (batch 3, prompts 8/32/100, captured engine): 3 of 3 rows" in md
+    # the scheduler's fixed-width chunks: the two longer prompts went in as chunks, and every row equals its tokens alone
+    sc = res["scheduler_chunks"]
+    assert (sc["prompt_width"], sc["rows"], sc["equal_alone"], sc["divergence"]) == (64, 3, 3, [])
+    assert len(sc["chunk_passes"]) == 2 and all(w == 64 for _, w in sc["chunk_passes"])
+    assert "prompt_width 64 (queued at once, the shortest first" in md and "chunk passes bound for 2 slots): 3 of 3 rows" in md
     assert md.strip().endswith(r.stdout.strip().splitlines()[-1])  # stdout prints the same summary
 
 
@@ -184,7 +189,7 @@ def test_step_breakdown_on_the_cpu_provider(tmp_path, tiny_artifact):
     for v in res["variants"]:
         assert "error" not in v, v
         assert v["ids_equal_host_argmax"] == "8/8 steps" and v["captured"] is False and v["run_ms"] > 0
-    assert all(p["prompt_ms"] > 0 for p in res["parts"])
+    assert all(p["prompt_ms"] > 0 and p["chunk_ms"] > 0 for p in res["parts"])
     md = (out / "step.md").read_text()
     assert "| 3 | 3 | 5 |" in md and "| TopK | 3 | yes |" in md
 
@@ -292,6 +297,7 @@ def test_gpu_script_invocations_parse(tmp_path):
     assert a.artifacts == ["artifacts/dialogpt-medium-fp16-cuda"] and a.out == str(out) and a.provider == "cuda"
     assert a.baselines.split(",") == ["pytorch", "pytorch-compile"]
     assert a.batch == [1, 64] and a.concurrent_clients == [16] and a.concurrent_precisions == ["fp16"]
+    assert a.concurrent_prompt_width == 64  # mode chunked64 beside mode scheduler
     assert a.context == [] and a.chat_turns == 0 and a.footprint is False and a.beams == 0
     s = settings.Settings(artifacts=a.artifacts, baselines=a.baselines.split(","), batch=a.batch, prompt_len=a.prompt_len,
                          new_tokens=a.new_tokens, repeats=a.repeats, context=a.context, chat_turns=a.chat_turns,
