@@ -1,4 +1,4 @@
-"""The one decode core: a KV cache of rows ("slots") and the two passes that run them.
+"""The one decode core: a KV cache of rows ("slots") and the passes that run them.
 
 Per layer and tensor one buffer [slots, heads, capacity, head_dim] holds every row's keys and
 values, bound as both GroupQueryAttention's past and present, so the op writes each new token in
@@ -17,7 +17,8 @@ CPU: the step's inputs and outputs are bound by address to host arrays, once per
 step writes a few numbers and runs (no allocation). CUDA: the same arrays are copied into device
 buffers at fixed addresses before each step; with CUDA graphs the step is captured once per batch
 bucket (1, 2, 4 ... rows, `graph_id` from the engine's per-session counter) and replayed, while
-prompt passes run uncaptured (gpu_graph_id -1).
+prompt passes of their own shapes run uncaptured (gpu_graph_id -1); a prompt fed in fixed-width
+chunks (`chunk`, one row a pass) is captured once per row and width like the step.
 """
 
 from __future__ import annotations
@@ -80,7 +81,6 @@ class Decoder:
         self.mhi = np.zeros(slots, np.int64)  # mask row r is 1 on [0, mhi), 0 elsewhere (mhi = held + 1 after a step)
         self._rows = np.arange(slots)
         self.keep = np.array(1, np.int64)  # num_logits_to_keep: only the last position's logits, prompt passes too
-        self._cols = np.arange(capacity)
         # (set, first row, rows, width) -> the binding of a fixed-shape pass, made once: decode steps
         # (first 0, width 1) and fixed-width prompt chunks (one row, `chunk`)
         self._steps: dict[tuple[int, int, int, int], tuple] = {}
@@ -149,7 +149,7 @@ class Decoder:
             np.take(a, parents, axis=0, out=b[:k], mode="clip")  # [k, heads, capacity, head_dim]; "clip": unbuffered
         self._kv, self._spare, self._set, self._views = spare, kv, 1 - self._set, (dst, src)
 
-    # ---- the two passes ----------------------------------------------------------------------
+    # ---- the passes --------------------------------------------------------------------------
 
     def prefill(self, first: int, rows: list[list[int]]) -> np.ndarray:
         """Run prompt tokens on rows first .. first + len(rows) - 1, after the tokens each row holds;
