@@ -121,9 +121,11 @@ def main() -> None:
                     results.setdefault((mode, os.path.basename(pairs[i][1]), side), []).append(json.loads(out.stdout))
     for (mode, name, side) in sorted(k for k in results if k[2] == "new"):
         for metric in results[(mode, name, side)][0]:
-            b = statistics.median(r[metric] for r in results[(mode, name, "base")])
-            n = statistics.median(r[metric] for r in results[(mode, name, "new")])
-            print(f"{mode:4} {name:28} {metric:13} base {b:9.2f}  new {n:9.2f}  new/base {n / b:.3f}")
+            bs = [r[metric] for r in results[(mode, name, "base")]]
+            ns = [r[metric] for r in results[(mode, name, "new")]]
+            b, n = statistics.median(bs), statistics.median(ns)
+            spread = f"base {min(bs):.2f}-{max(bs):.2f}, new {min(ns):.2f}-{max(ns):.2f}"  # the noise a ratio sits in
+            print(f"{mode:4} {name:28} {metric:13} base {b:9.2f}  new {n:9.2f}  new/base {n / b:.3f}  ({spread})")
 
 
 if __name__ == "__main__":
