@@ -57,8 +57,8 @@ def run(s: Settings, log=print) -> results.Results:
     if s.footprint:
         memory.systems_footprint(specs, systems, s.prompt_len[0], s.new_tokens, log)
     beams = beam_speeds(specs, s, log) if s.beams else {}
-    # llama.cpp's C++ tools at the first decode point; its rows become the faster of them and the binding
-    cpp = llamacpp.bench_systems(specs, s.threads, s.prompt_len[0], s.new_tokens, s.repeats, log)
+    # llama.cpp's C++ tool at the first decode point, a run per repeat; its rows become the faster of it and the binding
+    cpp = {name: llamacpp.median_of(runs) for name, runs in workers.llama_bench.items() if runs and name not in workers.dead}
     summary = figures.summarize(records, systems, machine, s.provider)
     llamacpp.prefer_faster(systems, summary, cpp, floor_bandwidth(machine, s.provider)[1])
 

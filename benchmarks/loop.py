@@ -1,15 +1,20 @@
 """The interleaved measurement loop: every system's worker is started once, then each repeat runs each
 scenario point on every system in turn (A B C A B C ...), after one untimed warm-up pass (repeat -1)
-with short generations. A baseline whose process dies, or that answers with an error (a compile that
-failed), is dropped with the reason and its figures with it; ours dying ends the run."""
+with short generations. Where `make llamacpp` built llama.cpp's own tools, each timed repeat also runs
+llama-bench once per llama.cpp system at the first decode point, so its figure is a median over the
+same repeats as everyone else's. A baseline whose process dies, or that answers with an error (a
+compile that failed), is dropped with the reason and its figures with it; ours dying ends the run."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 
 from . import figures
+from .engines import llamacpp
 from .plan import Plan, concurrent_runs
 from .results import system_entry
 from .settings import Settings
@@ -28,6 +33,7 @@ class Workers:
         self.running: list[Worker] = []
         self.skipped: list[dict] = []  # {baseline, reason} of each dropped baseline
         self.dead: set[str] = set()
+        self.llama_bench: dict[str, list[dict]] = {}  # llama.cpp system -> its llama-bench run of each repeat
 
     def start(self, spec: SystemSpec) -> Worker | None:
         self.log(f"loading {spec.name}")
@@ -77,11 +83,16 @@ def measure(s: Settings, plan: Plan, specs: list[SystemSpec], manifests, log) ->
             w = pool.start(spec)
             if w is not None:
                 systems.append(system_entry(spec, w.loaded, manifests))
+        cpp = [w.spec for w in pool.running if w.spec.kind == "llamacpp"]
+        why = llamacpp.tools_missing() if cpp else None
+        if why:
+            log(f"llama.cpp through its binding only: {why}")
+            cpp = []
         conc_runs = concurrent_runs(s, pool.running) if plan.concurrent else []
         conc_clients = plan.concurrent["clients"] if conc_runs else []
         conc_repeats = s.concurrent_repeats if conc_runs else 0
         total = (sum(len(pool.alive(p[1])) for p in plan.points) + bool(plan.chat_turns) * len(pool.running)) * (s.repeats + 1)
-        total += len(conc_clients) * len(conc_runs) * (conc_repeats + 1)
+        total += len(conc_clients) * len(conc_runs) * (conc_repeats + 1) + len(cpp) * s.repeats
         from rich.progress import Progress
 
         with Progress(transient=False) as bar:
@@ -92,6 +103,8 @@ def measure(s: Settings, plan: Plan, specs: list[SystemSpec], manifests, log) ->
                     log("warm-up" if rep < 0 else f"repeat {rep + 1}/{repeats}")
                 if rep < s.repeats:
                     records += _generate_points(pool, plan.points, rep, s.repeats, progress)
+                    if rep >= 0:
+                        _llama_bench(pool, s, cpp, rep, progress)
                     if plan.chat_turns:
                         records += _chat(pool, s, plan.chat_turns, rep, progress)
                 if rep < conc_repeats:
@@ -133,6 +146,21 @@ def _generate_points(pool: Workers, points, rep: int, repeats: int, progress: _P
                 out.append(figures.record(w.spec.name, scenario, rep, batch, plen, new, r))
             progress.advance()
     return out
+
+
+def _llama_bench(pool: Workers, s: Settings, specs: list[SystemSpec], rep: int, progress: _Progress) -> None:
+    """One llama-bench run (its own warm-up, then once each: the prompt and the decode after it) per
+    llama.cpp system at the first decode point; a system whose run fails gets none after it, saying why."""
+    for spec in specs:
+        progress.show(rep, s.repeats, f"llama-bench {spec.name}")
+        runs = pool.llama_bench.setdefault(spec.name, [])
+        if spec.name not in pool.dead and len(runs) == rep:  # a failed run stops this system's
+            time.sleep(SETTLE_S)
+            try:
+                runs.append(llamacpp.llama_bench(spec.path, s.threads or os.cpu_count() or 1, s.prompt_len[0], s.new_tokens, 1))
+            except (Gpt2OnnxError, subprocess.TimeoutExpired) as e:
+                pool.log(f"no llama-bench figures for {spec.name} from repeat {rep + 1}: {e}")
+        progress.advance()
 
 
 def _chat(pool: Workers, s: Settings, turns: int, rep: int, progress: _Progress) -> list[dict]:

@@ -292,10 +292,16 @@ def _llamacpp_paths(systems: list[dict]) -> list[str]:
         b = lp["llama_bench"]
         L.append(f"**{x['name']}** rows: through **{lp['used']}**, the faster path at batch 1, prompt {b['prompt_len']}: "
                  f"llama-cpp-python {lp['binding_ms_per_token']:.2f} ms/token, llama.cpp's own llama-bench "
-                 f"{b['tg_ms_per_token']:.2f} ms/token (tg {b['new_tokens']} after {b['prompt_len']} tokens, prompt pp "
+                 f"{b['tg_ms_per_token']:.2f} ms/token ("
+                 + (f"median of {len(b['runs_ms_per_token'])} run{'s' * (len(b['runs_ms_per_token']) > 1)}, one per repeat "
+                    "between the other systems' "
+                    f"({min(b['runs_ms_per_token']):.2f}–{max(b['runs_ms_per_token']):.2f}); "
+                    if b.get("runs_ms_per_token") else "")
+                 + f"tg {b['new_tokens']} after {b['prompt_len']} tokens, prompt pp "
                  f"{b['pp_tokens_per_s']:.0f} tokens/s, peak RSS {b['peak_rss_mb']:.0f} MB, binding's "
                  f"{_fmt(lp.get('binding_footprint_mb'), '.0f')} MB)"
-                 + (". Its decode row at that prompt is llama-bench's average (no percentiles), its TTFT the pp time, "
+                 + (f". Its decode row at that prompt is llama-bench's {'median' if b.get('runs_ms_per_token') else 'average'} "
+                    "(no percentiles), its TTFT the pp time, "
                     "its peak RSS llama-bench's; the other cells are the binding's." if lp["used"] == "llama-bench" else "."))
     return L
 

@@ -423,9 +423,20 @@ def test_bench_llamacpp_server_mode_and_path(tmp_path, tiny_artifact):
     llama = next(x for x in res["systems"] if x["kind"] == "llamacpp")
     path = llama["llamacpp_path"]
     assert path["used"] in ("llama-bench", "llama-cpp-python") and path["llama_bench"]["prompt_len"] == 8
+    assert len(path["llama_bench"]["runs_ms_per_token"]) == 1  # one llama-bench run per timed repeat
     report = (tmp_path / "rep" / "report.md").read_text()
     assert f"**llama.cpp F32 cpu** rows: through **{path['used']}**, the faster path" in report
+    assert "ms/token (median of 1 run, one per repeat between the other systems' (" in report
     assert "**server** = llama.cpp's own llama-server" in report and "| llama.cpp F32 cpu | server |" in report
+
+
+def test_llama_bench_runs_of_the_repeats_make_one_median():
+    run = lambda tg, pp, rss: {"prompt_len": 32, "new_tokens": 64, "tg_ms_per_token": tg, "tg_tokens_per_s": 1e3 / tg,  # noqa: E731
+                               "pp_ms": pp, "pp_tokens_per_s": 32e3 / pp, "peak_rss_mb": rss, "repetitions": 1, "commands": ["x"]}
+    m = llamacpp.median_of([run(6.0, 40.0, 160.0), run(9.0, 30.0, 170.0), run(5.0, 50.0, 165.0)])
+    assert m["tg_ms_per_token"] == 6.0 and m["pp_ms"] == 40.0 and m["tg_tokens_per_s"] == pytest.approx(1e3 / 6.0)
+    assert m["peak_rss_mb"] == 170.0 and m["repetitions"] == 3 and m["runs_ms_per_token"] == [6.0, 9.0, 5.0]
+    assert m["prompt_len"] == 32 and m["new_tokens"] == 64
 
 
 def test_llamacpp_rows_take_the_faster_path():

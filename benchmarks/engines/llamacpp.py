@@ -233,22 +233,14 @@ def _llama_bench(tools_dir: str, args: list[str], timeout_s: float) -> tuple[dic
     return test, rss_kb / 1024, "llama-bench " + " ".join(args)
 
 
-def bench_systems(specs, threads: int, prompt_len: int, new_tokens: int, repetitions: int, log) -> dict[str, dict]:
-    """llama_bench for each llama.cpp system in `specs` at the harness's first decode point: {name: figures}.
-    Empty, saying why, where the tools are not built; a system whose run fails is left out with the reason."""
-    llama = [x for x in specs if x.kind == "llamacpp"]
-    why = tools_missing() if llama else None
-    if why:
-        log(f"llama.cpp through its binding only: {why}")
-        return {}
-    out = {}
-    for spec in llama:
-        log(f"llama-bench: {spec.name}")
-        try:
-            out[spec.name] = llama_bench(spec.path, threads or os.cpu_count() or 1, prompt_len, new_tokens, repetitions)
-        except (Gpt2OnnxError, subprocess.TimeoutExpired) as e:
-            log(f"no llama-bench figures for {spec.name}: {e}")
-    return out
+def median_of(runs: list[dict]) -> dict:
+    """One system's llama_bench runs, one per repeat of the harness (interleaved with the other systems'
+    runs, as every system's figures are), as one figure: the medians of the timings, the largest peak
+    RSS, and each run's tg ms/token in `runs_ms_per_token`."""
+    med = lambda k: float(np.median([r[k] for r in runs]))  # noqa: E731
+    return {**runs[0], "tg_ms_per_token": med("tg_ms_per_token"), "tg_tokens_per_s": med("tg_tokens_per_s"),
+            "pp_ms": med("pp_ms"), "pp_tokens_per_s": med("pp_tokens_per_s"), "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "repetitions": sum(r["repetitions"] for r in runs), "runs_ms_per_token": [r["tg_ms_per_token"] for r in runs]}
 
 
 def prefer_faster(systems: list[dict], summary: list[dict], bench: dict[str, dict], bandwidth_gbs: float) -> None:
