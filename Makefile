@@ -45,8 +45,9 @@ serve: $(STAMP)
 # 2-core AMD VM (2026-12-04, nothing else running): the exports and the precision table 8 min, loading
 # 11 systems and the warm-up 2, then repeats 1 and 2 of 5 took 28 and 27 min each, because each of the
 # first 3 also runs the concurrent-clients scenario (C = 1 / 4 / 16 / 64, ours served 4 ways, the
-# baselines one request at a time; C = 64 has 128 requests a mode). Repeats 4 and 5 skip it; with the
-# medium report, plan on 2-2.5 hours (no run has yet been seen to the end on this VM).
+# baselines one request at a time; C = 64 has 128 requests a mode). Repeats 4 and 5 skip it. A whole
+# run on that VM (2026-12-04, 20:38-22:23 UTC): 1 h 45 min with the medium report, plus ~17 min of
+# set-up on a fresh checkout (venv, make llamacpp's tools, six exports).
 # BENCH_ARGS="--concurrent-clients 0" skips the concurrent scenario. Start it first and leave the machine to it.
 SMALL_ARTS := $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-small-$(p))
 MEDIUM_ARTS := $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-medium-$(p))
