@@ -201,12 +201,7 @@ class Decoder:
         self.pos[:b, 0] = cols
         self.mask[self._rows[:b], cols] = 1
         np.add(cols, 1, out=self.mhi[:b])
-        io, copies, device_logits, ro = self._binding(0, b, 1)
-        for host, ov in copies:  # CUDA: refresh the fixed-address device copies
-            ov.update_inplace(host)
-        self.session.run_with_iobinding(io, ro)
-        if device_logits is not None:
-            self.logits[:b] = device_logits.numpy()
+        self._run(0, b, 1)
         if live is None:
             self.held[:n] += 1
         else:
@@ -239,14 +234,19 @@ class Decoder:
         pos[0, :c], pos[0, c:] = np.arange(h, h + c), h + c - 1
         self.mask[r, :h + width] = 1  # ones on [0, held + width)
         self.mhi[r] = max(self.mhi[r], h + width)
-        io, copies, device_logits, ro = self._binding(r, 1, width)
-        for host, ov in copies:
+        self._run(r, 1, width)
+        self._set_row(r, h + c)  # the padding's columns are not kept
+        return self.logits[r, 0]
+
+    def _run(self, first: int, b: int, width: int) -> None:
+        """Run the fixed-shape pass over rows first .. first + b - 1 on its binding; its logits land in
+        self.logits[first: first + b] (CUDA: the device inputs refreshed first, the logits copied back)."""
+        io, copies, device_logits, ro = self._binding(first, b, width)
+        for host, ov in copies:  # CUDA: refresh the fixed-address device copies
             ov.update_inplace(host)
         self.session.run_with_iobinding(io, ro)
         if device_logits is not None:
-            self.logits[r] = device_logits.numpy()[0]
-        self._set_row(r, h + c)  # the padding's columns are not kept
-        return self.logits[r, 0]
+            self.logits[first: first + b] = device_logits.numpy()
 
     def _inputs_of(self, width: int) -> tuple[np.ndarray, np.ndarray]:
         if width not in self._inputs:
