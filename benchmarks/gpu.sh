@@ -12,10 +12,12 @@
 #      (mode scheduler) and in fixed 64-column chunks captured per slot (mode chunked64); the floor and
 #      GB/s columns against the GPU's memory bandwidth (a device-to-device copy measured in the run); the capture check and
 #      the GPU bars in the report;
-#   3. step.json / step.md (benchmarks/gpu_step.py): a batch-1 and a batch-64 decode step taken apart
+#   3. step.json / step.md (benchmarks/gpu_step.py): decode steps of 1, 4, 16 and 64 rows taken apart
 #      (input copies, the replay, the logits copy, numpy's argmax, a 32-token prompt uncaptured and as a
-#      captured 64-column chunk) and greedy's pick computed in the
-#      graph instead (ArgMax or TopK added as a second output): captured?, ms, ids equal to the host's.
+#      captured 64-column chunk) and greedy's pick on the device (the artifact's pick.onnx, its own
+#      captured session) against greedy on the host, ids equal to the host's argmax: sets PICK_FROM;
+#   4. attention-kernels.txt: the attention kernel onnxruntime picks for each GroupQueryAttention call
+#      of a short generation (ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1), prompt and decode.
 # Measured on an H200 (2026-12-04): 220 s in all; export 38 s, capture check 7 s, step breakdown 13 s, bench
 # 162 s (the first run, before the step breakdown was added: 194 s). Left out
 # for time: the chat scenario, the context curve, the fresh-process footprints (each would compile
@@ -46,8 +48,14 @@ timeout 300 "$py" -m gpt2onnx.benchmarks.gpu_check "$art" --out "$out" --provide
 stage "capture check done"
 # where a step's time goes (inputs, replay, logits copy, host argmax) and greedy's pick on the device
 rm -f "$out/step.json" "$out/step.md"
-timeout 150 "$py" -m gpt2onnx.benchmarks.gpu_step "$art" --out "$out" --provider cuda --batch 1,64 || stage "step breakdown FAILED (exit $?)"
+timeout 150 "$py" -m gpt2onnx.benchmarks.gpu_step "$art" --out "$out" --provider cuda --batch 1,4,16,64 || stage "step breakdown FAILED (exit $?)"
 stage "step breakdown done"
+# which attention kernel runs where (sdpa_kernel=1 costs the captured step ~0.1 ms; onnxruntime's sources say
+# XQA serves decode either way, so which one ran decides where that time goes): counted per kernel line
+ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1 timeout 60 "$py" -c "from gpt2onnx.runtime import Engine
+e = Engine.load('$art', verify='size')
+e.generate([list(range(1, 33))], max_new_tokens=4)" 2>&1 | grep -i 'kernel' | sort | uniq -c > "$out/attention-kernels.txt" \
+  || stage "attention kernel listing FAILED or empty"
 
 "$py" -m gpt2onnx.cli bench "$art" --bench-provider cuda --baselines pytorch,pytorch-compile \
   --batch 1,64 --prompt-len 32 --new-tokens 128 --repeats 3 --context "" --chat-turns 0 --beams 0 --no-footprint \

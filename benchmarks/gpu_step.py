@@ -18,13 +18,19 @@ tokens, then each part of a step is timed alone over STEPS repetitions after a w
   chunk    the same 32 tokens as one fixed 64-column chunk (Decoder.chunk, captured under CUDA graphs):
            what they wait instead with SchedulerConfig.prompt_width 64
 
-Then the device variants the issue asked to consider: the artifact's graph with greedy's pick added
-as a second int64 output (`ArgMax` over the logits, or `TopK` k=1), built in memory from the same
-weights, run the same way: is it captured (a session with enable_cuda_graph that runs), its run ms,
-the [b] ids copied back, and whether they equal the host argmax of the same step's logits. A variant
-that onnxruntime refuses is recorded with its error, not raised. (The exported graph's attention
-had a padding bias until its step was measured here beside the graph without it: 1.07-1.59x faster
-replays on an H200, reports/gpu/attention-bias, the tool as of commit b58c4c0.)
+and greedy's pick on the device (the artifact's pick.onnx, runtime/decoder.py Pick), at every batch
+whatever the runtime's PICK_FROM says, so its threshold can be set by these figures:
+
+  device   Decoder's step with the pick: the run, the pick's own (captured) run, the [b] ids copied
+           back; against step + argmax, greedy on the host
+  pick     the pick's run alone
+  equal    over 8 steps, the pick's ids against numpy's argmax of the same step's logits
+
+(Before pick.onnx, this tool measured the pick as a second output of the decoder graph: ArgMax 1.131
+vs 1.036 ms per run at batch 1, 2.081 vs 1.986 at 64 on an H200, reports/gpu/step.md of 2026-12-04;
+onnxruntime runs every node whatever is bound, so batch 1 would pay it on every step. The exported
+graph's attention had a padding bias until its step was measured here beside the graph without it:
+1.07-1.59x faster replays, reports/gpu/attention-bias, the tool as of commit b58c4c0.)
 
 Nothing here changes what the runtime ships: it measures, so the next change is chosen by figures.
 On the cpu provider everything runs without capture (what the tests exercise on the tiny artifact).
@@ -35,7 +41,6 @@ variant leaves the sections before it.
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 import time
 
@@ -47,8 +52,6 @@ from .workloads import prompt_rows
 PROMPT = 32
 WARMUP = 10
 STEPS = 100
-PICKS = {"ArgMax": {"axis": -1, "keepdims": 0}, "TopK": {"axis": -1}}  # the ops tried for greedy's pick in the graph
-PICK_OUTPUT = "next_token"
 
 
 def _median_ms(fn, n: int) -> float:
@@ -87,8 +90,28 @@ def _parts(e, b: int, steps: int) -> dict:
     out["host_ms"] = out["step_ms"] - out["run_ms"] - out["inputs_ms"] - out["logits_ms"]  # decode's own numpy work
     out["prompt_ms"] = _prompt_ms(dec, e.vocab_size, steps)
     out["chunk_ms"] = _prompt_ms(dec, e.vocab_size, steps, chunk=True)
+    if dec.pick is not None:
+        _pick(dec, device_logits, b, bb, steps, out)
     dec.close()
     return out
+
+
+def _pick(dec, device_logits, b: int, bb: int, steps: int, out: dict) -> None:
+    """The step with greedy's pick on the device (Decoder._step with pick, at any batch), its run alone,
+    and its ids against numpy's argmax of the same step's logits."""
+    for r in range(dec.slots):  # start over: the parts above advanced the rows
+        dec.truncate(r, 0)
+    dec.prefill(0, prompt_rows(b, PROMPT, dec.spec.vocab_size))
+    tokens, equal = np.zeros(b, np.int64), 0
+    for _ in range(8):  # the first runs capture; each step's logits stay where the graph wrote them
+        ids = dec._step(tokens, None, pick=True)[:b].copy()
+        logits = (dec.logits[:bb] if device_logits is None else device_logits.numpy())[:b, 0]
+        equal += int(np.array_equal(ids, logits.argmax(-1)))
+        tokens = ids
+    out["pick_equal"] = f"{equal}/8 steps"
+    out["device_ms"] = _median_ms(lambda: dec._step(tokens, None, pick=True), steps)
+    binding = dec._picks[(dec._set, 0, bb, 1)]
+    out["pick_ms"] = _median_ms(lambda: dec.pick.run(binding), steps)
 
 
 def _prompt_ms(dec, vocab: int, steps: int, chunk: bool = False) -> float:
@@ -105,73 +128,6 @@ def _prompt_ms(dec, vocab: int, steps: int, chunk: bool = False) -> float:
     return _median_ms(one, min(steps, 50))
 
 
-def _variant_model(artifact: str, op: str):
-    """The artifact's graph with greedy's pick over its logits as a second output, int64 [batch, kept]."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    from gpt2onnx.runtime.artifact import load_manifest
-
-    m = load_manifest(artifact, verify="size")
-    model = onnx.load(m.file("model.onnx"))  # with the weights: the variant session is built from bytes
-    logits = m.raw["io"]["names"]["logits"]
-    g = model.graph
-    if op == "ArgMax":
-        g.node.append(helper.make_node("ArgMax", [logits], [PICK_OUTPUT], name="greedy_pick", **PICKS[op]))
-    else:
-        g.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), "pick_k"))
-        g.node.append(helper.make_node("TopK", [logits, "pick_k"], ["pick_value", "pick_index"], name="greedy_topk", **PICKS[op]))
-        g.node.append(helper.make_node("Squeeze", ["pick_index", "pick_axes"], [PICK_OUTPUT], name="greedy_pick"))
-        g.initializer.append(onnx.numpy_helper.from_array(np.array([-1], np.int64), "pick_axes"))
-    g.output.append(helper.make_tensor_value_info(PICK_OUTPUT, TensorProto.INT64, ["batch", "kept"]))
-    return model.SerializeToString()
-
-
-def _variant_session(e, artifact: str, op: str):
-    """A session of the variant graph, made as the engine's (enable_cuda_graph where the engine captures)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    from gpt2onnx.runtime.session import cuda_options
-
-    providers = [(e.provider, cuda_options(bool(e.cuda_graph)))] if e.device == "cuda" else [e.provider]
-    return ort.InferenceSession(_variant_model(artifact, op), so, providers=providers)
-
-
-def _variant(e, sess, ids, op: str, b: int, steps: int) -> dict:
-    """One device pick variant at batch b: captured?, timed, ids checked against the host argmax."""
-    import onnxruntime as ort
-
-    from gpt2onnx.runtime.decoder import Decoder
-
-    out = {"op": op, "batch": b}
-    try:
-        captured = bool(e.cuda_graph)
-        dec = Decoder(e.spec, sess, b, e.n_positions, e.device, graph_id=(lambda: next(ids)) if captured else None,
-                      session_graphs=captured)
-        dec.prefill(0, prompt_rows(b, PROMPT, e.vocab_size))
-        bb = dec.batch_for(b)
-        io, copies, device_logits, ro = dec._binding(0, bb, 1)
-        pick = ort.OrtValue.ortvalue_from_shape_and_type([bb, 1], np.int64, e.device, 0)
-        io.bind_ortvalue_output(PICK_OUTPUT, pick)  # before the first run: the capture records it
-        tokens = np.zeros(b, np.int64)
-        equal = 0
-        for _ in range(8):  # the first run captures; then the device pick against the host argmax
-            logits = dec.decode(tokens)
-            got = pick.numpy()[:b, 0]
-            equal += int(np.array_equal(got, logits.argmax(-1)))
-            tokens = got
-        out["ids_equal_host_argmax"] = f"{equal}/8 steps"
-        out["captured"] = captured
-        out["run_ms"] = _median_ms(lambda: sess.run_with_iobinding(io, ro), min(steps, (e.n_positions - PROMPT - 40) // 2))
-        out["pick_copy_ms"] = _median_ms(lambda: pick.numpy(), steps)
-        dec.close()
-    except Exception as err:  # onnxruntime raises its own types; the figure is whether it runs at all
-        out["error"] = _error(err)
-    return out
-
-
 def _error(err: Exception) -> str:
     """An exception as one line for the record: its type and the first line of its message."""
     text = str(err).strip()
@@ -182,29 +138,25 @@ def measure(artifact: str, provider: str, batches: list[int], steps: int = STEPS
     import onnxruntime as ort
 
     from gpt2onnx.runtime import Engine
+    from gpt2onnx.runtime.artifact import load_manifest
+    from gpt2onnx.runtime.decoder import PICK_FROM
+    from gpt2onnx.runtime.spec import ModelSpec
 
-    e = Engine.load(artifact, provider=provider, verify="size")
+    m = load_manifest(artifact, verify="size")
+    has_pick = ModelSpec.from_manifest(m).has_pick  # measured on every provider where the artifact has one
+    e = Engine.load(artifact, provider=provider, verify="size", device_pick=has_pick or None)
     m = e.manifest.raw
     r = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "artifact": artifact,
          "checkpoint": m.get("source", {}).get("checkpoint"), "precision": m.get("precision"), "provider": e.provider,
          "onnxruntime": ort.__version__, "session_cuda_graph": bool(e.cuda_graph), "prompt": PROMPT,
-         "parts": [], "variants": []}
+         "pick": has_pick, "pick_from": PICK_FROM, "parts": []}
     for b in batches:
         log(f"step parts at batch {b}")
-        r["parts"].append(_parts(e, b, steps))
-        save and save(r)
-    for op in PICKS:
-        log(f"device pick {op}: building its session")
         try:
-            sess, ids = _variant_session(e, artifact, op), itertools.count(1)  # graph ids drawn per session
-        except Exception as err:  # onnxruntime raises its own types; a refused variant is a finding
-            r["variants"].append({"op": op, "batch": batches[0], "error": _error(err)})
-            continue
-        for b in batches:
-            log(f"device pick {op} at batch {b}")
-            r["variants"].append(_variant(e, sess, ids, op, b, steps))
-            save and save(r)
-        del sess
+            r["parts"].append(_parts(e, b, steps))
+        except Exception as err:  # onnxruntime raises its own types; the batch's failure is the finding
+            r["parts"].append({"batch": b, "error": _error(err)})
+        save and save(r)
     return r
 
 
@@ -218,18 +170,25 @@ def render(r: dict) -> list[str]:
          "| batch | bucket | steps | step ms | run ms | inputs ms | logits ms | host ms | + argmax ms (numpy) | prompt ms | chunk ms |",
          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in r["parts"]:
+        if "error" in p:
+            L.append(f"| {p['batch']} | **failed**: {p['error']} |")
+            continue
         L.append(f"| {p['batch']} | {p['bucket']} | {p['steps']} | {p['step_ms']:.3f} | {p['run_ms']:.3f} | {p['inputs_ms']:.3f} | "
                  f"{p['logits_ms']:.3f} | {p['host_ms']:.3f} | {p['argmax_ms']:.3f} | {p.get('prompt_ms', float('nan')):.3f} | "
                  f"{p.get('chunk_ms', float('nan')):.3f} |")
-    if r["variants"]:
-        L += ["", "Greedy's pick in the graph (a second int64 output over the logits; the logits stay on the device):", "",
-              "| op | batch | runs | run ms | ids copy ms | ids equal host argmax |", "|---|---|---|---|---|---|"]
-        for v in r["variants"]:
-            if "error" in v:
-                L.append(f"| {v['op']} | {v['batch']} | **no**: {v['error']} | | | |")
-            else:
-                L.append(f"| {v['op']} | {v['batch']} | yes{' (captured)' if v['captured'] else ''} | {v['run_ms']:.3f} | "
-                         f"{v['pick_copy_ms']:.3f} | {v['ids_equal_host_argmax']} |")
+    picks = [p for p in r["parts"] if "device_ms" in p]
+    if picks:
+        L += ["", f"Greedy's pick on the device (pick.onnx: ArgMax over the step's logits where they lie, its own session"
+              f"{', captured' if r['session_cuda_graph'] else ''}); the runtime takes it from {r['pick_from']} rows up. "
+              "host = step + numpy's argmax; device = the step with the pick, only the ids copied back.", "",
+              "| batch | greedy on host ms | greedy on device ms | device ÷ host | pick run ms | ids equal host argmax |",
+              "|---|---|---|---|---|---|"]
+        for p in picks:
+            host = p["step_ms"] + p["argmax_ms"]
+            L.append(f"| {p['batch']} | {host:.3f} | {p['device_ms']:.3f} | {p['device_ms'] / host:.2f} | {p['pick_ms']:.3f} | "
+                     f"{p['pick_equal']} |")
+    elif not r.get("pick"):
+        L += ["", "The artifact has no pick.onnx (exported before 2026-12-06): greedy's device pick not measured."]
     return L
 
 
@@ -242,7 +201,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", metavar="ARTIFACT_DIR")
     p.add_argument("--out", required=True, help="directory for step.json and step.md")
     p.add_argument("--provider", choices=("cuda", "cpu"), default="cuda", help="cpu runs every part without capture (tests)")
-    p.add_argument("--batch", default="1,64", help="comma-separated batch sizes (default 1,64)")
+    p.add_argument("--batch", default="1,4,16,64", help="comma-separated batch sizes (default 1,4,16,64)")
     p.add_argument("--steps", type=int, default=STEPS, help="timed repetitions per part")
     return p
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from gpt2onnx.runtime.artifact import FORMAT_VERSION, MANIFEST_NAME, PRECISIONS, sha256
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 from gpt2onnx.runtime.session import PROVIDERS
+from gpt2onnx.runtime.spec import PICK_FILE
 
 from . import checkpoints, graph, parity, quantize
 
@@ -98,6 +99,10 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
         if problem and opts.enforce_tolerances:
             raise Gpt2OnnxError(f"accuracy check failed: {problem}; nothing was written")
         ckpt.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+        if opts.fuse:  # greedy's pick where the logits lie (runtime/decoder.py, Pick)
+            import onnx
+
+            onnx.save_model(graph.build_pick(), os.path.join(tmp, PICK_FILE))
         manifest = _manifest(opts, ckpt, cfg, model_path, tmp)
         manifest["parity"] = {"decode_vs_pytorch_fp32": {**figures, "tolerance": tol["max_abs_logit_diff"]}}
         manifest["accuracy"] = {"teacher_forced": accuracy, "tolerances": tol}
@@ -232,9 +237,10 @@ def _manifest(opts: ExportOptions, ckpt, cfg: graph.ModelConfig, model_path: str
         },
         "names": graph.NAMES.manifest()["names"],
         "logits_to_keep": graph.NAMES.logits_to_keep,
+        **({"pick": graph.NAMES.manifest()["pick"]} if opts.fuse else {}),
     }
     # every file the export wrote (model.onnx, model.onnx.data when the weights go external,
-    # tokenizer.json): the runtime refuses a manifest that omits a file it opens (runtime/artifact.py)
+    # tokenizer.json, pick.onnx): the runtime refuses a manifest that omits a file it opens (runtime/artifact.py)
     files = {}
     for name in sorted(os.listdir(tmp)):
         p = os.path.join(tmp, name)

@@ -309,6 +309,27 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
     return model
 
 
+def build_pick():
+    """Greedy's pick as a graph of its own (the artifact's pick.onnx): ArgMax over logits [batch, kept,
+    vocab] -> next_token int64 [batch, kept], the first index of the largest logit, as numpy's argmax.
+
+    Its own graph, not a second output of the decoder: onnxruntime runs every node of a graph whatever
+    outputs are bound (checked: 1.32 on the CPU), and the ArgMax kernel costs ~0.1 ms on CUDA, which
+    batch 1 would pay on every step. The runtime runs it after a decode step on the logits where they
+    lie (runtime/decoder.py, Pick): on CUDA a greedy step then copies one id per row to the host
+    instead of vocab floats per row."""
+    from onnx import TensorProto, helper
+
+    n = NAMES
+    node = helper.make_node("ArgMax", [n.logits], [n.next_token], name="greedy_pick", axis=-1, keepdims=0)
+    graph = helper.make_graph([node], "gpt2onnx_pick",
+                              [helper.make_tensor_value_info(n.logits, TensorProto.FLOAT, ["batch", "kept", "vocab"])],
+                              [helper.make_tensor_value_info(n.next_token, TensorProto.INT64, ["batch", "kept"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="gpt2onnx")
+    model.ir_version = min(model.ir_version, 10)
+    return model
+
+
 def _causal_bias(b: _Builder, seq: str, total: str, i64) -> str:
     """[1, 1, S, T] additive bias: query i (absolute position T - S + i) may see keys 0..T-S+i."""
     seq_s = b.one("Squeeze", [seq], name="seq_scalar")

@@ -1,4 +1,5 @@
-"""The artifact directory contract: `gpt2onnx.json` (the manifest), `model.onnx`, `tokenizer.json`.
+"""The artifact directory contract: `gpt2onnx.json` (the manifest), `model.onnx`, `tokenizer.json`,
+and from fused exports `pick.onnx` (greedy's pick on the device; optional: older artifacts lack it).
 
 The export stage writes manifests with `MANIFEST_NAME` and `FORMAT_VERSION` from here; the runtime
 reads them with `load_manifest`, which refuses a damaged or mismatched artifact with one line that

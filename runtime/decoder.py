@@ -18,17 +18,74 @@ step writes a few numbers and runs (no allocation). CUDA: the same arrays are co
 buffers at fixed addresses before each step; with CUDA graphs the step is captured once per batch
 bucket (1, 2, 4 ... rows, `graph_id` from the engine's per-session counter) and replayed, while
 prompt passes of their own shapes run uncaptured (gpu_graph_id -1); a prompt fed in fixed-width
-chunks (`chunk`, one row a pass) is captured once per row and width like the step.
+chunks (`chunk`, one row a pass) is captured once per row and width like the step. Rows that all pick
+greedily step through `decode_greedy`: with a Pick (the artifact's pick.onnx as its own session, on
+CUDA) the argmax runs where the logits lie and only the ids reach the host.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import numpy as np
 
 from .errors import Gpt2OnnxError
 from .spec import ModelSpec
+
+# Greedy's pick goes to the device from steps of this many rows (buckets under CUDA graphs). Why 4:
+# measured on an H200 (DialoGPT-medium fp16, reports/gpu/step.md), copying a step's logits to the host
+# costs ~0.04 ms + 0.2 ms per MB (0.08 ms at 1 row, 2.6 ms at 64; 0.2 MB a row) and numpy's argmax
+# ~0.005 ms a row, while the pick costs its ArgMax kernel (~0.1 ms) and the ids' copy (0.01 ms) at
+# any batch: even at 2 rows, ahead from 4, ~0.6 ms a step at 16 and ~3.5 ms at 64.
+PICK_FROM = 4
+
+
+class Pick:
+    """Greedy's next token computed where a step's logits lie: the artifact's pick graph (ArgMax over
+    logits [b, 1, vocab] -> int64 [b, 1]) as a session of its own, run right after the decode step on
+    the step's logits buffer. On CUDA the logits then stay on the device and the step copies b ids to
+    the host; the pick's run is captured like the step (one graph per step binding, fixed addresses).
+
+    Args:
+        session: the pick graph's onnxruntime session (session.build_pick_session).
+        spec: the model spec (the pick's input and output names).
+        device: where the step's logits lie ("cpu" | "cuda").
+        captured: the session was created with enable_cuda_graph (each binding then gets a graph id).
+    """
+
+    def __init__(self, session, spec: ModelSpec, device: str, captured: bool):
+        import onnxruntime as ort
+
+        self.ort, self.session, self.spec, self.device = ort, session, spec, device
+        self._graph_ids = itertools.count(1) if captured else None  # ids are per session: the pick's own
+        self.runs = 0
+
+    def bind(self, logits, b: int) -> tuple:
+        """The binding of a pick over b rows of `logits`: a host array [>= b, 1, vocab] (bound by
+        address) or a device OrtValue [b, 1, vocab]. Made once per step binding (Decoder keeps it)."""
+        n, ort = self.spec.names, self.ort
+        io = self.session.io_binding()
+        if isinstance(logits, np.ndarray):  # the CPU provider: bound by address, nothing copied
+            io.bind_input(n.logits, "cpu", 0, np.float32, [b, 1, self.spec.vocab_size], logits.ctypes.data)
+            ids = np.zeros((b, 1), np.int64)
+            io.bind_output(n.next_token, "cpu", 0, np.int64, [b, 1], ids.ctypes.data)
+        else:
+            io.bind_ortvalue_input(n.logits, logits)
+            ids = ort.OrtValue.ortvalue_from_shape_and_type([b, 1], np.int64, self.device, 0)
+            io.bind_ortvalue_output(n.next_token, ids)  # before the first run: the capture records it
+        ro = None
+        if self._graph_ids is not None:
+            ro = ort.RunOptions()
+            ro.add_run_config_entry("gpu_graph_id", str(next(self._graph_ids)))  # first run captures, then replays
+        return io, ids, ro
+
+    def run(self, binding: tuple) -> np.ndarray:
+        """The ids [b] of one bound pick (valid until the binding's next run)."""
+        io, ids, ro = binding
+        self.session.run_with_iobinding(io, ro)
+        self.runs += 1
+        return (ids if isinstance(ids, np.ndarray) else ids.numpy())[:, 0]
 
 
 def right_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -55,17 +112,19 @@ class Decoder:
         prefault: write the CPU cache once now (a long-lived scheduler: its first prompts then pay no page faults).
         session_graphs: the session was created with enable_cuda_graph, where a run that names no graph is
             captured as graph 0: then every run this Decoder does not capture says gpu_graph_id -1.
+        pick: greedy's pick on the device for `decode_greedy` (None: numpy's argmax of the logits).
     """
 
     def __init__(self, spec: ModelSpec, session, slots: int, capacity: int, device: str = "cpu",
-                 graph_id: Callable[[], int] | None = None, prefault: bool = False, session_graphs: bool = False):
+                 graph_id: Callable[[], int] | None = None, prefault: bool = False, session_graphs: bool = False,
+                 pick: Pick | None = None):
         import onnxruntime as ort
 
         if not spec.in_place_kv:
             raise Gpt2OnnxError("this artifact's graph concatenates its KV cache (exported with --no-fuse); the runtime "
                                 "decodes fused graphs only, re-export without --no-fuse")
         self.ort, self.spec, self.session = ort, spec, session
-        self.slots, self.capacity, self.device, self.graph_id = slots, capacity, device, graph_id
+        self.slots, self.capacity, self.device, self.graph_id, self.pick = slots, capacity, device, graph_id, pick
         self.kv_names = spec.kv_names
         self.row_bytes = spec.n_head * capacity * spec.head_dim * spec.kv_dtype.itemsize
         self._kv = self._alloc_kv(prefault)  # [slots, heads, capacity, head_dim] per layer and tensor
@@ -84,6 +143,7 @@ class Decoder:
         # (set, first row, rows, width) -> the binding of a fixed-shape pass, made once: decode steps
         # (first 0, width 1) and fixed-width prompt chunks (one row, `chunk`)
         self._steps: dict[tuple[int, int, int, int], tuple] = {}
+        self._picks: dict[tuple[int, int, int, int], tuple] = {}  # the same keys -> the binding of their Pick
         self._prompt_ro = None  # prompt passes have their own shapes: never captured
         if graph_id is not None or session_graphs:
             self._prompt_ro = ort.RunOptions()
@@ -111,6 +171,7 @@ class Decoder:
         """Release the cache and the bindings (a closed scheduler keeps nothing)."""
         self._kv = self._spare = None
         self._steps.clear()
+        self._picks.clear()
 
     # ---- rows --------------------------------------------------------------------------------
 
@@ -192,6 +253,19 @@ class Decoder:
         """One step over rows 0 .. n-1: row r feeds tokens[r] (int64 [n]) at its next position; a row
         where `live` (bool [n]) is False runs as a harmless idle row (its write lands past its tokens
         and is not kept). Returns logits [n, vocab]."""
+        self._step(tokens, live, pick=False)
+        return self.logits[: len(tokens), 0]
+
+    def decode_greedy(self, tokens: np.ndarray, live: np.ndarray | None = None) -> np.ndarray:
+        """`decode` for rows that all take the argmax of their raw logits: returns each row's next token,
+        int64 [n]. With a Pick and a step of PICK_FROM rows or more the argmax runs where the logits lie
+        and only the ids reach the host; else it is numpy's over the logits `decode` returns."""
+        n = len(tokens)
+        if self.pick is None or self.batch_for(n) < PICK_FROM:
+            return self.decode(tokens, live).argmax(-1)
+        return self._step(tokens, live, pick=True)[:n]
+
+    def _step(self, tokens: np.ndarray, live: np.ndarray | None, pick: bool) -> np.ndarray | None:
         n = len(tokens)
         b = self.batch_for(n)
         self.ids[:n, 0] = tokens
@@ -201,12 +275,12 @@ class Decoder:
         self.pos[:b, 0] = cols
         self.mask[self._rows[:b], cols] = 1
         np.add(cols, 1, out=self.mhi[:b])
-        self._run(0, b, 1)
+        picked = self._run(0, b, 1, pick)
         if live is None:
             self.held[:n] += 1
         else:
             self.held[:n] += live
-        return self.logits[:n, 0]
+        return picked
 
     def fits(self, r: int, width: int) -> bool:
         """Whether a `chunk` of `width` columns fits after the tokens row r holds."""
@@ -238,15 +312,22 @@ class Decoder:
         self._set_row(r, h + c)  # the padding's columns are not kept
         return self.logits[r, 0]
 
-    def _run(self, first: int, b: int, width: int) -> None:
+    def _run(self, first: int, b: int, width: int, pick: bool = False) -> np.ndarray | None:
         """Run the fixed-shape pass over rows first .. first + b - 1 on its binding; its logits land in
-        self.logits[first: first + b] (CUDA: the device inputs refreshed first, the logits copied back)."""
+        self.logits[first: first + b] (CUDA: the device inputs refreshed first, the logits copied back),
+        or with `pick` stay where they are and the rows' argmax ids [b] are returned."""
         io, copies, device_logits, ro = self._binding(first, b, width)
         for host, ov in copies:  # CUDA: refresh the fixed-address device copies
             ov.update_inplace(host)
         self.session.run_with_iobinding(io, ro)
+        if pick:
+            key = (self._set, first, b, width)
+            if key not in self._picks:
+                self._picks[key] = self.pick.bind(self.logits[first:] if device_logits is None else device_logits, b)
+            return self.pick.run(self._picks[key])
         if device_logits is not None:
             self.logits[first: first + b] = device_logits.numpy()
+        return None
 
     def _inputs_of(self, width: int) -> tuple[np.ndarray, np.ndarray]:
         if width not in self._inputs:

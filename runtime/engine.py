@@ -23,12 +23,20 @@ import numpy as np
 
 from .artifact import Manifest, load_manifest
 from .beam import Beams
-from .decoder import Decoder
+from .decoder import Decoder, Pick
 from .errors import Gpt2OnnxError
 from .prompt_cache import PromptCache
 from .request import Request, Stats
 from .sampling import GenerationConfig
-from .session import PROVIDERS, SessionConfig, build_session, check_io, check_precision, select_provider
+from .session import (
+    PROVIDERS,
+    SessionConfig,
+    build_pick_session,
+    build_session,
+    check_io,
+    check_precision,
+    select_provider,
+)
 from .spec import ModelSpec
 
 
@@ -36,7 +44,8 @@ class Engine:
     """A loaded artifact: session, tokenizer, manifest and the model spec read from it. Immutable after
     load but for the decoders it keeps for captured CUDA graphs (one per batch bucket, reused)."""
 
-    def __init__(self, manifest: Manifest, session, tokenizer, provider: str, session_config: SessionConfig):
+    def __init__(self, manifest: Manifest, session, tokenizer, provider: str, session_config: SessionConfig,
+                 pick_session=None):
         self.manifest = manifest
         self.spec = ModelSpec.from_manifest(manifest)
         self.session = session
@@ -45,6 +54,8 @@ class Engine:
         self.session_config = session_config
         self.device = "cuda" if provider == PROVIDERS["cuda"] else "cpu"
         self.cuda_graph = bool(session_config.cuda_graph)
+        # greedy's pick where the logits lie, shared by this engine's decoders (None: numpy's argmax)
+        self.pick = Pick(pick_session, self.spec, self.device, self.cuda_graph) if pick_session is not None else None
         # captured graphs are identified per session: every Decoder over this session draws its ids here
         self._graph_ids = itertools.count(1)
         # CUDA graphs replay fixed addresses: generations reuse one Decoder per batch bucket, one at a time
@@ -61,7 +72,7 @@ class Engine:
 
     @classmethod
     def load(cls, path: str, provider: str = "auto", threads: int | None = None, verify: str = "sha256",
-             cuda_graph: bool | None = None, huge_pages: bool | None = None) -> Engine:
+             cuda_graph: bool | None = None, huge_pages: bool | None = None, device_pick: bool | None = None) -> Engine:
         """Validate the artifact at `path` and build its session.
 
         `cuda_graph` (CUDA only, default on) replays the decode step from a captured CUDA graph: the
@@ -69,32 +80,43 @@ class Engine:
         position table, so a later generation of that bucket replays the same graph.
         `huge_pages` (Linux, cpu provider, default on) moves the weights onnxruntime copies at load
         into 2 MB pages, which batch-1 decode streams faster (runtime/session.py, `_huge_pages`).
+        `device_pick` (default on with CUDA where the artifact has pick.onnx) takes greedy's argmax on
+        the device in steps of 4 rows or more, so a step copies ids to the host, not logits (decoder.py, Pick).
 
         Raises:
             Gpt2OnnxError: damaged, mismatched or unfused artifact, unknown or unavailable provider, bad options.
         """
         from tokenizers import Tokenizer
 
-        sc = SessionConfig(provider=provider, threads=threads, verify=verify, cuda_graph=cuda_graph, huge_pages=huge_pages)
+        sc = SessionConfig(provider=provider, threads=threads, verify=verify, cuda_graph=cuda_graph, huge_pages=huge_pages,
+                           device_pick=device_pick)
         sc.validate()
         ep = select_provider(provider)  # before the slow checks: a wrong flag fails fast
         sc.cuda_graph = ep == PROVIDERS["cuda"] and cuda_graph is not False
         manifest = load_manifest(path, verify=verify)
         check_precision(manifest.precision, ep)
-        if not ModelSpec.from_manifest(manifest).in_place_kv:
+        spec = ModelSpec.from_manifest(manifest)
+        if not spec.in_place_kv:
             raise Gpt2OnnxError(f"{path} was exported with --no-fuse (a graph that concatenates its KV cache, kept for "
                                 "other ONNX runtimes); this runtime decodes fused graphs only, re-export without --no-fuse")
+        if device_pick and not spec.has_pick:
+            raise Gpt2OnnxError(f"{path} has no pick graph (pick.onnx, written by exports since 2026-12-06), so greedy's "
+                                "pick cannot run on the device; re-export it, or leave device_pick unset")
+        sc.device_pick = spec.has_pick and (bool(device_pick) if device_pick is not None else ep == PROVIDERS["cuda"])
         try:
             # the tokenizer first: its JSON parse leaves ~25 MB of freed heap that the session's
             # allocations then reuse; the other order adds that to the process's peak (measured
             # DialoGPT-small int4: peak 209 vs 232 MB)
             tokenizer = Tokenizer.from_file(manifest.file("tokenizer.json"))
             session = build_session(manifest, ep, sc)
+            pick_session = build_pick_session(manifest, ep, sc) if sc.device_pick else None
+        except Gpt2OnnxError:
+            raise
         except Exception as e:  # onnxruntime and tokenizers raise their own types for bad files
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise Gpt2OnnxError(f"cannot load the artifact at {path}: {first[:300]}; re-export it") from None
         check_io(manifest, session)
-        return cls(manifest, session, tokenizer, ep, sc)
+        return cls(manifest, session, tokenizer, ep, sc, pick_session)
 
     def decoder(self, slots: int, capacity: int, prefault: bool = False, captured: bool = True) -> Decoder:
         """A new decode core of `slots` rows x `capacity` positions over this engine's session, its
@@ -102,7 +124,7 @@ class Engine:
         whose rows move between steps, runs uncaptured)."""
         graph_id = (lambda: next(self._graph_ids)) if self.cuda_graph and captured else None
         return Decoder(self.spec, self.session, slots, capacity, self.device, graph_id=graph_id, prefault=prefault,
-                       session_graphs=self.cuda_graph)
+                       session_graphs=self.cuda_graph, pick=self.pick)
 
     @property
     def stats(self) -> Stats:
@@ -251,11 +273,14 @@ class Engine:
                     cache.ids = (reqs[0].ids + reqs[0].tokens)[: int(dec.held[0])]
 
     def _decode(self, dec: Decoder, reqs: list[Request], logits: np.ndarray, stats: Stats) -> Iterator[list]:
-        """Sample, yield, feed back, step: until every request is done (or at their longest reply)."""
+        """Sample, yield, feed back, step: until every request is done (or at their longest reply).
+        When every request picks greedily and the decoder has a device pick, steps return ids [n]
+        instead of logits [n, vocab] (the first token still comes from the prompt pass's logits)."""
         live = list(range(len(reqs)))  # the request each decoder row holds
         tokens = np.full(len(reqs), self.pad_token_id, np.int64)
+        pick = dec.pick is not None and all(r.greedy for r in reqs)
         for step in range(max(r.cfg.max_new_tokens for r in reqs)):
-            events = [reqs[r].choose(logits[i]) for i, r in enumerate(live) if not reqs[r].done]
+            events = [reqs[r].take(logits[i]) for i, r in enumerate(live) if not reqs[r].done]
             stats.new_tokens = step + 1
             if step == 0:
                 stats.ttft_s = time.perf_counter() - min(r.stats.submitted_s for r in reqs)
@@ -271,7 +296,7 @@ class Engine:
             tokens[:] = [reqs[r].tokens[-1] for r in live]
             tokens[done] = self.pad_token_id
             t = time.perf_counter()
-            logits = dec.decode(tokens, ~done)
+            logits = dec.decode_greedy(tokens, ~done) if pick else dec.decode(tokens, ~done)
             dt = time.perf_counter() - t
             stats.step_s.append(dt)
             stats.decode_s += dt

@@ -144,6 +144,16 @@ class Request:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def greedy(self) -> bool:
+        """The next token is the argmax of the raw logits (no sampling, penalty, ban or bias) and no
+        log-probabilities are asked for: a device pick's id serves it (decoder.py, Pick)."""
+        return self.sampler.greedy and self.cfg.logprobs is None
+
+    def take(self, out: np.ndarray) -> Token:
+        """`choose` from logits [vocab], or accept a token already picked (a 0-d id from a device pick)."""
+        return self.accept(int(out)) if out.ndim == 0 else self.choose(out)
+
     def choose(self, logits: np.ndarray) -> Token:
         """Sample the next token from logits [vocab], record it and decide whether the request ends."""
         t = self.sampler(self.constrain(logits), self.seen, self.counts)

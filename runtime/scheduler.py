@@ -16,7 +16,8 @@ prompt pass when padding them to the longest costs little. With `prompt_width` W
 work of (2) while rows decode runs in chunks of exactly W columns, one row per pass, right-padded
 (Decoder.chunk): fixed shapes, which CUDA graphs capture once per slot and replay, so a decoding row
 waits a replay rather than a launch-bound prompt pass of a new shape. The slots are rows of the same decode
-core `Engine.generate` uses (decoder.py), each with its own length and positions.
+core `Engine.generate` uses (decoder.py), each with its own length and positions. A step whose rows
+all pick greedily takes their ids from the engine's device pick where it has one (CUDA), not the logits.
 Each request samples with its own options and generator, so its tokens do not depend on its
 batch-mates: exactly so in fp32, int4 and int8 exported with `--int8-method nbits` (activations
 quantized per row); the default int8 (DynamicQuantizeMatMul) shares one activation scale per
@@ -233,13 +234,16 @@ class Scheduler:
             tokens[s.index], live[s.index] = s.req.tokens[-1], True
             s.tokens.append(s.req.tokens[-1])
         t = time.perf_counter()
-        logits = self.kv.decode(tokens, live)  # [n, vocab]
+        if self.kv.pick is not None and all(s.req.greedy for s in rows):  # ids [n], picked where the logits lie
+            out = self.kv.decode_greedy(tokens, live)
+        else:
+            out = self.kv.decode(tokens, live)  # logits [n, vocab]
         dt = time.perf_counter() - t
         self.counters["steps"] += 1
         for s in rows:
             s.req.stats.step_s.append(dt)
             s.req.stats.decode_s += dt
-            self._emit(s, s.req.choose(logits[s.index]))
+            self._emit(s, s.req.take(out[s.index]))
 
     def _prefill(self) -> None:
         """Run prompt tokens of admitted requests in admission order: all of them while nothing

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .artifact import Manifest
 from .errors import Gpt2OnnxError
+from .spec import PICK_FILE
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MAX_THREADS = 1024
@@ -42,6 +43,11 @@ class SessionConfig:
     # decode streams every weight once a token, and 4 KB pages cost a TLB miss each 4 KB of that stream
     # (Linux and the cpu provider only; None = on there; costs 0.1-1 s of load at fp32, see _huge_pages)
     huge_pages: bool | None = None
+    # greedy's pick on the device: the artifact's pick.onnx as a second session, run after decode steps
+    # of 4 rows or more whose rows all pick greedily, so a step copies ids, not logits, to the host
+    # (None = on with the cuda provider where the artifact carries pick.onnx; True also on the CPU,
+    # where the logits already lie on the host and it only adds a run: for tests)
+    device_pick: bool | None = None
 
     def validate(self) -> None:
         if self.provider not in ("auto", *PROVIDERS):
@@ -49,7 +55,7 @@ class SessionConfig:
         t = self.threads
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= MAX_THREADS):
             raise Gpt2OnnxError(f"threads must be an integer from 1 to {MAX_THREADS} (or unset for one per core), got {t!r}")
-        for name in ("cuda_graph", "huge_pages"):
+        for name in ("cuda_graph", "huge_pages", "device_pick"):
             if getattr(self, name) not in (None, True, False):
                 raise Gpt2OnnxError(f"{name} must be true, false or unset, got {getattr(self, name)!r}")
 
@@ -121,6 +127,25 @@ def build_session(manifest: Manifest, ep: str, sc: SessionConfig, profile_prefix
         warnings.warn(f"CUDA graph capture unavailable for this artifact ({str(e).splitlines()[0][:200]}); "
                       "decoding without it", UserWarning, stacklevel=4)
         return ort.InferenceSession(path, so, providers=[(ep, cuda_options(False))])
+
+
+def build_pick_session(manifest: Manifest, ep: str, sc: SessionConfig):
+    """The session of the artifact's pick graph (ArgMax over a step's logits), on the decoder's provider;
+    on CUDA with a CUDA graph where the decoder's session has one (captured once per batch bucket)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1  # one ArgMax per step: on the CPU a second thread pool would only contend
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    path = manifest.file(PICK_FILE)
+    providers = [ep] if ep == PROVIDERS["cpu"] else [(ep, cuda_options(bool(sc.cuda_graph)))]
+    session = ort.InferenceSession(path, so, providers=providers)
+    pick = manifest.raw["io"]["pick"]
+    if [i.name for i in session.get_inputs()] != [pick["input"]] or [o.name for o in session.get_outputs()] != [pick["output"]]:
+        raise Gpt2OnnxError(f"{PICK_FILE} in {manifest.path} does not match its manifest (input {pick['input']!r}, output "
+                            f"{pick['output']!r}); the artifact is mixed up, re-export it")
+    return session
 
 
 _HUGE = 2 << 20  # the x86-64 and arm64 (4 KB base page) transparent huge page

@@ -14,6 +14,8 @@ import numpy as np
 
 from .errors import Gpt2OnnxError
 
+PICK_FILE = "pick.onnx"  # greedy's pick as a graph of its own (export/graph.py, build_pick)
+
 
 @dataclass(frozen=True)
 class IONames:
@@ -28,6 +30,8 @@ class IONames:
     past_value: str = "past_key_values.{i}.value"
     present_key: str = "present.{i}.key"  # [batch, heads, past + seq, head_dim] (the same buffer as past when bound in place)
     present_value: str = "present.{i}.value"
+    # the pick graph (pick.onnx): greedy's next token where the logits lie, its input named as `logits`
+    next_token: str = "next_token"  # int64 [batch, kept]: argmax over each row's logits
 
     def kv(self, n_layer: int) -> list[tuple[str, str]]:
         """(past input, present output) per layer and tensor: key then value of layer 0, then layer 1 ..."""
@@ -38,6 +42,7 @@ class IONames:
         """The `io` entries export writes (KV templates under `kv`, the rest at the top level)."""
         return {"names": {k: getattr(self, k) for k in ("input_ids", "attention_mask", "position_ids", "logits")},
                 "logits_to_keep": self.logits_to_keep,
+                "pick": {"file": PICK_FILE, "input": self.logits, "output": self.next_token},
                 "kv": {k: getattr(self, k) for k in ("past_key", "past_value", "present_key", "present_value")}}
 
     @classmethod
@@ -46,6 +51,8 @@ class IONames:
                                              if k in io.get("kv", {})}}
         if "logits_to_keep" in io:
             names["logits_to_keep"] = io["logits_to_keep"]
+        if "pick" in io:
+            names["next_token"] = io["pick"]["output"]
         return cls(**{k: v for k, v in names.items() if k in cls.__dataclass_fields__})
 
 
@@ -63,6 +70,7 @@ class ModelSpec:
     kv_dtype: np.dtype  # the KV cache's element type (float32 | float16 | int8)
     in_place_kv: bool  # past and present may be bound to one [slots, heads, capacity, head_dim] buffer
     names: IONames
+    has_pick: bool = False  # the artifact carries pick.onnx (exports since 2026-12-06; older ones pick on the host)
 
     @property
     def kv_names(self) -> list[tuple[str, str]]:
@@ -75,6 +83,7 @@ class ModelSpec:
             return cls(n_layer=c["n_layer"], n_head=c["n_head"], head_dim=c["n_embd"] // c["n_head"],
                        vocab_size=c["vocab_size"], n_positions=c["n_positions"], eos_token_id=c["eos_token_id"],
                        pad_token_id=c["pad_token_id"], kv_dtype=np.dtype(io["kv"]["dtype"]),
-                       in_place_kv=bool(io["kv"]["shared_buffer"]), names=IONames.from_manifest(io))
+                       in_place_kv=bool(io["kv"]["shared_buffer"]), names=IONames.from_manifest(io),
+                       has_pick=io.get("pick", {}).get("file") == PICK_FILE and PICK_FILE in manifest.raw["files"])
         except (KeyError, TypeError) as e:
             raise Gpt2OnnxError(f"the manifest of {manifest.path} lacks io entry {e}; the artifact is damaged, re-export it") from None

@@ -73,15 +73,17 @@ def extended_vs_fresh(engine, steps: int = 3) -> float:
     return diff
 
 
-def captured(path: str):
+def captured(path: str, device_pick: bool | None = None):
     """An engine on the CPU whose decode core takes the CUDA-graph code path (fixed-address buffers per
-    batch bucket, session-wide graph ids in the run options, which the CPU provider ignores)."""
+    batch bucket, session-wide graph ids in the run options, which the CPU provider ignores); with
+    `device_pick`, greedy's pick runs as its own session as on CUDA (its graph ids as well)."""
     import dataclasses
 
     from gpt2onnx.runtime import Engine
 
-    e = Engine.load(path, provider="cpu")
-    return Engine(e.manifest, e.session, e.tokenizer, e.provider, dataclasses.replace(e.session_config, cuda_graph=True))
+    e = Engine.load(path, provider="cpu", device_pick=device_pick)
+    return Engine(e.manifest, e.session, e.tokenizer, e.provider, dataclasses.replace(e.session_config, cuda_graph=True),
+                  e.pick.session if e.pick else None)
 
 
 def run_cli(*args: str, input: str | bytes | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -195,7 +195,7 @@ def test_export_lists_its_external_data_page_aligned(tmp_path, engine):
     from gpt2onnx.runtime import Engine
 
     out = convert.export(convert.ExportOptions("synthetic:tiny", str(tmp_path / "big")), log=QUIET)
-    assert set(load_manifest(out).raw["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
+    assert set(load_manifest(out).raw["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json", "pick.onnx"}
     m = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
     ext = [{e.key: e.value for e in t.external_data} for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert len(ext) >= 4 * 2 + 2  # every layer's matrices and the embeddings, at least
@@ -280,3 +280,24 @@ def test_cli_refuses_a_symlink_outside_in_one_line(art):
     os.symlink(outside, art / "tokenizer.json")
     for args in (["info", str(art)], ["generate", str(art), "hello", "--provider", "cpu"]):
         assert_one_line_error(run_cli(*args), "outside the artifact directory")
+
+
+def test_the_pick_graph_is_checked_like_every_file(art):
+    """pick.onnx is listed and hashed (a changed byte is refused on load, as for model.onnx), and a pick
+    graph whose input or output is not the manifest's is refused when the engine opens it."""
+    import onnx
+
+    from gpt2onnx.runtime import Engine
+
+    good = (art / "pick.onnx").read_bytes()
+    data = bytearray(good)
+    data[-1] ^= 0x01
+    (art / "pick.onnx").write_bytes(bytes(data))
+    refused(art, "pick.onnx", "sha256")
+    model = onnx.load_from_string(good)
+    model.graph.output[0].name = model.graph.node[0].output[0] = "ids"
+    (art / "pick.onnx").write_bytes(model.SerializeToString())
+    list_file(art, "pick.onnx")
+    Engine.load(str(art), provider="cpu")  # the cpu provider does not open it unless asked
+    with pytest.raises(Gpt2OnnxError, match="pick.onnx in .* does not match its manifest .*re-export it"):
+        Engine.load(str(art), provider="cpu", device_pick=True)

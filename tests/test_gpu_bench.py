@@ -172,9 +172,10 @@ def test_capture_check_on_the_cpu_provider(tmp_path, tiny_artifact):
 
 
 def test_step_breakdown_on_the_cpu_provider(tmp_path, tiny_artifact):
-    """gpu_step takes a step apart and runs greedy's pick in the graph; on the cpu provider nothing is
-    captured and no device copy happens, but every part is timed and both pick variants give the host's
-    argmax at every step (a variant graph built wrong would raise or pick other ids)."""
+    """gpu_step takes a step apart and runs greedy's pick on the device (the artifact's pick.onnx) at
+    every batch; on the cpu provider nothing is captured and no device copy happens, but every part is
+    timed and the pick's ids equal the host's argmax of the same step at every step (a pick wired to
+    the wrong rows or buffer would pick other ids)."""
     out = tmp_path / "step"
     r = subprocess.run([sys.executable, "-m", "gpt2onnx.benchmarks.gpu_step", tiny_artifact, "--out", str(out), "--provider",
                         "cpu", "--batch", "1,3", "--steps", "5"], capture_output=True, text=True, timeout=300)
@@ -185,13 +186,13 @@ def test_step_breakdown_on_the_cpu_provider(tmp_path, tiny_artifact):
     for p in res["parts"]:
         assert p["step_ms"] > 0 and p["run_ms"] > 0 and p["argmax_ms"] > 0
         assert p["inputs_ms"] == 0 and p["logits_ms"] == 0  # the CPU binding points at the host arrays: nothing copied
-    assert [(v["op"], v["batch"]) for v in res["variants"]] == [("ArgMax", 1), ("ArgMax", 3), ("TopK", 1), ("TopK", 3)]
-    for v in res["variants"]:
-        assert "error" not in v, v
-        assert v["ids_equal_host_argmax"] == "8/8 steps" and v["captured"] is False and v["run_ms"] > 0
+    assert res["pick"] is True and res["pick_from"] == 4
+    for p in res["parts"]:
+        assert p["pick_equal"] == "8/8 steps" and p["device_ms"] > 0 and p["pick_ms"] > 0
     assert all(p["prompt_ms"] > 0 and p["chunk_ms"] > 0 for p in res["parts"])
     md = (out / "step.md").read_text()
-    assert "| 3 | 3 | 5 |" in md and "| TopK | 3 | yes |" in md
+    assert "| 3 | 3 | 5 |" in md and "the runtime takes it from 4 rows up" in md
+    assert sum(1 for line in md.splitlines() if line.endswith("| 8/8 steps |")) == 2
 
 
 def test_step_breakdown_refuses_bad_batches(tmp_path, tiny_artifact):
@@ -286,7 +287,7 @@ def test_gpu_script_invocations_parse(tmp_path):
     check = gpu_check.parser().parse_args(modules[2][1:])
     assert check.out == str(out) and check.provider == "cuda" and check.artifact == "artifacts/dialogpt-medium-fp16-cuda"
     step = gpu_step.parser().parse_args(modules[3][1:])
-    assert step.out == str(out) and step.provider == "cuda" and step.artifact == check.artifact and step.batch == "1,64"
+    assert step.out == str(out) and step.provider == "cuda" and step.artifact == check.artifact and step.batch == "1,4,16,64"
     cli = modules[4][1:]
     assert cli[0] == "bench"
     import argparse

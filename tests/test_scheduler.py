@@ -210,6 +210,24 @@ def test_graph_mode_buckets_on_cpu(tiny_artifact):
         assert s.kv is not e._graph_decoders.get(6)  # the scheduler's own buffers, own graph ids
 
 
+def test_device_pick_in_the_scheduler(tiny_artifact):
+    """Steps whose rows all pick greedily take the pick's ids (the CUDA path, on the CPU, graph mode);
+    a step with a row that samples or wants log-probabilities takes the logits. Every request gets its
+    tokens alone either way."""
+    e = captured(tiny_artifact, device_pick=True)
+    work = workload(10, seed=7)
+    expected = [alone(e, p, max_new_tokens=n, eos_token_id=-1) for p, n in work]
+    runs = e.pick.runs
+    with Scheduler(e, SchedulerConfig(max_batch=8, prefill_chunk=16)) as s:
+        assert [h.result(timeout=120).tokens for h in [s.submit(p, max_new_tokens=n, eos_token_id=-1) for p, n in work]] == expected
+        assert e.pick.runs > runs
+        runs = e.pick.runs
+        mixed = [s.submit(p, max_new_tokens=6, eos_token_id=-1, **({"logprobs": 1} if i == 0 else {})) for i, (p, _) in enumerate(work[:5])]
+        got = [h.result(timeout=120) for h in mixed]
+    assert [r.tokens for r in got] == [alone(e, p, max_new_tokens=6, eos_token_id=-1) for p, _ in work[:5]]
+    assert got[0].logprobs is not None
+
+
 @pytest.mark.parametrize("max_batch, width, chunk", [(4, 1, 64), (6, 8, 8), (8, 48, 64)])
 def test_fixed_width_prompt_chunks_change_no_token(engine, monkeypatch, max_batch, width, chunk):
     """prompt_width: while rows decode, prompts go in right-padded chunks of exactly `width` columns

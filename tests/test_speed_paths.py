@@ -177,3 +177,77 @@ def test_prompt_cache_in_graph_mode(tiny_artifact):
     history += [3, 4]
     assert graph.generate([history], cache=cache, max_new_tokens=5) == plain.generate([history], max_new_tokens=5)
     assert graph.stats.cached_tokens == 0
+
+
+def test_the_pick_graph_ships_and_would_run_on_cuda_without_copies(tiny_artifact):
+    """Fused exports carry pick.onnx, listed and hashed like every file the runtime opens; onnxruntime's
+    CUDA placement (as export/placement.py models it) keeps it on the device with no copy, so its run
+    is captured beside the step's; the cpu provider leaves it off unless asked."""
+    import onnx
+
+    from gpt2onnx.export.placement import predict
+    from gpt2onnx.runtime.artifact import load_manifest
+
+    m = load_manifest(tiny_artifact)
+    assert "pick.onnx" in m.raw["files"] and m.raw["io"]["pick"] == {"file": "pick.onnx", "input": "logits", "output": "next_token"}
+    p = predict(onnx.load(m.file("pick.onnx")))
+    assert p.capturable and not p.copies and not p.on_cpu
+    assert Engine.load(tiny_artifact, provider="cpu").pick is None
+    e = Engine.load(tiny_artifact, provider="cpu", device_pick=True)
+    assert e.pick is not None and e.session_config.device_pick is True
+
+
+@pytest.mark.parametrize("graph_mode", [False, True])
+def test_device_pick_changes_no_token(tiny_artifact, graph_mode):
+    """Greedy rows take the pick's ids instead of the logits from steps of 4 rows up (the CUDA path, run
+    here on the CPU); every token equals numpy's argmax path; fewer rows, sampled rows and rows that
+    ask for log-probabilities keep the logits."""
+    from gpt2onnx.runtime.decoder import PICK_FROM
+
+    plain = Engine.load(tiny_artifact, provider="cpu")
+    e = captured(tiny_artifact, device_pick=True) if graph_mode else Engine.load(tiny_artifact, provider="cpu", device_pick=True)
+    prompts = PROMPTS + [p[1:] for p in PROMPTS]  # 6 rows: the 8-row bucket in graph mode
+    assert len(prompts) >= PICK_FROM
+    assert e.generate(prompts, max_new_tokens=7, eos_token_id=-1) == plain.generate(prompts, max_new_tokens=7, eos_token_id=-1)
+    ran = e.pick.runs
+    assert ran == 6  # every step after the prompt pass's token
+    assert e.generate(prompts[:2], max_new_tokens=5) == plain.generate(prompts[:2], max_new_tokens=5)
+    sampled = dict(do_sample=True, top_k=5, seed=3, max_new_tokens=5)
+    assert e.generate(prompts, **sampled) == plain.generate(prompts, **sampled)
+    assert e.generate(prompts, max_new_tokens=5, logprobs=2) == plain.generate(prompts, max_new_tokens=5, logprobs=2)
+    assert e.pick.runs == ran  # 2 rows, sampling, log-probabilities: the logits path
+
+
+def test_decode_greedy_is_the_argmax_of_decode(tiny_artifact):
+    """decode_greedy's ids are row for row the argmax of the logits the same step gives, on a decoder
+    whose rows hold different lengths and one idle row."""
+    e = Engine.load(tiny_artifact, provider="cpu", device_pick=True)
+    rows = PROMPTS + [PROMPTS[1][::-1], [9]]
+    a, b = e.decoder(len(rows), 40), e.decoder(len(rows), 40)
+    a.prefill(0, rows[:1]), b.prefill(0, rows[:1])
+    a.prefill(1, rows[1:]), b.prefill(1, rows[1:])
+    tokens, live = np.arange(3, 3 + len(rows), dtype=np.int64), np.array([True, True, False, True, True])
+    for _ in range(4):
+        ids = a.decode_greedy(tokens, live).copy()
+        want = b.decode(tokens, live).argmax(-1)
+        assert np.array_equal(ids, want) and a.pick is not None
+        tokens = want
+    assert e.pick.runs == 4 and np.array_equal(a.held, b.held)
+
+
+def test_an_artifact_without_a_pick_graph_still_runs(tiny_artifact, tmp_path):
+    """Artifacts exported before pick.onnx existed load and pick on the host; asking for the device pick
+    there is a one-line error that says to re-export."""
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_artifact, old)
+    m = json.loads((old / "gpt2onnx.json").read_text())
+    del m["files"]["pick.onnx"], m["io"]["pick"]
+    (old / "gpt2onnx.json").write_text(json.dumps(m))
+    (old / "pick.onnx").unlink()
+    e = Engine.load(str(old), provider="cpu")
+    assert e.pick is None and e.generate(PROMPTS, max_new_tokens=3) == Engine.load(tiny_artifact, provider="cpu").generate(PROMPTS, max_new_tokens=3)
+    with pytest.raises(Gpt2OnnxError, match="has no pick graph .*re-export it"):
+        Engine.load(str(old), provider="cpu", device_pick=True)
