@@ -60,6 +60,17 @@ class Pick:
         self.ort, self.session, self.spec, self.device = ort, session, spec, device
         self._graph_ids = itertools.count(1) if captured else None  # ids are per session: the pick's own
         self.runs = 0
+        self.broken: str | None = None  # why the pick failed once (then every step picks on the host)
+
+    def fail(self, err: Exception) -> None:
+        """An optional speed-up that failed (e.g. a capture onnxruntime refuses on some GPU): say so once
+        and leave greedy to the host from now on, rather than failing the requests."""
+        import warnings
+
+        text = str(err).strip()
+        self.broken = f"{type(err).__name__}: {text.splitlines()[0][:200] if text else ''}"
+        warnings.warn(f"greedy's pick on the device failed ({self.broken}); picking on the host from now on",
+                      RuntimeWarning, stacklevel=2)
 
     def bind(self, logits, b: int) -> tuple:
         """The binding of a pick over b rows of `logits`: a host array [>= b, 1, vocab] (bound by
@@ -261,7 +272,7 @@ class Decoder:
         int64 [n]. With a Pick and a step of PICK_FROM rows or more the argmax runs where the logits lie
         and only the ids reach the host; else it is numpy's over the logits `decode` returns."""
         n = len(tokens)
-        if self.pick is None or self.batch_for(n) < PICK_FROM:
+        if self.pick is None or self.pick.broken or self.batch_for(n) < PICK_FROM:
             return self.decode(tokens, live).argmax(-1)
         return self._step(tokens, live, pick=True)[:n]
 
@@ -322,9 +333,15 @@ class Decoder:
         self.session.run_with_iobinding(io, ro)
         if pick:
             key = (self._set, first, b, width)
-            if key not in self._picks:
-                self._picks[key] = self.pick.bind(self.logits[first:] if device_logits is None else device_logits, b)
-            return self.pick.run(self._picks[key])
+            try:
+                if key not in self._picks:
+                    self._picks[key] = self.pick.bind(self.logits[first:] if device_logits is None else device_logits, b)
+                return self.pick.run(self._picks[key])
+            except Exception as e:  # onnxruntime raises its own types; the step itself ran: pick on the host
+                self.pick.fail(e)
+                if device_logits is not None:
+                    self.logits[first: first + b] = device_logits.numpy()
+                return self.logits[first: first + b, 0].argmax(-1)
         if device_logits is not None:
             self.logits[first: first + b] = device_logits.numpy()
         return None

@@ -251,3 +251,26 @@ def test_an_artifact_without_a_pick_graph_still_runs(tiny_artifact, tmp_path):
     assert e.pick is None and e.generate(PROMPTS, max_new_tokens=3) == Engine.load(tiny_artifact, provider="cpu").generate(PROMPTS, max_new_tokens=3)
     with pytest.raises(Gpt2OnnxError, match="has no pick graph .*re-export it"):
         Engine.load(str(old), provider="cpu", device_pick=True)
+
+
+def test_a_failing_device_pick_falls_back_to_the_host(tiny_artifact, monkeypatch):
+    """The pick is an optional speed-up: if onnxruntime refuses it (a capture some GPU cannot do), the
+    step that ran still gives the right ids from its logits, one warning says so, and later steps pick
+    on the host without trying again; the requests never see an error."""
+    from gpt2onnx.runtime.decoder import Pick
+
+    plain = Engine.load(tiny_artifact, provider="cpu")
+    e = Engine.load(tiny_artifact, provider="cpu", device_pick=True)
+    calls = []
+
+    def refuse(self, binding):
+        calls.append(1)
+        raise RuntimeError("CUDA failure 901: operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(Pick, "run", refuse)
+    prompts = PROMPTS + [p[1:] for p in PROMPTS]
+    with pytest.warns(RuntimeWarning, match=r"device failed \(RuntimeError: CUDA failure 901: operation not permitted when stream is "
+                                            r"capturing\); picking on the host from now on"):
+        got = e.generate(prompts, max_new_tokens=6, eos_token_id=-1)
+    assert got == plain.generate(prompts, max_new_tokens=6, eos_token_id=-1)
+    assert len(calls) == 1 and e.pick.broken.startswith("RuntimeError")
