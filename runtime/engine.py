@@ -279,8 +279,9 @@ class Engine:
         live = list(range(len(reqs)))  # the request each decoder row holds
         tokens = np.full(len(reqs), self.pad_token_id, np.int64)
         pick = dec.pick is not None and all(r.greedy for r in reqs)
+        out = logits  # a step's logits [n, vocab], or with the device pick its ids [n]
         for step in range(max(r.cfg.max_new_tokens for r in reqs)):
-            events = [reqs[r].take(logits[i]) for i, r in enumerate(live) if not reqs[r].done]
+            events = [reqs[r].take(out[i]) for i, r in enumerate(live) if not reqs[r].done]
             stats.new_tokens = step + 1
             if step == 0:
                 stats.ttft_s = time.perf_counter() - min(r.stats.submitted_s for r in reqs)
@@ -296,7 +297,7 @@ class Engine:
             tokens[:] = [reqs[r].tokens[-1] for r in live]
             tokens[done] = self.pad_token_id
             t = time.perf_counter()
-            logits = dec.decode_greedy(tokens, ~done) if pick else dec.decode(tokens, ~done)
+            out = dec.decode_greedy(tokens, ~done) if pick else dec.decode(tokens, ~done)
             dt = time.perf_counter() - t
             stats.step_s.append(dt)
             stats.decode_s += dt
