@@ -16,10 +16,16 @@
 #      (input copies, the replay, the logits copy, numpy's argmax, a 32-token prompt uncaptured and as a
 #      captured 64-column chunk) and greedy's pick on the device (the artifact's pick.onnx, its own
 #      captured session) against greedy on the host, ids equal to the host's argmax: sets PICK_FROM;
-#   4. attention-kernels.txt: the attention kernel onnxruntime picks for each GroupQueryAttention call
-#      of a short generation (ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1), prompt and decode.
+#   4. xqa/step.json, xqa/step.md: batch 1 and 16 again with ORT_ENABLE_XQA=1 (onnxruntime's decode kernel
+#      for GroupQueryAttention, off by default for float16 caches in some releases);
+#   5. attention-kernels.txt, attention-kernels-xqa.txt: the attention kernel onnxruntime picks for each
+#      GroupQueryAttention call of a short generation (ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1), without
+#      and with ORT_ENABLE_XQA=1.
 # Measured on an H200 (2026-12-04): 220 s in all; export 38 s, capture check 7 s, step breakdown 13 s, bench
-# 162 s (the first run, before the step breakdown was added: 194 s). Left out
+# 162 s (the first run, before the step breakdown was added: 194 s). Added since, not yet timed: the
+# chunked64 mode of the concurrent scenario (one more mode of 64 requests), steps at 4 and 16 rows with the
+# device pick (the two in-graph pick sessions they replace took longer to build), the XQA steps (a load of
+# the model and two batches) and two 4-token kernel listings: expected well under 5 minutes. Left out
 # for time: the chat scenario, the context curve, the fresh-process footprints (each would compile
 # pytorch-compile again) and beam search; 3 timed repeats and 1 concurrent repeat.
 #
@@ -50,12 +56,22 @@ stage "capture check done"
 rm -f "$out/step.json" "$out/step.md"
 timeout 150 "$py" -m gpt2onnx.benchmarks.gpu_step "$art" --out "$out" --provider cuda --batch 1,4,16,64 || stage "step breakdown FAILED (exit $?)"
 stage "step breakdown done"
+# the same steps with onnxruntime's XQA decode kernel asked for: its sources put XQA first for a GroupQueryAttention
+# decode step whatever sdpa_kernel says, but some releases leave it off for float16 caches (ORT_ENABLE_XQA=0);
+# sdpa_kernel=1's ~0.1 ms at batch 1 may be cuDNN's decode kernel lost to flash-decode, which XQA would win back
+ORT_ENABLE_XQA=1 timeout 90 "$py" -m gpt2onnx.benchmarks.gpu_step "$art" --out "$out/xqa" --provider cuda --batch 1,16 \
+  || stage "step breakdown with ORT_ENABLE_XQA=1 FAILED (exit $?)"
+stage "xqa step breakdown done"
 # which attention kernel runs where (sdpa_kernel=1 costs the captured step ~0.1 ms; onnxruntime's sources say
 # XQA serves decode either way, so which one ran decides where that time goes): counted per kernel line
 ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1 timeout 60 "$py" -c "from gpt2onnx.runtime import Engine
 e = Engine.load('$art', verify='size')
 e.generate([list(range(1, 33))], max_new_tokens=4)" 2>&1 | grep -i 'kernel' | sort | uniq -c > "$out/attention-kernels.txt" \
   || stage "attention kernel listing FAILED or empty"
+ORT_ENABLE_XQA=1 ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1 timeout 60 "$py" -c "from gpt2onnx.runtime import Engine
+e = Engine.load('$art', verify='size')
+e.generate([list(range(1, 33))], max_new_tokens=4)" 2>&1 | grep -i 'kernel' | sort | uniq -c > "$out/attention-kernels-xqa.txt" \
+  || stage "attention kernel listing with ORT_ENABLE_XQA=1 FAILED or empty"
 
 "$py" -m gpt2onnx.cli bench "$art" --bench-provider cuda --baselines pytorch,pytorch-compile \
   --batch 1,64 --prompt-len 32 --new-tokens 128 --repeats 3 --context "" --chat-turns 0 --beams 0 --no-footprint \

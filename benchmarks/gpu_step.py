@@ -41,6 +41,7 @@ variant leaves the sections before it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -149,7 +150,8 @@ def measure(artifact: str, provider: str, batches: list[int], steps: int = STEPS
     r = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "artifact": artifact,
          "checkpoint": m.get("source", {}).get("checkpoint"), "precision": m.get("precision"), "provider": e.provider,
          "onnxruntime": ort.__version__, "session_cuda_graph": bool(e.cuda_graph), "prompt": PROMPT,
-         "pick": has_pick, "pick_from": PICK_FROM, "parts": []}
+         "pick": has_pick, "pick_from": PICK_FROM, "parts": [],
+         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ORT_")}}  # onnxruntime's kernel switches
     for b in batches:
         log(f"step parts at batch {b}")
         try:
@@ -162,7 +164,8 @@ def measure(artifact: str, provider: str, batches: list[int], steps: int = STEPS
 
 def render(r: dict) -> list[str]:
     L = [f"{r['created']} · {r['checkpoint']} {r['precision']} · provider {r['provider']} · onnxruntime {r['onnxruntime']} · "
-         f"session with enable_cuda_graph: {'yes' if r['session_cuda_graph'] else 'no'}", "",
+         f"session with enable_cuda_graph: {'yes' if r['session_cuda_graph'] else 'no'}"
+         + "".join(f" · {k}={v}" for k, v in r.get("env", {}).items()), "",
          f"Each part timed alone, medians over the steps shown, after {WARMUP} warm-up repetitions; rows prefilled with "
          f"{r['prompt']}-token prompts. host = step - run - inputs - logits: the Decoder's own numpy work.", "",
          f"prompt = a {r['prompt']}-token prompt pass on one row (uncaptured); chunk = the same tokens as one "

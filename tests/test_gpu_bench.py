@@ -283,12 +283,14 @@ def test_gpu_script_invocations_parse(tmp_path):
     invocations = [c.strip("\n").split("\n") for c in calls.read_text().split("@@\n")[:-1]]
     modules = [c[1:] for c in invocations if c[0] == "-m"]
     assert [m[0] for m in modules] == ["pip", "gpt2onnx.cli", "gpt2onnx.benchmarks.gpu_check", "gpt2onnx.benchmarks.gpu_step",
-                                       "gpt2onnx.cli"]
+                                       "gpt2onnx.benchmarks.gpu_step", "gpt2onnx.cli"]
     check = gpu_check.parser().parse_args(modules[2][1:])
     assert check.out == str(out) and check.provider == "cuda" and check.artifact == "artifacts/dialogpt-medium-fp16-cuda"
     step = gpu_step.parser().parse_args(modules[3][1:])
     assert step.out == str(out) and step.provider == "cuda" and step.artifact == check.artifact and step.batch == "1,4,16,64"
-    cli = modules[4][1:]
+    xqa = gpu_step.parser().parse_args(modules[4][1:])  # the same steps with ORT_ENABLE_XQA=1, into their own folder
+    assert xqa.out == str(out / "xqa") and xqa.batch == "1,16" and xqa.artifact == check.artifact
+    cli = modules[5][1:]
     assert cli[0] == "bench"
     import argparse
 
