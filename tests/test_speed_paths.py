@@ -274,3 +274,10 @@ def test_a_failing_device_pick_falls_back_to_the_host(tiny_artifact, monkeypatch
         got = e.generate(prompts, max_new_tokens=6, eos_token_id=-1)
     assert got == plain.generate(prompts, max_new_tokens=6, eos_token_id=-1)
     assert len(calls) == 1 and e.pick.broken.startswith("RuntimeError")
+    fresh = Engine.load(tiny_artifact, provider="cpu", device_pick=True)  # the failing step itself returns ids [n]
+    a, b = fresh.decoder(len(prompts), 24), plain.decoder(len(prompts), 24)
+    a.prefill(0, prompts), b.prefill(0, prompts)
+    tokens = np.arange(5, 5 + len(prompts), dtype=np.int64)
+    with pytest.warns(RuntimeWarning):
+        ids = a.decode_greedy(tokens)
+    assert ids.shape == (len(prompts),) and np.array_equal(ids, b.decode(tokens).argmax(-1)) and len(calls) == 2
