@@ -511,6 +511,9 @@ def _gpu_section(results: dict, capture: dict | None) -> list[str]:
         ok = r["p50_ms"] <= GPU_STEP_MS and x.get("cuda_graph") is True
         L.append(f"- **{x['name']}, per token**{other}: p50 **{r['p50_ms']:.2f} ms**, step {graph} (target ≤ {GPU_STEP_MS:g} ms "
                  f"with the step captured: {_met(ok)}).")
+        if x.get("device_pick") is not None:  # recorded since pick.onnx (2026-12-06); batch 1 never takes it
+            L.append(f"- **{x['name']}**: greedy's pick on the device (pick.onnx, steps of 4 rows or more: batch 64, the "
+                     f"scheduler): {'on' if x['device_pick'] else '**off** (logits copied to the host every step)'}.")
         rb = compiled and _batch1(summary, compiled["name"], p0)
         if rb:
             v = r["p50_ms"] / rb["p50_ms"]

@@ -7,7 +7,7 @@ SCHEMA_VERSION changes when a field changes meaning or goes away; a field added 
 1 -> 2: concurrent records and summary rows (no batch or prompt_len), the `concurrent` key.
 Added under 2: `beams`, systems' `footprint_mb`, `memory_stages`, `gpu_peak_mb`, `gpu_used_mb`,
 `cuda_graph`, `compiled`, machine `memory_bandwidth_gbs.device_copy` and `device_bandwidth_error`,
-concurrent mode `http`.
+concurrent mode `http`, `device_pick`.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ class System(TypedDict, total=False):
     quantization: dict | None
     shape: list[int]  # [n_layer, n_embd]: what the report's per-model bars key on
     cuda_graph: bool  # added: the session was created with enable_cuda_graph
+    device_pick: bool  # added: greedy's argmax on the device (pick.onnx) in steps of 4 rows or more
     compiled: bool  # added, pytorch-compile only: its decode step compiled (CUDA only)
 
 
@@ -171,6 +172,8 @@ def system_entry(spec: SystemSpec, loaded: dict, manifests) -> System:
         rec["quantization"] = m.raw.get("quantization")
         rec["shape"] = [m.raw["config"]["n_layer"], m.raw["config"]["n_embd"]]  # what the report's per-model bars key on
         rec["cuda_graph"] = loaded.get("cuda_graph")
+        if loaded.get("device_pick") is not None:
+            rec["device_pick"] = loaded["device_pick"]
     if spec.kind == "pytorch-compile":
         rec["compiled"] = loaded.get("compiled")
     return rec

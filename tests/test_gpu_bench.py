@@ -63,6 +63,7 @@ def test_bench_runs_the_static_cache_baseline(tmp_path, tiny_artifact):
     by_kind = {x["kind"]: x for x in res["systems"]}
     assert by_kind["pytorch-compile"]["name"] == "pytorch-static fp32 cpu" and by_kind["pytorch-compile"]["compiled"] is False
     assert by_kind["ours"]["cuda_graph"] is False  # the cpu provider: no session with enable_cuda_graph
+    assert by_kind["ours"]["device_pick"] is False  # nor greedy's pick on the device (on with cuda by default)
     assert {r["system"] for r in res["records"]} == {"ours fp32 cpu", "pytorch fp32 cpu", "pytorch-static fp32 cpu"}
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "| pytorch-static fp32 cpu |" in text and "× pytorch-static fp32 cpu |" in text
@@ -256,6 +257,13 @@ def test_gpu_bars_state_each_value_and_verdict():
     assert "## CUDA graph capture check" in slow and "onnxruntime refused enable_cuda_graph" in slow
     # fast but uncaptured is not the bar; a CPU run has no GPU bars, only the capture check when there is one
     assert "(target ≤ 1 ms with the step captured: **not met**)" in "\n".join(report._gpu_section(_gpu_results(0.5, 1.6, 1.0, False), None))
+    assert "greedy's pick on the device" not in text  # results from before the field say nothing of it
+    picked = _gpu_results(0.80, 1.60, 2.0)
+    picked["systems"][0]["device_pick"] = True
+    assert "- **ours fp16 cuda**: greedy's pick on the device (pick.onnx, steps of 4 rows or more: batch 64, the " \
+           "scheduler): on." in "\n".join(report._gpu_section(picked, None))
+    picked["systems"][0]["device_pick"] = False
+    assert "**off** (logits copied to the host every step)" in "\n".join(report._gpu_section(picked, None))
     cpu = _gpu_results(0.8, 1.6, 2.0)
     cpu["settings"]["provider"] = "cpu"
     assert report._gpu_section(cpu, None) == []

@@ -28,9 +28,10 @@ class Ours(SerialClients):
 
     def info(self) -> dict:
         m = self.engine.manifest.raw
-        # cuda_graph: whether onnxruntime accepted enable_cuda_graph for this session (False on the cpu provider)
+        # cuda_graph: whether onnxruntime accepted enable_cuda_graph for this session (False on the cpu provider);
+        # device_pick: greedy's argmax ran on the device (pick.onnx) in steps of 4 rows or more
         return {"provider": self.engine.provider, "weights": m.get("weights", {}), "manifest": m,
-                "cuda_graph": bool(self.engine.session_config.cuda_graph)}
+                "cuda_graph": bool(self.engine.session_config.cuda_graph), "device_pick": self.engine.pick is not None}
 
     def generate(self, rows, new_tokens: int) -> dict:
         t = time.perf_counter()
