@@ -11,7 +11,8 @@ tokens, then each part of a step is timed alone over STEPS repetitions after a w
            [b, capacity] mask): host-to-device copies from pageable memory
   run      session.run_with_iobinding alone on the step's binding: the graph's replay (or the
            uncaptured run) with onnxruntime's call overhead and its synchronisation
-  logits   the [b, vocab] float32 logits copied to the host array greedy reads
+  logits   the [b, vocab] float32 logits copied to the host (OrtValue.numpy: one copy into a new array;
+           until 2026-12-06 a second copy into the Decoder's own array followed)
   argmax   numpy argmax over them: greedy's pick on the host
   prompt   a 32-token prompt pass on one empty row (uncaptured, as every prompt pass runs): what a
            scheduler's decode rows wait when a new request's prompt runs between two of their steps
@@ -82,9 +83,7 @@ def _parts(e, b: int, steps: int) -> dict:
     out["inputs_ms"] = _median_ms(lambda: [ov.update_inplace(h) for h, ov in copies], steps) if copies else 0.0
     out["run_ms"] = _median_ms(lambda: e.session.run_with_iobinding(io, ro), steps)
     if device_logits is not None:
-        def fetch():
-            dec.logits[:bb] = device_logits.numpy()
-        out["logits_ms"] = _median_ms(fetch, steps)
+        out["logits_ms"] = _median_ms(device_logits.numpy, steps)  # one copy into a new host array, as _run does
     else:
         out["logits_ms"] = 0.0  # the CPU graph writes the host array itself
     out["argmax_ms"] = _median_ms(lambda: dec.logits[:b, 0].argmax(-1), steps)

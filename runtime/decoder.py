@@ -146,7 +146,9 @@ class Decoder:
         self.pos = np.zeros((slots, 1), np.int64)
         self._inputs = {1: (self.ids, self.pos)}  # width -> (ids, positions) [slots, width], made once per width
         self.mask = np.zeros((slots, capacity), np.int64)
-        self.logits = np.zeros((slots, 1, spec.vocab_size), np.float32)  # each row's latest logits
+        # [slots, 1, vocab]: the CPU graph writes each pass's logits here (bound by address); on CUDA only
+        # prompt passes do, a fixed-shape pass's come back from its device buffer in one copy (_run)
+        self.logits = np.zeros((slots, 1, spec.vocab_size), np.float32)
         self.held = np.zeros(slots, np.int64)  # tokens whose keys and values row r holds
         self.mhi = np.zeros(slots, np.int64)  # mask row r is 1 on [0, mhi), 0 elsewhere (mhi = held + 1 after a step)
         self._rows = np.arange(slots)
@@ -264,8 +266,7 @@ class Decoder:
         """One step over rows 0 .. n-1: row r feeds tokens[r] (int64 [n]) at its next position; a row
         where `live` (bool [n]) is False runs as a harmless idle row (its write lands past its tokens
         and is not kept). Returns logits [n, vocab]."""
-        self._step(tokens, live, pick=False)
-        return self.logits[: len(tokens), 0]
+        return self._step(tokens, live, pick=False)[: len(tokens), 0]
 
     def decode_greedy(self, tokens: np.ndarray, live: np.ndarray | None = None) -> np.ndarray:
         """`decode` for rows that all take the argmax of their raw logits: returns each row's next token,
@@ -276,7 +277,9 @@ class Decoder:
             return self.decode(tokens, live).argmax(-1)
         return self._step(tokens, live, pick=True)[:n]
 
-    def _step(self, tokens: np.ndarray, live: np.ndarray | None, pick: bool) -> np.ndarray | None:
+    def _step(self, tokens: np.ndarray, live: np.ndarray | None, pick: bool) -> np.ndarray:
+        """A decode step over the bucket holding rows 0 .. n-1: the bucket's logits [b, 1, vocab], or with
+        `pick` its argmax ids [b]."""
         n = len(tokens)
         b = self.batch_for(n)
         self.ids[:n, 0] = tokens
@@ -286,12 +289,12 @@ class Decoder:
         self.pos[:b, 0] = cols
         self.mask[self._rows[:b], cols] = 1
         np.add(cols, 1, out=self.mhi[:b])
-        picked = self._run(0, b, 1, pick)
+        out = self._run(0, b, 1, pick)
         if live is None:
             self.held[:n] += 1
         else:
             self.held[:n] += live
-        return picked
+        return out
 
     def fits(self, r: int, width: int) -> bool:
         """Whether a `chunk` of `width` columns fits after the tokens row r holds."""
@@ -319,14 +322,15 @@ class Decoder:
         pos[0, :c], pos[0, c:] = np.arange(h, h + c), h + c - 1
         self.mask[r, :h + width] = 1  # ones on [0, held + width)
         self.mhi[r] = max(self.mhi[r], h + width)
-        self._run(r, 1, width)
+        out = self._run(r, 1, width)
         self._set_row(r, h + c)  # the padding's columns are not kept
-        return self.logits[r, 0]
+        return out[0, 0]
 
-    def _run(self, first: int, b: int, width: int, pick: bool = False) -> np.ndarray | None:
-        """Run the fixed-shape pass over rows first .. first + b - 1 on its binding; its logits land in
-        self.logits[first: first + b] (CUDA: the device inputs refreshed first, the logits copied back),
-        or with `pick` stay where they are and the rows' argmax ids [b] are returned."""
+    def _run(self, first: int, b: int, width: int, pick: bool = False) -> np.ndarray:
+        """Run the fixed-shape pass over rows first .. first + b - 1 on its binding; returns its logits
+        [b, 1, vocab] (CPU: rows of self.logits, written in place by the graph; CUDA: the device inputs
+        refreshed first, the logits copied once into a new host array), or with `pick` the rows' argmax
+        ids [b], the logits left where they lie."""
         io, copies, device_logits, ro = self._binding(first, b, width)
         for host, ov in copies:  # CUDA: refresh the fixed-address device copies
             ov.update_inplace(host)
@@ -339,12 +343,8 @@ class Decoder:
                 return self.pick.run(self._picks[key])
             except Exception as e:  # onnxruntime raises its own types; the step itself ran: pick on the host
                 self.pick.fail(e)
-                if device_logits is not None:
-                    self.logits[first: first + b] = device_logits.numpy()
-                return self.logits[first: first + b, 0].argmax(-1)
-        if device_logits is not None:
-            self.logits[first: first + b] = device_logits.numpy()
-        return None
+        logits = self.logits[first: first + b] if device_logits is None else device_logits.numpy()
+        return logits[:, 0].argmax(-1) if pick else logits
 
     def _inputs_of(self, width: int) -> tuple[np.ndarray, np.ndarray]:
         if width not in self._inputs:

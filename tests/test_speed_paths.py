@@ -281,3 +281,33 @@ def test_a_failing_device_pick_falls_back_to_the_host(tiny_artifact, monkeypatch
     with pytest.warns(RuntimeWarning):
         ids = a.decode_greedy(tokens)
     assert ids.shape == (len(prompts),) and np.array_equal(ids, b.decode(tokens).argmax(-1)) and len(calls) == 2
+
+
+class _DeviceLogits:
+    """Stands in for a step's device logits buffer on the CPU: numpy() copies the rows the graph wrote,
+    as onnxruntime's device-to-host copy of the OrtValue does."""
+
+    def __init__(self, dec, first: int, b: int):
+        self.dec, self.first, self.b = dec, first, b
+
+    def numpy(self) -> np.ndarray:
+        return self.dec.logits[self.first: self.first + self.b].copy()
+
+
+def test_the_cuda_logits_path_on_the_cpu(tiny_artifact):
+    """The CUDA branch of a fixed-shape pass (its logits come back from a device buffer, copied once into
+    a new array, and the Decoder's own array is not written) run on the CPU with a stand-in buffer:
+    decode steps and a prompt chunk give the plain path's logits, row for row."""
+    plain, cuda = Engine.load(tiny_artifact, provider="cpu").decoder(3, 40), Engine.load(tiny_artifact, provider="cpu").decoder(3, 40)
+    real = cuda._binding
+    cuda._binding = lambda first, b, width: (lambda io, copies, _, ro: (io, copies, _DeviceLogits(cuda, first, b), ro))(
+        *real(first, b, width))
+    rows = PROMPTS
+    want, got = plain.prefill(0, rows), cuda.prefill(0, rows)
+    for _ in range(3):
+        tokens = want.argmax(-1)
+        want, got = plain.decode(tokens).copy(), cuda.decode(tokens)
+        assert got.shape == (3, plain.spec.vocab_size) and np.array_equal(got, want)
+        assert got.base is not cuda.logits  # a copy, not a view of the Decoder's array
+    plain.truncate(1, 0), cuda.truncate(1, 0)
+    assert np.array_equal(cuda.chunk(1, [5, 6, 7], 8), plain.chunk(1, [5, 6, 7], 8))
