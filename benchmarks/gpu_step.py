@@ -128,18 +128,13 @@ def _prompt_ms(dec, vocab: int, steps: int, chunk: bool = False) -> float:
     return _median_ms(one, min(steps, 50))
 
 
-def _error(err: Exception) -> str:
-    """An exception as one line for the record: its type and the first line of its message."""
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:300] if text else ''}"
-
-
 def measure(artifact: str, provider: str, batches: list[int], steps: int = STEPS, log=print, save=None) -> dict:
     import onnxruntime as ort
 
     from gpt2onnx.runtime import Engine
     from gpt2onnx.runtime.artifact import load_manifest
     from gpt2onnx.runtime.decoder import PICK_FROM
+    from gpt2onnx.runtime.errors import one_line
     from gpt2onnx.runtime.spec import ModelSpec
 
     m = load_manifest(artifact, verify="size")
@@ -156,7 +151,7 @@ def measure(artifact: str, provider: str, batches: list[int], steps: int = STEPS
         try:
             r["parts"].append(_parts(e, b, steps))
         except Exception as err:  # onnxruntime raises its own types; the batch's failure is the finding
-            r["parts"].append({"batch": b, "error": _error(err)})
+            r["parts"].append({"batch": b, "error": one_line(err)})
         save and save(r)
     return r
 

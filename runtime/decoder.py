@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .errors import Gpt2OnnxError
+from .errors import Gpt2OnnxError, one_line
 from .spec import ModelSpec
 
 # Greedy's pick goes to the device from steps of this many rows (buckets under CUDA graphs). Why 4:
@@ -67,8 +67,7 @@ class Pick:
         and leave greedy to the host from now on, rather than failing the requests."""
         import warnings
 
-        text = str(err).strip()
-        self.broken = f"{type(err).__name__}: {text.splitlines()[0][:200] if text else ''}"
+        self.broken = one_line(err, 200)
         warnings.warn(f"greedy's pick on the device failed ({self.broken}); picking on the host from now on",
                       RuntimeWarning, stacklevel=2)
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import Gpt2OnnxError, SchedulerClosed
+from .errors import Gpt2OnnxError, SchedulerClosed, one_line
 from .request import Request, Result, Token
 from .sampling import _int
 
@@ -187,7 +187,7 @@ class Scheduler:
             try:
                 self._step()
             except Exception as e:  # an onnxruntime failure: fail the running requests, keep serving
-                msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+                msg = one_line(e)
                 with self.cv:
                     for s in self.running:
                         s.tokens = []  # the row's cache may be half-written
