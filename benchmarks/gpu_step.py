@@ -108,6 +108,9 @@ def _pick(dec, device_logits, b: int, bb: int, steps: int, out: dict) -> None:
         logits = (dec.logits[:bb] if device_logits is None else device_logits.numpy())[:b, 0]
         equal += int(np.array_equal(ids, logits.argmax(-1)))
         tokens = ids
+    if dec.pick.broken:  # the Decoder fell back to the host: no device figure to report
+        out["pick_error"] = dec.pick.broken
+        return
     out["pick_equal"] = f"{equal}/8 steps"
     out["device_ms"] = _median_ms(lambda: dec._step(tokens, None, pick=True), steps)
     binding = dec._picks[(dec._set, 0, bb, 1)]
@@ -184,7 +187,10 @@ def render(r: dict) -> list[str]:
             host = p["step_ms"] + p["argmax_ms"]
             L.append(f"| {p['batch']} | {host:.3f} | {p['device_ms']:.3f} | {p['device_ms'] / host:.2f} | {p['pick_ms']:.3f} | "
                      f"{p['pick_equal']} |")
-    elif not r.get("pick"):
+    failed = [f"- greedy's pick on the device at batch {p['batch']}: **failed** ({p['pick_error']}); the runtime falls "
+              "back to the host" for p in r["parts"] if "pick_error" in p]
+    L += [""] + failed if failed else []
+    if not picks and not r.get("pick"):
         L += ["", "The artifact has no pick.onnx (exported before 2026-12-06): greedy's device pick not measured."]
     return L
 

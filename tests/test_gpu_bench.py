@@ -315,3 +315,25 @@ def test_gpu_script_invocations_parse(tmp_path):
                          concurrent_clients=a.concurrent_clients, concurrent_precisions=a.concurrent_precisions, provider=a.provider)
     settings.check(s)  # raises on a choice the harness refuses
     assert s.prompt_len == [32] and s.new_tokens == 128
+
+
+def test_step_breakdown_reports_a_failed_pick_not_the_fallback(tiny_artifact, monkeypatch):
+    """When the device pick fails, the Decoder picks on the host; gpu_step must then say the pick failed
+    instead of timing the host fallback as the device's figure."""
+    from gpt2onnx.runtime import Engine
+    from gpt2onnx.runtime.decoder import Pick
+
+    def refuse(self, binding):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(Pick, "run", refuse)
+    e = Engine.load(tiny_artifact, provider="cpu", device_pick=True)
+    with pytest.warns(RuntimeWarning):
+        part = gpu_step._parts(e, 4, 3)
+    assert part["pick_error"] == "RuntimeError: operation not permitted when stream is capturing"
+    assert "device_ms" not in part and "pick_equal" not in part
+    md = "\n".join(gpu_step.render({"created": "t", "checkpoint": "c", "precision": "fp32", "provider": "cpu",
+                                    "onnxruntime": "1", "session_cuda_graph": False, "prompt": 32, "pick": True,
+                                    "pick_from": 4, "parts": [part]}))
+    assert "greedy's pick on the device at batch 4: **failed** (RuntimeError: operation not permitted" in md
+    assert "greedy on device ms" not in md
