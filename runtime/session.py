@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .artifact import Manifest
 from .errors import Gpt2OnnxError
-from .spec import PICK_FILE
+from .spec import PICK_FILE, IONames
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MAX_THREADS = 1024
@@ -141,10 +141,11 @@ def build_pick_session(manifest: Manifest, ep: str, sc: SessionConfig):
     path = manifest.file(PICK_FILE)
     providers = [ep] if ep == PROVIDERS["cpu"] else [(ep, cuda_options(bool(sc.cuda_graph)))]
     session = ort.InferenceSession(path, so, providers=providers)
-    pick = manifest.raw["io"]["pick"]
-    if [i.name for i in session.get_inputs()] != [pick["input"]] or [o.name for o in session.get_outputs()] != [pick["output"]]:
-        raise Gpt2OnnxError(f"{PICK_FILE} in {manifest.path} does not match its manifest (input {pick['input']!r}, output "
-                            f"{pick['output']!r}); the artifact is mixed up, re-export it")
+    # the names the Decoder binds (decoder.py, Pick): the decoder's logits in, the manifest's pick output out
+    names = IONames.from_manifest(manifest.raw["io"])
+    if [i.name for i in session.get_inputs()] != [names.logits] or [o.name for o in session.get_outputs()] != [names.next_token]:
+        raise Gpt2OnnxError(f"{PICK_FILE} in {manifest.path} does not match its manifest (input {names.logits!r}, output "
+                            f"{names.next_token!r}); the artifact is mixed up, re-export it")
     return session
 
 
