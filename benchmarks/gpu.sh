@@ -20,7 +20,11 @@
 #      for GroupQueryAttention, off by default for float16 caches in some releases);
 #   5. attention-kernels.txt, attention-kernels-xqa.txt: the attention kernel onnxruntime picks for each
 #      GroupQueryAttention call of a short generation (ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1), without
-#      and with ORT_ENABLE_XQA=1.
+#      and with ORT_ENABLE_XQA=1;
+#   6. kernels.json / kernels.md (benchmarks/gpu_kernels.py): every CUDA kernel of 20 decode steps at 1 and
+#      16 rows, captured and uncaptured, under PyTorch's profiler: kernels per step, GPU busy time against
+#      the step's wall time, time by kind (matmul, attention, layer norm ...) and the longest kernels:
+#      where the batch-1 replay's ~1 ms goes.
 # Measured on an H200 (2026-12-04): 220 s in all; export 38 s, capture check 7 s, step breakdown 13 s, bench
 # 162 s (the first run, before the step breakdown was added: 194 s). Added since, not yet timed: the
 # chunked64 mode of the concurrent scenario (one more mode of 64 requests), steps at 4 and 16 rows with the
@@ -72,6 +76,12 @@ ORT_ENABLE_XQA=1 ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1 timeout 60 "$py" -c "f
 e = Engine.load('$art', verify='size')
 e.generate([list(range(1, 33))], max_new_tokens=4)" 2>&1 | grep -i 'kernel' | sort | uniq -c > "$out/attention-kernels-xqa.txt" \
   || stage "attention kernel listing with ORT_ENABLE_XQA=1 FAILED or empty"
+# which kernels a step runs and how long the GPU is busy in it (the image's CUDA PyTorch profiles onnxruntime's
+# kernels too): the batch-1 bar needs ~0.2 ms off a ~1 ms replay, and this says which kernels hold it
+rm -f "$out/kernels.json" "$out/kernels.md"
+timeout 120 "$py" -m gpt2onnx.benchmarks.gpu_kernels "$art" --out "$out" --provider cuda --batch 1,16 \
+  || stage "kernel listing FAILED (exit $?)"
+stage "kernel listing done"
 
 "$py" -m gpt2onnx.cli bench "$art" --bench-provider cuda --baselines pytorch,pytorch-compile \
   --batch 1,64 --prompt-len 32 --new-tokens 128 --repeats 3 --context "" --chat-turns 0 --beams 0 --no-footprint \

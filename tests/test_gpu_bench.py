@@ -13,7 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from gpt2onnx.benchmarks import figures, gpu_check, gpu_step, harness, loop, report, settings, worker, workloads
+from gpt2onnx.benchmarks import (
+    figures,
+    gpu_check,
+    gpu_kernels,
+    gpu_step,
+    harness,
+    loop,
+    report,
+    settings,
+    worker,
+    workloads,
+)
 from gpt2onnx.benchmarks.engines.pytorch import PyTorch, PyTorchCompiled
 from gpt2onnx.benchmarks.machine import device_bandwidth_gbs, machine_info
 from gpt2onnx.export import checkpoints
@@ -269,6 +280,74 @@ def test_gpu_bars_state_each_value_and_verdict():
     assert report._gpu_section(cpu, None) == []
 
 
+def _gpu_event(name: str, ts: float, dur: float, cat: str = "kernel") -> dict:
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+
+def test_kernel_summary_counts_per_step_and_busy_time():
+    """Two steps' GPU events (Chrome trace, microseconds): per-step counts and times, busy = the union of
+    overlapping intervals (not their sum), kinds by name or category, the longest kernels first; CPU
+    events and instants are not the GPU's."""
+    events = []
+    for t in (0.0, 100.0):
+        events += [_gpu_event("Memcpy HtoD (Pageable -> Device)", t, 2, "gpu_memcpy"),
+                   _gpu_event("void gemv2T_kernel_val<int, int, __half>", t + 5, 10),
+                   _gpu_event("void flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits>", t + 12, 6),  # overlaps 3
+                   _gpu_event("onnxruntime::contrib::cuda::SkipLayerNormKernelSmall<half>", t + 20, 1),
+                   _gpu_event("onnxruntime::cuda::_BinaryElementWiseSimple<half>", t + 22, 1)]
+    events += [{"ph": "X", "cat": "cpu_op", "name": "aten::empty", "ts": 0, "dur": 500},
+               {"ph": "i", "cat": "kernel", "name": "instant", "ts": 0}]
+    s = gpu_kernels.summarize(events, steps=2, wall_ms=0.1)
+    assert s["events"] == 5 and s["distinct"] == 5 and s["wall_ms"] == 0.05
+    assert s["kernel_us"] == 20 and s["busy_us"] == 17  # 2 + [5, 18) + 1 + 1: the overlap counted once
+    kinds = {k["name"]: (k["calls"], k["us"]) for k in s["by_kind"]}
+    assert kinds == {"matmul": (1, 10), "attention": (1, 6), "copy": (1, 2), "layer norm": (1, 1), "other": (1, 1)}
+    assert [k["name"] for k in s["by_kind"]][:2] == ["matmul", "attention"]
+    assert abs(sum(k["share"] for k in s["by_kind"]) - 1) < 1e-9
+    assert s["top"][0]["name"].startswith("void gemv2T") and s["top"][0]["kind"] == "matmul" and s["top"][0]["us"] == 10
+    assert gpu_kernels.summarize([], steps=3, wall_ms=3.0)["busy_us"] == 0
+
+
+def test_kernel_listing_on_the_cpu(tmp_path, tiny_artifact):
+    """On this machine's CPU-only torch the tool says it measured nothing and why (exit 0, so gpu.sh goes
+    on); its profiling loop itself runs here with the CPU activity, whose trace holds no GPU event."""
+    from torch.profiler import ProfilerActivity, supported_activities
+
+    from gpt2onnx.runtime import Engine
+
+    out = tmp_path / "k"
+    r = subprocess.run([sys.executable, "-m", "gpt2onnx.benchmarks.gpu_kernels", tiny_artifact, "--out", str(out),
+                        "--provider", "cpu", "--batch", "1,2", "--steps", "3"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "kernels.json").read_text())
+    if ProfilerActivity.CUDA not in supported_activities():
+        assert "cannot profile CUDA" in res["skipped"] and res["batches"] == []
+        assert "Not measured: torch" in (out / "kernels.md").read_text()
+    b = gpu_kernels._batch(Engine.load(tiny_artifact, provider="cpu"), 2, 3, activity="CPU")
+    assert set(b) == {"batch", "uncaptured"}  # no captured step without CUDA graphs
+    assert b["uncaptured"]["steps"] == 3 and b["uncaptured"]["wall_ms"] > 0 and b["uncaptured"]["events"] == 0
+    for bad in ("0", "x"):
+        r = subprocess.run([sys.executable, "-m", "gpt2onnx.benchmarks.gpu_kernels", tiny_artifact, "--out", str(out),
+                            "--batch", bad], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "--batch" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_kernel_listing_renders_each_mode_and_failures():
+    step = gpu_kernels.summarize([_gpu_event("void gemv2T_kernel_val<__half>", 0, 400),
+                                  _gpu_event("void flash::flash_fwd_splitkv_kernel<T>", 500, 100)], steps=1, wall_ms=1.0)
+    r = {"created": "t", "checkpoint": "synthetic:dialogpt-medium", "precision": "fp16", "provider": "CUDAExecutionProvider",
+         "onnxruntime": "1.31.1", "torch": "2.11.0", "session_cuda_graph": True, "prompt": 32,
+         "batches": [{"batch": 1, "captured": step, "uncaptured": step}, {"batch": 16, "error": "RuntimeError: boom"}]}
+    md = "\n".join(gpu_kernels.render(r))
+    assert "| 1 | captured | 1.000 | 0.500 | 50% | 2 | 2 | 0.500 |" in md
+    assert "| 1 | uncaptured | 1.000 | 0.500 | 50% |" in md and "| 16 | **failed**: RuntimeError: boom |" in md
+    assert "### Batch 1, captured: by kind" in md and "| matmul | 1.0 | 400.0 | 80% |" in md
+    assert "| `void gemv2T_kernel_val<__half>` | matmul | 1.0 | 400.0 | 400.00 |" in md
+    assert "does not see inside replayed graphs" not in md
+    r["batches"][0]["captured"] = gpu_kernels.summarize([], steps=1, wall_ms=1.0)  # a replay CUPTI does not see into
+    assert "At batch 1 the profiler saw under half as many events" in "\n".join(gpu_kernels.render(r))
+
+
 # ---- benchmarks/gpu.sh --------------------------------------------------------------------------
 
 def test_gpu_script_invocations_parse(tmp_path):
@@ -291,14 +370,16 @@ def test_gpu_script_invocations_parse(tmp_path):
     invocations = [c.strip("\n").split("\n") for c in calls.read_text().split("@@\n")[:-1]]
     modules = [c[1:] for c in invocations if c[0] == "-m"]
     assert [m[0] for m in modules] == ["pip", "gpt2onnx.cli", "gpt2onnx.benchmarks.gpu_check", "gpt2onnx.benchmarks.gpu_step",
-                                       "gpt2onnx.benchmarks.gpu_step", "gpt2onnx.cli"]
+                                       "gpt2onnx.benchmarks.gpu_step", "gpt2onnx.benchmarks.gpu_kernels", "gpt2onnx.cli"]
     check = gpu_check.parser().parse_args(modules[2][1:])
     assert check.out == str(out) and check.provider == "cuda" and check.artifact == "artifacts/dialogpt-medium-fp16-cuda"
     step = gpu_step.parser().parse_args(modules[3][1:])
     assert step.out == str(out) and step.provider == "cuda" and step.artifact == check.artifact and step.batch == "1,4,16,64"
     xqa = gpu_step.parser().parse_args(modules[4][1:])  # the same steps with ORT_ENABLE_XQA=1, into their own folder
     assert xqa.out == str(out / "xqa") and xqa.batch == "1,16" and xqa.artifact == check.artifact
-    cli = modules[5][1:]
+    kernels = gpu_kernels.parser().parse_args(modules[5][1:])
+    assert kernels.out == str(out) and kernels.batch == "1,16" and kernels.provider == "cuda" and kernels.artifact == check.artifact
+    cli = modules[6][1:]
     assert cli[0] == "bench"
     import argparse
 
