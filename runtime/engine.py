@@ -45,9 +45,9 @@ class Engine:
     load but for the decoders it keeps for captured CUDA graphs (one per batch bucket, reused)."""
 
     def __init__(self, manifest: Manifest, session, tokenizer, provider: str, session_config: SessionConfig,
-                 pick_session=None):
+                 pick_session=None, spec: ModelSpec | None = None):
         self.manifest = manifest
-        self.spec = ModelSpec.from_manifest(manifest)
+        self.spec = spec or ModelSpec.from_manifest(manifest)  # load passes the one it checked
         self.session = session
         self.tokenizer = tokenizer
         self.provider = provider
@@ -116,7 +116,7 @@ class Engine:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise Gpt2OnnxError(f"cannot load the artifact at {path}: {first[:300]}; re-export it") from None
         check_io(manifest, session)
-        return cls(manifest, session, tokenizer, ep, sc, pick_session)
+        return cls(manifest, session, tokenizer, ep, sc, pick_session, spec)
 
     def decoder(self, slots: int, capacity: int, prefault: bool = False, captured: bool = True) -> Decoder:
         """A new decode core of `slots` rows x `capacity` positions over this engine's session, its
@@ -274,11 +274,11 @@ class Engine:
 
     def _decode(self, dec: Decoder, reqs: list[Request], logits: np.ndarray, stats: Stats) -> Iterator[list]:
         """Sample, yield, feed back, step: until every request is done (or at their longest reply).
-        When every request picks greedily and the decoder has a device pick, steps return ids [n]
-        instead of logits [n, vocab] (the first token still comes from the prompt pass's logits)."""
+        When every request picks greedily, steps return their ids [n] (taken on the device where the
+        decoder has a pick) instead of logits [n, vocab]; the first token comes from the prompt pass's logits."""
         live = list(range(len(reqs)))  # the request each decoder row holds
         tokens = np.full(len(reqs), self.pad_token_id, np.int64)
-        pick = dec.pick is not None and all(r.greedy for r in reqs)
+        greedy = all(r.greedy for r in reqs)
         out = logits  # a step's logits [n, vocab], or with the device pick its ids [n]
         for step in range(max(r.cfg.max_new_tokens for r in reqs)):
             events = [reqs[r].take(out[i]) for i, r in enumerate(live) if not reqs[r].done]
@@ -297,7 +297,7 @@ class Engine:
             tokens[:] = [reqs[r].tokens[-1] for r in live]
             tokens[done] = self.pad_token_id
             t = time.perf_counter()
-            out = dec.decode_greedy(tokens, ~done) if pick else dec.decode(tokens, ~done)
+            out = dec.decode_greedy(tokens, ~done) if greedy else dec.decode(tokens, ~done)
             dt = time.perf_counter() - t
             stats.step_s.append(dt)
             stats.decode_s += dt

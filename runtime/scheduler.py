@@ -234,7 +234,7 @@ class Scheduler:
             tokens[s.index], live[s.index] = s.req.tokens[-1], True
             s.tokens.append(s.req.tokens[-1])
         t = time.perf_counter()
-        if self.kv.pick is not None and all(s.req.greedy for s in rows):  # ids [n], picked where the logits lie
+        if all(s.req.greedy for s in rows):  # ids [n] (taken on the device where the decoder has a pick)
             out = self.kv.decode_greedy(tokens, live)
         else:
             out = self.kv.decode(tokens, live)  # logits [n, vocab]
