@@ -63,11 +63,18 @@ def kind_of(name: str, cat: str) -> str:
     return next((k for k, pat in KINDS if re.search(pat, low)), "other")
 
 
+MARK = "gpt2onnx: profiled steps"  # the annotation around the profiled steps (the trace's time window)
+
+
 def summarize(events: list[dict], steps: int, wall_ms: float) -> dict:
     """Per-step figures from a profiler trace's events (Chrome trace format, as torch.profiler exports):
-    the complete ("X") events of category kernel / gpu_memcpy / gpu_memset, over `steps` steps that
-    took `wall_ms` in all. Durations in the trace are microseconds."""
-    gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    the complete ("X") events of category kernel / gpu_memcpy / gpu_memset that start inside the MARK
+    annotation (all of them where it is absent), over `steps` steps that took `wall_ms` in all.
+    Times in the trace are microseconds."""
+    mark = next((e for e in events if e.get("cat") == "user_annotation" and e.get("name") == MARK), None)
+    since = float(mark["ts"]) if mark else -np.inf  # each step synchronises: the warm-up's events end before it
+    gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+           and float(e["ts"]) >= since]
     busy, end = 0.0, -np.inf
     for e in sorted(gpu, key=lambda e: float(e["ts"])):  # the union of the intervals (streams may overlap)
         s, d = float(e["ts"]), float(e["dur"])
@@ -95,16 +102,26 @@ def summarize(events: list[dict], steps: int, wall_ms: float) -> dict:
             "distinct": len(names)}
 
 
-def _profile(dec, tokens: np.ndarray, steps: int, activity: str = "CUDA") -> dict:
-    """`steps` decode steps under torch.profiler recording `activity` (CUDA: the GPU's events only; the
-    tests record CPU, whose trace holds no GPU event); the summary of its trace."""
-    from torch.profiler import ProfilerActivity, profile
+def _profile(e, b: int, steps: int, captured: bool, gpu: bool) -> dict:
+    """A fresh Decoder of b rows: prefilled, WARMUP steps (the first captured one captures), then `steps`
+    steps inside the MARK annotation, all under torch.profiler, so the capture happens while it records
+    (CUPTI may only see a graph's kernels when it was already on as the graph was made). `gpu` records the
+    CUDA activity beside the CPU's (the annotation's); the tests record the CPU alone, no GPU event."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
-    with profile(activities=[getattr(ProfilerActivity, activity)]) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=acts) as prof:
+        dec = e.decoder(b, e.n_positions, captured=captured)
+        dec.prefill(0, prompt_rows(b, PROMPT, e.vocab_size))
+        tokens = np.zeros(b, np.int64)
+        for _ in range(WARMUP):
             dec.decode(tokens)
-        wall = (time.perf_counter() - t0) * 1e3
+        with record_function(MARK):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                dec.decode(tokens)
+            wall = (time.perf_counter() - t0) * 1e3
+        dec.close()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
@@ -113,18 +130,12 @@ def _profile(dec, tokens: np.ndarray, steps: int, activity: str = "CUDA") -> dic
     return summarize(events, steps, wall)
 
 
-def _batch(e, b: int, steps: int, activity: str = "CUDA") -> dict:
+def _batch(e, b: int, steps: int, gpu: bool = True) -> dict:
     out = {"batch": b}
     for mode, captured in (("captured", True), ("uncaptured", False)):
         if mode == "captured" and not e.cuda_graph:
             continue
-        dec = e.decoder(b, e.n_positions, captured=captured)
-        dec.prefill(0, prompt_rows(b, PROMPT, e.vocab_size))
-        tokens = np.zeros(b, np.int64)
-        for _ in range(WARMUP):  # the first captured step captures
-            dec.decode(tokens)
-        out[mode] = _profile(dec, tokens, steps, activity)
-        dec.close()
+        out[mode] = _profile(e, b, steps, captured, gpu)
     return out
 
 

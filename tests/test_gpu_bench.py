@@ -297,6 +297,9 @@ def test_kernel_summary_counts_per_step_and_busy_time():
                    _gpu_event("onnxruntime::cuda::_BinaryElementWiseSimple<half>", t + 22, 1)]
     events += [{"ph": "X", "cat": "cpu_op", "name": "aten::empty", "ts": 0, "dur": 500},
                {"ph": "i", "cat": "kernel", "name": "instant", "ts": 0}]
+    warmup = [_gpu_event("void gemv2T_kernel_val<int, int, __half>", -50, 10)]  # before the profiled steps: not counted
+    assert gpu_kernels.summarize(warmup + events, steps=2, wall_ms=0.1)["events"] == 5.5  # no annotation: all 11
+    events = warmup + events + [{"ph": "X", "cat": "user_annotation", "name": gpu_kernels.MARK, "ts": -1, "dur": 200}]
     s = gpu_kernels.summarize(events, steps=2, wall_ms=0.1)
     assert s["events"] == 5 and s["distinct"] == 5 and s["wall_ms"] == 0.05
     assert s["kernel_us"] == 20 and s["busy_us"] == 17  # 2 + [5, 18) + 1 + 1: the overlap counted once
@@ -323,7 +326,7 @@ def test_kernel_listing_on_the_cpu(tmp_path, tiny_artifact):
     if ProfilerActivity.CUDA not in supported_activities():
         assert "cannot profile CUDA" in res["skipped"] and res["batches"] == []
         assert "Not measured: torch" in (out / "kernels.md").read_text()
-    b = gpu_kernels._batch(Engine.load(tiny_artifact, provider="cpu"), 2, 3, activity="CPU")
+    b = gpu_kernels._batch(Engine.load(tiny_artifact, provider="cpu"), 2, 3, gpu=False)
     assert set(b) == {"batch", "uncaptured"}  # no captured step without CUDA graphs
     assert b["uncaptured"]["steps"] == 3 and b["uncaptured"]["wall_ms"] > 0 and b["uncaptured"]["events"] == 0
     for bad in ("0", "x"):
