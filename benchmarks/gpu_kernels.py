@@ -6,9 +6,10 @@ The batch-1 bar of issue 19 (<= 1.0 ms a token for DialoGPT-medium fp16) was mis
 captured step whose replay alone takes ~1.04 ms on an H200 (reports/gpu/step.md), ~6x the memory floor.
 gpu_step times the replay as one number; this tool says what is inside it. For each batch size, a
 Decoder of b rows (prefilled with 32-token prompts, warmed up so the step is captured) decodes `steps`
-steps under PyTorch's profiler (CUPTI, which sees every kernel of the process, onnxruntime's too, and the
-kernels of a replayed CUDA graph), once through the captured step and once uncaptured (the same session,
-gpu_graph_id -1: every kernel launched from the host). Per step:
+steps under PyTorch's profiler (CUPTI, which sees every kernel of the process, onnxruntime's too; the
+kernels inside a replayed CUDA graph where its build reports them, and the report says when it did not),
+once through the captured step and once uncaptured (the same session, gpu_graph_id -1: every kernel
+launched from the host). Per step:
 
   kernels    how many kernels (and copies) the GPU ran, and the sum of their durations
   busy       the union of their intervals: time the GPU did anything; wall - busy is time it waited
