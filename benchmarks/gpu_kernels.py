@@ -29,13 +29,13 @@ import argparse
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 
 import numpy as np
 
 from .gpu_check import write_record
+from .gpu_step import batch_main, batch_parser
 from .workloads import prompt_rows
 
 PROMPT = 32
@@ -216,33 +216,11 @@ def write(r: dict, out: str) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gpt2onnx.benchmarks.gpu_kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("artifact", metavar="ARTIFACT_DIR")
-    p.add_argument("--out", required=True, help="directory for kernels.json and kernels.md")
-    p.add_argument("--provider", choices=("cuda", "cpu"), default="cuda", help="cpu: nothing to profile on the GPU (tests)")
-    p.add_argument("--batch", default="1,16", help="comma-separated batch sizes (default 1,16)")
-    p.add_argument("--steps", type=int, default=STEPS, help="profiled steps per batch and mode")
-    return p
+    return batch_parser("gpu_kernels", __doc__, "kernels.json and kernels.md", "1,16", STEPS)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gpt2onnx.runtime.errors import Gpt2OnnxError
-
-    p = parser()
-    a = p.parse_args(argv)
-    try:
-        batches = [int(x) for x in a.batch.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--batch takes comma-separated integers, got {a.batch!r}")
-    if not batches or min(batches) < 1 or a.steps < 1:
-        p.error("--batch needs sizes >= 1 and --steps >= 1")
-    try:
-        r = measure(a.artifact, a.provider, batches, a.steps, log=lambda m: print(m, file=sys.stderr, flush=True),
-                    save=lambda r: write(r, a.out))
-    except Gpt2OnnxError as e:
-        sys.exit(f"error: {e}")
-    write(r, a.out)
-    print("\n".join(render(r)))
+    batch_main(parser(), argv, measure, write, render)
 
 
 if __name__ == "__main__":

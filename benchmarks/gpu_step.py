@@ -199,20 +199,23 @@ def write(r: dict, out: str) -> None:
     write_record(out, "step", "Where a decode step's time goes", r, render(r))
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gpt2onnx.benchmarks.gpu_step", description=__doc__.split("\n\n")[0])
+def batch_parser(prog: str, doc: str, files: str, default_batch: str, steps: int) -> argparse.ArgumentParser:
+    """The command line of a per-batch GPU tool (this one, gpu_kernels): an artifact, --out, --provider,
+    --batch, --steps."""
+    p = argparse.ArgumentParser(prog=f"python -m gpt2onnx.benchmarks.{prog}", description=doc.split("\n\n")[0])
     p.add_argument("artifact", metavar="ARTIFACT_DIR")
-    p.add_argument("--out", required=True, help="directory for step.json and step.md")
-    p.add_argument("--provider", choices=("cuda", "cpu"), default="cuda", help="cpu runs every part without capture (tests)")
-    p.add_argument("--batch", default="1,4,16,64", help="comma-separated batch sizes (default 1,4,16,64)")
-    p.add_argument("--steps", type=int, default=STEPS, help="timed repetitions per part")
+    p.add_argument("--out", required=True, help=f"directory for {files}")
+    p.add_argument("--provider", choices=("cuda", "cpu"), default="cuda", help="cpu runs without capture (tests)")
+    p.add_argument("--batch", default=default_batch, help=f"comma-separated batch sizes (default {default_batch})")
+    p.add_argument("--steps", type=int, default=steps, help="timed or profiled steps per batch")
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def batch_main(p: argparse.ArgumentParser, argv: list[str] | None, measure, write, render) -> None:
+    """Parse, check the batch sizes (a usage error names --batch), measure with the JSON rewritten after
+    each batch, write, print the rendering; an artifact the runtime refuses is one line and exit 1."""
     from gpt2onnx.runtime.errors import Gpt2OnnxError
 
-    p = parser()
     a = p.parse_args(argv)
     try:
         batches = [int(x) for x in a.batch.split(",") if x.strip()]
@@ -227,6 +230,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {e}")
     write(r, a.out)
     print("\n".join(render(r)))
+
+
+def parser() -> argparse.ArgumentParser:
+    return batch_parser("gpu_step", __doc__, "step.json and step.md", "1,4,16,64", STEPS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    batch_main(parser(), argv, measure, write, render)
 
 
 if __name__ == "__main__":
