@@ -192,6 +192,28 @@ def render(r: dict) -> list[str]:
     L += [""] + failed if failed else []
     if not picks and not r.get("pick"):
         L += ["", "The artifact has no pick.onnx (exported before 2026-12-06): greedy's device pick not measured."]
+    return L + itl_estimate(r["parts"])
+
+
+def itl_estimate(parts: list[dict], rows: int = 16) -> list[str]:
+    """What these parts say of issue 19's scheduler bar (p99 inter-token latency at 16 clients <= 3x the
+    batch-1 step): while prompts arrive, most of a decoding row's gaps hold one decode step of `rows` rows
+    and one prompt pass between two steps (a chunk of CHUNK columns with prompt_width, else a prompt pass of
+    its own shape), so the p99 gap is near their sum. The lines to read before the concurrent scenario's."""
+    by = {p["batch"]: p for p in parts if "error" not in p}
+    one, many = by.get(1), by.get(rows)
+    if not one or not many:
+        return []
+    step = many.get("device_ms", many["step_ms"] + many["argmax_ms"])  # greedy, as the scenario's requests are
+    base = one["step_ms"] + one["argmax_ms"]
+    L = ["", f"Scheduler bar, estimated from these parts: a gap of a {rows}-row greedy step "
+         f"({'device' if 'device_ms' in many else 'host'} pick) {step:.3f} ms plus one prompt pass between two steps, "
+         f"against 3x the batch-1 greedy step ({3 * base:.3f} ms):", ""]
+    for what, key in ((f"{CHUNK}-column chunk (prompt_width {CHUNK}, captured)", "chunk_ms"),
+                      (f"{PROMPT}-token prompt pass (uncaptured)", "prompt_ms")):
+        if key in many:
+            gap = step + many[key]
+            L.append(f"- with a {what}: {gap:.3f} ms = **{gap / base:.2f}x** the batch-1 step")
     return L
 
 

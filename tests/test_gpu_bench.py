@@ -207,6 +207,20 @@ def test_step_breakdown_on_the_cpu_provider(tmp_path, tiny_artifact):
     assert sum(1 for line in md.splitlines() if line.endswith("| 8/8 steps |")) == 2
 
 
+def test_step_breakdown_estimates_the_scheduler_bar():
+    """The scheduler bar read off the parts: a 16-row greedy step (the device pick's figure where measured)
+    plus one prompt pass, over the batch-1 greedy step; nothing without both batches."""
+    one = {"batch": 1, "step_ms": 1.0, "argmax_ms": 0.1}
+    many = {"batch": 16, "step_ms": 2.0, "argmax_ms": 0.2, "device_ms": 1.8, "chunk_ms": 1.2, "prompt_ms": 4.0}
+    md = "\n".join(gpu_step.itl_estimate([one, many]))
+    assert "16-row greedy step (device pick) 1.800 ms" in md and "3x the batch-1 greedy step (3.300 ms)" in md
+    assert "64-column chunk (prompt_width 64, captured): 3.000 ms = **2.73x**" in md
+    assert "32-token prompt pass (uncaptured): 5.800 ms = **5.27x**" in md
+    del many["device_ms"]
+    assert "(host pick) 2.200 ms" in "\n".join(gpu_step.itl_estimate([one, many]))
+    assert gpu_step.itl_estimate([one]) == [] and gpu_step.itl_estimate([one, {"batch": 16, "error": "x"}]) == []
+
+
 def test_step_breakdown_refuses_bad_batches(tmp_path, tiny_artifact):
     for bad in ("0", "1,x", ""):
         r = subprocess.run([sys.executable, "-m", "gpt2onnx.benchmarks.gpu_step", tiny_artifact, "--out", str(tmp_path),
