@@ -232,10 +232,11 @@ def check(precision: str, decode: dict, accuracy: dict, tol: dict[str, float] | 
     """None when the figures are within the precision's written tolerances (`tol`, default
     TOLERANCES[precision]), else what is not."""
     tol = tol or TOLERANCES[precision]
-    if decode["max_abs_logit_diff"] > tol["max_abs_logit_diff"]:
+    # written as "not within" so that a NaN (a graph producing NaN logits somewhere) fails every check
+    if not decode["max_abs_logit_diff"] <= tol["max_abs_logit_diff"]:
         return f"max |Δlogit| {decode['max_abs_logit_diff']:.3g} exceeds the {precision} tolerance {tol['max_abs_logit_diff']}"
-    if accuracy["mean_kl"] > tol["mean_kl"]:
+    if not accuracy["mean_kl"] <= tol["mean_kl"]:
         return f"mean KL {accuracy['mean_kl']:.3g} exceeds the {precision} tolerance {tol['mean_kl']}"
-    if accuracy["top1_agreement"] < tol["top1_agreement"]:
+    if not accuracy["top1_agreement"] >= tol["top1_agreement"]:
         return f"top-1 agreement {accuracy['top1_agreement']:.3f} is below the {precision} tolerance {tol['top1_agreement']}"
     return None

@@ -128,6 +128,21 @@ def test_accuracy_within_written_tolerances(artifacts, tiny, precision):
         assert figs["mean_kl"] > fp32["mean_kl"]
 
 
+def test_tolerance_check_fails_out_of_bounds_and_nan():
+    """parity.check against the written tolerances: in bounds passes; past a bound, or NaN in any figure (a
+    graph giving NaN logits somewhere), names what failed; a NaN compares false both ways, so a check written
+    as 'x > tol' would let it through."""
+    tol = parity.TOLERANCES["fp32"]
+    ok_decode, ok_acc = {"max_abs_logit_diff": 1e-6}, {"mean_kl": 1e-12, "top1_agreement": 1.0}
+    assert parity.check("fp32", ok_decode, ok_acc) is None
+    nan = float("nan")
+    assert "max |Δlogit| nan exceeds" in parity.check("fp32", {"max_abs_logit_diff": nan}, ok_acc)
+    assert "max |Δlogit| 0.001 exceeds" in parity.check("fp32", {"max_abs_logit_diff": 10 * tol["max_abs_logit_diff"]}, ok_acc)
+    assert "mean KL nan exceeds" in parity.check("fp32", ok_decode, {**ok_acc, "mean_kl": nan})
+    assert "top-1 agreement nan is below" in parity.check("fp32", ok_decode, {**ok_acc, "top1_agreement": nan})
+    assert "top-1 agreement 0.500 is below" in parity.check("fp32", ok_decode, {**ok_acc, "top1_agreement": 0.5})
+
+
 @pytest.mark.filterwarnings("ignore:fp16 on the CPU")
 @pytest.mark.parametrize("precision", ["fp16", "int4"])
 def test_generation_and_batches_work(artifacts, precision):
