@@ -130,6 +130,7 @@ def decode_parity(session, torch_model, cfg: ModelConfig, rows: list[list[int]],
                           position_ids=torch.from_numpy(pos_t), use_cache=True)
     ours_real, ref_real = outs[0][mask.astype(bool)], ref.logits.numpy()[mask_t.astype(bool)]  # row by row, in order
     diffs, agree = [np.abs(ours_real - ref_real).max()], [_top1(ours_real, ref_real)]
+    worst = [int(np.searchsorted(np.cumsum(lens), np.abs(ours_real - ref_real).max(-1).argmax(), side="right"))]  # its row
     past_t, last = ref.past_key_values, ref.logits[:, -1].numpy()
     for t in range(steps):
         nxt = last.argmax(-1)[:, None].astype(np.int64)  # both sides get PyTorch's greedy token
@@ -143,9 +144,12 @@ def decode_parity(session, torch_model, cfg: ModelConfig, rows: list[list[int]],
                               position_ids=torch.from_numpy(pos_t), past_key_values=past_t, use_cache=True)
         past_t, last = ref.past_key_values, ref.logits[:, -1].numpy()
         diffs.append(np.abs(outs[0][:, -1] - last).max())
+        worst.append(int(np.abs(outs[0][:, -1] - last).max(-1).argmax()))
         agree.append(_top1(outs[0][:, -1], last))
+    at = int(np.argmax(diffs))  # the pass with the largest difference: 0 the prompt pass, k decode step k
     return {
         "max_abs_logit_diff": float(max(diffs)),
+        "worst_at": f"{'the prompt pass' if at == 0 else f'decode step {at}'}, row {worst[at]} of {B}",
         "top1_agreement": float(np.mean(agree)),
         "decode_steps": steps,
         "batch": B,
@@ -234,7 +238,8 @@ def check(precision: str, decode: dict, accuracy: dict, tol: dict[str, float] | 
     tol = tol or TOLERANCES[precision]
     # written as "not within" so that a NaN (a graph producing NaN logits somewhere) fails every check
     if not decode["max_abs_logit_diff"] <= tol["max_abs_logit_diff"]:
-        return f"max |Δlogit| {decode['max_abs_logit_diff']:.3g} exceeds the {precision} tolerance {tol['max_abs_logit_diff']}"
+        where = f" (at {decode['worst_at']})" if decode.get("worst_at") else ""
+        return f"max |Δlogit| {decode['max_abs_logit_diff']:.3g}{where} exceeds the {precision} tolerance {tol['max_abs_logit_diff']}"
     if not accuracy["mean_kl"] <= tol["mean_kl"]:
         return f"mean KL {accuracy['mean_kl']:.3g} exceeds the {precision} tolerance {tol['mean_kl']}"
     if not accuracy["top1_agreement"] >= tol["top1_agreement"]:

@@ -143,6 +143,36 @@ def test_tolerance_check_fails_out_of_bounds_and_nan():
     assert "top-1 agreement 0.500 is below" in parity.check("fp32", ok_decode, {**ok_acc, "top1_agreement": 0.5})
 
 
+def test_a_failed_parity_says_where(tiny_artifact):
+    """decode_parity names the pass and row of its largest difference, and the failure message carries it:
+    a PyTorch model whose embedding of one token moved (only the decode step that feeds that token sees it)
+    differs at that step, not at the prompt pass, in the row fed it."""
+    import copy
+
+    import torch
+
+    from gpt2onnx.export.convert import _parity_prompts
+    from gpt2onnx.export.graph import model_config
+
+    tiny = checkpoints.load("synthetic:tiny")
+    cfg = model_config(tiny.model.config)
+    rows = _parity_prompts([i for i in tiny.tokenizer.encode(checkpoints.sample_text()).ids if i < cfg.vocab_size], cfg)
+    session = parity.ort_session(load_manifest(tiny_artifact).file("model.onnx"))
+    good = parity.decode_parity(session, tiny.model, cfg, rows)
+    assert good["max_abs_logit_diff"] < 1e-4 and good["worst_at"].endswith(" of 2")
+    moved = copy.deepcopy(tiny.model)
+    with torch.no_grad():
+        logits = tiny.model(input_ids=torch.tensor([rows[1]])).logits[0, -1]
+        token = int(logits.argmax())  # row 1's first greedy token: fed to it at decode step 1 only
+        assert token not in rows[0] + rows[1]
+        moved.lm_head.weight = torch.nn.Parameter(tiny.model.lm_head.weight.detach().clone())  # untied: logits stay
+        moved.transformer.wte.weight[token] += torch.linspace(-1, 1, cfg.n_embd)
+    bad = parity.decode_parity(session, moved, cfg, rows)
+    assert bad["max_abs_logit_diff"] > 1e-2 and bad["worst_at"] == "decode step 1, row 1 of 2"
+    msg = parity.check("fp32", bad, {"mean_kl": 0.0, "top1_agreement": 1.0})
+    assert msg.startswith("max |Δlogit| ") and "(at decode step 1, row 1 of 2) exceeds the fp32 tolerance" in msg
+
+
 @pytest.mark.filterwarnings("ignore:fp16 on the CPU")
 @pytest.mark.parametrize("precision", ["fp16", "int4"])
 def test_generation_and_batches_work(artifacts, precision):
