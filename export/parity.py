@@ -129,8 +129,9 @@ def decode_parity(session, torch_model, cfg: ModelConfig, rows: list[list[int]],
         ref = torch_model(input_ids=torch.from_numpy(ids_t), attention_mask=torch.from_numpy(mask_t),
                           position_ids=torch.from_numpy(pos_t), use_cache=True)
     ours_real, ref_real = outs[0][mask.astype(bool)], ref.logits.numpy()[mask_t.astype(bool)]  # row by row, in order
-    diffs, agree = [np.abs(ours_real - ref_real).max()], [_top1(ours_real, ref_real)]
-    worst = [int(np.searchsorted(np.cumsum(lens), np.abs(ours_real - ref_real).max(-1).argmax(), side="right"))]  # its row
+    d = np.abs(ours_real - ref_real).max(-1)  # [real positions]
+    diffs, agree = [d.max()], [_top1(ours_real, ref_real)]
+    worst = [int(np.searchsorted(np.cumsum(lens), d.argmax(), side="right"))]  # the row of the worst position
     past_t, last = ref.past_key_values, ref.logits[:, -1].numpy()
     for t in range(steps):
         nxt = last.argmax(-1)[:, None].astype(np.int64)  # both sides get PyTorch's greedy token
@@ -143,8 +144,9 @@ def decode_parity(session, torch_model, cfg: ModelConfig, rows: list[list[int]],
             ref = torch_model(input_ids=torch.from_numpy(nxt), attention_mask=torch.from_numpy(mask_t),
                               position_ids=torch.from_numpy(pos_t), past_key_values=past_t, use_cache=True)
         past_t, last = ref.past_key_values, ref.logits[:, -1].numpy()
-        diffs.append(np.abs(outs[0][:, -1] - last).max())
-        worst.append(int(np.abs(outs[0][:, -1] - last).max(-1).argmax()))
+        d = np.abs(outs[0][:, -1] - last).max(-1)  # [rows]
+        diffs.append(d.max())
+        worst.append(int(d.argmax()))
         agree.append(_top1(outs[0][:, -1], last))
     at = int(np.argmax(diffs))  # the pass with the largest difference: 0 the prompt pass, k decode step k
     return {
