@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 from .gpu_check import write_record
-from .gpu_step import batch_main, batch_parser
+from .gpu_step import batch_main, batch_parser, record_header
 from .workloads import prompt_rows
 
 PROMPT = 32
@@ -141,16 +141,11 @@ def _batch(e, b: int, steps: int, gpu: bool = True) -> dict:
 
 
 def measure(artifact: str, provider: str, batches: list[int], steps: int = STEPS, log=print, save=None) -> dict:
-    import onnxruntime as ort
-
     from gpt2onnx.runtime import Engine
     from gpt2onnx.runtime.errors import one_line
 
     e = Engine.load(artifact, provider=provider, verify="size", device_pick=False)  # the logits path: every row's step
-    m = e.manifest.raw
-    r = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "artifact": artifact,
-         "checkpoint": m.get("source", {}).get("checkpoint"), "precision": m.get("precision"), "provider": e.provider,
-         "onnxruntime": ort.__version__, "session_cuda_graph": bool(e.cuda_graph), "prompt": PROMPT, "batches": []}
+    r = {**record_header(e, artifact), "prompt": PROMPT, "batches": []}
     try:
         import torch
         from torch.profiler import ProfilerActivity, supported_activities

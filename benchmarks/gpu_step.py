@@ -131,9 +131,18 @@ def _prompt_ms(dec, vocab: int, steps: int, chunk: bool = False) -> float:
     return _median_ms(one, min(steps, 50))
 
 
-def measure(artifact: str, provider: str, batches: list[int], steps: int = STEPS, log=print, save=None) -> dict:
+def record_header(e, artifact: str) -> dict:
+    """What a GPU tool's record (this one's, gpu_kernels') says first: when, which artifact, and the
+    session it measured."""
     import onnxruntime as ort
 
+    m = e.manifest.raw
+    return {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "artifact": artifact,
+            "checkpoint": m.get("source", {}).get("checkpoint"), "precision": m.get("precision"), "provider": e.provider,
+            "onnxruntime": ort.__version__, "session_cuda_graph": bool(e.cuda_graph)}
+
+
+def measure(artifact: str, provider: str, batches: list[int], steps: int = STEPS, log=print, save=None) -> dict:
     from gpt2onnx.runtime import Engine
     from gpt2onnx.runtime.artifact import load_manifest
     from gpt2onnx.runtime.decoder import PICK_FROM
@@ -143,11 +152,7 @@ def measure(artifact: str, provider: str, batches: list[int], steps: int = STEPS
     m = load_manifest(artifact, verify="size")
     has_pick = ModelSpec.from_manifest(m).has_pick  # measured on every provider where the artifact has one
     e = Engine.load(artifact, provider=provider, verify="size", device_pick=has_pick or None)
-    m = e.manifest.raw
-    r = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "artifact": artifact,
-         "checkpoint": m.get("source", {}).get("checkpoint"), "precision": m.get("precision"), "provider": e.provider,
-         "onnxruntime": ort.__version__, "session_cuda_graph": bool(e.cuda_graph), "prompt": PROMPT,
-         "pick": has_pick, "pick_from": PICK_FROM, "parts": [],
+    r = {**record_header(e, artifact), "prompt": PROMPT, "pick": has_pick, "pick_from": PICK_FROM, "parts": [],
          "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ORT_")}}  # onnxruntime's kernel switches
     for b in batches:
         log(f"step parts at batch {b}")
