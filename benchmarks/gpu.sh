@@ -68,14 +68,15 @@ ORT_ENABLE_XQA=1 timeout 90 "$py" -m gpt2onnx.benchmarks.gpu_step "$art" --out "
 stage "xqa step breakdown done"
 # which attention kernel runs where (sdpa_kernel=1 costs the captured step ~0.1 ms; onnxruntime's sources say
 # XQA serves decode either way, so which one ran decides where that time goes): counted per kernel line
-ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1 timeout 60 "$py" -c "from gpt2onnx.runtime import Engine
+attention_kernels() {  # FILE [VAR=VALUE ...]: a 4-token generation's kernel lines, counted, with those variables set
+  local file=$1; shift
+  env "$@" ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1 timeout 60 "$py" -c "from gpt2onnx.runtime import Engine
 e = Engine.load('$art', verify='size')
-e.generate([list(range(1, 33))], max_new_tokens=4)" 2>&1 | grep -i 'kernel' | sort | uniq -c > "$out/attention-kernels.txt" \
-  || stage "attention kernel listing FAILED or empty"
-ORT_ENABLE_XQA=1 ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1 timeout 60 "$py" -c "from gpt2onnx.runtime import Engine
-e = Engine.load('$art', verify='size')
-e.generate([list(range(1, 33))], max_new_tokens=4)" 2>&1 | grep -i 'kernel' | sort | uniq -c > "$out/attention-kernels-xqa.txt" \
-  || stage "attention kernel listing with ORT_ENABLE_XQA=1 FAILED or empty"
+e.generate([list(range(1, 33))], max_new_tokens=4)" 2>&1 | grep -i 'kernel' | sort | uniq -c > "$out/$file" \
+    || stage "attention kernel listing $file FAILED or empty"
+}
+attention_kernels attention-kernels.txt
+attention_kernels attention-kernels-xqa.txt ORT_ENABLE_XQA=1
 # which kernels a step runs and how long the GPU is busy in it (the image's CUDA PyTorch profiles onnxruntime's
 # kernels too): the batch-1 bar needs ~0.2 ms off a ~1 ms replay, and this says which kernels hold it
 rm -f "$out/kernels.json" "$out/kernels.md"
