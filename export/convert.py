@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from gpt2onnx.runtime.artifact import FORMAT_VERSION, MANIFEST_NAME, PRECISIONS, sha256
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 from gpt2onnx.runtime.session import PROVIDERS
-from gpt2onnx.runtime.spec import PICK_FILE
+from gpt2onnx.runtime.spec import MIXED_FILE, PICK_FILE
 
 from . import checkpoints, graph, parity, quantize
 
@@ -40,6 +40,9 @@ class ExportOptions:
     enforce_tolerances: bool = True  # False only for measuring sweeps (benchmarks/quant_sweep.py)
     int8: quantize.Int8Config = field(default_factory=quantize.Int8Config)
     int4: quantize.Int4Config = field(default_factory=quantize.Int4Config)
+    # also write mixed.onnx: a decode step and one row's prompt chunk in one pass, for the scheduler
+    # (runtime/decoder.py, Mixed); its weights are model.onnx's, read from the same data file
+    mixed: bool = False
 
 
 def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
@@ -60,8 +63,8 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
     scales = None
     if opts.kv_dtype == "int8":  # calibrated on the shipped text's first n_positions tokens
         scales = parity.kv_scales(ckpt.model, text[: cfg.n_positions])
-    model = graph.build(cfg, graph.weights(ckpt.model, cfg), fused=opts.fuse, dtype=dtype, kv_dtype=opts.kv_dtype,
-                        kv_scales=scales)
+    w = graph.weights(ckpt.model, cfg)
+    model = graph.build(cfg, w, fused=opts.fuse, dtype=dtype, kv_dtype=opts.kv_dtype, kv_scales=scales)
 
     out = os.path.abspath(opts.output)
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -71,23 +74,14 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual mode
     try:
         model_path = os.path.join(tmp, "model.onnx")
-        quant = None
-        if opts.precision in ("int8", "int4"):
-            float_path = os.path.join(tmp, "float", "model.onnx")
-            os.makedirs(os.path.dirname(float_path))
-            _save_onnx(model, float_path)
-            del model
-            log(f"quantizing to {opts.precision}")
-            if opts.precision == "int8":
-                model, quant = quantize.quantize_int8(float_path, opts.int8)
-            else:
-                model, quant = quantize.quantize_int4(float_path, opts.int4)
-            shutil.rmtree(os.path.dirname(float_path))
-            _save_onnx(model, model_path)
-            del model
-        else:
-            _save_onnx(model, model_path)
-            del model
+        quant = _write_graph(model, model_path, opts, log)
+        del model
+        mixed_path = os.path.join(tmp, MIXED_FILE) if opts.mixed else None
+        if mixed_path:
+            log("building the mixed step graph (a decode step and a prompt chunk in one pass)")
+            _write_graph(graph.build(cfg, w, dtype=dtype, kv_dtype=opts.kv_dtype, kv_scales=scales, mixed=True),
+                         mixed_path, opts, log, share=model_path)
+        del w
         log("checking parity and accuracy against PyTorch fp32")
         session = parity.ort_session(model_path)
         rows = _parity_prompts(text, cfg)
@@ -96,6 +90,12 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
         del session
         tol = parity.tolerances(opts.precision, opts.kv_dtype, ckpt.source)
         problem = parity.check(opts.precision, figures, accuracy, tol)
+        mixed_figures = None
+        if mixed_path:  # the mixed pass against the model's own chunk and step passes, same tolerance
+            mixed_figures = parity.mixed_parity(model_path, mixed_path, cfg, opts.kv_dtype, rows)
+            if problem is None and not mixed_figures["max_abs_logit_diff"] <= tol["max_abs_logit_diff"]:
+                problem = (f"the mixed step graph's logits differ from the model's by {mixed_figures['max_abs_logit_diff']:.3g}, "
+                           f"not within the {opts.precision} tolerance {tol['max_abs_logit_diff']:g}")
         if problem and opts.enforce_tolerances:
             raise Gpt2OnnxError(f"accuracy check failed: {problem}; nothing was written")
         ckpt.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
@@ -105,6 +105,8 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
             onnx.save_model(graph.build_pick(), os.path.join(tmp, PICK_FILE))
         manifest = _manifest(opts, ckpt, cfg, model_path, tmp)
         manifest["parity"] = {"decode_vs_pytorch_fp32": {**figures, "tolerance": tol["max_abs_logit_diff"]}}
+        if mixed_figures:
+            manifest["parity"]["mixed_vs_model"] = {**mixed_figures, "tolerance": tol["max_abs_logit_diff"]}
         manifest["accuracy"] = {"teacher_forced": accuracy, "tolerances": tol}
         manifest["quantization"] = quant
         with open(os.path.join(tmp, MANIFEST_NAME), "w", encoding="utf-8") as f:
@@ -148,6 +150,8 @@ def _check_options(opts: ExportOptions) -> None:
         raise Gpt2OnnxError("an int8 KV cache is for the CPU precisions; use --kv-dtype float16 or drop it for fp16")
     if not opts.fuse and opts.kv_dtype not in (None, _activation_dtype(opts.precision)):
         raise Gpt2OnnxError("--kv-dtype needs the fused graph; drop --no-fuse")
+    if opts.mixed and not opts.fuse:
+        raise Gpt2OnnxError("--mixed-step needs the fused graph; drop --no-fuse")
     if opts.provider not in PROVIDERS:
         raise Gpt2OnnxError(f"unknown provider {opts.provider!r}; choose one of {', '.join(PROVIDERS)}")
     _check_output(opts.output, opts.force)
@@ -178,31 +182,82 @@ def _parity_prompts(ids: list[int], cfg) -> list[list[int]]:
     return [ids[:n], ids[n: n + n // 2]]
 
 
-def _save_onnx(model, path: str) -> None:
+def _write_graph(model, path: str, opts: ExportOptions, log, share: str | None = None) -> dict | None:
+    """Save a float graph at `path`, quantized first for int8 / int4 (onnxruntime's quantizers read it
+    from a file); returns the quantization's manifest entry (None for float precisions)."""
+    quant = None
+    if opts.precision in ("int8", "int4"):
+        float_path = os.path.join(os.path.dirname(path), "float", os.path.basename(path))
+        os.makedirs(os.path.dirname(float_path))
+        _save_onnx(model, float_path)
+        del model
+        log(f"quantizing to {opts.precision}")
+        if opts.precision == "int8":
+            model, quant = quantize.quantize_int8(float_path, opts.int8)
+        else:
+            model, quant = quantize.quantize_int4(float_path, opts.int4)
+        shutil.rmtree(os.path.dirname(float_path))
+    _save_onnx(model, path, share)
+    return quant
+
+
+def _save_onnx(model, path: str, share: str | None = None) -> None:
     """The graph in `path`, the weights in `path`.data with every tensor of 4 KiB or more starting on
     a 4096-byte boundary: onnxruntime memory-maps aligned external initializers on the CPU instead of
     copying them into its own buffers, so a process holds one copy of the weights (in the page cache,
     shared by every process that loads the artifact), and a table only gathered from (the token
-    embedding) costs resident memory only for the rows it reads."""
+    embedding) costs resident memory only for the rows it reads.
+
+    `share`: a graph saved before whose weights this one reuses: a tensor with the same name and bytes
+    there points into that graph's data file instead of being written again (the mixed step graph and
+    model.onnx: one copy on disk, and in the page cache where onnxruntime maps it)."""
     import onnx
     from onnx import numpy_helper
     from onnx.external_data_helper import set_external_data
 
+    shared = _external_tensors(share) if share else {}
     data = path + ".data"
     with open(data, "wb") as f:
         for t in model.graph.initializer:
             raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
             if len(raw) < ALIGN:
                 continue
-            f.write(b"\0" * (-f.tell() % ALIGN))
             for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
                 t.ClearField(field)  # quantizers write some scales as typed fields, not raw bytes
             t.raw_data = raw
-            set_external_data(t, os.path.basename(data), offset=f.tell(), length=len(raw))
-            f.write(raw)
+            if t.name in shared and _same_bytes(shared[t.name], raw):
+                location, offset = shared[t.name][:2]
+                set_external_data(t, location, offset=offset, length=len(raw))
+            else:
+                f.write(b"\0" * (-f.tell() % ALIGN))
+                set_external_data(t, os.path.basename(data), offset=f.tell(), length=len(raw))
+                f.write(raw)
             t.ClearField("raw_data")
             t.data_location = onnx.TensorProto.EXTERNAL
+    if os.path.getsize(data) == 0:  # every weight shared: no data file of its own
+        os.remove(data)
     onnx.save_model(model, path)
+
+
+def _external_tensors(path: str) -> dict[str, tuple[str, int, int, str]]:
+    """name -> (location, offset, length, data file path) of the external tensors of the graph at `path`."""
+    import onnx
+
+    out = {}
+    for t in onnx.load(path, load_external_data=False).graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            e = {x.key: x.value for x in t.external_data}
+            out[t.name] = (e["location"], int(e.get("offset", 0)), int(e["length"]), os.path.join(os.path.dirname(path), e["location"]))
+    return out
+
+
+def _same_bytes(ext: tuple[str, int, int, str], raw: bytes) -> bool:
+    _, offset, length, file = ext
+    if length != len(raw):
+        return False
+    with open(file, "rb") as f:
+        f.seek(offset)
+        return f.read(length) == raw
 
 
 def _replace_dir(tmp: str, out: str, force: bool) -> None:
@@ -238,6 +293,7 @@ def _manifest(opts: ExportOptions, ckpt, cfg: graph.ModelConfig, model_path: str
         "names": graph.NAMES.manifest()["names"],
         "logits_to_keep": graph.NAMES.logits_to_keep,
         **({"pick": graph.NAMES.manifest()["pick"]} if opts.fuse else {}),
+        **({"mixed": graph.NAMES.manifest()["mixed"]} if opts.mixed else {}),
     }
     # every file the export wrote (model.onnx, model.onnx.data when the weights go external,
     # tokenizer.json, pick.onnx): the runtime refuses a manifest that omits a file it opens (runtime/artifact.py)
@@ -261,7 +317,8 @@ def _manifest(opts: ExportOptions, ckpt, cfg: graph.ModelConfig, model_path: str
         "runtime_ops": graph.runtime_counts(model_path),
         # where onnxruntime's CUDA provider would place the graph, and whether it could then capture
         # the decode step as a CUDA graph (no host<->device copies); the runtime reads `capturable`
-        "cuda_graph": _cuda_placement(m),
+        "cuda_graph": {**_cuda_placement(m), **({"mixed": _cuda_placement(onnx.load(os.path.join(tmp, MIXED_FILE), load_external_data=False))}
+                                                 if opts.mixed else {})},
         "weights": {"bytes_per_token": graph.weight_bytes_per_token(m)},
         "files": files,
         "versions": _versions(),

@@ -161,8 +161,17 @@ class _Builder:
 
 
 def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dtype: str = "float32",
-          kv_dtype: str | None = None, kv_scales: list[tuple[float, float]] | None = None):
+          kv_dtype: str | None = None, kv_scales: list[tuple[float, float]] | None = None, mixed: bool = False):
     """Return the onnx.ModelProto of the decoder.
+
+    `mixed` builds the artifact's mixed step graph (mixed.onnx, fused only): a decode step over b rows
+    and one row's next prompt chunk in one pass. Inputs: the step's (input_ids / position_ids [b, 1],
+    attention_mask [b, capacity], past [b, ...]; no num_logits_to_keep) plus chunk_input_ids /
+    chunk_position_ids [1, W], chunk_attention_mask [1, capacity] and chunk_past [1, ...] (the chunk
+    row's slot of the same cache); outputs logits [b, 1, vocab] and chunk_logits [1, 1, vocab] (the
+    chunk's last real token). The b + W tokens run as one sequence through every matmul and layer norm
+    and split only for attention: GroupQueryAttention takes a multi-token pass over a past for one row
+    only, so each layer has a decode node [b, 1] and a chunk node [1, W].
 
     `dtype` is the weight and activation dtype; `kv_dtype` (default `dtype`) the KV cache's. A float16
     cache under float32 activations (fused graphs only) halves the bytes attention reads per token:
@@ -182,6 +191,8 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
     if kv_int8 and (kv_scales is None or len(kv_scales) != cfg.n_layer):
         raise Gpt2OnnxError("an int8 KV cache needs one (key, value) scale per layer")
     cast_kv = kv_np != np_dtype and not kv_int8  # a float16 cache under float32 activations
+    if mixed and not fused:
+        raise Gpt2OnnxError("the mixed step graph needs the fused graph")
     b = _Builder(np_dtype)
     H, N, D = cfg.n_embd, cfg.n_head, cfg.head_dim
     i64 = lambda name, vals: b.const(name, np.array(vals, dtype=np.int64), cast=False)  # noqa: E731
@@ -190,12 +201,24 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
     n = NAMES
     ids_shape = b.one("Shape", [n.input_ids], name="ids_shape")
     mask_shape = b.one("Shape", [n.attention_mask], name="mask_shape")
-    seq = b.one("Slice", [ids_shape, i64("c_1", [1]), i64("c_2", [2])], name="seq")
-    total = b.one("Slice", [mask_shape, "c_1", "c_2"], name="total")
+    seq = None if mixed else b.one("Slice", [ids_shape, i64("c_1", [1]), i64("c_2", [2])], name="seq")
+    total = b.one("Slice", [mask_shape, i64("c_1", [1]), i64("c_2", [2])], name="total")
+
+    ids, positions = n.input_ids, n.position_ids
+    if mixed:
+        # the step's b tokens then the chunk's W as one sequence [1, b + W]: every weight is read once
+        # for both, and only attention tells them apart (split_bw = [b, W], on the host from shapes)
+        chunk_shape = b.one("Shape", [n.chunk_ids], name="chunk_shape")
+        rows_b = b.one("Slice", [ids_shape, i64("c_0", [0]), "c_1"], name="step_rows")
+        split_bw = b.one("Concat", [rows_b, b.one("Slice", [chunk_shape, "c_1", "c_2"], name="chunk_cols")], axis=0, name="split_bw")
+        flat = i64("flat_1", [1, -1])
+        ids = b.one("Concat", [b.one("Reshape", [ids, flat], name="step_ids_row"), n.chunk_ids], axis=1, name="mixed_ids")
+        positions = b.one("Concat", [b.one("Reshape", [positions, flat], name="step_pos_row"), n.chunk_position_ids],
+                          axis=1, name="mixed_positions")
 
     # Embeddings. The fused graph folds the add into layer 0's SkipLayerNormalization.
-    tok = b.one("Gather", [b.const("wte", w["wte"]), n.input_ids], name=TOKEN_EMBEDDING)
-    pos = b.one("Gather", [b.const("wpe", w["wpe"]), n.position_ids], name="pos_emb")
+    tok = b.one("Gather", [b.const("wte", w["wte"]), ids], name=TOKEN_EMBEDDING)
+    pos = b.one("Gather", [b.const("wpe", w["wpe"]), positions], name="pos_emb")
 
     eps = cfg.layer_norm_epsilon
     if fused:
@@ -206,13 +229,21 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
         # row's new keys and values at seqlens_k - seq + 1 (a first prompt, mask width = seq, at 0:
         # right-padded rows write their padding after their tokens, where their next token will
         # overwrite it). total_sequence_length [] = the mask's width, an upper bound of every row's.
-        total32 = b.one("Cast", [total], to=TensorProto.INT32, name="total_i32")
-        total_scalar = b.one("Squeeze", [total32, b.const("c0_axes", np.array([0], np.int64), cast=False)], name="total_seq_len")
-        cols = b.one("Range", [i64("one_s64", 1), b.one("Add", [b.one("Squeeze", [total], name="width"), "one_s64"]), "one_s64"],
-                     name="col_numbers")  # [T_max] = 1..width
-        real_cols = b.one("Mul", [n.attention_mask, cols], name="real_cols")
-        last = b.one("Sub", [b.one("ReduceMax", [real_cols], axes=[1], keepdims=0, name="row_total"), "one_s64"], name="last_pos")
-        seqlens_k = b.one("Cast", [last], to=TensorProto.INT32, name="seqlens_k")  # [B]
+        def lengths(mask: str, total: str, tag: str = "") -> tuple[str, str]:
+            total32 = b.one("Cast", [total], to=TensorProto.INT32, name=tag + "total_i32")
+            total_scalar = b.one("Squeeze", [total32, b.const("c0_axes", np.array([0], np.int64), cast=False)],
+                                 name=tag + "total_seq_len")
+            cols = b.one("Range", [i64("one_s64", 1), b.one("Add", [b.one("Squeeze", [total], name=tag + "width"), "one_s64"]),
+                                   "one_s64"], name=tag + "col_numbers")  # [T_max] = 1..width
+            real_cols = b.one("Mul", [mask, cols], name=tag + "real_cols")
+            last = b.one("Sub", [b.one("ReduceMax", [real_cols], axes=[1], keepdims=0, name=tag + "row_total"), "one_s64"],
+                         name=tag + "last_pos")
+            return b.one("Cast", [last], to=TensorProto.INT32, name=tag + "seqlens_k"), total_scalar  # [B], []
+
+        seqlens_k, total_scalar = lengths(n.attention_mask, total)
+        if mixed:
+            chunk_total = b.one("Slice", [b.one("Shape", [n.chunk_mask], name="chunk_mask_shape"), "c_1", "c_2"], name="chunk_total")
+            chunk_seqlens, chunk_total_scalar = lengths(n.chunk_mask, chunk_total, "chunk_")
         ln, residual = b.op("SkipLayerNormalization", [tok, pos, b.const("h0.ln_1.g", w["h0.ln_1.g"]), b.const("h0.ln_1.b", w["h0.ln_1.b"])],
                             domain=MS_DOMAIN, epsilon=eps, name="h0.ln_1", outputs=["h0.ln_1_out", "", "", "h0.resid_in"])[::3]
     else:
@@ -233,19 +264,33 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
         qkv = b.one("Add", [b.one("MatMul", [ln, c("qkv.w")], name=p + "qkv"), c("qkv.b")], name=p + "qkv_bias")  # [B, S, 3H]
         (past_k, pres_k), (past_v, pres_v) = n.kv(cfg.n_layer)[2 * i: 2 * i + 2]
         if fused:
-            if cast_kv:
-                qkv = b.one("Cast", [qkv], to=kv_elem, name=p + "qkv_kv")
             quant_in, quant_attrs = [], {}
             if kv_int8:
                 quant_in = ["", b.const(p + "k_scale", np.array([kv_scales[i][0]], np.float32), cast=False),
                             b.const(p + "v_scale", np.array([kv_scales[i][1]], np.float32), cast=False)]
                 quant_attrs = {"kv_cache_bit_width": 8, "k_quant_type": "PER_TENSOR", "v_quant_type": "PER_TENSOR"}
-            attn = b.op("GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens_k, total_scalar,
-                                                 *([""] * 4 if quant_in else []), *quant_in],
-                        domain=MS_DOMAIN, num_heads=N, kv_num_heads=N, name=p + "attn", **quant_attrs,
-                        outputs=[p + "attn_out", pres_k, pres_v])[0]
-            if cast_kv:
-                attn = b.one("Cast", [attn], to=elem, name=p + "attn_out_act")
+
+            def gqa(q: str, past_k: str, past_v: str, pres_k: str, pres_v: str, lens: str, total: str, tag: str,
+                    p: str = p, quant_in: list = quant_in, quant_attrs: dict = quant_attrs) -> str:
+                if cast_kv:
+                    q = b.one("Cast", [q], to=kv_elem, name=p + tag + "qkv_kv")
+                out = b.op("GroupQueryAttention", [q, "", "", past_k, past_v, lens, total, *([""] * 4 if quant_in else []),
+                                                   *quant_in], domain=MS_DOMAIN, num_heads=N, kv_num_heads=N,
+                           name=p + tag + "attn", **quant_attrs, outputs=[p + tag + "attn_out", pres_k, pres_v])[0]
+                return b.one("Cast", [out], to=elem, name=p + tag + "attn_out_act") if cast_kv else out
+
+            if mixed:
+                # GroupQueryAttention takes a multi-token pass over a past for one row only, so the step's rows
+                # [b, 1, 3H] and the chunk [1, W, 3H] attend in two nodes, each over its own rows of the cache
+                step_q, chunk_q = b.op("Split", [qkv, split_bw], n_out=2, axis=1, name=p + "split_bw")
+                step_q = b.one("Reshape", [step_q, i64("rows_1_3h", [-1, 1, 3 * H])], name=p + "step_q")
+                step_a = gqa(step_q, past_k, past_v, pres_k, pres_v, seqlens_k, total_scalar, "")  # [b, 1, H]
+                (cpast_k, cpres_k), (cpast_v, cpres_v) = n.chunk_kv(cfg.n_layer)[2 * i: 2 * i + 2]
+                chunk_a = gqa(chunk_q, cpast_k, cpast_v, cpres_k, cpres_v, chunk_seqlens, chunk_total_scalar, "chunk_")
+                attn = b.one("Concat", [b.one("Reshape", [step_a, i64("one_rows_h", [1, -1, H])], name=p + "step_a_row"), chunk_a],
+                             axis=1, name=p + "mixed_attn")  # [1, b + W, H]
+            else:
+                attn = gqa(qkv, past_k, past_v, pres_k, pres_v, seqlens_k, total_scalar, "")
             proj = b.one("MatMul", [attn, c("attn_out.w")], name=p + "attn_proj")
             ln, residual = b.op("SkipLayerNormalization", [proj, residual, c("ln_2.g"), c("ln_2.b"), c("attn_out.b")],
                                 domain=MS_DOMAIN, epsilon=eps, name=p + "ln_2",
@@ -277,32 +322,55 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
     # shape and the input (onnxruntime's CUDA provider places such shape arithmetic on the CPU,
     # fallback_cpu_capability.cc): any device value on that path would need a device-to-host copy,
     # and a graph with a copy cannot be captured.
-    pos_f = b.one("Cast", [n.position_ids], to=TensorProto.FLOAT, name="pos_f")  # [B, S], exact below 2^24
-    last_tok = b.one("ArgMax", [pos_f], axis=1, keepdims=1, name="last_token")  # [B, 1]
-    last_h = b.one("Unsqueeze", [b.one("GatherND", [ln, last_tok], batch_dims=1, name="last_hidden_2d"), "c_1"],
-                   name="last_hidden")  # [B, 1, H]
-    both = b.one("Concat", [ln, last_h], axis=1, name="hidden_and_last")  # [B, S + 1, H]
-    start = b.one("Mul", [seq, n.logits_to_keep], name="keep_start")  # [1] = S * keep
-    end = b.one("Add", [seq, n.logits_to_keep], name="keep_end")  # [1] = S + keep
-    kept = b.one("Slice", [both, start, end, "c_1"], name="keep_last")
-    logits = b.one("MatMul", [kept, b.const("lm_head.w", w["lm_head.w"])], name=LM_HEAD)
-    if np_dtype != np.float32:
-        b.one("Cast", [logits], to=TensorProto.FLOAT, name="logits_f32", outputs=[n.logits])
+    if mixed:  # the step's rows and the chunk's last real token: [b + 1, H] through the head, split after
+        step_h, chunk_h = b.op("Split", [ln, split_bw], n_out=2, axis=1, name="split_hidden")
+        chunk_pos_f = b.one("Cast", [n.chunk_position_ids], to=TensorProto.FLOAT, name="chunk_pos_f")
+        chunk_last = b.one("GatherND", [chunk_h, b.one("ArgMax", [chunk_pos_f], axis=1, keepdims=1, name="chunk_last_token")],
+                           batch_dims=1, name="chunk_last_hidden")  # [1, H]
+        rows = b.one("Concat", [b.one("Reshape", [step_h, i64("rows_h", [-1, H])], name="step_hidden"), chunk_last],
+                     axis=0, name="mixed_hidden")  # [b + 1, H]
+        logits = b.one("MatMul", [rows, b.const("lm_head.w", w["lm_head.w"])], name=LM_HEAD)
+        if np_dtype != np.float32:
+            logits = b.one("Cast", [logits], to=TensorProto.FLOAT, name="logits_f32")
+        split_b1 = b.one("Concat", [rows_b, i64("c_1", [1])], axis=0, name="split_b1")
+        step_l, chunk_l = b.op("Split", [logits, split_b1], n_out=2, axis=0, name="split_logits")
+        rows_1_v = i64("rows_1_v", [-1, 1, cfg.vocab_size])
+        b.op("Reshape", [step_l, rows_1_v], name="step_logits", outputs=[n.logits])  # [b, 1, vocab]
+        b.op("Reshape", [chunk_l, rows_1_v], name="chunk_logits", outputs=[n.chunk_logits])  # [1, 1, vocab]
     else:
-        b.nodes[-1].output[0] = n.logits
+        pos_f = b.one("Cast", [n.position_ids], to=TensorProto.FLOAT, name="pos_f")  # [B, S], exact below 2^24
+        last_tok = b.one("ArgMax", [pos_f], axis=1, keepdims=1, name="last_token")  # [B, 1]
+        last_h = b.one("Unsqueeze", [b.one("GatherND", [ln, last_tok], batch_dims=1, name="last_hidden_2d"), "c_1"],
+                       name="last_hidden")  # [B, 1, H]
+        both = b.one("Concat", [ln, last_h], axis=1, name="hidden_and_last")  # [B, S + 1, H]
+        start = b.one("Mul", [seq, n.logits_to_keep], name="keep_start")  # [1] = S * keep
+        end = b.one("Add", [seq, n.logits_to_keep], name="keep_end")  # [1] = S + keep
+        kept = b.one("Slice", [both, start, end, "c_1"], name="keep_last")
+        logits = b.one("MatMul", [kept, b.const("lm_head.w", w["lm_head.w"])], name=LM_HEAD)
+        if np_dtype != np.float32:
+            b.one("Cast", [logits], to=TensorProto.FLOAT, name="logits_f32", outputs=[n.logits])
+        else:
+            b.nodes[-1].output[0] = n.logits
 
     kv = lambda name, past: helper.make_tensor_value_info(name, kv_elem, ["batch", N, past, D])  # noqa: E731
-    inputs = [
-        helper.make_tensor_value_info(n.input_ids, TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info(n.attention_mask, TensorProto.INT64, ["batch", "total"]),
-        helper.make_tensor_value_info(n.position_ids, TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info(n.logits_to_keep, TensorProto.INT64, []),
-    ]
+    i64_in = lambda name, dims: helper.make_tensor_value_info(name, TensorProto.INT64, dims)  # noqa: E731
+    inputs = [i64_in(n.input_ids, ["batch", "seq"]), i64_in(n.attention_mask, ["batch", "total"]),
+              i64_in(n.position_ids, ["batch", "seq"])]
+    if not mixed:  # a mixed pass keeps the step's and the chunk's last logits, always
+        inputs.append(i64_in(n.logits_to_keep, []))
     outputs = [helper.make_tensor_value_info(n.logits, TensorProto.FLOAT, ["batch", "kept", cfg.vocab_size])]
     for past, present in n.kv(cfg.n_layer):
         inputs.append(kv(past, "past"))
         outputs.append(kv(present, "present"))
-    graph = helper.make_graph(b.nodes, "gpt2onnx_decoder", inputs, outputs, b.inits)
+    if mixed:
+        inputs += [i64_in(n.chunk_ids, [1, "chunk"]), i64_in(n.chunk_mask, [1, "chunk_total"]),
+                   i64_in(n.chunk_position_ids, [1, "chunk"])]
+        outputs.append(helper.make_tensor_value_info(n.chunk_logits, TensorProto.FLOAT, [1, 1, cfg.vocab_size]))
+        ckv = lambda name, past: helper.make_tensor_value_info(name, kv_elem, [1, N, past, D])  # noqa: E731
+        for past, present in n.chunk_kv(cfg.n_layer):
+            inputs.append(ckv(past, "chunk_past"))
+            outputs.append(ckv(present, "chunk_present"))
+    graph = helper.make_graph(b.nodes, "gpt2onnx_mixed_step" if mixed else "gpt2onnx_decoder", inputs, outputs, b.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="gpt2onnx")
     model.ir_version = min(model.ir_version, 10)  # readable by onnxruntime releases of the last two years

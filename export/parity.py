@@ -158,6 +158,39 @@ def decode_parity(session, torch_model, cfg: ModelConfig, rows: list[list[int]],
     }
 
 
+def mixed_parity(model_path: str, mixed_path: str, cfg: ModelConfig, kv_dtype: str, rows: list[list[int]],
+                 width: int = 8, passes: int = 3) -> dict:
+    """The mixed step graph against the model's own passes, through the runtime's decode core: two rows
+    decode while a third takes its prompt in `width`-column chunks, once as mixed passes and once as a
+    chunk pass then a step; returns the largest |Δlogit| over the step rows' and the chunks' logits.
+    The third row sits inside the step's rows, so its idle write beside the chunk is exercised too."""
+    from gpt2onnx.runtime.decoder import Decoder, Mixed
+    from gpt2onnx.runtime.spec import ModelSpec
+
+    spec = ModelSpec(n_layer=cfg.n_layer, n_head=cfg.n_head, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
+                     n_positions=cfg.n_positions, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+                     kv_dtype=np.dtype(kv_dtype), in_place_kv=True, names=graph.NAMES)
+    main = ort_session(model_path)
+    capacity = max(map(len, rows)) + width * passes + passes + 2
+    ours = Decoder(spec, main, 3, capacity, mixed=Mixed(ort_session(mixed_path), captured=False))
+    ref = Decoder(spec, main, 3, capacity)
+    prompt = (rows[0] * passes)[: width * passes - 3]  # the last chunk is short: padded like the runtime pads it
+    worst = 0.0
+    for dec in (ours, ref):
+        dec.prefill(0, [rows[0]])
+        dec.prefill(2, [rows[1]])
+    tokens, live = np.array([rows[1][0], 0, rows[0][0]]), np.array([True, False, True])
+    for k in range(passes):
+        chunk = prompt[k * width: (k + 1) * width]
+        step, last = ours.decode_with_chunk(tokens, live, 1, chunk, width)
+        step, last = step.copy(), last.copy()
+        want_last = ref.chunk(1, chunk, width).copy()
+        want = ref.decode(tokens, live)
+        worst = max(worst, float(np.abs(step[live] - want[live]).max()), float(np.abs(last - want_last).max()))
+        tokens = want.argmax(-1)
+    return {"max_abs_logit_diff": worst, "passes": passes, "chunk_width": width}
+
+
 def _top1(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.argmax(-1) == b.argmax(-1)).mean())
 

@@ -128,7 +128,7 @@ def cmd_export(args) -> None:
                       exclude=keep or d4.exclude)
     opts = ExportOptions(model=args.model, output=args.output, precision=args.precision, provider=args.target_provider,
                          fuse=not args.no_fuse, seed=args.seed, force=args.force, int8=int8, int4=int4,
-                         kv_dtype=args.kv_dtype)
+                         kv_dtype=args.kv_dtype, mixed=args.mixed_step)
     export(opts, log=lambda m: print(m, flush=True))
 
 
@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"provider the artifact is built for (default {provider})")
     p.add_argument("--no-fuse", action="store_true", help="plain ONNX operators instead of onnxruntime's fused ones (a portable graph for other ONNX runtimes; gpt2onnx's own runtime decodes fused graphs only)")
     p.add_argument("--seed", type=int, default=seed, help=f"weights seed of synthetic checkpoints (default {seed})")
+    p.add_argument("--mixed-step", action="store_true",
+                   help="also write mixed.onnx, a decode step and one row's prompt chunk in one pass, which the scheduler "
+                        "runs with --prompt-width (weights shared with model.onnx on disk)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--kv-dtype", default=_default(ExportOptions, "kv_dtype"), choices=KV_DTYPES,
                    help="KV cache dtype (default int8 for int8 and int4 on cpu, else the activations')")

@@ -1,5 +1,7 @@
 """The artifact directory contract: `gpt2onnx.json` (the manifest), `model.onnx`, `tokenizer.json`,
-and from fused exports `pick.onnx` (greedy's pick on the device; optional: older artifacts lack it).
+and from fused exports `pick.onnx` (greedy's pick on the device; optional: older artifacts lack it) and,
+exported with --mixed-step, `mixed.onnx` (a decode step and a prompt chunk in one pass, reading
+model.onnx's weight file).
 
 The export stage writes manifests with `MANIFEST_NAME` and `FORMAT_VERSION` from here; the runtime
 reads them with `load_manifest`, which refuses a damaged or mismatched artifact with one line that
@@ -8,7 +10,8 @@ says what is wrong and what to do.
 Trust: a server loads an artifact once and runs it for weeks, so the load-time check cannot be
 skipped. Every file the runtime opens (model.onnx, tokenizer.json, and any external-data file
 model.onnx reads its weights from) must be listed in the manifest's `files` with its size and
-sha256, by a plain name inside the artifact directory, and is checked on every load.
+sha256, by a plain name inside the artifact directory, and is checked on every load (every .onnx
+file's external-data locations too).
 """
 
 from __future__ import annotations
@@ -190,14 +193,15 @@ def _check_external_data(path: str, files: dict[str, Any]) -> None:
     read the locations from model.onnx itself, with a minimal protobuf walk (the runtime has no onnx
     package). Listed names are plain names, so a location such as "../x" or "/etc/x" is never listed.
     """
-    try:
-        locations = _external_data_locations(os.path.join(path, "model.onnx"))
-    except (ValueError, OSError) as e:
-        raise Gpt2OnnxError(f"model.onnx in {path} is not a readable ONNX file ({e}); the artifact is damaged, re-export it") from None
-    for loc in sorted(locations):
-        if loc not in files:
-            raise Gpt2OnnxError(f"model.onnx in {path} reads weights from {loc!r}, which the manifest does not list; "
-                                "the artifact is incomplete or tampered with, re-export it")
+    for graph in ("model.onnx", *(name for name in sorted(files) if name.endswith(".onnx") and name != "model.onnx")):
+        try:
+            locations = _external_data_locations(os.path.join(path, graph))
+        except (ValueError, OSError) as e:
+            raise Gpt2OnnxError(f"{graph} in {path} is not a readable ONNX file ({e}); the artifact is damaged, re-export it") from None
+        for loc in sorted(locations):
+            if loc not in files:
+                raise Gpt2OnnxError(f"{graph} in {path} reads weights from {loc!r}, which the manifest does not list; "
+                                    "the artifact is incomplete or tampered with, re-export it")
 
 
 # ONNX protobuf fields (onnx.proto) on every path from ModelProto to a TensorProto's external_data.

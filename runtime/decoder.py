@@ -18,7 +18,9 @@ step writes a few numbers and runs (no allocation). CUDA: the same arrays are co
 buffers at fixed addresses before each step; with CUDA graphs the step is captured once per batch
 bucket (1, 2, 4 ... rows, `graph_id` from the engine's per-session counter) and replayed, while
 prompt passes of their own shapes run uncaptured (gpu_graph_id -1); a prompt fed in fixed-width
-chunks (`chunk`, one row a pass) is captured once per row and width like the step. Rows that all pick
+chunks (`chunk`, one row a pass) is captured once per row and width like the step, and with the
+artifact's mixed step graph (`Mixed`, `decode_with_chunk`) such a chunk runs inside a step's pass,
+captured once per bucket, row and width. Rows that all pick
 greedily step through `decode_greedy`: with a Pick (the artifact's pick.onnx as its own session, on
 CUDA) the argmax runs where the logits lie and only the ids reach the host.
 """
@@ -98,6 +100,32 @@ class Pick:
         return (ids if isinstance(ids, np.ndarray) else ids.numpy())[:, 0]
 
 
+class Mixed:
+    """The artifact's mixed step graph (mixed.onnx) as a session of its own: a decode step over b rows and
+    one other row's next prompt chunk in one pass, every weight read once for both (vLLM's chunked prefill
+    mixes prompt and decode tokens in one batch the same way). Two GroupQueryAttention nodes a layer tell
+    them apart, since the op takes a multi-token pass over a past for one row only.
+
+    Args:
+        session: the mixed graph's onnxruntime session (session.build_mixed_session).
+        captured: the session was created with enable_cuda_graph (each binding then gets its own graph id).
+    """
+
+    def __init__(self, session, captured: bool):
+        self.session = session
+        self._graph_ids = itertools.count(1) if captured else None  # ids are per session: the mixed graph's own
+        self.runs = 0
+
+    def run_options(self):
+        if self._graph_ids is None:
+            return None
+        import onnxruntime as ort
+
+        ro = ort.RunOptions()
+        ro.add_run_config_entry("gpu_graph_id", str(next(self._graph_ids)))  # first run captures, then replays
+        return ro
+
+
 def right_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ids, attention_mask, position_ids [rows, longest] of a right-padded batch, as a fused graph takes
     it: each row from column 0, its padding after it repeating its last position (0 .. len - 1, len - 1 ...)."""
@@ -123,11 +151,12 @@ class Decoder:
         session_graphs: the session was created with enable_cuda_graph, where a run that names no graph is
             captured as graph 0: then every run this Decoder does not capture says gpu_graph_id -1.
         pick: greedy's pick on the device for `decode_greedy` (None: numpy's argmax of the logits).
+        mixed: the mixed step graph for `decode_with_chunk` (None: a chunk and a step are two passes).
     """
 
     def __init__(self, spec: ModelSpec, session, slots: int, capacity: int, device: str = "cpu",
                  graph_id: Callable[[], int] | None = None, prefault: bool = False, session_graphs: bool = False,
-                 pick: Pick | None = None):
+                 pick: Pick | None = None, mixed: Mixed | None = None):
         import onnxruntime as ort
 
         if not spec.in_place_kv:
@@ -135,6 +164,7 @@ class Decoder:
                                 "decodes fused graphs only, re-export without --no-fuse")
         self.ort, self.spec, self.session = ort, spec, session
         self.slots, self.capacity, self.device, self.graph_id, self.pick = slots, capacity, device, graph_id, pick
+        self.mixed = mixed
         self.kv_names = spec.kv_names
         self.row_bytes = spec.n_head * capacity * spec.head_dim * spec.kv_dtype.itemsize
         self._kv = self._alloc_kv(prefault)  # [slots, heads, capacity, head_dim] per layer and tensor
@@ -155,7 +185,13 @@ class Decoder:
         # (set, first row, rows, width) -> the binding of a fixed-shape pass, made once: decode steps
         # (first 0, width 1) and fixed-width prompt chunks (one row, `chunk`)
         self._steps: dict[tuple[int, int, int, int], tuple] = {}
-        self._picks: dict[tuple[int, int, int, int], tuple] = {}  # the same keys -> the binding of their Pick
+        self._picks: dict[tuple, tuple] = {}  # the same keys (and _mixed's) -> the binding of their Pick
+        # (set, rows, chunk row, width) -> the binding of a mixed pass (decode_with_chunk), made once
+        self._mixed: dict[tuple[int, int, int, int], tuple] = {}
+        self.chunk_ids = np.full((1, 0), spec.pad_token_id, np.int64)  # a mixed pass's chunk [1, width] (per width)
+        self.chunk_pos = np.zeros((1, 0), np.int64)
+        self.chunk_mask = np.zeros((1, capacity), np.int64)  # the chunk row's mask: ones on [0, held + width)
+        self.chunk_logits = np.zeros((1, 1, spec.vocab_size), np.float32)  # CPU: its last token's logits
         self._prompt_ro = None  # prompt passes have their own shapes: never captured
         if graph_id is not None or session_graphs:
             self._prompt_ro = ort.RunOptions()
@@ -184,6 +220,7 @@ class Decoder:
         self._kv = self._spare = None
         self._steps.clear()
         self._picks.clear()
+        self._mixed.clear()
 
     # ---- rows --------------------------------------------------------------------------------
 
@@ -276,9 +313,48 @@ class Decoder:
             return self.decode(tokens, live).argmax(-1)
         return self._step(tokens, live, pick=True)[:n]
 
-    def _step(self, tokens: np.ndarray, live: np.ndarray | None, pick: bool) -> np.ndarray:
+    def can_mix(self, r: int, width: int, n: int) -> bool:
+        """Whether `decode_with_chunk` can run row r's chunk of `width` columns beside a step over rows
+        0 .. n-1 (a row of the step's bucket needs one more free column: its idle write goes after the chunk)."""
+        return self.mixed is not None and int(self.held[r]) + width + (r < self.batch_for(n)) <= self.capacity
+
+    def decode_with_chunk(self, tokens: np.ndarray, live: np.ndarray, r: int, chunk: list[int], width: int,
+                          greedy: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """`decode` (or with `greedy` `decode_greedy`) over rows 0 .. n-1 and `chunk` over row r, one pass of
+        the mixed graph; returns the step's logits [n, vocab] (ids [n]) and the chunk's last token's [vocab].
+
+        Row r must not decode (live[r] False where r < n). The chunk runs as `chunk` does (fixed shape
+        [1, width], right-padded, captured once per bucket, row and width under CUDA graphs); where row r
+        is in the step's bucket it runs there as an idle row whose write lands after the chunk's columns,
+        so the two attention nodes never write the same column (`can_mix`)."""
+        n, c, h = len(tokens), len(chunk), int(self.held[r])
+        if not 1 <= c <= width:
+            raise ValueError(f"a {width}-column chunk takes 1 to {width} tokens, got {c}")
+        if r < n and live[r]:
+            raise ValueError(f"row {r} decodes this step; its prompt chunk cannot run beside it")
+        if not self.can_mix(r, width, n):
+            raise Gpt2OnnxError(f"a {width}-column chunk does not fit beside the step after the {h} tokens of a "
+                                f"{self.capacity}-position row")
+        if self.chunk_ids.shape[1] != width:
+            self.chunk_ids, self.chunk_pos = np.full((1, width), 0, np.int64), np.zeros((1, width), np.int64)
+            self._mixed.clear()  # bindings point at the old arrays
+        self.chunk_ids[0, :c], self.chunk_ids[0, c:] = chunk, self.spec.pad_token_id
+        self.chunk_pos[0, :c], self.chunk_pos[0, c:] = np.arange(h, h + c), h + c - 1
+        self.chunk_mask[0, :h + width], self.chunk_mask[0, h + width:] = 1, 0
+        # row r's idle write in the step (if in the bucket) lands after the chunk's columns: onnxruntime
+        # runs the step's attention node first in our graphs (1.32 CPU: even with the two nodes swapped in
+        # the file, the chunk's columns come out right without this), but nothing promises that order
+        self.held[r] = h + width
+        pick = greedy and self.pick is not None and not self.pick.broken and self.batch_for(n) >= PICK_FROM
+        out = self._step(tokens, live, pick, chunk_row=r)
+        self._set_row(r, h + c)  # the chunk's padding and the idle write are not kept
+        if greedy and not pick:
+            out = out[:, 0].argmax(-1)
+        return out[:n] if greedy else out[:n, 0], self._chunk_out[0, 0]
+
+    def _step(self, tokens: np.ndarray, live: np.ndarray | None, pick: bool, chunk_row: int = -1) -> np.ndarray:
         """A decode step over the bucket holding rows 0 .. n-1: the bucket's logits [b, 1, vocab], or with
-        `pick` its argmax ids [b]."""
+        `pick` its argmax ids [b]; with a `chunk_row`, the mixed pass (decode_with_chunk)."""
         n = len(tokens)
         b = self.batch_for(n)
         self.ids[:n, 0] = tokens
@@ -288,7 +364,7 @@ class Decoder:
         self.pos[:b, 0] = cols
         self.mask[self._rows[:b], cols] = 1
         np.add(cols, 1, out=self.mhi[:b])
-        out = self._run(0, b, 1, pick)
+        out = self._run(0, b, 1, pick, chunk_row)
         if live is None:
             self.held[:n] += 1
         else:
@@ -325,17 +401,27 @@ class Decoder:
         self._set_row(r, h + c)  # the padding's columns are not kept
         return out[0, 0]
 
-    def _run(self, first: int, b: int, width: int, pick: bool = False) -> np.ndarray:
+    def _run(self, first: int, b: int, width: int, pick: bool = False, chunk_row: int = -1) -> np.ndarray:
         """Run the fixed-shape pass over rows first .. first + b - 1 on its binding; returns its logits
         [b, 1, vocab] (CPU: rows of self.logits, written in place by the graph; CUDA: the device inputs
         refreshed first, the logits copied once into a new host array), or with `pick` the rows' argmax
-        ids [b], the logits left where they lie."""
-        io, copies, device_logits, ro = self._binding(first, b, width)
+        ids [b], the logits left where they lie. With a `chunk_row` it is the mixed pass (decode steps
+        only), the chunk's logits left in `_chunk_out`."""
+        if chunk_row >= 0:
+            key = ("mixed", self._set, b, chunk_row, self.chunk_ids.shape[1])  # its pick's binding apart from a step's
+            io, copies, device_logits, ro, chunk_logits = self._mixed_binding(*key[2:])
+            session = self.mixed.session
+            self.mixed.runs += 1
+        else:
+            key = (self._set, first, b, width)
+            io, copies, device_logits, ro = self._binding(first, b, width)
+            session = self.session
         for host, ov in copies:  # CUDA: refresh the fixed-address device copies
             ov.update_inplace(host)
-        self.session.run_with_iobinding(io, ro)
+        session.run_with_iobinding(io, ro)
+        if chunk_row >= 0:  # CPU: written in place; CUDA: 1 row copied
+            self._chunk_out = chunk_logits if isinstance(chunk_logits, np.ndarray) else chunk_logits.numpy()
         if pick:
-            key = (self._set, first, b, width)
             try:
                 if key not in self._picks:
                     self._picks[key] = self.pick.bind(self.logits[first:] if device_logits is None else device_logits, b)
@@ -353,13 +439,51 @@ class Decoder:
 
     # ---- bindings ----------------------------------------------------------------------------
 
-    def _bind_kv(self, io, first: int, rows: int) -> None:
+    def _bind_kv(self, io, first: int, rows: int, names: list[tuple[str, str]] | None = None) -> None:
         s = self.spec
         shape = [rows, s.n_head, self.capacity, s.head_dim]
-        for ptr, (past, present) in zip(self._ptrs(self._kv), self.kv_names):
+        for ptr, (past, present) in zip(self._ptrs(self._kv), names or self.kv_names):
             at = ptr + first * self.row_bytes
             io.bind_input(past, self.device, 0, s.kv_dtype, shape, at)
             io.bind_output(present, self.device, 0, s.kv_dtype, shape, at)
+
+    def _mixed_binding(self, b: int, r: int, width: int) -> tuple:
+        """The IO binding of a mixed pass: a decode step's over rows 0 .. b-1 plus row r's chunk of `width`
+        columns, its cache bound at row r's slot of the same buffers; made once per set, bucket, row, width."""
+        key = (self._set, b, r, width)
+        if key in self._mixed:
+            return self._mixed[key]
+        s, n = self.spec, self.spec.names
+        io = self.mixed.session.io_binding()
+        self._bind_kv(io, 0, b)
+        self._bind_kv(io, r, 1, s.names.chunk_kv(s.n_layer))
+        ids, pos = self._inputs_of(1)
+        host = {n.input_ids: ids[:b], n.position_ids: pos[:b], n.attention_mask: self.mask[:b],
+                n.chunk_ids: self.chunk_ids, n.chunk_position_ids: self.chunk_pos, n.chunk_mask: self.chunk_mask}
+        outs = {n.logits: self.logits[:b], n.chunk_logits: self.chunk_logits}
+        copies, device = self._bind_host(io, host, outs)
+        self._mixed[key] = (io, copies, device.get(n.logits), self.mixed.run_options(), device.get(n.chunk_logits, self.chunk_logits))
+        return self._mixed[key]
+
+    def _bind_host(self, io, host: dict[str, np.ndarray], outs: dict[str, np.ndarray]) -> tuple[list, dict]:
+        """Bind host int64 inputs and float32 outputs: by address on the CPU; on CUDA to device buffers at
+        fixed addresses (the inputs refreshed from `host` before each run). Returns (copies, device outputs)."""
+        copies, device = [], {}
+        if self.device == "cpu":
+            for name, a in host.items():
+                io.bind_input(name, "cpu", 0, np.int64, list(a.shape), a.ctypes.data)
+            for name, a in outs.items():
+                io.bind_output(name, "cpu", 0, np.float32, list(a.shape), a.ctypes.data)
+            return copies, device
+        ort = self.ort
+        for name, a in host.items():
+            ov = ort.OrtValue.ortvalue_from_shape_and_type(list(a.shape), np.int64, self.device, 0)
+            io.bind_ortvalue_input(name, ov)
+            copies.append((a, ov))
+        for name, a in outs.items():
+            device[name] = ort.OrtValue.ortvalue_from_shape_and_type(list(a.shape), np.float32, self.device, 0)
+            io.bind_ortvalue_output(name, device[name])  # captured graphs write device memory only
+        return copies, device
 
     def _binding(self, first: int, b: int, width: int) -> tuple:
         """The IO binding of a fixed-shape pass (a decode step: rows 0 .. b-1, width 1; a chunk: row
@@ -368,24 +492,14 @@ class Decoder:
         key = (self._set, first, b, width)
         if key in self._steps:
             return self._steps[key]
-        s, ort, n = self.spec, self.ort, self.spec.names
+        ort, n = self.ort, self.spec.names
         io = self.session.io_binding()
         self._bind_kv(io, first, b)
         io.bind_cpu_input(n.logits_to_keep, self.keep)  # read on the host by the graph, never a device value
         ids, pos = self._inputs_of(width)  # rows 0 .. b-1 (a chunk: row 0)
         host = {n.input_ids: ids[:b], n.position_ids: pos[:b], n.attention_mask: self.mask[first: first + b]}
-        copies, device_logits, ro = [], None, None
-        if self.device == "cpu":
-            for name, a in host.items():
-                io.bind_input(name, "cpu", 0, np.int64, list(a.shape), a.ctypes.data)
-            io.bind_output(n.logits, "cpu", 0, np.float32, [b, 1, s.vocab_size], self.logits[first:].ctypes.data)
-        else:
-            for name, a in host.items():
-                ov = ort.OrtValue.ortvalue_from_shape_and_type(list(a.shape), np.int64, self.device, 0)
-                io.bind_ortvalue_input(name, ov)
-                copies.append((a, ov))
-            device_logits = ort.OrtValue.ortvalue_from_shape_and_type([b, 1, s.vocab_size], np.float32, self.device, 0)
-            io.bind_ortvalue_output(n.logits, device_logits)  # captured graphs write device memory only
+        copies, device = self._bind_host(io, host, {n.logits: self.logits[first: first + b]})
+        device_logits = device.get(n.logits)
         if self.graph_id is not None:
             ro = ort.RunOptions()
             ro.add_run_config_entry("gpu_graph_id", str(self.graph_id()))  # first run captures, later ones replay

@@ -23,7 +23,7 @@ import numpy as np
 
 from .artifact import Manifest, load_manifest
 from .beam import Beams
-from .decoder import Decoder, Pick
+from .decoder import Decoder, Mixed, Pick
 from .errors import Gpt2OnnxError
 from .prompt_cache import PromptCache
 from .request import Request, Stats
@@ -62,6 +62,8 @@ class Engine:
         self._graph_decoders: dict[int, Decoder] = {}
         self._graph_owner: dict[int, PromptCache | None] = {}  # the cache whose tokens a bucket's row 0 holds
         self._graph_lock = threading.Lock()
+        self._mixed_step: Mixed | bool | None = False  # the mixed step graph: False = not built yet, None = none
+        self._mixed_lock = threading.Lock()
         self._local = threading.local()  # each thread's last Stats
 
     # the dims callers ask for most (serve, chat, benchmarks); everything else is on `spec`
@@ -72,7 +74,8 @@ class Engine:
 
     @classmethod
     def load(cls, path: str, provider: str = "auto", threads: int | None = None, verify: str = "sha256",
-             cuda_graph: bool | None = None, huge_pages: bool | None = None, device_pick: bool | None = None) -> Engine:
+             cuda_graph: bool | None = None, huge_pages: bool | None = None, device_pick: bool | None = None,
+             mixed_step: bool | None = None) -> Engine:
         """Validate the artifact at `path` and build its session.
 
         `cuda_graph` (CUDA only, default on) replays the decode step from a captured CUDA graph: the
@@ -82,6 +85,9 @@ class Engine:
         into 2 MB pages, which batch-1 decode streams faster (runtime/session.py, `_huge_pages`).
         `device_pick` (default on with CUDA where the artifact has pick.onnx) takes greedy's argmax on
         the device in steps of 4 rows or more, so a step copies ids to the host, not logits (decoder.py, Pick).
+        `mixed_step` (default on where the artifact has mixed.onnx, `export --mixed-step`) lets a scheduler
+        with a prompt width run a prompt chunk in its decode step's pass (decoder.py, Mixed); its session
+        is built when the first such scheduler starts.
 
         Raises:
             Gpt2OnnxError: damaged, mismatched or unfused artifact, unknown or unavailable provider, bad options.
@@ -89,7 +95,7 @@ class Engine:
         from tokenizers import Tokenizer
 
         sc = SessionConfig(provider=provider, threads=threads, verify=verify, cuda_graph=cuda_graph, huge_pages=huge_pages,
-                           device_pick=device_pick)
+                           device_pick=device_pick, mixed_step=mixed_step)
         sc.validate()
         ep = select_provider(provider)  # before the slow checks: a wrong flag fails fast
         sc.cuda_graph = ep == PROVIDERS["cuda"] and cuda_graph is not False
@@ -103,6 +109,10 @@ class Engine:
             raise Gpt2OnnxError(f"{path} has no pick graph (pick.onnx, written by exports since 2026-12-06), so greedy's "
                                 "pick cannot run on the device; re-export it, or leave device_pick unset")
         sc.device_pick = spec.has_pick and (bool(device_pick) if device_pick is not None else ep == PROVIDERS["cuda"])
+        if mixed_step and not spec.has_mixed:
+            raise Gpt2OnnxError(f"{path} has no mixed step graph (mixed.onnx); re-export it with --mixed-step, or leave "
+                                "mixed_step unset")
+        sc.mixed_step = spec.has_mixed and mixed_step is not False
         try:
             # the tokenizer first: its JSON parse leaves ~25 MB of freed heap that the session's
             # allocations then reuse; the other order adds that to the process's peak (measured
@@ -118,13 +128,26 @@ class Engine:
         check_io(manifest, session)
         return cls(manifest, session, tokenizer, ep, sc, pick_session, spec)
 
-    def decoder(self, slots: int, capacity: int, prefault: bool = False, captured: bool = True) -> Decoder:
+    def decoder(self, slots: int, capacity: int, prefault: bool = False, captured: bool = True,
+                mixed: bool = False) -> Decoder:
         """A new decode core of `slots` rows x `capacity` positions over this engine's session, its
         decode steps captured as CUDA graphs when the engine captures and `captured` (beam search,
-        whose rows move between steps, runs uncaptured)."""
+        whose rows move between steps, runs uncaptured); with `mixed`, able to run a prompt chunk in a
+        decode step's pass where the artifact has the mixed step graph (decode_with_chunk)."""
         graph_id = (lambda: next(self._graph_ids)) if self.cuda_graph and captured else None
         return Decoder(self.spec, self.session, slots, capacity, self.device, graph_id=graph_id, prefault=prefault,
-                       session_graphs=self.cuda_graph, pick=self.pick)
+                       session_graphs=self.cuda_graph, pick=self.pick, mixed=self._mixed() if mixed else None)
+
+    def _mixed(self) -> Mixed | None:
+        """The mixed step graph's session, built at the first decoder that asks (None: the artifact has none,
+        mixed_step is off, or CUDA cannot capture it)."""
+        with self._mixed_lock:
+            if self._mixed_step is False and self.session_config.mixed_step:
+                from .session import build_mixed_session
+
+                session = build_mixed_session(self.manifest, self.provider, self.session_config)
+                self._mixed_step = Mixed(session, self.cuda_graph) if session is not None else None
+            return self._mixed_step or None
 
     @property
     def stats(self) -> Stats:

@@ -15,7 +15,9 @@ its slot goes to the next waiting request. Fresh prompts admitted into adjacent 
 prompt pass when padding them to the longest costs little. With `prompt_width` W > 0, the prompt
 work of (2) while rows decode runs in chunks of exactly W columns, one row per pass, right-padded
 (Decoder.chunk): fixed shapes, which CUDA graphs capture once per slot and replay, so a decoding row
-waits a replay rather than a launch-bound prompt pass of a new shape. The slots are rows of the same decode
+waits a replay rather than a launch-bound prompt pass of a new shape; where the artifact has the mixed
+step graph (export --mixed-step), one such chunk a step runs in the decode step's own pass
+(Decoder.decode_with_chunk), every weight read once for both, so a decoding row waits one pass. The slots are rows of the same decode
 core `Engine.generate` uses (decoder.py), each with its own length and positions. A step whose rows
 all pick greedily takes their ids from the engine's device pick where it has one (CUDA), not the logits.
 Each request samples with its own options and generator, so its tokens do not depend on its
@@ -55,6 +57,9 @@ class SchedulerConfig:
     # > 0: while rows decode, prompts run in chunks of exactly this many columns (one row per pass,
     # right-padded; captured per slot under CUDA graphs); 0 = chunks of any length, passes of their own shape
     prompt_width: int = 0
+    # with prompt_width, one chunk a step rides in the decode step's pass where the artifact has the mixed
+    # step graph (export --mixed-step): a decoding row then waits one pass, not a step and a chunk pass
+    mixed_step: bool = True
     capacity: int | None = None  # positions per slot (prompt + reply); None = the model's context
     keep_prefixes: bool = True  # a finished request's slot keeps its tokens for a later prompt that extends them
 
@@ -65,6 +70,8 @@ class SchedulerConfig:
         if self.capacity is not None:
             _int(self.capacity, "capacity", 2, n_positions, hint=" (the model's context)")
         _int(self.prompt_width, "prompt_width", 0)
+        if self.mixed_step not in (True, False):
+            raise Gpt2OnnxError(f"mixed_step must be true or false, got {self.mixed_step!r}")
         if 2 * self.prompt_width > (cap := self.capacity or n_positions):
             raise Gpt2OnnxError(f"prompt_width must be at most half a slot's {cap} positions, got {self.prompt_width}")
 
@@ -96,7 +103,9 @@ class Scheduler:
         cfg.validate(engine.n_positions)
         self.capacity = cfg.capacity or engine.n_positions
         # written once now: a long-lived cache whose first prompts should not pay page faults
-        self.kv = engine.decoder(cfg.max_batch, self.capacity, prefault=True)
+        # with a prompt width, a prompt chunk may ride in the decode step's pass (the artifact's mixed step graph)
+        self.kv = engine.decoder(cfg.max_batch, self.capacity, prefault=True, mixed=cfg.prompt_width > 0 and cfg.mixed_step)
+        self._riding: tuple[Slot, list[int]] | None = None  # the chunk this step's pass runs beside its rows
         self._tokens = np.zeros(cfg.max_batch, np.int64)  # a step's input token per slot
         self._live = np.zeros(cfg.max_batch, bool)  # which slots decode this step (the others idle)
         self.slots = [Slot(i) for i in range(cfg.max_batch)]
@@ -224,26 +233,35 @@ class Scheduler:
             self.counters["cancelled"] += 1
             self._retire(s, "cancelled")
         self._prefill()
+        riding, self._riding = self._riding, None
         rows = [s for s in self.running if s.req.tokens]  # prompt done, first token sampled
+        n = 1 + max((s.index for s in rows), default=-1)  # the step runs slots 0..n-1; the ones not decoding idle
+        w = self.config.prompt_width
+        if riding and not (rows and self.kv.can_mix(riding[0].index, w, n)):
+            t = time.perf_counter()  # no pass to ride in: a chunk pass of its own
+            self._took(riding[0], riding[1], self.kv.chunk(riding[0].index, riding[1], w), time.perf_counter() - t)
+            riding = None
         if not rows:
             return
-        n = 1 + max(s.index for s in rows)  # the step runs slots 0..n-1; the ones not decoding idle
         tokens, live = self._tokens[:n], self._live[:n]
         tokens[:], live[:] = self.engine.pad_token_id, False
         for s in rows:
             tokens[s.index], live[s.index] = s.req.tokens[-1], True
             s.tokens.append(s.req.tokens[-1])
+        greedy = all(s.req.greedy for s in rows)  # ids [n] (taken on the device where the decoder has a pick)
         t = time.perf_counter()
-        if all(s.req.greedy for s in rows):  # ids [n] (taken on the device where the decoder has a pick)
-            out = self.kv.decode_greedy(tokens, live)
+        if riding:  # the step and the chunk in one pass of the mixed graph
+            out, chunk_logits = self.kv.decode_with_chunk(tokens, live, riding[0].index, riding[1], w, greedy)
         else:
-            out = self.kv.decode(tokens, live)  # logits [n, vocab]
+            out = self.kv.decode_greedy(tokens, live) if greedy else self.kv.decode(tokens, live)  # else logits [n, vocab]
         dt = time.perf_counter() - t
         self.counters["steps"] += 1
         for s in rows:
             s.req.stats.step_s.append(dt)
             s.req.stats.decode_s += dt
             self._emit(s, s.req.take(out[s.index]))
+        if riding:
+            self._took(riding[0], riding[1], chunk_logits, dt)
 
     def _prefill(self) -> None:
         """Run prompt tokens of admitted requests in admission order: all of them while nothing
@@ -259,6 +277,10 @@ class Scheduler:
             w = self.config.prompt_width
             fixed = budget is not None and w and self.kv.fits(s.index, w)  # a captured chunk of exactly w columns
             group = self._group(s, fresh, budget) if not s.tokens and not fixed else [s]
+            if fixed and self.kv.mixed is not None and self._riding is None:  # rides in this step's pass
+                self._riding = (s, s.req.ids[len(s.tokens):][:w])
+                budget -= w
+                continue
             t = time.perf_counter()
             if fixed:
                 chunks = [s.req.ids[len(s.tokens):][:w]]
@@ -273,16 +295,22 @@ class Scheduler:
             dt = time.perf_counter() - t
             started = False
             for g, chunk, lg in zip(group, chunks, logits):
-                g.req.stats.prefill_s += dt
-                g.tokens += chunk
                 fresh.pop(g.index, None)
-                if len(g.tokens) == len(g.req.ids):  # the whole prompt is in: its first token
-                    started = True
-                    self._emit(g, g.req.choose(lg))
+                started |= self._took(g, chunk, lg, dt)
             if budget is not None:
                 budget -= ran
             elif started:  # a row decodes now: bound what the rest may add to its wait
                 budget = self.config.prefill_chunk
+
+    def _took(self, s: Slot, chunk: list[int], logits: np.ndarray, dt: float) -> bool:
+        """Row s's cache took `chunk` of its prompt (its last token's logits [vocab]); when that completes the
+        prompt, its first token is chosen. Returns whether it was."""
+        s.req.stats.prefill_s += dt
+        s.tokens += chunk
+        if len(s.tokens) < len(s.req.ids):
+            return False
+        self._emit(s, s.req.choose(logits))  # the whole prompt is in: its first token
+        return True
 
     def _group(self, s: Slot, fresh: dict[int, Slot], budget: int | None) -> list[Slot]:
         """`s` and the fresh rows in the slots right after it that can share its prompt pass: right-padded

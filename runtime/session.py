@@ -8,8 +8,8 @@ import warnings
 from dataclasses import dataclass
 
 from .artifact import Manifest
-from .errors import Gpt2OnnxError
-from .spec import PICK_FILE, IONames
+from .errors import Gpt2OnnxError, one_line
+from .spec import MIXED_FILE, PICK_FILE, IONames
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MAX_THREADS = 1024
@@ -48,6 +48,9 @@ class SessionConfig:
     # (None = on with the cuda provider where the artifact carries pick.onnx; True also on the CPU,
     # where the logits already lie on the host and it only adds a run: for tests)
     device_pick: bool | None = None
+    # the artifact's mixed step graph for a scheduler with a prompt width: a decode step and one row's prompt
+    # chunk in one pass (None = where the artifact carries mixed.onnx; True requires it; False: never)
+    mixed_step: bool | None = None
 
     def validate(self) -> None:
         if self.provider not in ("auto", *PROVIDERS):
@@ -55,7 +58,7 @@ class SessionConfig:
         t = self.threads
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= MAX_THREADS):
             raise Gpt2OnnxError(f"threads must be an integer from 1 to {MAX_THREADS} (or unset for one per core), got {t!r}")
-        for name in ("cuda_graph", "huge_pages", "device_pick"):
+        for name in ("cuda_graph", "huge_pages", "device_pick", "mixed_step"):
             if getattr(self, name) not in (None, True, False):
                 raise Gpt2OnnxError(f"{name} must be true, false or unset, got {getattr(self, name)!r}")
 
@@ -93,12 +96,7 @@ def build_session(manifest: Manifest, ep: str, sc: SessionConfig, profile_prefix
     profile is written there (benchmarks/profile.py)."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = sc.threads or os.cpu_count() or 1
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
+    so = _options(sc)
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
@@ -127,6 +125,50 @@ def build_session(manifest: Manifest, ep: str, sc: SessionConfig, profile_prefix
         warnings.warn(f"CUDA graph capture unavailable for this artifact ({str(e).splitlines()[0][:200]}); "
                       "decoding without it", UserWarning, stacklevel=4)
         return ort.InferenceSession(path, so, providers=[(ep, cuda_options(False))])
+
+
+def _options(sc: SessionConfig):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = sc.threads or os.cpu_count() or 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+def build_mixed_session(manifest: Manifest, ep: str, sc: SessionConfig):
+    """The session of the artifact's mixed step graph (a decode step and one row's prompt chunk in one
+    pass, decoder.py Mixed), on the decoder's provider and captured where the decoder's session is; None
+    (with a warning) where CUDA cannot capture it: the scheduler then runs a chunk and a step as two passes.
+    A second session: on CUDA it holds a second copy of the weights on the device, on the CPU a second copy
+    of the weights onnxruntime pre-packs (fp32); the int8 / int4 weights it maps are model.onnx's."""
+    import onnxruntime as ort
+
+    path = manifest.file(MIXED_FILE)
+    if ep == PROVIDERS["cpu"]:
+        session = ort.InferenceSession(path, _options(sc), providers=[ep])
+    else:
+        if sc.cuda_graph and manifest.raw.get("cuda_graph", {}).get("mixed", {}).get("capturable") is False:
+            warnings.warn("this artifact's mixed step graph needs host<->device copies on CUDA, so it cannot be captured; "
+                          "prompt chunks run as passes of their own (re-export it with --provider cuda)", UserWarning, stacklevel=4)
+            return None
+        try:
+            session = ort.InferenceSession(path, _options(sc), providers=[(ep, cuda_options(bool(sc.cuda_graph)))])
+        except Exception as e:
+            warnings.warn(f"the mixed step graph cannot run here ({one_line(e, 200)}); prompt chunks run as passes of their own",
+                          UserWarning, stacklevel=4)
+            return None
+    names = IONames.from_manifest(manifest.raw["io"])
+    want = {names.chunk_ids, names.chunk_mask, names.chunk_position_ids, names.chunk_logits, names.logits,
+            *(x for pair in names.chunk_kv(manifest.config["n_layer"]) for x in pair)}
+    got = {i.name for i in session.get_inputs()} | {o.name for o in session.get_outputs()}
+    if want - got:
+        raise Gpt2OnnxError(f"{MIXED_FILE} in {manifest.path} does not match its manifest (missing {sorted(want - got)[:3]}); "
+                            "the artifact is mixed up, re-export it")
+    return session
 
 
 def build_pick_session(manifest: Manifest, ep: str, sc: SessionConfig):

@@ -32,6 +32,12 @@ def tiny_artifact(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_mixed_artifact(tmp_path_factory):
+    """The tiny export with the mixed step graph (export --mixed-step)."""
+    return export(ExportOptions("synthetic:tiny", str(tmp_path_factory.mktemp("art") / "tiny-mixed"), mixed=True), log=QUIET)
+
+
+@pytest.fixture(scope="session")
 def tiny_plain_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("art") / "tiny-plain"
     return export(ExportOptions("synthetic:tiny", str(out), fuse=False), log=QUIET)
