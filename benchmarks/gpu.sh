@@ -9,7 +9,8 @@
 #      PyTorch eager fp16 (pytorch) and PyTorch fp16 with a static KV cache whose decode step torch.compile
 #      (mode reduce-overhead) captures in CUDA graphs (pytorch-compile; compiled and captured in warm-up,
 #      untimed), batch-64 tokens/s, and the scheduler at 16 clients, with prompt passes of their own shape
-#      (mode scheduler) and in fixed 64-column chunks captured per slot (mode chunked64); the floor and
+#      (mode scheduler), in fixed 64-column chunks captured per slot (mode chunked64) and with one such chunk
+#      a step riding in the step's own pass (mode mixed64, the artifact's mixed.onnx); the floor and
 #      GB/s columns against the GPU's memory bandwidth (a device-to-device copy measured in the run); the capture check and
 #      the GPU bars in the report;
 #   3. step.json / step.md (benchmarks/gpu_step.py): decode steps of 1, 4, 16 and 64 rows taken apart
@@ -47,8 +48,8 @@ stage() { echo "[gpu.sh ${SECONDS}s] $*" >&2; }
 "$py" -c "import onnxruntime as o, sys; p = o.get_available_providers(); print(p); sys.exit('CUDAExecutionProvider' not in p)"
 "$py" -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || "$py" -m pip install -q --no-deps -e .
 stage "installed"
-"$py" -m gpt2onnx.cli info "$art" >/dev/null 2>&1 || \
-  "$py" -m gpt2onnx.cli export synthetic:dialogpt-medium -o "$art" --precision fp16 --provider cuda --force
+{ [ -f "$art/mixed.onnx" ] && "$py" -m gpt2onnx.cli info "$art" >/dev/null 2>&1; } || \
+  "$py" -m gpt2onnx.cli export synthetic:dialogpt-medium -o "$art" --precision fp16 --provider cuda --mixed-step --force
 stage "artifact ready: $art"
 
 mkdir -p "$out"

@@ -18,6 +18,9 @@ tokens, then each part of a step is timed alone over STEPS repetitions after a w
            scheduler's decode rows wait when a new request's prompt runs between two of their steps
   chunk    the same 32 tokens as one fixed 64-column chunk (Decoder.chunk, captured under CUDA graphs):
            what they wait instead with SchedulerConfig.prompt_width 64
+  mixed    where the artifact has mixed.onnx (export --mixed-step): a greedy step over the b rows with
+           that chunk inside its pass, on one more row (Decoder.decode_with_chunk, captured): what they
+           wait with prompt_width 64 and the mixed step, against step + argmax + chunk
 
 and greedy's pick on the device (the artifact's pick.onnx, runtime/decoder.py Pick), at every batch
 whatever the runtime's PICK_FROM says, so its threshold can be set by these figures:
@@ -93,7 +96,26 @@ def _parts(e, b: int, steps: int) -> dict:
     if dec.pick is not None:
         _pick(dec, device_logits, b, bb, steps, out)
     dec.close()
+    if e._mixed() is not None:
+        out["mixed_ms"] = _mixed_ms(e, b, steps)
     return out
+
+
+def _mixed_ms(e, b: int, steps: int) -> float:
+    """A greedy step over b rows with a PROMPT-token chunk of CHUNK columns inside its pass (the mixed step
+    graph), the chunk on row b (emptied before each), as the scheduler runs it with prompt_width CHUNK."""
+    dec = e.decoder(b + 1, e.n_positions, mixed=True)
+    dec.prefill(0, prompt_rows(b, PROMPT, e.vocab_size))
+    row = prompt_rows(1, PROMPT, e.vocab_size)[0]
+    tokens, live = np.zeros(b, np.int64), np.ones(b, bool)
+
+    def one():
+        dec.truncate(b, 0)
+        dec.decode_with_chunk(tokens, live, b, row, CHUNK, greedy=True)
+    try:
+        return _median_ms(one, min(steps, (e.n_positions - PROMPT - 2 * WARMUP - 4) // 2))
+    finally:
+        dec.close()
 
 
 def _pick(dec, device_logits, b: int, bb: int, steps: int, out: dict) -> None:
@@ -171,16 +193,18 @@ def render(r: dict) -> list[str]:
          f"Each part timed alone, medians over the steps shown, after {WARMUP} warm-up repetitions; rows prefilled with "
          f"{r['prompt']}-token prompts. host = step - run - inputs - logits: the Decoder's own numpy work.", "",
          f"prompt = a {r['prompt']}-token prompt pass on one row (uncaptured); chunk = the same tokens as one "
-         f"{CHUNK}-column chunk (Decoder.chunk: a fixed shape, captured where the session captures).", "",
-         "| batch | bucket | steps | step ms | run ms | inputs ms | logits ms | host ms | + argmax ms (numpy) | prompt ms | chunk ms |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
+         f"{CHUNK}-column chunk (Decoder.chunk: a fixed shape, captured where the session captures); mixed = a greedy "
+         f"step with that chunk inside its pass (mixed.onnx; - where the artifact has none).", "",
+         "| batch | bucket | steps | step ms | run ms | inputs ms | logits ms | host ms | + argmax ms (numpy) | prompt ms | chunk ms "
+         "| mixed ms |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in r["parts"]:
         if "error" in p:
             L.append(f"| {p['batch']} | **failed**: {p['error']} |")
             continue
+        mixed = f"{p['mixed_ms']:.3f}" if "mixed_ms" in p else "-"
         L.append(f"| {p['batch']} | {p['bucket']} | {p['steps']} | {p['step_ms']:.3f} | {p['run_ms']:.3f} | {p['inputs_ms']:.3f} | "
                  f"{p['logits_ms']:.3f} | {p['host_ms']:.3f} | {p['argmax_ms']:.3f} | {p.get('prompt_ms', float('nan')):.3f} | "
-                 f"{p.get('chunk_ms', float('nan')):.3f} |")
+                 f"{p.get('chunk_ms', float('nan')):.3f} | {mixed} |")
     picks = [p for p in r["parts"] if "device_ms" in p]
     if picks:
         L += ["", f"Greedy's pick on the device (pick.onnx: ArgMax over the step's logits where they lie, its own session"
@@ -219,6 +243,9 @@ def itl_estimate(parts: list[dict], rows: int = 16) -> list[str]:
         if key in many:
             gap = step + many[key]
             L.append(f"- with a {what}: {gap:.3f} ms = **{gap / base:.2f}x** the batch-1 step")
+    if "mixed_ms" in many:  # the chunk inside the step's pass: the gap is that one pass
+        L.append(f"- with the {CHUNK}-column chunk inside the step's pass (mixed.onnx): {many['mixed_ms']:.3f} ms = "
+                 f"**{many['mixed_ms'] / base:.2f}x** the batch-1 step")
     return L
 
 

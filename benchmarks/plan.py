@@ -105,9 +105,11 @@ def concurrent_runs(s: Settings, workers: list[Worker]) -> list[tuple[Worker, st
     ours = [w for w in workers if w.spec.kind == "ours"]
     chosen = [w for w in ours if w.spec.precision in s.concurrent_precisions] or ours[:1]
     http = all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "httpx"))  # mode http needs the serve extra
-    modes = OURS_MODES + ((f"chunked{s.concurrent_prompt_width}",) if s.concurrent_prompt_width else ())
+    width = s.concurrent_prompt_width
+    modes = OURS_MODES + ((f"chunked{width}", f"mixed{width}") if width else ())
     runs = [(w, mode) for w in chosen for mode in modes
-            if (mode in ("serial", "static") or w.loaded["manifest"].get("fused", True)) and (mode != "http" or http)]
+            if (mode in ("serial", "static") or w.loaded["manifest"].get("fused", True)) and (mode != "http" or http)
+            and (not mode.startswith("mixed") or "mixed" in w.loaded["manifest"].get("io", {}))]  # mixedW: mixed.onnx
     runs += [(w, "serial") for w in workers if w.spec.kind == "optimum"]
     if not llamacpp.tools_missing():
         precisions = {w.spec.precision for w in chosen}

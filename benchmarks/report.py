@@ -243,6 +243,9 @@ def _concurrent_section(results: dict) -> list[str]:
          + "".join(f"**{m}** = the scheduler with `prompt_width` {m[len('chunked'):]}: while rows decode, prompts go in "
                    "right-padded chunks of exactly that many columns, one row per pass (fixed shapes, captured per slot "
                    "under CUDA graphs). " for m in sorted({r["mode"] for r in conc if r["mode"].startswith("chunked")}))
+         + "".join(f"**{m}** = the same chunks, one a step running in the decode step's own pass (the artifact's mixed "
+                   "step graph, `export --mixed-step`): a decoding row waits one pass, not a step and a chunk pass. "
+                   for m in sorted({r["mode"] for r in conc if r["mode"].startswith("mixed")}))
          + ("**server** = llama.cpp's own llama-server: continuous batching, one slot per client (`-np C`), clients "
             "streaming `/completion` over loopback HTTP. " if any(r["mode"] == "server" for r in conc) else "")
          + f"Medians over repeats ({s.get('concurrent_repeats', '?')}, systems interleaved).", ""]
@@ -523,7 +526,7 @@ def _gpu_section(results: dict, capture: dict | None) -> list[str]:
             L.append(f"- **{x['name']} against PyTorch static cache + torch.compile**: not measured in this run "
                      "(`--baselines pytorch-compile`).")
         conc = [q for q in summary if q["scenario"] == "concurrent" and q["system"] == x["name"] and q["clients"] == BAR_CLIENTS
-                and (q["mode"] == "scheduler" or q["mode"].startswith("chunked"))]
+                and (q["mode"] == "scheduler" or q["mode"].startswith(("chunked", "mixed")))]
         for c in conc:
             v = c["itl_p99_ms"] / r["p50_ms"]
             mode = "scheduler" if c["mode"] == "scheduler" else f"scheduler ({c['mode']})"

@@ -122,11 +122,11 @@ def test_concurrent_plan_fits_the_context():
     assert plan.concurrent_plan(settings.Settings(artifacts=[], concurrent_clients=[0]), 128) is None
 
 
-@pytest.mark.parametrize("mode", (*settings.OURS_MODES, "chunked8"))
-def test_concurrent_worker_records(tiny_artifact, mode):
+@pytest.mark.parametrize("mode", (*settings.OURS_MODES, "chunked8", "mixed8"))
+def test_concurrent_worker_records(tiny_artifact, tiny_mixed_artifact, mode):
     """Every request of the closed loop gets exactly its reply length, with stamps in order."""
     mix = {"prompt_len": [4, 40], "reply_len": [3, 12]}
-    w = worker.Worker(worker.SystemSpec("tiny", "ours", tiny_artifact))
+    w = worker.Worker(worker.SystemSpec("tiny", "ours", tiny_mixed_artifact if mode == "mixed8" else tiny_artifact))
     try:
         reqs = w.request("concurrent", mode=mode, clients=3, requests=7, reply_cap=0, max_batch=3, **mix)["requests"]
     finally:
@@ -158,10 +158,12 @@ def test_concurrent_figures_refuse_disordered_stamps():
         figures.concurrent_figures([{"submitted_s": 2.0, "token_s": [1.5, 1.6]}])
 
 
-def test_bench_concurrent(tmp_path, tiny_artifact):
-    s = settings.Settings(artifacts=[tiny_artifact], baselines=[], out=str(tmp_path / "rep"),
+def test_bench_concurrent(tmp_path, tiny_mixed_artifact):
+    s = settings.Settings(artifacts=[tiny_mixed_artifact], baselines=[], out=str(tmp_path / "rep"),
                           **{**SMALL, **CONC, "chat_turns": 0, "concurrent_prompt_width": 8})
-    modes = (*settings.OURS_MODES, "chunked8")  # --concurrent-prompt-width 8 adds the scheduler in fixed 8-column chunks
+    # --concurrent-prompt-width 8 adds the scheduler in fixed 8-column chunks, each a pass of its own (chunked8)
+    # and one a step in the step's pass (mixed8: the artifact has mixed.onnx)
+    modes = (*settings.OURS_MODES, "chunked8", "mixed8")
     res = harness.run(s, log=lambda m: None)
     on_disk = json.loads((tmp_path / "rep" / "results.json").read_text())
     assert on_disk["concurrent"] == {"clients": [1, 3], "requests": {"1": 7, "3": 7}, "prompt_len": [4, 40], "reply_len": [3, 12]}
@@ -179,6 +181,7 @@ def test_bench_concurrent(tmp_path, tiny_artifact):
     assert "## Concurrent clients" in report and "### 3 clients: 7 requests" in report
     assert "| ours fp32 cpu | scheduler |" in report and "| ours fp32 cpu | static |" in report
     assert "| ours fp32 cpu | chunked8 |" in report and "**chunked8** = the scheduler with `prompt_width` 8" in report
+    assert "| ours fp32 cpu | mixed8 |" in report and "**mixed8** = the same chunks, one a step running in" in report
     assert "bar 1** (C=3)" in report and "bar 2** (C=3)" in report  # no C=16 point: the largest C states the bars
     assert (tmp_path / "rep" / "concurrent.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(tmp_path / "rep" / "results.csv") as f:

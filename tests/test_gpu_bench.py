@@ -207,6 +207,19 @@ def test_step_breakdown_on_the_cpu_provider(tmp_path, tiny_artifact):
     assert sum(1 for line in md.splitlines() if line.endswith("| 8/8 steps |")) == 2
 
 
+def test_step_breakdown_times_the_mixed_step(tmp_path, tiny_mixed_artifact):
+    """Where the artifact has mixed.onnx, gpu_step also times a greedy step with a 64-column chunk inside its
+    pass (each batch on one more row), and the table shows it; without it the column says -."""
+    out = tmp_path / "step"
+    r = subprocess.run([sys.executable, "-m", "gpt2onnx.benchmarks.gpu_step", tiny_mixed_artifact, "--out", str(out), "--provider",
+                        "cpu", "--batch", "1,3", "--steps", "3"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "step.json").read_text())
+    assert all(p["mixed_ms"] > 0 for p in res["parts"])
+    md = (out / "step.md").read_text()
+    assert f"| {res['parts'][1]['mixed_ms']:.3f} |" in md and "mixed = a greedy step with that chunk inside its pass" in md
+
+
 def test_step_breakdown_estimates_the_scheduler_bar():
     """The scheduler bar read off the parts: a 16-row greedy step (the device pick's figure where measured)
     plus one prompt pass, over the batch-1 greedy step; nothing without both batches."""
@@ -216,6 +229,9 @@ def test_step_breakdown_estimates_the_scheduler_bar():
     assert "16-row greedy step (device pick) 1.800 ms" in md and "3x the batch-1 greedy step (3.300 ms)" in md
     assert "64-column chunk (prompt_width 64, captured): 3.000 ms = **2.73x**" in md
     assert "32-token prompt pass (uncaptured): 5.800 ms = **5.27x**" in md
+    assert "mixed.onnx" not in md
+    many["mixed_ms"] = 2.0  # the chunk inside the step's pass: the gap is that one pass
+    assert "64-column chunk inside the step's pass (mixed.onnx): 2.000 ms = **1.82x**" in "\n".join(gpu_step.itl_estimate([one, many]))
     del many["device_ms"]
     assert "(host pick) 2.200 ms" in "\n".join(gpu_step.itl_estimate([one, many]))
     assert gpu_step.itl_estimate([one]) == [] and gpu_step.itl_estimate([one, {"batch": 16, "error": "x"}]) == []
@@ -388,6 +404,7 @@ def test_gpu_script_invocations_parse(tmp_path):
     modules = [c[1:] for c in invocations if c[0] == "-m"]
     assert [m[0] for m in modules] == ["pip", "gpt2onnx.cli", "gpt2onnx.benchmarks.gpu_check", "gpt2onnx.benchmarks.gpu_step",
                                        "gpt2onnx.benchmarks.gpu_step", "gpt2onnx.benchmarks.gpu_kernels", "gpt2onnx.cli"]
+    assert modules[1][:2] == ["gpt2onnx.cli", "export"] and "--mixed-step" in modules[1]  # no artifact yet: exported, mixed.onnx too
     check = gpu_check.parser().parse_args(modules[2][1:])
     assert check.out == str(out) and check.provider == "cuda" and check.artifact == "artifacts/dialogpt-medium-fp16-cuda"
     step = gpu_step.parser().parse_args(modules[3][1:])
@@ -406,7 +423,7 @@ def test_gpu_script_invocations_parse(tmp_path):
     assert a.artifacts == ["artifacts/dialogpt-medium-fp16-cuda"] and a.out == str(out) and a.provider == "cuda"
     assert a.baselines.split(",") == ["pytorch", "pytorch-compile"]
     assert a.batch == [1, 64] and a.concurrent_clients == [16] and a.concurrent_precisions == ["fp16"]
-    assert a.concurrent_prompt_width == 64  # mode chunked64 beside mode scheduler
+    assert a.concurrent_prompt_width == 64  # modes chunked64 and mixed64 beside mode scheduler
     assert a.context == [] and a.chat_turns == 0 and a.footprint is False and a.beams == 0
     s = settings.Settings(artifacts=a.artifacts, baselines=a.baselines.split(","), batch=a.batch, prompt_len=a.prompt_len,
                          new_tokens=a.new_tokens, repeats=a.repeats, context=a.context, chat_turns=a.chat_turns,

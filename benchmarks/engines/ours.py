@@ -55,13 +55,17 @@ class Ours(SerialClients):
     def gpu_memory(self) -> dict:
         return nvidia_smi_mb() if self.engine.device == "cuda" else {}
 
-    # ---- concurrent clients: mode scheduler | chunkedW | http | serial | static ----------------
+    # ---- concurrent clients: mode scheduler | chunkedW | mixedW | http | serial | static --------
 
     def concurrent(self, mode: str, clients: int, requests, max_batch: int) -> list[dict]:
         if mode == "scheduler":
             return self._scheduled(clients, requests, max_batch)
-        if mode.startswith("chunked"):  # chunkedW: the scheduler with fixed W-column prompt chunks
-            return self._scheduled(clients, requests, max_batch, prompt_width=int(mode[len("chunked"):]))
+        if mode.startswith("chunked"):  # chunkedW: the scheduler with fixed W-column prompt chunks, each a pass
+            return self._scheduled(clients, requests, max_batch, prompt_width=int(mode[len("chunked"):]), mixed=False)
+        if mode.startswith("mixed"):  # mixedW: the same chunks, one a step riding in the step's pass (mixed.onnx)
+            if self.engine._mixed() is None:
+                raise RuntimeError("mode mixed needs an artifact exported with --mixed-step")
+            return self._scheduled(clients, requests, max_batch, prompt_width=int(mode[len("mixed"):]))
         if mode == "static":
             return self._static(clients, requests, max_batch)
         if mode == "http":
@@ -119,14 +123,15 @@ class Ours(SerialClients):
         s = self.engine.stats  # this thread's generation: the caller holds the lock
         return tokens, token_times(t, s.ttft_s, s.step_s)
 
-    def _scheduler(self, max_batch: int, clients: int, prompt_width: int = 0):
-        """The scheduler modes scheduler, chunkedW and http measure: a queue that never refuses the clients."""
+    def _scheduler(self, max_batch: int, clients: int, prompt_width: int = 0, mixed: bool = True):
+        """The scheduler modes scheduler, chunkedW, mixedW and http measure: a queue that never refuses the clients."""
         from gpt2onnx.runtime import Scheduler, SchedulerConfig
 
-        return Scheduler(self.engine, SchedulerConfig(max_batch=max_batch, max_queue=max(1024, clients), prompt_width=prompt_width))
+        return Scheduler(self.engine, SchedulerConfig(max_batch=max_batch, max_queue=max(1024, clients), prompt_width=prompt_width,
+                                                      mixed_step=mixed))
 
-    def _scheduled(self, clients: int, requests, max_batch: int, prompt_width: int = 0) -> list[dict]:
-        sched = self._scheduler(max_batch, clients, prompt_width)
+    def _scheduled(self, clients: int, requests, max_batch: int, prompt_width: int = 0, mixed: bool = True) -> list[dict]:
+        sched = self._scheduler(max_batch, clients, prompt_width, mixed)
 
         def serve(prompt, n):
             res = sched.submit(prompt, max_new_tokens=n, eos_token_id=-1).result()
