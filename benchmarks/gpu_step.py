@@ -171,9 +171,9 @@ def measure(artifact: str, provider: str, batches: list[int], steps: int = STEPS
     from gpt2onnx.runtime.errors import one_line
     from gpt2onnx.runtime.spec import ModelSpec
 
-    m = load_manifest(artifact, verify="size")
-    has_pick = ModelSpec.from_manifest(m).has_pick  # measured on every provider where the artifact has one
-    e = Engine.load(artifact, provider=provider, verify="size", device_pick=has_pick or None)
+    spec = ModelSpec.from_manifest(load_manifest(artifact, verify="size"))
+    has_pick = spec.has_pick  # measured on every provider where the artifact has one, as the mixed step is
+    e = Engine.load(artifact, provider=provider, verify="size", device_pick=has_pick or None, mixed_step=spec.has_mixed or None)
     r = {**record_header(e, artifact), "prompt": PROMPT, "pick": has_pick, "pick_from": PICK_FROM, "parts": [],
          "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ORT_")}}  # onnxruntime's kernel switches
     for b in batches:

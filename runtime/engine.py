@@ -85,9 +85,9 @@ class Engine:
         into 2 MB pages, which batch-1 decode streams faster (runtime/session.py, `_huge_pages`).
         `device_pick` (default on with CUDA where the artifact has pick.onnx) takes greedy's argmax on
         the device in steps of 4 rows or more, so a step copies ids to the host, not logits (decoder.py, Pick).
-        `mixed_step` (default on where the artifact has mixed.onnx, `export --mixed-step`) lets a scheduler
-        with a prompt width run a prompt chunk in its decode step's pass (decoder.py, Mixed); its session
-        is built when the first such scheduler starts.
+        `mixed_step` (default on with CUDA where the artifact has mixed.onnx, `export --mixed-step`; True
+        also on the CPU) lets a scheduler with a prompt width run a prompt chunk in its decode step's pass
+        (decoder.py, Mixed); its session is built when the first such scheduler starts.
 
         Raises:
             Gpt2OnnxError: damaged, mismatched or unfused artifact, unknown or unavailable provider, bad options.
@@ -112,7 +112,9 @@ class Engine:
         if mixed_step and not spec.has_mixed:
             raise Gpt2OnnxError(f"{path} has no mixed step graph (mixed.onnx); re-export it with --mixed-step, or leave "
                                 "mixed_step unset")
-        sc.mixed_step = spec.has_mixed and mixed_step is not False
+        # on the CPU it measured slower in the concurrent scenario (a second session, its own thread pool):
+        # by default a CUDA feature, where a pass costs its launches more than its arithmetic
+        sc.mixed_step = spec.has_mixed and (bool(mixed_step) if mixed_step is not None else ep == PROVIDERS["cuda"])
         try:
             # the tokenizer first: its JSON parse leaves ~25 MB of freed heap that the session's
             # allocations then reuse; the other order adds that to the process's peak (measured

@@ -49,7 +49,8 @@ class SessionConfig:
     # where the logits already lie on the host and it only adds a run: for tests)
     device_pick: bool | None = None
     # the artifact's mixed step graph for a scheduler with a prompt width: a decode step and one row's prompt
-    # chunk in one pass (None = where the artifact carries mixed.onnx; True requires it; False: never)
+    # chunk in one pass (None = on with the cuda provider where the artifact carries mixed.onnx; True also on
+    # the CPU, where the concurrent scenario measured it slower; False: never)
     mixed_step: bool | None = None
 
     def validate(self) -> None:

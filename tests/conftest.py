@@ -79,15 +79,16 @@ def extended_vs_fresh(engine, steps: int = 3) -> float:
     return diff
 
 
-def captured(path: str, device_pick: bool | None = None):
+def captured(path: str, device_pick: bool | None = None, mixed_step: bool | None = None):
     """An engine on the CPU whose decode core takes the CUDA-graph code path (fixed-address buffers per
     batch bucket, session-wide graph ids in the run options, which the CPU provider ignores); with
-    `device_pick`, greedy's pick runs as its own session as on CUDA (its graph ids as well)."""
+    `device_pick`, greedy's pick runs as its own session as on CUDA (its graph ids as well); with
+    `mixed_step`, the mixed step graph's session likewise."""
     import dataclasses
 
     from gpt2onnx.runtime import Engine
 
-    e = Engine.load(path, provider="cpu", device_pick=device_pick)
+    e = Engine.load(path, provider="cpu", device_pick=device_pick, mixed_step=mixed_step)
     return Engine(e.manifest, e.session, e.tokenizer, e.provider, dataclasses.replace(e.session_config, cuda_graph=True),
                   e.pick.session if e.pick else None)
 

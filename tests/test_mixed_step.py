@@ -26,7 +26,7 @@ def _workload(n: int, seed: int) -> list[tuple[list[int], int]]:
 
 def _pair(path: str, graphs: bool):
     """Two decode cores over the same artifact, rows 0-3 prefilled alike: one with the mixed graph, one without."""
-    e = captured(path) if graphs else Engine.load(path, provider="cpu")
+    e = captured(path, mixed_step=True) if graphs else Engine.load(path, provider="cpu", mixed_step=True)
     ours, ref = e.decoder(5, 64, mixed=True), e.decoder(5, 64)
     assert ours.mixed is not None and ref.mixed is None
     for dec in (ours, ref):
@@ -73,7 +73,7 @@ def test_mixed_pass_greedy_returns_ids(tiny_mixed_artifact):
 def test_mixed_pass_refuses_what_it_cannot_run(tiny_mixed_artifact):
     """A decoding row cannot take a chunk in the same pass; a chunk beside the step needs its width plus
     the idle write's column free in the row; a chunk holds 1 .. width tokens."""
-    e = Engine.load(tiny_mixed_artifact, provider="cpu")
+    e = Engine.load(tiny_mixed_artifact, provider="cpu", mixed_step=True)
     dec = e.decoder(2, 12, mixed=True)
     dec.prefill(0, [[1, 2, 3]])
     dec.prefill(1, [[4, 5, 6]])
@@ -95,8 +95,8 @@ def test_scheduler_runs_prompt_chunks_in_the_step(tiny_mixed_artifact, monkeypat
     decodes or the row lacks the idle write's column)."""
     from gpt2onnx.runtime.decoder import Decoder
 
-    e = {"plain": lambda p: Engine.load(p, provider="cpu"), "cuda-graph-path": captured,
-         "device-pick": lambda p: captured(p, device_pick=True)}[mode](tiny_mixed_artifact)
+    e = {"plain": lambda p: Engine.load(p, provider="cpu", mixed_step=True), "cuda-graph-path": lambda p: captured(p, mixed_step=True),
+         "device-pick": lambda p: captured(p, device_pick=True, mixed_step=True)}[mode](tiny_mixed_artifact)
     alone_chunks = []
     real = Decoder.chunk
     monkeypatch.setattr(Decoder, "chunk", lambda self, *a: (alone_chunks.append(a), real(self, *a))[1])
@@ -111,16 +111,23 @@ def test_scheduler_runs_prompt_chunks_in_the_step(tiny_mixed_artifact, monkeypat
         assert e.pick.runs > 0
 
 
-def test_scheduler_without_a_prompt_width_or_with_mixed_step_off(tiny_mixed_artifact):
-    """The mixed graph is for fixed-width chunks: no prompt width, no mixed session; mixed_step=False
-    keeps it off; an artifact without mixed.onnx refuses mixed_step=True in one line."""
-    e = Engine.load(tiny_mixed_artifact, provider="cpu")
+def test_when_the_scheduler_takes_the_mixed_step(tiny_mixed_artifact):
+    """The mixed graph is for fixed-width chunks: no prompt width, no mixed session (not even built);
+    SchedulerConfig.mixed_step=False keeps it off; on the CPU the engine takes it only when asked
+    (mixed_step=True: by default it is a CUDA feature), and mixed_step=False never."""
+    e = Engine.load(tiny_mixed_artifact, provider="cpu", mixed_step=True)
     with Scheduler(e, SchedulerConfig(max_batch=2)) as s:
         assert s.kv.mixed is None and s.submit([1, 2, 3], max_new_tokens=2).result(timeout=60).tokens
     assert e._mixed_step is False  # never built
-    off = Engine.load(tiny_mixed_artifact, provider="cpu", mixed_step=False)
-    with Scheduler(off, SchedulerConfig(max_batch=2, prompt_width=8)) as s:
+    with Scheduler(e, SchedulerConfig(max_batch=2, prompt_width=8, mixed_step=False)) as s:
         assert s.kv.mixed is None
+    with Scheduler(e, SchedulerConfig(max_batch=2, prompt_width=8)) as s:
+        assert s.kv.mixed is not None
+    for asked in (None, False):
+        other = Engine.load(tiny_mixed_artifact, provider="cpu", mixed_step=asked)
+        assert other.session_config.mixed_step is False
+        with Scheduler(other, SchedulerConfig(max_batch=2, prompt_width=8)) as s:
+            assert s.kv.mixed is None
 
 
 def test_mixed_step_required_but_missing(tiny_artifact):

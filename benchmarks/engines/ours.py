@@ -21,8 +21,12 @@ STATIC_WINDOW_S = 0.005
 class Ours(SerialClients):
     def __init__(self, spec: SystemSpec, threads: int):
         from gpt2onnx.runtime import Engine
+        from gpt2onnx.runtime.artifact import load_manifest
 
-        self.engine = Engine.load(spec.path, provider=spec.provider, threads=threads, verify="size")
+        # mode mixedW measures the mixed step graph on every provider where the artifact has one (built at
+        # its first use; the runtime's default takes it on CUDA only)
+        mixed = "mixed" in load_manifest(spec.path, verify="size").raw["io"] or None
+        self.engine = Engine.load(spec.path, provider=spec.provider, threads=threads, verify="size", mixed_step=mixed)
         self.vocab, self.eos = self.engine.vocab_size, self.engine.eos_token_id
         self.cache = None
 
