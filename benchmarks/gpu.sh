@@ -15,7 +15,7 @@
 #      the GPU bars in the report;
 #   3. step.json / step.md (benchmarks/gpu_step.py): decode steps of 1, 4, 16 and 64 rows taken apart
 #      (input copies, the replay, the logits copy, numpy's argmax, a 32-token prompt uncaptured and as a
-#      captured 64-column chunk) and greedy's pick on the device (the artifact's pick.onnx, its own
+#      captured 64-column chunk, and a greedy step with that chunk inside its pass: mixed.onnx) and greedy's pick on the device (the artifact's pick.onnx, its own
 #      captured session) against greedy on the host, ids equal to the host's argmax: sets PICK_FROM;
 #   4. xqa/step.json, xqa/step.md: batch 1 and 16 again with ORT_ENABLE_XQA=1 (onnxruntime's decode kernel
 #      for GroupQueryAttention, off by default for float16 caches in some releases);
@@ -30,7 +30,8 @@
 # 162 s (the first run, before the step breakdown was added: 194 s). Added since, not yet timed: the
 # chunked64 mode of the concurrent scenario (one more mode of 64 requests), steps at 4 and 16 rows with the
 # device pick (the two in-graph pick sessions they replace took longer to build), the XQA steps (a load of
-# the model and two batches) and two 4-token kernel listings: expected well under 5 minutes. Left out
+# the model and two batches), two 4-token kernel listings, and the mixed step (its graph built and checked at export,
+# a mixed pass per batch in the step breakdown, mode mixed64): expected well under 6 minutes. Left out
 # for time: the chat scenario, the context curve, the fresh-process footprints (each would compile
 # pytorch-compile again) and beam search; 3 timed repeats and 1 concurrent repeat.
 #

@@ -110,7 +110,8 @@ def check(artifact: str, provider: str = "cuda", new_tokens: int = NEW_TOKENS, r
         "tokens_equal": not divergence, "divergence": divergence,
         "padded_batch": {"call": calls[-1][0], "rows": len(lens), "equal_alone": len(lens) - len(padded), "divergence": padded},
         "scheduler_chunks": {"prompt_width": CHUNK, "rows": len(lens), "equal_alone": len(lens) - len(chunk_div),
-                             "divergence": chunk_div, "chunk_passes": chunked["chunk_passes"]},
+                             "divergence": chunk_div, "chunk_passes": chunked["chunk_passes"],
+                             "mixed_passes": chunked["mixed_passes"]},
         "timing": {"batch": 1, "prompt_len": TIMING_PROMPT, "new_tokens": timing_tokens, "repeats": repeats},
         # the verdict: a session with enable_cuda_graph, and the same tokens as the uncaptured one
         "captured": runs["captured"]["session_cuda_graph"] and not divergence,
@@ -123,7 +124,8 @@ def scheduled_chunks(engine, prompts: list[list[int]], new_tokens: int) -> dict:
     """Greedy replies through a Scheduler with prompt_width CHUNK, all queued at once, shortest first:
     its prompt runs alone while nothing decodes, and the others' go in fixed-width chunks while it
     does. Returns {tokens: [row][token], chunk_passes: the (slot, width) chunk bindings made, each a
-    captured graph under CUDA graphs}."""
+    captured graph under CUDA graphs, mixed_passes: the (bucket, slot, width) bindings of chunks that ran
+    inside a decode step's pass (the engine's mixed step graph, where it has one)}."""
     from gpt2onnx.runtime import Scheduler, SchedulerConfig
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -132,7 +134,8 @@ def scheduled_chunks(engine, prompts: list[list[int]], new_tokens: int) -> dict:
             handles = {i: s.submit(prompts[i], max_new_tokens=new_tokens, eos_token_id=-1) for i in order}
         tokens = [handles[i].result(timeout=300).tokens for i in range(len(prompts))]
         passes = sorted((first_row, width) for _, first_row, _, width in s.kv._steps if width == CHUNK)
-    return {"tokens": tokens, "chunk_passes": [list(p) for p in passes]}
+        mixed = sorted((b, row, width) for _, b, row, width in s.kv._mixed)
+    return {"tokens": tokens, "chunk_passes": [list(p) for p in passes], "mixed_passes": [list(m) for m in mixed]}
 
 
 def compare(labels: list[str], a: list[list[list[int]]], b: list[list[list[int]]]) -> list[dict]:
@@ -177,7 +180,10 @@ def render(r: dict) -> list[str]:
     if sc:
         L += ["", f"The same prompts through the captured engine's Scheduler with prompt_width {sc['prompt_width']} ("
                   f"queued at once, the shortest first, the others' prompts in fixed {sc['prompt_width']}-column chunks while it decodes; chunk "
-                  f"passes bound for {len(sc['chunk_passes'])} slots): {sc['equal_alone']} of {sc['rows']} rows give the tokens "
+                  f"passes bound for {len(sc['chunk_passes'])} slots"
+                  + (f", chunks inside a decode step's pass (mixed.onnx) bound for {len(sc['mixed_passes'])} bucket and slot pairs"
+                     if sc.get("mixed_passes") else "")
+                  + f"): {sc['equal_alone']} of {sc['rows']} rows give the tokens "
                   "they give alone" + "".join(f"; row {d['row']} first differs at token {d['first_diff']}" for d in sc["divergence"]) + "."]
     for w in c["load_warnings"]:
         L += ["", f"Warning at load (cuda_graph=True): {w}"]

@@ -319,9 +319,10 @@ class Decoder:
         return self.mixed is not None and int(self.held[r]) + width + (r < self.batch_for(n)) <= self.capacity
 
     def decode_with_chunk(self, tokens: np.ndarray, live: np.ndarray, r: int, chunk: list[int], width: int,
-                          greedy: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                          greedy: bool = False, last: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """`decode` (or with `greedy` `decode_greedy`) over rows 0 .. n-1 and `chunk` over row r, one pass of
-        the mixed graph; returns the step's logits [n, vocab] (ids [n]) and the chunk's last token's [vocab].
+        the mixed graph; returns the step's logits [n, vocab] (ids [n]) and the chunk's last token's [vocab]
+        (None without `last`: a chunk that does not end its prompt, whose logits then stay on the device).
 
         Row r must not decode (live[r] False where r < n). The chunk runs as `chunk` does (fixed shape
         [1, width], right-padded, captured once per bucket, row and width under CUDA graphs); where row r
@@ -350,7 +351,11 @@ class Decoder:
         self._set_row(r, h + c)  # the chunk's padding and the idle write are not kept
         if greedy and not pick:
             out = out[:, 0].argmax(-1)
-        return out[:n] if greedy else out[:n, 0], self._chunk_out[0, 0]
+        chunk_logits = None
+        if last:  # CPU: written in place by the graph; CUDA: one row copied
+            src = self._chunk_src
+            chunk_logits = (src if isinstance(src, np.ndarray) else src.numpy())[0, 0]
+        return out[:n] if greedy else out[:n, 0], chunk_logits
 
     def _step(self, tokens: np.ndarray, live: np.ndarray | None, pick: bool, chunk_row: int = -1) -> np.ndarray:
         """A decode step over the bucket holding rows 0 .. n-1: the bucket's logits [b, 1, vocab], or with
@@ -406,7 +411,7 @@ class Decoder:
         [b, 1, vocab] (CPU: rows of self.logits, written in place by the graph; CUDA: the device inputs
         refreshed first, the logits copied once into a new host array), or with `pick` the rows' argmax
         ids [b], the logits left where they lie. With a `chunk_row` it is the mixed pass (decode steps
-        only), the chunk's logits left in `_chunk_out`."""
+        only), the chunk's logits left where the graph wrote them (`_chunk_src`)."""
         if chunk_row >= 0:
             key = ("mixed", self._set, b, chunk_row, self.chunk_ids.shape[1])  # its pick's binding apart from a step's
             io, copies, device_logits, ro, chunk_logits = self._mixed_binding(*key[2:])
@@ -419,8 +424,8 @@ class Decoder:
         for host, ov in copies:  # CUDA: refresh the fixed-address device copies
             ov.update_inplace(host)
         session.run_with_iobinding(io, ro)
-        if chunk_row >= 0:  # CPU: written in place; CUDA: 1 row copied
-            self._chunk_out = chunk_logits if isinstance(chunk_logits, np.ndarray) else chunk_logits.numpy()
+        if chunk_row >= 0:
+            self._chunk_src = chunk_logits
         if pick:
             try:
                 if key not in self._picks:

@@ -251,7 +251,9 @@ class Scheduler:
         greedy = all(s.req.greedy for s in rows)  # ids [n] (taken on the device where the decoder has a pick)
         t = time.perf_counter()
         if riding:  # the step and the chunk in one pass of the mixed graph
-            out, chunk_logits = self.kv.decode_with_chunk(tokens, live, riding[0].index, riding[1], w, greedy)
+            slot, chunk = riding  # its logits are needed (copied) only when the chunk ends its prompt
+            last = len(slot.tokens) + len(chunk) == len(slot.req.ids)
+            out, chunk_logits = self.kv.decode_with_chunk(tokens, live, slot.index, chunk, w, greedy, last)
         else:
             out = self.kv.decode_greedy(tokens, live) if greedy else self.kv.decode(tokens, live)  # else logits [n, vocab]
         dt = time.perf_counter() - t

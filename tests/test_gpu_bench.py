@@ -180,6 +180,10 @@ def test_capture_check_on_the_cpu_provider(tmp_path, tiny_artifact):
     assert (sc["prompt_width"], sc["rows"], sc["equal_alone"], sc["divergence"]) == (64, 3, 3, [])
     assert len(sc["chunk_passes"]) == 2 and all(w == 64 for _, w in sc["chunk_passes"])
     assert "prompt_width 64 (queued at once, the shortest first" in md and "chunk passes bound for 2 slots): 3 of 3 rows" in md
+    assert sc["mixed_passes"] == []  # the artifact has no mixed.onnx (and on the CPU the engine would not take it)
+    res["scheduler_chunks"]["mixed_passes"] = [[1, 2, 64]]
+    assert "bound for 2 slots, chunks inside a decode step's pass (mixed.onnx) bound for 1 bucket and slot pairs): 3 of 3" \
+        in "\n".join(gpu_check.render(res))
     assert md.strip().endswith(r.stdout.strip().splitlines()[-1])  # stdout prints the same summary
 
 

@@ -66,8 +66,11 @@ def test_mixed_pass_greedy_returns_ids(tiny_mixed_artifact):
     ours, ref = _pair(tiny_mixed_artifact, False)
     tokens, live = np.array([30, 0, 31]), np.array([True, False, True])
     ids, last = ours.decode_with_chunk(tokens, live, 1, [7, 8], 4, greedy=True)
-    ref.chunk(1, [7, 8], 4)
+    want_last = ref.chunk(1, [7, 8], 4).copy()
     assert ids.shape == (3,) and np.array_equal(ids[live], ref.decode(tokens, live).argmax(-1)[live])
+    np.testing.assert_allclose(last, want_last, atol=1e-5, rtol=0)
+    # a chunk that does not end its prompt: its logits are not fetched (on CUDA they stay on the device)
+    assert ours.decode_with_chunk(ids, live, 1, [9], 4, greedy=True, last=False)[1] is None
 
 
 def test_mixed_pass_refuses_what_it_cannot_run(tiny_mixed_artifact):
