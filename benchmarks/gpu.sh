@@ -58,6 +58,13 @@ rm -f "$out/capture.json" "$out/capture.md"  # a stale check must not land in th
 # a failed check is reported and the bench still runs: its report then has no capture section
 timeout 300 "$py" -m gpt2onnx.benchmarks.gpu_check "$art" --out "$out" --provider cuda || stage "capture check FAILED (exit $?)"
 stage "capture check done"
+# the bars (batch 1 against the compiled static cache, batch 64, the scheduler at 16 clients) before the
+# diagnostics below, so a lease cut short still has them; the report reads capture.json from above
+"$py" -m gpt2onnx.cli bench "$art" --bench-provider cuda --baselines pytorch,pytorch-compile \
+  --batch 1,64 --prompt-len 32 --new-tokens 128 --repeats 3 --context "" --chat-turns 0 --beams 0 --no-footprint \
+  --concurrent-clients 16 --concurrent-precisions fp16 --concurrent-repeats 1 --concurrent-prompt-width 64 \
+  --out "$out" --cache artifacts/bench-cache || stage "bench FAILED (exit $?)"
+stage "bench done"
 # where a step's time goes (inputs, replay, logits copy, host argmax) and greedy's pick on the device
 rm -f "$out/step.json" "$out/step.md"
 timeout 150 "$py" -m gpt2onnx.benchmarks.gpu_step "$art" --out "$out" --provider cuda --batch 1,4,16,64 || stage "step breakdown FAILED (exit $?)"
@@ -86,9 +93,4 @@ timeout 120 "$py" -m gpt2onnx.benchmarks.gpu_kernels "$art" --out "$out" --provi
   || stage "kernel listing FAILED (exit $?)"
 stage "kernel listing done"
 
-"$py" -m gpt2onnx.cli bench "$art" --bench-provider cuda --baselines pytorch,pytorch-compile \
-  --batch 1,64 --prompt-len 32 --new-tokens 128 --repeats 3 --context "" --chat-turns 0 --beams 0 --no-footprint \
-  --concurrent-clients 16 --concurrent-precisions fp16 --concurrent-repeats 1 --concurrent-prompt-width 64 \
-  --out "$out" --cache artifacts/bench-cache
-stage "bench done"
 cat "$out/report.md"

@@ -406,18 +406,19 @@ def test_gpu_script_invocations_parse(tmp_path):
     assert not (out / "capture.json").exists()  # removed before the check, so no stale one lands in the report
     invocations = [c.strip("\n").split("\n") for c in calls.read_text().split("@@\n")[:-1]]
     modules = [c[1:] for c in invocations if c[0] == "-m"]
-    assert [m[0] for m in modules] == ["pip", "gpt2onnx.cli", "gpt2onnx.benchmarks.gpu_check", "gpt2onnx.benchmarks.gpu_step",
-                                       "gpt2onnx.benchmarks.gpu_step", "gpt2onnx.benchmarks.gpu_kernels", "gpt2onnx.cli"]
+    # the bars' bench right after the capture check (whose capture.json its report reads), the diagnostics after it
+    assert [m[0] for m in modules] == ["pip", "gpt2onnx.cli", "gpt2onnx.benchmarks.gpu_check", "gpt2onnx.cli",
+                                       "gpt2onnx.benchmarks.gpu_step", "gpt2onnx.benchmarks.gpu_step", "gpt2onnx.benchmarks.gpu_kernels"]
     assert modules[1][:2] == ["gpt2onnx.cli", "export"] and "--mixed-step" in modules[1]  # no artifact yet: exported, mixed.onnx too
     check = gpu_check.parser().parse_args(modules[2][1:])
     assert check.out == str(out) and check.provider == "cuda" and check.artifact == "artifacts/dialogpt-medium-fp16-cuda"
-    step = gpu_step.parser().parse_args(modules[3][1:])
+    step = gpu_step.parser().parse_args(modules[4][1:])
     assert step.out == str(out) and step.provider == "cuda" and step.artifact == check.artifact and step.batch == "1,4,16,64"
-    xqa = gpu_step.parser().parse_args(modules[4][1:])  # the same steps with ORT_ENABLE_XQA=1, into their own folder
+    xqa = gpu_step.parser().parse_args(modules[5][1:])  # the same steps with ORT_ENABLE_XQA=1, into their own folder
     assert xqa.out == str(out / "xqa") and xqa.batch == "1,16" and xqa.artifact == check.artifact
-    kernels = gpu_kernels.parser().parse_args(modules[5][1:])
+    kernels = gpu_kernels.parser().parse_args(modules[6][1:])
     assert kernels.out == str(out) and kernels.batch == "1,16" and kernels.provider == "cuda" and kernels.artifact == check.artifact
-    cli = modules[6][1:]
+    cli = modules[3][1:]
     assert cli[0] == "bench"
     import argparse
 
