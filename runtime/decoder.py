@@ -228,6 +228,35 @@ class Decoder:
         """Rows a step over the first n runs: n, or with CUDA graphs the bucket (power of two) holding n."""
         return n if self.graph_id is None else min(1 << (n - 1).bit_length(), self.slots)
 
+    def capture(self, width: int = 0) -> int:
+        """Capture every fixed-shape pass this core can run, now, on empty rows: a long-lived core's (the
+        Scheduler's) CUDA graphs are then made at start, not while requests wait on them (vLLM captures its
+        batch sizes at start the same way). The decode step of each bucket (with greedy's device pick where
+        it runs), and with a `width`, each row's `chunk` of that width and, with the mixed graph, each
+        bucket's mixed pass with each row's chunk. Every row is empty before and after. Returns the passes run."""
+        if self.graph_id is None or self.held.any():
+            return 0
+        pad, runs = self.spec.pad_token_id, 0
+        buckets = sorted({self.batch_for(n) for n in range(1, self.slots + 1)})
+        for b in buckets:
+            tokens, idle = np.full(b, pad, np.int64), np.zeros(b, bool)
+            self._step(tokens, idle, pick=self.pick is not None and b >= PICK_FROM)
+            runs += 1
+            if not width or self.mixed is None:
+                continue
+            for r in range(self.slots):
+                if self.can_mix(r, width, b):
+                    self.decode_with_chunk(tokens, idle, r, [pad], width, greedy=self.pick is not None, last=False)
+                    runs += 1
+        if width and self.fits(0, width):
+            for r in range(self.slots):
+                self.chunk(r, [pad], width)
+                runs += 1
+        for r in range(self.slots):
+            self._set_row(r, 0)
+        self.mask[:] = 0
+        return runs
+
     def truncate(self, r: int, n: int) -> None:
         """Row r keeps its first n tokens (a held prefix reused by a new request, or 0: empty)."""
         self._set_row(r, n)

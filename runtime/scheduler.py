@@ -17,7 +17,9 @@ work of (2) while rows decode runs in chunks of exactly W columns, one row per p
 (Decoder.chunk): fixed shapes, which CUDA graphs capture once per slot and replay, so a decoding row
 waits a replay rather than a launch-bound prompt pass of a new shape; where the artifact has the mixed
 step graph (export --mixed-step), one such chunk a step runs in the decode step's own pass
-(Decoder.decode_with_chunk), every weight read once for both, so a decoding row waits one pass. The slots are rows of the same decode
+(Decoder.decode_with_chunk), every weight read once for both, so a decoding row waits one pass.
+Under CUDA graphs every such pass is captured when the scheduler starts (Decoder.capture), not while
+requests wait on it. The slots are rows of the same decode
 core `Engine.generate` uses (decoder.py), each with its own length and positions. A step whose rows
 all pick greedily takes their ids from the engine's device pick where it has one (CUDA), not the logits.
 Each request samples with its own options and generator, so its tokens do not depend on its
@@ -105,6 +107,7 @@ class Scheduler:
         # written once now: a long-lived cache whose first prompts should not pay page faults
         # with a prompt width, a prompt chunk may ride in the decode step's pass (the artifact's mixed step graph)
         self.kv = engine.decoder(cfg.max_batch, self.capacity, prefault=True, mixed=cfg.prompt_width > 0 and cfg.mixed_step)
+        self.kv.capture(cfg.prompt_width)  # under CUDA graphs: every pass's graph now, not while requests wait
         self._riding: tuple[Slot, list[int]] | None = None  # the chunk this step's pass runs beside its rows
         self._tokens = np.zeros(cfg.max_batch, np.int64)  # a step's input token per slot
         self._live = np.zeros(cfg.max_batch, bool)  # which slots decode this step (the others idle)

@@ -212,3 +212,28 @@ def test_cli_mixed_step_needs_the_fused_graph(tmp_path):
     r = run_cli("export", "synthetic:tiny", "-o", str(tmp_path / "x"), "--mixed-step", "--no-fuse")
     assert_one_line_error(r, "--mixed-step needs the fused graph")
     assert not (tmp_path / "x").exists()
+
+
+def test_scheduler_captures_every_pass_at_start(tiny_mixed_artifact):
+    """Under CUDA graphs (the code path, on the CPU) a Scheduler binds, and so captures, every pass it can
+    run when it starts: each bucket's step (and its device pick from PICK_FROM rows), each slot's chunk,
+    and each bucket's mixed pass with each slot's chunk; its rows are empty after, and serving requests
+    then makes no new binding, so no request waits on a capture. A plain engine captures nothing."""
+    e = captured(tiny_mixed_artifact, device_pick=True, mixed_step=True)
+    work = _workload(12, seed=9)
+    expected = [e.generate([p], max_new_tokens=n, eos_token_id=-1)[0] for p, n in work]
+    with Scheduler(e, SchedulerConfig(max_batch=6, prompt_width=8, prefill_chunk=8)) as s:
+        kv = s.kv
+        steps, mixed, picks = set(kv._steps), set(kv._mixed), set(kv._picks)
+        assert not kv.held.any() and not kv.mask.any()
+        buckets = {1, 2, 4, 6}
+        assert {(f, b) for _, f, b, w in steps if w == 1} == {(0, b) for b in buckets}
+        assert {(f, b) for _, f, b, w in steps if w == 8} == {(r, 1) for r in range(6)}
+        assert {(b, r, w) for _, b, r, w in mixed} == {(b, r, 8) for b in buckets for r in range(6)}
+        assert {k for k in picks if k[0] != "mixed"} == {(0, 0, b, 1) for b in (4, 6)}
+        got = [h.result(timeout=120).tokens for h in [s.submit(p, max_new_tokens=n, eos_token_id=-1) for p, n in work]]
+        assert (set(kv._steps), set(kv._mixed), set(kv._picks)) == (steps, mixed, picks)  # nothing captured while serving
+    assert got == expected
+    plain = Engine.load(tiny_mixed_artifact, provider="cpu", mixed_step=True)
+    with Scheduler(plain, SchedulerConfig(max_batch=4, prompt_width=8)) as s:
+        assert not s.kv._steps and not s.kv._mixed and s.kv.capture(8) == 0
