@@ -442,8 +442,8 @@ class Decoder:
         ids [b], the logits left where they lie. With a `chunk_row` it is the mixed pass (decode steps
         only), the chunk's logits left where the graph wrote them (`_chunk_src`)."""
         if chunk_row >= 0:
+            io, copies, device_logits, ro, chunk_logits = self._mixed_binding(b, chunk_row, self.chunk_ids.shape[1])
             key = ("mixed", self._set, b, chunk_row, self.chunk_ids.shape[1])  # its pick's binding apart from a step's
-            io, copies, device_logits, ro, chunk_logits = self._mixed_binding(*key[2:])
             session = self.mixed.session
             self.mixed.runs += 1
         else:

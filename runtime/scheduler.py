@@ -108,7 +108,6 @@ class Scheduler:
         # with a prompt width, a prompt chunk may ride in the decode step's pass (the artifact's mixed step graph)
         self.kv = engine.decoder(cfg.max_batch, self.capacity, prefault=True, mixed=cfg.prompt_width > 0 and cfg.mixed_step)
         self.kv.capture(cfg.prompt_width)  # under CUDA graphs: every pass's graph now, not while requests wait
-        self._riding: tuple[Slot, list[int]] | None = None  # the chunk this step's pass runs beside its rows
         self._tokens = np.zeros(cfg.max_batch, np.int64)  # a step's input token per slot
         self._live = np.zeros(cfg.max_batch, bool)  # which slots decode this step (the others idle)
         self.slots = [Slot(i) for i in range(cfg.max_batch)]
@@ -235,8 +234,7 @@ class Scheduler:
         for s in [s for s in self.running if s.req.cancelled]:
             self.counters["cancelled"] += 1
             self._retire(s, "cancelled")
-        self._prefill()
-        riding, self._riding = self._riding, None
+        riding = self._prefill()  # (slot, chunk) to run in the step's pass, or None
         rows = [s for s in self.running if s.req.tokens]  # prompt done, first token sampled
         n = 1 + max((s.index for s in rows), default=-1)  # the step runs slots 0..n-1; the ones not decoding idle
         w = self.config.prompt_width
@@ -268,27 +266,30 @@ class Scheduler:
         if riding:
             self._took(riding[0], riding[1], chunk_logits, dt)
 
-    def _prefill(self) -> None:
+    def _prefill(self) -> tuple[Slot, list[int]] | None:
         """Run prompt tokens of admitted requests in admission order: all of them while nothing
-        decodes, else at most `prefill_chunk` this step."""
+        decodes, else at most `prefill_chunk` this step. With the mixed step graph, the first fixed-width
+        chunk is not run here but returned, (slot, chunk), to run inside the decode step's pass."""
         budget = None if not any(s.req.tokens for s in self.running) else self.config.prefill_chunk
         pending = [s for s in self.running if not s.req.tokens]
         fresh = {s.index: s for s in pending if not s.tokens}  # nothing held: may share a pass
+        riding = None
         for s in pending:
             if s.req is None or s.req.tokens:  # ran in an earlier group of this loop (and may have ended)
                 continue
             if budget is not None and budget <= 0:
-                return
+                return riding
             w = self.config.prompt_width
             fixed = budget is not None and w and self.kv.fits(s.index, w)  # a captured chunk of exactly w columns
             group = self._group(s, fresh, budget) if not s.tokens and not fixed else [s]
-            if fixed and self.kv.mixed is not None and self._riding is None:  # rides in this step's pass
-                self._riding = (s, s.req.ids[len(s.tokens):][:w])
-                budget -= w
-                continue
-            t = time.perf_counter()
             if fixed:
                 chunks = [s.req.ids[len(s.tokens):][:w]]
+                if self.kv.mixed is not None and riding is None:  # rides in this step's pass
+                    riding = (s, chunks[0])
+                    budget -= w
+                    continue
+            t = time.perf_counter()
+            if fixed:
                 logits, ran = [self.kv.chunk(s.index, chunks[0], w)], w
             elif len(group) > 1:
                 logits, ran = self.kv.prefill(s.index, [g.req.ids for g in group]), max(len(g.req.ids) for g in group) * len(group)
@@ -306,6 +307,7 @@ class Scheduler:
                 budget -= ran
             elif started:  # a row decodes now: bound what the rest may add to its wait
                 budget = self.config.prefill_chunk
+        return riding
 
     def _took(self, s: Slot, chunk: list[int], logits: np.ndarray, dt: float) -> bool:
         """Row s's cache took `chunk` of its prompt (its last token's logits [vocab]); when that completes the

@@ -43,15 +43,14 @@ class IONames:
     chunk_present_key: str = "chunk_present.{i}.key"
     chunk_present_value: str = "chunk_present.{i}.value"
 
-    def kv(self, n_layer: int) -> list[tuple[str, str]]:
-        """(past input, present output) per layer and tensor: key then value of layer 0, then layer 1 ..."""
-        return [(getattr(self, f"past_{t}").format(i=i), getattr(self, f"present_{t}").format(i=i))
+    def kv(self, n_layer: int, prefix: str = "") -> list[tuple[str, str]]:
+        """(past input, present output) per layer and tensor: key then value of layer 0, then layer 1 ...
+        (prefix "chunk_": the mixed graph's chunk row's)."""
+        return [(getattr(self, f"{prefix}past_{t}").format(i=i), getattr(self, f"{prefix}present_{t}").format(i=i))
                 for i in range(n_layer) for t in ("key", "value")]
 
     def chunk_kv(self, n_layer: int) -> list[tuple[str, str]]:
-        """`kv` of the mixed graph's chunk row."""
-        return [(getattr(self, f"chunk_past_{t}").format(i=i), getattr(self, f"chunk_present_{t}").format(i=i))
-                for i in range(n_layer) for t in ("key", "value")]
+        return self.kv(n_layer, "chunk_")
 
     def manifest(self) -> dict[str, str]:
         """The `io` entries export writes (KV templates under `kv`, the rest at the top level)."""
