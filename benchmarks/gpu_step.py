@@ -97,7 +97,7 @@ def _parts(e, b: int, steps: int) -> dict:
         _pick(dec, device_logits, b, bb, steps, out)
     dec.close()
     if e._mixed() is not None:
-        out["mixed_ms"] = _mixed_ms(e, b, steps)
+        out["mixed_ms"] = _mixed_ms(e, b, steps)  # the same rows' budget of steps
     return out
 
 
@@ -113,7 +113,7 @@ def _mixed_ms(e, b: int, steps: int) -> float:
         dec.truncate(b, 0)
         dec.decode_with_chunk(tokens, live, b, row, CHUNK, greedy=True)
     try:
-        return _median_ms(one, min(steps, (e.n_positions - PROMPT - 2 * WARMUP - 4) // 2))
+        return _median_ms(one, steps)
     finally:
         dec.close()
 

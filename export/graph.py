@@ -258,39 +258,43 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
         ln = b.one("LayerNormalization", [residual, b.const("h0.ln_1.g", w["h0.ln_1.g"]), b.const("h0.ln_1.b", w["h0.ln_1.b"])],
                    axis=-1, epsilon=eps, name="h0.ln_1")
 
+    def gqa(p: str, tag: str, q: str, kv: list[tuple[str, str]], lens: str, total: str, quant: tuple[list, dict]) -> str:
+        """Layer `p`'s GroupQueryAttention over q [B, S, 3H] and its cache (`kv`: (past, present) of key and
+        value); `tag` names a second node of the layer (the mixed graph's chunk)."""
+        (past_k, pres_k), (past_v, pres_v) = kv
+        quant_in, quant_attrs = quant
+        if cast_kv:
+            q = b.one("Cast", [q], to=kv_elem, name=p + tag + "qkv_kv")
+        out = b.op("GroupQueryAttention", [q, "", "", past_k, past_v, lens, total, *([""] * 4 if quant_in else []), *quant_in],
+                   domain=MS_DOMAIN, num_heads=N, kv_num_heads=N, name=p + tag + "attn", **quant_attrs,
+                   outputs=[p + tag + "attn_out", pres_k, pres_v])[0]
+        return b.one("Cast", [out], to=elem, name=p + tag + "attn_out_act") if cast_kv else out
+
     for i in range(cfg.n_layer):
         p = f"h{i}."
         c = lambda k: b.const(p + k, w[p + k])  # noqa: E731, B023
         qkv = b.one("Add", [b.one("MatMul", [ln, c("qkv.w")], name=p + "qkv"), c("qkv.b")], name=p + "qkv_bias")  # [B, S, 3H]
-        (past_k, pres_k), (past_v, pres_v) = n.kv(cfg.n_layer)[2 * i: 2 * i + 2]
+        layer_kv = n.kv(cfg.n_layer)[2 * i: 2 * i + 2]  # (past, present) of key and value
+        (past_k, pres_k), (past_v, pres_v) = layer_kv
         if fused:
             quant_in, quant_attrs = [], {}
             if kv_int8:
                 quant_in = ["", b.const(p + "k_scale", np.array([kv_scales[i][0]], np.float32), cast=False),
                             b.const(p + "v_scale", np.array([kv_scales[i][1]], np.float32), cast=False)]
                 quant_attrs = {"kv_cache_bit_width": 8, "k_quant_type": "PER_TENSOR", "v_quant_type": "PER_TENSOR"}
-
-            def gqa(q: str, past_k: str, past_v: str, pres_k: str, pres_v: str, lens: str, total: str, tag: str,
-                    p: str = p, quant_in: list = quant_in, quant_attrs: dict = quant_attrs) -> str:
-                if cast_kv:
-                    q = b.one("Cast", [q], to=kv_elem, name=p + tag + "qkv_kv")
-                out = b.op("GroupQueryAttention", [q, "", "", past_k, past_v, lens, total, *([""] * 4 if quant_in else []),
-                                                   *quant_in], domain=MS_DOMAIN, num_heads=N, kv_num_heads=N,
-                           name=p + tag + "attn", **quant_attrs, outputs=[p + tag + "attn_out", pres_k, pres_v])[0]
-                return b.one("Cast", [out], to=elem, name=p + tag + "attn_out_act") if cast_kv else out
-
+            quant = (quant_in, quant_attrs)
             if mixed:
                 # GroupQueryAttention takes a multi-token pass over a past for one row only, so the step's rows
                 # [b, 1, 3H] and the chunk [1, W, 3H] attend in two nodes, each over its own rows of the cache
                 step_q, chunk_q = b.op("Split", [qkv, split_bw], n_out=2, axis=1, name=p + "split_bw")
                 step_q = b.one("Reshape", [step_q, i64("rows_1_3h", [-1, 1, 3 * H])], name=p + "step_q")
-                step_a = gqa(step_q, past_k, past_v, pres_k, pres_v, seqlens_k, total_scalar, "")  # [b, 1, H]
-                (cpast_k, cpres_k), (cpast_v, cpres_v) = n.chunk_kv(cfg.n_layer)[2 * i: 2 * i + 2]
-                chunk_a = gqa(chunk_q, cpast_k, cpast_v, cpres_k, cpres_v, chunk_seqlens, chunk_total_scalar, "chunk_")
+                step_a = gqa(p, "", step_q, layer_kv, seqlens_k, total_scalar, quant)  # [b, 1, H]
+                chunk_a = gqa(p, "chunk_", chunk_q, n.chunk_kv(cfg.n_layer)[2 * i: 2 * i + 2], chunk_seqlens,
+                              chunk_total_scalar, quant)  # [1, W, H]
                 attn = b.one("Concat", [b.one("Reshape", [step_a, i64("one_rows_h", [1, -1, H])], name=p + "step_a_row"), chunk_a],
                              axis=1, name=p + "mixed_attn")  # [1, b + W, H]
             else:
-                attn = gqa(qkv, past_k, past_v, pres_k, pres_v, seqlens_k, total_scalar, "")
+                attn = gqa(p, "", qkv, layer_kv, seqlens_k, total_scalar, quant)
             proj = b.one("MatMul", [attn, c("attn_out.w")], name=p + "attn_proj")
             ln, residual = b.op("SkipLayerNormalization", [proj, residual, c("ln_2.g"), c("ln_2.b"), c("attn_out.b")],
                                 domain=MS_DOMAIN, epsilon=eps, name=p + "ln_2",
