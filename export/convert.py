@@ -98,6 +98,9 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
                            f"not within the {opts.precision} tolerance {tol['max_abs_logit_diff']:g}")
         if problem and opts.enforce_tolerances:
             raise Gpt2OnnxError(f"accuracy check failed: {problem}; nothing was written")
+        # measured, not assumed: MatMulNBits' one-row and many-row kernels may sum in other orders (through
+        # the runtime's decode core, which runs fused graphs only)
+        invariance = parity.batch_invariance(model_path, cfg, opts.kv_dtype, _batch_prompts(text, cfg)) if opts.fuse else None
         ckpt.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         if opts.fuse:  # greedy's pick where the logits lie (runtime/decoder.py, Pick)
             import onnx
@@ -108,7 +111,8 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
         if mixed_figures:
             manifest["parity"]["mixed_vs_model"] = {**mixed_figures, "tolerance": tol["max_abs_logit_diff"]}
         manifest["accuracy"] = {"teacher_forced": accuracy, "tolerances": tol}
-        manifest["quantization"] = quant
+        manifest["parity"]["batch_invariance"] = invariance
+        manifest["quantization"] = quant and {**quant, "batch_invariant": invariance and invariance["invariant"]}
         with open(os.path.join(tmp, MANIFEST_NAME), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
         _replace_dir(tmp, out, opts.force)
@@ -180,6 +184,12 @@ def _parity_prompts(ids: list[int], cfg) -> list[list[int]]:
     """Two prompts of different lengths from the shipped text's ids, so the batch is padded."""
     n = min(24, cfg.n_positions // 4)
     return [ids[:n], ids[n: n + n // 2]]
+
+
+def _batch_prompts(ids: list[int], cfg) -> list[list[int]]:
+    """Four prompts of different lengths from the shipped text's ids (a padded batch of four)."""
+    n = min(24, cfg.n_positions // 4)
+    return [ids[:n], ids[n: n + n // 2], ids[2 * n: 2 * n + 3], ids[3 * n: 4 * n - 5]]
 
 
 def _write_graph(model, path: str, opts: ExportOptions, log, share: str | None = None) -> dict | None:

@@ -165,11 +165,8 @@ def mixed_parity(model_path: str, mixed_path: str, cfg: ModelConfig, kv_dtype: s
     chunk pass then a step; returns the largest |Δlogit| over the step rows' and the chunks' logits.
     The third row sits inside the step's rows, so its idle write beside the chunk is exercised too."""
     from gpt2onnx.runtime.decoder import Decoder, Mixed
-    from gpt2onnx.runtime.spec import ModelSpec
 
-    spec = ModelSpec(n_layer=cfg.n_layer, n_head=cfg.n_head, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
-                     n_positions=cfg.n_positions, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
-                     kv_dtype=np.dtype(kv_dtype), in_place_kv=True, names=graph.NAMES)
+    spec = _spec(cfg, kv_dtype)
     main = ort_session(model_path)
     capacity = max(map(len, rows)) + width * passes + passes + 2
     ours = Decoder(spec, main, 3, capacity, mixed=Mixed(ort_session(mixed_path), captured=False))
@@ -189,6 +186,44 @@ def mixed_parity(model_path: str, mixed_path: str, cfg: ModelConfig, kv_dtype: s
         worst = max(worst, float(np.abs(step[live] - want[live]).max()), float(np.abs(last - want_last).max()))
         tokens = want.argmax(-1)
     return {"max_abs_logit_diff": worst, "passes": passes, "chunk_width": width}
+
+
+def batch_invariance(model_path: str, cfg: ModelConfig, kv_dtype: str, rows: list[list[int]], steps: int = 3) -> dict:
+    """Whether a row's logits depend on what shares its pass, through the runtime's decode core:
+    `rows` prefilled together in one right-padded pass and decoded together for `steps` steps (each
+    row fed its greedy tokens of that run), against each row alone in a one-row core fed the same
+    tokens. Returns the largest |Δlogit| over the prompts' and the steps' logits and whether it is
+    exactly 0 (`invariant`): then a request's tokens, sampled or greedy, cannot depend on its
+    batch-mates. Measured on the CPU provider this export runs on; kernels elsewhere (another CPU's
+    instruction set, CUDA) may differ."""
+    from gpt2onnx.runtime.decoder import Decoder
+
+    spec, session = _spec(cfg, kv_dtype), ort_session(model_path)
+    capacity = max(map(len, rows)) + steps + 1
+    together = Decoder(spec, session, len(rows), capacity)
+    logits = [together.prefill(0, rows).copy()]
+    fed = []
+    for _ in range(steps):
+        fed.append(logits[-1].argmax(-1))
+        logits.append(together.decode(fed[-1]).copy())
+    worst = 0.0
+    for r, row in enumerate(rows):
+        alone = Decoder(spec, session, 1, capacity)
+        worst = max(worst, float(np.abs(alone.prefill(0, [row])[0] - logits[0][r]).max()))
+        for k, tokens in enumerate(fed):
+            worst = max(worst, float(np.abs(alone.decode(tokens[r: r + 1])[0] - logits[k + 1][r]).max()))
+        alone.close()
+    together.close()
+    return {"max_abs_logit_diff": worst, "invariant": worst == 0.0, "rows": len(rows), "steps": steps, "provider": "cpu"}
+
+
+def _spec(cfg: ModelConfig, kv_dtype: str):
+    """The runtime's ModelSpec of a graph being exported (before its manifest exists)."""
+    from gpt2onnx.runtime.spec import ModelSpec
+
+    return ModelSpec(n_layer=cfg.n_layer, n_head=cfg.n_head, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
+                     n_positions=cfg.n_positions, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+                     kv_dtype=np.dtype(kv_dtype), in_place_kv=True, names=graph.NAMES)
 
 
 def _top1(a: np.ndarray, b: np.ndarray) -> float:

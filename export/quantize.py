@@ -67,7 +67,7 @@ def quantize_int8(src: str, cfg: Int8Config = Int8Config()):
     if cfg.method == "nbits":
         model = _nbits(model, 8, cfg.block_size, True, 4, cfg.exclude)
         entry = {"method": "onnxruntime MatMulNBits (RTN), int8 activations per row and block", "weight_type": "int8",
-                 "block_size": cfg.block_size, "exclude": list(cfg.exclude), "batch_invariant": True}
+                 "block_size": cfg.block_size, "exclude": list(cfg.exclude)}
     else:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -90,7 +90,7 @@ def quantize_int8(src: str, cfg: Int8Config = Int8Config()):
         if head:
             model = _nbits(model, 8, head_block, True, 4, (), include=head)
         entry = {k: v for k, v in asdict(cfg).items() if k not in ("block_size", "embedding", "head_block_size")}
-        entry = {**entry, "method": "onnxruntime dynamic quantization", "weight_type": "int8", "batch_invariant": False}
+        entry = {**entry, "method": "onnxruntime dynamic quantization", "weight_type": "int8"}
         if head:
             entry["lm_head"] = f"MatMulNBits 8-bit, block {head_block}, int8 activations (shared with the embedding)"
     block = head_block if cfg.method == "dynamic" else cfg.block_size
@@ -108,8 +108,7 @@ def quantize_int4(src: str, cfg: Int4Config = Int4Config()):
     model = onnx.load(src)
     tied = cfg.embedding and _tied(model)
     model = _nbits(model, 4, cfg.block_size, cfg.symmetric, cfg.accuracy_level, cfg.exclude)
-    entry = {"method": "onnxruntime MatMulNBits (RTN)", "weight_type": "int4", **asdict(cfg),
-             "batch_invariant": True}  # activations quantized per row and block
+    entry = {"method": "onnxruntime MatMulNBits (RTN)", "weight_type": "int4", **asdict(cfg)}
     entry["embedding"] = _quantize_embedding(model, 4, cfg.block_size, tied) if cfg.embedding else "float32"
     return model, entry
 

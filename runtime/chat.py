@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from .errors import Gpt2OnnxError
+from .errors import ContextOverflow, Gpt2OnnxError
 from .prompt_cache import PromptCache
 from .sampling import GenerationConfig
 
@@ -62,6 +62,8 @@ class ChatSession:
     """One conversation; not shared between threads (its cache serves one generation at a time)."""
 
     def __init__(self, engine, cfg: GenerationConfig):
+        if cfg.max_new_tokens >= engine.n_positions:  # as every other entry point refuses it
+            raise ContextOverflow(0, 0, cfg.max_new_tokens, engine.n_positions)
         self.engine = engine
         self.cfg = replace(cfg, eos_token_id=engine.eos_token_id if cfg.eos_token_id is None else cfg.eos_token_id)
         self.turns: list[list[int]] = []  # token ids of each turn, each ending with EOS
@@ -73,7 +75,8 @@ class ChatSession:
         self.cache.clear()
 
     def send(self, text: str) -> str:
-        """Add the user's turn, generate the reply, remember both; returns the reply text."""
+        """Add the user's turn, generate the reply, remember both; returns the reply text (cut before a
+        stop string, as generate_text's; the history keeps the reply's tokens, whose keys the cache holds)."""
         eos = self.engine.eos_token_id
         user = turn(self.engine.encode(text), eos)
         self.turns = fit_history(self.turns + [user], self.engine.n_positions - self.cfg.max_new_tokens)
@@ -85,4 +88,4 @@ class ChatSession:
         if not reply or reply[-1] != eos:
             reply = turn(reply, eos)  # close the turn so the next one starts cleanly
         self.turns.append(reply)
-        return self.engine.decode(reply)
+        return req.text.text

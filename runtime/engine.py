@@ -14,6 +14,7 @@ concurrent requests, a Scheduler (scheduler.py) batches them through one decode 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import threading
 import time
@@ -24,7 +25,7 @@ import numpy as np
 from .artifact import Manifest, load_manifest
 from .beam import Beams
 from .decoder import Decoder, Mixed, Pick
-from .errors import Gpt2OnnxError
+from .errors import ContextOverflow, Gpt2OnnxError
 from .prompt_cache import PromptCache
 from .request import Request, Stats
 from .sampling import GenerationConfig
@@ -187,30 +188,31 @@ class Engine:
                                 "Scheduler (the server); use generate, generate_text or chat, or num_beams=1")
         limit = limit or self.n_positions
         row = self.encode(prompt) if isinstance(prompt, str) else prompt
-        if isinstance(row, (int, np.integer)) or not hasattr(row, "__iter__"):
+        if isinstance(row, (int, np.integer, bytes, bytearray)) or not hasattr(row, "__iter__"):
             raise Gpt2OnnxError("a prompt must be text or a list of token ids")
-        try:
-            row = [int(t) for t in row]
-        except (TypeError, ValueError):
-            raise Gpt2OnnxError(f"prompt {index} must hold integer token ids") from None
+        row = list(row)
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in row):  # no 1.7, "15", True
+            raise Gpt2OnnxError(f"prompt {index} must hold integer token ids")
+        row = [int(t) for t in row]
         if not row:
             raise Gpt2OnnxError(f"prompt {index} is empty; pass at least one token")
         bad = [t for t in row if not 0 <= t < self.vocab_size]
         if bad:
             raise Gpt2OnnxError(f"token id {bad[0]} in prompt {index} is outside the vocabulary 0..{self.vocab_size - 1}")
         if cfg.max_new_tokens >= limit:
-            raise Gpt2OnnxError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in {limit} positions; lower it")
+            raise ContextOverflow(index, 0, cfg.max_new_tokens, limit)
         room = limit - cfg.max_new_tokens
         if len(row) > room and not cfg.truncate:
-            what = (f"prompt {index} has {len(row)} tokens, longer than the {limit}-position context" if len(row) > limit
-                    else f"prompt {index} ({len(row)} tokens) plus max_new_tokens={cfg.max_new_tokens} runs past the {limit}-position context")
-            raise Gpt2OnnxError(f"{what}; shorten it, lower max_new_tokens, or pass --truncate to keep the newest tokens")
+            raise ContextOverflow(index, len(row), cfg.max_new_tokens, limit)
         eos = self.eos_token_id if cfg.eos_token_id is None else cfg.eos_token_id
         return Request(row[-room:], cfg, eos, self.decode, self.vocab_size)
 
     def _requests(self, prompts, kw: dict) -> list[Request]:
         cfg = self.config(**kw)
-        if isinstance(prompts, (str, bytes)) or not prompts or isinstance(prompts[0], (int, np.integer)):
+        if isinstance(prompts, (str, bytes, bytearray)) or not hasattr(prompts, "__iter__"):
+            raise Gpt2OnnxError("input_ids must be a non-empty list of lists of token ids")
+        prompts = list(prompts)  # a generator, a tuple, a 2-D numpy array's rows
+        if not prompts or isinstance(prompts[0], (int, np.integer)):
             raise Gpt2OnnxError("input_ids must be a non-empty list of lists of token ids")
         return [self.request(p, cfg, index=i, stream=False) for i, p in enumerate(prompts)]
 
@@ -229,6 +231,16 @@ class Engine:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token `token_id` stands for. A byte-level BPE token may hold part of a multi-byte
+        character, which decode([id]) renders as U+FFFD; OpenAI's logprobs give the token's real
+        bytes so a client can join them. Special tokens give their text."""
+        piece = self.tokenizer.id_to_token(int(token_id)) or ""
+        table = _byte_decoder()
+        if all(ch in table for ch in piece):
+            return bytes(table[ch] for ch in piece)
+        return self.decode([token_id]).encode("utf-8")  # not a byte-level vocabulary
 
     # ---- entry points ----------------------------------------------------------------------
 
@@ -255,7 +267,9 @@ class Engine:
 
     def generate_text(self, prompt: str | list[str], **kw) -> str | list[str]:
         """Generate from text; returns the new text of each prompt (a str for a str), cut before a stop string."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise Gpt2OnnxError("generate_text takes text or a list of texts; pass token ids to generate")
         if not prompts:
             raise Gpt2OnnxError("no prompts given; pass at least one")
         reqs = self._requests(prompts, kw)
@@ -400,3 +414,13 @@ class Engine:
         if cache is not None:
             cache.decoder, cache.ids = dec, cache.ids[: int(dec.held[0])]
         return dec
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet read back: each of the 256 bytes is one printable character in the
+    vocabulary's token strings (printable Latin-1 bytes stand for themselves, the rest are shifted
+    to U+0100 and up, in byte order)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(shifted)}}

@@ -12,5 +12,30 @@ def one_line(err: BaseException, limit: int = 300) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0][:limit] if text else ''}"
 
 
+class ContextOverflow(Gpt2OnnxError):
+    """A request that does not fit the context: prompt `index` has `prompt_len` tokens and asks for
+    `max_new` more in `limit` positions (`prompt_len` 0: max_new alone leaves no room). Front ends
+    word it with their own option names (the server says max_tokens, and has no truncate)."""
+
+    def __init__(self, index: int, prompt_len: int, max_new: int, limit: int):
+        self.index, self.prompt_len, self.max_new, self.limit = index, prompt_len, max_new, limit
+        super().__init__(self.describe("max_new_tokens") + ("; lower it" if self.param == "max_new_tokens" else
+                                                             "; shorten it, lower max_new_tokens, or pass truncate=True "
+                                                             "(the CLI's --truncate) to keep the newest tokens"))
+
+    @property
+    def param(self) -> str:
+        """The option to change: 'max_new_tokens' when it alone fills the context, else 'prompt'."""
+        return "max_new_tokens" if self.max_new >= self.limit else "prompt"
+
+    def describe(self, max_new_name: str) -> str:
+        if self.param == "max_new_tokens":
+            return f"{max_new_name}={self.max_new} leaves no room for a prompt in {self.limit} positions"
+        if self.prompt_len > self.limit:
+            return f"prompt {self.index} has {self.prompt_len} tokens, longer than the {self.limit}-position context"
+        return (f"prompt {self.index} ({self.prompt_len} tokens) plus {max_new_name}={self.max_new} runs past the "
+                f"{self.limit}-position context")
+
+
 class SchedulerClosed(Gpt2OnnxError):
     """The scheduler was closed and takes no new requests (HTTP 503: retry on another replica)."""

@@ -23,9 +23,10 @@ requests wait on it. The slots are rows of the same decode
 core `Engine.generate` uses (decoder.py), each with its own length and positions. A step whose rows
 all pick greedily takes their ids from the engine's device pick where it has one (CUDA), not the logits.
 Each request samples with its own options and generator, so its tokens do not depend on its
-batch-mates: exactly so in fp32, int4 and int8 exported with `--int8-method nbits` (activations
-quantized per row); the default int8 (DynamicQuantizeMatMul) shares one activation scale per
-call, so a row's logits move slightly with its batch-mates (manifest: quantization.batch_invariant).
+batch-mates where the model's logits do not: the export measures that (manifest:
+parity.batch_invariance; exact in fp32 and int8 exported with `--int8-method nbits`, not in the
+default int8, whose DynamicQuantizeMatMul shares one activation scale per call, nor in int4 on an
+AVX-512 VNNI CPU, whose MatMulNBits kernels sum one row and many in other orders).
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ class Scheduler:
             if req in self.waiting:
                 self.waiting.remove(req)
                 req.end("cancelled")
+                self.counters["cancelled"] += 1
             self.cv.notify_all()
 
     def close(self, cancel: bool = False, timeout: float | None = None) -> None:
@@ -166,8 +168,9 @@ class Scheduler:
         self.kv.close()  # the KV cache goes now, not when the last reference to the scheduler does
 
     def _cancel_all(self) -> None:
-        for req in list(self.waiting):
+        for req in self.waiting:
             req.end("cancelled")
+        self.counters["cancelled"] += len(self.waiting)
         self.waiting.clear()
         for s in self.running:
             s.req.cancelled = True

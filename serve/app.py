@@ -3,7 +3,7 @@
     POST /v1/completions        serving_completion.py
     POST /v1/chat/completions   serving_chat.py
     POST /tokenize, /detokenize serving_tokenization.py
-    GET  /v1/models             one id per artifact
+    GET  /v1/models             one id per artifact (/v1/models/{id}: one of them)
     GET  /health                open, even with an API key
     GET  /metrics               Prometheus text
 
@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from . import errors
 from .config import ServeConfig
-from .serving import Model, ServerState, check_key, run, server_of
+from .serving import Model, ServerState, check_key, model_named, run, server_of
 from .serving_chat import ChatServing
 from .serving_completion import CompletionServing
 from .serving_tokenization import detokenize, tokenize
@@ -47,11 +47,20 @@ async def prometheus(request: Request):
     return PlainTextResponse(body, media_type=content_type)
 
 
+def _model_card(m: Model) -> dict:
+    return {"id": m.name, "object": "model", "created": m.created, "owned_by": "gpt2onnx"}
+
+
 @router.get("/v1/models")
 async def list_models(request: Request):
     check_key(request)
-    return {"object": "list", "data": [{"id": m.name, "object": "model", "created": m.created, "owned_by": "gpt2onnx"}
-                                       for m in server_of(request).models.values()]}
+    return {"object": "list", "data": [_model_card(m) for m in server_of(request).models.values()]}
+
+
+@router.get("/v1/models/{name}")
+async def retrieve_model(request: Request, name: str):
+    check_key(request)
+    return _model_card(model_named(request, name))
 
 
 @router.post("/v1/completions")

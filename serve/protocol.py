@@ -1,22 +1,25 @@
 """OpenAI request bodies and their mapping onto GenerationConfig; the error body.
 
 Fields OpenAI defines that this server cannot honour are refused with a 400 that names them,
-rather than silently ignored (a client asking for best_of=4 must not get one sample back).
+rather than silently ignored (a client asking for best_of=4 must not get one sample back). Types
+are strict, as OpenAI's are: "5", 5.0 or true is not a max_tokens, "yes" is not a stream.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
 Bias = Annotated[float, Field(ge=-100, le=100)]
+TokenKey = Annotated[int, Strict(False), Field(ge=0)]  # a JSON object's keys are strings: "50256"
+STRICT = ConfigDict(extra="forbid", strict=True)
 
 MAX_N = 16
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     include_usage: bool = False
 
 
@@ -24,7 +27,7 @@ class _Sampling(BaseModel):
     """The sampling fields completions and chat share (OpenAI's names; top_k, min_p,
     repetition_penalty and ignore_eos are extra fields vLLM also accepts)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -43,16 +46,23 @@ class _Sampling(BaseModel):
     # JSON object's keys are ids as strings)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[int, Bias] | None = None
+    logit_bias: dict[TokenKey, Bias] | None = None
 
     def unsupported(self) -> str | None:
+        if self.stream_options is not None and not self.stream:
+            return "stream_options is only allowed with stream=true"
         return None
+
+    def max_tokens_asked(self) -> tuple[str, int | None]:
+        """The reply's length limit the body asks for, and the field that asks it."""
+        return "max_tokens", self.max_tokens
 
     def generation(self, max_tokens_default: int, max_tokens_cap: int) -> dict[str, Any]:
         """GenerationConfig keywords. OpenAI's temperature defaults to 1 (sampling); 0 is greedy."""
-        max_new = self.max_tokens or max_tokens_default
+        field, asked = self.max_tokens_asked()
+        max_new = asked or max_tokens_default
         if max_new > max_tokens_cap:
-            raise ValueError(f"max_tokens={max_new} is above this server's limit of {max_tokens_cap}")
+            raise ValueError(f"{field}={max_new} is above this server's limit of {max_tokens_cap}")
         temperature = 1.0 if self.temperature is None else self.temperature
         kw: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": temperature > 0}
         if self.ignore_eos:
@@ -80,28 +90,50 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
 
     def unsupported(self) -> str | None:
-        if self.best_of not in (None, 1) and self.best_of != self.n:
-            return "best_of is not supported"
+        if self.best_of is not None and self.best_of < self.n:
+            return f"best_of={self.best_of} must be at least n={self.n}"
+        if self.best_of not in (None, self.n):
+            return "best_of above n is not supported; ask for n choices instead"
         if self.suffix:
             return "suffix is not supported"
         if self.echo and self.logprobs is not None:
             return "echo with logprobs is not supported (prompt tokens' log-probabilities are not computed)"
         return super().unsupported()
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_given(cls, p):
+        if not p:
+            raise ValueError("empty; pass text, token ids, or a non-empty list of them")
+        return p
+
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if p and all(isinstance(x, int) for x in p):
+        if all(isinstance(x, int) for x in p):
             return [list(p)]
         return list(p)
 
 
+class TextPart(BaseModel):
+    """A message's content as a list of parts (what LangChain and OpenAI's newer clients send): text only."""
+
+    model_config = STRICT
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | None = None
+    content: str | list[TextPart]
     name: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The message's text; parts joined by newlines, as vLLM joins them."""
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -115,10 +147,10 @@ class ChatCompletionRequest(_Sampling):
             return "top_logprobs needs logprobs=true"
         return super().unsupported()
 
-    def generation(self, max_tokens_default: int, max_tokens_cap: int) -> dict[str, Any]:
-        if self.max_completion_tokens is not None and self.max_tokens is None:
-            self.max_tokens = self.max_completion_tokens
-        return super().generation(max_tokens_default, max_tokens_cap)
+    def max_tokens_asked(self) -> tuple[str, int | None]:
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return super().max_tokens_asked()
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
@@ -130,7 +162,7 @@ class TokenizeRequest(BaseModel):
     """POST /tokenize (vLLM's and llama-server's route): text, or chat messages as the DialoGPT
     prompt /v1/chat/completions would run (without dropping turns)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     model: str | None = None  # may be left out when the server has one model
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
@@ -145,6 +177,6 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     """POST /detokenize: token ids -> text."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     model: str | None = None
     tokens: list[int]

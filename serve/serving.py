@@ -21,6 +21,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from gpt2onnx.runtime import Engine, Gpt2OnnxError, Scheduler
+from gpt2onnx.runtime.errors import ContextOverflow
 from gpt2onnx.runtime.request import Result, Token
 
 from .config import ServeConfig
@@ -87,8 +88,16 @@ async def read_body(request: Request, kind: type[BaseModel]) -> BaseModel:
         return kind.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(x) for x in err.get("loc", ()))
-        raise APIError(400, f"{param}: {err.get('msg')}" if param else str(err.get("msg")), param=param or None) from None
+        loc = [x for x in err.get("loc", ()) if not _union_tag(x)]  # pydantic names the union member it tried
+        path = ".".join(f"[{x}]" if isinstance(x, int) else str(x) for x in loc)
+        msg = str(err.get("msg"))
+        if len(loc) == 1 and sum(1 for x in e.errors() if x.get("loc", ())[:1] == tuple(loc)) > 1:
+            msg = "not one of the types this field takes; see the API reference"  # every member of a union failed
+        raise APIError(400, f"{path}: {msg}" if path else msg, param=str(loc[0]) if loc else None) from None
+
+
+def _union_tag(x) -> bool:
+    return isinstance(x, str) and (x in ("str", "int", "float", "bool", "list", "dict") or "[" in x)
 
 
 def model_named(request: Request, name: str | None) -> Model:
@@ -100,6 +109,14 @@ def model_named(request: Request, name: str | None) -> Model:
         raise APIError(404, f"model {name!r} does not exist; GET /v1/models lists this server's models",
                        param="model", code="model_not_found")
     return models[name]
+
+
+def token_str(b: bytes) -> str:
+    """A token's text for logprobs; one that is not whole UTF-8 on its own is "bytes:\\xNN..." as OpenAI writes it."""
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{c:02x}" for c in b)
 
 
 def finish(r: Result) -> str:
@@ -129,7 +146,10 @@ class Serving:
 
     # ---- per route kind --------------------------------------------------------------------
 
-    def prompts(self) -> list[str | list[int]]:
+    prompt_param = "prompt"  # the body field a too-long prompt is blamed on
+
+    def prompts(self, kw: dict) -> list[str | list[int]]:
+        """The prompts to run, from the body; may set kw's max_new_tokens (chat's default is the room left)."""
         raise NotImplementedError
 
     def options(self) -> dict:
@@ -138,7 +158,7 @@ class Serving:
         try:
             return self.body.generation(cfg.default_max_tokens, cfg.max_tokens)
         except ValueError as e:
-            raise APIError(400, str(e), param="max_tokens") from None
+            raise APIError(400, str(e), param=self.body.max_tokens_asked()[0]) from None
 
     def token_chunk(self, i: int, tok: Token) -> dict:
         raise NotImplementedError
@@ -168,8 +188,8 @@ class Serving:
 
     async def respond(self):
         """Submit every prompt x n choices, then stream (SSE) or wait for the whole response."""
-        kw = self.options()  # first: a route's prompts may depend on max_tokens (chat history truncation)
-        self.handles = self.submit(self.prompts(), kw)
+        kw = self.options()
+        self.handles = self.submit(self.prompts(kw), kw)
         metrics = self.server.metrics
         metrics.requests.labels(route=self.route).inc()
         if self.body.stream:
@@ -182,14 +202,24 @@ class Serving:
 
     def submit(self, prompts: list, kw: dict) -> list:
         """One scheduler request per prompt and choice; all or none (a failure cancels the rest)."""
+        sched, n = self.model.scheduler, self.body.n
+        room = sched.config.max_batch + sched.config.max_queue
+        if len(prompts) * n > room:  # would get 429 on every retry
+            raise APIError(400, f"{len(prompts)} prompt(s) x n={n} is {len(prompts) * n} sequences, more than this server "
+                           f"runs and queues at once ({room}); send fewer prompts or a lower n", param="n")
         handles, seed = [], kw.get("seed")
         try:
             for p in prompts:
-                for i in range(self.body.n):
-                    handles.append(self.model.scheduler.submit(p, **{**kw, **({"seed": seed + i} if seed is not None else {})}))
+                for i in range(n):  # choice i samples with seed + i (wrapping at OpenAI's seed range)
+                    handles.append(sched.submit(p, **{**kw, **({"seed": (seed + i) % 2**63} if seed is not None else {})}))
         except Gpt2OnnxError as e:
             for h in handles:
                 h.cancel()
+            if isinstance(e, ContextOverflow):
+                field = self.body.max_tokens_asked()[0]
+                fix = "lower it" if e.param == "max_new_tokens" else f"shorten the {self.prompt_param} or lower {field}"
+                raise APIError(400, f"{e.describe(field)}; {fix}", param=field if e.param == "max_new_tokens" else self.prompt_param,
+                               code="context_length_exceeded") from None
             raise from_runtime(e, self.server.cfg.retry_after_s) from None
         return handles
 
@@ -216,6 +246,8 @@ class Serving:
             watch.cancel()
             if not work.done():
                 work.cancel()
+            # read the outcome of the cancelled gather, or asyncio logs "exception was never retrieved" per request
+            work.add_done_callback(lambda f: f.cancelled() or f.exception())
             for h in handles:
                 h.cancel()
 

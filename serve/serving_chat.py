@@ -3,7 +3,9 @@
 Each user or assistant message is one DialoGPT turn (runtime/chat.py: its text and
 `<|endoftext|>`); the model continues after the last. System and developer messages are dropped:
 DialoGPT was trained on conversation turns only and has no instruction channel. A history longer
-than the context beside max_tokens loses its oldest whole turns, as `gpt2onnx chat` does.
+than the context beside max_tokens loses its oldest whole turns, as `gpt2onnx chat` does. Without
+max_tokens a reply may use the context the history leaves, up to the server's cap (OpenAI's and
+vLLM's chat default); the history then keeps room for the server's default max tokens.
 """
 
 from __future__ import annotations
@@ -14,36 +16,43 @@ from gpt2onnx.runtime.request import Result, Token
 
 from .errors import APIError
 from .protocol import ChatCompletionRequest
-from .serving import Serving, finish
+from .serving import Serving, finish, token_str
 
 
 class ChatServing(Serving):
     request_type = ChatCompletionRequest
     route, object, chunk_object, id_prefix = "chat", "chat.completion", "chat.completion.chunk", "chatcmpl"
 
-    def prompts(self) -> list[list[int]]:
-        engine, body = self.model.engine, self.body
-        texts = [m.content for m in body.messages if m.role in ("user", "assistant")]
+    prompt_param = "messages"
+
+    def prompts(self, kw: dict) -> list[list[int]]:
+        engine, body, capacity = self.model.engine, self.body, self.model.scheduler.capacity
+        texts = [m.text for m in body.messages if m.role in ("user", "assistant")]
         if not texts:
             raise APIError(400, "messages hold no user or assistant turn (system messages are ignored by DialoGPT models)",
                            param="messages")
-        budget = self.model.scheduler.capacity - self.max_new_tokens
+        field, asked = body.max_tokens_asked()
+        if kw["max_new_tokens"] >= capacity:
+            raise APIError(400, f"{field}={kw['max_new_tokens']} leaves no room for messages in the {capacity}-position "
+                           "context; lower it", param=field)
         try:
-            turns = fit_history(encode_turns(engine.tokenizer, texts, engine.eos_token_id), budget)
+            turns = fit_history(encode_turns(engine.tokenizer, texts, engine.eos_token_id), capacity - kw["max_new_tokens"])
         except Gpt2OnnxError as e:
-            raise APIError(400, str(e), param="messages") from None
-        return [joined(turns)]
+            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+        prompt = joined(turns)
+        if asked is None:  # the reply may take what the history leaves, up to the server's cap
+            kw["max_new_tokens"] = min(self.server.cfg.max_tokens, capacity - len(prompt))
+        return [prompt]
 
     def options(self) -> dict:
         kw = super().options()
-        self.max_new_tokens = kw["max_new_tokens"]
         if self.body.logprobs:
             kw["logprobs"] = self.body.top_logprobs or 0
         return kw
 
     def entry(self, tok_id: int, lp: float) -> dict:
-        s = self.model.engine.decode([tok_id])
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        b = self.model.engine.token_bytes(tok_id)
+        return {"token": token_str(b), "logprob": lp, "bytes": list(b)}
 
     def logprobs(self, events: list[Token]) -> dict | None:
         if not self.body.logprobs:

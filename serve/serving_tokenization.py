@@ -24,7 +24,7 @@ async def tokenize(request: Request):
         raise APIError(400, why, param="prompt")
     engine = model.engine
     if body.messages is not None:
-        texts = [m.content for m in body.messages if m.role in ("user", "assistant")]
+        texts = [m.text for m in body.messages if m.role in ("user", "assistant")]
         ids = joined(encode_turns(engine.tokenizer, texts, engine.eos_token_id))
     else:
         ids = engine.tokenizer.encode(body.prompt, add_special_tokens=False).ids

@@ -203,6 +203,7 @@ def _entry_points(engine):
     (dict(seed=-3), "seed must be from 0"), (dict(eos_token_id=10**6), "outside the vocabulary"), (dict(stop="x"), "stop must be a list"),
     (dict(stop_token_ids=[-2]), "stop_token_ids entry must be >= 0"), (dict(logprobs=99), "logprobs must be from 0 to 20"),
     (dict(do_sample="yes"), "do_sample must be true or false"), (dict(beams=2), "unknown generation option"),
+    (dict(max_new_tokens=200), "max_new_tokens=200 leaves no room for a prompt in 128 positions"),
 ])
 def test_every_entry_point_validates_the_same_way(engine, kw, match):
     sched, points = _entry_points(engine)
@@ -228,9 +229,45 @@ def test_too_long_prompt_is_one_message_everywhere(engine):
                 call(long, max_new_tokens=4)
             messages.add(str(e.value))
         assert len(messages) == 1, messages
+        assert "truncate=True" in messages.pop()  # what a Python caller passes (the CLI's --truncate)
         assert len(engine.generate([long], max_new_tokens=4, truncate=True)[0]) == 4  # what the message offers works
     finally:
         sched.close()
+
+
+@pytest.mark.parametrize("prompt", [[15496.7, 11], ["15496", "11"], [True, 11], b"Hi", 7, None])
+def test_token_ids_are_integers_not_coerced(engine, prompt):
+    """A float, a numeric string, a bool or bytes is not a token id: refused, not truncated or parsed."""
+    sched, points = _entry_points(engine)
+    try:
+        for name in ("generate", "stream", "scheduler"):  # generate_text takes text only (below)
+            with pytest.raises(Gpt2OnnxError, match="must be text or a list of token ids|must hold integer token ids|input_ids must be"):
+                points[name](prompt, max_new_tokens=2)
+    finally:
+        sched.close()
+
+
+def test_batch_inputs_of_any_iterable_and_text_only_for_generate_text(engine):
+    want = engine.generate([[15496, 11], [40, 1101]], max_new_tokens=3)
+    assert engine.generate(np.array([[15496, 11], [40, 1101]]), max_new_tokens=3) == want
+    assert engine.generate(iter([[15496, 11], [40, 1101]]), max_new_tokens=3) == want
+    for bad in (5, None, b"hi", [1, 2]):
+        with pytest.raises(Gpt2OnnxError, match="generate_text takes text or a list of texts"):
+            engine.generate_text(bad, max_new_tokens=2)
+    for bad in (5, None, b"hi", []):
+        with pytest.raises(Gpt2OnnxError, match="input_ids must be a non-empty list of lists"):
+            engine.generate(bad, max_new_tokens=2)
+
+
+def test_chat_reply_is_cut_before_a_stop_string(engine):
+    full = engine.chat(max_new_tokens=20, eos_token_id=-1).send("Hello")
+    stop = next(c for c in full[3:] if c.isalnum() and c.isascii())
+    chat = engine.chat(max_new_tokens=20, eos_token_id=-1, stop=[stop])
+    cut = chat.send("Hello")
+    assert cut == full[: full.index(stop)]
+    # the history keeps the reply's tokens (the cache holds their keys): the next turn still reuses it
+    chat.send("And then?")
+    assert engine.stats.cached_tokens > 0
 
 
 @pytest.mark.parametrize("threads", [0, -1, 2.5, True, 10**6])

@@ -41,7 +41,8 @@ class Server:
         self.base = line.split(" on ")[1].split()[0].removesuffix("/v1")
         self.url = self.base + "/v1"
         self.key = key
-        self._drain = threading.Thread(target=self.proc.stderr.read, daemon=True)  # never let its pipe fill
+        self.log: list[str] = []  # its stderr after start-up
+        self._drain = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)  # never let its pipe fill
         self._drain.start()
 
     def client(self, **kw):
@@ -145,6 +146,9 @@ def test_n_seed_echo_and_logprobs(server):
 def test_models_health_metrics(server):
     models = server.client().models.list()
     assert [m.id for m in models.data] == [server.model]
+    assert server.client().models.retrieve(server.model).id == server.model
+    with pytest.raises(openai.NotFoundError):
+        server.client().models.retrieve("nope")
     h = httpx.get(server.base + "/health", timeout=10)  # no key needed
     assert h.status_code == 200 and h.json()["status"] == "ok"
     m = server.metrics()
@@ -159,7 +163,7 @@ def test_models_health_metrics(server):
     ({"model": None, "prompt": "x", "temperature": 5}, 400, "temperature"),
     ({"model": None, "prompt": [[1, 99999999]]}, 400, "outside the vocabulary"),
     ({"model": None, "prompt": "x " * 400}, 400, "longer than the 128-position context"),
-    ({"model": None, "prompt": "x", "best_of": 3}, 400, "best_of is not supported"),
+    ({"model": None, "prompt": "x", "best_of": 3}, 400, "best_of above n is not supported"),
     ({"model": None, "prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, match):
@@ -169,6 +173,96 @@ def test_bad_requests_get_openai_errors(server, body, status, match):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert match in err["message"] and err["type"]
+
+
+@pytest.mark.parametrize("route, body, param, match", [
+    ("completions", {"prompt": []}, "prompt", "empty"),
+    ("completions", {"prompt": 5}, "prompt", "not one of the types"),
+    ("completions", {"prompt": "x", "max_tokens": "5"}, "max_tokens", "valid integer"),
+    ("completions", {"prompt": "x", "max_tokens": 5.0}, "max_tokens", "valid integer"),
+    ("completions", {"prompt": "x", "n": True}, "n", "valid integer"),
+    ("completions", {"prompt": "x", "stream": "yes"}, "stream", "valid boolean"),
+    ("completions", {"prompt": "x", "logit_bias": {"-1": 5}}, "logit_bias", "greater than or equal to 0"),
+    ("completions", {"prompt": "x", "best_of": 1, "n": 2}, None, "best_of=1 must be at least n=2"),
+    ("completions", {"prompt": "x", "stream_options": {"include_usage": True}}, None, "only allowed with stream=true"),
+    ("completions", {"prompt": ["hi"] * 10, "n": 16}, "n", "more than this server runs and queues at once"),
+    ("completions", {"prompt": "x " * 400}, "prompt", "shorten the prompt or lower max_tokens"),
+    ("chat/completions", {"messages": [{"role": "user", "content": None}]}, "messages", "messages.[0].content"),
+    ("chat/completions", {"messages": [{"role": "user"}]}, "messages", "messages.[0].content: Field required"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "messages",
+     "messages.[0].content"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100}, "max_completion_tokens",
+     "max_completion_tokens=100 is above this server's limit of 64"),
+])
+def test_bad_fields_name_their_param(server, route, body, param, match):
+    """Strict types as OpenAI's (no "5" or 5.0 for an integer, no "yes" for a boolean), the field in
+    `param` (not pydantic's union tags), a request that can never fit the queue is 400 (a 429 would be
+    retried forever), a prompt too long for the context says what the HTTP client can change."""
+    r = httpx.post(f"{server.url}/{route}", json={"model": server.model, **body}, headers=server.headers(), timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and match in err["message"] and "--truncate" not in err["message"], err
+
+
+def test_chat_max_tokens_filling_the_context_names_max_tokens(tiny_artifact):
+    s = Server(tiny_artifact, "--max-tokens", "512", key=None)
+    try:
+        for field in ("max_tokens", "max_completion_tokens"):
+            body = {"model": s.model, "messages": [{"role": "user", "content": "Hi"}], field: 200}
+            err = httpx.post(s.url + "/chat/completions", json=body, timeout=30).json()["error"]
+            assert err["param"] == field and err["message"].startswith(f"{field}=200 leaves no room for messages"), err
+    finally:
+        assert s.stop() == 0
+
+
+def test_chat_without_max_tokens_may_use_the_context_left(server, engine):
+    """OpenAI's and vLLM's chat default: no 16-token cut; the reply may run to the server's cap."""
+    c = server.client()
+    r = c.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Hi there!"}], temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 64 and r.choices[0].finish_reason == "length"  # the fixture's --max-tokens
+    parts = c.chat.completions.create(model=server.model, temperature=0, max_tokens=6,
+                                      messages=[{"role": "user", "content": [{"type": "text", "text": "Hi there!"}]}])
+    plain = c.chat.completions.create(model=server.model, temperature=0, max_tokens=6,
+                                      messages=[{"role": "user", "content": "Hi there!"}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_logprobs_give_each_tokens_own_bytes(server, engine):
+    """A byte-level BPE token may hold part of a character: its logprob entry carries its own bytes
+    (joined, they are the text) and a "bytes:\\x.." token string, as OpenAI's do; legacy text_offset
+    points into the text; echo returns the prompt exactly as sent."""
+    c = server.client()
+    # a prompt in CJK and emoji: the tiny model's greedy reply to it splits characters across tokens
+    r = c.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "你好 😀"}], max_tokens=24,
+                                  temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    raw = b"".join(bytes(e.bytes) for e in content)
+    assert raw.decode("utf-8", "replace") == r.choices[0].message.content
+    ids = engine.generate([engine.encode("你好 😀") + [engine.eos_token_id]], max_new_tokens=24, eos_token_id=-1)[0]
+    assert [bytes(e.bytes) for e in content] == [engine.token_bytes(t) for t in ids]
+    for e in content:
+        b = bytes(e.bytes)
+        assert e.token == (b.decode("utf-8") if _utf8(b) else "bytes:" + "".join(f"\\x{x:02x}" for x in b))
+    assert any(not _utf8(bytes(e.bytes)) for e in content), "no partial token: pick another prompt"
+    legacy = c.completions.create(model=server.model, prompt="你好 😀", max_tokens=24, temperature=0, logprobs=1,
+                                  extra_body={"ignore_eos": True}).choices[0]
+    offs, text = legacy.logprobs.text_offset, legacy.text
+    assert offs == sorted(offs) and offs[0] == 0 and offs[-1] <= len(text)
+    streamed = [ch.choices[0].logprobs.text_offset[0] for ch in c.completions.create(
+        model=server.model, prompt="你好 😀", max_tokens=24, temperature=0, logprobs=1, stream=True,
+        extra_body={"ignore_eos": True}) if ch.choices and ch.choices[0].logprobs]
+    assert streamed == offs
+    echo = c.completions.create(model=server.model, prompt="a<|endoftext|>b", max_tokens=1, temperature=0, echo=True)
+    assert echo.choices[0].text.startswith("a<|endoftext|>b")
+
+
+def _utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def test_malformed_and_oversized_bodies(server):
@@ -209,6 +303,20 @@ def test_client_disconnect_cancels(server):
     while server.metrics()[key] <= before and time.time() < deadline:
         time.sleep(0.1)
     assert server.metrics()[key] > before
+
+
+def test_timeouts_and_disconnects_log_no_traceback(tiny_artifact):
+    """A non-streaming request that times out (504) or whose client leaves (499) is answered and
+    cancelled without asyncio logging the cancelled wait's exception, once per request."""
+    s = Server(tiny_artifact, "--request-timeout-s", "0.02", key=None)
+    try:
+        body = {"model": s.model, "prompt": "Hello", "max_tokens": 100, "ignore_eos": True}
+        for _ in range(3):
+            assert httpx.post(s.url + "/completions", json=body, timeout=30).status_code == 504
+    finally:
+        assert s.stop() == 0
+    s._drain.join(10)
+    assert not [ln for ln in s.log if "Traceback" in ln or "never retrieved" in ln], "".join(s.log)
 
 
 def test_full_queue_gets_429_with_retry_after(tiny_artifact):
