@@ -83,18 +83,71 @@ def load(spec: str, seed: int = 0) -> Checkpoint:
         return _load_hf(os.path.abspath(spec))
     if os.path.exists(spec):
         raise Gpt2OnnxError(f"{spec} is a file; pass a checkpoint directory, a hub id or synthetic:NAME")
-    if spec.startswith((os.sep, ".", "~")) or spec.count("/") > 1:
-        raise Gpt2OnnxError(f"cannot load checkpoint {spec!r}: no such directory; pass a checkpoint directory, a hub id or synthetic:NAME")
-    return _load_hf(spec)
+    if spec.startswith((os.sep, ".", "~")) or spec.count("/") > 1:  # a path, not a hub id
+        raise Gpt2OnnxError(f"no such local directory {spec!r}; pass a checkpoint directory, a hub id or synthetic:NAME")
+    return _load_hf(spec, offline=_hub_unreachable(spec))
 
 
-def _load_hf(name_or_path: str) -> Checkpoint:
-    import transformers
+# A hub id is first probed with one request of at most this many seconds; when the hub does not answer,
+# only the local hub cache is read. Without the probe huggingface_hub retries each file five times with
+# backoff (about 50 s and 26 lines of warnings for one checkpoint) before failing.
+HUB_PROBE_TIMEOUT_S = 5.0
+# tokenizer files a GPT-2 checkpoint directory must hold, one of these sets (transformers builds the
+# fast tokenizer from vocab.json and merges.txt when tokenizer.json is missing)
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+def _hub_unreachable(repo_id: str) -> str | None:
+    """One request to the hub about `repo_id`, without retries: None when the hub answers in time
+    (whatever the answer: a missing or gated repo is transformers' to report), else why it did not."""
+    import requests
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
 
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype="float32")
-        hf_tok = transformers.AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+        HfApi().model_info(repo_id, timeout=HUB_PROBE_TIMEOUT_S)  # HfApi() reads HF_ENDPOINT now, not at import
+    except (requests.HTTPError, ValueError):  # it answered (404, 401 ...), or the id is malformed
+        return None
+    except OfflineModeIsEnabled:
+        return "HF_HUB_OFFLINE is set"
+    except requests.Timeout:
+        return f"{constants.ENDPOINT} did not answer within {HUB_PROBE_TIMEOUT_S:g} s"
+    except OSError:  # requests' ConnectionError: no route, no name resolution, connection refused
+        return f"cannot connect to {constants.ENDPOINT}"
+    return None
+
+
+def dtype_kwarg(dtype) -> dict[str, Any]:
+    """`from_pretrained`'s dtype keyword: `dtype` since transformers 4.56, which warns on the older
+    `torch_dtype` that transformers 4.45-4.55 need."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
+
+
+def _load_hf(name_or_path: str, offline: str | None = None) -> Checkpoint:
+    """Load a local checkpoint directory, or a hub id: from the hub, or from the local hub cache only
+    when `offline` says why the hub cannot be reached."""
+    import transformers
+
+    if os.path.isdir(name_or_path) and not any(
+        all(os.path.isfile(os.path.join(name_or_path, f)) for f in files) for files in TOKENIZER_FILES
+    ):
+        raise Gpt2OnnxError(
+            f"{name_or_path} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt); save the "
+            f"checkpoint's tokenizer there with tokenizer.save_pretrained({name_or_path!r})"
+        )
+    local = {"local_files_only": True} if offline else {}
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, **dtype_kwarg("float32"), **local)
+        hf_tok = transformers.AutoTokenizer.from_pretrained(name_or_path, use_fast=True, **local)
     except (OSError, ValueError) as e:  # missing files, unreachable hub, malformed hub id
+        if offline:  # not a directory here, not in the hub cache
+            raise Gpt2OnnxError(
+                f"no such local directory {name_or_path!r}, and the hub is unreachable ({offline}); pass a "
+                "checkpoint directory or synthetic:NAME, or connect to the hub"
+            ) from None
         raise Gpt2OnnxError(
             f"cannot load checkpoint {name_or_path!r} ({str(e).splitlines()[0]}); pass a local "
             "directory with config.json, weights and tokenizer files, or synthetic:NAME"

@@ -10,6 +10,7 @@ The defaults below were chosen by measured accuracy and speed on synthetic:dialo
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict, dataclass
 
@@ -19,6 +20,12 @@ from gpt2onnx.export.graph import LM_HEAD, MS_DOMAIN, TOKEN_EMBEDDING
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 
 INT8_METHODS = ("dynamic", "nbits")
+# MatMulNBits' accuracy_level (the contrib op's schema in onnxruntime): the least precise type the
+# activations may be converted to: 0 unset (fp32), 1 fp32, 2 fp16, 3 bf16, 4 int8
+INT4_ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+# what onnxruntime's quantize_dynamic logs through the root logger on every model not run through its
+# shape-inference pre-processing (ours has every shape it needs: MatMulConstBOnly, fp32 activations)
+_PREPROCESS_HINT = "Please consider to run pre-processing before quantization"
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,14 @@ class Int4Config:
     exclude: tuple[str, ...] = ()
     embedding: bool = True  # the token embedding as 4-bit blocks, shared with the head when tied
 
+    def check(self) -> None:
+        """Raises Gpt2OnnxError for a block size or accuracy level MatMulNBits does not take."""
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise Gpt2OnnxError(f"int4 block size must be a power of two >= 16, got {self.block_size}")
+        if self.accuracy_level not in INT4_ACCURACY_LEVELS:
+            raise Gpt2OnnxError(f"int4 accuracy level must be 0 or 1 (fp32 activations), 2 (fp16), 3 (bf16) or "
+                                f"4 (int8 activations), got {self.accuracy_level}")
+
 
 def quantize_int8(src: str, cfg: Int8Config = Int8Config()):
     """Quantize the MatMul weights of the float model at `src` to int8; returns (ModelProto, manifest entry)."""
@@ -63,6 +78,7 @@ def quantize_int8(src: str, cfg: Int8Config = Int8Config()):
     if cfg.method not in INT8_METHODS:
         raise Gpt2OnnxError(f"unknown int8 method {cfg.method!r}; choose {' or '.join(INT8_METHODS)}")
     model = onnx.load(src)
+    _check_exclude(model, cfg.exclude)
     tied = cfg.embedding and _tied(model)
     if cfg.method == "nbits":
         model = _nbits(model, 8, cfg.block_size, True, 4, cfg.exclude)
@@ -76,11 +92,12 @@ def quantize_int8(src: str, cfg: Int8Config = Int8Config()):
         head = [LM_HEAD] if tied and LM_HEAD not in cfg.exclude else []
         tmp = src + ".dynamic.onnx"
         try:
-            quantize_dynamic(model, tmp, op_types_to_quantize=["MatMul"], per_channel=cfg.per_channel,
-                             reduce_range=cfg.reduce_range, weight_type=QuantType.QInt8,
-                             nodes_to_exclude=list(cfg.exclude) + head, use_external_data_format=_big(src),
-                             # contrib ops defeat ONNX shape inference; every activation here is fp32
-                             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+            with _without_preprocess_hint():
+                quantize_dynamic(model, tmp, op_types_to_quantize=["MatMul"], per_channel=cfg.per_channel,
+                                 reduce_range=cfg.reduce_range, weight_type=QuantType.QInt8,
+                                 nodes_to_exclude=list(cfg.exclude) + head, use_external_data_format=_big(src),
+                                 # contrib ops defeat ONNX shape inference; every activation here is fp32
+                                 extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
             model = onnx.load(tmp)
         finally:
             for f in (tmp, tmp + ".data"):
@@ -103,14 +120,48 @@ def quantize_int4(src: str, cfg: Int4Config = Int4Config()):
     `src`; returns (ModelProto, manifest entry)."""
     import onnx
 
-    if cfg.block_size < 16 or cfg.block_size & (cfg.block_size - 1):
-        raise Gpt2OnnxError(f"int4 block size must be a power of two >= 16, got {cfg.block_size}")
+    cfg.check()
     model = onnx.load(src)
+    _check_exclude(model, cfg.exclude)
     tied = cfg.embedding and _tied(model)
     model = _nbits(model, 4, cfg.block_size, cfg.symmetric, cfg.accuracy_level, cfg.exclude)
     entry = {"method": "onnxruntime MatMulNBits (RTN)", "weight_type": "int4", **asdict(cfg)}
     entry["embedding"] = _quantize_embedding(model, 4, cfg.block_size, tied) if cfg.embedding else "float32"
     return model, entry
+
+
+def _check_exclude(model, exclude) -> None:
+    """Refuse names to keep in float that are not MatMuls with a weight in `model`: a mistyped name
+    would otherwise leave every MatMul quantized while the manifest records it as kept."""
+    inits = {t.name for t in model.graph.initializer}
+    names = [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in inits]
+    unknown = [x for x in exclude if x not in names]
+    if unknown:
+        few = sorted(names, key=lambda n: n != LM_HEAD)[:5]  # the head first: the usual one to keep
+        raise Gpt2OnnxError(f"cannot keep {', '.join(map(repr, unknown))} in float: no MatMul with a weight has that "
+                            f"name; choose among {', '.join(few)}{', ...' if len(names) > len(few) else ''} ({len(names)} in all)")
+
+
+@contextlib.contextmanager
+def _without_preprocess_hint():
+    """Drop onnxruntime's pre-processing hint, only that record and only inside the block. It logs
+    with `logging.warning`, which also gives an unconfigured root logger a stderr handler: the root's
+    handlers are put back as they were."""
+    import logging
+
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_PREPROCESS_HINT)
+
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+        for h in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(h)
 
 
 def _nbits(model, bits: int, block_size: int, symmetric: bool, accuracy_level: int, exclude, include=None):

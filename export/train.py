@@ -357,7 +357,7 @@ def ship(name: str, cache_dir: str = DEFAULT_CACHE, log: Callable[[str], None] =
     from safetensors.torch import load_file, save_file
     from tokenizers import Tokenizer
 
-    from .checkpoints import EOS_ID
+    from .checkpoints import EOS_ID, dtype_kwarg
 
     src = trained(name, cache_dir, log)
     dst = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", name)
@@ -378,7 +378,7 @@ def ship(name: str, cache_dir: str = DEFAULT_CACHE, log: Callable[[str], None] =
             fo.write(lzma.compress(fi.read(), preset=9 | lzma.PRESET_EXTREME))
         with open(os.path.join(src, "training.json"), encoding="utf-8") as f:
             record = json.load(f)
-        model = transformers.GPT2LMHeadModel.from_pretrained(tmp, torch_dtype=torch.float32).eval()
+        model = transformers.GPT2LMHeadModel.from_pretrained(tmp, **dtype_kwarg(torch.float32)).eval()
         tok = Tokenizer.from_file(os.path.join(src, "tokenizer.json"))
         n = record["settings"]["n_positions"]
         rows = [encode_conversation(tok, c, EOS_ID)[:n] for c in heldout(src)]

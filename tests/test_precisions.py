@@ -257,3 +257,118 @@ def test_prompt_cache_with_an_int8_kv_cache(artifacts, precision):
     engine = Engine.load(artifacts(precision), provider="cpu")
     assert engine.spec.kv_dtype == np.int8
     assert extended_vs_fresh(engine) <= parity.TOLERANCES[precision]["max_abs_logit_diff"]
+
+
+def _float_model(tmp_path, tiny_artifact) -> str:
+    """The tiny fp32 artifact's graph saved on its own under `tmp_path`, for the quantizers to read."""
+    import os
+
+    import onnx
+
+    src = str(tmp_path / "float.onnx")
+    onnx.save(onnx.load(os.path.join(tiny_artifact, "model.onnx")), src)
+    return src
+
+
+def test_checkpoint_directory_without_tokenizer_files_is_refused(tmp_path, tiny):
+    import os
+
+    path = str(tmp_path / "ck")
+    checkpoints.save_hf_checkpoint(tiny, path)
+    for f in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
+        if os.path.exists(os.path.join(path, f)):
+            os.remove(os.path.join(path, f))
+    with pytest.raises(Gpt2OnnxError, match=r"has no tokenizer files \(tokenizer\.json, or vocab\.json and merges\.txt\); "
+                                            r"save the checkpoint's tokenizer there"):
+        checkpoints.load(path)
+
+
+def _unreachable_hub(monkeypatch, tmp_path) -> None:
+    """HF_ENDPOINT on a closed local port (connections refused, as with no network) and an empty hub
+    cache under `tmp_path`, for the CLI processes this test starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+
+
+def test_unreachable_hub_fails_at_once_in_one_line(monkeypatch, tmp_path):
+    """A name that is neither a local directory nor reachable on the hub: one line, no huggingface_hub
+    retries (five per file with backoff, a warning each, before the fix)."""
+    from .conftest import assert_one_line_error, run_cli
+
+    _unreachable_hub(monkeypatch, tmp_path)
+    r = run_cli("export", "my-gpt2-checkpoint", "-o", str(tmp_path / "x"), timeout=180)
+    assert_one_line_error(r, "no such local directory 'my-gpt2-checkpoint', and the hub is unreachable (cannot connect to ")
+    assert "Retrying" not in r.stdout + r.stderr
+    with pytest.raises(Gpt2OnnxError, match=r"^no such local directory '\./no-such-checkpoint'; pass a checkpoint"):
+        checkpoints.load("./no-such-checkpoint")
+
+
+def test_hub_checkpoint_in_the_cache_exports_quietly_while_the_hub_is_unreachable(monkeypatch, tmp_path, tiny):
+    """A hub id already in the local hub cache still exports with the hub unreachable, and an int8
+    export of a Hugging Face checkpoint prints no library noise: neither transformers' `torch_dtype`
+    deprecation nor onnxruntime's pre-processing hint."""
+    from .conftest import run_cli
+
+    _unreachable_hub(monkeypatch, tmp_path)
+    repo = tmp_path / "hub" / "models--org--tiny"  # huggingface_hub's cache layout
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    checkpoints.save_hf_checkpoint(tiny, str(repo / "snapshots" / ("0" * 40)))
+    r = run_cli("export", "org/tiny", "-o", str(tmp_path / "a"), "--precision", "int8", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert load_manifest(str(tmp_path / "a")).raw["source"]["checkpoint"] == "org/tiny"
+    out = r.stdout + r.stderr
+    for noise in ("torch_dtype", "pre-processing", "Retrying", "WARNING"):
+        assert noise not in out, out
+
+
+def test_int8_quantization_drops_only_the_preprocessing_hint(tmp_path, tiny_artifact, caplog):
+    """onnxruntime's hint is dropped inside the quantize call only: the root logger's filters and
+    handlers are as they were after it, and other warnings still pass."""
+    import logging
+
+    from gpt2onnx.export import quantize
+
+    src = _float_model(tmp_path, tiny_artifact)
+    root = logging.getLogger()
+    with caplog.at_level(logging.WARNING):
+        before = (list(root.filters), list(root.handlers))
+        quantize.quantize_int8(src)
+        assert (list(root.filters), list(root.handlers)) == before
+        logging.getLogger("onnxruntime.quantization").warning("still shown")
+    messages = [r.getMessage() for r in caplog.records]
+    assert "still shown" in messages
+    assert not [m for m in messages if "pre-processing" in m], messages
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_keep_float_names_must_be_weight_matmuls(tmp_path, tiny_artifact, bits):
+    """A mistyped --keep-float name is refused with the valid names (the head first), not recorded as kept
+    while everything is quantized; a real name stays a float MatMul."""
+    from gpt2onnx.export import quantize
+
+    src = _float_model(tmp_path, tiny_artifact)
+    q, cfg = (quantize.quantize_int8, quantize.Int8Config) if bits == 8 else (quantize.quantize_int4, quantize.Int4Config)
+    with pytest.raises(Gpt2OnnxError, match=r"^cannot keep 'lm_haed' in float: no MatMul with a weight has that name; "
+                                            r"choose among lm_head, h0\.qkv, h0\.attn_proj, h0\.fc, h0\.mlp_proj, \.\.\. \(9 in all\)$"):
+        q(src, cfg(exclude=("lm_haed",)))
+    model, entry = q(src, cfg(exclude=("lm_head",)))
+    assert [n.op_type for n in model.graph.node if n.name == "lm_head"] == ["MatMul"]
+    assert list(entry["exclude"]) == ["lm_head"]
+
+
+def test_int4_accuracy_level_outside_matmulnbits_set_is_refused(tmp_path, tiny_artifact):
+    from gpt2onnx.export import quantize
+
+    src = _float_model(tmp_path, tiny_artifact)
+    with pytest.raises(Gpt2OnnxError, match=r"^int4 accuracy level must be 0 or 1 \(fp32 activations\), .* got 99$"):
+        quantize.quantize_int4(src, quantize.Int4Config(accuracy_level=99))
+    for level in (0, 1, 2, 3, 4):  # MatMulNBits' schema: unset, fp32, fp16, bf16, int8
+        quantize.Int4Config(accuracy_level=level).check()

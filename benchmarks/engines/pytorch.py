@@ -115,10 +115,12 @@ class PyTorch(HFGenerate):
         import torch
         import transformers
 
+        from gpt2onnx.export.checkpoints import dtype_kwarg
+
         torch.set_num_threads(threads)
         self.device = "cuda" if spec.provider == "cuda" else "cpu"
         dtype = torch.float16 if spec.precision == "fp16" else torch.float32
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(spec.path, torch_dtype=dtype).to(self.device).eval()
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(spec.path, **dtype_kwarg(dtype)).to(self.device).eval()
         self.eos = self.model.config.eos_token_id
         self.vocab = self.model.config.vocab_size
         self.precision = spec.precision
