@@ -25,7 +25,7 @@ from .beam_speed import beam_speeds
 from .engines import llamacpp
 from .machine import machine_info
 from .report import floor_bandwidth
-from .settings import Settings, check, from_args
+from .settings import Settings, check, check_provider, from_args
 
 
 def main(args: argparse.Namespace) -> None:
@@ -42,11 +42,13 @@ def run(s: Settings, log=print) -> results.Results:
             is dropped with the reason instead).
     """
     check(s)
+    check_provider(s.provider)
     manifests = [load_manifest(a, verify="sha256") for a in s.artifacts]  # a damaged artifact stops here
+    # before the baselines are prepared (downloads, conversions): a prompt that cannot fit stops here
+    scenarios = plan.scenarios(s, min(m.config["n_positions"] for m in manifests), log)
     specs, skipped = plan.systems(s, manifests, log)
     machine = machine_info(s.provider)
     _log_bandwidth(machine, log)
-    scenarios = plan.scenarios(s, min(m.config["n_positions"] for m in manifests), log)
 
     systems, records, workers = loop.measure(s, scenarios, specs, manifests, log)
     skipped += workers.skipped

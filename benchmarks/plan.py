@@ -26,15 +26,37 @@ class Plan:
 
 
 def scenarios(s: Settings, n_positions: int, log=print) -> Plan:
-    """The points of every scenario that fit an `n_positions` context."""
+    """The points of every scenario that fit an `n_positions` context (the smallest of the artifacts').
+
+    Raises:
+        Gpt2OnnxError: the first --prompt-len and --new-tokens do not fit (see decode_prompts).
+    """
     contexts = [c for c in s.context if c + s.context_new_tokens <= n_positions]
-    points = [("decode", 1, p, s.new_tokens) for p in s.prompt_len]
+    points = [("decode", 1, p, s.new_tokens) for p in decode_prompts(s, n_positions, log)]
     points += [("throughput", b, s.prompt_len[0], s.new_tokens) for b in s.batch if b != 1]
     points += [("context", 1, c, s.context_new_tokens) for c in contexts]
     chat_turns = min(s.chat_turns, n_positions // (s.chat_user_len + s.chat_reply_len + 2))
     if chat_turns < s.chat_turns:
         log(f"chat scenario: {chat_turns} of {s.chat_turns} turns fit the {n_positions}-position context")
     return Plan(points, chat_turns, concurrent_plan(s, n_positions, log))
+
+
+def decode_prompts(s: Settings, n_positions: int, log=print) -> list[int]:
+    """The --prompt-len values whose prompt plus --new-tokens fit `n_positions`; the others are dropped
+    and logged. The first is refused instead of dropped: throughput, the memory footprint, beam search
+    and llama-bench all run at it, and the report names it as the decode point."""
+    fit = [p for p in s.prompt_len if p + s.new_tokens <= n_positions]
+    if s.prompt_len[0] not in fit:
+        # each remedy that works alone: a prompt of at least 1 token, a reply of at least 2 (settings.check)
+        fixes = [f"the first --prompt-len at most {n_positions - s.new_tokens}"] if n_positions - s.new_tokens >= 1 else []
+        fixes += [f"--new-tokens at most {n_positions - s.prompt_len[0]}"] if n_positions - s.prompt_len[0] >= 2 else []
+        raise Gpt2OnnxError(f"--prompt-len {s.prompt_len[0]} plus --new-tokens {s.new_tokens} exceed the {n_positions}-position "
+                            f"context; make {' or '.join(fixes) or 'both smaller'}")
+    dropped = [p for p in s.prompt_len if p not in fit]
+    if dropped:
+        log(f"decode scenario: prompts of {', '.join(map(str, dropped))} tokens plus {s.new_tokens} new tokens do not fit "
+            f"the {n_positions}-position context; dropped")
+    return fit
 
 
 def concurrent_plan(s: Settings, n_positions: int, log=print) -> dict | None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from gpt2onnx.runtime.errors import Gpt2OnnxError
+from gpt2onnx.runtime.session import PROVIDERS, select_provider
 
 from .engines.llamacpp import LLAMACPP_SRC
 
@@ -138,3 +140,29 @@ def check(s: Settings) -> None:
         raise Gpt2OnnxError(f"unknown precision {unknown[0]!r} in --concurrent-precisions; choose from {', '.join(PRECISIONS)}")
     if s.provider not in ("cpu", "cuda"):
         raise Gpt2OnnxError(f"unknown provider {s.provider!r}; choose cpu or cuda")
+    _check_out(s.out)
+
+
+def check_provider(provider: str) -> None:
+    """Refuse a provider this onnxruntime lacks now, not when ours' worker loads after the plan
+    (apart from check(), whose choices a machine without the provider can still check)."""
+    try:
+        select_provider(provider)  # Engine.load's choice: the same test the workers meet
+    except Gpt2OnnxError:
+        raise Gpt2OnnxError(f"--bench-provider {provider} is not available here (this onnxruntime has no "
+                            f"{PROVIDERS[provider]}); pass --bench-provider cpu, or install onnxruntime-gpu for cuda") from None
+
+
+def _check_out(out: str) -> None:
+    """Refuse an --out the report cannot be written to; results.write creates it only after every
+    measurement. Nothing is created here, so a refused run leaves no directory behind."""
+    path = os.path.abspath(out)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise Gpt2OnnxError(f"--out {out} is a file, not a directory; give a directory for the report (new or existing)")
+    parent = path
+    while not os.path.lexists(parent):  # the nearest part that exists is where the new directories go
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise Gpt2OnnxError(f"--out {out} cannot be created: {parent} is not a directory; give another report directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise Gpt2OnnxError(f"--out {out} cannot be written: {parent} is not writable; give a report directory you can write")

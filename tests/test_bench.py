@@ -520,3 +520,53 @@ def test_profile_counts_decode_steps_and_weight_bytes(tiny_artifact):
     assert p["kernels_ms"] == pytest.approx(sum(o["ms_per_step"] for o in p["ops"])) and 0 < p["kernels_ms"] < 2 * p["step_ms_p50"]
     assert p["floor_ms"] == pytest.approx(p["weights_mb_per_step"] / p["read_bandwidth_gbs"])
     assert "| MatMul |" in profile.render(p)
+
+
+# the cheapest bench: every optional scenario off, so a refusal that comes late shows as a run, not a wait
+CHEAP = ["--baselines", "", "--no-footprint", "--concurrent-clients", "0", "--chat-turns", "0", "--beams", "0",
+         "--repeats", "1", "--new-tokens", "2", "--batch", "1", "--prompt-len", "8", "--context", ""]
+
+
+def _bench_refusal(capsys, *args: str) -> str:
+    """`gpt2onnx bench` in this process, refused: exit status 2 and one error line on stderr, returned."""
+    from gpt2onnx import cli
+
+    assert cli.main(["bench", *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpt2onnx: error: "), lines
+    return lines[0]
+
+
+def test_bench_refuses_a_first_prompt_that_cannot_fit(tiny_artifact, tmp_path, capsys):
+    """200 + 2 tokens in synthetic:tiny's 128 positions: refused before any system loads, not a worker's ContextOverflow."""
+    err = _bench_refusal(capsys, tiny_artifact, *CHEAP, "--prompt-len", "200", "--out", str(tmp_path / "r"))
+    assert "--prompt-len 200 plus --new-tokens 2 exceed the 128-position context" in err and "at most 126" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_bench_drops_prompts_that_cannot_fit():
+    """The defaults on a 256-position model (trained:chat): 512 + 64 is dropped and said, 32 and 128 stay."""
+    said = []
+    p = plan.scenarios(settings.Settings(artifacts=[], concurrent_clients=[0]), 256, log=said.append)
+    assert [x[2] for x in p.points if x[0] == "decode"] == [32, 128]
+    assert {x[2] for x in p.points if x[0] == "throughput"} == {32}
+    assert any("prompts of 512 tokens" in m and "256-position" in m for m in said), said
+
+
+def test_bench_refuses_an_out_that_is_a_file(tiny_artifact, tmp_path, capsys):
+    """Refused before measuring, not a FileExistsError after the whole run."""
+    f = tmp_path / "f"
+    f.write_text("x")
+    assert "--out " + str(f) + " is a file" in _bench_refusal(capsys, tiny_artifact, *CHEAP, "--out", str(f))
+    assert "is not a directory" in _bench_refusal(capsys, tiny_artifact, *CHEAP, "--out", str(f / "sub"))
+    assert f.read_text() == "x"
+
+
+def test_bench_refuses_an_unavailable_provider(tiny_artifact, tmp_path, capsys, monkeypatch):
+    """cuda where onnxruntime has no CUDA provider (made so here, whatever this machine has): refused first."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    err = _bench_refusal(capsys, tiny_artifact, *CHEAP, "--bench-provider", "cuda", "--out", str(tmp_path / "r"))
+    assert "--bench-provider cuda is not available" in err and "--bench-provider cpu" in err
+    assert not (tmp_path / "r").exists()
