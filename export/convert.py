@@ -156,6 +156,8 @@ def _check_options(opts: ExportOptions) -> None:
         raise Gpt2OnnxError("--kv-dtype needs the fused graph; drop --no-fuse")
     if opts.mixed and not opts.fuse:
         raise Gpt2OnnxError("--mixed-step needs the fused graph; drop --no-fuse")
+    if opts.precision == "int4":
+        opts.int4.check()  # before the checkpoint loads
     if opts.provider not in PROVIDERS:
         raise Gpt2OnnxError(f"unknown provider {opts.provider!r}; choose one of {', '.join(PROVIDERS)}")
     _check_output(opts.output, opts.force)
@@ -165,10 +167,19 @@ def _check_output(output: str, force: bool) -> None:
     """Refuse an output location the artifact cannot be written to, before any work: an existing
     file or directory (without `force`), a path under a regular file, or a parent that cannot be
     written (the artifact is built in a temporary directory beside `output`, then renamed)."""
+    if not output:
+        raise Gpt2OnnxError("-o is empty; name the artifact directory to write")
     if os.path.lexists(output) and not os.path.isdir(output):
         raise Gpt2OnnxError(f"{output} is a file; choose a directory path for -o")
+    out, cwd = os.path.realpath(output), os.path.realpath(os.getcwd())
+    if cwd == out or cwd.startswith(out.rstrip(os.sep) + os.sep):
+        raise Gpt2OnnxError(f"{output} is the current directory or holds it; choose a new directory for -o")
     if os.path.exists(output) and not force:
         raise Gpt2OnnxError(f"{output} already exists; pass --force to replace it or choose another -o")
+    if os.path.exists(output) and os.listdir(output) and not os.path.isfile(os.path.join(output, MANIFEST_NAME)):
+        # --force replaces an artifact, never a directory of something else
+        raise Gpt2OnnxError(f"{output} is not empty and holds no {MANIFEST_NAME}: not an artifact, so --force will not "
+                            "replace it; choose another -o or remove it yourself")
     parent = os.path.dirname(os.path.abspath(output))
     while not os.path.lexists(parent):  # the nearest existing ancestor: export creates the rest
         parent = os.path.dirname(parent)

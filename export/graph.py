@@ -29,11 +29,13 @@ The plain graph takes left padding too.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from gpt2onnx.runtime.artifact import CONFIG_KEYS, CONFIG_PROP
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 from gpt2onnx.runtime.spec import IONames
 
@@ -377,6 +379,8 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
     graph = helper.make_graph(b.nodes, "gpt2onnx_mixed_step" if mixed else "gpt2onnx_decoder", inputs, outputs, b.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="gpt2onnx")
+    # the dims the weights were built with, in the graph itself: a manifest edited afterwards is caught at load
+    helper.set_model_props(model, {CONFIG_PROP: json.dumps({k: getattr(cfg, k) for k in CONFIG_KEYS})})
     model.ir_version = min(model.ir_version, 10)  # readable by onnxruntime releases of the last two years
     return model
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from dataclasses import fields
 
 from gpt2onnx.export.convert import KV_DTYPES, ExportOptions  # no heavy imports: choices and defaults only
@@ -78,9 +80,22 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=d.threads, help="intra-op threads (default one per core)")
 
 
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "seed")  # mean nothing without --sample
+BEAM_FLAGS = ("length_penalty", "early_stopping")  # mean nothing without --num-beams > 1
+
+
 def _generation_config(args) -> GenerationConfig:
     given = {f.name: getattr(args, f.name) for f in fields(GenerationConfig) if getattr(args, f.name, None) is not None}
+    _refuse_unused(given, SAMPLING_FLAGS, not given.get("do_sample"), "--sample")
+    _refuse_unused(given, BEAM_FLAGS, given.get("num_beams", 1) <= 1, "--num-beams N (N > 1)")
     return GenerationConfig(**given)
+
+
+def _refuse_unused(given: dict, names: tuple[str, ...], unused: bool, needs: str) -> None:
+    """A flag that the other flags make meaningless is an error, not silently ignored."""
+    flags = [f"--{n.replace('_', '-')}" for n in names if n in given]
+    if unused and flags:
+        raise Gpt2OnnxError(f"{flags[0]} only applies with {needs}; add it or drop {flags[0]}")
 
 
 def _parse_ids(text: str) -> list[list[int]]:
@@ -120,10 +135,17 @@ def cmd_export(args) -> None:
     from gpt2onnx.export.quantize import Int4Config, Int8Config
 
     keep = tuple(n for n in (args.keep_float or "").split(",") if n)
+    quant = {"int8": [n for n in ("int8_method", "int8_per_tensor", "int8_full_range") if getattr(args, n)],
+             "int4": [n for n in ("int4_block_size", "int4_asymmetric", "int4_accuracy_level") if getattr(args, n) not in (None, False)]}
+    for precision, names in quant.items():
+        _refuse_unused(dict.fromkeys(names), tuple(names), args.precision != precision, f"--precision {precision}")
+    _refuse_unused({"keep_float": 1} if keep else {}, ("keep_float",), args.precision not in ("int8", "int4"),
+                   "--precision int8 or int4")
     d8, d4 = Int8Config(), Int4Config()
     int8 = Int8Config(method=args.int8_method or d8.method, per_channel=d8.per_channel and not args.int8_per_tensor,
                       reduce_range=d8.reduce_range and not args.int8_full_range, exclude=keep or d8.exclude)
-    int4 = Int4Config(block_size=args.int4_block_size or d4.block_size, symmetric=d4.symmetric and not args.int4_asymmetric,
+    int4 = Int4Config(block_size=d4.block_size if args.int4_block_size is None else args.int4_block_size,
+                      symmetric=d4.symmetric and not args.int4_asymmetric,
                       accuracy_level=d4.accuracy_level if args.int4_accuracy_level is None else args.int4_accuracy_level,
                       exclude=keep or d4.exclude)
     opts = ExportOptions(model=args.model, output=args.output, precision=args.precision, provider=args.target_provider,
@@ -237,6 +259,7 @@ def cmd_serve(args) -> None:
         raise Gpt2OnnxError(f"the server needs {e.name}; install it with `pip install gpt2onnx[serve]`") from None
     cfg = _serve_config(args)
     cfg.api_key = args.api_key or os.environ.get("GPT2ONNX_API_KEY") or None
+    _refuse_unused({"replicas": 1} if args.replicas is not None else {}, ("replicas",), not args.ray, "--ray")
     if not args.ray:
         serve(args.artifacts, cfg)
         return
@@ -272,8 +295,10 @@ def _serve_config(args):
     from gpt2onnx.runtime.session import SessionConfig
     from gpt2onnx.serve.config import ServeConfig
 
-    return ServeConfig(**_given(ServeConfig, args, skip=("scheduler", "session", "api_key")),
-                       scheduler=SchedulerConfig(**_given(SchedulerConfig, args)),
+    given = _given(ServeConfig, args, skip=("scheduler", "session", "api_key"))
+    if "max_tokens" in given and "default_max_tokens" not in given:  # a cap below the default lowers the default
+        given["default_max_tokens"] = min(ServeConfig.default_max_tokens, given["max_tokens"])
+    return ServeConfig(**given, scheduler=SchedulerConfig(**_given(SchedulerConfig, args)),
                        session=SessionConfig(**_given(SessionConfig, args)))
 
 
@@ -287,7 +312,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help=f"port (default {d.port}; 0 = any free port, printed at start)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (or set GPT2ONNX_API_KEY)")
     p.add_argument("--max-tokens", type=int, help=f"cap on a request's max_tokens (default {d.max_tokens})")
-    p.add_argument("--default-max-tokens", type=int, help=f"max_tokens when a request names none (default {d.default_max_tokens})")
+    p.add_argument("--default-max-tokens", type=int, help=f"a completion's max_tokens when the request names none (default "
+                   f"{d.default_max_tokens}, or --max-tokens if lower; a chat reply may take the context left, up to --max-tokens)")
     p.add_argument("--max-body-bytes", type=int, help=f"largest request body (default {d.max_body_bytes})")
     p.add_argument("--request-timeout-s", type=float, help=f"cancel a request after this long (default {d.request_timeout_s:g})")
     p.add_argument("--shutdown-timeout-s", type=float, help=f"on SIGTERM, time in-flight requests get (default {d.shutdown_timeout_s:g})")
@@ -379,12 +405,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _interrupted(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.formatwarning = lambda msg, *a, **k: f"gpt2onnx: warning: {msg}\n"
     parser = build_parser()
     args = parser.parse_args(argv)
+    # SIGTERM and SIGHUP as Ctrl-C (an export removes its half-written directory); the server shuts
+    # down gracefully on its own handlers, and only the main thread may set any
+    handle = args.func is not cmd_serve and threading.current_thread() is threading.main_thread()
+    saved = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)} if handle else {}
+    try:
+        return _run(args)
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
+def _run(args) -> int:
     try:
         args.func(args)
         sys.stdout.flush()  # here, so a reader that left is met below and not in the interpreter's exit
@@ -398,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush must not fail too
         return 141
     except Exception as e:  # a bug: one line unless --debug
+        if _interrupted(e):  # the signal landed inside a C extension's import, which wraps it in an ImportError
+            print("gpt2onnx: interrupted", file=sys.stderr)
+            return 130
         if args.debug:
             raise
         print(f"gpt2onnx: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)

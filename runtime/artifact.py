@@ -30,6 +30,7 @@ MANIFEST_NAME = "gpt2onnx.json"
 FORMAT_VERSION = 4  # 2: fused graphs take a [batch, capacity] mask during decode; 3: seqlens_k per row; 4: fused rows right-padded (no attention bias), logits kept at each row's last real token
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 REQUIRED_KEYS = ("format_version", "source", "config", "precision", "provider", "opset", "io", "files")
+CONFIG_PROP = "gpt2onnx.config"  # model.onnx's metadata: CONFIG_KEYS as the graph was built (exports since 2026-12-06)
 CONFIG_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions", "eos_token_id", "pad_token_id")
 VERIFY_MODES = ("sha256", "size")  # there is no "none": an artifact's files are always checked
 REQUIRED_FILES = ("model.onnx", "tokenizer.json")  # what the runtime opens, besides external data
@@ -91,6 +92,8 @@ def load_manifest(path: str, verify: str = "sha256") -> Manifest:
     """
     if verify not in VERIFY_MODES:
         raise Gpt2OnnxError(f"verify must be 'sha256' or 'size', not {verify!r}; an artifact's files are always checked")
+    if os.path.isfile(path):
+        raise Gpt2OnnxError(f"{path} is a file; pass the artifact directory that holds it (and {MANIFEST_NAME})")
     if not os.path.isdir(path):
         raise Gpt2OnnxError(f"artifact directory {path} does not exist; create it with `gpt2onnx export MODEL -o {path}`")
     root = os.path.realpath(path)
@@ -108,13 +111,11 @@ def load_manifest(path: str, verify: str = "sha256") -> Manifest:
     missing = [k for k in REQUIRED_KEYS if k not in raw]
     if missing:
         raise Gpt2OnnxError(f"{mpath} lacks {', '.join(missing)}; the artifact is damaged, re-export it")
-    if raw["format_version"] != FORMAT_VERSION:
+    if raw["format_version"] != FORMAT_VERSION or type(raw["format_version"]) is not int:
         raise Gpt2OnnxError(
-            f"{path} has format version {raw['format_version']}, this gpt2onnx reads {FORMAT_VERSION}; re-export it"
+            f"{path} has format version {raw['format_version']!r}, this gpt2onnx reads {FORMAT_VERSION}; re-export it"
         )
-    missing = [k for k in CONFIG_KEYS if k not in raw["config"]]
-    if missing:
-        raise Gpt2OnnxError(f"{mpath} config lacks {', '.join(missing)}; the artifact is damaged, re-export it")
+    _check_types(raw, mpath)
     if raw["precision"] not in PRECISIONS:
         raise Gpt2OnnxError(f"{mpath} names unknown precision {raw['precision']!r}; re-export it")
     files = _check_file_list(raw["files"], mpath)
@@ -133,6 +134,40 @@ def load_manifest(path: str, verify: str = "sha256") -> Manifest:
     _check_unlisted(path, files)
     _check_external_data(path, files)
     return Manifest(path=os.path.abspath(path), raw=raw)
+
+
+KV_DTYPES = ("float32", "float16", "int8")
+
+
+def _check_types(raw: dict, mpath: str) -> None:
+    """The fields the runtime computes with have the types and ranges an export writes (the manifest is
+    not hashed: a hand edit must fail here in one line, not inside onnxruntime)."""
+    def bad(what: str):
+        return Gpt2OnnxError(f"{mpath}: {what}; the manifest was edited or damaged, re-export the artifact")
+
+    if not isinstance(raw["source"], dict):
+        raise bad("source is not an object")
+    c = raw["config"]
+    if not isinstance(c, dict):
+        raise bad("config is not an object")
+    missing = [k for k in CONFIG_KEYS if k not in c]
+    if missing:
+        raise bad(f"config lacks {', '.join(missing)}")
+    for k in CONFIG_KEYS:
+        v = c[k]
+        if type(v) is not int or v < (0 if k.endswith("_id") else 1):
+            raise bad(f"config.{k} is {v!r}, not a {'non-negative' if k.endswith('_id') else 'positive'} integer")
+    if c["n_embd"] % c["n_head"]:
+        raise bad(f"config.n_embd {c['n_embd']} is not a multiple of n_head {c['n_head']}")
+    for k in ("eos_token_id", "pad_token_id"):
+        if c[k] >= c["vocab_size"]:
+            raise bad(f"config.{k} {c[k]} is outside the vocabulary 0..{c['vocab_size'] - 1}")
+    io = raw["io"]
+    if not isinstance(io, dict) or not isinstance(io.get("kv"), dict) or not all(
+            isinstance(io.get(k), dict) for k in ("inputs", "outputs")):  # name -> its shape and type
+        raise bad("io lacks its inputs, outputs or kv entries")
+    if io["kv"].get("dtype") not in KV_DTYPES:
+        raise bad(f"io.kv.dtype is {io['kv'].get('dtype')!r}, not one of {', '.join(KV_DTYPES)}")
 
 
 def _check_file_list(files: Any, mpath: str) -> dict[str, dict[str, Any]]:
@@ -305,7 +340,7 @@ def describe(m: Manifest) -> str:
         g = r["cuda_graph"]
         lines.append("cuda graph   " + ("capturable: onnxruntime's CUDA placement needs no host<->device copy" if g["capturable"]
                                        else f"not capturable: {len(g['host_device_copies'])} host<->device copies on CUDA "
-                                            f"(first: {g['host_device_copies'][0]}); export with --provider cuda"))
+                                            f"(first: {g['host_device_copies'][0]})" + _cuda_fix(r['precision'])))
     for name, figs in r.get("parity", {}).items():
         if isinstance(figs, dict):
             lines.append(f"parity       {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in figs.items()))
@@ -317,11 +352,20 @@ def describe(m: Manifest) -> str:
     if r.get("accuracy") and src.get("synthetic"):
         lines.append("             (seeded random weights give flat logits: top-1 agreement understates a trained model's)")
     for name, meta in r["files"].items():
-        lines.append(f"file         {name}: {meta['bytes'] / 1e6:.1f} MB sha256 {meta['sha256'][:16]}…")
+        lines.append(f"file         {name}: {_size(meta['bytes'])} sha256 {meta['sha256'][:16]}…")
     lines.append("versions     " + ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()))
     if src.get("synthetic"):
         lines.append("note         synthetic weights: speed figures are real, generated text is noise")
     return "\n".join(lines)
+
+
+def _cuda_fix(precision: str) -> str:
+    """What makes a capturable graph of this precision (int8 has no CUDA kernels in onnxruntime)."""
+    return "; int8 is for the CPU: export fp16 or int4 with --provider cuda" if precision == "int8" else "; export with --provider cuda"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
 
 
 def _fmt(v: Any) -> str:

@@ -128,7 +128,7 @@ class Engine:
         except Exception as e:  # onnxruntime and tokenizers raise their own types for bad files
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise Gpt2OnnxError(f"cannot load the artifact at {path}: {first[:300]}; re-export it") from None
-        check_io(manifest, session)
+        check_io(manifest, session, spec)
         return cls(manifest, session, tokenizer, ep, sc, pick_session, spec)
 
     def decoder(self, slots: int, capacity: int, prefault: bool = False, captured: bool = True,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
 from dataclasses import dataclass
 
-from .artifact import Manifest
+from .artifact import CONFIG_PROP, Manifest
 from .errors import Gpt2OnnxError, one_line
 from .spec import MIXED_FILE, PICK_FILE, IONames
 
@@ -254,8 +255,12 @@ def _huge_pages(before: list[tuple[int, int]]) -> int:
     return done
 
 
-def check_io(manifest: Manifest, session) -> None:
-    """The graph must have exactly the inputs and outputs the manifest promises."""
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)"}
+
+
+def check_io(manifest: Manifest, session, spec=None) -> None:
+    """The graph must have exactly the inputs and outputs the manifest promises, and (given the spec
+    read from it) a KV cache of its layers, heads, head size and dtype, and logits over its vocabulary."""
     io = manifest.raw["io"]
     got_in = {i.name for i in session.get_inputs()}
     got_out = {o.name for o in session.get_outputs()}
@@ -264,3 +269,24 @@ def check_io(manifest: Manifest, session) -> None:
         extra = sorted((got_in - set(io["inputs"])) | (got_out - set(io["outputs"])))
         raise Gpt2OnnxError(f"model.onnx in {manifest.path} does not match its manifest (missing {missing[:3]}, "
                             f"unexpected {extra[:3]}); the artifact is mixed up, re-export it")
+    if spec is None:
+        return
+    built = session.get_modelmeta().custom_metadata_map.get(CONFIG_PROP)
+    if built:  # the dims the graph was built with (its weights' shapes): the manifest must say the same
+        differ = [f"{k} {v} (manifest {manifest.config.get(k)})" for k, v in json.loads(built).items() if manifest.config.get(k) != v]
+        if differ:
+            raise Gpt2OnnxError(f"model.onnx in {manifest.path} was built with {', '.join(differ)}; the manifest was edited "
+                                "or the artifact mixed up, re-export it")
+    inputs = {i.name: i for i in session.get_inputs()}
+    for past, _ in spec.kv_names:
+        i = inputs.get(past)
+        want = ["batch", spec.n_head, "past", spec.head_dim]
+        if i is None or i.type != ORT_TYPES[str(spec.kv_dtype)] or len(i.shape) != 4 or i.shape[1::2] != want[1::2]:
+            got = "no such input" if i is None else f"{i.type} {i.shape}"
+            raise Gpt2OnnxError(f"model.onnx in {manifest.path} does not match its manifest: {past} should be "
+                                f"{ORT_TYPES[str(spec.kv_dtype)]} [batch, {spec.n_head}, past, {spec.head_dim}], the graph has "
+                                f"{got}; the manifest was edited or the artifact mixed up, re-export it")
+    logits = next((o for o in session.get_outputs() if o.name == spec.names.logits), None)
+    if logits is not None and logits.shape[-1] != spec.vocab_size:
+        raise Gpt2OnnxError(f"model.onnx in {manifest.path} gives logits over {logits.shape[-1]} tokens, its manifest says "
+                            f"{spec.vocab_size}; the manifest was edited or the artifact mixed up, re-export it")

@@ -7,6 +7,7 @@ hold, and the process exits 0.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -56,7 +57,8 @@ def check(cfg: ServeConfig) -> None:
         if getattr(cfg, name) < 1:
             raise Gpt2OnnxError(f"{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.default_max_tokens > cfg.max_tokens:
-        raise Gpt2OnnxError(f"the default max tokens ({cfg.default_max_tokens}) is above the cap ({cfg.max_tokens})")
+        raise Gpt2OnnxError(f"--default-max-tokens ({cfg.default_max_tokens}) is above --max-tokens ({cfg.max_tokens}); "
+                            "lower the default or raise the cap")
     if not cfg.request_timeout_s > 0 or not cfg.shutdown_timeout_s >= 0:
         raise Gpt2OnnxError("timeouts must be positive")
     if cfg.api_key is not None and not cfg.api_key.strip():
@@ -71,8 +73,9 @@ def serve(artifacts: list[str], cfg: ServeConfig) -> None:
     check(cfg)
     try:
         sock = socket.create_server((cfg.host, cfg.port))  # bound here, so --port 0 can say which port it got
-    except OSError as e:
-        raise Gpt2OnnxError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}; choose another --port") from None
+    except OSError as e:  # a port in use, or a host that is not one of this machine's addresses
+        fix = "choose another --port" if e.errno == errno.EADDRINUSE else "check --host (an address of this machine) and --port"
+        raise Gpt2OnnxError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}; {fix}") from None
     models = load_models(artifacts, cfg)
     app = build_app(models, cfg)
     host, port = sock.getsockname()[:2]

@@ -254,9 +254,60 @@ def test_manifest_fields_are_checked(art, tamper, needles):
     assert_one_line_error(run_cli("info", str(art)), *needles)
 
 
+def _edit(section: str | None, key: str, value):
+    def tamper(m):
+        (m[section] if section else m)[key] = value
+        return m
+    return tamper
+
+
+@pytest.mark.parametrize("tamper, needles", [
+    (_edit("config", "vocab_size", "x"), ["config.vocab_size is 'x', not a positive integer"]),
+    (_edit("config", "eos_token_id", None), ["config.eos_token_id is None"]),
+    (_edit("config", "n_head", 5), ["n_embd 64 is not a multiple of n_head 5"]),
+    (_edit("config", "vocab_size", 1000), ["eos_token_id 50256 is outside the vocabulary"]),
+    (_edit(None, "source", None), ["source is not an object"]),
+    (_edit(None, "io", {}), ["io lacks its inputs, outputs or kv"]),
+    (_edit(None, "format_version", "4"), ["format version '4'"]),
+], ids=["type", "null", "n_head", "vocab", "source", "io", "version-string"])
+def test_edited_manifest_values_are_refused_at_load(art, tamper, needles):
+    """The manifest is not hashed: a hand edit of what the runtime computes with is one line, for info
+    too, never an internal error inside onnxruntime."""
+    write_manifest(art, tamper(read_manifest(art)))
+    refused(art, *needles, verify="size")
+    assert_one_line_error(run_cli("info", str(art)), *needles)
+
+
+@pytest.mark.parametrize("tamper, needles", [
+    (_edit("config", "n_layer", 3), ["built with n_layer 2 (manifest 3)"]),
+    (_edit("config", "n_positions", 4096), ["built with n_positions 128 (manifest 4096)"]),
+    (_edit("config", "n_embd", 128), ["built with n_embd 64 (manifest 128)"]),
+], ids=["n_layer", "n_positions", "n_embd"])
+def test_manifest_dims_must_be_the_graphs(art, tamper, needles):
+    """Well-typed but not what the graph was built with (model.onnx carries its dims): refused at load."""
+    from gpt2onnx.runtime import Engine
+
+    write_manifest(art, tamper(read_manifest(art)))
+    load_manifest(str(art), verify="size")  # the manifest alone is well-formed
+    with pytest.raises(Gpt2OnnxError, match="the manifest was edited") as e:
+        Engine.load(str(art), provider="cpu", verify="size")
+    assert all(n in str(e.value) for n in needles), str(e.value)
+    assert_one_line_error(run_cli("generate", str(art), "--ids", "1,2", "--max-new-tokens", "2"), *needles)
+
+
+def test_kv_dtype_must_be_the_graphs(art):
+    from gpt2onnx.runtime import Engine
+
+    write_manifest(art, _edit("io", "kv", {**read_manifest(art)["io"]["kv"], "dtype": "int8"})(read_manifest(art)))
+    with pytest.raises(Gpt2OnnxError, match=r"should be tensor\(int8\).*the graph has tensor\(float\)"):
+        Engine.load(str(art), provider="cpu", verify="size")
+
+
 def test_missing_artifact_directory_and_manifest(tmp_path):
     refused(tmp_path / "none", "does not exist", "gpt2onnx export")
     refused(tmp_path, "has no gpt2onnx.json", "not a gpt2onnx artifact")
+    (tmp_path / "model.onnx").write_text("x")
+    refused(tmp_path / "model.onnx", "is a file; pass the artifact directory")
 
 
 def test_files_must_be_an_object(art):

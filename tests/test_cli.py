@@ -6,8 +6,10 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -43,6 +45,15 @@ def test_info(tiny_artifact):
     r = run_cli("info", tiny_artifact)
     assert r.returncode == 0 and "GroupQueryAttention 2" in r.stdout and "max_abs_logit_diff" in r.stdout
     assert json.loads(run_cli("info", tiny_artifact, "--json").stdout)["precision"] == "fp32"
+    assert "batch_invariance: max_abs_logit_diff 0, invariant True" in r.stdout
+    model_line = next(ln for ln in r.stdout.splitlines() if ln.startswith("file         model.onnx:"))
+    assert " kB " in model_line and "0.0 MB" not in model_line  # a small graph file is not "0.0 MB"
+
+
+def test_info_says_what_makes_int8_capturable():
+    from gpt2onnx.runtime.artifact import _cuda_fix
+
+    assert "int8 is for the CPU" in _cuda_fix("int8") and "--provider cuda" in _cuda_fix("fp32")
 
 
 def test_info_into_a_closed_pipe_stops_quietly(tiny_artifact):
@@ -68,10 +79,29 @@ def test_export_refuses_existing_dir_then_force(tmp_path, tiny_artifact):
     (out / "keep.txt").write_text("x")
     assert_one_line_error(run_cli("export", "synthetic:tiny", "-o", str(out)), "already exists", "--force")
     assert (out / "keep.txt").exists()
+    # --force replaces an artifact, never a directory of something else
+    assert_one_line_error(run_cli("export", "synthetic:tiny", "-o", str(out), "--force"), "not an artifact", "remove it yourself")
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    assert run_cli("export", "synthetic:tiny", "-o", str(out), "--force").returncode == 0  # an empty directory is fine
+    (out / "notes.txt").write_text("y")  # inside an artifact: replaced with it
     r = run_cli("export", "synthetic:tiny", "-o", str(out), "--force", "--seed", "3")
     assert r.returncode == 0, r.stderr
-    assert not (out / "keep.txt").exists() and json.loads((out / "gpt2onnx.json").read_text())["source"]["seed"] == 3
+    assert not (out / "notes.txt").exists() and json.loads((out / "gpt2onnx.json").read_text())["source"]["seed"] == 3
     assert not [p for p in os.listdir(tmp_path) if p != "art"]  # no temp dirs left behind
+
+
+def test_export_never_replaces_the_current_directory(tmp_path, monkeypatch):
+    from gpt2onnx.export.convert import ExportOptions, export
+    from gpt2onnx.runtime.errors import Gpt2OnnxError
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "precious.txt").write_text("x")
+    monkeypatch.chdir(tmp_path / "sub")
+    for out, match in ((".", "current directory"), (str(tmp_path), "current directory"), ("", "-o is empty")):
+        with pytest.raises(Gpt2OnnxError, match=match):
+            export(ExportOptions("synthetic:tiny", out, force=True), log=lambda m: None)
+    assert (tmp_path / "sub" / "precious.txt").read_text() == "x"
 
 
 @pytest.mark.parametrize("where, needles", [
@@ -162,7 +192,7 @@ def test_damaged_artifact(damaged, kind, needle):
     (["export", "synthetic:tiny", "-o", "/tmp/never", "--precision", "int8", "--provider", "cuda"], ["int8 artifacts run on the cpu provider only"]),
     (["export", "synthetic:tiny", "-o", "/tmp/never", "--precision", "fp16", "--kv-dtype", "int8"], ["int8 KV cache is for the CPU precisions"]),
     (["export", "synthetic:tiny", "-o", "/tmp/never", "--no-fuse", "--kv-dtype", "int8"], ["--kv-dtype needs the fused graph"]),
-    (["export", "/nonexistent/checkpoint-dir-xyz", "-o", "/tmp/never"], ["cannot load checkpoint"]),
+    (["export", "/nonexistent/checkpoint-dir-xyz", "-o", "/tmp/never"], ["no such local directory"]),
 ])
 def test_bad_input(tiny_artifact, args, needles):
     r = run_cli(*[a.replace("{art}", tiny_artifact) for a in args])
@@ -237,3 +267,35 @@ def test_missing_extra_is_named_in_one_line(tiny_artifact, tmp_path, argv, extra
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == f"gpt2onnx: error: `gpt2onnx {extra}` needs {module}; install it with `pip install gpt2onnx[{extra}]`"
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_export_stopped_by_a_signal_leaves_nothing(tmp_path, sig):
+    """Ctrl-C, a service manager's SIGTERM or a closed terminal's SIGHUP while the artifact is being
+    written: exit 130, no half-written (hidden) directory beside the output."""
+    out = tmp_path / "art"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    p = subprocess.Popen([sys.executable, "-m", "gpt2onnx.cli", "export", "synthetic:tiny", "-o", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not any(n.startswith(".art.tmp-") for n in os.listdir(tmp_path)) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert p.poll() is None, "the export ended before it was signalled"
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["generate", "{art}", "hi", "--temperature", "0.5"], ["--temperature only applies with --sample"]),
+    (["generate", "{art}", "hi", "--seed", "3"], ["--seed only applies with --sample"]),
+    (["generate", "{art}", "hi", "--length-penalty", "2"], ["--length-penalty only applies with --num-beams"]),
+    (["export", "synthetic:tiny", "-o", "{tmp}/x", "--int4-block-size", "32"], ["--int4-block-size only applies with --precision int4"]),
+    (["export", "synthetic:tiny", "-o", "{tmp}/x", "--precision", "int4", "--int8-method", "nbits"], ["--int8-method only applies"]),
+    (["export", "synthetic:tiny", "-o", "{tmp}/x", "--keep-float", "lm_head"], ["--keep-float only applies with --precision int8 or int4"]),
+    (["serve", "{art}", "--replicas", "2"], ["--replicas only applies with --ray"]),
+])
+def test_flags_that_would_be_ignored_are_refused(tmp_path, tiny_artifact, args, needles):
+    assert_one_line_error(run_cli(*[a.format(art=tiny_artifact, tmp=tmp_path) for a in args]), *needles)
+    assert not (tmp_path / "x").exists()

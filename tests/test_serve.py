@@ -362,6 +362,17 @@ def test_serve_cli_errors_are_one_line(tiny_artifact, tmp_path):
     assert r.returncode == 2 and "port must be from 0 to 65535" in r.stderr
     r = run_cli("serve", tiny_artifact, "--max-batch", "0")
     assert r.returncode == 2 and "max_batch" in r.stderr
+    r = run_cli("serve", tiny_artifact, "--port", "0", "--host", "256.1.1.1")  # not an address: not the port's fault
+    assert r.returncode == 2 and "check --host" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = run_cli("serve", tiny_artifact, "--max-tokens", "32", "--default-max-tokens", "64")
+    assert r.returncode == 2 and "--default-max-tokens (64) is above --max-tokens (32)" in r.stderr, r.stderr
+
+
+def test_a_cap_below_the_default_lowers_the_default():
+    from gpt2onnx.cli import _serve_config, build_parser
+
+    assert _serve_config(build_parser().parse_args(["serve", "ART", "--max-tokens", "8"])).default_max_tokens == 8
+    assert _serve_config(build_parser().parse_args(["serve", "ART", "--max-tokens", "100"])).default_max_tokens == 16
 
 
 def test_load_with_faults_loses_nothing_and_does_not_grow(tiny_artifact):
