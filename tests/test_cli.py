@@ -295,6 +295,8 @@ def test_export_stopped_by_a_signal_leaves_nothing(tmp_path, sig):
     (["export", "synthetic:tiny", "-o", "{tmp}/x", "--precision", "int4", "--int8-method", "nbits"], ["--int8-method only applies"]),
     (["export", "synthetic:tiny", "-o", "{tmp}/x", "--keep-float", "lm_head"], ["--keep-float only applies with --precision int8 or int4"]),
     (["serve", "{art}", "--replicas", "2"], ["--replicas only applies with --ray"]),
+    (["export", "synthetic:tiny", "-o", "{tmp}/x", "--precision", "int4", "--int4-block-size", "0"], ["power of two >= 16, got 0"]),
+    (["export", "synthetic:tiny", "-o", "{tmp}/x", "--precision", "int4", "--int4-accuracy-level", "9"], ["accuracy level", "got 9"]),
 ])
 def test_flags_that_would_be_ignored_are_refused(tmp_path, tiny_artifact, args, needles):
     assert_one_line_error(run_cli(*[a.format(art=tiny_artifact, tmp=tmp_path) for a in args]), *needles)
