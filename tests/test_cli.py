@@ -275,8 +275,10 @@ def test_export_stopped_by_a_signal_leaves_nothing(tmp_path, sig):
     written: exit 130, no half-written (hidden) directory beside the output."""
     out = tmp_path / "art"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # a shell's background job (make test &, CI runners) starts with SIGINT ignored, which the child would inherit
     p = subprocess.Popen([sys.executable, "-m", "gpt2onnx.cli", "export", "synthetic:tiny", "-o", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not any(n.startswith(".art.tmp-") for n in os.listdir(tmp_path)) and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
