@@ -1,4 +1,4 @@
-"""`gpt2onnx export | generate | chat | info | bench`. argparse lives here only; each command
+"""`gpt2onnx export | generate | chat | info | serve | bench`. argparse lives here only; each command
 builds one options object and passes it on. Defaults come from those objects, not from here."""
 
 from __future__ import annotations
@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs with --prompt-width (weights shared with model.onnx on disk)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--kv-dtype", default=_default(ExportOptions, "kv_dtype"), choices=KV_DTYPES,
-                   help="KV cache dtype (default int8 for int8 and int4 on cpu, else the activations')")
+                   help="KV cache dtype (default: int8 for int8 and int4 on cpu; float16 on cuda; else the activations')")
     q = p.add_argument_group("quantization (defaults chosen by measurement, see export/quantize.py)")
     q.add_argument("--int8-method", choices=INT8_METHODS,
                    help="int8: dynamic (DynamicQuantizeMatMul, fastest; default) or nbits (8-bit MatMulNBits: "
@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("bench", help="benchmark artifacts against PyTorch and optimum")
+    p = sub.add_parser("bench", help="benchmark artifacts against PyTorch, optimum, llama.cpp and CTranslate2")
     try:
         from gpt2onnx.benchmarks.settings import add_arguments
     except ImportError:
