@@ -148,7 +148,8 @@ def _baseline_spec(kind: str, m, s: Settings, log) -> SystemSpec:
     if kind == "pytorch-compile":  # compiled on CUDA only (engines/pytorch.py: PyTorchCompiled): named for what runs
         label = "pytorch-compile" if s.provider == "cuda" else "pytorch-static"
         return SystemSpec(f"{label} {precision} {s.provider}", kind, hf, s.provider, s.threads, precision)
-    return SystemSpec(f"optimum fp32 {s.provider}", "optimum", optimum_model(hf, s.cache, log), s.provider, s.threads, "fp32")
+    return SystemSpec(f"optimum fp32 {s.provider}", "optimum", optimum_model(hf, s.cache, log, s.provider), s.provider, s.threads,
+                      "fp32")
 
 
 def _anchor_specs(kind: str, manifests, s: Settings, log) -> tuple[list[SystemSpec], list[dict]]:

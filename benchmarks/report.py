@@ -73,6 +73,7 @@ def write_report(results: dict, out: str) -> None:
         "Ratios are per-token p50 against each baseline (below 1 = faster). Floor = bytes of weights read per "
         f"token / {bw_text}: no batch-1 decode can be faster. Achieved bandwidth = those bytes / p50.",
         *_compiled_note(systems),
+        *_optimum_note(systems),
         "",
         "| system | load s | TTFT ms | p50 ms/tok | p90 | p99 | tok/s | peak RSS MB | size MB | weights MB/tok | floor ms/tok | "
         f"GB/s (% of {bw_col}) | max abs Δlogit | top-1 |" + "".join(f" {c} |" for c in ratio_cols),
@@ -468,6 +469,18 @@ def _compiled_note(systems: list[dict]) -> list[str]:
            else "not compiled here (transformers compiles `generate`'s step on CUDA only): the static-cache path alone")
     return ["", f"{x['name']}: transformers `generate` with a static KV cache (one `StaticCache` per batch size over the "
                 f"model's whole position table, reset between calls, so the step keeps one shape); {how}."]
+
+
+def _optimum_note(systems: list[dict]) -> list[str]:
+    """How the optimum baseline's graph was made, when the run has it."""
+    x = next((x for x in systems if x["kind"] == "optimum"), None)
+    if x is None:
+        return []
+    from .engines.optimum import OPTIMIZATION
+
+    return ["", f"{x['name']}: ORTModelForCausalLM over optimum's export of the same checkpoint, optimized as optimum's docs "
+                f"show for GPT-2 (`optimum-cli export onnx --optimize {OPTIMIZATION}`: onnxruntime's transformer fusions and the "
+                "GELU approximation), the same onnxruntime and threads as ours."]
 
 
 # The GPU bars (issue 19), for DialoGPT-medium fp16 on an H100 or H200, stated with the measured values.

@@ -81,7 +81,12 @@ def test_bench_cli_with_optimum(tmp_path, tiny_artifact):
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "rep" / "results.json").read_text())
     assert [x["kind"] for x in res["systems"]] == ["ours", "optimum"]
-    assert os.path.isfile(tmp_path / "cache" / "optimum-hf-tiny-seed0" / "model.onnx")
+    import onnx
+
+    optimized = tmp_path / "cache" / "optimum-O3-cpu-hf-tiny-seed0" / "model.onnx"  # as optimum's docs run GPT-2
+    ops = {n.op_type for n in onnx.load(str(optimized), load_external_data=False).graph.node}
+    assert {"SkipLayerNormalization", "FastGelu"} <= ops, ops
+    assert "optimize O3" in open(tmp_path / "rep" / "report.md").read()
     # no int8 artifact given: the first artifact gets the concurrent scenario; optimum runs serially
     conc = {(r["system"], r["mode"]): r for r in res["records"] if r["scenario"] == "concurrent"}
     assert sorted(conc) == [("optimum fp32 cpu", "serial"), ("ours fp32 cpu", "http"), ("ours fp32 cpu", "scheduler"),
