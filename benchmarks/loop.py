@@ -7,11 +7,11 @@ compile that failed), is dropped with the reason and its figures with it; ours d
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 
 from gpt2onnx.runtime.errors import Gpt2OnnxError
+from gpt2onnx.runtime.session import physical_cores
 
 from . import figures
 from .engines import llamacpp
@@ -157,7 +157,7 @@ def _llama_bench(pool: Workers, s: Settings, specs: list[SystemSpec], rep: int, 
         if spec.name not in pool.dead and len(runs) == rep:  # a failed run stops this system's
             time.sleep(SETTLE_S)
             try:
-                runs.append(llamacpp.llama_bench(spec.path, s.threads or os.cpu_count() or 1, s.prompt_len[0], s.new_tokens, 1))
+                runs.append(llamacpp.llama_bench(spec.path, s.threads or physical_cores(), s.prompt_len[0], s.new_tokens, 1))
             except (Gpt2OnnxError, subprocess.TimeoutExpired) as e:
                 pool.log(f"no llama-bench figures for {spec.name} from repeat {rep + 1}: {e}")
         progress.advance()

@@ -23,9 +23,10 @@ new_conversation(), reply(history, n), concurrent(mode, clients, requests, max_b
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import time
 from dataclasses import dataclass
+
+from gpt2onnx.runtime.session import physical_cores
 
 from . import memory
 from .workloads import concurrent_requests, prompt_rows, run_chat
@@ -101,7 +102,7 @@ def _serve(spec: SystemSpec, conn) -> None:
     from .engines import runner_class
 
     try:
-        threads = spec.threads or os.cpu_count() or 1
+        threads = spec.threads or physical_cores()
         t = time.perf_counter()
         runner = runner_class(spec.kind)(spec, threads)
         conn.send({"load_s": time.perf_counter() - t, "threads": threads, **runner.info()})

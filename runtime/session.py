@@ -36,7 +36,7 @@ class SessionConfig:
     """How the onnxruntime session is built; recorded by the benchmark report."""
 
     provider: str = "auto"  # auto | cpu | cuda
-    threads: int | None = None  # intra-op threads; None = one per core
+    threads: int | None = None  # intra-op threads; None = one per physical core this process may use
     verify: str = "sha256"  # artifact file checks: sha256 | size
     # capture the decode step in a CUDA graph (CUDA only; None = on where CUDA is used)
     cuda_graph: bool | None = None
@@ -129,11 +129,26 @@ def build_session(manifest: Manifest, ep: str, sc: SessionConfig, profile_prefix
         return ort.InferenceSession(path, so, providers=[(ep, cuda_options(False))])
 
 
+def physical_cores(cpus: str = "/sys/devices/system/cpu") -> int:
+    """The physical cores this process may run on: hyperthread siblings count once (onnxruntime's own
+    default and llama.cpp's advice: a second thread per core only contends for the same units), and
+    the affinity mask (a container's or taskset's CPUs) is respected. Falls back to the CPUs allowed."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        try:
+            with open(f"{cpus}/cpu{cpu}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())  # the same text for every sibling of one core
+        except OSError:
+            return len(allowed) or 1
+    return len(cores) or 1
+
+
 def _options(sc: SessionConfig):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = sc.threads or os.cpu_count() or 1
+    so.intra_op_num_threads = sc.threads or physical_cores()
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

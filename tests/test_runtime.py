@@ -270,6 +270,23 @@ def test_chat_reply_is_cut_before_a_stop_string(engine):
     assert engine.stats.cached_tokens > 0
 
 
+def test_default_threads_are_the_physical_cores_allowed(tmp_path, monkeypatch):
+    """Hyperthread siblings count once and the affinity mask is respected (onnxruntime's own default,
+    llama.cpp's advice); without the topology files, every CPU allowed."""
+    import os
+
+    from gpt2onnx.runtime.session import physical_cores
+
+    for cpu, siblings in enumerate(["0,2", "1,3", "0,2", "1,3"]):  # 2 cores x 2 threads
+        (tmp_path / f"cpu{cpu}" / "topology").mkdir(parents=True)
+        (tmp_path / f"cpu{cpu}" / "topology" / "thread_siblings_list").write_text(siblings + "\n")
+    for allowed, want in (({0, 1, 2, 3}, 2), ({0, 2}, 1), ({0, 1}, 2)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _, a=allowed: a)
+        assert physical_cores(str(tmp_path)) == want
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2, 3, 4})  # cpu4 has no topology file
+    assert physical_cores(str(tmp_path)) == 5
+
+
 @pytest.mark.parametrize("threads", [0, -1, 2.5, True, 10**6])
 def test_threads_range_checked(tiny_artifact, threads):
     from gpt2onnx.runtime import Engine
