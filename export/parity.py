@@ -19,8 +19,12 @@ from .graph import ModelConfig
 # shipped text. Set from figures measured on the synthetic models (tests/test_precisions.py, issue
 # notes) with room for other seeds; an export outside them fails and writes nothing.
 TOLERANCES = {
-    # measured (synthetic:tiny / synthetic:dialogpt-small): max |Δlogit| 1.0e-5 / 4.5e-6, KL 7e-13 / 2e-13
-    "fp32": {"max_abs_logit_diff": 1e-4, "mean_kl": 1e-8, "top1_agreement": 0.999},
+    # measured (synthetic:tiny / synthetic:dialogpt-small): max |Δlogit| 1.0e-5 / 4.5e-6, KL 7e-13 / 2e-13.
+    # The bound is 1e-3, not 1e-4: about one process in fifty (tiny, the same inputs and weights) sees
+    # 2.4e-4 to 3.8e-4 at the prompt pass, four times on three days, in pytest and the CLI alike, while
+    # every repeat inside one process is bit for bit the same; not reproduced in 90 runs on demand
+    # (threads, affinity, hash seeds, load varied). A real fp32 bug moves logits far more than 1e-3.
+    "fp32": {"max_abs_logit_diff": 1e-3, "mean_kl": 1e-8, "top1_agreement": 0.999},
     # measured: max |Δlogit| 0.023 / 0.0039, KL 2.0e-6 / 2.4e-7, top-1 1.000 / 1.000
     "fp16": {"max_abs_logit_diff": 0.1, "mean_kl": 1e-4, "top1_agreement": 0.98},
     # measured: max |Δlogit| 0.55 / 0.15, KL 2.4e-3 / 3.8e-4, top-1 0.887 / 0.906
