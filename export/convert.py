@@ -11,14 +11,13 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from gpt2onnx.runtime.artifact import FORMAT_VERSION, MANIFEST_NAME, PRECISIONS, sha256
+from gpt2onnx.runtime.artifact import FORMAT_VERSION, KV_DTYPES, MANIFEST_NAME, PRECISIONS, sha256
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 from gpt2onnx.runtime.session import PROVIDERS
 from gpt2onnx.runtime.spec import MIXED_FILE, PICK_FILE
 
 from . import checkpoints, graph, parity, quantize
 
-KV_DTYPES = ("float32", "float16", "int8")  # ExportOptions.kv_dtype: the KV cache's dtype in the graph
 ALIGN = 4096  # external weights start on page boundaries (mmap); see _save_onnx
 
 
@@ -87,12 +86,11 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
         rows = _parity_prompts(text, cfg)
         figures = parity.decode_parity(session, ckpt.model, cfg, rows, steps=opts.parity_steps, fused=opts.fuse)
         accuracy = parity.teacher_forced(session, ckpt.model, cfg, text)
-        del session
         tol = parity.tolerances(opts.precision, opts.kv_dtype, ckpt.source)
         problem = parity.check(opts.precision, figures, accuracy, tol)
         mixed_figures = None
         if mixed_path:  # the mixed pass against the model's own chunk and step passes, same tolerance
-            mixed_figures = parity.mixed_parity(model_path, mixed_path, cfg, opts.kv_dtype, rows)
+            mixed_figures = parity.mixed_parity(session, mixed_path, cfg, opts.kv_dtype, rows)
             if problem is None and not mixed_figures["max_abs_logit_diff"] <= tol["max_abs_logit_diff"]:
                 problem = (f"the mixed step graph's logits differ from the model's by {mixed_figures['max_abs_logit_diff']:.3g}, "
                            f"not within the {opts.precision} tolerance {tol['max_abs_logit_diff']:g}")
@@ -100,7 +98,8 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
             raise Gpt2OnnxError(f"accuracy check failed: {problem}; nothing was written")
         # measured, not assumed: MatMulNBits' one-row and many-row kernels may sum in other orders (through
         # the runtime's decode core, which runs fused graphs only)
-        invariance = parity.batch_invariance(model_path, cfg, opts.kv_dtype, _batch_prompts(text, cfg)) if opts.fuse else None
+        invariance = parity.batch_invariance(session, cfg, opts.kv_dtype, _batch_prompts(text, cfg)) if opts.fuse else None
+        del session  # one session of model.onnx for every check above, freed before the files are written
         ckpt.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         if opts.fuse:  # greedy's pick where the logits lie (runtime/decoder.py, Pick)
             import onnx

@@ -162,19 +162,19 @@ def decode_parity(session, torch_model, cfg: ModelConfig, rows: list[list[int]],
     }
 
 
-def mixed_parity(model_path: str, mixed_path: str, cfg: ModelConfig, kv_dtype: str, rows: list[list[int]],
+def mixed_parity(session, mixed_path: str, cfg: ModelConfig, kv_dtype: str, rows: list[list[int]],
                  width: int = 8, passes: int = 3) -> dict:
     """The mixed step graph against the model's own passes, through the runtime's decode core: two rows
     decode while a third takes its prompt in `width`-column chunks, once as mixed passes and once as a
     chunk pass then a step; returns the largest |Δlogit| over the step rows' and the chunks' logits.
-    The third row sits inside the step's rows, so its idle write beside the chunk is exercised too."""
+    The third row sits inside the step's rows, so its idle write beside the chunk is exercised too.
+    `session`: the model's own (ort_session of model.onnx), shared with the other checks."""
     from gpt2onnx.runtime.decoder import Decoder, Mixed
 
     spec = _spec(cfg, kv_dtype)
-    main = ort_session(model_path)
     capacity = max(map(len, rows)) + width * passes + passes + 2
-    ours = Decoder(spec, main, 3, capacity, mixed=Mixed(ort_session(mixed_path), captured=False))
-    ref = Decoder(spec, main, 3, capacity)
+    ours = Decoder(spec, session, 3, capacity, mixed=Mixed(ort_session(mixed_path), captured=False))
+    ref = Decoder(spec, session, 3, capacity)
     prompt = (rows[0] * passes)[: width * passes - 3]  # the last chunk is short: padded like the runtime pads it
     worst = 0.0
     for dec in (ours, ref):
@@ -192,17 +192,17 @@ def mixed_parity(model_path: str, mixed_path: str, cfg: ModelConfig, kv_dtype: s
     return {"max_abs_logit_diff": worst, "passes": passes, "chunk_width": width}
 
 
-def batch_invariance(model_path: str, cfg: ModelConfig, kv_dtype: str, rows: list[list[int]], steps: int = 3) -> dict:
+def batch_invariance(session, cfg: ModelConfig, kv_dtype: str, rows: list[list[int]], steps: int = 3) -> dict:
     """Whether a row's logits depend on what shares its pass, through the runtime's decode core:
     `rows` prefilled together in one right-padded pass and decoded together for `steps` steps (each
     row fed its greedy tokens of that run), against each row alone in a one-row core fed the same
     tokens. Returns the largest |Δlogit| over the prompts' and the steps' logits and whether it is
     exactly 0 (`invariant`): then a request's tokens, sampled or greedy, cannot depend on its
     batch-mates. Measured on the CPU provider this export runs on; kernels elsewhere (another CPU's
-    instruction set, CUDA) may differ."""
+    instruction set, CUDA) may differ. `session`: the model's own, as for mixed_parity."""
     from gpt2onnx.runtime.decoder import Decoder
 
-    spec, session = _spec(cfg, kv_dtype), ort_session(model_path)
+    spec = _spec(cfg, kv_dtype)
     capacity = max(map(len, rows)) + steps + 1
     together = Decoder(spec, session, len(rows), capacity)
     logits = [together.prefill(0, rows).copy()]

@@ -86,16 +86,16 @@ BEAM_FLAGS = ("length_penalty", "early_stopping")  # mean nothing without --num-
 
 def _generation_config(args) -> GenerationConfig:
     given = {f.name: getattr(args, f.name) for f in fields(GenerationConfig) if getattr(args, f.name, None) is not None}
-    _refuse_unused(given, SAMPLING_FLAGS, not given.get("do_sample"), "--sample")
-    _refuse_unused(given, BEAM_FLAGS, given.get("num_beams", 1) <= 1, "--num-beams N (N > 1)")
+    _refuse_unused([n for n in SAMPLING_FLAGS if n in given], not given.get("do_sample"), "--sample")
+    _refuse_unused([n for n in BEAM_FLAGS if n in given], given.get("num_beams", 1) <= 1, "--num-beams N (N > 1)")
     return GenerationConfig(**given)
 
 
-def _refuse_unused(given: dict, names: tuple[str, ...], unused: bool, needs: str) -> None:
-    """A flag that the other flags make meaningless is an error, not silently ignored."""
-    flags = [f"--{n.replace('_', '-')}" for n in names if n in given]
-    if unused and flags:
-        raise Gpt2OnnxError(f"{flags[0]} only applies with {needs}; add it or drop {flags[0]}")
+def _refuse_unused(given: list[str], unused: bool, needs: str) -> None:
+    """Options `given` (by dest name) that the other flags make meaningless are an error, not silently ignored."""
+    if unused and given:
+        flag = "--" + given[0].replace("_", "-")
+        raise Gpt2OnnxError(f"{flag} only applies with {needs}; add it or drop {flag}")
 
 
 def _parse_ids(text: str) -> list[list[int]]:
@@ -138,9 +138,8 @@ def cmd_export(args) -> None:
     quant = {"int8": [n for n in ("int8_method", "int8_per_tensor", "int8_full_range") if getattr(args, n)],
              "int4": [n for n in ("int4_block_size", "int4_asymmetric", "int4_accuracy_level") if getattr(args, n) not in (None, False)]}
     for precision, names in quant.items():
-        _refuse_unused(dict.fromkeys(names), tuple(names), args.precision != precision, f"--precision {precision}")
-    _refuse_unused({"keep_float": 1} if keep else {}, ("keep_float",), args.precision not in ("int8", "int4"),
-                   "--precision int8 or int4")
+        _refuse_unused(names, args.precision != precision, f"--precision {precision}")
+    _refuse_unused(["keep_float"] if keep else [], args.precision not in ("int8", "int4"), "--precision int8 or int4")
     d8, d4 = Int8Config(), Int4Config()
     int8 = Int8Config(method=args.int8_method or d8.method, per_channel=d8.per_channel and not args.int8_per_tensor,
                       reduce_range=d8.reduce_range and not args.int8_full_range, exclude=keep or d8.exclude)
@@ -259,7 +258,7 @@ def cmd_serve(args) -> None:
         raise Gpt2OnnxError(f"the server needs {e.name}; install it with `pip install gpt2onnx[serve]`") from None
     cfg = _serve_config(args)
     cfg.api_key = args.api_key or os.environ.get("GPT2ONNX_API_KEY") or None
-    _refuse_unused({"replicas": 1} if args.replicas is not None else {}, ("replicas",), not args.ray, "--ray")
+    _refuse_unused(["replicas"] if args.replicas is not None else [], not args.ray, "--ray")
     if not args.ray:
         serve(args.artifacts, cfg)
         return

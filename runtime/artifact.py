@@ -29,6 +29,7 @@ from .errors import Gpt2OnnxError
 MANIFEST_NAME = "gpt2onnx.json"
 FORMAT_VERSION = 4  # 2: fused graphs take a [batch, capacity] mask during decode; 3: seqlens_k per row; 4: fused rows right-padded (no attention bias), logits kept at each row's last real token
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+KV_DTYPES = ("float32", "float16", "int8")  # the KV cache's dtype in the graph (manifest io.kv.dtype)
 REQUIRED_KEYS = ("format_version", "source", "config", "precision", "provider", "opset", "io", "files")
 CONFIG_PROP = "gpt2onnx.config"  # model.onnx's metadata: CONFIG_KEYS as the graph was built (exports since 2026-12-06)
 CONFIG_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions", "eos_token_id", "pad_token_id")
@@ -134,9 +135,6 @@ def load_manifest(path: str, verify: str = "sha256") -> Manifest:
     _check_unlisted(path, files)
     _check_external_data(path, files)
     return Manifest(path=os.path.abspath(path), raw=raw)
-
-
-KV_DTYPES = ("float32", "float16", "int8")
 
 
 def _check_types(raw: dict, mpath: str) -> None:

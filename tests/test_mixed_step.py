@@ -170,7 +170,7 @@ def test_mixed_parity_catches_a_wrong_graph(tmp_path, tiny_mixed_artifact):
 
     onnx.save(graph.build(cfg, graph.weights(ck.model, cfg), mixed=True), onnx_path)
     rows = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
-    model = os.path.join(tiny_mixed_artifact, "model.onnx")
+    model = parity.ort_session(os.path.join(tiny_mixed_artifact, "model.onnx"))
     assert parity.mixed_parity(model, os.path.join(tiny_mixed_artifact, "mixed.onnx"), cfg, "float32", rows)["max_abs_logit_diff"] < 1e-4
     assert parity.mixed_parity(model, onnx_path, cfg, "float32", rows)["max_abs_logit_diff"] > 0.01
 
