@@ -104,7 +104,7 @@ def measure(s: Settings, plan: Plan, specs: list[SystemSpec], manifests, log) ->
                 if rep < s.repeats:
                     records += _generate_points(pool, plan.points, rep, s.repeats, progress)
                     if rep >= 0:
-                        _llama_bench(pool, s, cpp, rep, progress)
+                        _llama_bench(pool, s, plan.points, cpp, rep, progress)
                     if plan.chat_turns:
                         records += _chat(pool, s, plan.chat_turns, rep, progress)
                 if rep < conc_repeats:
@@ -148,16 +148,19 @@ def _generate_points(pool: Workers, points, rep: int, repeats: int, progress: _P
     return out
 
 
-def _llama_bench(pool: Workers, s: Settings, specs: list[SystemSpec], rep: int, progress: _Progress) -> None:
-    """One llama-bench run (its own warm-up, then once each: the prompt and the decode after it) per
-    llama.cpp system at the first decode point; a system whose run fails gets none after it, saying why."""
+def _llama_bench(pool: Workers, s: Settings, points, specs: list[SystemSpec], rep: int, progress: _Progress) -> None:
+    """One llama-bench run (its own warm-up, then once each) per llama.cpp system at every batch-1 point
+    the binding runs: the prompt of each decode point and the decode after each decode and context
+    point's prompt; a system whose run fails gets none after it, saying why."""
+    prompts = [p for sc, b, p, _ in points if sc == "decode" and b == 1]
+    decode = list(dict.fromkeys((p, n) for sc, b, p, n in points if sc in ("decode", "context") and b == 1))
     for spec in specs:
         progress.show(rep, s.repeats, f"llama-bench {spec.name}")
         runs = pool.llama_bench.setdefault(spec.name, [])
-        if spec.name not in pool.dead and len(runs) == rep:  # a failed run stops this system's
+        if spec.name not in pool.dead and len(runs) == rep and prompts:  # a failed run stops this system's
             time.sleep(SETTLE_S)
             try:
-                runs.append(llamacpp.llama_bench(spec.path, s.threads or physical_cores(), s.prompt_len[0], s.new_tokens, 1))
+                runs.append(llamacpp.llama_bench(spec.path, s.threads or physical_cores(), prompts, decode, 1))
             except (Gpt2OnnxError, subprocess.TimeoutExpired) as e:
                 pool.log(f"no llama-bench figures for {spec.name} from repeat {rep + 1}: {e}")
         progress.advance()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 
 from .engines import ctranslate2, llamacpp
-from .engines.optimum import optimum_model
+from .engines.optimum import optimum_int8_model, optimum_model
 from .engines.pytorch import hf_checkpoint
 from .settings import OURS_MODES, Settings
 from .worker import SystemSpec, Worker
@@ -99,6 +99,14 @@ def systems(s: Settings, manifests, log) -> tuple[list[SystemSpec], list[dict]]:
             skipped += missed
             continue
         specs.append(_baseline_spec(kind, manifests[0], s, log))
+        if kind == "optimum" and s.provider == "cpu" and any(m.precision == "int8" for m in manifests):
+            try:  # optimum's own int8 beside ours: its CPU quantization of the same checkpoint
+                path = optimum_int8_model(hf_checkpoint(manifests[0], s.cache, log), s.cache, log)
+                specs.append(SystemSpec("optimum int8 cpu", "optimum", path, "cpu", s.threads, "int8"))
+            except Exception as e:  # a failed quantization costs this row, not the whole run
+                why = f"quantization failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log(f"skipping the optimum baseline at int8: {why}")
+                skipped.append({"baseline": "optimum int8", "reason": why})
     return specs, skipped
 
 
@@ -122,7 +130,7 @@ def baseline_missing(kind: str, llamacpp_src: str = llamacpp.LLAMACPP_SRC) -> st
 
 def concurrent_runs(s: Settings, workers: list[Worker]) -> list[tuple[Worker, str]]:
     """(worker, mode) pairs of the concurrent scenario: our artifacts of the chosen precisions (or the
-    first artifact) in every mode, then optimum serially, then llama.cpp at the same precisions through
+    first artifact) in every mode, then optimum fp32 serially, then llama.cpp at the same precisions through
     llama-server's continuous batching where `make llamacpp` built it. The scheduler needs a fused artifact."""
     ours = [w for w in workers if w.spec.kind == "ours"]
     chosen = [w for w in ours if w.spec.precision in s.concurrent_precisions] or ours[:1]
@@ -132,7 +140,7 @@ def concurrent_runs(s: Settings, workers: list[Worker]) -> list[tuple[Worker, st
     runs = [(w, mode) for w in chosen for mode in modes
             if (mode in ("serial", "static") or w.loaded["manifest"].get("fused", True)) and (mode != "http" or http)
             and (not mode.startswith("mixed") or "mixed" in w.loaded["manifest"].get("io", {}))]  # mixedW: mixed.onnx
-    runs += [(w, "serial") for w in workers if w.spec.kind == "optimum"]
+    runs += [(w, "serial") for w in workers if w.spec.kind == "optimum" and w.spec.precision == "fp32"]  # int8: minutes more, no news
     if not llamacpp.tools_missing():
         precisions = {w.spec.precision for w in chosen}
         runs += [(w, "server") for w in workers if w.spec.kind == "llamacpp" and w.spec.precision in precisions]

@@ -18,10 +18,11 @@ def _batch1(summary, system, plen):
     return _lookup(summary, system, "decode", 1, plen)
 
 
-# The baselines compared at each precision of ours (benchmarks/engines/llamacpp.py, engines/ctranslate2.py), and their column titles.
-ANCHORS = {"llamacpp": "llama.cpp", "ctranslate2": "CTranslate2"}
+# The baselines compared at each precision of ours (benchmarks/engines/llamacpp.py, engines/ctranslate2.py,
+# engines/optimum.py: fp32, and int8 on a CPU), and their column titles.
+ANCHORS = {"llamacpp": "llama.cpp", "ctranslate2": "CTranslate2", "optimum": "optimum"}
 # The baselines every row gets a ratio column against (they run the checkpoint, not a conversion of it).
-RATIO_BASELINES = ("pytorch", "pytorch-compile", "optimum")
+RATIO_BASELINES = ("pytorch", "pytorch-compile")
 # The bandwidth a batch-1 decode's floor divides by: its column title and how the text names it.
 BANDWIDTHS = {"read": ("read bw", "the measured read bandwidth"),
               "device_copy": ("GPU bw", "the GPU's memory bandwidth (a device-to-device copy measured in this run)")}
@@ -59,6 +60,10 @@ def write_report(results: dict, out: str) -> None:
         f"Settings: provider {s['provider']}, threads {s['threads'] or 'one per core'}, {s['repeats']} repeats "
         "(medians reported; one warm-up run per point not counted), systems interleaved run by run.",
     ]
+    kv = [f"{x['name']} {x['kv_cache']}" for x in systems if x.get("kv_cache")]
+    if kv:
+        L.append("KV cache dtype: " + ", ".join(kv) + " (each system's own; the cache's bytes read per token grow with the "
+                 "context: the context table's slope).")
     if s["provider"] == "cuda" and bw_key != "device_copy":
         L.append(f"GPU memory bandwidth not measured ({m.get('device_bandwidth_error') or 'an older run'}): the floor and "
                  "GB/s columns below use the host's read bandwidth, which does not bound a GPU's decode.")
@@ -133,6 +138,8 @@ def write_report(results: dict, out: str) -> None:
             vals = [(_lookup(summary, x["name"], "context", 1, c) or {}).get("p50_ms") for c in ctx]
             growth = _fmt(vals[-1] / vals[0]) if vals[0] and vals[-1] else "—"
             L.append(f"| {x['name']} | " + " | ".join(_fmt(v) for v in vals) + f" | {growth} |")
+
+    L += _llamacpp_points(systems)
 
     chat = sorted({r["prompt_len"] for r in summary if r["scenario"] == "chat"})
     if chat:
@@ -287,26 +294,48 @@ def _concurrent_section(results: dict) -> list[str]:
 
 
 def _llamacpp_paths(systems: list[dict]) -> list[str]:
-    """Which of llama.cpp's two paths its rows show (engines/llamacpp.py: prefer_faster), with both figures."""
+    """A line per llama.cpp system: its batch-1 rows show the faster of its two paths at each point
+    (engines/llamacpp.py: prefer_faster); the table from _llamacpp_points says which."""
     L = []
     for x in systems:
         lp = x.get("llamacpp_path")
         if not lp:
             continue
-        b = lp["llama_bench"]
-        L.append(f"**{x['name']}** rows: through **{lp['used']}**, the faster path at batch 1, prompt {b['prompt_len']}: "
-                 f"llama-cpp-python {lp['binding_ms_per_token']:.2f} ms/token, llama.cpp's own llama-bench "
-                 f"{b['tg_ms_per_token']:.2f} ms/token ("
-                 + (f"median of {len(b['runs_ms_per_token'])} run{'s' * (len(b['runs_ms_per_token']) > 1)}, one per repeat "
-                    "between the other systems' "
-                    f"({min(b['runs_ms_per_token']):.2f}–{max(b['runs_ms_per_token']):.2f}); "
-                    if b.get("runs_ms_per_token") else "")
-                 + f"tg {b['new_tokens']} after {b['prompt_len']} tokens, prompt pp "
-                 f"{b['pp_tokens_per_s']:.0f} tokens/s, peak RSS {b['peak_rss_mb']:.0f} MB, binding's "
-                 f"{_fmt(lp.get('binding_footprint_mb'), '.0f')} MB)"
-                 + (f". Its decode row at that prompt is llama-bench's {'median' if b.get('runs_ms_per_token') else 'average'} "
-                    "(no percentiles), its TTFT the pp time, "
-                    "its peak RSS llama-bench's; the other cells are the binding's." if lp["used"] == "llama-bench" else "."))
+        b, n = lp["llama_bench"], len(lp["llama_bench"]["tg"][0].get("runs", [])) or 1
+        rss = (b["peak_rss_mb"], lp.get("binding_footprint_mb")) if lp["used"] == "llama-bench" else (lp.get("binding_footprint_mb"), b["peak_rss_mb"])
+        L.append(f"**{x['name']}** rows: at each batch-1 point (decode and context), the faster of llama-cpp-python and "
+                 f"llama.cpp's own **llama-bench** (median of {n} run{'s' * (n > 1)}, one per repeat between the other systems'; "
+                 "llama-bench gives averages, no percentiles: where it is shown, p50 = p90 = p99), per-token figures and "
+                 "time to first token chosen apart: the table \"llama.cpp's two paths\" says which. Peak RSS "
+                 f"{'llama-bench' if lp['used'] == 'llama-bench' else 'the binding'}'s, the faster at the first decode point "
+                 f"({_fmt(rss[0], '.0f')} MB; the other {_fmt(rss[1], '.0f')} MB); the other scenarios are the binding's.")
+    return L
+
+
+def _llamacpp_points(systems: list[dict]) -> list[str]:
+    """Both llama.cpp paths at every batch-1 point both measured, the one its rows show in bold."""
+    rows = [(x["name"], p) for x in systems for p in (x.get("llamacpp_path") or {}).get("points", [])]
+    if not rows:
+        return []
+
+    def pair(binding, bench, fa, f=".2f"):
+        if bench is None:
+            return f"{_fmt(binding, f)} | —"
+        b = f"{_fmt(bench, f)} (FA {'on' if fa else 'off'})"
+        return f"**{_fmt(binding, f)}** | {b}" if binding <= bench else f"{_fmt(binding, f)} | **{b}**"
+
+    L = ["", "## llama.cpp's two paths (batch 1)", "",
+         "llama-cpp-python (the binding, timed as every system is, flash attention on) against llama.cpp's own llama-bench "
+         "(fresh processes, after its warm-up; flash attention off and on, the faster shown) at each point; the report's "
+         "rows show the figure in bold. Decode: ms per token after a prompt "
+         "of that length (the context scenario's prompts, too); TTFT: that prompt's time.", "",
+         "| system | point | binding ms/token | llama-bench ms/token | binding TTFT ms | llama-bench TTFT ms |",
+         "|" + "---|" * 6]
+    for name, p in rows:
+        ttft = (pair(p["binding_ttft_ms"], p["llama_bench_ttft_ms"], p["llama_bench_ttft_fa"], ".1f")
+                if p["llama_bench_ttft_ms"] is not None else "— | —")
+        L.append(f"| {name} | {p['scenario']}: prompt {p['prompt_len']}, {p['new_tokens']} new | "
+                 f"{pair(p['binding_ms'], p['llama_bench_ms'], p['llama_bench_fa'])} | {ttft} |")
     return L
 
 
@@ -478,9 +507,16 @@ def _optimum_note(systems: list[dict]) -> list[str]:
         return []
     from .engines.optimum import OPTIMIZATION
 
-    return ["", f"{x['name']}: ORTModelForCausalLM over optimum's export of the same checkpoint, optimized as optimum's docs "
-                f"show for GPT-2 (`optimum-cli export onnx --optimize {OPTIMIZATION}`: onnxruntime's transformer fusions and the "
-                "GELU approximation), the same onnxruntime and threads as ours."]
+    L = ["", f"{x['name']}: ORTModelForCausalLM over optimum's export of the same checkpoint, optimized as optimum's docs "
+             f"show for GPT-2 (`optimum-cli export onnx --optimize {OPTIMIZATION}`: onnxruntime's transformer fusions and the "
+             "GELU approximation), the same onnxruntime and threads as ours."]
+    q = next((y for y in systems if y["kind"] == "optimum" and y["precision"] == "int8"), None)
+    if q:
+        isa = os.path.basename(q["path"].rstrip("/")).split("-")[2]  # optimum-int8-ISA-checkpoint
+        L[-1] += (f" {q['name']}: optimum's plain export quantized as optimum quantizes for a CPU (`optimum-cli onnxruntime "
+                  f"quantize --{isa}`: dynamic int8 MatMuls, per tensor, the CLI's default; activations and KV cache stay "
+                  "float32; its quantizer cannot type the O3 graph's fused nodes, so this graph is not fused).")
+    return L
 
 
 # The GPU bars (issue 19), for DialoGPT-medium fp16 on an H100 or H200, stated with the measured values.

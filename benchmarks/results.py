@@ -63,6 +63,7 @@ class System(TypedDict, total=False):
     size_bytes: int | None  # on disk
     weights_bytes_per_token: int | None  # what batch-1 decode reads per token
     accuracy: dict | None  # ours: the manifest's parity and accuracy figures; others None
+    kv_cache: str | None  # the KV cache's dtype as the system keeps it (numpy's names: float32, float16, int8)
     peak_rss_mb: float  # VmHWM of the worker after every scenario
     footprint_mb: float  # added: VmHWM of a fresh worker that loads and generates once (memory.systems_footprint)
     memory_stages: dict[str, MemoryStage]  # added, ours on cpu: interpreter, imports, tokenizer, session, generate
@@ -75,6 +76,7 @@ class System(TypedDict, total=False):
     cuda_graph: bool  # added: the session was created with enable_cuda_graph
     device_pick: bool  # added: greedy's argmax on the device (pick.onnx) in steps of 4 rows or more
     compiled: bool  # added, pytorch-compile only: its decode step compiled (CUDA only)
+    llamacpp_path: dict  # added, llama.cpp where its tools are built: both paths at each batch-1 point (prefer_faster)
 
 
 class Skipped(TypedDict):
@@ -164,7 +166,7 @@ def system_entry(spec: SystemSpec, loaded: dict, manifests) -> System:
     rec = {"name": spec.name, "kind": spec.kind, "precision": spec.precision, "provider": loaded.get("provider", spec.provider),
            "path": spec.path, "threads": loaded["threads"], "load_s": loaded["load_s"],
            "weights_bytes_per_token": loaded.get("weights", {}).get("bytes_per_token"),
-           "size_bytes": _dir_size(spec.path), "accuracy": None}
+           "size_bytes": _dir_size(spec.path), "accuracy": None, "kv_cache": loaded.get("kv_cache")}
     if spec.kind == "ours":
         m = next(m for m in manifests if m.path == spec.path)
         rec["accuracy"] = {**m.raw.get("parity", {}), **m.raw.get("accuracy", {})}

@@ -14,7 +14,8 @@ from gpt2onnx.runtime.session import PROVIDERS, select_provider
 from .engines.llamacpp import LLAMACPP_SRC
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
-# pytorch and optimum run the checkpoint in fp32 (pytorch fp16 on CUDA); pytorch-compile is pytorch with a
+# pytorch and optimum run the checkpoint in fp32 (pytorch fp16 on CUDA; optimum also its own CPU int8 beside an
+# int8 artifact on a CPU, engines/optimum.py); pytorch-compile is pytorch with a
 # static KV cache and, on CUDA, its decode step compiled (torch.compile "reduce-overhead", engines/pytorch.py);
 # the anchors (engines/llamacpp.py, engines/ctranslate2.py) are converted once per precision of the artifacts
 # measured. Absent ones are skipped with the reason.

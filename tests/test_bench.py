@@ -63,6 +63,7 @@ def test_bench_schema_and_report(tmp_path, tiny_artifact, monkeypatch):
     report = (out / "report.md").read_text()
     assert "| ours fp32 cpu |" in report and "| pytorch fp32 cpu |" in report and "× pytorch fp32 cpu" in report
     assert "Skipped baseline **optimum**" in report
+    assert "KV cache dtype: ours fp32 cpu float32, pytorch fp32 cpu float32 (" in report  # each system says its own
     assert "## Chat: time to first token per turn" in report and "| 7 | 19 | 31 |" in report
     for png in ("latency_vs_context.png", "throughput_vs_batch.png", "precisions.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -81,6 +82,7 @@ def test_bench_cli_with_optimum(tmp_path, tiny_artifact):
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "rep" / "results.json").read_text())
     assert [x["kind"] for x in res["systems"]] == ["ours", "optimum"]
+    assert [x["kv_cache"] for x in res["systems"]] == ["float32", "float32"]  # read from optimum's graph inputs
     import onnx
 
     optimized = tmp_path / "cache" / "optimum-O3-cpu-hf-tiny-seed0" / "model.onnx"  # as optimum's docs run GPT-2
@@ -92,6 +94,30 @@ def test_bench_cli_with_optimum(tmp_path, tiny_artifact):
     assert sorted(conc) == [("optimum fp32 cpu", "serial"), ("ours fp32 cpu", "http"), ("ours fp32 cpu", "scheduler"),
                             ("ours fp32 cpu", "serial"), ("ours fp32 cpu", "static")]
     assert len({r["tokens"] for r in conc.values()}) == 1  # the same requests, every reply exactly its length
+
+
+def test_bench_optimum_int8_beside_ours_int8(tmp_path, tiny_artifact):
+    """With an int8 artifact on a CPU, optimum runs its own int8 too (optimum-cli onnxruntime quantize
+    for this CPU's instruction set, of its plain export), and the int8 row's ratio is against it."""
+    import onnx
+
+    from gpt2onnx.benchmarks.engines import optimum
+
+    int8 = export(ExportOptions("synthetic:tiny", str(tmp_path / "int8"), precision="int8"), log=QUIET)
+    s = settings.Settings(artifacts=[tiny_artifact, int8], baselines=["optimum"], out=str(tmp_path / "rep"),
+                          cache=str(tmp_path / "cache"), **{**SMALL, "repeats": 1, "batch": [1], "context": [], "chat_turns": 0})
+    res = harness.run(s, log=lambda m: None)
+    assert [(x["name"], x["kv_cache"]) for x in res["systems"]] == [
+        ("ours fp32 cpu", "float32"), ("ours int8 cpu", "int8"), ("optimum fp32 cpu", "float32"), ("optimum int8 cpu", "float32")]
+    q = res["systems"][3]
+    isa = optimum.cpu_isa()
+    assert q["path"].endswith(f"optimum-int8-{isa}-hf-tiny-seed0") and isa in [name for name, _ in optimum.ISAS] + ["arm64"]
+    ops = {n.op_type for n in onnx.load(os.path.join(q["path"], "model.onnx"), load_external_data=False).graph.node}
+    assert "DynamicQuantizeLinear" in ops and "MatMulInteger" in ops, ops  # dynamic int8, as optimum quantizes for a CPU
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert f"`optimum-cli onnxruntime quantize --{isa}`" in report and "| × optimum same precision |" in report
+    ratio = lambda name: next(ln for ln in report.splitlines() if ln.startswith(f"| {name} |")).rstrip(" |").rsplit("| ", 1)[1]  # noqa: E731
+    assert ratio("optimum int8 cpu") == "1.00" and ratio("ours int8 cpu") != "—"  # each precision against its own
 
 
 def test_bench_damaged_artifact(tmp_path, tiny_artifact):
@@ -318,6 +344,7 @@ def test_bench_anchor_rows_and_skips(tmp_path, tiny_artifact, tiny_int4_artifact
     report = (tmp_path / "rep" / "report.md").read_text()
     assert f"Skipped baseline **llamacpp**: {why}." in report and "Skipped baseline **ctranslate2 int4**" in report
     assert "× CTranslate2 same precision |" in report
+    assert "KV cache dtype: ours fp32 cpu float32, ours int4 cpu int8, ctranslate2 float32 cpu float32 (" in report
     sections = {sec.split("\n", 1)[0]: sec for sec in report.split("\n## ")}
     for title in ("Batch 1 decode", "Time to first token", "Throughput by batch", "Per-token latency", "Chat"):
         sec = next(v for k, v in sections.items() if k.startswith(title))
@@ -388,17 +415,27 @@ def _llamacpp_tools_or_skip() -> None:
         pytest.skip(f"llama.cpp's C++ tools are not built here: {why}")
 
 
-def test_llama_bench_measures_decode_prompt_and_rss(tiny_hf, tmp_path):
+def test_llama_bench_measures_every_point_and_rss(tiny_hf, tmp_path):
     _llamacpp_tools_or_skip()
     path = llamacpp.gguf_model(tiny_hf, str(tmp_path), "int8", log=QUIET)
-    b = llamacpp.llama_bench(path, threads=1, prompt_len=8, new_tokens=12, repetitions=2)
-    assert b["prompt_len"] == 8 and b["new_tokens"] == 12 and b["repetitions"] == 2
-    assert 0 < b["tg_ms_per_token"] < 1e3 and b["tg_tokens_per_s"] == pytest.approx(1e3 / b["tg_ms_per_token"], rel=0.2)
-    assert 0 < b["pp_ms"] and b["pp_tokens_per_s"] == pytest.approx(8 / (b["pp_ms"] / 1e3), rel=0.2)
+    b = llamacpp.llama_bench(path, threads=1, prompts=[8, 20], decode=[(8, 12), (20, 12), (30, 4)], repetitions=2)
+    assert sorted((p["prompt_len"], p["flash_attn"]) for p in b["pp"]) == [(8, False), (8, True), (20, False), (20, True)]
+    assert sorted((t["depth"], t["new_tokens"], t["flash_attn"]) for t in b["tg"]) == [
+        (8, 12, False), (8, 12, True), (20, 12, False), (20, 12, True), (30, 4, False), (30, 4, True)]
+    assert b["repetitions"] == 2 and (b["tg"][0]["depth"], b["tg"][0]["new_tokens"]) == (8, 12)
+    for t in b["tg"]:
+        assert 0 < t["ms_per_token"] < 1e3 and t["tokens_per_s"] == pytest.approx(1e3 / t["ms_per_token"], rel=0.2)
+    for p in b["pp"]:
+        assert 0 < p["ms"] and p["tokens_per_s"] == pytest.approx(p["prompt_len"] / (p["ms"] / 1e3), rel=0.2)
     assert 1 < b["peak_rss_mb"] < 2000  # a fresh llama-bench process, not this one
-    assert "-d 8" in b["commands"][1] and "-lm none" in b["commands"][0]
+    # the first points in processes of their own (the footprint's), then the prompts, then a process per count of new tokens
+    assert [c.split("-o json ")[1] for c in b["commands"]] == [
+        "-p 8 -n 0", "-p 0 -n 12 -d 8", "-p 20 -n 0", "-p 0 -n 12 -d 20", "-p 0 -n 4 -d 30"]
+    assert "-lm none -fa 0,1" in b["commands"][0]
+    b = llamacpp.llama_bench(path, threads=1, prompts=[8], decode=[(8, 12), (20, 12), (30, 4)], repetitions=1)
+    assert [c.split("-o json ")[1] for c in b["commands"][2:]] == ["-p 0 -n 12 -d 20", "-p 0 -n 4 -d 30"]  # no prompt test left
     with pytest.raises(Gpt2OnnxError, match="llama-bench failed"):
-        llamacpp.llama_bench(str(tmp_path / "missing.gguf"), 1, 8, 12, repetitions=1)
+        llamacpp.llama_bench(str(tmp_path / "missing.gguf"), 1, [8], [(8, 12)], repetitions=1)
 
 
 def test_llama_server_runs_the_concurrent_clients_and_stops(tiny_hf, tmp_path):
@@ -430,45 +467,79 @@ def test_bench_llamacpp_server_mode_and_path(tmp_path, tiny_artifact):
     assert ("llama.cpp F32 cpu", "server") in conc
     llama = next(x for x in res["systems"] if x["kind"] == "llamacpp")
     path = llama["llamacpp_path"]
-    assert path["used"] in ("llama-bench", "llama-cpp-python") and path["llama_bench"]["prompt_len"] == 8
-    assert len(path["llama_bench"]["runs_ms_per_token"]) == 1  # one llama-bench run per timed repeat
+    assert path["used"] in ("llama-bench", "llama-cpp-python")
+    # every batch-1 point the binding ran, measured by llama-bench too: decode and context, the prompt's TTFT
+    d8, d16, c16 = path["points"]
+    assert [(p["scenario"], p["prompt_len"]) for p in path["points"]] == [("decode", 8), ("decode", 16), ("context", 16)]
+    assert d8["llama_bench_ttft_ms"] > 0 and d16["llama_bench_ttft_ms"] > 0 and c16["llama_bench_ttft_ms"] is None
+    assert d16["llama_bench_ms"] == c16["llama_bench_ms"] > 0  # the same point (16 tokens, then 4), measured once
+    assert all(len(t["runs"]) == 1 for t in path["llama_bench"]["tg"])  # one llama-bench run per timed repeat
     report = (tmp_path / "rep" / "report.md").read_text()
-    assert f"**llama.cpp F32 cpu** rows: through **{path['used']}**, the faster path" in report
-    assert "ms/token (median of 1 run, one per repeat between the other systems' (" in report
+    assert "**llama.cpp F32 cpu** rows: at each batch-1 point (decode and context), the faster of" in report
+    assert "(median of 1 run, one per repeat between the other systems'" in report
+    assert "## llama.cpp's two paths (batch 1)" in report and "| llama.cpp F32 cpu | context: prompt 16, " in report
     assert "**server** = llama.cpp's own llama-server" in report and "| llama.cpp F32 cpu | server |" in report
 
 
 def test_llama_bench_runs_of_the_repeats_make_one_median():
-    run = lambda tg, pp, rss: {"prompt_len": 32, "new_tokens": 64, "tg_ms_per_token": tg, "tg_tokens_per_s": 1e3 / tg,  # noqa: E731
-                               "pp_ms": pp, "pp_tokens_per_s": 32e3 / pp, "peak_rss_mb": rss, "repetitions": 1, "commands": ["x"]}
+    def run(tg, pp, rss):
+        return {"pp": [{"prompt_len": 32, "flash_attn": fa, "ms": pp + fa, "tokens_per_s": 32e3 / (pp + fa)} for fa in (0, 1)],
+                "tg": [{"depth": 32, "new_tokens": 64, "flash_attn": False, "ms_per_token": tg, "tokens_per_s": 1e3 / tg},
+                       {"depth": 500, "new_tokens": 16, "flash_attn": False, "ms_per_token": 2 * tg, "tokens_per_s": 5e2 / tg},
+                       {"depth": 500, "new_tokens": 16, "flash_attn": True, "ms_per_token": 3 * tg, "tokens_per_s": 1e3 / 3 / tg}],
+                "peak_rss_mb": rss, "repetitions": 1, "commands": ["x"]}
     m = llamacpp.median_of([run(6.0, 40.0, 160.0), run(9.0, 30.0, 170.0), run(5.0, 50.0, 165.0)])
-    assert m["tg_ms_per_token"] == 6.0 and m["pp_ms"] == 40.0 and m["tg_tokens_per_s"] == pytest.approx(1e3 / 6.0)
-    assert m["peak_rss_mb"] == 170.0 and m["repetitions"] == 3 and m["runs_ms_per_token"] == [6.0, 9.0, 5.0]
-    assert m["prompt_len"] == 32 and m["new_tokens"] == 64
+    (pp, pp_fa), (tg, ctx, ctx_fa) = m["pp"], m["tg"]  # a point per flash-attention setting, medians apart
+    assert tg["ms_per_token"] == 6.0 and tg["tokens_per_s"] == pytest.approx(1e3 / 6.0) and tg["runs"] == [6.0, 9.0, 5.0]
+    assert ctx["ms_per_token"] == 12.0 and (ctx["depth"], ctx["new_tokens"], ctx["flash_attn"]) == (500, 16, False)
+    assert ctx_fa["ms_per_token"] == 18.0 and ctx_fa["flash_attn"] is True
+    assert pp["ms"] == 40.0 and pp["runs"] == [40.0, 30.0, 50.0] and pp["prompt_len"] == 32 and pp_fa["ms"] == 41.0
+    assert m["peak_rss_mb"] == 170.0 and m["repetitions"] == 3
 
 
 def test_llamacpp_rows_take_the_faster_path():
-    """prefer_faster: llama-bench's figures replace the binding's batch-1 row only where they are faster."""
-    bench = {"prompt_len": 32, "new_tokens": 64, "tg_ms_per_token": 5.0, "tg_tokens_per_s": 200.0, "pp_ms": 20.0,
-             "pp_tokens_per_s": 1600.0, "peak_rss_mb": 150.0}
+    """prefer_faster: at each batch-1 point llama-bench's figures (the faster flash-attention setting)
+    replace the binding's only where they are faster, per-token and TTFT apart; the footprint follows
+    the first decode point."""
+    bench = {"pp": [{"prompt_len": 32, "flash_attn": False, "ms": 20.0, "tokens_per_s": 1600.0},
+                    {"prompt_len": 32, "flash_attn": True, "ms": 25.0, "tokens_per_s": 1280.0}],
+             "tg": [{"depth": 32, "new_tokens": 64, "flash_attn": False, "ms_per_token": 6.0, "tokens_per_s": 166.7},
+                    {"depth": 32, "new_tokens": 64, "flash_attn": True, "ms_per_token": 5.0, "tokens_per_s": 200.0},
+                    {"depth": 500, "new_tokens": 16, "flash_attn": False, "ms_per_token": 7.0, "tokens_per_s": 140.0},
+                    {"depth": 500, "new_tokens": 16, "flash_attn": True, "ms_per_token": 9.0, "tokens_per_s": 111.1}],
+             "peak_rss_mb": 150.0}  # each point with flash attention off and on: the faster of the two counts
 
-    def case(binding_ms):
+    def case(binding_ms, binding_ttft=30.0):
         systems = [{"name": "llama.cpp Q8_0 cpu", "kind": "llamacpp", "weights_bytes_per_token": 1e8, "footprint_mb": 190.0}]
-        summary = [{"system": "llama.cpp Q8_0 cpu", "scenario": "decode", "batch": 1, "prompt_len": 32, "new_tokens": 64,
-                    "p50_ms": binding_ms, "p90_ms": binding_ms, "ttft_ms": 30.0},
-                   {"system": "llama.cpp Q8_0 cpu", "scenario": "decode", "batch": 1, "prompt_len": 128, "new_tokens": 64,
-                    "p50_ms": binding_ms, "ttft_ms": 60.0}]
+        row = lambda sc, p, n, ms, ttft: {"system": "llama.cpp Q8_0 cpu", "scenario": sc, "batch": 1, "prompt_len": p,  # noqa: E731
+                                          "new_tokens": n, "p50_ms": ms, "p90_ms": ms, "ttft_ms": ttft, "total_s": 1.0}
+        summary = [row("decode", 32, 64, binding_ms, binding_ttft), row("decode", 128, 64, binding_ms, 60.0),
+                   row("context", 500, 16, 8.0, 90.0), {**row("throughput", 32, 64, 1.0, 9.0), "batch": 4}]
         llamacpp.prefer_faster(systems, summary, {"llama.cpp Q8_0 cpu": bench}, bandwidth_gbs=20.0)
         return systems[0], summary
 
-    x, (row, other) = case(binding_ms=8.0)
-    assert x["llamacpp_path"]["used"] == "llama-bench" and x["llamacpp_path"]["binding_ms_per_token"] == 8.0
-    assert row["p50_ms"] == row["p90_ms"] == 5.0 and row["ttft_ms"] == 20.0 and row["source"] == "llama-bench"
-    assert row["bandwidth_fraction"] == pytest.approx(1e8 / 5e-3 / 1e9 / 20.0) and x["footprint_mb"] == 150.0
-    assert other["p50_ms"] == 8.0 and "source" not in other  # llama-bench measured the first prompt length only
-    x, (row, _) = case(binding_ms=4.0)
+    x, (row, other, ctx, thr) = case(binding_ms=8.0)
+    assert x["llamacpp_path"]["used"] == "llama-bench" and x["footprint_mb"] == 150.0
+    assert row["p50_ms"] == row["p90_ms"] == 5.0 and row["ttft_ms"] == 20.0 and row["source"] == row["ttft_source"] == "llama-bench"
+    assert row["total_s"] == pytest.approx((20.0 + 63 * 5.0) / 1e3) and row["tokens_per_s"] == pytest.approx(64 / row["total_s"])
+    assert row["bandwidth_fraction"] == pytest.approx(1e8 / 5e-3 / 1e9 / 20.0)
+    assert other["p50_ms"] == 8.0 and "source" not in other  # llama-bench did not measure prompt 128 here
+    assert ctx["p50_ms"] == 7.0 and ctx["source"] == "llama-bench" and ctx["ttft_ms"] == 90.0 and "ttft_source" not in ctx
+    assert thr["p50_ms"] == 1.0 and "source" not in thr  # batch > 1: the binding does not run it, llama-bench neither
+    assert [(p["scenario"], p["binding_ms"], p["llama_bench_ms"], p["llama_bench_ttft_ms"]) for p in x["llamacpp_path"]["points"]] == [
+        ("decode", 8.0, 5.0, 20.0), ("context", 8.0, 7.0, None)]
+    from gpt2onnx.benchmarks import report
+
+    table = report._llamacpp_points([x])  # the faster of each pair in bold, "—" where llama-bench did not measure
+    assert "| llama.cpp Q8_0 cpu | decode: prompt 32, 64 new | 8.00 | **5.00 (FA on)** | 30.0 | **20.0 (FA off)** |" in table
+    assert "| llama.cpp Q8_0 cpu | context: prompt 500, 16 new | 8.00 | **7.00 (FA off)** | — | — |" in table
+    x, (row, _, ctx, _) = case(binding_ms=4.0, binding_ttft=10.0)
     assert x["llamacpp_path"]["used"] == "llama-cpp-python" and row["p50_ms"] == 4.0 and x["footprint_mb"] == 190.0
-    assert "source" not in row
+    assert "source" not in row and "ttft_source" not in row and row["total_s"] == 1.0
+    assert ctx["source"] == "llama-bench"  # each point on its own
+    x, (row, *_) = case(binding_ms=4.0, binding_ttft=40.0)
+    assert row["p50_ms"] == 4.0 and row["ttft_ms"] == 20.0 and row["ttft_source"] == "llama-bench" and "source" not in row
+    assert row["total_s"] == pytest.approx((20.0 + 63 * 4.0) / 1e3)
 
 
 def _edge_results(ours_int4_ms: float, ours_int8_ms: float, shape: list[int]) -> dict:

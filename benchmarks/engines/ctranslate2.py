@@ -99,6 +99,7 @@ class CTranslate2(SerialClients):
 
         self.device = "cuda" if spec.provider == "cuda" else "cpu"
         compute = {"fp32": "float32", "fp16": "float16", "int8": "int8"}[spec.precision]
+        self.compute = compute
         self.model = ctranslate2.Generator(spec.path, device=self.device, compute_type=compute, intra_threads=threads,
                                            inter_threads=1)
         with open(os.path.join(spec.path, "vocabulary.json"), encoding="utf-8") as f:
@@ -109,7 +110,9 @@ class CTranslate2(SerialClients):
         self.path = spec.path
 
     def info(self) -> dict:
-        return {"provider": self.device, "weights": {"bytes_per_token": ctranslate2_bytes_per_token(self.path)}}
+        # the cache holds activations, in the compute type's float: int8 quantizes the weights only
+        return {"provider": self.device, "weights": {"bytes_per_token": ctranslate2_bytes_per_token(self.path)},
+                "kv_cache": "float16" if self.compute == "float16" else "float32"}
 
     def generate(self, rows, new_tokens: int) -> dict:
         timing, out = self._generate(rows, new_tokens)

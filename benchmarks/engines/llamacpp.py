@@ -132,15 +132,20 @@ class LlamaCpp(SerialClients):
         # n_ctx 0: the model's own context (n_positions). use_mmap off: the weights read into memory of
         # their own, which decodes faster than the page cache's mapping of the GGUF (2-core Xeon, batch 1,
         # ms/token mmap vs not: F32 35.4 vs 20.9, Q8_0 13.9 vs 11.0, Q4_0 7.8 vs 7.8, same or lower peak RSS:
-        # the anchor at its best). The rest are the binding's defaults (f16 KV cache, n_batch 512, flash
-        # attention off where llama.cpp's own tools default to "auto").
-        self.llm = Llama(spec.path, n_ctx=0, n_threads=threads, n_threads_batch=threads, use_mmap=False, verbose=False)
+        # the anchor at its best). flash_attn on: what llama.cpp's own tools' default ("auto") resolves to
+        # on a CPU (the binding's bool says on or off; its default is off), and the faster for what the
+        # binding is left to measure where llama-bench runs the decode points (llama_bench, -fa 0,1): prompts
+        # and chat turns (Q8_0, 2-core Xeon, on / off, medians of 4 fresh processes: TTFT 1.04x at prompt
+        # 32, 0.87x at 500, 0.79x at 1000; per token after them 1.03x, 1.07x, 1.16x). The rest are the
+        # binding's defaults (f16 KV cache, n_batch 512).
+        self.llm = Llama(spec.path, n_ctx=0, n_threads=threads, n_threads_batch=threads, use_mmap=False, flash_attn=True,
+                         verbose=False)
         self.vocab, self.eos = self.llm.n_vocab(), self.llm.token_eos()
         self.weights = {"bytes_per_token": gguf_info(spec.path)["bytes_per_token"]}
         self.path, self.threads = spec.path, threads
 
     def info(self) -> dict:
-        return {"provider": "cpu", "weights": self.weights, "max_batch": self.max_batch}
+        return {"provider": "cpu", "weights": self.weights, "max_batch": self.max_batch, "kv_cache": "float16"}  # its default, f16
 
     def generate(self, rows, new_tokens: int) -> dict:
         if len(rows) != 1:
@@ -191,18 +196,25 @@ class LlamaCpp(SerialClients):
 TIME = "/usr/bin/time"  # GNU time -v: the peak RSS of the one process it starts (ru_maxrss of a fresh child)
 
 
-def llama_bench(gguf: str, threads: int, prompt_len: int, new_tokens: int, repetitions: int = 5,
+def llama_bench(gguf: str, threads: int, prompts: list[int], decode: list[tuple[int, int]], repetitions: int = 5,
                 tools_dir: str = LLAMACPP_TOOLS, timeout_s: float = 600) -> dict:
-    """llama.cpp measured by itself: `llama-bench` in fresh processes, each test `repetitions` times
-    after llama-bench's own warm-up: the prompt (pp: `prompt_len` tokens in one batch, empty cache:
-    the time to first token's work) and batch-1 decode (tg: `new_tokens` tokens one at a time after a
-    `prompt_len`-token context, -d: what the harness's decode point times). Weights read into memory
-    (`-lm none`, as the binding's use_mmap=False), llama.cpp's defaults otherwise (f16 KV cache,
-    flash attention auto).
+    """llama.cpp measured by itself: `llama-bench` in fresh processes, each test `repetitions` times after
+    llama-bench's own warm-up, at every batch-1 point the harness times through the binding: the prompt
+    of each length in `prompts` (pp: one batch, empty cache: the time to first token's work) and each
+    decode point (depth, new tokens) in `decode` (tg: `new tokens` one at a time after a `depth`-token
+    context, -d: the decode and context scenarios), each with flash attention off and on (`-fa 0,1`):
+    its default, auto, turns it on on a CPU, where it speeds up prompts but slowed decode after 1000
+    tokens (Q8_0, 2-core Xeon: 56-61 against 48-50 tokens/s), so a user after speed picks per use and
+    the report shows the faster. Weights read into memory (`-lm none`, as the binding's
+    use_mmap=False), llama.cpp's defaults otherwise (f16 KV cache).
 
-    Returns {tg_ms_per_token, tg_tokens_per_s, pp_ms (the whole prompt), pp_tokens_per_s, peak_rss_mb
-    (GNU time's maximum resident set size of the llama-bench process, the larger of the two),
-    repetitions, commands}.
+    The first prompt and the first decode point run in processes of their own, whose peak RSS (GNU
+    time's maximum resident set size, the larger of the two) is the footprint: a process that loads and
+    runs one request, as the harness's memory table measures every system. The other points run
+    together, a process for the prompts and one per count of new tokens.
+
+    Returns {pp: [{prompt_len, flash_attn, ms (the whole prompt), tokens_per_s}], tg: [{depth,
+    new_tokens, flash_attn, ms_per_token, tokens_per_s}], peak_rss_mb, repetitions, commands}.
 
     Raises:
         Gpt2OnnxError: the tool is missing, failed or printed no result (its last lines say why).
@@ -210,66 +222,111 @@ def llama_bench(gguf: str, threads: int, prompt_len: int, new_tokens: int, repet
     why = tools_missing(tools_dir)
     if why:
         raise Gpt2OnnxError(why)
-    common = ["-m", gguf, "-t", str(threads), "-r", str(repetitions), "-lm", "none", "-o", "json"]
-    pp, pp_rss, pp_cmd = _llama_bench(tools_dir, [*common, "-p", str(prompt_len), "-n", "0"], timeout_s)
-    tg, tg_rss, tg_cmd = _llama_bench(tools_dir, [*common, "-p", "0", "-n", str(new_tokens), "-d", str(prompt_len)], timeout_s)
-    return {"tg_ms_per_token": tg["avg_ns"] / 1e6 / new_tokens, "tg_tokens_per_s": tg["avg_ts"],
-            "pp_ms": pp["avg_ns"] / 1e6, "pp_tokens_per_s": pp["avg_ts"], "peak_rss_mb": max(pp_rss, tg_rss),
-            "prompt_len": prompt_len, "new_tokens": new_tokens, "repetitions": repetitions, "commands": [pp_cmd, tg_cmd]}
+    common = ["-m", gguf, "-t", str(threads), "-r", str(repetitions), "-lm", "none", "-fa", "0,1", "-o", "json"]
+    join = lambda xs: ",".join(str(x) for x in xs)  # noqa: E731
+    (d0, n0), more = decode[0], decode[1:]
+    runs = [["-p", str(prompts[0]), "-n", "0"], ["-p", "0", "-n", str(n0), "-d", str(d0)]]
+    if prompts[1:]:
+        runs.append(["-p", join(prompts[1:]), "-n", "0"])
+    runs += [["-p", "0", "-n", str(n), "-d", join(d for d, m in more if m == n)] for n in dict.fromkeys(m for _, m in more)]
+    out = {"pp": [], "tg": [], "peak_rss_mb": 0.0, "repetitions": repetitions, "commands": []}
+    for i, args in enumerate(runs):
+        tests, rss, cmd = _llama_bench(tools_dir, [*common, *args], timeout_s)
+        out["commands"].append(cmd)
+        if i < 2:
+            out["peak_rss_mb"] = max(out["peak_rss_mb"], rss)
+        for t in tests:
+            if t["n_gen"]:
+                out["tg"].append({"depth": t["n_depth"], "new_tokens": t["n_gen"], "flash_attn": bool(t["flash_attn"]),
+                                  "ms_per_token": t["avg_ns"] / 1e6 / t["n_gen"], "tokens_per_s": t["avg_ts"]})
+            else:
+                out["pp"].append({"prompt_len": t["n_prompt"], "flash_attn": bool(t["flash_attn"]), "ms": t["avg_ns"] / 1e6,
+                                  "tokens_per_s": t["avg_ts"]})
+    return out
 
 
-def _llama_bench(tools_dir: str, args: list[str], timeout_s: float) -> tuple[dict, float, str]:
-    """(the one test's JSON record, peak RSS MB, the command) of one llama-bench process."""
+def _llama_bench(tools_dir: str, args: list[str], timeout_s: float) -> tuple[list[dict], float, str]:
+    """(the tests' JSON records, peak RSS MB, the command) of one llama-bench process."""
     cmd = [os.path.join(tools_dir, "llama-bench"), *args]
     r = subprocess.run([TIME, "-v", *cmd], capture_output=True, text=True, timeout=timeout_s)
     try:
-        (test,) = json.loads(r.stdout)
+        tests = json.loads(r.stdout)
     except ValueError:
-        test = None
-    if r.returncode != 0 or not test:
+        tests = None
+    if r.returncode != 0 or not tests:
         tail = " | ".join(r.stderr.strip().splitlines()[-3:])
         raise Gpt2OnnxError(f"llama-bench failed (exit {r.returncode}): {tail}")
     rss_kb = next(int(ln.rsplit(":", 1)[1]) for ln in r.stderr.splitlines() if "Maximum resident set size" in ln)
-    return test, rss_kb / 1024, "llama-bench " + " ".join(args)
+    return tests, rss_kb / 1024, "llama-bench " + " ".join(args)
 
 
 def median_of(runs: list[dict]) -> dict:
     """One system's llama_bench runs, one per repeat of the harness (interleaved with the other systems'
-    runs, as every system's figures are), as one figure: the medians of the timings, the largest peak
-    RSS, and each run's tg ms/token in `runs_ms_per_token`."""
-    med = lambda k: float(np.median([r[k] for r in runs]))  # noqa: E731
-    return {**runs[0], "tg_ms_per_token": med("tg_ms_per_token"), "tg_tokens_per_s": med("tg_tokens_per_s"),
-            "pp_ms": med("pp_ms"), "pp_tokens_per_s": med("pp_tokens_per_s"), "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-            "repetitions": sum(r["repetitions"] for r in runs), "runs_ms_per_token": [r["tg_ms_per_token"] for r in runs]}
+    runs, as every system's figures are), as one: at each point and flash-attention setting the medians
+    of the timings, with each run's figure in `runs` (ms per token for tg, ms for pp); the largest peak RSS."""
+    def points(kind: str, key: str, fig: str) -> list[dict]:
+        out = []
+        for p in runs[0][kind]:
+            same = [q for r in runs for q in r[kind] if all(q[k] == p[k] for k in key)]
+            out.append({**p, fig: float(np.median([q[fig] for q in same])),
+                        "tokens_per_s": float(np.median([q["tokens_per_s"] for q in same])), "runs": [q[fig] for q in same]})
+        return out
+
+    return {**runs[0], "pp": points("pp", ("prompt_len", "flash_attn"), "ms"),
+            "tg": points("tg", ("depth", "new_tokens", "flash_attn"), "ms_per_token"),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "repetitions": sum(r["repetitions"] for r in runs)}
 
 
 def prefer_faster(systems: list[dict], summary: list[dict], bench: dict[str, dict], bandwidth_gbs: float) -> None:
-    """Let each llama.cpp system's batch-1 decode row be the faster of its two paths at the point both
-    measured (the binding's p50 ms/token there against llama-bench's tg average), in place. The system
-    entry records both as `llamacpp_path` {used, binding_ms_per_token, llama_bench: figures}; where
-    llama-bench is faster, the row's per-token figures are its tg average (it gives no percentiles:
-    p50 = p90 = p99 = mean), its TTFT the pp time of the prompt, its total the prompt plus the decode,
-    and the system's footprint llama-bench's peak RSS, the row marked `source: llama-bench`."""
+    """Let each llama.cpp system's batch-1 rows (decode and context) show the faster of its two paths at
+    every point both measured, in place: the per-token figures llama-bench's tg average where it beats
+    the binding's p50 (it gives no percentiles: p50 = p90 = p99 = mean; `source: llama-bench`), the
+    time to first token its pp time where that beats the binding's (`ttft_source: llama-bench`), the
+    total recomputed from the two. Each system records every comparison in `llamacpp_path` {used (the
+    first decode point's path), points: [{scenario, prompt_len, new_tokens, binding_ms, llama_bench_ms,
+    llama_bench_fa, binding_ttft_ms, llama_bench_ttft_ms, llama_bench_ttft_fa}], binding_footprint_mb,
+    llama_bench: the figures}, llama-bench's figure at each point the faster of its two flash-attention
+    settings; where the
+    first decode point goes through llama-bench, the system's footprint is llama-bench's peak RSS."""
     for x in systems:
         b = bench.get(x["name"])
-        row = next((r for r in summary if r["system"] == x["name"] and r["scenario"] == "decode" and r["batch"] == 1
-                    and b and r["prompt_len"] == b["prompt_len"]), None)
-        if not b or not row:
+        if not b:
             continue
-        faster = b["tg_ms_per_token"] < row["p50_ms"]
-        x["llamacpp_path"] = {"used": "llama-bench" if faster else "llama-cpp-python", "binding_ms_per_token": row["p50_ms"],
+        rows = [r for r in summary if r["system"] == x["name"] and r["scenario"] in ("decode", "context") and r["batch"] == 1]
+        points = []
+        for row in rows:
+            tg = min((t for t in b["tg"] if (t["depth"], t["new_tokens"]) == (row["prompt_len"], row["new_tokens"])),
+                     key=lambda t: t["ms_per_token"], default=None)  # the faster flash-attention setting
+            pp = min((p for p in b["pp"] if p["prompt_len"] == row["prompt_len"]), key=lambda p: p["ms"],
+                     default=None) if row["scenario"] == "decode" else None
+            if not tg and not pp:
+                continue
+            points.append({"scenario": row["scenario"], "prompt_len": row["prompt_len"], "new_tokens": row["new_tokens"],
+                           "binding_ms": row["p50_ms"], "llama_bench_ms": tg and tg["ms_per_token"],
+                           "llama_bench_fa": tg and tg["flash_attn"], "binding_ttft_ms": row.get("ttft_ms"),
+                           "llama_bench_ttft_ms": pp and pp["ms"], "llama_bench_ttft_fa": pp and pp["flash_attn"]})
+            if tg and tg["ms_per_token"] < row["p50_ms"]:
+                ms = tg["ms_per_token"]
+                row.update({"p50_ms": ms, "p90_ms": ms, "p99_ms": ms, "mean_ms": ms, "decode_tokens_per_s": tg["tokens_per_s"],
+                            "source": "llama-bench"})
+                wb = x.get("weights_bytes_per_token")
+                if wb:
+                    row["achieved_gbs"] = wb / (ms / 1e3) / 1e9
+                    row["bandwidth_fraction"] = row["achieved_gbs"] / bandwidth_gbs
+            if pp and pp["ms"] < row.get("ttft_ms", float("inf")):
+                row.update({"ttft_ms": pp["ms"], "ttft_source": "llama-bench"})
+            if "source" in row or "ttft_source" in row:
+                row["total_s"] = (row["ttft_ms"] + (row["new_tokens"] - 1) * row["p50_ms"]) / 1e3
+                row["tokens_per_s"] = row["new_tokens"] / row["total_s"]
+        if not points:
+            continue
+        t0 = b["tg"][0]  # the first decode point's
+        first = next((p for p in points if (p["scenario"], p["prompt_len"], p["new_tokens"]) == ("decode", t0["depth"], t0["new_tokens"])), None)
+        faster = bool(first) and first["llama_bench_ms"] < first["binding_ms"]
+        x["llamacpp_path"] = {"used": "llama-bench" if faster else "llama-cpp-python", "points": points,
                               "binding_footprint_mb": x.get("footprint_mb"), "llama_bench": b}
-        if not faster:
-            continue
-        ms, n = b["tg_ms_per_token"], row["new_tokens"]
-        row.update({"p50_ms": ms, "p90_ms": ms, "p99_ms": ms, "mean_ms": ms, "ttft_ms": b["pp_ms"],
-                    "total_s": (b["pp_ms"] + (n - 1) * ms) / 1e3, "decode_tokens_per_s": b["tg_tokens_per_s"], "source": "llama-bench"})
-        row["tokens_per_s"] = n / row["total_s"]
-        wb = x.get("weights_bytes_per_token")
-        if wb:
-            row["achieved_gbs"] = wb / (ms / 1e3) / 1e9
-            row["bandwidth_fraction"] = row["achieved_gbs"] / bandwidth_gbs
-        x["footprint_mb"] = b["peak_rss_mb"]
+        if faster:
+            x["footprint_mb"] = b["peak_rss_mb"]
 
 
 def server_concurrent(gguf: str, threads: int, clients: int, requests: list[tuple[list[int], int]], n_ctx: int,

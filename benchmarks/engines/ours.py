@@ -35,7 +35,8 @@ class Ours(SerialClients):
         # cuda_graph: whether onnxruntime accepted enable_cuda_graph for this session (False on the cpu provider);
         # device_pick: greedy's argmax ran on the device (pick.onnx) in steps of 4 rows or more
         return {"provider": self.engine.provider, "weights": m.get("weights", {}), "manifest": m,
-                "cuda_graph": bool(self.engine.session_config.cuda_graph), "device_pick": self.engine.pick is not None}
+                "cuda_graph": bool(self.engine.session_config.cuda_graph), "device_pick": self.engine.pick is not None,
+                "kv_cache": m["io"]["kv"]["dtype"]}
 
     def generate(self, rows, new_tokens: int) -> dict:
         t = time.perf_counter()

@@ -130,7 +130,7 @@ class PyTorch(HFGenerate):
         # per token: every weight once, except the position table (one row); wte is read whole
         # because the tied LM head multiplies by it
         per_token = sum(p.numel() * p.element_size() for n, p in params.items() if not n.endswith("wpe.weight"))
-        return {"provider": self.device, "weights": {"bytes_per_token": per_token}}
+        return {"provider": self.device, "weights": {"bytes_per_token": per_token}, "kv_cache": str(self.model.dtype).removeprefix("torch.")}
 
 
 class PyTorchCompiled(PyTorch):
