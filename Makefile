@@ -47,7 +47,10 @@ serve: $(STAMP)
 # first 3 also runs the concurrent-clients scenario (C = 1 / 4 / 16 / 64, ours served 4 ways, the
 # baselines one request at a time; C = 64 has 128 requests a mode). Repeats 4 and 5 skip it. A whole
 # run on that VM (2026-12-04, 20:38-22:23 UTC): 1 h 45 min with the medium report, plus ~17 min of
-# set-up on a fresh checkout (venv, make llamacpp's tools, six exports).
+# set-up on a fresh checkout (venv, make llamacpp's tools, six exports). Since then optimum int8 is a row
+# and llama-bench runs every batch-1 point twice (flash attention off and on): a batch-1-only run of 10
+# systems (no concurrent scenario) took 22 min on the 2-core Xeon (2026-12-06); a whole make bench
+# with them is not yet timed.
 # BENCH_ARGS="--concurrent-clients 0" skips the concurrent scenario. Start it first and leave the machine to it.
 SMALL_ARTS := $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-small-$(p))
 MEDIUM_ARTS := $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-medium-$(p))
