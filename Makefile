@@ -80,7 +80,7 @@ LLAMACPP_WHEEL_STAMP := $(LLAMACPP_DIR)/.wheel-$(LLAMACPP_VERSION)-noamx
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMACPP_STAMP := $(VENV)/.llamacpp-$(LLAMACPP_VERSION)
 LLAMACPP_TOOLS := $(LLAMACPP_DIR)/tools
-LLAMACPP_TOOLS_STAMP := $(LLAMACPP_TOOLS)/.built-$(LLAMACPP_VERSION)-noamx
+LLAMACPP_TOOLS_STAMP := $(LLAMACPP_TOOLS)/.built-$(LLAMACPP_VERSION)-noamx-batched
 
 llamacpp: $(LLAMACPP_STAMP) $(LLAMACPP_TOOLS_STAMP)
 
@@ -107,8 +107,9 @@ $(LLAMACPP_STAMP): $(LLAMACPP_WHEEL_STAMP) $(STAMP)
 	$(BIN)/python -m pip install -q --force-reinstall --no-deps $(LLAMACPP_DIR)/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl
 	touch $@
 
-# llama-bench (batch-1 decode and prompt speed, as llama.cpp measures itself) and llama-server (continuous
-# batching, a slot per client) into build/llamacpp/tools/bin: the binding's sources, its flags (tuned for
+# llama-bench (batch-1 decode and prompt speed, as llama.cpp measures itself), llama-batched-bench (B
+# sequences decoded together) and llama-server (continuous batching, a slot per client) into
+# build/llamacpp/tools/bin: the binding's sources, its flags (tuned for
 # this CPU, no AMX: see above), static libraries so the tools need nothing from the wheel, two compile
 # jobs. No tests, examples, TLS or web UI (the UI would be downloaded at build time).
 $(LLAMACPP_TOOLS_STAMP): $(LLAMACPP_WHEEL_STAMP)
@@ -116,7 +117,7 @@ $(LLAMACPP_TOOLS_STAMP): $(LLAMACPP_WHEEL_STAMP)
 	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF \
 	  -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
 	  -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
-	cmake --build $(LLAMACPP_TOOLS) -j 2 --target llama-bench llama-server
+	cmake --build $(LLAMACPP_TOOLS) -j 2 --target llama-bench llama-batched-bench llama-server
 	touch $@
 
 test: $(STAMP)

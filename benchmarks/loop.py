@@ -151,16 +151,22 @@ def _generate_points(pool: Workers, points, rep: int, repeats: int, progress: _P
 def _llama_bench(pool: Workers, s: Settings, points, specs: list[SystemSpec], rep: int, progress: _Progress) -> None:
     """One llama-bench run (its own warm-up, then once each) per llama.cpp system at every batch-1 point
     the binding runs: the prompt of each decode point and the decode after each decode and context
-    point's prompt; a system whose run fails gets none after it, saying why."""
+    point's prompt; and one llama-batched-bench run at the throughput points' batches, which the
+    binding cannot run. A system whose run fails gets none after it, saying why."""
     prompts = [p for sc, b, p, _ in points if sc == "decode" and b == 1]
     decode = list(dict.fromkeys((p, n) for sc, b, p, n in points if sc in ("decode", "context") and b == 1))
+    batched = [(b, p, n) for sc, b, p, n in points if sc == "throughput"]  # one prompt length and count of new tokens
     for spec in specs:
         progress.show(rep, s.repeats, f"llama-bench {spec.name}")
         runs = pool.llama_bench.setdefault(spec.name, [])
         if spec.name not in pool.dead and len(runs) == rep and prompts:  # a failed run stops this system's
             time.sleep(SETTLE_S)
             try:
-                runs.append(llamacpp.llama_bench(spec.path, s.threads or physical_cores(), prompts, decode, 1))
+                threads = s.threads or physical_cores()
+                run = llamacpp.llama_bench(spec.path, threads, prompts, decode, 1)
+                if batched:
+                    run["batched"] = llamacpp.batched_bench(spec.path, threads, batched[0][1], batched[0][2], [b for b, _, _ in batched])
+                runs.append(run)
             except (Gpt2OnnxError, subprocess.TimeoutExpired) as e:
                 pool.log(f"no llama-bench figures for {spec.name} from repeat {rep + 1}: {e}")
         progress.advance()

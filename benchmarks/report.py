@@ -120,8 +120,7 @@ def write_report(results: dict, out: str) -> None:
 
     batches = sorted(set(s["batch"]) | {1})
     L += ["", f"## Throughput by batch (prompt {p0}, {s['new_tokens']} new tokens), tokens/s end to end (decode only)", "",
-          *(["llama.cpp runs batch 1 only here (llama-cpp-python decodes one sequence): its other cells are empty.", ""]
-            if any(x["kind"] == "llamacpp" for x in systems) else []),
+          *(_llamacpp_batches(systems, summary)),
           "| system | " + " | ".join(f"batch {b}" for b in batches) + " |", "|" + "---|" * (1 + len(batches))]
     for x in systems:
         cells = []
@@ -310,6 +309,21 @@ def _llamacpp_paths(systems: list[dict]) -> list[str]:
                  f"{'llama-bench' if lp['used'] == 'llama-bench' else 'the binding'}'s, the faster at the first decode point "
                  f"({_fmt(rss[0], '.0f')} MB; the other {_fmt(rss[1], '.0f')} MB); the other scenarios are the binding's.")
     return L
+
+
+def _llamacpp_batches(systems: list[dict], summary: list[dict]) -> list[str]:
+    """Where llama.cpp's batch cells come from, when the run has llama.cpp."""
+    if not any(x["kind"] == "llamacpp" for x in systems):
+        return []
+    rows = [r for r in summary if r.get("source") == "llama-batched-bench"]
+    if not rows:
+        return ["llama.cpp runs batch 1 only here (llama-cpp-python decodes one sequence; `make llamacpp` builds "
+                "llama-batched-bench for the rest): its other cells are empty.", ""]
+    fa = ", ".join(f"{r['system'].removeprefix('llama.cpp ').removesuffix(' cpu')} batch {r['batch']} "
+                   f"{'on' if r['flash_attn'] else 'off'}" for r in rows)
+    return ["llama.cpp's batch > 1 cells are llama.cpp's own llama-batched-bench (the binding decodes one sequence): "
+            "B sequences, each its own prompt, run together, then decoded a step of B tokens at a time; random tokens, "
+            f"no sampling; medians of one run per repeat, flash attention off or on, whichever was faster ({fa}).", ""]
 
 
 def _llamacpp_points(systems: list[dict]) -> list[str]:

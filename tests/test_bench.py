@@ -391,8 +391,11 @@ def test_llamacpp_f32_follows_pytorch(tiny_hf, tmp_path):
     assert llama[:4] == pt[:4], (llama, pt)
 
 
-def test_bench_llamacpp_leaves_batch_cells_empty(tmp_path, tiny_artifact):
+def test_bench_llamacpp_leaves_batch_cells_empty(tmp_path, tiny_artifact, monkeypatch):
+    """Without llama.cpp's C++ tools (llama-batched-bench) the binding runs batch 1 only, and the report
+    says so."""
     _llamacpp_or_skip()
+    monkeypatch.setattr(llamacpp, "tools_missing", lambda *a: "not built (test)")
     s = settings.Settings(artifacts=[tiny_artifact], baselines=["llamacpp"], out=str(tmp_path / "rep"),
                          cache=str(tmp_path / "cache"), **{**SMALL, "repeats": 1, "context": [16], "chat_turns": 2})
     res = harness.run(s, log=lambda m: None)
@@ -438,6 +441,18 @@ def test_llama_bench_measures_every_point_and_rss(tiny_hf, tmp_path):
         llamacpp.llama_bench(str(tmp_path / "missing.gguf"), 1, [8], [(8, 12)], repetitions=1)
 
 
+def test_llama_batched_bench_measures_each_batch_both_ways(tiny_hf, tmp_path):
+    _llamacpp_tools_or_skip()
+    path = llamacpp.gguf_model(tiny_hf, str(tmp_path), "int8", log=QUIET)
+    b = llamacpp.batched_bench(path, threads=1, prompt_len=8, new_tokens=6, batches=[1, 3])
+    assert [(x["batch"], x["flash_attn"]) for x in b] == [(1, False), (3, False), (1, True), (3, True)]
+    for x in b:
+        assert (x["prompt_len"], x["new_tokens"]) == (8, 6) and x["ttft_ms"] > 0
+        assert 0 < x["tokens_per_s"] < x["decode_tokens_per_s"]  # the end-to-end rate pays the prompts too
+    with pytest.raises(Gpt2OnnxError, match="llama-batched-bench failed"):
+        llamacpp.batched_bench(str(tmp_path / "missing.gguf"), 1, 8, 6, [1])
+
+
 def test_llama_server_runs_the_concurrent_clients_and_stops(tiny_hf, tmp_path):
     """llama-server with a slot per client: every reply exactly its length, stamps in order, and the
     server gone when the call returns."""
@@ -473,10 +488,15 @@ def test_bench_llamacpp_server_mode_and_path(tmp_path, tiny_artifact):
     assert [(p["scenario"], p["prompt_len"]) for p in path["points"]] == [("decode", 8), ("decode", 16), ("context", 16)]
     assert d8["llama_bench_ttft_ms"] > 0 and d16["llama_bench_ttft_ms"] > 0 and c16["llama_bench_ttft_ms"] is None
     assert d16["llama_bench_ms"] == c16["llama_bench_ms"] > 0  # the same point (16 tokens, then 4), measured once
+    # batch 2, which the binding cannot run: llama-batched-bench's, one run per repeat
+    (thr,) = [r for r in res["summary"] if r["system"] == "llama.cpp F32 cpu" and r["scenario"] == "throughput"]
+    assert (thr["batch"], thr["prompt_len"], thr["new_tokens"], thr["source"]) == (2, 8, 4, "llama-batched-bench")
+    assert 0 < thr["tokens_per_s"] < thr["decode_tokens_per_s"] and len(path["llama_bench"]["batched"]) == 2  # off and on
     assert all(len(t["runs"]) == 1 for t in path["llama_bench"]["tg"])  # one llama-bench run per timed repeat
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "**llama.cpp F32 cpu** rows: at each batch-1 point (decode and context), the faster of" in report
     assert "(median of 1 run, one per repeat between the other systems'" in report
+    assert "llama.cpp's batch > 1 cells are llama.cpp's own llama-batched-bench" in report
     assert "## llama.cpp's two paths (batch 1)" in report and "| llama.cpp F32 cpu | context: prompt 16, " in report
     assert "**server** = llama.cpp's own llama-server" in report and "| llama.cpp F32 cpu | server |" in report
 
@@ -487,6 +507,8 @@ def test_llama_bench_runs_of_the_repeats_make_one_median():
                 "tg": [{"depth": 32, "new_tokens": 64, "flash_attn": False, "ms_per_token": tg, "tokens_per_s": 1e3 / tg},
                        {"depth": 500, "new_tokens": 16, "flash_attn": False, "ms_per_token": 2 * tg, "tokens_per_s": 5e2 / tg},
                        {"depth": 500, "new_tokens": 16, "flash_attn": True, "ms_per_token": 3 * tg, "tokens_per_s": 1e3 / 3 / tg}],
+                "batched": [{"batch": 4, "prompt_len": 32, "new_tokens": 64, "flash_attn": fa, "tokens_per_s": 100.0 * tg + fa,
+                             "decode_tokens_per_s": 200.0 * tg + fa, "ttft_ms": pp * 4} for fa in (False, True)],
                 "peak_rss_mb": rss, "repetitions": 1, "commands": ["x"]}
     m = llamacpp.median_of([run(6.0, 40.0, 160.0), run(9.0, 30.0, 170.0), run(5.0, 50.0, 165.0)])
     (pp, pp_fa), (tg, ctx, ctx_fa) = m["pp"], m["tg"]  # a point per flash-attention setting, medians apart
@@ -495,6 +517,9 @@ def test_llama_bench_runs_of_the_repeats_make_one_median():
     assert ctx_fa["ms_per_token"] == 18.0 and ctx_fa["flash_attn"] is True
     assert pp["ms"] == 40.0 and pp["runs"] == [40.0, 30.0, 50.0] and pp["prompt_len"] == 32 and pp_fa["ms"] == 41.0
     assert m["peak_rss_mb"] == 170.0 and m["repetitions"] == 3
+    b_off, b_on = m["batched"]
+    assert (b_off["batch"], b_off["flash_attn"], b_off["decode_tokens_per_s"], b_off["ttft_ms"]) == (4, False, 1200.0, 160.0)
+    assert b_on["tokens_per_s"] == 601.0 and b_on["runs"] == [1201.0, 1801.0, 1001.0]
 
 
 def test_llamacpp_rows_take_the_faster_path():
@@ -507,6 +532,8 @@ def test_llamacpp_rows_take_the_faster_path():
                     {"depth": 32, "new_tokens": 64, "flash_attn": True, "ms_per_token": 5.0, "tokens_per_s": 200.0},
                     {"depth": 500, "new_tokens": 16, "flash_attn": False, "ms_per_token": 7.0, "tokens_per_s": 140.0},
                     {"depth": 500, "new_tokens": 16, "flash_attn": True, "ms_per_token": 9.0, "tokens_per_s": 111.1}],
+             "batched": [{"batch": 8, "prompt_len": 32, "new_tokens": 64, "flash_attn": fa, "tokens_per_s": tps / 2,
+                          "decode_tokens_per_s": tps, "ttft_ms": 80.0} for fa, tps in ((False, 400.0), (True, 320.0))],
              "peak_rss_mb": 150.0}  # each point with flash attention off and on: the faster of the two counts
 
     def case(binding_ms, binding_ttft=30.0):
@@ -518,7 +545,7 @@ def test_llamacpp_rows_take_the_faster_path():
         llamacpp.prefer_faster(systems, summary, {"llama.cpp Q8_0 cpu": bench}, bandwidth_gbs=20.0)
         return systems[0], summary
 
-    x, (row, other, ctx, thr) = case(binding_ms=8.0)
+    x, (row, other, ctx, thr, batched) = case(binding_ms=8.0)
     assert x["llamacpp_path"]["used"] == "llama-bench" and x["footprint_mb"] == 150.0
     assert row["p50_ms"] == row["p90_ms"] == 5.0 and row["ttft_ms"] == 20.0 and row["source"] == row["ttft_source"] == "llama-bench"
     assert row["total_s"] == pytest.approx((20.0 + 63 * 5.0) / 1e3) and row["tokens_per_s"] == pytest.approx(64 / row["total_s"])
@@ -526,6 +553,10 @@ def test_llamacpp_rows_take_the_faster_path():
     assert other["p50_ms"] == 8.0 and "source" not in other  # llama-bench did not measure prompt 128 here
     assert ctx["p50_ms"] == 7.0 and ctx["source"] == "llama-bench" and ctx["ttft_ms"] == 90.0 and "ttft_source" not in ctx
     assert thr["p50_ms"] == 1.0 and "source" not in thr  # batch > 1: the binding does not run it, llama-bench neither
+    # llama-batched-bench's batch, appended: the faster flash-attention setting
+    assert (batched["scenario"], batched["batch"], batched["source"], batched["flash_attn"]) == ("throughput", 8, "llama-batched-bench", False)
+    assert batched["decode_tokens_per_s"] == 400.0 and batched["p50_ms"] == pytest.approx(1e3 * 8 / 400.0)
+    assert batched["total_s"] == pytest.approx(8 * 64 / 200.0)
     assert [(p["scenario"], p["binding_ms"], p["llama_bench_ms"], p["llama_bench_ttft_ms"]) for p in x["llamacpp_path"]["points"]] == [
         ("decode", 8.0, 5.0, 20.0), ("context", 8.0, 7.0, None)]
     from gpt2onnx.benchmarks import report
@@ -533,7 +564,7 @@ def test_llamacpp_rows_take_the_faster_path():
     table = report._llamacpp_points([x])  # the faster of each pair in bold, "—" where llama-bench did not measure
     assert "| llama.cpp Q8_0 cpu | decode: prompt 32, 64 new | 8.00 | **5.00 (FA on)** | 30.0 | **20.0 (FA off)** |" in table
     assert "| llama.cpp Q8_0 cpu | context: prompt 500, 16 new | 8.00 | **7.00 (FA off)** | — | — |" in table
-    x, (row, _, ctx, _) = case(binding_ms=4.0, binding_ttft=10.0)
+    x, (row, _, ctx, _, _) = case(binding_ms=4.0, binding_ttft=10.0)
     assert x["llamacpp_path"]["used"] == "llama-cpp-python" and row["p50_ms"] == 4.0 and x["footprint_mb"] == 190.0
     assert "source" not in row and "ttft_source" not in row and row["total_s"] == 1.0
     assert ctx["source"] == "llama-bench"  # each point on its own

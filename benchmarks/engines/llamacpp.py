@@ -47,7 +47,7 @@ LLAMACPP_SRC = str(Path(__file__).resolve().parents[2] / "build" / "llamacpp" / 
 LLAMACPP_HINT = "run `make llamacpp` (builds llama-cpp-python from its source distribution once, minutes on 2 cores)"
 # where `make llamacpp` builds llama.cpp's own C++ tools (llama-bench, llama-server) from the same sources
 LLAMACPP_TOOLS = str(Path(__file__).resolve().parents[2] / "build" / "llamacpp" / "tools" / "bin")
-TOOLS = ("llama-bench", "llama-server")
+TOOLS = ("llama-bench", "llama-batched-bench", "llama-server")
 
 
 def missing(llamacpp_src: str = LLAMACPP_SRC) -> str | None:
@@ -260,6 +260,39 @@ def _llama_bench(tools_dir: str, args: list[str], timeout_s: float) -> tuple[lis
     return tests, rss_kb / 1024, "llama-bench " + " ".join(args)
 
 
+def batched_bench(gguf: str, threads: int, prompt_len: int, new_tokens: int, batches: list[int],
+                  tools_dir: str = LLAMACPP_TOOLS, timeout_s: float = 600) -> list[dict]:
+    """llama.cpp's batched decode measured by itself: `llama-batched-bench` (B sequences, each its own
+    `prompt_len`-token prompt run together, then `new_tokens` steps of B tokens; random tokens, no
+    sampling), once per B in `batches`, with flash attention off and on (a process each). Weights read
+    into memory (-lm none), n_batch 2048 / n_ubatch 512 as its README runs it, a KV cache of exactly
+    the largest B's sequences.
+
+    Returns [{batch, flash_attn, tokens_per_s (B x new tokens / the whole time, prompt included),
+    decode_tokens_per_s (its S_TG), ttft_ms (its T_PP: the B prompts' pass)}].
+
+    Raises:
+        Gpt2OnnxError: the tool is missing, failed or printed no result (its last lines say why).
+    """
+    why = tools_missing(tools_dir)
+    if why:
+        raise Gpt2OnnxError(why)
+    out = []
+    for fa in ("off", "on"):
+        cmd = [os.path.join(tools_dir, "llama-batched-bench"), "-m", gguf, "-t", str(threads), "-tb", str(threads),
+               "-c", str(max(batches) * (prompt_len + new_tokens)), "-b", "2048", "-ub", "512", "-lm", "none", "-fa", fa,
+               "-npp", str(prompt_len), "-ntg", str(new_tokens), "-npl", ",".join(map(str, batches)), "--output-format", "jsonl"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        rows = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
+        if r.returncode != 0 or len(rows) != len(batches):
+            tail = " | ".join(r.stderr.strip().splitlines()[-3:])
+            raise Gpt2OnnxError(f"llama-batched-bench failed (exit {r.returncode}): {tail}")
+        out += [{"batch": x["pl"], "prompt_len": x["pp"], "new_tokens": x["tg"], "flash_attn": fa == "on",
+                 "tokens_per_s": x["pl"] * x["tg"] / x["t"],
+                 "decode_tokens_per_s": x["speed_tg"], "ttft_ms": x["t_pp"] * 1e3} for x in rows]
+    return out
+
+
 def median_of(runs: list[dict]) -> dict:
     """One system's llama_bench runs, one per repeat of the harness (interleaved with the other systems'
     runs, as every system's figures are), as one: at each point and flash-attention setting the medians
@@ -272,8 +305,13 @@ def median_of(runs: list[dict]) -> dict:
                         "tokens_per_s": float(np.median([q["tokens_per_s"] for q in same])), "runs": [q[fig] for q in same]})
         return out
 
+    batched = []
+    for p in runs[0].get("batched", []):
+        same = [q for r in runs for q in r.get("batched", []) if (q["batch"], q["flash_attn"]) == (p["batch"], p["flash_attn"])]
+        batched.append({**p, **{k: float(np.median([q[k] for q in same])) for k in ("tokens_per_s", "decode_tokens_per_s", "ttft_ms")},
+                        "runs": [q["decode_tokens_per_s"] for q in same]})
     return {**runs[0], "pp": points("pp", ("prompt_len", "flash_attn"), "ms"),
-            "tg": points("tg", ("depth", "new_tokens", "flash_attn"), "ms_per_token"),
+            "tg": points("tg", ("depth", "new_tokens", "flash_attn"), "ms_per_token"), "batched": batched,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "repetitions": sum(r["repetitions"] for r in runs)}
 
 
@@ -287,7 +325,8 @@ def prefer_faster(systems: list[dict], summary: list[dict], bench: dict[str, dic
     llama_bench_fa, binding_ttft_ms, llama_bench_ttft_ms, llama_bench_ttft_fa}], binding_footprint_mb,
     llama_bench: the figures}, llama-bench's figure at each point the faster of its two flash-attention
     settings; where the
-    first decode point goes through llama-bench, the system's footprint is llama-bench's peak RSS."""
+    first decode point goes through llama-bench, the system's footprint is llama-bench's peak RSS.
+    Where llama-batched-bench ran, its batches become the system's throughput rows (_batched_rows)."""
     for x in systems:
         b = bench.get(x["name"])
         if not b:
@@ -318,6 +357,7 @@ def prefer_faster(systems: list[dict], summary: list[dict], bench: dict[str, dic
             if "source" in row or "ttft_source" in row:
                 row["total_s"] = (row["ttft_ms"] + (row["new_tokens"] - 1) * row["p50_ms"]) / 1e3
                 row["tokens_per_s"] = row["new_tokens"] / row["total_s"]
+        summary.extend(_batched_rows(x["name"], b.get("batched", [])))
         if not points:
             continue
         t0 = b["tg"][0]  # the first decode point's
@@ -327,6 +367,21 @@ def prefer_faster(systems: list[dict], summary: list[dict], bench: dict[str, dic
                               "binding_footprint_mb": x.get("footprint_mb"), "llama_bench": b}
         if faster:
             x["footprint_mb"] = b["peak_rss_mb"]
+
+
+def _batched_rows(system: str, batched: list[dict]) -> list[dict]:
+    """The throughput rows the binding cannot give (it decodes one sequence): llama-batched-bench's
+    medians at each batch, the faster flash-attention setting's, marked `source: llama-batched-bench`."""
+    rows = []
+    for batch in dict.fromkeys(p["batch"] for p in batched):
+        p = max((q for q in batched if q["batch"] == batch), key=lambda q: q["decode_tokens_per_s"])
+        step = 1e3 * batch / p["decode_tokens_per_s"]  # one step of `batch` tokens
+        rows.append({"system": system, "scenario": "throughput", "batch": batch, "prompt_len": p["prompt_len"],
+                     "new_tokens": p["new_tokens"], "tokens_per_s": p["tokens_per_s"], "decode_tokens_per_s": p["decode_tokens_per_s"],
+                     "ttft_ms": p["ttft_ms"], "p50_ms": step, "p90_ms": step, "p99_ms": step, "mean_ms": step,
+                     "total_s": batch * p["new_tokens"] / p["tokens_per_s"], "flash_attn": p["flash_attn"],
+                     "source": "llama-batched-bench"})
+    return rows
 
 
 def server_concurrent(gguf: str, threads: int, clients: int, requests: list[tuple[list[int], int]], n_ctx: int,
