@@ -12,6 +12,9 @@ measured against the PyTorch fp32 model on the conversations held out of its tra
 
     python -m gpt2onnx.benchmarks.accuracy trained:chat --out reports/accuracy-trained-chat
 
+and, where `make llamacpp` has run, llama.cpp's F32 / Q8_0 / Q4_0 conversions of the same checkpoint
+the same two ways (llamacpp_rows), so each precision of ours stands beside llama.cpp's.
+
 writes accuracy.json, accuracy.md and accuracy.png to --out. The benchmark report shows the table
 when accuracy.json sits beside its results.json.
 """
@@ -73,6 +76,54 @@ def reference_replies(torch_model, prompts: list[list[int]], max_new_tokens: int
     return out
 
 
+def llamacpp_rows(model: str, hf: str, cache: str, rows: list[tuple[int, list[int]]], prompts: list[list[int]],
+                  ref_replies: list[list[int]], torch_model, log=print) -> list[dict]:
+    """llama.cpp at each precision beside ours: the trained checkpoint `hf` converted to GGUF F32 / Q8_0 /
+    Q4_0 as the bench converts it (engines/llamacpp.py, into `cache`), run through llama-cpp-python as the
+    bench runs it, teacher-forced the way ours is (the opening turn as one pass, then one token per step;
+    every position's logits kept) against PyTorch fp32's logits, and its greedy replies (temperature 0,
+    up to REPLY_TOKENS, EOS included) against PyTorch's."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+
+    from gpt2onnx.benchmarks.engines import llamacpp
+    from gpt2onnx.export import parity
+
+    with torch.no_grad():
+        refs = [torch_model(input_ids=torch.tensor([ids])).logits[0].double().numpy() for _, ids in rows]
+    eos = torch_model.config.eos_token_id
+    out = []
+    for precision, gtype in llamacpp.GGUF_TYPES.items():
+        gguf = llamacpp.gguf_model(hf, cache, precision, log=log)
+        llm = Llama(gguf, n_ctx=0, logits_all=True, n_threads=2, n_threads_batch=2, use_mmap=False, flash_attn=True, verbose=False)
+        t = time.perf_counter()
+        runs = []
+        for (p, ids), ref in zip(rows, refs):
+            llm.reset()
+            llm.eval(ids[:p])
+            for tok in ids[p:]:
+                llm.eval([tok])
+            theirs = np.array(llm.scores[: len(ids)], np.float64)  # row t predicts token t + 1
+            runs.append((ids, ref[:-1], theirs[:-1]))
+        replies = []
+        for prompt in prompts:
+            llm.reset()
+            reply = []
+            for tok in llm.generate(prompt, temp=0.0, repeat_penalty=1.0):
+                reply.append(int(tok))
+                if tok == eos or len(reply) == REPLY_TOKENS:
+                    break
+            replies.append(reply)
+        row = {"model": model, "variant": f"llama.cpp {gtype}", "precision": precision, "kv_dtype": "float16",
+               **parity.forced_figures(runs), **reply_agreement(replies, ref_replies)}
+        out.append(row)
+        log(f"llama.cpp {gtype}: perplexity {row['perplexity']:.3f} ({row['perplexity_change_pct']:+.2f}%), KL {row['mean_kl']:.2e}, "
+            f"top-1 {row['top1_agreement']:.4f}, greedy replies {row['greedy_agreement']:.3f} ({time.perf_counter() - t:.0f} s)")
+        del llm
+    return out
+
+
 def reply_agreement(ours: list[list[int]], ref: list[list[int]]) -> dict:
     """Share of replies equal token for token, and the first differing position of the others."""
     first = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), min(len(o), len(r)))
@@ -86,10 +137,12 @@ def reply_agreement(ours: list[list[int]], ref: list[list[int]]) -> dict:
     }
 
 
-def measure(model: str, out: str, artifacts: str, log=print, force: bool = False, limit: int | None = None) -> dict:
+def measure(model: str, out: str, artifacts: str, log=print, force: bool = False, limit: int | None = None,
+            llamacpp: bool = False) -> dict:
     """Export every variant of `model` (a trained:NAME) into `artifacts`, measure each against
-    PyTorch fp32 on its held-out conversations (the first `limit` of them, default all), write
-    accuracy.json / .md / .png into `out`; returns what accuracy.json holds."""
+    PyTorch fp32 on its held-out conversations (the first `limit` of them, default all), and with
+    `llamacpp` llama.cpp's conversions too (llamacpp_rows; skipped, saying why, where `make llamacpp`
+    has not run); write accuracy.json / .md / .png into `out`; returns what accuracy.json holds."""
     import warnings
 
     from gpt2onnx.export import checkpoints, parity, train
@@ -127,6 +180,15 @@ def measure(model: str, out: str, artifacts: str, log=print, force: bool = False
         results.append(row)
         log(f"{name}: perplexity {row['perplexity']:.3f} ({row['perplexity_change_pct']:+.2f}%), KL {row['mean_kl']:.2e}, "
             f"top-1 {row['top1_agreement']:.4f}, greedy replies {row['greedy_agreement']:.3f} ({time.perf_counter() - t:.0f} s)")
+    skipped = None
+    if llamacpp:
+        from gpt2onnx.benchmarks.engines.llamacpp import missing
+
+        skipped = missing()
+        if skipped:
+            log(f"no llama.cpp rows: {skipped}")
+        else:
+            results += llamacpp_rows(model, path, artifacts, rows, prompts, ref, ckpt.model, log)
     doc = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": model,
@@ -135,6 +197,7 @@ def measure(model: str, out: str, artifacts: str, log=print, force: bool = False
                     "examples": [{"prompt": ckpt.tokenizer.decode(p[:-1]), "reference_reply": ckpt.tokenizer.decode(r, skip_special_tokens=True)}
                                  for p, r in list(zip(prompts, ref))[:8]]},
         "rows": results,
+        **({"llamacpp_skipped": skipped} if skipped else {}),
     }
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "accuracy.json"), "w", encoding="utf-8") as f:
@@ -182,6 +245,14 @@ def markdown(doc: dict) -> list[str]:
          "the reference through transformers `generate`). First divergence: the reply token index where a reply that "
          "differs first differs.", ""]
     L += table(doc["rows"])
+    if any(r["variant"].startswith("llama.cpp") for r in doc["rows"]):
+        L += ["", "llama.cpp rows: the same checkpoint converted to GGUF with llama.cpp's converter and quantizer defaults "
+                  "(its Q4_0 keeps the tied embedding and output matrix at a higher precision: Q6_K, or Q8_0 where rows are "
+                  "not a multiple of 256; ours int4 quantizes it to 4 bits), run through "
+                  "llama-cpp-python with its f16 KV cache: teacher-forced the same way (the opening turn in one pass, then "
+                  "one token per step), greedy replies at temperature 0."]
+    if doc.get("llamacpp_skipped"):
+        L += ["", f"No llama.cpp rows: {doc['llamacpp_skipped']}."]
     L += ["", "Reference replies (PyTorch fp32 greedy):", ""]
     L += [f"- {e['prompt']!r} → {e['reference_reply']!r}" for e in doc["heldout"]["examples"]]
     return L
@@ -221,8 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--artifacts", default="artifacts", help="where the exported variants are kept")
     p.add_argument("--force", action="store_true", help="export every variant again")
     p.add_argument("--limit", type=int, help="measure the first N held-out conversations only (default all)")
+    p.add_argument("--no-llamacpp", action="store_true", help="leave out llama.cpp's rows (measured where `make llamacpp` ran)")
     args = p.parse_args(argv)
-    measure(args.model, args.out, args.artifacts, log=lambda m: print(m, flush=True), force=args.force, limit=args.limit)
+    measure(args.model, args.out, args.artifacts, log=lambda m: print(m, flush=True), force=args.force, limit=args.limit,
+            llamacpp=not args.no_llamacpp)
 
 
 if __name__ == "__main__":

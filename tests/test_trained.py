@@ -126,7 +126,7 @@ def test_precision_table(tmp_path, chat_tiny):
     """Every precision through the normal export path, on a few held-out conversations."""
     from gpt2onnx.benchmarks import accuracy
 
-    doc = accuracy.measure(MODEL, str(tmp_path / "rep"), str(tmp_path / "art"), log=QUIET, limit=12)
+    doc = accuracy.measure(MODEL, str(tmp_path / "rep"), str(tmp_path / "art"), log=QUIET, limit=12, llamacpp=False)
     rows = {r["variant"]: r for r in doc["rows"]}
     assert list(rows) == [v[0] for v in accuracy.VARIANTS]
     assert rows["fp32"]["greedy_agreement"] == 1.0 and rows["fp32"]["mean_kl"] < 1e-8
@@ -147,6 +147,29 @@ def test_precision_table(tmp_path, chat_tiny):
 
     section = "\n".join(_accuracy_section([], saved))
     assert "**Trained weights** (trained:chat-tiny" in section and "| trained:chat-tiny | fp16 |" in section
+
+
+def test_precision_table_llamacpp_rows(tmp_path, chat_tiny):
+    """llama.cpp's conversions of the trained checkpoint, measured the way ours are: F32 follows PyTorch
+    (KL near 0, greedy replies equal), the quantized ones drift more the fewer bits they keep."""
+    from gpt2onnx.benchmarks import accuracy
+    from gpt2onnx.benchmarks.engines import llamacpp
+    from gpt2onnx.export import train
+
+    why = llamacpp.missing()
+    if why:
+        pytest.skip(f"llama.cpp is not built here: {why}")
+    path = train.cached(MODEL.split(":", 1)[1], log=QUIET)
+    rows = accuracy.heldout_rows(chat_tiny, train.heldout(path)[:4])
+    prompts = [ids[:p] for p, ids in rows]
+    ref = accuracy.reference_replies(chat_tiny.model, prompts)
+    got = {r["variant"]: r for r in accuracy.llamacpp_rows(MODEL, path, str(tmp_path), rows, prompts, ref, chat_tiny.model, log=QUIET)}
+    assert list(got) == ["llama.cpp F32", "llama.cpp Q8_0", "llama.cpp Q4_0"]
+    assert got["llama.cpp F32"]["mean_kl"] < 1e-4 and got["llama.cpp F32"]["top1_agreement"] > 0.99
+    assert got["llama.cpp Q4_0"]["mean_kl"] > got["llama.cpp Q8_0"]["mean_kl"] > got["llama.cpp F32"]["mean_kl"]
+    for r in got.values():
+        assert r["tokens"] == sum(len(ids) - 1 for _, ids in rows) and r["kv_dtype"] == "float16"
+        assert r["prompts"] == len(prompts) and 0 <= r["greedy_agreement"] <= 1
 
 
 def test_reply_agreement_counts_first_divergence():
