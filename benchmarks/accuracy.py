@@ -28,13 +28,14 @@ import os
 import statistics
 import time
 
-# The rows: (name, precision, KV cache dtype; None = the export's default for that precision).
+# The rows: (name, precision, KV cache dtype; None = the export's default for that precision, int4 head bits).
 VARIANTS = (
-    ("fp32", "fp32", None),
-    ("fp16", "fp16", None),
-    ("fp32 + int8 KV", "fp32", "int8"),
-    ("int8", "int8", None),  # int8 KV cache by default on the CPU provider
-    ("int4", "int4", None),  # int8 KV cache by default on the CPU provider
+    ("fp32", "fp32", None, 4),
+    ("fp16", "fp16", None, 4),
+    ("fp32 + int8 KV", "fp32", "int8", 4),
+    ("int8", "int8", None, 4),  # int8 KV cache by default on the CPU provider
+    ("int4", "int4", None, 4),  # int8 KV cache by default on the CPU provider
+    ("int4 + 8-bit head", "int4", None, 8),  # export --int4-head-bits 8
 )
 REPLY_TOKENS = 32  # greedy reply length cap (replies end earlier at <|endoftext|>)
 
@@ -148,6 +149,7 @@ def measure(model: str, out: str, artifacts: str, log=print, force: bool = False
     from gpt2onnx.export import checkpoints, parity, train
     from gpt2onnx.export.convert import ExportOptions, export
     from gpt2onnx.export.graph import model_config
+    from gpt2onnx.export.quantize import Int4Config
     from gpt2onnx.runtime import Engine
 
     ckpt = checkpoints.load(model)
@@ -163,11 +165,12 @@ def measure(model: str, out: str, artifacts: str, log=print, force: bool = False
     ref = reference_replies(ckpt.model, prompts)
     log(f"PyTorch fp32 greedy replies to {len(prompts)} held-out prompts in {time.perf_counter() - t:.0f} s")
     results = []
-    for name, precision, kv in VARIANTS:
+    for name, precision, kv, head_bits in VARIANTS:
         art = os.path.join(artifacts, f"{model.split(':', 1)[1]}-{name.replace(' + ', '-').replace(' ', '')}")
         if force or not _usable(art):
             log(f"exporting {model} {name}")
-            export(ExportOptions(model, art, precision=precision, kv_dtype=kv, force=True), log=lambda m: None)
+            export(ExportOptions(model, art, precision=precision, kv_dtype=kv, force=True, int4=Int4Config(head_bits=head_bits)),
+                   log=lambda m: None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fp16 on the CPU provider: slower, measured anyway
             engine = Engine.load(art, provider="cpu")

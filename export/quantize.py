@@ -60,10 +60,15 @@ class Int4Config:
     # 4 = int8 activations: MLAS's fastest MatMulNBits path on AVX2; 0 keeps fp32 activations
     accuracy_level: int = 4
     exclude: tuple[str, ...] = ()
-    embedding: bool = True  # the token embedding as 4-bit blocks, shared with the head when tied
+    embedding: bool = True  # the token embedding as blocks of head_bits, shared with the head when tied
+    # the LM head (and the embedding tied to it): 4 bits as every MatMul, or 8 in blocks of 128 as int8
+    # keeps it, nearer llama.cpp's Q4_0 (Q6_K head). trained:chat, 2-core Xeon: see README, Precisions
+    head_bits: int = 4
 
     def check(self) -> None:
-        """Raises Gpt2OnnxError for a block size or accuracy level MatMulNBits does not take."""
+        """Raises Gpt2OnnxError for a block size, accuracy level or head width MatMulNBits does not take."""
+        if self.head_bits not in (4, 8):
+            raise Gpt2OnnxError(f"int4 head bits must be 4 or 8, got {self.head_bits}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise Gpt2OnnxError(f"int4 block size must be a power of two >= 16, got {self.block_size}")
         if self.accuracy_level not in INT4_ACCURACY_LEVELS:
@@ -124,9 +129,15 @@ def quantize_int4(src: str, cfg: Int4Config = Int4Config()):
     model = onnx.load(src)
     _check_exclude(model, cfg.exclude)
     tied = cfg.embedding and _tied(model)
-    model = _nbits(model, 4, cfg.block_size, cfg.symmetric, cfg.accuracy_level, cfg.exclude)
+    wide = cfg.head_bits == 8 and LM_HEAD not in cfg.exclude
+    model = _nbits(model, 4, cfg.block_size, cfg.symmetric, cfg.accuracy_level, cfg.exclude + ((LM_HEAD,) if wide else ()))
     entry = {"method": "onnxruntime MatMulNBits (RTN)", "weight_type": "int4", **asdict(cfg)}
-    entry["embedding"] = _quantize_embedding(model, 4, cfg.block_size, tied) if cfg.embedding else "float32"
+    bits, block = 4, cfg.block_size
+    if wide:  # symmetric, as the embedding shares its blocks
+        bits, block = 8, _fit_block(model, Int8Config().head_block_size)
+        model = _nbits(model, 8, block, True, cfg.accuracy_level, (), include=[LM_HEAD])
+        entry["lm_head"] = f"MatMulNBits 8-bit, block {block}" + (" (shared with the embedding)" if tied else "")
+    entry["embedding"] = _quantize_embedding(model, bits, block, tied) if cfg.embedding else "float32"
     return model, entry
 
 

@@ -136,7 +136,8 @@ def cmd_export(args) -> None:
 
     keep = tuple(n for n in (args.keep_float or "").split(",") if n)
     quant = {"int8": [n for n in ("int8_method", "int8_per_tensor", "int8_full_range") if getattr(args, n)],
-             "int4": [n for n in ("int4_block_size", "int4_asymmetric", "int4_accuracy_level") if getattr(args, n) not in (None, False)]}
+             "int4": [n for n in ("int4_block_size", "int4_asymmetric", "int4_accuracy_level", "int4_head_bits")
+                      if getattr(args, n) not in (None, False)]}
     for precision, names in quant.items():
         _refuse_unused(names, args.precision != precision, f"--precision {precision}")
     _refuse_unused(["keep_float"] if keep else [], args.precision not in ("int8", "int4"), "--precision int8 or int4")
@@ -146,7 +147,7 @@ def cmd_export(args) -> None:
     int4 = Int4Config(block_size=d4.block_size if args.int4_block_size is None else args.int4_block_size,
                       symmetric=d4.symmetric and not args.int4_asymmetric,
                       accuracy_level=d4.accuracy_level if args.int4_accuracy_level is None else args.int4_accuracy_level,
-                      exclude=keep or d4.exclude)
+                      exclude=keep or d4.exclude, head_bits=d4.head_bits if args.int4_head_bits is None else args.int4_head_bits)
     opts = ExportOptions(model=args.model, output=args.output, precision=args.precision, provider=args.target_provider,
                          fuse=not args.no_fuse, seed=args.seed, force=args.force, int8=int8, int4=int4,
                          kv_dtype=args.kv_dtype, mixed=args.mixed_step)
@@ -360,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--int4-block-size", type=int, help="int4: weights per scale (power of two >= 16)")
     q.add_argument("--int4-asymmetric", action="store_true", help="int4: zero points per block")
     q.add_argument("--int4-accuracy-level", type=int, help="int4: 0 fp32 activations, 4 int8 activations")
+    q.add_argument("--int4-head-bits", type=int, choices=(4, 8),
+                   help="int4: bits of the LM head and the embedding tied to it: 4 (default) or 8 (more accurate, more "
+                        "to read a token; llama.cpp's Q4_0 keeps its head at Q6_K)")
     q.add_argument("--keep-float", help="comma list of MatMul node names left unquantized (e.g. lm_head)")
     p.set_defaults(func=cmd_export)
 

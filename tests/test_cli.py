@@ -294,6 +294,8 @@ def test_export_stopped_by_a_signal_leaves_nothing(tmp_path, sig):
     (["generate", "{art}", "hi", "--seed", "3"], ["--seed only applies with --sample"]),
     (["generate", "{art}", "hi", "--length-penalty", "2"], ["--length-penalty only applies with --num-beams"]),
     (["export", "synthetic:tiny", "-o", "{tmp}/x", "--int4-block-size", "32"], ["--int4-block-size only applies with --precision int4"]),
+    (["export", "synthetic:tiny", "-o", "{tmp}/x", "--precision", "int8", "--int4-head-bits", "8"],
+     ["--int4-head-bits only applies with --precision int4"]),
     (["export", "synthetic:tiny", "-o", "{tmp}/x", "--precision", "int4", "--int8-method", "nbits"], ["--int8-method only applies"]),
     (["export", "synthetic:tiny", "-o", "{tmp}/x", "--keep-float", "lm_head"], ["--keep-float only applies with --precision int8 or int4"]),
     (["serve", "{art}", "--replicas", "2"], ["--replicas only applies with --ray"]),

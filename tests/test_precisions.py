@@ -373,3 +373,29 @@ def test_int4_accuracy_level_outside_matmulnbits_set_is_refused(tmp_path, tiny_a
         quantize.quantize_int4(src, quantize.Int4Config(accuracy_level=99))
     for level in (0, 1, 2, 3, 4):  # MatMulNBits' schema: unset, fp32, fp16, bf16, int8
         quantize.Int4Config(accuracy_level=level).check()
+
+
+def test_int4_head_bits_8_keeps_the_head_and_embedding_wider(tmp_path, artifacts):
+    """--int4-head-bits 8: every MatMul 4-bit but the LM head, 8-bit blocks shared with the embedding
+    (as int8 keeps it); the manifest says so, and the model is nearer PyTorch than the 4-bit head."""
+    import os
+
+    import onnx
+    from onnx import helper
+
+    from gpt2onnx.export import quantize
+    from gpt2onnx.export.graph import LM_HEAD
+    art = export(ExportOptions("synthetic:tiny", str(tmp_path / "a"), precision="int4", int4=quantize.Int4Config(head_bits=8)),
+                 log=QUIET)
+    m = load_manifest(art).raw
+    q = m["quantization"]
+    assert q["head_bits"] == 8 and q["lm_head"].startswith("MatMulNBits 8-bit") and q["embedding"].startswith("int8 blocks of")
+    assert "shared with the LM head" in q["embedding"]
+    bits = {n.name: {a.name: helper.get_attribute_value(a) for a in n.attribute}["bits"]
+            for n in onnx.load(os.path.join(art, "model.onnx"), load_external_data=False).graph.node if n.op_type == "MatMulNBits"}
+    head = [n for n in bits if n.startswith(LM_HEAD)]
+    assert len(head) == 1 and bits[head[0]] == 8 and {b for n, b in bits.items() if n not in head} == {4}
+    narrow = load_manifest(artifacts("int4")).raw["accuracy"]["teacher_forced"]
+    assert m["accuracy"]["teacher_forced"]["mean_kl"] < narrow["mean_kl"]
+    with pytest.raises(Gpt2OnnxError, match="int4 head bits must be 4 or 8, got 6"):
+        quantize.Int4Config(head_bits=6).check()
