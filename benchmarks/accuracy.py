@@ -90,6 +90,7 @@ def llamacpp_rows(model: str, hf: str, cache: str, rows: list[tuple[int, list[in
 
     from gpt2onnx.benchmarks.engines import llamacpp
     from gpt2onnx.export import parity
+    from gpt2onnx.runtime.session import physical_cores
 
     with torch.no_grad():
         refs = [torch_model(input_ids=torch.tensor([ids])).logits[0].double().numpy() for _, ids in rows]
@@ -97,7 +98,8 @@ def llamacpp_rows(model: str, hf: str, cache: str, rows: list[tuple[int, list[in
     out = []
     for precision, gtype in llamacpp.GGUF_TYPES.items():
         gguf = llamacpp.gguf_model(hf, cache, precision, log=log)
-        llm = Llama(gguf, n_ctx=0, logits_all=True, n_threads=2, n_threads_batch=2, use_mmap=False, flash_attn=True, verbose=False)
+        llm = Llama(gguf, n_ctx=0, logits_all=True, n_threads=physical_cores(), n_threads_batch=physical_cores(), use_mmap=False,
+                    flash_attn=True, verbose=False)
         t = time.perf_counter()
         runs = []
         for (p, ids), ref in zip(rows, refs):

@@ -114,6 +114,9 @@ def test_bench_optimum_int8_beside_ours_int8(tmp_path, tiny_artifact):
     assert q["path"].endswith(f"optimum-int8-{isa}-hf-tiny-seed0") and isa in [name for name, _ in optimum.ISAS] + ["arm64"]
     ops = {n.op_type for n in onnx.load(os.path.join(q["path"], "model.onnx"), load_external_data=False).graph.node}
     assert "DynamicQuantizeLinear" in ops and "MatMulInteger" in ops, ops  # dynamic int8, as optimum quantizes for a CPU
+    # one plain export serves both the O3 model and the int8 one
+    assert sorted(d for d in os.listdir(tmp_path / "cache") if d.startswith("optimum-")) == [
+        "optimum-O3-cpu-hf-tiny-seed0", f"optimum-int8-{isa}-hf-tiny-seed0", "optimum-plain-hf-tiny-seed0"]
     report = (tmp_path / "rep" / "report.md").read_text()
     assert f"`optimum-cli onnxruntime quantize --{isa}`" in report and "| × optimum same precision |" in report
     ratio = lambda name: next(ln for ln in report.splitlines() if ln.startswith(f"| {name} |")).rstrip(" |").rsplit("| ", 1)[1]  # noqa: E731

@@ -296,22 +296,19 @@ def batched_bench(gguf: str, threads: int, prompt_len: int, new_tokens: int, bat
 def median_of(runs: list[dict]) -> dict:
     """One system's llama_bench runs, one per repeat of the harness (interleaved with the other systems'
     runs, as every system's figures are), as one: at each point and flash-attention setting the medians
-    of the timings, with each run's figure in `runs` (ms per token for tg, ms for pp); the largest peak RSS."""
-    def points(kind: str, key: str, fig: str) -> list[dict]:
+    of the timings, with each run's figure in `runs` (ms per token for tg, ms for pp, decode tokens/s for
+    llama-batched-bench's batches); the largest peak RSS."""
+    def points(kind: str, key: tuple[str, ...], figs: tuple[str, ...]) -> list[dict]:
+        """Each point of `kind` (matched on `key`) with the medians of `figs`, the first's runs kept."""
         out = []
-        for p in runs[0][kind]:
-            same = [q for r in runs for q in r[kind] if all(q[k] == p[k] for k in key)]
-            out.append({**p, fig: float(np.median([q[fig] for q in same])),
-                        "tokens_per_s": float(np.median([q["tokens_per_s"] for q in same])), "runs": [q[fig] for q in same]})
+        for p in runs[0].get(kind, []):
+            same = [q for r in runs for q in r.get(kind, []) if all(q[k] == p[k] for k in key)]
+            out.append({**p, **{f: float(np.median([q[f] for q in same])) for f in figs}, "runs": [q[figs[0]] for q in same]})
         return out
 
-    batched = []
-    for p in runs[0].get("batched", []):
-        same = [q for r in runs for q in r.get("batched", []) if (q["batch"], q["flash_attn"]) == (p["batch"], p["flash_attn"])]
-        batched.append({**p, **{k: float(np.median([q[k] for q in same])) for k in ("tokens_per_s", "decode_tokens_per_s", "ttft_ms")},
-                        "runs": [q["decode_tokens_per_s"] for q in same]})
-    return {**runs[0], "pp": points("pp", ("prompt_len", "flash_attn"), "ms"),
-            "tg": points("tg", ("depth", "new_tokens", "flash_attn"), "ms_per_token"), "batched": batched,
+    return {**runs[0], "pp": points("pp", ("prompt_len", "flash_attn"), ("ms", "tokens_per_s")),
+            "tg": points("tg", ("depth", "new_tokens", "flash_attn"), ("ms_per_token", "tokens_per_s")),
+            "batched": points("batched", ("batch", "flash_attn"), ("decode_tokens_per_s", "tokens_per_s", "ttft_ms")),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "repetitions": sum(r["repetitions"] for r in runs)}
 
 

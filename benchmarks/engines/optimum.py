@@ -14,22 +14,45 @@ from .pytorch import HFGenerate
 OPTIMIZATION = "O3"  # optimum's level for GPT-2 in its own docs (O1 basic, O2 + fusions, O3 + GELU approximation)
 
 
+def _made_once(out: str, make) -> str:
+    """`out`, made by make(tmp) into a temporary directory beside it and renamed, unless it holds a model.onnx."""
+    if not os.path.isfile(os.path.join(out, "model.onnx")):
+        import shutil
+
+        tmp = out + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        make(tmp)
+        os.replace(tmp, out)
+    return out
+
+
+def plain_model(hf: str, cache: str, log) -> str:
+    """optimum's plain export of checkpoint `hf` (`optimum-cli export onnx`), made into `cache` once: what
+    both the optimized fp32 model and the int8 one start from."""
+    out = os.path.join(cache, "optimum-plain-" + os.path.basename(hf.rstrip("/")))
+
+    def make(tmp: str) -> None:
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        log(f"exporting {hf} with optimum into {out} (optimum-cli export onnx)")
+        ORTModelForCausalLM.from_pretrained(hf, export=True).save_pretrained(tmp)
+
+    return _made_once(out, make)
+
+
 def optimum_model(hf: str, cache: str, log, provider: str = "cpu") -> str:
     """optimum's export of checkpoint `hf`, optimized at OPTIMIZATION for `provider`, made into `cache` once."""
     out = os.path.join(cache, f"optimum-{OPTIMIZATION}-{provider}-" + os.path.basename(hf.rstrip("/")))
-    if not os.path.isfile(os.path.join(out, "model.onnx")):
-        log(f"exporting the optimum baseline to {out} (optimum-cli export onnx --optimize {OPTIMIZATION})")
-        import shutil
 
+    def make(tmp: str) -> None:
         from optimum.onnxruntime import AutoOptimizationConfig, ORTModelForCausalLM, ORTOptimizer
 
-        plain, tmp = out + ".plain", out + ".tmp"
-        ORTModelForCausalLM.from_pretrained(hf, export=True).save_pretrained(plain)
+        plain = plain_model(hf, cache, log)
+        log(f"optimizing the optimum baseline into {out} (optimum-cli export onnx --optimize {OPTIMIZATION})")
         config = getattr(AutoOptimizationConfig, OPTIMIZATION)(for_gpu=provider == "cuda")
         ORTOptimizer.from_pretrained(ORTModelForCausalLM.from_pretrained(plain)).optimize(config, tmp, file_suffix=None)
-        shutil.rmtree(plain)
-        os.replace(tmp, out)
-    return out
+
+    return _made_once(out, make)
 
 
 # optimum's CPU quantization configs (AutoQuantizationConfig), the first this machine's CPU can run
@@ -57,25 +80,22 @@ def optimum_int8_model(hf: str, cache: str, log) -> str:
     fused nodes ("Unable to find data type for weight_name='FullyConnect_MatMul_1_output'")."""
     isa = cpu_isa()
     out = os.path.join(cache, f"optimum-int8-{isa}-" + os.path.basename(hf.rstrip("/")))
-    if not os.path.isfile(os.path.join(out, "model.onnx")):
-        log(f"exporting and quantizing the optimum int8 baseline to {out} (optimum-cli onnxruntime quantize --{isa})")
+
+    def make(tmp: str) -> None:
         import shutil
 
-        from optimum.onnxruntime import ORTModelForCausalLM, ORTQuantizer
+        from optimum.onnxruntime import ORTQuantizer
         from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-        plain, tmp = out + ".plain", out + ".tmp"
-        for d in (plain, tmp):
-            shutil.rmtree(d, ignore_errors=True)
-        ORTModelForCausalLM.from_pretrained(hf, export=True).save_pretrained(plain)
+        plain = plain_model(hf, cache, log)
+        log(f"quantizing the optimum int8 baseline into {out} (optimum-cli onnxruntime quantize --{isa})")
         config = getattr(AutoQuantizationConfig, isa)(is_static=False, per_channel=False)  # the CLI's default: per tensor
         ORTQuantizer.from_pretrained(plain, file_name="model.onnx").quantize(quantization_config=config, save_dir=tmp, file_suffix=None)
         for name in os.listdir(plain):  # the tokenizer and generation config, as optimum-cli's output keeps them
             if name.endswith(".json") and not os.path.exists(os.path.join(tmp, name)):
                 shutil.copy(os.path.join(plain, name), tmp)
-        shutil.rmtree(plain)
-        os.replace(tmp, out)
-    return out
+
+    return _made_once(out, make)
 
 
 class Optimum(HFGenerate):
