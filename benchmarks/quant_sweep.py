@@ -38,6 +38,8 @@ CONFIGS = [
     ("int4", {"int4": Int4Config(block_size=128)}, {}),
     ("int4", {"int4": Int4Config(accuracy_level=0)}, {}),
     ("int4", {"int4": Int4Config()}, {"threads": 1}),
+    ("int4", {"int4": Int4Config(head_bits=4)}, {}),
+    ("int4", {"int4": Int4Config(head_bits=8)}, {}),
 ]
 
 
@@ -46,13 +48,21 @@ def main() -> None:
     ap.add_argument("model", nargs="?", default="synthetic:dialogpt-small")
     ap.add_argument("--out", default="reports/quant-sweep.json")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--configs", help="comma-separated indices into CONFIGS to run (default all; 0, fp32, is "
+                                      "always run: the time base)")
     args = ap.parse_args()
+    configs = CONFIGS
+    if args.configs:
+        picked = sorted({0, *(int(i) for i in args.configs.split(","))})
+        if picked[-1] >= len(CONFIGS):
+            ap.error(f"--configs: indices run 0 .. {len(CONFIGS) - 1}, got {picked[-1]}")
+        configs = [CONFIGS[i] for i in picked]
     warnings.simplefilter("ignore")
     from gpt2onnx.runtime import Engine
 
     rows = []
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.out)) or ".") as tmp:
-        for i, (precision, kw, engine_kw) in enumerate(CONFIGS):
+        for i, (precision, kw, engine_kw) in enumerate(configs):
             path = export(ExportOptions(args.model, os.path.join(tmp, str(i)), precision=precision,
                                         enforce_tolerances=False, **kw), log=lambda m: None)
             m = json.load(open(os.path.join(path, "gpt2onnx.json")))
@@ -60,9 +70,9 @@ def main() -> None:
                          "accuracy": m["accuracy"]["teacher_forced"], "weights_mb": m["weights"]["bytes_per_token"] / 1e6,
                          "size_mb": sum(f["bytes"] for f in m["files"].values()) / 1e6,
                          "peak_rss_mb": memory.footprint(path, threads=engine_kw.get("threads"))["peak_mb"]})
-            print(f"exported {i + 1}/{len(CONFIGS)} {precision} {rows[-1]['config']}", flush=True)
+            print(f"exported {i + 1}/{len(configs)} {precision} {rows[-1]['config']}", flush=True)
         wait_for_quiet()
-        engines = [Engine.load(r["path"], provider="cpu", verify="size", **kw) for r, (_, _, kw) in zip(rows, CONFIGS)]
+        engines = [Engine.load(r["path"], provider="cpu", verify="size", **kw) for r, (_, _, kw) in zip(rows, configs)]
         prompt = [list(range(1000, 1032))]
         times = [[] for _ in rows]
         ttft = [[] for _ in rows]
@@ -83,7 +93,7 @@ def main() -> None:
     print(f"{'precision':9s} {'config':90s} {'MB':>5s} {'RSS':>5s} {'MB/tok':>7s} {'ms/tok':>7s} {'×fp32':>6s} {'TTFT':>6s} "
           f"{'KL':>9s} {'top-1':>6s} {'ppl %':>7s}")
     for r in rows:
-        c = {k: v for k, v in (r["config"] or {}).items() if k not in ("weight_type", "exclude", "batch_invariant")}
+        c = {k: v for k, v in (r["config"] or {}).items() if k not in ("weight_type", "exclude", "batch_invariant", "method", "symmetric", "embedding", "lm_head")}
         a = r["accuracy"]
         print(f"{r['precision']:9s} {str(c)[:90]:90s} {r['size_mb']:5.0f} {r['peak_rss_mb']:5.0f} {r['weights_mb']:7.0f} "
               f"{r['p50_ms']:7.2f} {r['vs_fp32']:6.2f} {r['ttft_ms']:6.1f} "

@@ -86,7 +86,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
         rows = _parity_prompts(text, cfg)
         figures = parity.decode_parity(session, ckpt.model, cfg, rows, steps=opts.parity_steps, fused=opts.fuse)
         accuracy = parity.teacher_forced(session, ckpt.model, cfg, text)
-        tol = parity.tolerances(opts.precision, opts.kv_dtype, ckpt.source)
+        tol = parity.tolerances(opts.precision, opts.kv_dtype, ckpt.source, opts.int4.head_bits)
         problem = parity.check(opts.precision, figures, accuracy, tol)
         mixed_figures = None
         if mixed_path:  # the mixed pass against the model's own chunk and step passes, same tolerance

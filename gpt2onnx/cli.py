@@ -362,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--int4-asymmetric", action="store_true", help="int4: zero points per block")
     q.add_argument("--int4-accuracy-level", type=int, help="int4: 0 fp32 activations, 4 int8 activations")
     q.add_argument("--int4-head-bits", type=int, choices=(4, 8),
-                   help="int4: bits of the LM head and the embedding tied to it: 4 (default) or 8 (more accurate, more "
-                        "to read a token; llama.cpp's Q4_0 keeps its head at Q6_K)")
+                   help="int4: bits of the LM head and the embedding tied to it: 8 (default: as llama.cpp's Q4_0 keeps its "
+                        "head wider) or 4 (less to read a token, less accurate)")
     q.add_argument("--keep-float", help="comma list of MatMul node names left unquantized (e.g. lm_head)")
     p.set_defaults(func=cmd_export)
 

@@ -50,9 +50,10 @@ def test_quantized_operator_counts(artifacts, precision, op):
     assert m["quantization"]["weight_type"] == precision
 
 
-@pytest.mark.parametrize("precision, bits", [("int8", 8), ("int4", 4)])
+@pytest.mark.parametrize("precision, bits", [("int8", 8), ("int4", 8)])
 def test_embedding_is_quantized_and_shared_with_the_tied_head(artifacts, precision, bits):
-    """One quantized table serves the token embedding and the LM head: no float wte left."""
+    """One quantized table serves the token embedding and the LM head: no float wte left (8-bit blocks
+    at int4 too: the head's default width)."""
     import os
 
     import onnx
@@ -84,7 +85,7 @@ def test_untied_embedding_is_quantized_on_its_own(tmp_path, tiny_artifact, bits)
     wte = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "wte"))
     src = str(tmp_path / "float.onnx")
     onnx.save(m, src)
-    q, entry = (quantize.quantize_int4(src) if bits == 4 else quantize.quantize_int8(src))
+    q, entry = (quantize.quantize_int4(src, quantize.Int4Config(head_bits=4)) if bits == 4 else quantize.quantize_int8(src))
     block = min(quantize.Int4Config().block_size if bits == 4 else quantize.Int8Config().head_block_size, wte.shape[1])
     assert entry["embedding"] == f"int{bits} blocks of {block}"
     inits = {t.name: t for t in q.graph.initializer}
@@ -375,9 +376,10 @@ def test_int4_accuracy_level_outside_matmulnbits_set_is_refused(tmp_path, tiny_a
         quantize.Int4Config(accuracy_level=level).check()
 
 
-def test_int4_head_bits_8_keeps_the_head_and_embedding_wider(tmp_path, artifacts):
-    """--int4-head-bits 8: every MatMul 4-bit but the LM head, 8-bit blocks shared with the embedding
-    (as int8 keeps it); the manifest says so, and the model is nearer PyTorch than the 4-bit head."""
+def test_int4_head_bits_4_narrows_the_head_and_embedding(tmp_path, artifacts):
+    """int4's LM head is 8-bit by default (blocks shared with the embedding, as int8 keeps it);
+    --int4-head-bits 4 makes every MatMul and the embedding 4-bit, held to its own wider tolerances,
+    and the default is the nearer to PyTorch. The manifest says which."""
     import os
 
     import onnx
@@ -385,17 +387,25 @@ def test_int4_head_bits_8_keeps_the_head_and_embedding_wider(tmp_path, artifacts
 
     from gpt2onnx.export import quantize
     from gpt2onnx.export.graph import LM_HEAD
-    art = export(ExportOptions("synthetic:tiny", str(tmp_path / "a"), precision="int4", int4=quantize.Int4Config(head_bits=8)),
+
+    def head_and_rest(art):
+        bits = {n.name: {a.name: helper.get_attribute_value(a) for a in n.attribute}["bits"]
+                for n in onnx.load(os.path.join(art, "model.onnx"), load_external_data=False).graph.node
+                if n.op_type == "MatMulNBits"}
+        head = [b for n, b in bits.items() if n.startswith(LM_HEAD)]
+        return head, {b for n, b in bits.items() if not n.startswith(LM_HEAD)}
+
+    wide = load_manifest(artifacts("int4")).raw
+    assert wide["quantization"]["head_bits"] == 8 and wide["quantization"]["lm_head"].startswith("MatMulNBits 8-bit")
+    assert wide["quantization"]["embedding"].startswith("int8 blocks of") and head_and_rest(artifacts("int4")) == ([8], {4})
+    assert wide["accuracy"]["tolerances"] == parity.TOLERANCES["int4"]
+    art = export(ExportOptions("synthetic:tiny", str(tmp_path / "a"), precision="int4", int4=quantize.Int4Config(head_bits=4)),
                  log=QUIET)
     m = load_manifest(art).raw
     q = m["quantization"]
-    assert q["head_bits"] == 8 and q["lm_head"].startswith("MatMulNBits 8-bit") and q["embedding"].startswith("int8 blocks of")
-    assert "shared with the LM head" in q["embedding"]
-    bits = {n.name: {a.name: helper.get_attribute_value(a) for a in n.attribute}["bits"]
-            for n in onnx.load(os.path.join(art, "model.onnx"), load_external_data=False).graph.node if n.op_type == "MatMulNBits"}
-    head = [n for n in bits if n.startswith(LM_HEAD)]
-    assert len(head) == 1 and bits[head[0]] == 8 and {b for n, b in bits.items() if n not in head} == {4}
-    narrow = load_manifest(artifacts("int4")).raw["accuracy"]["teacher_forced"]
-    assert m["accuracy"]["teacher_forced"]["mean_kl"] < narrow["mean_kl"]
+    assert q["head_bits"] == 4 and "lm_head" not in q and q["embedding"].startswith("int4 blocks of")
+    assert "shared with the LM head" in q["embedding"] and head_and_rest(art) == ([4], {4})
+    assert m["accuracy"]["tolerances"] == parity.TOLERANCES["int4-head4"] != parity.TOLERANCES["int4"]
+    assert wide["accuracy"]["teacher_forced"]["mean_kl"] < m["accuracy"]["teacher_forced"]["mean_kl"]
     with pytest.raises(Gpt2OnnxError, match="int4 head bits must be 4 or 8, got 6"):
         quantize.Int4Config(head_bits=6).check()
