@@ -1,11 +1,11 @@
-"""Where a batch-1 decode step's time goes: onnxruntime's node profile, by operator, beside the
-weight bytes each operator reads and the rate it reads them at.
+"""Where a decode step's time goes: onnxruntime's node profile, by operator, beside the weight bytes
+each operator reads and the rate it reads them at.
 
-    python -m gpt2onnx.benchmarks.profile ARTIFACT [--prompt-len 32] [--new-tokens 64] [--threads N]
-                                          [--json OUT]
+    python -m gpt2onnx.benchmarks.profile ARTIFACT [--batch 1] [--prompt-len 32] [--new-tokens 64]
+                                          [--threads N] [--json OUT]
 
-One untimed warm-up generation, then one profiled generation (seeded random prompt, EOS off, so it
-decodes exactly --new-tokens steps). Only the decode steps count (the prompt pass is dropped).
+One untimed warm-up generation, then one profiled generation (seeded random prompts, one per row of
+--batch, EOS off, so it decodes exactly --new-tokens steps). Only the decode steps count (the prompt pass is dropped).
 Per operator type, per step: milliseconds of kernel time, its share of the step, the initializer
 bytes its nodes read (the stored graph's initializers; an embedding Gather reads one row) and those
 bytes over its time in GB/s, beside the machine's read bandwidth measured in the same process
@@ -26,7 +26,8 @@ import tempfile
 import numpy as np
 
 
-def profile(path: str, prompt_len: int = 32, new_tokens: int = 64, threads: int | None = None, seed: int = 0) -> dict:
+def profile(path: str, prompt_len: int = 32, new_tokens: int = 64, threads: int | None = None, seed: int = 0,
+            batch: int = 1) -> dict:
     """Profile one generation of the artifact at `path`; returns the figures (module docstring)."""
     from gpt2onnx.runtime import Engine
     from gpt2onnx.runtime.session import build_session
@@ -40,9 +41,9 @@ def profile(path: str, prompt_len: int = 32, new_tokens: int = 64, threads: int 
     with tempfile.TemporaryDirectory() as tmp:
         session = build_session(manifest, provider, sc, profile_prefix=os.path.join(tmp, "decode"))
         engine = Engine(manifest, session, tokenizer, provider, sc)
-        prompt = np.random.default_rng(seed).integers(0, engine.vocab_size - 1, prompt_len).tolist()
+        prompts = np.random.default_rng(seed).integers(0, engine.vocab_size - 1, (batch, prompt_len)).tolist()
         for _ in range(2):  # warm-up, then the profiled generation
-            engine.generate([prompt], max_new_tokens=new_tokens, eos_token_id=-1)
+            engine.generate(prompts, max_new_tokens=new_tokens, eos_token_id=-1)
         events = json.load(open(session.end_profiling()))
     bandwidth = memory_bandwidth_gbs()["read"]
 
@@ -75,7 +76,7 @@ def profile(path: str, prompt_len: int = 32, new_tokens: int = 64, threads: int 
               "gbs": r["bytes"] / r["us"] / 1e3} for (op, b), r in sorted(by_shape.items(), key=lambda kv: -kv[1]["us"])]
     kernels = sum(o["ms_per_step"] for o in ops)
     weights_mb = sum(o["weights_mb_per_step"] for o in ops)
-    return {"artifact": path, "precision": manifest.precision, "threads": sc.threads or os.cpu_count() or 1,
+    return {"artifact": path, "precision": manifest.precision, "batch": batch, "threads": sc.threads or os.cpu_count() or 1,
             "huge_pages": sc.huge_pages,
             "steps": n, "step_ms_p50": step_ms, "kernels_ms": kernels, "outside_kernels_ms": step_ms - kernels,
             "weights_mb_per_step": weights_mb, "floor_ms": weights_mb / bandwidth, "read_bandwidth_gbs": bandwidth,
@@ -96,7 +97,8 @@ def _weight_bytes(model_path: str) -> dict[str, int]:
 
 def render(p: dict) -> str:
     pages = "2 MB pages" if p["huge_pages"] else "4 KB pages"
-    lines = [f"{p['artifact']} ({p['precision']}, {p['threads']} threads, weights on {pages}): decode step p50 {p['step_ms_p50']:.2f} ms over "
+    lines = [f"{p['artifact']} ({p['precision']}, batch {p.get('batch', 1)}, {p['threads']} threads, weights on {pages}): "
+             f"decode step p50 {p['step_ms_p50']:.2f} ms over "
              f"{p['steps']} steps; kernels {p['kernels_ms']:.2f} ms, outside kernels {p['outside_kernels_ms']:.2f} ms",
              f"weights read per step {p['weights_mb_per_step']:.0f} MB; read bandwidth {p['read_bandwidth_gbs']:.1f} GB/s "
              f"-> floor {p['floor_ms']:.2f} ms ({p['floor_ms'] / p['step_ms_p50']:.0%} of the step)",
@@ -116,6 +118,7 @@ def render(p: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m gpt2onnx.benchmarks.profile", description=__doc__.split("\n\n")[0])
     p.add_argument("artifact")
+    p.add_argument("--batch", type=int, default=1, help="rows decoded together")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
@@ -124,7 +127,7 @@ def main(argv=None) -> None:
     from gpt2onnx.runtime.errors import Gpt2OnnxError
 
     try:
-        result = profile(a.artifact, a.prompt_len, a.new_tokens, a.threads)
+        result = profile(a.artifact, a.prompt_len, a.new_tokens, a.threads, batch=a.batch)
     except Gpt2OnnxError as e:
         raise SystemExit(f"profile: {e}") from None
     print(render(result))

@@ -629,7 +629,11 @@ def test_profile_counts_decode_steps_and_weight_bytes(tiny_artifact):
     assert ops["Gather"]["weights_mb_per_step"] == 0
     assert p["kernels_ms"] == pytest.approx(sum(o["ms_per_step"] for o in p["ops"])) and 0 < p["kernels_ms"] < 2 * p["step_ms_p50"]
     assert p["floor_ms"] == pytest.approx(p["weights_mb_per_step"] / p["read_bandwidth_gbs"])
-    assert "| MatMul |" in profile.render(p)
+    assert "| MatMul |" in profile.render(p) and "batch 1," in profile.render(p)
+    # --batch: rows decoded together; the same steps, the same weights read once per step whatever the batch
+    b = profile.profile(tiny_artifact, prompt_len=8, new_tokens=6, batch=3)
+    assert b["batch"] == 3 and b["steps"] == 5 and "batch 3," in profile.render(b)
+    assert {o["op"]: o for o in b["ops"]}["MatMul"]["weights_mb_per_step"] == pytest.approx(matmul / 1e6)
 
 
 # the cheapest bench: every optional scenario off, so a refusal that comes late shows as a run, not a wait
