@@ -36,6 +36,7 @@ VARIANTS = (
     ("int8", "int8", None, 4),  # int8 KV cache by default on the CPU provider
     ("int4", "int4", None, 8),  # int8 KV cache by default on the CPU provider; the head 8-bit
     ("int4 + 4-bit head", "int4", None, 4),  # export --int4-head-bits 4
+    ("int4 + fp16 KV", "int4", "float16", 8),  # export --kv-dtype float16: what the int8 cache costs int4
 )
 REPLY_TOKENS = 32  # greedy reply length cap (replies end earlier at <|endoftext|>)
 
@@ -255,7 +256,7 @@ def markdown(doc: dict) -> list[str]:
     if any(r["variant"].startswith("llama.cpp") for r in doc["rows"]):
         L += ["", "llama.cpp rows: the same checkpoint converted to GGUF with llama.cpp's converter and quantizer defaults "
                   "(its Q4_0 keeps the tied embedding and output matrix at a higher precision: Q6_K, or Q8_0 where rows are "
-                  "not a multiple of 256; ours int4 quantizes it to 4 bits), run through "
+                  "not a multiple of 256; ours int4 keeps it in 8-bit blocks of 128, or 4-bit with --int4-head-bits 4), run through "
                   "llama-cpp-python with its f16 KV cache: teacher-forced the same way (the opening turn in one pass, then "
                   "one token per step), greedy replies at temperature 0."]
     if doc.get("llamacpp_skipped"):

@@ -132,6 +132,7 @@ def test_precision_table(tmp_path, chat_tiny):
     assert rows["fp32"]["greedy_agreement"] == 1.0 and rows["fp32"]["mean_kl"] < 1e-8
     assert rows["fp32"]["first_divergence_median"] is None
     assert rows["int8"]["kv_dtype"] == rows["int4"]["kv_dtype"] == rows["fp32 + int8 KV"]["kv_dtype"] == "int8"
+    assert rows["int4 + fp16 KV"]["kv_dtype"] == "float16"
     for r in rows.values():
         assert r["prompts"] == doc["heldout"]["prompts"] <= 12 and r["tokens"] > 100
         assert 0 <= r["greedy_agreement"] <= 1 and 0.5 < r["top1_agreement"] <= 1
