@@ -28,15 +28,19 @@ import os
 import statistics
 import time
 
-# The rows: (name, precision, KV cache dtype; None = the export's default for that precision, int4 head bits).
+from gpt2onnx.export.quantize import Int4Config, Int8Config
+
+# The rows: (name, precision, KV cache dtype; None = the export's default for that precision,
+# quantizer settings other than the default: ExportOptions' int8 / int4 fields).
 VARIANTS = (
-    ("fp32", "fp32", None, 4),
-    ("fp16", "fp16", None, 4),
-    ("fp32 + int8 KV", "fp32", "int8", 4),
-    ("int8", "int8", None, 4),  # int8 KV cache by default on the CPU provider
-    ("int4", "int4", None, 8),  # int8 KV cache by default on the CPU provider; the head 8-bit
-    ("int4 + 4-bit head", "int4", None, 4),  # export --int4-head-bits 4
-    ("int4 + fp16 KV", "int4", "float16", 8),  # export --kv-dtype float16: what the int8 cache costs int4
+    ("fp32", "fp32", None, {}),
+    ("fp16", "fp16", None, {}),
+    ("fp32 + int8 KV", "fp32", "int8", {}),
+    ("int8", "int8", None, {}),  # int8 KV cache by default on the CPU provider
+    ("int8 nbits", "int8", None, {"int8": Int8Config(method="nbits")}),  # --int8-method nbits: batch-invariant
+    ("int4", "int4", None, {}),  # int8 KV cache by default on the CPU provider; the head 8-bit
+    ("int4 + 4-bit head", "int4", None, {"int4": Int4Config(head_bits=4)}),  # export --int4-head-bits 4
+    ("int4 + fp16 KV", "int4", "float16", {}),  # export --kv-dtype float16: what the int8 cache costs int4
 )
 REPLY_TOKENS = 32  # greedy reply length cap (replies end earlier at <|endoftext|>)
 
@@ -152,7 +156,6 @@ def measure(model: str, out: str, artifacts: str, log=print, force: bool = False
     from gpt2onnx.export import checkpoints, parity, train
     from gpt2onnx.export.convert import ExportOptions, export
     from gpt2onnx.export.graph import model_config
-    from gpt2onnx.export.quantize import Int4Config
     from gpt2onnx.runtime import Engine
 
     ckpt = checkpoints.load(model)
@@ -168,12 +171,12 @@ def measure(model: str, out: str, artifacts: str, log=print, force: bool = False
     ref = reference_replies(ckpt.model, prompts)
     log(f"PyTorch fp32 greedy replies to {len(prompts)} held-out prompts in {time.perf_counter() - t:.0f} s")
     results = []
-    for name, precision, kv, head_bits in VARIANTS:
+    for name, precision, kv, quant in VARIANTS:
         art = os.path.join(artifacts, f"{model.split(':', 1)[1]}-{name.replace(' + ', '-').replace(' ', '')}")
-        if force or not _usable(art, head_bits if precision == "int4" else None):
+        opts = ExportOptions(model, art, precision=precision, kv_dtype=kv, force=True, **quant)
+        if force or not _usable(art, opts):
             log(f"exporting {model} {name}")
-            export(ExportOptions(model, art, precision=precision, kv_dtype=kv, force=True, int4=Int4Config(head_bits=head_bits)),
-                   log=lambda m: None)
+            export(opts, log=lambda m: None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fp16 on the CPU provider: slower, measured anyway
             engine = Engine.load(art, provider="cpu")
@@ -214,16 +217,22 @@ def measure(model: str, out: str, artifacts: str, log=print, force: bool = False
     return doc
 
 
-def _usable(art: str, head_bits: int | None = None) -> bool:
-    """An artifact left by an earlier run serves again if it is whole and, for int4, has the head width
-    asked (one exported before the 8-bit head became the default has none recorded: 4 bits)."""
+def _usable(art: str, opts) -> bool:
+    """An artifact left by an earlier run serves again if it is whole and quantized as `opts` asks: an
+    int8 of the same method, an int4 of the same head width (one exported before the 8-bit head became
+    the default records none: 4 bits)."""
     from gpt2onnx.runtime.artifact import load_manifest
 
     try:
         m = load_manifest(art, verify="size")
     except Exception:  # absent or damaged: export again
         return False
-    return head_bits is None or (m.raw.get("quantization") or {}).get("head_bits", 4) == head_bits
+    q = m.raw.get("quantization") or {}
+    if opts.precision == "int8":
+        return ("MatMulNBits" in q.get("method", "")) == (opts.int8.method == "nbits")
+    if opts.precision == "int4":
+        return q.get("head_bits", 4) == opts.int4.head_bits
+    return True
 
 
 def table(rows: list[dict]) -> list[str]:

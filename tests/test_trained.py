@@ -132,7 +132,9 @@ def test_precision_table(tmp_path, chat_tiny):
     assert rows["fp32"]["greedy_agreement"] == 1.0 and rows["fp32"]["mean_kl"] < 1e-8
     assert rows["fp32"]["first_divergence_median"] is None
     assert rows["int8"]["kv_dtype"] == rows["int4"]["kv_dtype"] == rows["fp32 + int8 KV"]["kv_dtype"] == "int8"
-    assert rows["int4 + fp16 KV"]["kv_dtype"] == "float16"
+    assert rows["int4 + fp16 KV"]["kv_dtype"] == "float16" and rows["int8 nbits"]["kv_dtype"] == "int8"
+    # activations quantized per row and 32-block, not one scale per call: the nearer int8
+    assert rows["int8 nbits"]["mean_kl"] < rows["int8"]["mean_kl"]
     for r in rows.values():
         assert r["prompts"] == doc["heldout"]["prompts"] <= 12 and r["tokens"] > 100
         assert 0 <= r["greedy_agreement"] <= 1 and 0.5 < r["top1_agreement"] <= 1
