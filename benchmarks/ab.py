@@ -9,7 +9,9 @@ tokens/s end to end and TTFT) and the Scheduler under 16 closed-loop clients (64
 gpt2onnx (a package tree of symlinks put first on its path), the two sides alternate and swap order
 every repeat, and the medians and new/base ratios are printed. Each side reads its own artifacts
 (export them with each checkout when the graph changed). Only the public runtime API is used, so
-any two versions that have it compare. Run it on a quiet machine.
+any two versions that have it compare. `--base-load` / `--new-load` pass Engine.load options to one
+side (JSON, e.g. '{"huge_pages": false}': the same checkout and artifacts on both sides then compare
+one load option). Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ import time
 MODES = ("b1", "b16", "c16")
 
 
-def sample(mode: str, art: str) -> dict:
-    """One measurement in this process (whatever gpt2onnx resolves to)."""
+def sample(mode: str, art: str, load: dict | None = None) -> dict:
+    """One measurement in this process (whatever gpt2onnx resolves to); `load`: more Engine.load options."""
     import numpy as np
 
     from gpt2onnx.runtime import Engine, Scheduler, SchedulerConfig
 
-    e = Engine.load(art, provider="cpu", threads=2)
+    e = Engine.load(art, **{"provider": "cpu", "threads": 2, **(load or {})})
     rng = np.random.default_rng(0)
     if mode == "b1":
         p = rng.integers(0, e.vocab_size - 1, 32).tolist()
@@ -96,11 +98,20 @@ def main() -> None:
     p.add_argument("--new-art", nargs="+", required=True, help="the same precisions, for this checkout")
     p.add_argument("--modes", default="b1,b16,c16", help="which scenarios (b1 runs every artifact, b16 and c16 the first two / the int8 one)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--sample", nargs=2, metavar=("MODE", "ART"), help=argparse.SUPPRESS)  # a child process
+    p.add_argument("--base-load", default="{}", help="Engine.load options of the base side, as JSON")
+    p.add_argument("--new-load", default="{}", help="Engine.load options of this checkout's side, as JSON")
+    p.add_argument("--sample", nargs=3, metavar=("MODE", "ART", "LOAD"), help=argparse.SUPPRESS)  # a child process
     args = p.parse_args()
     if args.sample:
-        print(json.dumps(sample(*args.sample)))
+        print(json.dumps(sample(args.sample[0], args.sample[1], json.loads(args.sample[2]))))
         return
+    loads = {}
+    for side in ("base", "new"):
+        try:
+            loads[side] = json.loads(getattr(args, f"{side}_load"))
+            assert isinstance(loads[side], dict)
+        except (ValueError, AssertionError):
+            p.error(f"--{side}-load takes a JSON object of Engine.load options, e.g. '{{\"huge_pages\": false}}'")
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     modes = [m for m in args.modes.split(",") if m]
     pairs = list(zip(args.base_art, args.new_art))
@@ -114,8 +125,10 @@ def main() -> None:
                 for side in (("base", "new") if rep % 2 == 0 else ("new", "base")):
                     art = pairs[i][0 if side == "base" else 1]
                     env = {**os.environ, "PYTHONPATH": paths[side]}
-                    out = subprocess.run([sys.executable, "-m", "gpt2onnx.benchmarks.ab", "-", "--base-art", "-", "--new-art", "-",
-                                          "--sample", mode, art], env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
+                    # this file as the child, whatever the side's version of it: only gpt2onnx comes from the side
+                    out = subprocess.run([sys.executable, os.path.abspath(__file__), "-", "--base-art", "-", "--new-art", "-",
+                                          "--sample", mode, art, json.dumps(loads[side])],
+                                         env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
                     if out.returncode:
                         sys.exit(f"{side} {mode} {art} failed: {out.stderr.strip().splitlines()[-1:]}")
                     results.setdefault((mode, os.path.basename(pairs[i][1]), side), []).append(json.loads(out.stdout))

@@ -684,3 +684,22 @@ def test_bench_refuses_an_unavailable_provider(tiny_artifact, tmp_path, capsys, 
     err = _bench_refusal(capsys, tiny_artifact, *CHEAP, "--bench-provider", "cuda", "--out", str(tmp_path / "r"))
     assert "--bench-provider cuda is not available" in err and "--bench-provider cpu" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_ab_passes_load_options_to_one_side(tiny_artifact):
+    """benchmarks/ab.py --new-load: Engine.load options reach the new side's processes only (an unknown one
+    fails there, named); the same checkout and artifact on both sides then compare one load option."""
+    root = str(Path(__file__).resolve().parents[1])
+
+    def ab(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gpt2onnx.benchmarks.ab", root, "--base-art", tiny_artifact,
+                               "--new-art", tiny_artifact, "--modes", "b1", "--repeats", "1", *extra],
+                              capture_output=True, text=True, timeout=300)
+
+    bad = ab("--new-load", '{"no_such_option": 1}')
+    assert bad.returncode != 0 and "new b1" in bad.stderr and "no_such_option" in bad.stderr
+    ok = ab("--new-load", '{"huge_pages": false}')
+    assert ok.returncode == 0, ok.stderr
+    assert [ln.split()[:3] for ln in ok.stdout.splitlines()] == [["b1", "tiny", "ms_per_token"], ["b1", "tiny", "ttft_ms"]]
+    refused = ab("--base-load", "[1]")
+    assert refused.returncode == 2 and "--base-load takes a JSON object of Engine.load options" in refused.stderr
