@@ -64,8 +64,9 @@ class Int4Config:
     embedding: bool = True  # the token embedding as blocks of head_bits, shared with the head when tied
     # the LM head (and the embedding tied to it): 8 bits in blocks of 128, as int8 keeps it and as
     # llama.cpp's Q4_0 keeps its head wider (Q6_K / Q8_0), or 4 as every other MatMul. trained:chat,
-    # held out: KL 2.2e-3 vs 1.9e-2, 57 vs 41 of 82 greedy replies kept; DialoGPT-small batch 1 1.19x
-    # the time (88 vs 70 MB read a token), still 0.89x Q4_0's (README, Precisions; reports/quant-sweep.txt)
+    # held out: KL 2.2e-3 vs 1.9e-2, 57 vs 41 of 82 greedy replies kept; DialoGPT-small batch 1
+    # 1.05-1.19x the time (88 vs 70 MB read a token), medium 1.06x, still 0.89x Q4_0's (README,
+    # Precisions; reports/quant-sweep.txt)
     head_bits: int = 8
 
     def check(self) -> None:
