@@ -54,15 +54,23 @@ def heldout_rows(ckpt, convs: list[list[str]]) -> list[tuple[int, list[int]]]:
     return [(len(encode_conversation(ckpt.tokenizer, c[:1], eos)), encode_conversation(ckpt.tokenizer, c, eos)[:n]) for c in convs]
 
 
-def teacher_forced(session, torch_model, cfg, rows: list[tuple[int, list[int]]]) -> dict:
-    """Perplexities, mean KL and top-1 agreement over the held-out conversations, each run as a
-    prompt pass over its opening turn and then one token per step (the KV cache path): the export's
-    own teacher-forced loop (export/parity.py), scoring every token but each conversation's first."""
+def reference_logits(torch_model, rows: list[tuple[int, list[int]]]) -> list:
+    """PyTorch fp32's logits [T, vocab] over each held-out conversation, computed once for every row of the table."""
+    from gpt2onnx.export import parity
+
+    return [parity.reference_logits(torch_model, ids) for _, ids in rows]
+
+
+def teacher_forced(session, cfg, rows: list[tuple[int, list[int]]], refs: list) -> dict:
+    """Perplexities, mean KL and top-1 agreement over the held-out conversations against their
+    reference logits `refs`, each run as a prompt pass over its opening turn and then one token per
+    step (the KV cache path): the export's own teacher-forced loop (export/parity.py), scoring every
+    token but each conversation's first."""
     from gpt2onnx.export import parity
 
     runs = []
-    for p, ids in rows:
-        ref, ours = parity.forced_logits(session, torch_model, cfg, ids, prefill=p)
+    for (p, ids), ref in zip(rows, refs):
+        ours = parity.graph_logits(session, cfg, ids, prefill=p)
         runs.append((ids, ref[:-1], ours[:-1]))  # predictions of tokens 1..T-1
     return parity.forced_figures(runs)
 
@@ -83,23 +91,19 @@ def reference_replies(torch_model, prompts: list[list[int]], max_new_tokens: int
 
 
 def llamacpp_rows(model: str, hf: str, cache: str, rows: list[tuple[int, list[int]]], prompts: list[list[int]],
-                  ref_replies: list[list[int]], torch_model, log=print) -> list[dict]:
+                  ref_replies: list[list[int]], refs: list, eos: int, log=print) -> list[dict]:
     """llama.cpp at each precision beside ours: the trained checkpoint `hf` converted to GGUF F32 / Q8_0 /
     Q4_0 as the bench converts it (engines/llamacpp.py, into `cache`), run through llama-cpp-python as the
     bench runs it, teacher-forced the way ours is (the opening turn as one pass, then one token per step;
-    every position's logits kept) against PyTorch fp32's logits, and its greedy replies (temperature 0,
-    up to REPLY_TOKENS, EOS included) against PyTorch's."""
+    every position's logits kept) against PyTorch fp32's logits `refs` (reference_logits), and its greedy replies (temperature 0,
+    up to REPLY_TOKENS, `eos` included) against PyTorch's."""
     import numpy as np
-    import torch
     from llama_cpp import Llama
 
     from gpt2onnx.benchmarks.engines import llamacpp
     from gpt2onnx.export import parity
     from gpt2onnx.runtime.session import physical_cores
 
-    with torch.no_grad():
-        refs = [torch_model(input_ids=torch.tensor([ids])).logits[0].double().numpy() for _, ids in rows]
-    eos = torch_model.config.eos_token_id
     out = []
     for precision, gtype in llamacpp.GGUF_TYPES.items():
         gguf = llamacpp.gguf_model(hf, cache, precision, log=log)
@@ -169,7 +173,9 @@ def measure(model: str, out: str, artifacts: str, log=print, force: bool = False
     prompts = list({tuple(ids[:p]): ids[:p] for p, ids in rows}.values())
     t = time.perf_counter()
     ref = reference_replies(ckpt.model, prompts)
-    log(f"PyTorch fp32 greedy replies to {len(prompts)} held-out prompts in {time.perf_counter() - t:.0f} s")
+    refs = reference_logits(ckpt.model, rows)  # every variant's teacher-forced figures are against these
+    log(f"PyTorch fp32 greedy replies to {len(prompts)} held-out prompts and logits over {len(rows)} conversations in "
+        f"{time.perf_counter() - t:.0f} s")
     results = []
     for name, precision, kv, quant in VARIANTS:
         art = os.path.join(artifacts, f"{model.split(':', 1)[1]}-{name.replace(' + ', '-').replace(' ', '')}")
@@ -181,7 +187,7 @@ def measure(model: str, out: str, artifacts: str, log=print, force: bool = False
             warnings.simplefilter("ignore")  # fp16 on the CPU provider: slower, measured anyway
             engine = Engine.load(art, provider="cpu")
         t = time.perf_counter()
-        figs = teacher_forced(parity.ort_session(engine.manifest.file("model.onnx")), ckpt.model, cfg, rows)
+        figs = teacher_forced(parity.ort_session(engine.manifest.file("model.onnx")), cfg, rows, refs)
         ours = [engine.generate([p], max_new_tokens=REPLY_TOKENS)[0] for p in prompts]
         row = {"model": model, "variant": name, "precision": precision, "kv_dtype": engine.manifest.raw["io"]["kv"]["dtype"],
                **figs, **reply_agreement(ours, ref), "tolerances": engine.manifest.raw["accuracy"]["tolerances"],
@@ -197,7 +203,7 @@ def measure(model: str, out: str, artifacts: str, log=print, force: bool = False
         if skipped:
             log(f"no llama.cpp rows: {skipped}")
         else:
-            results += llamacpp_rows(model, path, artifacts, rows, prompts, ref, ckpt.model, log)
+            results += llamacpp_rows(model, path, artifacts, rows, prompts, ref, refs, ckpt.model.config.eos_token_id, log)
     doc = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": model,

@@ -263,16 +263,26 @@ def teacher_forced(session, torch_model, cfg: ModelConfig, ids: list[int], min_t
 
 def forced_logits(session, torch_model, cfg: ModelConfig, ids: list[int], prefill: int) -> tuple[np.ndarray, np.ndarray]:
     """Teacher forcing, the one loop export and benchmarks share: PyTorch's logits over `ids` in one
-    pass, and the graph's as generation runs them (a `prefill`-token prompt pass, then one token per
-    step through the KV cache, each step fed the next token of `ids`).
+    pass (reference_logits), and the graph's as generation runs them (graph_logits).
 
     Returns (reference, ours), both [len(ids), vocab] float64: row t predicts token t + 1.
     """
+    return reference_logits(torch_model, ids), graph_logits(session, cfg, ids, prefill)
+
+
+def reference_logits(torch_model, ids: list[int]) -> np.ndarray:
+    """PyTorch's logits over `ids` in one pass, [len(ids), vocab] float64 (a tool scoring several graphs
+    over the same text computes them once)."""
     import torch
 
-    x = np.array([ids], np.int64)
     with torch.no_grad():
-        ref = torch_model(input_ids=torch.from_numpy(x)).logits[0].double().numpy()  # [T, vocab]
+        return torch_model(input_ids=torch.tensor([ids], dtype=torch.long)).logits[0].double().numpy()
+
+
+def graph_logits(session, cfg: ModelConfig, ids: list[int], prefill: int) -> np.ndarray:
+    """The graph's logits over `ids` as generation runs them: a `prefill`-token prompt pass, then one
+    token per step through the KV cache, each step fed the next token of `ids`; [len(ids), vocab] float64."""
+    x = np.array([ids], np.int64)
     empty = np.zeros((1, cfg.n_head, 0, cfg.head_dim), kv_dtype(session))
     outs = session.run(None, feed(cfg, x[:, :prefill], np.ones((1, prefill), np.int64), np.arange(prefill)[None],
                                   [empty] * (2 * cfg.n_layer), keep=0))
@@ -280,7 +290,7 @@ def forced_logits(session, torch_model, cfg: ModelConfig, ids: list[int], prefil
     for t in range(prefill, len(ids)):
         outs = session.run(None, feed(cfg, x[:, t: t + 1], np.ones((1, t + 1), np.int64), np.array([[t]]), outs[1:], keep=1))
         ours.append(outs[0][0])
-    return ref, np.concatenate(ours).astype(np.float64)
+    return np.concatenate(ours).astype(np.float64)
 
 
 def forced_figures(runs: list[tuple[list[int], np.ndarray, np.ndarray]]) -> dict[str, float]:

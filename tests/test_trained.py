@@ -167,7 +167,9 @@ def test_precision_table_llamacpp_rows(tmp_path, chat_tiny):
     rows = accuracy.heldout_rows(chat_tiny, train.heldout(path)[:4])
     prompts = [ids[:p] for p, ids in rows]
     ref = accuracy.reference_replies(chat_tiny.model, prompts)
-    got = {r["variant"]: r for r in accuracy.llamacpp_rows(MODEL, path, str(tmp_path), rows, prompts, ref, chat_tiny.model, log=QUIET)}
+    got = {r["variant"]: r for r in accuracy.llamacpp_rows(MODEL, path, str(tmp_path), rows, prompts, ref,
+                                                                 accuracy.reference_logits(chat_tiny.model, rows),
+                                                                 chat_tiny.model.config.eos_token_id, log=QUIET)}
     assert list(got) == ["llama.cpp F32", "llama.cpp Q8_0", "llama.cpp Q4_0"]
     assert got["llama.cpp F32"]["mean_kl"] < 1e-4 and got["llama.cpp F32"]["top1_agreement"] > 0.99
     assert got["llama.cpp Q4_0"]["mean_kl"] > got["llama.cpp Q8_0"]["mean_kl"] > got["llama.cpp F32"]["mean_kl"]
