@@ -138,9 +138,22 @@ def _load_hf(name_or_path: str, offline: str | None = None) -> Checkpoint:
             f"{name_or_path} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt); save the "
             f"checkpoint's tokenizer there with tokenizer.save_pretrained({name_or_path!r})"
         )
+    from safetensors import SafetensorError
+
     local = {"local_files_only": True} if offline else {}
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, **dtype_kwarg("float32"), **local)
+        # config.json alone first: another architecture is refused before its weights are read (or downloaded)
+        model_type = transformers.PretrainedConfig.get_config_dict(name_or_path, **local)[0].get("model_type")
+        if model_type != "gpt2":
+            what = f"is a {model_type!r} model" if model_type else "has no model_type in its config.json"
+            raise Gpt2OnnxError(f"{name_or_path} {what}; only GPT-2-family checkpoints (model_type 'gpt2') are supported")
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # its paragraph on missing or unused weights: refused below in one line
+        try:
+            model, loading = transformers.AutoModelForCausalLM.from_pretrained(
+                name_or_path, **dtype_kwarg("float32"), **local, output_loading_info=True)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
         hf_tok = transformers.AutoTokenizer.from_pretrained(name_or_path, use_fast=True, **local)
     except (OSError, ValueError) as e:  # missing files, unreachable hub, malformed hub id
         if offline:  # not a directory here, not in the hub cache
@@ -152,8 +165,21 @@ def _load_hf(name_or_path: str, offline: str | None = None) -> Checkpoint:
             f"cannot load checkpoint {name_or_path!r} ({str(e).splitlines()[0]}); pass a local "
             "directory with config.json, weights and tokenizer files, or synthetic:NAME"
         ) from None
-    if model.config.model_type != "gpt2":
-        raise Gpt2OnnxError(f"{name_or_path} is a {model.config.model_type!r} model; only GPT-2-family checkpoints are supported")
+    except SafetensorError as e:  # a truncated or damaged weights file
+        raise Gpt2OnnxError(f"cannot read the weights of {name_or_path} ({e}); the file is damaged, save the checkpoint again") from None
+    except RuntimeError as e:  # torch's "size mismatch for weight: copying a param with shape ..."
+        if "size mismatch" not in str(e):
+            raise
+        raise Gpt2OnnxError(f"the weights of {name_or_path} do not have the shapes its config.json gives "
+                            f"({' '.join(ln.strip() for ln in str(e).splitlines())}); fix config.json or save the checkpoint again") from None
+    # transformers fills weights the file lacks with random values and drops ones the config has no place
+    # for (a config.json edited to more or fewer layers): either gives an artifact of another model
+    missing = loading["missing_keys"]
+    extra = [k for k in loading["unexpected_keys"] if not k.endswith(("attn.bias", "attn.masked_bias"))]  # old GPT-2 buffers
+    if missing or extra:
+        what = f"lacks {len(missing)} weights its config.json needs (first {missing[0]})" if missing else \
+            f"holds {len(extra)} weights its config.json has no place for (first {extra[0]})"
+        raise Gpt2OnnxError(f"{name_or_path} {what}; fix config.json (n_layer, n_embd ...) or save the checkpoint again")
     if not getattr(hf_tok, "is_fast", False):
         raise Gpt2OnnxError(f"{name_or_path} has no fast tokenizer (tokenizer.json); save one with transformers first")
     return Checkpoint(model.eval(), hf_tok.backend_tokenizer, name_or_path)

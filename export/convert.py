@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import errno
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -66,12 +70,14 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
     model = graph.build(cfg, w, fused=opts.fuse, dtype=dtype, kv_dtype=opts.kv_dtype, kv_scales=scales)
 
     out = os.path.abspath(opts.output)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual mode
+    made = _missing_parents(out)  # created here, removed again when the export fails or is interrupted
+    tmp = None
     try:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual mode
         model_path = os.path.join(tmp, "model.onnx")
         quant = _write_graph(model, model_path, opts, log)
         del model
@@ -115,8 +121,15 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
         with open(os.path.join(tmp, MANIFEST_NAME), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
         _replace_dir(tmp, out, opts.force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for d in made:  # deepest first; only while empty
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk, not a bug
+            raise Gpt2OnnxError(f"cannot write {out}: {e.strerror}; free space there or choose another -o "
+                                "(nothing was written)") from None
         raise
     log(f"wrote {out}: decode max |Δlogit| {figures['max_abs_logit_diff']:.2e}; teacher-forced over {accuracy['tokens']} tokens: "
         f"mean KL {accuracy['mean_kl']:.2e}, top-1 {accuracy['top1_agreement']:.3f}, perplexity {accuracy['perplexity_change_pct']:+.2f}%")
@@ -280,17 +293,52 @@ def _same_bytes(ext: tuple[str, int, int, str], raw: bytes) -> bool:
         return f.read(length) == raw
 
 
+def _missing_parents(path: str) -> list[str]:
+    """The directories above `path` that do not exist yet, deepest first."""
+    out = []
+    parent = os.path.dirname(path)
+    while not os.path.lexists(parent):
+        out.append(parent)
+        parent = os.path.dirname(parent)
+    return out
+
+
 def _replace_dir(tmp: str, out: str, force: bool) -> None:
-    """Rename `tmp` to `out`; with `force`, the old directory is moved aside first, then removed."""
-    if os.path.exists(out):
-        if not force:
-            raise Gpt2OnnxError(f"{out} already exists; pass --force to replace it")
-        old = tmp + ".old"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+    """Rename `tmp` to `out`; with `force`, the old directory (or a link to it) is moved aside first, then
+    removed. Ctrl-C, SIGTERM and SIGHUP wait until this is done: between the two renames `out` holds
+    neither the old artifact nor the new one, and the caller's clean-up would delete the new one."""
+    if os.path.exists(out) and not force:
+        raise Gpt2OnnxError(f"{out} already exists; pass --force to replace it")
+    with _signals_deferred():
+        if os.path.lexists(out):
+            old = tmp + ".old"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            if os.path.islink(old):  # -o named a link to an artifact: the link is replaced, its target kept
+                os.unlink(old)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT, SIGTERM and SIGHUP that arrive inside the block are raised again when it ends, under the
+    handlers the caller had. Python runs handlers on the main thread only, and only it may set them
+    (masking the signal in one thread would not do: the kernel hands it to any other thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    saved = {s: signal.signal(s, lambda n, _: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if got:
+            signal.raise_signal(got[0])
 
 
 def _manifest(opts: ExportOptions, ckpt, cfg: graph.ModelConfig, model_path: str, tmp: str) -> dict:

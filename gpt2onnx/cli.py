@@ -258,7 +258,8 @@ def cmd_serve(args) -> None:
     except ImportError as e:
         raise Gpt2OnnxError(f"the server needs {e.name}; install it with `pip install gpt2onnx[serve]`") from None
     cfg = _serve_config(args)
-    cfg.api_key = args.api_key or os.environ.get("GPT2ONNX_API_KEY") or None
+    # an empty --api-key (`--api-key "$KEY"` with KEY unset) reaches check(), which refuses it, instead of serving without one
+    cfg.api_key = args.api_key if args.api_key is not None else os.environ.get("GPT2ONNX_API_KEY") or None
     _refuse_unused(["replicas"] if args.replicas is not None else [], not args.ray, "--ray")
     if not args.ray:
         serve(args.artifacts, cfg)
@@ -405,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     if add_arguments:
         add_arguments(p)
     p.set_defaults(func=cmd_bench)
+    for p in sub.choices.values():  # where an internal error's "rerun with --debug" puts it: after the command
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 

@@ -1,0 +1,150 @@
+"""Bad input that once reached a traceback, a silent wrong artifact or a half-replaced directory: a
+checkpoint whose config.json and weights disagree, another architecture, a signal during `--force`'s
+swap, a link as -o, a full disk, an empty --api-key, --debug after the command."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gpt2onnx.export import checkpoints
+from gpt2onnx.runtime.errors import Gpt2OnnxError
+
+from .conftest import QUIET, assert_one_line_error, run_cli
+
+
+def _edited_checkpoint(tiny, path, **config) -> str:
+    checkpoints.save_hf_checkpoint(tiny, str(path))
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, **config}))
+    return str(path)
+
+
+def test_another_architecture_is_refused_before_its_weights_load(tmp_path, tiny, monkeypatch):
+    """A llama config.json once instantiated a 7B-parameter model (killed for memory) before the
+    model_type check; a hub id would download every weight first."""
+    import transformers
+
+    path = _edited_checkpoint(tiny, tmp_path / "ck", model_type="llama")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("weights loaded before the architecture was checked"))
+    with pytest.raises(Gpt2OnnxError, match=r"is a 'llama' model; only GPT-2-family checkpoints"):
+        checkpoints.load(path)
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    del cfg["model_type"]
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Gpt2OnnxError, match="has no model_type in its config.json"):
+        checkpoints.load(path)
+
+
+@pytest.mark.parametrize("edit, needles", [
+    ({"n_positions": 256}, ["do not have the shapes its config.json gives", "size mismatch"]),  # was: internal error, 2 lines
+    ({"model_type": "gpt_neo"}, ["is a 'gpt_neo' model"]),  # was: internal error (size mismatch)
+    ({"n_layer": 3}, ["lacks 12 weights its config.json needs", "transformer.h.2."]),  # was: exported, layer 2 random
+    ({"n_layer": 1}, ["has no place for", "transformer.h.1."]),  # was: exported, layer 1 dropped
+    ("truncate", ["cannot read the weights", "damaged"]),  # was: internal error: SafetensorError
+])
+def test_checkpoint_whose_weights_and_config_disagree(tmp_path, tiny, edit, needles):
+    path = _edited_checkpoint(tiny, tmp_path / "ck", **(edit if isinstance(edit, dict) else {}))
+    if edit == "truncate":
+        weights = tmp_path / "ck" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    r = run_cli("export", path, "-o", str(tmp_path / "out"))
+    assert_one_line_error(r, *needles)
+    assert "Some weights" not in r.stdout and sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+_SIGNAL_BETWEEN_RENAMES = """
+import os, signal, sys
+from gpt2onnx import cli
+rename = os.rename
+def renamed(a, b):
+    rename(a, b)
+    if b.endswith(".old"):  # the old artifact moved aside, the new one not yet in its place
+        os.kill(os.getpid(), signal.SIGTERM)
+os.rename = renamed
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_signal_during_force_replace_leaves_a_whole_artifact(tmp_path, tiny_artifact):
+    """The final directory is the old artifact or the new complete one: a SIGTERM between the two
+    renames once left neither (the new one deleted, the old one hidden as .art.tmp-*.old)."""
+    from gpt2onnx.runtime.artifact import load_manifest
+
+    out = tmp_path / "art"
+    shutil.copytree(tiny_artifact, out)
+    r = subprocess.run([sys.executable, "-c", _SIGNAL_BETWEEN_RENAMES, "export", "synthetic:tiny", "-o", str(out),
+                        "--force", "--seed", "5"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 130 and "interrupted" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert os.listdir(tmp_path) == ["art"], os.listdir(tmp_path)
+    assert load_manifest(str(out)).raw["source"]["seed"] == 5
+
+
+def test_force_onto_a_link_to_an_artifact(tmp_path, tiny_artifact):
+    """`-o current --force` where current -> an artifact: the link is replaced, its target kept, and no
+    stray `.current.tmp-*.old` link is left beside them."""
+    from gpt2onnx.export.convert import ExportOptions, export
+
+    shutil.copytree(tiny_artifact, tmp_path / "v1")
+    os.symlink("v1", tmp_path / "current")
+    export(ExportOptions("synthetic:tiny", str(tmp_path / "current"), force=True, seed=3), log=QUIET)
+    assert sorted(os.listdir(tmp_path)) == ["current", "v1"]
+    assert not os.path.islink(tmp_path / "current")
+    assert json.loads((tmp_path / "current" / "gpt2onnx.json").read_text())["source"]["seed"] == 3
+    assert json.loads((tmp_path / "v1" / "gpt2onnx.json").read_text())["source"]["seed"] == 0
+
+
+def test_interrupted_export_removes_the_directories_it_created(tmp_path):
+    out = tmp_path / "new" / "deeper" / "art"
+    p = subprocess.Popen([sys.executable, "-m", "gpt2onnx.cli", "export", "synthetic:tiny", "-o", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while not (out.parent.is_dir() and os.listdir(out.parent)) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert p.poll() is None, "the export ended before it was signalled"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "interrupted" in err, err
+    assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
+
+
+def test_full_disk_is_an_error_not_a_bug(tmp_path, monkeypatch):
+    """ENOSPC while writing the weights (DialoGPT-large fp32 is 3 GB) was 'internal error: OSError ...
+    (rerun with --debug)'."""
+    from gpt2onnx.export import convert
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(convert, "_save_onnx", full)
+    with pytest.raises(Gpt2OnnxError, match=r"cannot write .*/sub/art: No space left on device; free space there or choose another -o"):
+        convert.export(convert.ExportOptions("synthetic:tiny", str(tmp_path / "sub" / "art")), log=QUIET)
+    assert os.listdir(tmp_path) == []
+
+
+def test_empty_api_key_is_refused(tiny_artifact):
+    """`--api-key "$KEY"` with KEY unset served every route without a key, silently."""
+    assert_one_line_error(run_cli("serve", tiny_artifact, "--port", "0", "--api-key", "", timeout=60), "the API key is empty")
+
+
+def test_debug_after_the_command():
+    """An internal error says 'rerun with --debug': appended at the end it was 'unrecognized arguments'."""
+    from gpt2onnx.cli import build_parser
+
+    parser = build_parser()
+    for cmd in (["info", "a"], ["generate", "a", "hi"], ["chat", "a"], ["export", "m", "-o", "x"], ["serve", "a"]):
+        assert parser.parse_args([*cmd, "--debug"]).debug is True
+        assert parser.parse_args(["--debug", *cmd]).debug is True
+        assert parser.parse_args(cmd).debug is False
