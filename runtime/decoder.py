@@ -396,7 +396,12 @@ class Decoder:
             self.ids[n:b, 0] = self.spec.pad_token_id
         cols = self.held[:b]  # the column each row writes: its position
         self.pos[:b, 0] = cols
-        self.mask[self._rows[:b], cols] = 1
+        try:
+            self.mask[self._rows[:b], cols] = 1
+        except IndexError:  # a full row (checked here, where it costs nothing until it happens)
+            r = int(np.argmax(cols >= self.capacity))
+            raise Gpt2OnnxError(f"row {r} holds {self.capacity} tokens, its whole capacity; truncate it or make the "
+                                "decoder with a larger capacity") from None
         np.add(cols, 1, out=self.mhi[:b])
         out = self._run(0, b, 1, pick, chunk_row)
         if live is None:

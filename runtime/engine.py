@@ -28,7 +28,7 @@ from .decoder import Decoder, Mixed, Pick
 from .errors import ContextOverflow, Gpt2OnnxError
 from .prompt_cache import PromptCache
 from .request import Request, Stats
-from .sampling import GenerationConfig
+from .sampling import GenerationConfig, _int
 from .session import (
     PROVIDERS,
     SessionConfig,
@@ -63,6 +63,7 @@ class Engine:
         self._graph_decoders: dict[int, Decoder] = {}
         self._graph_owner: dict[int, PromptCache | None] = {}  # the cache whose tokens a bucket's row 0 holds
         self._graph_lock = threading.Lock()
+        self._graph_holder: int | None = None  # the thread whose generation holds _graph_lock
         self._mixed_step: Mixed | bool | None = False  # the mixed step graph: False = not built yet, None = none
         self._mixed_lock = threading.Lock()
         self._local = threading.local()  # each thread's last Stats
@@ -137,9 +138,14 @@ class Engine:
         decode steps captured as CUDA graphs when the engine captures and `captured` (beam search,
         whose rows move between steps, runs uncaptured); with `mixed`, able to run a prompt chunk in a
         decode step's pass where the artifact has the mixed step graph (decode_with_chunk)."""
+        _int(slots, "slots", 1)
+        _int(capacity, "capacity", 1, self.n_positions, hint=" (the model's context)")
         graph_id = (lambda: next(self._graph_ids)) if self.cuda_graph and captured else None
+        # an uncaptured core on a capturing engine picks on the host: the pick's graphs (one per binding) would
+        # otherwise pile up with every such short-lived core
+        pick = self.pick if graph_id is not None or not self.cuda_graph else None
         return Decoder(self.spec, self.session, slots, capacity, self.device, graph_id=graph_id, prefault=prefault,
-                       session_graphs=self.cuda_graph, pick=self.pick, mixed=self._mixed() if mixed else None)
+                       session_graphs=self.cuda_graph, pick=pick, mixed=self._mixed() if mixed else None)
 
     def _mixed(self) -> Mixed | None:
         """The mixed step graph's session, built at the first decoder that asks (None: the artifact has none,
@@ -385,19 +391,29 @@ class Engine:
         when the prompt extends what it holds, else a new row of the whole position table that the
         cache keeps for the next turn. Captured (CUDA graphs): the engine's Decoder of the batch's
         bucket at the whole position table, one generation at a time; the cache's tokens survive
-        only while no other generation has taken that Decoder since."""
+        only while no other generation has taken that Decoder since. A generation a thread starts while
+        its own earlier one is still open (a stream not finished: two zipped, chat.send inside one) runs
+        uncaptured: waiting for the lock would wait for itself, and one thread runs one pass at a time."""
         if cache is not None:
             cache.acquire()
         try:
-            with self._graph_lock if self.cuda_graph else contextlib.nullcontext():
-                yield self._pick(reqs, cache)
+            me = threading.get_ident()
+            if not self.cuda_graph or self._graph_holder == me:
+                yield self._pick(reqs, cache, captured=False)
+            else:
+                with self._graph_lock:
+                    self._graph_holder = me
+                    try:
+                        yield self._pick(reqs, cache, captured=True)
+                    finally:
+                        self._graph_holder = None
         finally:
             if cache is not None:
                 cache.release()
 
-    def _pick(self, reqs: list[Request], cache: PromptCache | None) -> Decoder:
+    def _pick(self, reqs: list[Request], cache: PromptCache | None, captured: bool) -> Decoder:
         steps = max(r.cfg.max_new_tokens for r in reqs)
-        if self.cuda_graph:
+        if captured:
             b = 1 << (len(reqs) - 1).bit_length()
             if b not in self._graph_decoders:
                 self._graph_decoders[b] = self.decoder(b, self.n_positions)
@@ -405,9 +421,9 @@ class Engine:
             self._graph_owner[b] = cache
         elif cache is not None:  # a cache filled by another engine is not read
             mine = cache.decoder is not None and cache.decoder.session is self.session and cache.decoder.graph_id is None
-            dec, owner = cache.decoder if mine else self.decoder(1, self.n_positions), cache
+            dec, owner = cache.decoder if mine else self.decoder(1, self.n_positions, captured=False), cache
         else:
-            return self.decoder(len(reqs), max(len(r.ids) for r in reqs) + steps)
+            return self.decoder(len(reqs), max(len(r.ids) for r in reqs) + steps, captured=False)
         if cache is None or owner is not cache or cache.decoder is not dec or not cache.extends(reqs[0].ids, steps):
             for r in range(dec.slots):  # start over
                 dec.truncate(r, 0)

@@ -114,6 +114,9 @@ class Request:
     def __init__(self, ids: list[int], cfg: GenerationConfig, eos: int, decode: Callable[[list[int]], str], vocab: int):
         self.ids, self.cfg = ids, cfg
         self.stop_ids = frozenset(([] if eos < 0 else [eos]) + list(cfg.stop_token_ids))
+        bad = [t for t in cfg.logit_bias or () if t >= vocab]
+        if bad:
+            raise Gpt2OnnxError(f"logit_bias token id {bad[0]} is outside the vocabulary 0..{vocab - 1}")
         self.sampler = Sampler(cfg)
         self.seen: np.ndarray | None = None  # [vocab] bool, only with a repetition penalty
         if cfg.repetition_penalty != 1.0:
@@ -122,9 +125,6 @@ class Request:
         self.counts: np.ndarray | None = None  # [vocab] int32, each token's count in the reply so far: OpenAI's penalties
         if cfg.presence_penalty or cfg.frequency_penalty:
             self.counts = np.zeros(vocab, np.int32)
-        bad = [t for t in cfg.logit_bias or () if t >= vocab]
-        if bad:
-            raise Gpt2OnnxError(f"logit_bias token id {bad[0]} is outside the vocabulary 0..{vocab - 1}")
         self.row: np.ndarray | None = None  # [prompt + max_new_tokens] int64 (prompt, then each new token): n-gram bans
         if cfg.no_repeat_ngram_size:
             self.row = np.zeros(len(ids) + cfg.max_new_tokens, np.int64)

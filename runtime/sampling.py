@@ -175,7 +175,11 @@ class Sampler:
             logits = logits - counts * np.float32(cfg.frequency_penalty) - (counts > 0) * np.float32(cfg.presence_penalty)
         if not cfg.do_sample:
             return logits
-        logits = logits.astype(np.float64) / cfg.temperature
+        # shifted to a max of 0 before the division: a positive temperature under ~1e-308 (which passes
+        # validation) would otherwise overflow the likeliest logits to inf and the softmax to NaN
+        logits = logits.astype(np.float64)
+        with np.errstate(over="ignore"):  # the others then overflow to -inf: never drawn, as they should not be
+            logits = (logits - logits.max()) / cfg.temperature
         if cfg.top_k and cfg.top_k < logits.shape[-1]:
             kth = np.partition(logits, -cfg.top_k)[-cfg.top_k]
             logits = np.where(logits < kth, -np.inf, logits)

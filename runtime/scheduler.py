@@ -123,11 +123,12 @@ class Scheduler:
 
     # ---- the caller's side -----------------------------------------------------------------
 
-    def submit(self, prompt: str | list[int], **kw) -> Handle:
+    def submit(self, prompt: str | list[int], *, index: int = 0, **kw) -> Handle:
         """Queue a request (text or token ids; GenerationConfig fields as keywords) and return its
-        Handle at once. Raises Gpt2OnnxError for a bad request, QueueFull when the queue is full,
+        Handle at once. `index`: which of the caller's prompts this is (its errors name it, as
+        generate's do). Raises Gpt2OnnxError for a bad request, QueueFull when the queue is full,
         and Gpt2OnnxError after close()."""
-        req = self.engine.request(prompt, self.engine.config(**kw), limit=self.capacity)
+        req = self.engine.request(prompt, self.engine.config(**kw), limit=self.capacity, index=index)
         with self.cv:
             if self.closed:
                 raise SchedulerClosed("the scheduler is shut down and takes no new requests")

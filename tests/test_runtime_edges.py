@@ -1,0 +1,105 @@
+"""Edges of the runtime a user reaches: a generation started inside its own open stream under CUDA
+graphs, a decoder sized past the model or a row past its capacity, temperatures near zero, absurd
+logit_bias ids, and which prompt of several an error names."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import numpy as np
+import pytest
+
+from gpt2onnx.runtime import Gpt2OnnxError, PromptCache
+from gpt2onnx.runtime.sampling import GenerationConfig, Sampler
+
+from .conftest import captured
+
+
+def _in_thread(fn, timeout: float = 30.0):
+    """fn() on a daemon thread; its result, or a failure when it does not return within `timeout` (a hang)."""
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert out, f"did not return within {timeout} s (a deadlock)"
+    return out[0]
+
+
+def test_graph_mode_generation_inside_an_open_stream_does_not_deadlock(tiny_artifact, engine):
+    """Under CUDA graphs (the default on CUDA) a generation holds the engine's captured decoders until it
+    ends; a second generation started on the same thread while a stream is still open waited for itself
+    forever (two streams zipped, chat.send or generate inside a stream loop). It now runs uncaptured, as
+    on the CPU, and both get what they get alone."""
+    g = captured(tiny_artifact)
+    kw = dict(max_new_tokens=6, eos_token_id=-1)
+    want_a, want_b = engine.generate([[15496, 11]], **kw)[0], engine.generate([[40, 1101, 257]], **kw)[0]
+    text_a, text_b = "".join(engine.stream([15496, 11], **kw)), "".join(engine.stream([40, 1101, 257], **kw))
+
+    def zipped():
+        a, b = g.stream([15496, 11], **kw), g.stream([40, 1101, 257], **kw)
+        pairs = list(itertools.zip_longest(a, b, fillvalue=""))  # advanced in turn, both open until the shorter ends
+        return "".join(x for x, _ in pairs), "".join(y for _, y in pairs)
+
+    assert _in_thread(zipped) == (text_a, text_b)
+
+    def nested():
+        it = g.stream([15496, 11], **kw)
+        first = next(it)
+        inner = g.generate([[40, 1101, 257]], **kw)[0]
+        inner_cached = g.generate([[40, 1101, 257]], cache=PromptCache(), **kw)[0]
+        outer = first + "".join(it)
+        return inner, inner_cached, outer, g.generate([[15496, 11]], **kw)[0]  # the captured path again afterwards
+
+    inner, inner_cached, outer, after = _in_thread(nested)
+    assert inner == inner_cached == want_b and after == want_a and outer == text_a
+
+
+def test_decoder_capacity_is_checked_against_the_model(engine):
+    """engine.decoder() (the README's own-loop API) took a capacity past the model's positions and failed
+    later inside onnxruntime's position lookup (CPU), with no message saying why."""
+    with pytest.raises(Gpt2OnnxError, match="capacity must be from 1 to 128"):
+        engine.decoder(1, engine.n_positions + 1)
+    with pytest.raises(Gpt2OnnxError, match="slots must be >= 1"):
+        engine.decoder(0, 16)
+    assert engine.decoder(1, engine.n_positions).capacity == engine.n_positions
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-310, 5e-324])
+def test_tiny_temperature_samples_the_likeliest_token(temperature):
+    """A positive temperature passes validation; one under ~1e-308 overflowed logits / temperature to
+    +-inf, the softmax became NaN and every draw returned token 0 instead of the argmax."""
+    logits = np.array([0.5, 3.0, -2.0, 1.0, 2.9], np.float32)
+    s = Sampler(GenerationConfig(do_sample=True, temperature=temperature, seed=0))
+    assert {s(logits) for _ in range(20)} == {1}
+
+
+def test_a_full_row_is_a_one_line_error(engine):
+    """A decoder's row that holds its whole capacity cannot take another token: a Gpt2OnnxError naming
+    the row, not numpy's IndexError from the mask."""
+    dec = engine.decoder(2, 8)
+    dec.prefill(0, [[1, 2, 3, 4, 5]])
+    for _ in range(3):
+        dec.decode(np.array([1, 1]))
+    with pytest.raises(Gpt2OnnxError, match="row 0 holds 8 tokens, its whole capacity"):
+        dec.decode(np.array([1, 1]))
+
+
+def test_a_huge_logit_bias_id_is_refused_as_outside_the_vocabulary(engine):
+    """Checked against the vocabulary before the sampler builds its bias arrays (an id past int64 was
+    numpy's OverflowError there)."""
+    with pytest.raises(Gpt2OnnxError, match="logit_bias token id 99999999999999999999999 is outside the vocabulary"):
+        engine.generate([[1, 2]], max_new_tokens=2, logit_bias={10**23 - 1: 1.0})
+
+
+def test_scheduler_errors_name_the_callers_prompt(engine):
+    from gpt2onnx.runtime import Scheduler, SchedulerConfig
+
+    sched = Scheduler(engine, SchedulerConfig(max_batch=2))
+    try:
+        with pytest.raises(Gpt2OnnxError, match="prompt 3 is empty"):
+            sched.submit([], index=3)
+        with pytest.raises(Gpt2OnnxError, match="token id 99999 in prompt 1 "):
+            sched.submit([1, 99999], index=1, max_new_tokens=2)
+    finally:
+        sched.close()
