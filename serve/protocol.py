@@ -9,10 +9,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator
+
+
+def null_is(default):
+    """OpenAI's schema lets this field be null (clients that send every field send it so): null is the default."""
+    return BeforeValidator(lambda v: default if v is None else v)
+
 
 Bias = Annotated[float, Field(ge=-100, le=100)]
-TokenKey = Annotated[int, Strict(False), Field(ge=0)]  # a JSON object's keys are strings: "50256"
+# a JSON object's keys are strings: "50256"; below 2**63, so a huge one is a 400 here, not numpy's OverflowError
+TokenKey = Annotated[int, Strict(False), Field(ge=0, lt=2**63)]
+Flag = Annotated[bool, null_is(False)]
 STRICT = ConfigDict(extra="forbid", strict=True)
 
 MAX_N = 16
@@ -20,7 +28,7 @@ MAX_N = 16
 
 class StreamOptions(BaseModel):
     model_config = STRICT
-    include_usage: bool = False
+    include_usage: Flag = False
 
 
 class _Sampling(BaseModel):
@@ -32,16 +40,16 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=-1)  # -1 or 0: off (vLLM's -1 too)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
-    n: int = Field(default=1, ge=1, le=MAX_N)
+    n: Annotated[int, null_is(1)] = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stream: bool = False
+    stream: Flag = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as OpenAI documents it (abuse monitoring)
-    ignore_eos: bool = False  # vLLM's extra field: generate max_tokens whatever the model says (benchmarks)
+    ignore_eos: Flag = False  # vLLM's extra field: generate max_tokens whatever the model says (benchmarks)
     # OpenAI's: penalties over the tokens generated so far in each choice; bias by token id (the
     # JSON object's keys are ids as strings)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -72,6 +80,8 @@ class _Sampling(BaseModel):
         for name in ("top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "seed"):
             if getattr(self, name) is not None:
                 kw[name] = getattr(self, name)
+        if self.top_k == -1:  # vLLM's "off"; ours is 0
+            kw["top_k"] = 0
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if stop:
             kw["stop"] = stop
@@ -85,7 +95,7 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    echo: bool = False
+    echo: Flag = False
     best_of: int | None = None
     suffix: str | None = None
 
@@ -138,7 +148,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool = False
+    logprobs: Flag = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
@@ -166,7 +176,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None  # may be left out when the server has one model
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    return_token_strs: bool = False
+    return_token_strs: Flag = False
 
     def unsupported(self) -> str | None:
         if (self.prompt is None) == (self.messages is None):

@@ -84,6 +84,8 @@ async def read_body(request: Request, kind: type[BaseModel]) -> BaseModel:
         data = json.loads(b"".join(chunks))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the body is not valid JSON: {e}") from None
+    except RecursionError:  # json's decoder gives up on arrays or objects nested thousands deep
+        raise APIError(400, "the body is not valid JSON: nested too deep") from None
     try:
         return kind.model_validate(data)
     except ValidationError as e:
@@ -209,9 +211,9 @@ class Serving:
                            f"runs and queues at once ({room}); send fewer prompts or a lower n", param="n")
         handles, seed = [], kw.get("seed")
         try:
-            for p in prompts:
+            for k, p in enumerate(prompts):
                 for i in range(n):  # choice i samples with seed + i (wrapping at OpenAI's seed range)
-                    handles.append(sched.submit(p, **{**kw, **({"seed": (seed + i) % 2**63} if seed is not None else {})}))
+                    handles.append(sched.submit(p, index=k, **{**kw, **({"seed": (seed + i) % 2**63} if seed is not None else {})}))
         except Gpt2OnnxError as e:
             for h in handles:
                 h.cancel()
