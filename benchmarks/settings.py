@@ -126,6 +126,8 @@ def check(s: Settings) -> None:
         raise Gpt2OnnxError("--repeats must be >= 1 and --new-tokens >= 2")
     if not s.batch or not s.prompt_len or min(s.batch + s.prompt_len) < 1:
         raise Gpt2OnnxError("--batch and --prompt-len need positive integers")
+    if any(c < 1 for c in s.context) or s.context_new_tokens < 1:
+        raise Gpt2OnnxError("--context takes positive lengths (or \"\" for none) and --context-new-tokens >= 1")
     if s.chat_turns < 0 or (s.chat_turns and (s.chat_user_len < 1 or s.chat_reply_len < 2)):
         raise Gpt2OnnxError("--chat-turns must be >= 0, --chat-user-len >= 1 and --chat-reply-len >= 2")
     if any(c < 0 for c in s.concurrent_clients) or (any(s.concurrent_clients) and (

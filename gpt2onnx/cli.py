@@ -4,6 +4,7 @@ builds one options object and passes it on. Defaults come from those objects, no
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -457,6 +458,10 @@ def _run(args) -> int:
         if _interrupted(e):  # the signal landed inside a C extension's import, which wraps it in an ImportError
             print("gpt2onnx: interrupted", file=sys.stderr)
             return 130
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # `> /dev/full`: the disk, not a bug
+            print(f"gpt2onnx: error: cannot write the output: {e.strerror}; free space there or write elsewhere", file=sys.stderr)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush must not fail too
+            return 2
         if args.debug:
             raise
         print(f"gpt2onnx: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)

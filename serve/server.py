@@ -59,8 +59,10 @@ def check(cfg: ServeConfig) -> None:
     if cfg.default_max_tokens > cfg.max_tokens:
         raise Gpt2OnnxError(f"--default-max-tokens ({cfg.default_max_tokens}) is above --max-tokens ({cfg.max_tokens}); "
                             "lower the default or raise the cap")
-    if not cfg.request_timeout_s > 0 or not cfg.shutdown_timeout_s >= 0:
-        raise Gpt2OnnxError("timeouts must be positive")
+    if not cfg.request_timeout_s > 0:  # written "not >" so that NaN is refused too
+        raise Gpt2OnnxError(f"--request-timeout-s must be above 0, got {cfg.request_timeout_s}")
+    if not cfg.shutdown_timeout_s >= 0:
+        raise Gpt2OnnxError(f"--shutdown-timeout-s must be 0 or more, got {cfg.shutdown_timeout_s}")
     if cfg.api_key is not None and not cfg.api_key.strip():
         raise Gpt2OnnxError("the API key is empty; give a non-empty key or none")
     cfg.session.validate()

@@ -148,3 +148,23 @@ def test_debug_after_the_command():
         assert parser.parse_args([*cmd, "--debug"]).debug is True
         assert parser.parse_args(["--debug", *cmd]).debug is True
         assert parser.parse_args(cmd).debug is False
+
+
+def test_bench_refuses_a_context_it_cannot_run(tiny_artifact, tmp_path):
+    """--context 0 was accepted and failed after the warm-up, as a worker's internal error."""
+    assert_one_line_error(run_cli("bench", tiny_artifact, "--out", str(tmp_path / "r"), "--context", "0"), "--context takes positive")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--request-timeout-s", "nan"), ("--shutdown-timeout-s", "-1")])
+def test_serve_timeouts_name_their_flag(tiny_artifact, flag, value):
+    assert_one_line_error(run_cli("serve", tiny_artifact, "--port", "0", flag, value, timeout=60), flag, value)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_full_stdout_is_an_error_not_a_bug(tiny_artifact):
+    """`generate A hi > /dev/full` was 'internal error: OSError ... (rerun with --debug)'."""
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "gpt2onnx.cli", "generate", tiny_artifact, "hi", "--max-new-tokens", "2"],
+                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert_one_line_error(r, "cannot write the output: No space left on device")
