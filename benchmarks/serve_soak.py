@@ -5,7 +5,9 @@
 Starts `gpt2onnx serve ARTIFACT` on a free loopback port, sends `--requests` short completions
 (half streamed, a tenth hung up after the first chunk) from `--clients` closed-loop clients, and
 prints the server's resident memory (VmRSS) after every `--every` requests, then the ratio of the
-last reading to the first. Bounded: it stops after the requests or `--timeout-s`, whichever first.
+last reading to the first, and the garbage collector's pauses the server counted (its /metrics:
+collections per generation, their total, the longest one's bucket). Bounded: it stops after the
+requests or `--timeout-s`, whichever first.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         th.start()
     for th in threads:
         th.join()
+    gc_lines = gc_pauses(httpx.get(url.rsplit("/v1/", 1)[0] + "/metrics", timeout=10).text)
     proc.terminate()
     proc.wait(60)
     readings.sort()
@@ -81,7 +84,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{done[0]} requests in {time.time() - t:.0f} s, failures {len(failures)} {sorted(set(map(str, failures)))[:5]}")
     if len(readings) >= 2:
         print(f"last / first reading: {readings[-1][1] / readings[0][1]:.3f}")
+    print("\n".join(gc_lines))
     return 0 if not failures else 1
+
+
+def gc_pauses(metrics: str) -> list[str]:
+    """One line per generation from the server's gpt2onnx_gc_pause_seconds histogram."""
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    count, total = {}, {}
+    for ln in metrics.splitlines():
+        if not ln.startswith("gpt2onnx_gc_pause_seconds"):
+            continue
+        name, value = ln.rsplit(" ", 1)
+        gen = name.split('generation="')[1].split('"')[0]
+        if "_bucket{" in name:
+            buckets.setdefault(gen, []).append((float(name.split('le="')[1].split('"')[0]), float(value)))
+        elif name.startswith("gpt2onnx_gc_pause_seconds_count"):
+            count[gen] = float(value)
+        elif name.startswith("gpt2onnx_gc_pause_seconds_sum"):
+            total[gen] = float(value)
+    out = []
+    for gen in sorted(count):
+        if not count[gen]:
+            out.append(f"gc generation {gen}: no collections")
+            continue
+        longest = next((le for le, n in sorted(buckets[gen]) if n == count[gen]), float("inf"))  # first bucket holding all
+        out.append(f"gc generation {gen}: {count[gen]:.0f} collections, {1e3 * total[gen]:.1f} ms in all, longest <= {1e3 * longest:g} ms")
+    return out
 
 
 if __name__ == "__main__":

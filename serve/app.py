@@ -79,11 +79,13 @@ router.add_api_route("/detokenize", detokenize, methods=["POST"])
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    yield
     server: ServerState = app.state.server
+    server.metrics.gc.watch(True)
+    yield
     server.closing = True  # new /v1 requests get 503 while in-flight ones finish
     timeout = server.cfg.shutdown_timeout_s
     await asyncio.gather(*(asyncio.to_thread(m.scheduler.close, False, timeout) for m in server.models.values()))
+    server.metrics.gc.watch(False)
 
 
 def build_app(models: list[Model], cfg: ServeConfig) -> FastAPI:

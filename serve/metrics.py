@@ -1,13 +1,55 @@
-"""Prometheus metrics: request counts, latency histograms, and each scheduler's queue and batch
-read at scrape time. One registry per app, so several apps (tests) never share series."""
+"""Prometheus metrics: request counts, latency histograms, each scheduler's queue and batch read at
+scrape time, and the pauses of Python's garbage collector. One registry per app, so several apps
+(tests) never share series."""
 
 from __future__ import annotations
 
+import bisect
+import gc
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+
+class GcPauses:
+    """Python's garbage collector pauses every thread (the scheduler's steps too) while it runs: each
+    collection's duration by generation, from a gc callback. A collection can start at any allocation,
+    inside any lock, so the callback takes no lock and makes no container: it bumps preallocated
+    counts, rendered as a histogram at scrape time."""
+
+    def __init__(self):
+        self.counts = [[0] * (len(GC_BUCKETS) + 1) for _ in range(3)]  # per generation, per bucket (+Inf last)
+        self.sums = [0.0, 0.0, 0.0]
+        self.t0 = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.t0 = time.perf_counter()
+            return
+        d, g = time.perf_counter() - self.t0, info["generation"]
+        self.counts[g][bisect.bisect_left(GC_BUCKETS, d)] += 1
+        self.sums[g] += d
+
+    def watch(self, on: bool) -> None:
+        if on:
+            gc.callbacks.append(self)
+        elif self in gc.callbacks:
+            gc.callbacks.remove(self)
+
+    def collect(self):
+        h = HistogramMetricFamily("gpt2onnx_gc_pause_seconds", "Python garbage collections (every thread waits)", labels=["generation"])
+        for g in range(3):
+            cum, total = [], 0
+            for le, n in zip([*map(str, GC_BUCKETS), "+Inf"], self.counts[g]):
+                total += n
+                cum.append((le, total))
+            h.add_metric([str(g)], cum, self.sums[g])
+        yield h
 
 
 class _SchedulerCollector:
@@ -41,6 +83,8 @@ class Metrics:
         self.itl = Histogram("gpt2onnx_inter_token_seconds", "gap between consecutive tokens", buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("gpt2onnx_request_seconds", "submission to last token", buckets=LATENCY_BUCKETS, registry=r)
         r.register(_SchedulerCollector(models))
+        self.gc = GcPauses()  # watched while the app runs (its lifespan)
+        r.register(self.gc)
 
     def observe(self, res) -> None:
         """Record one finished choice's timings."""

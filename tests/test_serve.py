@@ -153,6 +153,28 @@ def test_models_health_metrics(server):
     assert h.status_code == 200 and h.json()["status"] == "ok"
     m = server.metrics()
     assert f'gpt2onnx_waiting{{model="{server.model}"}}' in m and "gpt2onnx_time_to_first_token_seconds_count" in m
+    assert all(f'gpt2onnx_gc_pause_seconds_count{{generation="{g}"}}' in m for g in "012")
+
+
+def test_gc_pauses_are_timed_by_generation():
+    import gc
+
+    from gpt2onnx.serve.metrics import GcPauses
+
+    p = GcPauses()
+    p.watch(True)
+    try:
+        gc.collect()  # a full collection: generation 2
+        gc.collect(0)
+    finally:
+        p.watch(False)
+    assert p not in gc.callbacks
+    seen = [sum(c) for c in p.counts]
+    gc.collect()  # not watched any more
+    assert [sum(c) for c in p.counts] == seen and seen[0] >= 1 and seen[2] >= 1 and p.sums[2] > 0
+    (family,) = p.collect()
+    full = {s.labels.get("le"): s.value for s in family.samples if s.name.endswith("_bucket") and s.labels["generation"] == "2"}
+    assert full["+Inf"] == 1 and list(full.values()) == sorted(full.values())  # cumulative
 
 
 @pytest.mark.parametrize("body, status, match", [
@@ -619,3 +641,22 @@ def test_cli_defaults_are_the_config_objects_and_capacity_is_settable(tiny_artif
         assert 'gpt2onnx_cached_tokens_total{model="' + s.model + '"} 0.0' in httpx.get(s.base + "/metrics", timeout=10).text
     finally:
         assert s.stop() == 0
+
+
+def test_soak_reads_the_gc_pauses_from_metrics():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from gpt2onnx.benchmarks.serve_soak import gc_pauses
+    from gpt2onnx.serve.metrics import GcPauses
+
+    p = GcPauses()
+    for gen, seconds in ((0, 0.0004), (0, 0.003), (2, 0.07)):
+        p("start", {})
+        p.t0 -= seconds  # as if the collection had taken that long
+        p("stop", {"generation": gen})
+    r = CollectorRegistry()
+    r.register(p)
+    assert gc_pauses(generate_latest(r).decode()) == [
+        "gc generation 0: 2 collections, 3.4 ms in all, longest <= 5 ms",
+        "gc generation 1: no collections",
+        "gc generation 2: 1 collections, 70.0 ms in all, longest <= 100 ms"]
