@@ -660,3 +660,22 @@ def test_soak_reads_the_gc_pauses_from_metrics():
         "gc generation 0: 2 collections, 3.4 ms in all, longest <= 5 ms",
         "gc generation 1: no collections",
         "gc generation 2: 1 collections, 70.0 ms in all, longest <= 100 ms"]
+
+
+def test_the_app_freezes_its_startup_heap_while_it_runs(tiny_artifact):
+    """A full collection then walks only what requests made, not the ~80,000 objects alive at start."""
+    import gc
+
+    from fastapi.testclient import TestClient
+
+    from gpt2onnx.serve.app import build_app
+    from gpt2onnx.serve.config import ServeConfig
+    from gpt2onnx.serve.server import load_models
+
+    cfg = ServeConfig()
+    app = build_app(load_models([tiny_artifact], cfg), cfg)
+    assert gc.get_freeze_count() == 0
+    with TestClient(app) as c:
+        assert gc.get_freeze_count() > 10_000
+        assert c.get("/health").status_code == 200
+    assert gc.get_freeze_count() == 0
