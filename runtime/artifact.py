@@ -313,6 +313,14 @@ def _varint(buf: Any, pos: int, end: int) -> tuple[int, int]:
 
 def describe(m: Manifest) -> str:
     """The manifest in a readable form, for `gpt2onnx info`."""
+    try:
+        return _describe(m)
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as e:  # fields load_manifest does not compute with
+        raise Gpt2OnnxError(f"{m.path}: a descriptive field of gpt2onnx.json has an unexpected form ({type(e).__name__}: "
+                            f"{str(e)[:80]}); the manifest was edited or damaged, re-export the artifact") from None
+
+
+def _describe(m: Manifest) -> str:
     r = m.raw
     c = r["config"]
     src = r["source"]

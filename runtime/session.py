@@ -286,6 +286,12 @@ def check_io(manifest: Manifest, session, spec=None) -> None:
                             f"unexpected {extra[:3]}); the artifact is mixed up, re-export it")
     if spec is None:
         return
+    n = spec.names  # the names the decode core binds, read back from the manifest's io: each must be the graph's
+    absent = [x for x in (n.input_ids, n.attention_mask, n.position_ids, *([n.logits_to_keep] if spec.in_place_kv else []))
+              if x not in got_in] + ([n.logits] if n.logits not in got_out else [])
+    if absent:
+        raise Gpt2OnnxError(f"model.onnx in {manifest.path} has no {absent[0]!r}, a name its manifest's io gives; the "
+                            "manifest was edited or the artifact mixed up, re-export it")
     built = session.get_modelmeta().custom_metadata_map.get(CONFIG_PROP)
     if built:  # the dims the graph was built with (its weights' shapes): the manifest must say the same
         differ = [f"{k} {v} (manifest {manifest.config.get(k)})" for k, v in json.loads(built).items() if manifest.config.get(k) != v]

@@ -352,3 +352,23 @@ def test_the_pick_graph_is_checked_like_every_file(art):
     Engine.load(str(art), provider="cpu")  # the cpu provider does not open it unless asked
     with pytest.raises(Gpt2OnnxError, match="pick.onnx in .* does not match its manifest .*re-export it"):
         Engine.load(str(art), provider="cpu", device_pick=True)
+
+
+@pytest.mark.parametrize("field, value", [("parity", "x"), ("weights", "x"), ("quantization", 5), ("fused_ops", [1])])
+def test_info_refuses_an_edited_descriptive_field_in_one_line(art, field, value):
+    """`info` reads fields the runtime never computes with; edited to another type they were an internal error."""
+    m = read_manifest(art)
+    m[field] = value
+    write_manifest(art, m)
+    assert_one_line_error(run_cli("info", str(art)), "a descriptive field of gpt2onnx.json", "re-export")
+
+
+def test_an_io_name_the_graph_lacks_is_refused_at_load(art):
+    """The decode core binds the names the manifest's io gives: one the graph lacks failed inside onnxruntime."""
+    from gpt2onnx.runtime import Engine
+
+    m = read_manifest(art)
+    m["io"]["logits_to_keep"] = "zzz"
+    write_manifest(art, m)
+    with pytest.raises(Gpt2OnnxError, match="has no 'zzz', a name its manifest's io gives"):
+        Engine.load(str(art))
