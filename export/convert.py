@@ -131,6 +131,10 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
             raise Gpt2OnnxError(f"cannot write {out}: {e.strerror}; free space there or choose another -o "
                                 "(nothing was written)") from None
         raise
+    g = manifest["cuda_graph"]
+    if opts.provider == "cuda" and not g["capturable"]:  # asked for on purpose perhaps (a float32 cache), but say what it costs
+        log(f"note: on CUDA this graph needs {len(g['host_device_copies'])} host<->device copies (first: "
+            f"{g['host_device_copies'][0]}), so its decode step cannot be captured as a CUDA graph; `gpt2onnx info` says why")
     log(f"wrote {out}: decode max |Δlogit| {figures['max_abs_logit_diff']:.2e}; teacher-forced over {accuracy['tokens']} tokens: "
         f"mean KL {accuracy['mean_kl']:.2e}, top-1 {accuracy['top1_agreement']:.3f}, perplexity {accuracy['perplexity_change_pct']:+.2f}%")
     return out

@@ -346,7 +346,7 @@ def _describe(m: Manifest) -> str:
         g = r["cuda_graph"]
         lines.append("cuda graph   " + ("capturable: onnxruntime's CUDA placement needs no host<->device copy" if g["capturable"]
                                        else f"not capturable: {len(g['host_device_copies'])} host<->device copies on CUDA "
-                                            f"(first: {g['host_device_copies'][0]})" + _cuda_fix(r['precision'])))
+                                            f"(first: {g['host_device_copies'][0]})" + _cuda_fix(r['precision'], r['provider'], kv['dtype'])))
     for name, figs in r.get("parity", {}).items():
         if isinstance(figs, dict):
             lines.append(f"parity       {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in figs.items()))
@@ -365,9 +365,14 @@ def _describe(m: Manifest) -> str:
     return "\n".join(lines)
 
 
-def _cuda_fix(precision: str) -> str:
-    """What makes a capturable graph of this precision (int8 has no CUDA kernels in onnxruntime)."""
-    return "; int8 is for the CPU: export fp16 or int4 with --provider cuda" if precision == "int8" else "; export with --provider cuda"
+def _cuda_fix(precision: str, provider: str, kv_dtype: str) -> str:
+    """What makes a capturable graph of this precision (int8 has no CUDA kernels in onnxruntime; CUDA's
+    GroupQueryAttention takes a float16 cache only)."""
+    if precision == "int8":
+        return "; int8 is for the CPU: export fp16 or int4 with --provider cuda"
+    if provider == "cuda" and kv_dtype != "float16":
+        return f"; CUDA's GroupQueryAttention takes a float16 cache, not {kv_dtype}: export without --kv-dtype (float16 is CUDA's default)"
+    return "; export with --provider cuda"
 
 
 def _size(n: int) -> str:

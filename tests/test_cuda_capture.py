@@ -68,12 +68,18 @@ def test_the_old_logits_slice_is_caught(cuda_artifacts):
 def test_a_float32_attention_would_run_on_the_cpu(tmp_path):
     """Why CUDA exports keep a float16 cache under float32 weights: CUDA has no float32
     GroupQueryAttention, so with a float32 cache every layer's attention crosses to the host and back."""
-    art = export(ExportOptions("synthetic:tiny", str(tmp_path / "a"), provider="cuda", kv_dtype="float32"), log=QUIET)
+    from gpt2onnx.runtime.artifact import describe, load_manifest
+
+    said: list[str] = []
+    art = export(ExportOptions("synthetic:tiny", str(tmp_path / "a"), provider="cuda", kv_dtype="float32"), log=said.append)
     p = predict(graph(art))
     assert {"h0.attn", "h1.attn"} <= set(p.on_cpu)
     assert {c.tensor for c in p.copies} >= {"seqlens_k_out0", "h0.qkv_bias_out0"}
     with open(os.path.join(art, "gpt2onnx.json")) as f:
         assert json.load(f)["cuda_graph"]["capturable"] is False
+    # the export says what the float32 cache costs, and info what to export instead
+    assert any("cannot be captured as a CUDA graph" in line for line in said), said
+    assert "takes a float16 cache, not float32: export without --kv-dtype" in describe(load_manifest(art))
 
 
 def test_cpu_int8_artifacts_are_not_capturable(tmp_path):
