@@ -53,7 +53,8 @@ def test_info(tiny_artifact):
 def test_info_says_what_makes_int8_capturable():
     from gpt2onnx.runtime.artifact import _cuda_fix
 
-    assert "int8 is for the CPU" in _cuda_fix("int8") and "--provider cuda" in _cuda_fix("fp32")
+    assert "int8 is for the CPU" in _cuda_fix("int8", "cpu", "int8") and "--provider cuda" in _cuda_fix("fp32", "cpu", "float32")
+    assert "float16 cache, not float32" in _cuda_fix("fp32", "cuda", "float32")
 
 
 def test_info_into_a_closed_pipe_stops_quietly(tiny_artifact):
