@@ -51,6 +51,7 @@ class Engine:
         self.spec = spec or ModelSpec.from_manifest(manifest)  # load passes the one it checked
         self.session = session
         self.tokenizer = tokenizer
+        self._longest_piece: int | None = None  # UTF-8 bytes of the vocabulary's longest piece (_refuse_unencoded)
         self.provider = provider
         self.session_config = session_config
         self.device = "cuda" if provider == PROVIDERS["cuda"] else "cpu"
@@ -193,6 +194,8 @@ class Engine:
             raise Gpt2OnnxError("num_beams > 1 knows its tokens only at the end, so it cannot stream or run in the "
                                 "Scheduler (the server); use generate, generate_text or chat, or num_beams=1")
         limit = limit or self.n_positions
+        if isinstance(prompt, str) and not cfg.truncate:
+            self._refuse_unencoded(prompt, index, cfg.max_new_tokens, limit)
         row = self.encode(prompt) if isinstance(prompt, str) else prompt
         if isinstance(row, (int, np.integer, bytes, bytearray)) or not hasattr(row, "__iter__"):
             raise Gpt2OnnxError("a prompt must be text or a list of token ids")
@@ -223,6 +226,19 @@ class Engine:
         return [self.request(p, cfg, index=i, stream=False) for i, p in enumerate(prompts)]
 
     # ---- text ------------------------------------------------------------------------------
+
+    def _refuse_unencoded(self, text: str, index: int, max_new: int, limit: int) -> None:
+        """Refuse a text too long to fit before the tokenizer runs: it holds the GIL ~1.4 s a megabyte (the
+        server's event loop, every stream with it). No token covers more UTF-8 bytes than the
+        vocabulary's longest piece spells, so bytes // that is a lower bound on the text's tokens."""
+        room = limit - max_new
+        if len(text) <= room:  # a token covers at least one character's byte: nothing to prove
+            return
+        if self._longest_piece is None:  # made at the first long text: ~30 ms over the vocabulary
+            self._longest_piece = max(len(s.encode("utf-8")) for s in self.tokenizer.get_vocab(with_added_tokens=True))
+        least = len(text.encode("utf-8", "surrogatepass")) // self._longest_piece
+        if least > room:
+            raise ContextOverflow(index, least, max_new, limit, at_least=True)
 
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):

@@ -17,8 +17,9 @@ class ContextOverflow(Gpt2OnnxError):
     `max_new` more in `limit` positions (`prompt_len` 0: max_new alone leaves no room). Front ends
     word it with their own option names (the server says max_tokens, and has no truncate)."""
 
-    def __init__(self, index: int, prompt_len: int, max_new: int, limit: int):
-        self.index, self.prompt_len, self.max_new, self.limit = index, prompt_len, max_new, limit
+    def __init__(self, index: int, prompt_len: int, max_new: int, limit: int, at_least: bool = False):
+        # at_least: prompt_len is a lower bound (a text refused before it was tokenized)
+        self.index, self.prompt_len, self.max_new, self.limit, self.at_least = index, prompt_len, max_new, limit, at_least
         super().__init__(self.describe("max_new_tokens") + ("; lower it" if self.param == "max_new_tokens" else
                                                              "; shorten it, lower max_new_tokens, or pass truncate=True "
                                                              "(the CLI's --truncate) to keep the newest tokens"))
@@ -31,9 +32,10 @@ class ContextOverflow(Gpt2OnnxError):
     def describe(self, max_new_name: str) -> str:
         if self.param == "max_new_tokens":
             return f"{max_new_name}={self.max_new} leaves no room for a prompt in {self.limit} positions"
+        n = f"at least {self.prompt_len}" if self.at_least else str(self.prompt_len)
         if self.prompt_len > self.limit:
-            return f"prompt {self.index} has {self.prompt_len} tokens, longer than the {self.limit}-position context"
-        return (f"prompt {self.index} ({self.prompt_len} tokens) plus {max_new_name}={self.max_new} runs past the "
+            return f"prompt {self.index} has {n} tokens, longer than the {self.limit}-position context"
+        return (f"prompt {self.index} ({n} tokens) plus {max_new_name}={self.max_new} runs past the "
                 f"{self.limit}-position context")
 
 

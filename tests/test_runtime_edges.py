@@ -103,3 +103,19 @@ def test_scheduler_errors_name_the_callers_prompt(engine):
             sched.submit([1, 99999], index=1, max_new_tokens=2)
     finally:
         sched.close()
+
+
+def test_a_text_too_long_to_fit_is_refused_before_it_is_tokenized(engine, monkeypatch):
+    """The tokenizer holds the GIL ~1.4 s a megabyte (the server's event loop waited that long for a text it
+    then refused): a text whose bytes over the vocabulary's longest piece already exceed the context is
+    refused unencoded. Shorter texts, and truncate=True (which keeps the newest tokens), are tokenized."""
+    calls = []
+    real = engine.encode
+    monkeypatch.setattr(engine, "encode", lambda text: calls.append(len(text)) or real(text))
+    with pytest.raises(Gpt2OnnxError, match=r"prompt 2 has at least \d+ tokens, longer than the 128-position context"):
+        engine.request("漢字" * 200_000, GenerationConfig(max_new_tokens=4), index=2)
+    assert calls == []
+    with pytest.raises(Gpt2OnnxError, match=r"prompt 0 has \d+ tokens"):  # too long, but not provably so unencoded
+        engine.request("hello " * 200, GenerationConfig(max_new_tokens=4))
+    assert len(engine.request("漢字" * 20_000, GenerationConfig(max_new_tokens=4, truncate=True)).ids) == 124
+    assert calls == [1200, 40_000]

@@ -67,3 +67,10 @@ def test_errors_name_the_prompt_they_are_about(client):
     for prompt, says in (([[1, 2], []], "prompt 1 is empty"), ([[1, 2], [3, 4], [5, 99999]], "token id 99999 in prompt 2 ")):
         r = client.post("/v1/completions", json={"model": client.model, "prompt": prompt, "max_tokens": 2})
         assert r.status_code == 400 and r.json()["error"]["message"].startswith(says), r.text
+
+
+def test_a_huge_text_prompt_is_refused_without_tokenizing_it(client):
+    """~1 MB of text once held the event loop (every stream, /health) for the 1.4 s its tokenizing took."""
+    r = client.post("/v1/completions", json={"model": client.model, "prompt": "字" * 300_000, "max_tokens": 4})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and " at least " in err["message"], err
