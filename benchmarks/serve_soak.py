@@ -90,28 +90,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def gc_pauses(metrics: str) -> list[str]:
     """One line per generation from the server's gpt2onnx_gc_pause_seconds histogram."""
-    buckets: dict[str, list[tuple[float, float]]] = {}
-    count, total = {}, {}
-    for ln in metrics.splitlines():
-        if not ln.startswith("gpt2onnx_gc_pause_seconds"):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    gens: dict[str, dict] = {}  # generation -> {"count", "sum", "buckets": [(le, cumulative count)]}
+    for family in text_string_to_metric_families(metrics):
+        if family.name != "gpt2onnx_gc_pause_seconds":
             continue
-        name, value = ln.rsplit(" ", 1)
-        gen = name.split('generation="')[1].split('"')[0]
-        if "_bucket{" in name:
-            buckets.setdefault(gen, []).append((float(name.split('le="')[1].split('"')[0]), float(value)))
-        elif name.startswith("gpt2onnx_gc_pause_seconds_count"):
-            count[gen] = float(value)
-        elif name.startswith("gpt2onnx_gc_pause_seconds_sum"):
-            total[gen] = float(value)
+        for s in family.samples:
+            g = gens.setdefault(s.labels["generation"], {"buckets": []})
+            if s.name.endswith("_bucket"):
+                g["buckets"].append((float(s.labels["le"]), s.value))
+            else:
+                g[s.name.rsplit("_", 1)[1]] = s.value  # _count, _sum
     out = []
-    for gen in sorted(count):
-        if not count[gen]:
+    for gen, g in sorted(gens.items()):
+        if not g["count"]:
             out.append(f"gc generation {gen}: no collections")
             continue
-        longest = next((le for le, n in sorted(buckets[gen]) if n == count[gen]), float("inf"))  # first bucket holding all
-        out.append(f"gc generation {gen}: {count[gen]:.0f} collections, {1e3 * total[gen]:.1f} ms in all, longest <= {1e3 * longest:g} ms")
+        longest = next(le for le, n in sorted(g["buckets"]) if n == g["count"])  # the first bucket holding all (+Inf at worst)
+        out.append(f"gc generation {gen}: {g['count']:.0f} collections, {1e3 * g['sum']:.1f} ms in all, longest <= {1e3 * longest:g} ms")
     return out
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bisect
 import gc
+import itertools
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -43,12 +44,9 @@ class GcPauses:
 
     def collect(self):
         h = HistogramMetricFamily("gpt2onnx_gc_pause_seconds", "Python garbage collections (every thread waits)", labels=["generation"])
-        for g in range(3):
-            cum, total = [], 0
-            for le, n in zip([*map(str, GC_BUCKETS), "+Inf"], self.counts[g]):
-                total += n
-                cum.append((le, total))
-            h.add_metric([str(g)], cum, self.sums[g])
+        les = [*map(str, GC_BUCKETS), "+Inf"]
+        for g in range(3):  # Prometheus buckets are cumulative
+            h.add_metric([str(g)], list(zip(les, itertools.accumulate(self.counts[g]))), self.sums[g])
         yield h
 
 
