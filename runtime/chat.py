@@ -78,7 +78,7 @@ class ChatSession:
         """Add the user's turn, generate the reply, remember both; returns the reply text (cut before a
         stop string, as generate_text's; the history keeps the reply's tokens, whose keys the cache holds)."""
         eos = self.engine.eos_token_id
-        user = turn(self.engine.encode(text), eos)
+        user = turn(self.engine.encode(text) if text != "" else [], eos)  # "": an empty turn, as the server takes it
         self.turns = fit_history(self.turns + [user], self.engine.n_positions - self.cfg.max_new_tokens)
         prompt = joined(self.turns)
         req = self.engine.request(prompt, self.cfg, stream=False)

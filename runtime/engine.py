@@ -271,7 +271,7 @@ class Engine:
 
         Args:
             input_ids: one list of token ids per row.
-            cache: reuse the keys and values of an earlier batch-1 request this prompt extends
+            cache: reuse the keys and values of an earlier batch-1 request, up to the prefix this prompt shares
                 (see PromptCache); one row only.
             **kw: GenerationConfig fields (max_new_tokens, do_sample, temperature, top_k, top_p,
                 repetition_penalty, seed, eos_token_id, truncate, stop, stop_token_ids, logprobs,
@@ -404,8 +404,8 @@ class Engine:
         """The Decoder a generation runs on, held for the whole generation.
 
         Uncaptured: a new Decoder sized for this generation; with a cache, the cache's batch-1 row
-        when the prompt extends what it holds, else a new row of the whole position table that the
-        cache keeps for the next turn. Captured (CUDA graphs): the engine's Decoder of the batch's
+        (kept up to the longest prefix it shares with the prompt), else a new row of the whole position
+        table that the cache keeps for the next turn. Captured (CUDA graphs): the engine's Decoder of the batch's
         bucket at the whole position table, one generation at a time; the cache's tokens survive
         only while no other generation has taken that Decoder since. A generation a thread starts while
         its own earlier one is still open (a stream not finished: two zipped, chat.send inside one) runs
@@ -440,11 +440,11 @@ class Engine:
             dec, owner = cache.decoder if mine else self.decoder(1, self.n_positions, captured=False), cache
         else:
             return self.decoder(len(reqs), max(len(r.ids) for r in reqs) + steps, captured=False)
-        if cache is None or owner is not cache or cache.decoder is not dec or not cache.extends(reqs[0].ids, steps):
-            for r in range(dec.slots):  # start over
-                dec.truncate(r, 0)
+        keep = cache.reusable(reqs[0].ids, steps) if cache is not None and owner is cache and cache.decoder is dec else 0
+        for r in range(dec.slots):  # row 0 keeps the prefix it shares with the prompt; the rest start over
+            dec.truncate(r, keep if r == 0 else 0)
         if cache is not None:
-            cache.decoder, cache.ids = dec, cache.ids[: int(dec.held[0])]
+            cache.decoder, cache.ids = dec, cache.ids[:keep]
         return dec
 
 

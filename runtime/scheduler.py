@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import Gpt2OnnxError, SchedulerClosed, one_line
+from .prompt_cache import common_prefix
 from .request import Request, Result, Token
 from .sampling import _int
 
@@ -87,14 +88,6 @@ class Slot:
         self.tokens: list[int] = []  # ids whose keys and values are in this row of the cache
         self.req: Request | None = None
         self.used = 0.0  # when its last request ended (least recently used is evicted first)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class Scheduler:

@@ -121,6 +121,18 @@ def test_chat_history_turns_and_reset(engine):
     assert chat.turns == []
 
 
+def test_chat_empty_message_is_an_empty_turn_as_the_server_takes_it(engine):
+    chat = engine.chat(max_new_tokens=6)
+    chat.send("Hello!")
+    chat.send("")
+    eos = engine.eos_token_id
+    assert chat.turns[2] == [eos]  # the user's empty turn: its EOS alone, as serve's encode_turns makes it
+    history = [t for turn in chat.turns[:3] for t in turn]
+    assert chat.turns[3][:6] == engine.generate([history], max_new_tokens=6)[0]
+    with pytest.raises(Gpt2OnnxError, match="prompt must be text"):
+        chat.send(None)
+
+
 def test_chat_drops_oldest_turns_to_fit(engine):
     chat = engine.chat(max_new_tokens=20)  # tiny has 128 positions: 108 left for history
     for i in range(12):

@@ -156,11 +156,26 @@ def test_prompt_cache_starts_over_when_it_cannot_extend(engine, tiny_artifact):
     longer = PROMPTS[0] + first + [7] * (engine.n_positions - len(PROMPTS[0]) - 4 - 8)
     engine.generate([longer], cache=cache, max_new_tokens=8)  # fits exactly: extends
     assert engine.stats.cached_tokens == len(PROMPTS[0]) + 3
-    engine.generate([PROMPTS[0]], cache=cache, max_new_tokens=4)  # a prefix of the cache, not an extension
+    engine.generate([[PROMPTS[0][0] + 1] + PROMPTS[0][1:]], cache=cache, max_new_tokens=4)  # no shared prefix
     assert engine.stats.cached_tokens == 0
     other = Engine.load(tiny_artifact, provider="cpu")
     other.generate([cache.ids + [9]], cache=cache, max_new_tokens=4)  # another engine's cache is not read
     assert other.stats.cached_tokens == 0
+
+
+def test_prompt_cache_keeps_the_longest_shared_prefix(engine):
+    """A regenerated or edited last message reruns only what changed, as the Scheduler's slots do: the
+    cache keeps the prefix the new prompt shares with what it holds, and the reply is the uncached one."""
+    history, edited, shorter = PROMPTS[0] + PROMPTS[1], PROMPTS[0] + PROMPTS[2], PROMPTS[0][:3]
+    want = {tuple(p): engine.generate([p], max_new_tokens=5) for p in (history, edited, shorter)}
+    cache = PromptCache()
+    for prompt, reused in [(history, 0),
+                           (history, len(history) - 1),  # regenerate: the last token runs again for its logits
+                           (edited, len(PROMPTS[0])),  # the last message replaced
+                           (shorter, 2),  # a prefix of what the row holds: cut back, not rerun
+                           (history, 3)]:
+        assert engine.generate([prompt], cache=cache, max_new_tokens=5) == want[tuple(prompt)]
+        assert (engine.stats.cached_tokens, engine.stats.prompt_tokens) == (reused, len(prompt))
 
 
 def test_prompt_cache_in_graph_mode(tiny_artifact):
