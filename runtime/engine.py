@@ -131,6 +131,9 @@ class Engine:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise Gpt2OnnxError(f"cannot load the artifact at {path}: {first[:300]}; re-export it") from None
         check_io(manifest, session, spec)
+        if tokenizer.id_to_token(spec.vocab_size) is not None:  # an id the embedding has no row for (O(1), not a vocab walk)
+            raise Gpt2OnnxError(f"{path}: tokenizer.json has more tokens than the model's vocabulary of {spec.vocab_size} "
+                                "(a tokenizer from another model?); re-export the artifact")
         return cls(manifest, session, tokenizer, ep, sc, pick_session, spec)
 
     def decoder(self, slots: int, capacity: int, prefault: bool = False, captured: bool = True,

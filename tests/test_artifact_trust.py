@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from gpt2onnx.runtime import Gpt2OnnxError
+from gpt2onnx.runtime import Engine, Gpt2OnnxError
 from gpt2onnx.runtime.artifact import MANIFEST_NAME, load_manifest
 
 from .conftest import QUIET, assert_one_line_error, run_cli
@@ -208,6 +208,23 @@ def test_unparsable_model_is_refused_under_size(art):
     (art / "model.onnx").write_bytes(b"\x0a\xff\xff\xff")  # a length that runs past the file
     list_file(art, "model.onnx")
     refused(art, "not a readable ONNX file", "re-export", verify="size")
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(art):
+    """A tokenizer.json swapped for another model's (its hash listed again) would hand the model ids its
+    embedding has no row for: the load says so in one line instead of failing inside a step."""
+    from tokenizers import Tokenizer
+
+    Engine.load(str(art), provider="cpu")
+    tok = Tokenizer.from_file(str(art / "tokenizer.json"))
+    n = read_manifest(art)["config"]["vocab_size"]
+    assert tok.get_vocab_size(with_added_tokens=True) == n
+    tok.add_tokens(["<|extra|>"])
+    tok.save(str(art / "tokenizer.json"))
+    list_file(art, "tokenizer.json")
+    with pytest.raises(Gpt2OnnxError, match=f"tokenizer.json has more tokens than the model's vocabulary of {n} ") as e:
+        Engine.load(str(art), provider="cpu")
+    assert "\n" not in str(e.value)
 
 
 def test_modified_tokenizer_byte(art):
