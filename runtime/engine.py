@@ -201,16 +201,17 @@ class Engine:
             self._refuse_unencoded(prompt, index, cfg.max_new_tokens, limit)
         row = self.encode(prompt) if isinstance(prompt, str) else prompt
         if isinstance(row, (int, np.integer, bytes, bytearray)) or not hasattr(row, "__iter__"):
-            raise Gpt2OnnxError("a prompt must be text or a list of token ids")
+            raise Gpt2OnnxError("a prompt must be text or a list of token ids", param="prompt")
         row = list(row)
         if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in row):  # no 1.7, "15", True
-            raise Gpt2OnnxError(f"prompt {index} must hold integer token ids")
+            raise Gpt2OnnxError(f"prompt {index} must hold integer token ids", param="prompt")
         row = [int(t) for t in row]
         if not row:
-            raise Gpt2OnnxError(f"prompt {index} is empty; pass at least one token")
+            raise Gpt2OnnxError(f"prompt {index} is empty; pass at least one token", param="prompt")
         bad = [t for t in row if not 0 <= t < self.vocab_size]
         if bad:
-            raise Gpt2OnnxError(f"token id {bad[0]} in prompt {index} is outside the vocabulary 0..{self.vocab_size - 1}")
+            raise Gpt2OnnxError(f"token id {bad[0]} in prompt {index} is outside the vocabulary 0..{self.vocab_size - 1}",
+                                param="prompt")
         if cfg.max_new_tokens >= limit:
             raise ContextOverflow(index, 0, cfg.max_new_tokens, limit)
         room = limit - cfg.max_new_tokens
@@ -245,13 +246,13 @@ class Engine:
 
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
-            raise Gpt2OnnxError(f"prompt must be text, got {type(text).__name__}")
+            raise Gpt2OnnxError(f"prompt must be text, got {type(text).__name__}", param="prompt")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise Gpt2OnnxError("prompt is not valid UTF-8; pass UTF-8 text") from None
+            raise Gpt2OnnxError("prompt is not valid UTF-8; pass UTF-8 text", param="prompt") from None
         if not text:
-            raise Gpt2OnnxError("prompt is empty; pass some text")
+            raise Gpt2OnnxError("prompt is empty; pass some text", param="prompt")
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:

@@ -2,7 +2,15 @@
 
 
 class Gpt2OnnxError(Exception):
-    """A user-facing error: the message says what is wrong and what to do."""
+    """A user-facing error: the message says what is wrong and what to do; `param` names the option or
+    input at fault where one is (the server puts it in OpenAI's error body, in the API's own names)."""
+
+    param: str | None = None
+
+    def __init__(self, *args, param: str | None = None):
+        super().__init__(*args)
+        if param is not None:
+            self.param = param
 
 
 def one_line(err: BaseException, limit: int = 300) -> str:

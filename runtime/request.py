@@ -116,7 +116,7 @@ class Request:
         self.stop_ids = frozenset(([] if eos < 0 else [eos]) + list(cfg.stop_token_ids))
         bad = [t for t in cfg.logit_bias or () if t >= vocab]
         if bad:
-            raise Gpt2OnnxError(f"logit_bias token id {bad[0]} is outside the vocabulary 0..{vocab - 1}")
+            raise Gpt2OnnxError(f"logit_bias token id {bad[0]} is outside the vocabulary 0..{vocab - 1}", param="logit_bias")
         self.sampler = Sampler(cfg)
         self.seen: np.ndarray | None = None  # [vocab] bool, only with a repetition penalty
         if cfg.repetition_penalty != 1.0:

@@ -59,26 +59,27 @@ class GenerationConfig:
         _bool(self.truncate, "truncate")
         _float(self.temperature, "temperature")
         if self.do_sample and not self.temperature > 0:
-            raise Gpt2OnnxError(f"temperature must be > 0 when sampling, got {self.temperature}")
+            raise Gpt2OnnxError(f"temperature must be > 0 when sampling, got {self.temperature}", param="temperature")
         if self.temperature < 0:
-            raise Gpt2OnnxError(f"temperature must be >= 0, got {self.temperature}")
+            raise Gpt2OnnxError(f"temperature must be >= 0, got {self.temperature}", param="temperature")
         _int(self.top_k, "top_k", 0, hint=" (0 turns it off)")
         _float(self.top_p, "top_p")
         if not 0 < self.top_p <= 1:
-            raise Gpt2OnnxError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise Gpt2OnnxError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
         _float(self.repetition_penalty, "repetition_penalty")
         if not self.repetition_penalty > 0:
-            raise Gpt2OnnxError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise Gpt2OnnxError(f"repetition_penalty must be > 0, got {self.repetition_penalty}", param="repetition_penalty")
         if self.seed is not None:
             _int(self.seed, "seed", 0, 2**63 - 1)
         if self.eos_token_id is not None:
             _int(self.eos_token_id, "eos_token_id", -1, hint=" (-1 never stops early)")
         if isinstance(self.stop, str) or not isinstance(self.stop, (tuple, list)):
-            raise Gpt2OnnxError(f"stop must be a list of strings, got {type(self.stop).__name__}")
+            raise Gpt2OnnxError(f"stop must be a list of strings, got {type(self.stop).__name__}", param="stop")
         if len(self.stop) > MAX_STOP or not all(isinstance(s, str) and s for s in self.stop):
-            raise Gpt2OnnxError(f"stop takes at most {MAX_STOP} non-empty strings, got {list(self.stop)!r}"[:300])
+            raise Gpt2OnnxError(f"stop takes at most {MAX_STOP} non-empty strings, got {list(self.stop)!r}"[:300], param="stop")
         if not isinstance(self.stop_token_ids, (tuple, list)):
-            raise Gpt2OnnxError(f"stop_token_ids must be a list of token ids, got {type(self.stop_token_ids).__name__}")
+            raise Gpt2OnnxError(f"stop_token_ids must be a list of token ids, got {type(self.stop_token_ids).__name__}",
+                                param="stop_token_ids")
         for t in self.stop_token_ids:
             _int(t, "stop_token_ids entry", 0)
         if self.logprobs is not None:
@@ -90,49 +91,57 @@ class GenerationConfig:
         if isinstance(self.early_stopping, (bool, np.bool_)):
             self.early_stopping = bool(self.early_stopping)
         elif self.early_stopping != "never":
-            raise Gpt2OnnxError(f'early_stopping must be true, false or "never", got {self.early_stopping!r}'[:200])
+            raise Gpt2OnnxError(f'early_stopping must be true, false or "never", got {self.early_stopping!r}'[:200],
+                                param="early_stopping")
         for name in ("presence_penalty", "frequency_penalty"):
             _float(getattr(self, name), name)
             if abs(getattr(self, name)) > MAX_PENALTY:
-                raise Gpt2OnnxError(f"{name} must be from -{MAX_PENALTY:g} to {MAX_PENALTY:g}, got {getattr(self, name)}")
+                raise Gpt2OnnxError(f"{name} must be from -{MAX_PENALTY:g} to {MAX_PENALTY:g}, got {getattr(self, name)}",
+                                    param=name)
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
-                raise Gpt2OnnxError(f"logit_bias must map token ids to numbers, got {type(self.logit_bias).__name__}")
+                raise Gpt2OnnxError(f"logit_bias must map token ids to numbers, got {type(self.logit_bias).__name__}",
+                                    param="logit_bias")
             for t, b in self.logit_bias.items():
                 _int(t, "logit_bias token id", 0)
                 _float(b, f"logit_bias[{t}]")
                 if abs(b) > MAX_BIAS:
-                    raise Gpt2OnnxError(f"logit_bias[{t}] must be from -{MAX_BIAS:g} to {MAX_BIAS:g}, got {b}")
+                    raise Gpt2OnnxError(f"logit_bias[{t}] must be from -{MAX_BIAS:g} to {MAX_BIAS:g}, got {b}", param="logit_bias")
             self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} or None
         _float(self.min_p, "min_p")
         if not 0 <= self.min_p <= 1:
-            raise Gpt2OnnxError(f"min_p must be from 0 to 1 (0 turns it off), got {self.min_p}")
+            raise Gpt2OnnxError(f"min_p must be from 0 to 1 (0 turns it off), got {self.min_p}", param="min_p")
         if self.num_beams > 1 and (self.presence_penalty or self.frequency_penalty or self.logit_bias or self.min_p):
             raise Gpt2OnnxError("presence_penalty, frequency_penalty, logit_bias and min_p are not available with num_beams > 1; "
-                                "drop them or set num_beams=1")
+                                "drop them or set num_beams=1", param="num_beams")
         if self.num_beams > 1 and self.do_sample:
-            raise Gpt2OnnxError("num_beams > 1 is beam search, which does not sample here; drop do_sample or set num_beams=1")
+            raise Gpt2OnnxError("num_beams > 1 is beam search, which does not sample here; drop do_sample or set num_beams=1", param="num_beams")
         if self.num_beams > 1 and self.logprobs is not None:
-            raise Gpt2OnnxError("logprobs is not available with num_beams > 1; drop one of them")
+            raise Gpt2OnnxError("logprobs is not available with num_beams > 1; drop one of them", param="num_beams")
         self.stop, self.stop_token_ids = tuple(self.stop), tuple(self.stop_token_ids)
+
+
+def _field(name: str) -> str:
+    """The option a check's `name` is about: "logit_bias[5]" and "logit_bias token id" -> "logit_bias"."""
+    return name.split()[0].split("[")[0]
 
 
 def _int(v, name: str, lo: int, hi: int | None = None, hint: str = "") -> None:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise Gpt2OnnxError(f"{name} must be an integer, got {v!r}"[:200])
+        raise Gpt2OnnxError(f"{name} must be an integer, got {v!r}"[:200], param=_field(name))
     if v < lo or (hi is not None and v > hi):
         rng = f">= {lo}" if hi is None else f"from {lo} to {hi}"
-        raise Gpt2OnnxError(f"{name} must be {rng}{hint}, got {v}")
+        raise Gpt2OnnxError(f"{name} must be {rng}{hint}, got {v}", param=_field(name))
 
 
 def _float(v, name: str) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
-        raise Gpt2OnnxError(f"{name} must be a finite number, got {v!r}"[:200])
+        raise Gpt2OnnxError(f"{name} must be a finite number, got {v!r}"[:200], param=_field(name))
 
 
 def _bool(v, name: str) -> None:
     if not isinstance(v, (bool, np.bool_)):
-        raise Gpt2OnnxError(f"{name} must be true or false, got {v!r}"[:200])
+        raise Gpt2OnnxError(f"{name} must be true or false, got {v!r}"[:200], param=_field(name))
 
 
 class Sampler:

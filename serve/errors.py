@@ -31,13 +31,14 @@ class APIError(Exception):
         return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status, headers=headers)
 
 
-def from_runtime(e: Gpt2OnnxError, retry_after_s: int) -> APIError:
-    """The response for an error the runtime raised while taking a request."""
+def from_runtime(e: Gpt2OnnxError, retry_after_s: int, names: dict[str, str] | None = None) -> APIError:
+    """The response for an error the runtime raised while taking a request; `names` turns the runtime's
+    option names into the body's (max_new_tokens -> max_tokens, prompt -> messages) for `param`."""
     if isinstance(e, QueueFull):
         return APIError(429, str(e), "rate_limit_error", code="queue_full", retry_after=retry_after_s)
     if isinstance(e, SchedulerClosed):
         return APIError(503, str(e), "server_error", retry_after=retry_after_s)
-    return APIError(400, str(e))
+    return APIError(400, str(e), param=(names or {}).get(e.param, e.param))
 
 
 def _count(request: Request, status: int) -> None:

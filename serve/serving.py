@@ -149,6 +149,7 @@ class Serving:
     # ---- per route kind --------------------------------------------------------------------
 
     prompt_param = "prompt"  # the body field a too-long prompt is blamed on
+    runtime_names: dict[str, str] = {}  # the runtime's option names this route's body spells otherwise
 
     def prompts(self, kw: dict) -> list[str | list[int]]:
         """The prompts to run, from the body; may set kw's max_new_tokens (chat's default is the room left)."""
@@ -222,7 +223,8 @@ class Serving:
                 fix = "lower it" if e.param == "max_new_tokens" else f"shorten the {self.prompt_param} or lower {field}"
                 raise APIError(400, f"{e.describe(field)}; {fix}", param=field if e.param == "max_new_tokens" else self.prompt_param,
                                code="context_length_exceeded") from None
-            raise from_runtime(e, self.server.cfg.retry_after_s) from None
+            names = {"prompt": self.prompt_param, "max_new_tokens": self.body.max_tokens_asked()[0], **self.runtime_names}
+            raise from_runtime(e, self.server.cfg.retry_after_s, names) from None
         return handles
 
     async def wait(self) -> list[Result]:

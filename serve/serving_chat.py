@@ -24,6 +24,7 @@ class ChatServing(Serving):
     route, object, chunk_object, id_prefix = "chat", "chat.completion", "chat.completion.chunk", "chatcmpl"
 
     prompt_param = "messages"
+    runtime_names = {"logprobs": "top_logprobs"}
 
     def prompts(self, kw: dict) -> list[list[int]]:
         engine, body, capacity = self.model.engine, self.body, self.model.scheduler.capacity

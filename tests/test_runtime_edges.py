@@ -119,3 +119,22 @@ def test_a_text_too_long_to_fit_is_refused_before_it_is_tokenized(engine, monkey
         engine.request("hello " * 200, GenerationConfig(max_new_tokens=4))
     assert len(engine.request("漢字" * 20_000, GenerationConfig(max_new_tokens=4, truncate=True)).ids) == 124
     assert calls == [1200, 40_000]
+
+
+@pytest.mark.parametrize("kw, param", [
+    (dict(top_p=2.0), "top_p"), (dict(top_k=-1), "top_k"), (dict(stop_token_ids=[-3]), "stop_token_ids"),
+    (dict(logit_bias={5: 1e9}), "logit_bias"), (dict(logit_bias={"a": 1}), "logit_bias"),
+    (dict(num_beams=2, do_sample=True, temperature=1.0), "num_beams"), (dict(presence_penalty=9.0), "presence_penalty"),
+])
+def test_config_errors_name_their_option(kw, param):
+    """Each refusal carries the option at fault (the server's OpenAI `param`), not only words."""
+    with pytest.raises(Gpt2OnnxError) as e:
+        GenerationConfig(**kw).validate()
+    assert e.value.param == param, str(e.value)
+
+
+def test_prompt_errors_name_the_prompt(engine):
+    for prompt in ([], [10**9], "", [1.5]):
+        with pytest.raises(Gpt2OnnxError) as e:
+            engine.request(prompt, GenerationConfig(max_new_tokens=2))
+        assert e.value.param == "prompt", str(e.value)

@@ -215,6 +215,11 @@ def test_bad_requests_get_openai_errors(server, body, status, match):
      "messages.[0].content"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100}, "max_completion_tokens",
      "max_completion_tokens=100 is above this server's limit of 64"),
+    # refused by the runtime, not the body's schema: the runtime's error names its option, in the body's words
+    ("completions", {"prompt": [[1, 99999999]]}, "prompt", "token id 99999999 in prompt 0 is outside the vocabulary"),
+    ("completions", {"prompt": "x", "logit_bias": {"99999999": 1}}, "logit_bias", "outside the vocabulary"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999999": 1}}, "logit_bias",
+     "outside the vocabulary"),
 ])
 def test_bad_fields_name_their_param(server, route, body, param, match):
     """Strict types as OpenAI's (no "5" or 5.0 for an integer, no "yes" for a boolean), the field in
