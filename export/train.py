@@ -81,7 +81,7 @@ def _corpus_files() -> list[str]:
         import chatterbot_corpus
     except ImportError:
         raise Gpt2OnnxError("training the reference model needs chatterbot-corpus; install it with "
-                            "`pip install gpt2onnx[export]`") from None
+                            "`pip install 'gpt2onnx[export]'`") from None
     files = sorted(glob.glob(os.path.join(os.path.dirname(chatterbot_corpus.__file__), "data", "english", "*.yml")))
     if not files:
         raise Gpt2OnnxError("chatterbot-corpus has no English conversations (data/english/*.yml)")

@@ -124,7 +124,7 @@ def _need(extra: str) -> None:
 
     missing = [m for m in EXTRAS[extra] if absent(m)]
     if missing:
-        raise Gpt2OnnxError(f"`gpt2onnx {extra}` needs {missing[0]}; install it with `pip install gpt2onnx[{extra}]`")
+        raise Gpt2OnnxError(f"`gpt2onnx {extra}` needs {missing[0]}; install it with `pip install 'gpt2onnx[{extra}]'`")
 
 
 def cmd_export(args) -> None:
@@ -132,7 +132,7 @@ def cmd_export(args) -> None:
     try:
         from gpt2onnx.export.convert import ExportOptions, export
     except ImportError as e:
-        raise Gpt2OnnxError(f"the export stage needs {e.name}; install it with `pip install gpt2onnx[export]`") from None
+        raise Gpt2OnnxError(f"the export stage needs {e.name}; install it with `pip install 'gpt2onnx[export]'`") from None
     from gpt2onnx.export.quantize import Int4Config, Int8Config
 
     keep = tuple(n for n in (args.keep_float or "").split(",") if n)
@@ -246,7 +246,7 @@ def cmd_bench(args) -> None:
     try:
         from gpt2onnx.benchmarks.harness import main as bench_main
     except ImportError as e:
-        raise Gpt2OnnxError(f"the benchmark needs {e.name}; install it with `pip install gpt2onnx[bench]`") from None
+        raise Gpt2OnnxError(f"the benchmark needs {e.name}; install it with `pip install 'gpt2onnx[bench]'`") from None
     bench_main(args)
 
 
@@ -257,7 +257,7 @@ def cmd_serve(args) -> None:
     try:
         from gpt2onnx.serve.server import serve
     except ImportError as e:
-        raise Gpt2OnnxError(f"the server needs {e.name}; install it with `pip install gpt2onnx[serve]`") from None
+        raise Gpt2OnnxError(f"the server needs {e.name}; install it with `pip install 'gpt2onnx[serve]'`") from None
     cfg = _serve_config(args)
     # an empty --api-key (`--api-key "$KEY"` with KEY unset) reaches check(), which refuses it, instead of serving without one
     cfg.api_key = args.api_key if args.api_key is not None else os.environ.get("GPT2ONNX_API_KEY") or None
@@ -271,7 +271,7 @@ def cmd_serve(args) -> None:
         from gpt2onnx.serve.ray_app import application, run
         from gpt2onnx.serve.server import check
     except ImportError as e:
-        raise Gpt2OnnxError(f"scale-out needs {e.name}; install it with `pip install gpt2onnx[ray]`") from None
+        raise Gpt2OnnxError(f"scale-out needs {e.name}; install it with `pip install 'gpt2onnx[ray]'`") from None
     check(cfg)
     replicas = _default_arg(application, "replicas") if args.replicas is None else args.replicas
     if replicas < 1:
@@ -329,7 +329,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--keep-prefixes", action=argparse.BooleanOptionalAction, default=None,
                    help=f"a finished request's row keeps its tokens for a later prompt that extends them, e.g. the next "
                         f"turn of a conversation (default {'on' if sd.keep_prefixes else 'off'})")
-    p.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas (pip install gpt2onnx[ray])")
+    p.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas (pip install 'gpt2onnx[ray]')")
     p.add_argument("--replicas", type=int, help="Ray Serve replicas with --ray (default: serve.ray_app.application's)")
 
 

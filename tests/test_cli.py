@@ -266,7 +266,7 @@ def test_missing_extra_is_named_in_one_line(tiny_artifact, tmp_path, argv, extra
     argv = [a.format(tmp=tmp_path, art=tiny_artifact) for a in argv]
     code = f"import sys; sys.modules[{module!r}] = None; from gpt2onnx.cli import main; sys.exit(main({argv!r}))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip() == f"gpt2onnx: error: `gpt2onnx {extra}` needs {module}; install it with `pip install gpt2onnx[{extra}]`"
+    assert r.returncode == 2 and r.stderr.strip() == f"gpt2onnx: error: `gpt2onnx {extra}` needs {module}; install it with `pip install 'gpt2onnx[{extra}]'`"
     assert not list(tmp_path.iterdir())
 
 
