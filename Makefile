@@ -49,9 +49,12 @@ serve: $(STAMP)
 # run on that VM (2026-12-04, 20:38-22:23 UTC): 1 h 45 min with the medium report, plus ~17 min of
 # set-up on a fresh checkout (venv, make llamacpp's tools, six exports). Since then optimum int8 is a row
 # and llama-bench runs every batch-1 point twice (flash attention off and on): a batch-1-only run of 10
-# systems (no concurrent scenario) took 22 min on the 2-core Xeon (2026-12-06); a whole make bench
-# with them is not yet timed.
-# BENCH_ARGS="--concurrent-clients 0" skips the concurrent scenario. Start it first and leave the machine to it.
+# systems (no concurrent scenario) took 22 min on the 2-core Xeon (2026-12-06). A whole run with them and
+# BENCH_ARGS="--concurrent-repeats 1" (the committed reports' run, 2-core Xeon, 2026-12-06): 1 h 47 min:
+# exports and the precision table 13 min, loading 11 systems and the warm-up 7, repeat 1 with the
+# concurrent scenario 40, repeats 2-5 ~10 each, the medium report 7; the default 3 concurrent repeats
+# add ~30 min each. BENCH_ARGS="--concurrent-clients 0" skips the concurrent scenario. Start it first
+# and leave the machine to it.
 SMALL_ARTS := $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-small-$(p))
 MEDIUM_ARTS := $(foreach p,$(BENCH_PRECISIONS),artifacts/dialogpt-medium-$(p))
 MEDIUM_OUT ?= reports/dialogpt-medium-cpu
