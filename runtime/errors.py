@@ -32,6 +32,9 @@ class ContextOverflow(Gpt2OnnxError):
                                                              "; shorten it, lower max_new_tokens, or pass truncate=True "
                                                              "(the CLI's --truncate) to keep the newest tokens"))
 
+    def __reduce__(self):  # Exception pickles `args` (the message), which __init__ does not take
+        return type(self), (self.index, self.prompt_len, self.max_new, self.limit, self.at_least)
+
     @property
     def param(self) -> str:
         """The option to change: 'max_new_tokens' when it alone fills the context, else 'prompt'."""

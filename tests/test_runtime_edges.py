@@ -138,3 +138,15 @@ def test_prompt_errors_name_the_prompt(engine):
         with pytest.raises(Gpt2OnnxError) as e:
             engine.request(prompt, GenerationConfig(max_new_tokens=2))
         assert e.value.param == "prompt", str(e.value)
+
+
+def test_errors_survive_pickling_as_a_process_pool_sends_them():
+    import pickle
+
+    from gpt2onnx.runtime.errors import ContextOverflow
+
+    e = pickle.loads(pickle.dumps(ContextOverflow(2, 3000, 16, 1024, at_least=True)))
+    assert (e.index, e.prompt_len, e.max_new, e.limit, e.at_least, e.param) == (2, 3000, 16, 1024, True, "prompt")
+    assert str(e).startswith("prompt 2 has at least 3000 tokens")
+    e = pickle.loads(pickle.dumps(Gpt2OnnxError("top_p must be in (0, 1], got 2", param="top_p")))
+    assert (str(e), e.param) == ("top_p must be in (0, 1], got 2", "top_p")
