@@ -49,7 +49,7 @@ class PromptCache:
         if (self.decoder is None or int(self.decoder.held[0]) != len(self.ids)
                 or len(prompt) + max_new_tokens > self.decoder.capacity):
             return 0
-        return max(0, min(common_prefix(self.ids, prompt), len(prompt) - 1))
+        return min(common_prefix(self.ids, prompt), len(prompt) - 1)  # prompts are never empty: >= 0
 
     def acquire(self) -> None:
         if not self._busy.acquire(blocking=False):
