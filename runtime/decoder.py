@@ -290,15 +290,18 @@ class Decoder:
 
     # ---- the passes --------------------------------------------------------------------------
 
-    def prefill(self, first: int, rows: list[list[int]]) -> np.ndarray:
+    def prefill(self, first: int, rows: list[list[int]], every: bool = False) -> np.ndarray:
         """Run prompt tokens on rows first .. first + len(rows) - 1, after the tokens each row holds;
-        returns the logits of each row's last token [rows, vocab].
+        returns the logits of each row's last token [rows, vocab], or with `every` (one row) the
+        logits at each of its tokens [S, vocab] in a new array (scoring a prompt: Engine.score).
 
         One row may extend what it holds (a held prefix, a prompt's next chunk). Several rows run in
         one pass only from empty (held 0): right-padded to the longest, the padding masked out (the
         graph keeps each row's logits at its last real token).
         """
         k, s = len(rows), self.spec
+        if every and k != 1:
+            raise ValueError("every position's logits come one row at a time")
         if k == 1:
             r, row = first, rows[0]
             h = int(self.held[r])
@@ -319,13 +322,18 @@ class Decoder:
         io.bind_cpu_input(n.input_ids, ids)
         io.bind_cpu_input(n.position_ids, pos)
         io.bind_cpu_input(n.attention_mask, mask)
-        io.bind_cpu_input(n.logits_to_keep, self.keep)
-        io.bind_output(n.logits, "cpu", 0, np.float32, [k, 1, s.vocab_size], self.logits[first:].ctypes.data)
+        if every:  # num_logits_to_keep 0: the graph keeps every position's hidden state for the head
+            out = np.empty((1, ids.shape[1], s.vocab_size), np.float32)
+            io.bind_cpu_input(n.logits_to_keep, np.array(0, np.int64))
+            io.bind_output(n.logits, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        else:
+            io.bind_cpu_input(n.logits_to_keep, self.keep)
+            io.bind_output(n.logits, "cpu", 0, np.float32, [k, 1, s.vocab_size], self.logits[first:].ctypes.data)
         self.session.run_with_iobinding(io, self._prompt_ro)
         for i, row in enumerate(rows):
             r = first + i
             self._set_row(r, (int(self.held[r]) if k == 1 else 0) + len(row))
-        return self.logits[first: first + k, 0]
+        return out[0] if every else self.logits[first: first + k, 0]
 
     def decode(self, tokens: np.ndarray, live: np.ndarray | None = None) -> np.ndarray:
         """One step over rows 0 .. n-1: row r feeds tokens[r] (int64 [n]) at its next position; a row

@@ -27,8 +27,8 @@ from .beam import Beams
 from .decoder import Decoder, Mixed, Pick
 from .errors import ContextOverflow, Gpt2OnnxError
 from .prompt_cache import PromptCache
-from .request import Request, Stats
-from .sampling import GenerationConfig, _int
+from .request import Request, Stats, TextStream, Token
+from .sampling import MAX_LOGPROBS, GenerationConfig, _int, logprobs
 from .session import (
     PROVIDERS,
     SessionConfig,
@@ -197,8 +197,15 @@ class Engine:
             raise Gpt2OnnxError("num_beams > 1 knows its tokens only at the end, so it cannot stream or run in the "
                                 "Scheduler (the server); use generate, generate_text or chat, or num_beams=1")
         limit = limit or self.n_positions
-        if isinstance(prompt, str) and not cfg.truncate:
-            self._refuse_unencoded(prompt, index, cfg.max_new_tokens, limit)
+        row = self._prompt_ids(prompt, index, cfg.max_new_tokens, limit, cfg.truncate)
+        eos = self.eos_token_id if cfg.eos_token_id is None else cfg.eos_token_id
+        return Request(row[-(limit - cfg.max_new_tokens):], cfg, eos, self.decode, self.vocab_size)
+
+    def _prompt_ids(self, prompt: str | list[int], index: int, max_new: int, limit: int, truncate: bool) -> list[int]:
+        """The prompt's token ids, checked: text or integer ids inside the vocabulary, not empty, and
+        (unless `truncate`, which keeps the last ones) fitting `limit` positions beside `max_new` tokens."""
+        if isinstance(prompt, str) and not truncate:
+            self._refuse_unencoded(prompt, index, max_new, limit)
         row = self.encode(prompt) if isinstance(prompt, str) else prompt
         if isinstance(row, (int, np.integer, bytes, bytearray)) or not hasattr(row, "__iter__"):
             raise Gpt2OnnxError("a prompt must be text or a list of token ids", param="prompt")
@@ -212,13 +219,11 @@ class Engine:
         if bad:
             raise Gpt2OnnxError(f"token id {bad[0]} in prompt {index} is outside the vocabulary 0..{self.vocab_size - 1}",
                                 param="prompt")
-        if cfg.max_new_tokens >= limit:
-            raise ContextOverflow(index, 0, cfg.max_new_tokens, limit)
-        room = limit - cfg.max_new_tokens
-        if len(row) > room and not cfg.truncate:
-            raise ContextOverflow(index, len(row), cfg.max_new_tokens, limit)
-        eos = self.eos_token_id if cfg.eos_token_id is None else cfg.eos_token_id
-        return Request(row[-room:], cfg, eos, self.decode, self.vocab_size)
+        if max_new >= limit:
+            raise ContextOverflow(index, 0, max_new, limit)
+        if len(row) > limit - max_new and not truncate:
+            raise ContextOverflow(index, len(row), max_new, limit)
+        return row
 
     def _requests(self, prompts, kw: dict) -> list[Request]:
         cfg = self.config(**kw)
@@ -309,6 +314,35 @@ class Engine:
         a token that leaves a character incomplete is held until the next one completes it."""
         req = self.request(prompt, self.config(**kw))  # validated here, before the first next()
         return (ev.text for events in self.run([req], cache) for ev in events if ev.text)
+
+    def score(self, prompt: str | list[int], top_logprobs: int = 0, index: int = 0) -> list[Token]:
+        """Each token of `prompt` with its log-probability given the tokens before it (the first token
+        has none) and the `top_logprobs` likeliest tokens at its place, as generated tokens' logprobs
+        are computed (the raw logits). What OpenAI's echo with logprobs returns, and what perplexity and
+        multiple-choice evaluations read (lm-evaluation-harness scores through it).
+
+        The prompt runs through a decode core of its own in passes of SCORE_CHUNK tokens, keeping every
+        position's logits ([chunk, vocab] floats at a time, not [len, vocab]); uncaptured, beside any
+        generation on this engine.
+
+        Raises:
+            Gpt2OnnxError: bad top_logprobs, an empty prompt, ids outside the vocabulary, a prompt longer than the context.
+        """
+        _int(top_logprobs, "top_logprobs", 0, MAX_LOGPROBS)
+        try:
+            row = self._prompt_ids(prompt, index, 0, self.n_positions, truncate=False)
+        except ContextOverflow as e:  # its advice speaks of max_new_tokens and truncate, which scoring has not
+            raise Gpt2OnnxError(f"{e.describe('max_new_tokens')}; shorten it", param="prompt") from None
+        dec, text = self.decoder(1, len(row), captured=False), TextStream(self.decode)
+        out = [Token(row[0], text.push(row[0]), 0)]
+        for start in range(0, len(row), SCORE_CHUNK):
+            logits = dec.prefill(0, [row[start: start + SCORE_CHUNK]], every=True)  # [chunk, vocab]: position p predicts p + 1
+            for p in range(start + 1, min(start + SCORE_CHUNK + 1, len(row))):
+                lp, top = logprobs(logits[p - 1 - start], row[p], top_logprobs)
+                out.append(Token(row[p], text.push(row[p]), p, lp, top))
+        dec.close()
+        out[-1].text += text.finish()
+        return out
 
     def chat(self, **kw):
         """A DialoGPT chat session over this engine; `kw` are generation options."""
@@ -450,6 +484,9 @@ class Engine:
         if cache is not None:
             cache.decoder, cache.ids = dec, cache.ids[:keep]
         return dec
+
+
+SCORE_CHUNK = 128  # tokens per scoring pass: its logits are 128 x 50257 floats (26 MB), whatever the prompt's length
 
 
 @functools.cache

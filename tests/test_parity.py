@@ -88,3 +88,25 @@ def test_local_hf_checkpoint_directory(tmp_path, tiny):
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     assert hf_tok("Hello, how are you today?")["input_ids"] == prompt
+
+
+def test_score_equals_transformers_log_softmax(engine, tiny, monkeypatch):
+    """Engine.score (echo with logprobs, evaluation harnesses): each token's log-probability given the ones
+    before it, and the likeliest alternatives, equal transformers' log_softmax over its logits, whether the
+    prompt runs in one pass or in passes that split it."""
+    from gpt2onnx.runtime import engine as engine_mod
+
+    ids = PROMPTS[0] + PROMPTS[2]  # 18 tokens, an EOS among them
+    with torch.no_grad():
+        ref = torch.log_softmax(tiny.model(input_ids=torch.tensor([ids])).logits[0].double(), -1).numpy()  # [S, vocab]
+    for chunk in (engine_mod.SCORE_CHUNK, 5):
+        monkeypatch.setattr(engine_mod, "SCORE_CHUNK", chunk)
+        toks = engine.score(ids, top_logprobs=3)
+        assert [t.id for t in toks] == ids and [t.index for t in toks] == list(range(len(ids)))
+        assert toks[0].logprob is None and toks[0].top_logprobs is None
+        got = np.array([t.logprob for t in toks[1:]])
+        assert np.abs(got - ref[np.arange(len(ids) - 1), ids[1:]]).max() < FP32_ATOL, chunk
+        for p, t in enumerate(toks[1:]):  # the alternatives: the 3 largest, likeliest first, each its own value
+            assert np.allclose([lp for _, lp in t.top_logprobs], np.sort(ref[p])[::-1][:3], atol=FP32_ATOL)
+            assert np.allclose([ref[p, i] for i, _ in t.top_logprobs], [lp for _, lp in t.top_logprobs], atol=FP32_ATOL)
+    assert "".join(t.text for t in toks) == engine.decode(ids)

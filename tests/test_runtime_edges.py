@@ -150,3 +150,17 @@ def test_errors_survive_pickling_as_a_process_pool_sends_them():
     assert str(e).startswith("prompt 2 has at least 3000 tokens")
     e = pickle.loads(pickle.dumps(Gpt2OnnxError("top_p must be in (0, 1], got 2", param="top_p")))
     assert (str(e), e.param) == ("top_p must be in (0, 1], got 2", "top_p")
+
+
+@pytest.mark.parametrize("prompt, kw, needle, param", [
+    ([], {}, "prompt 0 is empty", "prompt"),
+    ([5, 99999999], {}, "outside the vocabulary", "prompt"),
+    ("", {}, "prompt is empty", "prompt"),
+    ([5] * 2000, {}, "longer than the", "prompt"),
+    ([5, 6], {"top_logprobs": 21}, "top_logprobs", "top_logprobs"),
+])
+def test_score_refuses_bad_input_in_one_line(engine, prompt, kw, needle, param):
+    with pytest.raises(Gpt2OnnxError) as e:
+        engine.score(prompt, **kw)
+    assert needle in str(e.value) and "\n" not in str(e.value) and e.value.param == param, (str(e.value), e.value.param)
+    assert "truncate" not in str(e.value)  # scoring keeps every token: no truncate to offer
