@@ -13,7 +13,7 @@ from gpt2onnx.runtime.session import SessionConfig
 class ServeConfig:
     host: str = "127.0.0.1"  # loopback unless asked: a model server is not for the open internet by default
     port: int = 8000
-    api_key: str | None = None  # checked on every /v1 route (Authorization: Bearer KEY); /health stays open
+    api_key: str | None = None  # checked on every /v1 route, /tokenize and /detokenize (Authorization: Bearer KEY); /health and /metrics stay open
     max_body_bytes: int = 1 << 20  # a larger request body gets 413
     max_tokens: int = 512  # cap on max_tokens a request may ask for
     default_max_tokens: int = 16  # when a request names none (OpenAI's completions default)

@@ -56,9 +56,10 @@ class _Sampling(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[TokenKey, Bias] | None = None
 
-    def unsupported(self) -> str | None:
+    def unsupported(self) -> tuple[str, str] | None:
+        """Why the body cannot be served as asked, and the field at fault (OpenAI's `param`); None if it can."""
         if self.stream_options is not None and not self.stream:
-            return "stream_options is only allowed with stream=true"
+            return "stream_options is only allowed with stream=true", "stream_options"
         return None
 
     def max_tokens_asked(self) -> tuple[str, int | None]:
@@ -94,20 +95,21 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo: the prompt scored, nothing generated
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: Flag = False
     best_of: int | None = None
     suffix: str | None = None
 
-    def unsupported(self) -> str | None:
+    def unsupported(self) -> tuple[str, str] | None:
         if self.best_of is not None and self.best_of < self.n:
-            return f"best_of={self.best_of} must be at least n={self.n}"
+            return f"best_of={self.best_of} must be at least n={self.n}", "best_of"
         if self.best_of not in (None, self.n):
-            return "best_of above n is not supported; ask for n choices instead"
+            return "best_of above n is not supported; ask for n choices instead", "best_of"
         if self.suffix:
-            return "suffix is not supported"
-        if self.echo and self.logprobs is not None:
-            return "echo with logprobs is not supported (prompt tokens' log-probabilities are not computed)"
+            return "suffix is not supported", "suffix"
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens=0 generates nothing; it needs echo=true (the prompt back, with logprobs its tokens scored)", "max_tokens"
         return super().unsupported()
 
     @field_validator("prompt")
@@ -152,9 +154,9 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
-    def unsupported(self) -> str | None:
+    def unsupported(self) -> tuple[str, str] | None:
         if self.top_logprobs is not None and not self.logprobs:
-            return "top_logprobs needs logprobs=true"
+            return "top_logprobs needs logprobs=true", "top_logprobs"
         return super().unsupported()
 
     def max_tokens_asked(self) -> tuple[str, int | None]:
@@ -178,9 +180,9 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     return_token_strs: Flag = False
 
-    def unsupported(self) -> str | None:
+    def unsupported(self) -> tuple[str, str] | None:
         if (self.prompt is None) == (self.messages is None):
-            return "give either prompt or messages"
+            return "give either prompt or messages", "prompt"
         return None
 
 

@@ -91,7 +91,7 @@ async def read_body(request: Request, kind: type[BaseModel]) -> BaseModel:
     except ValidationError as e:
         err = e.errors()[0]
         loc = [x for x in err.get("loc", ()) if not _union_tag(x)]  # pydantic names the union member it tried
-        path = ".".join(f"[{x}]" if isinstance(x, int) else str(x) for x in loc)
+        path = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".")  # messages[0].role
         msg = str(err.get("msg"))
         if len(loc) == 1 and sum(1 for x in e.errors() if x.get("loc", ())[:1] == tuple(loc)) > 1:
             msg = "not one of the types this field takes; see the API reference"  # every member of a union failed
@@ -107,6 +107,9 @@ def model_named(request: Request, name: str | None) -> Model:
     models = server_of(request).models
     if name is None and len(models) == 1:
         return next(iter(models.values()))
+    if name is None:
+        raise APIError(400, f"model is required: this server serves {len(models)} models ({', '.join(sorted(models))})",
+                       param="model")
     if name not in models:
         raise APIError(404, f"model {name!r} does not exist; GET /v1/models lists this server's models",
                        param="model", code="model_not_found")
@@ -142,7 +145,7 @@ class Serving:
         self.model = model_named(request, body.model)
         why = body.unsupported()
         if why:
-            raise APIError(400, why)
+            raise APIError(400, why[0], param=why[1])
         self.id, self.created = f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time())
         self.handles: list = []
 
@@ -163,6 +166,9 @@ class Serving:
         except ValueError as e:
             raise APIError(400, str(e), param=self.body.max_tokens_asked()[0]) from None
 
+    async def before_output(self) -> None:
+        """Work the response needs besides the generations, done while they run (completions: echo's scores)."""
+
     def token_chunk(self, i: int, tok: Token) -> dict:
         raise NotImplementedError
 
@@ -181,6 +187,8 @@ class Serving:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model.name, "choices": choices, **extra}
 
     def chunk(self, choices: list[dict], **extra) -> dict:
+        if self.body.include_usage:  # OpenAI: with include_usage every chunk carries usage, null until the last
+            extra.setdefault("usage", None)
         return self.envelope(self.chunk_object, choices, **extra)
 
     def usage(self, results: list[Result]) -> dict:
@@ -193,6 +201,12 @@ class Serving:
         """Submit every prompt x n choices, then stream (SSE) or wait for the whole response."""
         kw = self.options()
         self.handles = self.submit(self.prompts(kw), kw)
+        try:
+            await self.before_output()
+        except BaseException:
+            for h in self.handles:
+                h.cancel()
+            raise
         metrics = self.server.metrics
         metrics.requests.labels(route=self.route).inc()
         if self.body.stream:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 
+from fastapi.responses import StreamingResponse
+
+from gpt2onnx.runtime import Gpt2OnnxError
 from gpt2onnx.runtime.request import Result, Token
 
+from .errors import from_runtime
 from .protocol import CompletionRequest
 from .serving import Serving, finish, token_str
+from .streaming import sse
 
 
 class Offsets:
@@ -27,10 +33,65 @@ class CompletionServing(Serving):
     request_type = CompletionRequest
     route, object, chunk_object, id_prefix = "completions", "text_completion", "text_completion", "cmpl"
 
-    def prompts(self, kw: dict) -> list[str | list[int]]:
+    def __init__(self, request, body):
+        super().__init__(request, body)
         self.prompt_list = self.body.prompts()
         self.offsets: dict[int, Offsets] = {}  # a streamed choice's offsets so far
+        # echo with logprobs: each prompt's tokens with their log-probabilities (Engine.score), first None
+        self.scores: list[list[Token]] | None = None
+
+    def prompts(self, kw: dict) -> list[str | list[int]]:
         return self.prompt_list
+
+    async def respond(self):
+        if self.body.max_tokens == 0:  # echo alone: the prompts back (scored with logprobs), nothing generated
+            await self.before_output()
+            self.server.metrics.requests.labels(route=self.route).inc()
+            choices = [{"index": i, "text": self.echo(i), "logprobs": self.prompt_logprobs(i), "finish_reason": "length"}
+                       for i in range(len(self.prompt_list) * self.body.n)]
+            if self.body.stream:
+                return StreamingResponse(self._echo_events(choices), media_type="text/event-stream")
+            return self.envelope(self.object, choices, usage=self.usage([]))
+        return await super().respond()
+
+    async def before_output(self) -> None:
+        """Score every prompt for echo with logprobs: a pass of its own per prompt (uncaptured, in a worker
+        thread, while the scheduler generates), as vLLM's prompt_logprobs returns the prompt's tokens. With
+        max_tokens 0 always: the scoring validates and counts the prompts no generation takes."""
+        if not (self.body.echo and (self.body.logprobs is not None or self.body.max_tokens == 0)):
+            return
+        engine, k = self.model.engine, self.body.logprobs or 0
+
+        def score_all() -> list[list[Token]]:
+            return [engine.score(p, k, index=j) for j, p in enumerate(self.prompt_list)]
+
+        try:
+            self.scores = await asyncio.to_thread(score_all)
+        except Gpt2OnnxError as e:
+            raise from_runtime(e, self.server.cfg.retry_after_s) from None
+
+    async def _echo_events(self, choices: list[dict]):
+        for c in choices:
+            yield sse(self.chunk([{**c, "finish_reason": None}]))
+            yield sse(self.chunk([{"index": c["index"], "text": "", "logprobs": None, "finish_reason": "length"}]))
+        if self.body.include_usage:
+            yield sse(self.chunk([], usage=self.usage([])))
+        yield b"data: [DONE]\n\n"
+
+    def prompt_tokens(self) -> int:
+        if self.handles:
+            return super().prompt_tokens()
+        return sum(len(s) for s in self.scores) if self.scores else 0
+
+    def _prompt_events(self, i: int) -> list[Token]:
+        return self.scores[i // self.body.n] if self.scores else []
+
+    def _offsets(self, i: int) -> Offsets:
+        """Where choice i's first logprobs token starts in its text: 0 when the prompt's tokens come first."""
+        return Offsets(0 if self.scores else len(self.echo(i)))
+
+    def prompt_logprobs(self, i: int) -> dict | None:
+        return self.logprobs(i, self._prompt_events(i), Offsets(0))
 
     def options(self) -> dict:
         kw = super().options()
@@ -53,16 +114,20 @@ class CompletionServing(Serving):
         raw = [piece(e.id) for e in events]
         return {"tokens": [token_str(b) for b in raw], "token_logprobs": [e.logprob for e in events],
                 "text_offset": [offsets.next(b) for b in raw],
-                "top_logprobs": [{token_str(piece(t)): lp for t, lp in (e.top_logprobs or [])} for e in events]}
+                "top_logprobs": [None if e.top_logprobs is None else {token_str(piece(t)): lp for t, lp in e.top_logprobs}
+                                 for e in events]}  # None: a prompt's first token, which nothing predicts
 
     def token_chunk(self, i: int, tok: Token) -> dict:
-        text = (self.echo(i) if tok.index == 0 else "") + tok.text
-        offsets = self.offsets.setdefault(i, Offsets(len(self.echo(i))))
-        return {"index": i, "text": text, "logprobs": self.logprobs(i, [tok], offsets), "finish_reason": None}
+        first = tok.index == 0  # the echoed prompt, and with logprobs its scored tokens, come with the first token
+        text = (self.echo(i) if first else "") + tok.text
+        offsets = self.offsets.setdefault(i, self._offsets(i))
+        events = (self._prompt_events(i) if first else []) + [tok]
+        return {"index": i, "text": text, "logprobs": self.logprobs(i, events, offsets), "finish_reason": None}
 
     def final_chunk(self, i: int, res: Result) -> dict:
         return {"index": i, "text": "", "logprobs": None, "finish_reason": finish(res)}
 
     def choice(self, i: int, res: Result) -> dict:
-        return {"index": i, "text": self.echo(i) + res.text, "logprobs": self.logprobs(i, res.logprobs or [], Offsets(len(self.echo(i)))),
+        events = self._prompt_events(i) + (res.logprobs or [])
+        return {"index": i, "text": self.echo(i) + res.text, "logprobs": self.logprobs(i, events, self._offsets(i)),
                 "finish_reason": finish(res)}

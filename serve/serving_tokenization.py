@@ -21,7 +21,7 @@ async def tokenize(request: Request):
     model = model_named(request, body.model)
     why = body.unsupported()
     if why:
-        raise APIError(400, why, param="prompt")
+        raise APIError(400, why[0], param=why[1])
     engine = model.engine
     if body.messages is not None:
         texts = [m.text for m in body.messages if m.role in ("user", "assistant")]

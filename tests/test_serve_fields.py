@@ -4,8 +4,11 @@ prompt of several a context error is about. In-process (FastAPI's TestClient) on
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -74,3 +77,83 @@ def test_a_huge_text_prompt_is_refused_without_tokenizing_it(client):
     r = client.post("/v1/completions", json={"model": client.model, "prompt": "字" * 300_000, "max_tokens": 4})
     err = r.json()["error"]
     assert r.status_code == 400 and err["code"] == "context_length_exceeded" and " at least " in err["message"], err
+
+
+def test_include_usage_puts_a_null_usage_on_every_chunk_but_the_last(client):
+    """OpenAI: with stream_options.include_usage every chunk carries `usage`, null until the last
+    chunk (empty choices), which has the counts; clients that read chunk["usage"] rely on the key."""
+    body = {"model": client.model, "prompt": "hi", "max_tokens": 3, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    r = client.post("/v1/completions", json=body)
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert len(chunks) >= 3 and all("usage" in c for c in chunks), r.text
+    assert all(c["usage"] is None and c["choices"] for c in chunks[:-1]), r.text
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3, r.text
+
+
+def test_a_server_of_several_models_asks_which_one(tiny_artifact, tmp_path):
+    """/tokenize may leave `model` out when one is served; with two it is a 400 naming the field and
+    the choices, not a 404 for a model called None."""
+    from gpt2onnx.serve.app import build_app
+    from gpt2onnx.serve.config import ServeConfig
+    from gpt2onnx.serve.server import load_models
+
+    other = shutil.copytree(tiny_artifact, tmp_path / "other")
+    cfg = ServeConfig()
+    with TestClient(build_app(load_models([tiny_artifact, str(other)], cfg), cfg), raise_server_exceptions=False) as c:
+        r = c.post("/tokenize", json={"prompt": "hi"})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "model", r.text
+        assert "model is required" in err["message"] and "other" in err["message"] and os.path.basename(tiny_artifact) in err["message"]
+        r = c.post("/tokenize", json={"model": "other", "prompt": "hi"})
+        assert r.status_code == 200 and r.json()["count"] >= 1, r.text
+
+
+def test_echo_with_logprobs_scores_the_prompt(client):
+    """OpenAI's echo with logprobs (what lm-evaluation-harness's completions backend sends for loglikelihood):
+    the prompt's tokens come first in logprobs, the first with null, each the log-probability Engine.score
+    gives, then the generated tokens exactly as without echo; text_offset indexes the echoed text."""
+    engine = client.app.state.server.models[client.model].engine
+    prompt = "Hello there, how are you"
+    ids = engine.encode(prompt)
+    want = engine.score(ids, 2)
+    plain = {"model": client.model, "prompt": prompt, "max_tokens": 3, "temperature": 0, "logprobs": 2}
+    gen = client.post("/v1/completions", json=plain).json()["choices"][0]
+    r = client.post("/v1/completions", json={**plain, "echo": True})
+    c = r.json()["choices"][0]
+    lp = c["logprobs"]
+    assert r.status_code == 200 and c["text"] == prompt + gen["text"], r.text
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert np.allclose(lp["token_logprobs"][1: len(ids)], [t.logprob for t in want[1:]], atol=1e-6)
+    # the same tokens; their values within float noise (the second request reuses the prompt the first left held)
+    assert np.allclose(lp["token_logprobs"][len(ids):], gen["logprobs"]["token_logprobs"], atol=1e-5)
+    assert lp["tokens"][len(ids):] == gen["logprobs"]["tokens"]
+    assert [len(d) for d in lp["top_logprobs"][1:]] == [2] * (len(lp["tokens"]) - 1)
+    n = len(ids)
+    assert lp["text_offset"][:n] == [prompt.index(t, o) for t, o in zip(lp["tokens"][:n], lp["text_offset"][:n])]
+    assert lp["text_offset"][len(ids)] == len(prompt)
+
+
+def test_max_tokens_zero_with_echo_returns_the_scored_prompt(client):
+    """Scoring alone (max_tokens 0, echo, logprobs): the prompt back with its tokens' log-probabilities,
+    nothing generated, whole or streamed; several prompts each scored by itself."""
+    engine = client.app.state.server.models[client.model].engine
+    prompts = ["The cat sat", "on the mat"]
+    body = {"model": client.model, "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 1}
+    r = client.post("/v1/completions", json=body)
+    out = r.json()
+    assert r.status_code == 200, r.text
+    assert [c["text"] for c in out["choices"]] == prompts
+    assert [c["finish_reason"] for c in out["choices"]] == ["length", "length"]
+    for c, p in zip(out["choices"], prompts):
+        want = [t.logprob for t in engine.score(p, 1)]
+        assert c["logprobs"]["token_logprobs"][0] is None and np.allclose(c["logprobs"]["token_logprobs"][1:], want[1:], atol=1e-6)
+    n = sum(len(engine.encode(p)) for p in prompts)
+    assert out["usage"] == {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}
+    r = client.post("/v1/completions", json={**body, "prompt": "The cat sat", "stream": True, "stream_options": {"include_usage": True}})
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert r.text.endswith("data: [DONE]\n\n") and chunks[0]["choices"][0]["text"] == "The cat sat", r.text
+    assert chunks[0]["choices"][0]["logprobs"]["token_logprobs"] == out["choices"][0]["logprobs"]["token_logprobs"]
+    assert chunks[1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 0
+    r = client.post("/v1/completions", json={**body, "prompt": [5, 99999999]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
