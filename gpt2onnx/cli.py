@@ -167,6 +167,9 @@ def cmd_generate(args) -> None:
         raise Gpt2OnnxError("give either prompt text or --ids, not both and not neither")
     if args.stream and (args.ids is not None or len(args.prompt) != 1 or args.json):
         raise Gpt2OnnxError("--stream takes exactly one text prompt and no --json")
+    if args.stream and cfg.num_beams > 1:  # the runtime's own refusal names its Python functions, not these flags
+        raise Gpt2OnnxError("--stream cannot show beam search's reply as it grows (the best beam is known only at the end); "
+                            "drop --stream or --num-beams")
     engine = _engine(args)
     if args.stream:
         for piece in engine.stream(args.prompt[0], **vars(cfg)):
@@ -312,7 +315,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="artifact directories; each is a model named after its directory")
     p.add_argument("--host", help=f"address to listen on (default {d.host}: loopback only)")
     p.add_argument("--port", type=int, help=f"port (default {d.port}; 0 = any free port, printed at start)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (or set GPT2ONNX_API_KEY)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes, /tokenize and /detokenize (or set GPT2ONNX_API_KEY)")
     p.add_argument("--max-tokens", type=int, help=f"cap on a request's max_tokens (default {d.max_tokens})")
     p.add_argument("--default-max-tokens", type=int, help=f"a completion's max_tokens when the request names none (default "
                    f"{d.default_max_tokens}, or --max-tokens if lower; a chat reply may take the context left, up to --max-tokens)")

@@ -127,7 +127,7 @@ class Scheduler:
                 raise SchedulerClosed("the scheduler is shut down and takes no new requests")
             if len(self.waiting) + len(self.running) >= len(self.slots) + self.config.max_queue:
                 self.counters["refused"] += 1
-                raise QueueFull(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
+                raise QueueFull(f"the queue is full ({self.config.max_queue} waiting, its max_queue); retry later")
             self.waiting.append(req)
             self.counters["requests"] += 1
             self.cv.notify_all()

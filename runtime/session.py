@@ -77,7 +77,7 @@ def select_provider(requested: str) -> str:
     if PROVIDERS[requested] not in available:
         raise Gpt2OnnxError(
             f"{requested} is not available in this onnxruntime (available: {', '.join(available)}); "
-            "use --provider cpu, or install onnxruntime-gpu for cuda"
+            "use the cpu provider, or install onnxruntime-gpu for cuda (README, GPU)"
         )
     return PROVIDERS[requested]
 
@@ -85,7 +85,7 @@ def select_provider(requested: str) -> str:
 def check_precision(precision: str, ep: str) -> None:
     """Refuse or warn about precision and provider pairs that run badly."""
     if precision == "int8" and ep == PROVIDERS["cuda"]:
-        raise Gpt2OnnxError("int8 artifacts run on the cpu provider only; use --provider cpu, or an int4 or fp16 artifact for cuda")
+        raise Gpt2OnnxError("int8 artifacts run on the cpu provider only; use the cpu provider, or an int4 or fp16 artifact for cuda")
     if precision == "fp16" and ep == PROVIDERS["cpu"]:
         warnings.warn("fp16 on the CPU provider is no faster than fp32 (its CPU kernels compute through fp32; measured 27.6 vs 26.7 ms/token on DialoGPT-small); "
                       "use an fp32, int8 or int4 artifact for cpu", UserWarning, stacklevel=4)
