@@ -67,7 +67,6 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
     if opts.kv_dtype == "int8":  # calibrated on the shipped text's first n_positions tokens
         scales = parity.kv_scales(ckpt.model, text[: cfg.n_positions])
     w = graph.weights(ckpt.model, cfg)
-    model = graph.build(cfg, w, fused=opts.fuse, dtype=dtype, kv_dtype=opts.kv_dtype, kv_scales=scales)
 
     out = os.path.abspath(opts.output)
     made = _missing_parents(out)  # created here, removed again when the export fails or is interrupted
@@ -79,8 +78,10 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual mode
         model_path = os.path.join(tmp, "model.onnx")
-        quant = _write_graph(model, model_path, opts, log)
-        del model
+        # built in the call, so _write_graph holds the only reference and frees the float graph
+        # before onnxruntime's quantizers load their own copy
+        quant = _write_graph(graph.build(cfg, w, fused=opts.fuse, dtype=dtype, kv_dtype=opts.kv_dtype, kv_scales=scales),
+                             model_path, opts, log)
         mixed_path = os.path.join(tmp, MIXED_FILE) if opts.mixed else None
         if mixed_path:
             log("building the mixed step graph (a decode step and a prompt chunk in one pass)")
@@ -256,12 +257,14 @@ def _save_onnx(model, path: str, share: str | None = None) -> None:
     data = path + ".data"
     with open(data, "wb") as f:
         for t in model.graph.initializer:
-            raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+            has_raw = t.HasField("raw_data")
+            raw = t.raw_data if has_raw else numpy_helper.to_array(t).tobytes()
             if len(raw) < ALIGN:
                 continue
-            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                t.ClearField(field)  # quantizers write some scales as typed fields, not raw bytes
-            t.raw_data = raw
+            if not has_raw:  # quantizers write some scales as typed fields; set_external_data wants raw bytes
+                for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    t.ClearField(field)
+                t.raw_data = raw  # not for the others: protobuf would keep a second copy of every weight until the model is freed
             if t.name in shared and _same_bytes(shared[t.name], raw):
                 location, offset = shared[t.name][:2]
                 set_external_data(t, location, offset=offset, length=len(raw))

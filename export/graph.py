@@ -137,7 +137,7 @@ class _Builder:
         self.onnx = onnx
         self.dtype = np.dtype(dtype)
         self.nodes: list = []
-        self.inits: list = []
+        self.inits: dict[str, np.ndarray] = {}  # name -> weights, kept as numpy until `into` writes them
         self._n = 0
         self._names: set[str] = set()
 
@@ -146,9 +146,24 @@ class _Builder:
             return name
         self._names.add(name)
         if cast and arr.dtype.kind == "f":
-            arr = arr.astype(self.dtype)
-        self.inits.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(arr), name))
+            arr = arr.astype(self.dtype, copy=False)  # a view of the checkpoint's tensor where the dtype is already right
+        self.inits[name] = np.ascontiguousarray(arr)
         return name
+
+    def into(self, model) -> None:
+        """Write the initializers into `model`'s graph, one tensor at a time, in its own message.
+
+        Built apart and then passed to make_graph, every tensor would be copied into the graph and
+        the copy kept beside the original (protobuf's upb backend merges the memory of messages
+        copied into one another), so the export held the weights three times over: 6.7 GB at peak
+        for DialoGPT-medium's 1.5 GB, 13.8 GB for DialoGPT-large's 3.3 GB."""
+        helper = self.onnx.helper
+        for name, arr in self.inits.items():
+            t = model.graph.initializer.add()
+            t.name = name
+            t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
+            t.dims.extend(arr.shape)
+            t.raw_data = arr.tobytes()  # a bytes copy for that tensor alone, freed at once
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str | None = None,
            outputs: list[str] | None = None, **attrs) -> list[str]:
@@ -376,9 +391,10 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
         for past, present in n.chunk_kv(cfg.n_layer):
             inputs.append(ckv(past, "chunk_past"))
             outputs.append(ckv(present, "chunk_present"))
-    graph = helper.make_graph(b.nodes, "gpt2onnx_mixed_step" if mixed else "gpt2onnx_decoder", inputs, outputs, b.inits)
+    graph = helper.make_graph(b.nodes, "gpt2onnx_mixed_step" if mixed else "gpt2onnx_decoder", inputs, outputs)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="gpt2onnx")
+    b.into(model)
     # the dims the weights were built with, in the graph itself: a manifest edited afterwards is caught at load
     helper.set_model_props(model, {CONFIG_PROP: json.dumps({k: getattr(cfg, k) for k in CONFIG_KEYS})})
     model.ir_version = min(model.ir_version, 10)  # readable by onnxruntime releases of the last two years
