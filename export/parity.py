@@ -31,10 +31,15 @@ TOLERANCES = {
     "int8": {"max_abs_logit_diff": 1.5, "mean_kl": 0.01, "top1_agreement": 0.80},
     # the default, the head and embedding 8-bit (Int4Config.head_bits); measured 2026-12-06: max
     # |Δlogit| 4.3 / 0.78, KL 0.11 / 0.010, top-1 0.52 / 0.51 (tiny's 64-wide rows are one 64-block
-    # each, so it suffers most; flat random logits make top-1 fragile)
-    "int4": {"max_abs_logit_diff": 6.0, "mean_kl": 0.2, "top1_agreement": 0.45},
-    # --int4-head-bits 4; measured 2026-12-06: max |Δlogit| 4.9 / 0.87, KL 0.15 / 0.012, top-1 0.42 / 0.45
-    "int4-head4": {"max_abs_logit_diff": 6.0, "mean_kl": 0.25, "top1_agreement": 0.40},
+    # each, so it suffers most; flat random logits make top-1 fragile). Deeper random models are
+    # flatter still (perplexity ~70,000 over 50,257 tokens): DialoGPT-medium / -large measured 2026-12-07
+    # max |Δlogit| 1.0 / 1.16, KL 0.017 / 0.022, top-1 0.47 / 0.43, so the floor is 0.35, not 0.45,
+    # which refused every synthetic:dialogpt-large int4 export; KL, 10x inside its bound, is the check
+    # that tells a broken graph (KL >> 1, top-1 ~ 0) from rounding here
+    "int4": {"max_abs_logit_diff": 6.0, "mean_kl": 0.2, "top1_agreement": 0.35},
+    # --int4-head-bits 4; measured 2026-12-06: max |Δlogit| 4.9 / 0.87, KL 0.15 / 0.012, top-1 0.42 / 0.45;
+    # 2026-12-07 medium / large: 1.04 / 1.12, KL 0.020 / 0.025, top-1 0.47 / 0.375
+    "int4-head4": {"max_abs_logit_diff": 6.0, "mean_kl": 0.25, "top1_agreement": 0.30},
 }
 
 
