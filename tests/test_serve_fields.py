@@ -157,3 +157,21 @@ def test_max_tokens_zero_with_echo_returns_the_scored_prompt(client):
     assert chunks[1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 0
     r = client.post("/v1/completions", json={**body, "prompt": [5, 99999999]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
+def test_lm_evaluation_harness_loglikelihood_request(client):
+    """The body lm-evaluation-harness's local-completions model sends for a log-likelihood (a batch of
+    token-id prompts, max_tokens 1, logprobs 1, echo) and its parsing: the continuation's summed
+    log-probability (token_logprobs[ctxlen:-1]) and whether it was greedy (each token the top one)."""
+    engine = client.app.state.server.models[client.model].engine
+    context, conts = [464, 2068, 7586], [[21831, 18045], [625, 262, 50256]]
+    body = {"model": client.model, "prompt": [context + c for c in conts], "temperature": 0, "max_tokens": 1,
+            "logprobs": 1, "seed": 1234, "echo": True}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    for choice, c in zip(sorted(r.json()["choices"], key=lambda x: x["index"]), conts):
+        lps, tops = choice["logprobs"]["token_logprobs"][len(context):-1], choice["logprobs"]["top_logprobs"][len(context):-1]
+        want = engine.score(context + c, 1)[len(context):]
+        assert len(lps) == len(c) and abs(sum(lps) - sum(t.logprob for t in want)) < 1e-5
+        greedy = all(lp == max(top.values()) for lp, top in zip(lps, tops))
+        assert greedy == all(t.id == t.top_logprobs[0][0] for t in want)
