@@ -294,7 +294,6 @@ def test_export_stopped_by_a_signal_leaves_nothing(tmp_path, sig):
     (["generate", "{art}", "hi", "--temperature", "0.5"], ["--temperature only applies with --sample"]),
     (["generate", "{art}", "hi", "--seed", "3"], ["--seed only applies with --sample"]),
     (["generate", "{art}", "hi", "--length-penalty", "2"], ["--length-penalty only applies with --num-beams"]),
-    (["generate", "{art}", "hi", "--num-beams", "2", "--stream"], ["drop --stream or --num-beams"]),
     (["export", "synthetic:tiny", "-o", "{tmp}/x", "--int4-block-size", "32"], ["--int4-block-size only applies with --precision int4"]),
     (["export", "synthetic:tiny", "-o", "{tmp}/x", "--precision", "int8", "--int4-head-bits", "8"],
      ["--int4-head-bits only applies with --precision int4"]),
