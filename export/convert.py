@@ -66,7 +66,13 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
     scales = None
     if opts.kv_dtype == "int8":  # calibrated on the shipped text's first n_positions tokens
         scales = parity.kv_scales(ckpt.model, text[: cfg.n_positions])
-    w = graph.weights(ckpt.model, cfg)
+    # PyTorch's side of the checks, taken first: the model is then dropped once the float graphs hold
+    # its weights, before onnxruntime's quantizers and the graph's own session need the memory
+    rows = _parity_prompts(text, cfg)
+    decode_ref = parity.decode_reference(ckpt.model, cfg, rows, opts.parity_steps)
+    forced_ref = parity.teacher_references(ckpt.model, cfg, text)
+    w = graph.weights(ckpt.model, cfg)  # views of the model's tensors (the head's transpose a copy)
+    ckpt.model = None
 
     out = os.path.abspath(opts.output)
     made = _missing_parents(out)  # created here, removed again when the export fails or is interrupted
@@ -78,21 +84,29 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual mode
         model_path = os.path.join(tmp, "model.onnx")
-        # built in the call, so _write_graph holds the only reference and frees the float graph
-        # before onnxruntime's quantizers load their own copy
-        quant = _write_graph(graph.build(cfg, w, fused=opts.fuse, dtype=dtype, kv_dtype=opts.kv_dtype, kv_scales=scales),
-                             model_path, opts, log)
         mixed_path = os.path.join(tmp, MIXED_FILE) if opts.mixed else None
+        quantized = opts.precision in ("int8", "int4")
+        # the float graphs, each built inside the call that writes it (nothing else holds it), then the
+        # weights dropped: onnxruntime's quantizers read the float files and load their own copies
+        float_dir = os.path.join(tmp, "float") if quantized else tmp
+        os.makedirs(float_dir, exist_ok=True)
+        float_model = os.path.join(float_dir, "model.onnx")
+        _save_onnx(graph.build(cfg, w, fused=opts.fuse, dtype=dtype, kv_dtype=opts.kv_dtype, kv_scales=scales), float_model)
         if mixed_path:
             log("building the mixed step graph (a decode step and a prompt chunk in one pass)")
-            _write_graph(graph.build(cfg, w, dtype=dtype, kv_dtype=opts.kv_dtype, kv_scales=scales, mixed=True),
-                         mixed_path, opts, log, share=model_path)
+            _save_onnx(graph.build(cfg, w, dtype=dtype, kv_dtype=opts.kv_dtype, kv_scales=scales, mixed=True),
+                       os.path.join(float_dir, MIXED_FILE), share=float_model)
         del w
+        quant = None
+        if quantized:
+            quant = _quantize(float_model, model_path, opts, log)
+            if mixed_path:
+                _quantize(os.path.join(float_dir, MIXED_FILE), mixed_path, opts, log, share=model_path)
+            shutil.rmtree(float_dir)
         log("checking parity and accuracy against PyTorch fp32")
         session = parity.ort_session(model_path)
-        rows = _parity_prompts(text, cfg)
-        figures = parity.decode_parity(session, ckpt.model, cfg, rows, steps=opts.parity_steps, fused=opts.fuse)
-        accuracy = parity.teacher_forced(session, ckpt.model, cfg, text)
+        figures = parity.decode_parity(session, decode_ref, cfg, fused=opts.fuse)
+        accuracy = parity.teacher_forced(session, forced_ref, cfg)
         tol = parity.tolerances(opts.precision, opts.kv_dtype, ckpt.source, opts.int4.head_bits)
         problem = parity.check(opts.precision, figures, accuracy, tol)
         mixed_figures = None
@@ -173,6 +187,11 @@ def _check_options(opts: ExportOptions) -> None:
         raise Gpt2OnnxError("--kv-dtype needs the fused graph; drop --no-fuse")
     if opts.mixed and not opts.fuse:
         raise Gpt2OnnxError("--mixed-step needs the fused graph; drop --no-fuse")
+    if opts.mixed and opts.precision == "int8" and opts.int8.method == "dynamic":
+        # one activation scale over the step's rows and the chunk's tokens: a row's logits would move with
+        # its pass-mates, and with the columns the idle chunk row reads before the chunk writes them
+        raise Gpt2OnnxError("--mixed-step needs per-row activations: int8's dynamic quantization scales a pass's rows "
+                            "together; add --int8-method nbits, or export fp32 or int4")
     if opts.precision == "int4":
         opts.int4.check()  # before the checkpoint loads
     if opts.provider not in PROVIDERS:
@@ -220,21 +239,14 @@ def _batch_prompts(ids: list[int], cfg) -> list[list[int]]:
     return [ids[:n], ids[n: n + n // 2], ids[2 * n: 2 * n + 3], ids[3 * n: 4 * n - 5]]
 
 
-def _write_graph(model, path: str, opts: ExportOptions, log, share: str | None = None) -> dict | None:
-    """Save a float graph at `path`, quantized first for int8 / int4 (onnxruntime's quantizers read it
-    from a file); returns the quantization's manifest entry (None for float precisions)."""
-    quant = None
-    if opts.precision in ("int8", "int4"):
-        float_path = os.path.join(os.path.dirname(path), "float", os.path.basename(path))
-        os.makedirs(os.path.dirname(float_path))
-        _save_onnx(model, float_path)
-        del model
-        log(f"quantizing to {opts.precision}")
-        if opts.precision == "int8":
-            model, quant = quantize.quantize_int8(float_path, opts.int8)
-        else:
-            model, quant = quantize.quantize_int4(float_path, opts.int4)
-        shutil.rmtree(os.path.dirname(float_path))
+def _quantize(float_path: str, path: str, opts: ExportOptions, log, share: str | None = None) -> dict:
+    """Quantize the float graph at `float_path` (onnxruntime's quantizers read it from the file) and
+    save it at `path`; returns the quantization's manifest entry."""
+    log(f"quantizing to {opts.precision}")
+    if opts.precision == "int8":
+        model, quant = quantize.quantize_int8(float_path, opts.int8)
+    else:
+        model, quant = quantize.quantize_int4(float_path, opts.int4)
     _save_onnx(model, path, share)
     return quant
 

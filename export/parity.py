@@ -7,6 +7,8 @@ do), feeding both the same tokens, and compares the logits of every real positio
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from gpt2onnx.runtime.decoder import right_pad  # the batch as the runtime runs it
@@ -130,37 +132,62 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
     return ids, mask, pos
 
 
-def decode_parity(session, torch_model, cfg: ModelConfig, rows: list[list[int]], steps: int = 3,
-                  fused: bool = True) -> dict[str, float]:
-    """Max |Δlogit| and top-1 agreement over the prompt pass and `steps` decode steps. A fused graph
-    runs the batch right-padded (each row's tokens from column 0, its mask ones on its own length), the
-    plain graph left-padded like the reference."""
+@dataclass
+class DecodeReference:
+    """PyTorch's side of decode_parity, taken before the graph exists: an export can then free the model
+    while onnxruntime's quantizers run and while the graph is checked (3.1 GB for DialoGPT-large)."""
+
+    rows: list[list[int]]
+    prompt: np.ndarray  # [real positions, vocab]: the prompt pass's logits at each row's real tokens, row by row
+    tokens: list[np.ndarray]  # per decode step, PyTorch's greedy token fed to both sides [B, 1]
+    steps: list[np.ndarray]  # per decode step, PyTorch's logits after it [B, vocab]
+
+
+def decode_reference(torch_model, cfg: ModelConfig, rows: list[list[int]], steps: int = 3) -> DecodeReference:
+    """The PyTorch model's prompt pass over `rows` (left-padded, as transformers' users run it) and
+    `steps` greedy decode steps with its KV cache."""
     import torch
 
+    ids_t, mask_t, pos_t = left_pad(rows, cfg.pad_token_id)
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.from_numpy(ids_t), attention_mask=torch.from_numpy(mask_t),
+                          position_ids=torch.from_numpy(pos_t), use_cache=True)
+    out = DecodeReference(rows, ref.logits.numpy()[mask_t.astype(bool)], [], [])
+    past_t, last = ref.past_key_values, ref.logits[:, -1].numpy()
+    for _ in range(steps):
+        nxt = last.argmax(-1)[:, None].astype(np.int64)
+        mask_t = np.concatenate([mask_t, np.ones((len(rows), 1), np.int64)], axis=1)
+        pos_t = pos_t[:, -1:] + 1
+        with torch.no_grad():
+            ref = torch_model(input_ids=torch.from_numpy(nxt), attention_mask=torch.from_numpy(mask_t),
+                              position_ids=torch.from_numpy(pos_t), past_key_values=past_t, use_cache=True)
+        past_t, last = ref.past_key_values, ref.logits[:, -1].numpy()
+        out.tokens.append(nxt)
+        out.steps.append(last)
+    return out
+
+
+def decode_parity(session, reference: DecodeReference, cfg: ModelConfig, fused: bool = True) -> dict[str, float]:
+    """Max |Δlogit| and top-1 agreement over the prompt pass and the reference's decode steps. A fused
+    graph runs the batch right-padded (each row's tokens from column 0, its mask ones on its own
+    length), the plain graph left-padded like the reference; each step feeds both PyTorch's token."""
+    rows, steps = reference.rows, len(reference.steps)
     ids_t, mask_t, pos_t = left_pad(rows, cfg.pad_token_id)  # the reference's batch
     ids, mask, pos = right_pad(rows, cfg.pad_token_id) if fused else (ids_t, mask_t, pos_t)
     B, S, lens = len(rows), ids.shape[1], np.array([len(r) for r in rows])
     empty = np.zeros((B, cfg.n_head, 0, cfg.head_dim), kv_dtype(session))
     outs = session.run(None, feed(cfg, ids, mask, pos, [empty] * (2 * cfg.n_layer), keep=0))
-    with torch.no_grad():
-        ref = torch_model(input_ids=torch.from_numpy(ids_t), attention_mask=torch.from_numpy(mask_t),
-                          position_ids=torch.from_numpy(pos_t), use_cache=True)
-    ours_real, ref_real = outs[0][mask.astype(bool)], ref.logits.numpy()[mask_t.astype(bool)]  # row by row, in order
-    d = np.abs(ours_real - ref_real).max(-1)  # [real positions]
-    diffs, agree = [d.max()], [_top1(ours_real, ref_real)]
+    ours_real = outs[0][mask.astype(bool)]  # row by row, in order, as the reference's
+    d = np.abs(ours_real - reference.prompt).max(-1)  # [real positions]
+    diffs, agree = [d.max()], [_top1(ours_real, reference.prompt)]
     worst = [int(np.searchsorted(np.cumsum(lens), d.argmax(), side="right"))]  # the row of the worst position
-    past_t, last = ref.past_key_values, ref.logits[:, -1].numpy()
     for t in range(steps):
-        nxt = last.argmax(-1)[:, None].astype(np.int64)  # both sides get PyTorch's greedy token
-        mask_t = np.concatenate([mask_t, np.ones((B, 1), np.int64)], axis=1)
         pos_t = pos_t[:, -1:] + 1
         # a fused graph's row is its length: ones on [0, len + t + 1), the new token written at len + t
+        mask_t = np.concatenate([mask_t, np.ones((B, 1), np.int64)], axis=1)
         mask = (np.arange(S + t + 1) < (lens + t + 1)[:, None]).astype(np.int64) if fused else mask_t
-        outs = session.run(None, feed(cfg, nxt, mask, pos_t, outs[1:], keep=1))
-        with torch.no_grad():
-            ref = torch_model(input_ids=torch.from_numpy(nxt), attention_mask=torch.from_numpy(mask_t),
-                              position_ids=torch.from_numpy(pos_t), past_key_values=past_t, use_cache=True)
-        past_t, last = ref.past_key_values, ref.logits[:, -1].numpy()
+        outs = session.run(None, feed(cfg, reference.tokens[t], mask, pos_t, outs[1:], keep=1))
+        last = reference.steps[t]
         d = np.abs(outs[0][:, -1] - last).max(-1)  # [rows]
         diffs.append(d.max())
         worst.append(int(d.argmax()))
@@ -247,32 +274,26 @@ def _top1(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.argmax(-1) == b.argmax(-1)).mean())
 
 
-def teacher_forced(session, torch_model, cfg: ModelConfig, ids: list[int], min_tokens: int = 256,
-                   prefill: int = 32) -> dict[str, float]:
-    """Accuracy of the graph against PyTorch fp32 over the shipped text, as generation runs it:
-    a `prefill`-token prompt pass, then one token per step, each step fed the text's next token.
-
-    The text is cut into windows that fit the position table until at least `min_tokens` tokens are
-    scored. Returns forced_figures over every position of the windows run.
-    """
+def teacher_references(torch_model, cfg: ModelConfig, ids: list[int], min_tokens: int = 256,
+                       prefill: int = 32) -> list[tuple[list[int], np.ndarray]]:
+    """PyTorch's side of teacher_forced: the windows of `ids` it scores (cut to fit the position table
+    until at least `min_tokens` tokens are scored, each long enough for a `prefill`-token prompt and a
+    step) and the reference logits over each [len, vocab]."""
     window = min(cfg.n_positions, max(min_tokens + prefill, 64))
-    chunks = [ids[i: i + window] for i in range(0, len(ids), window)]
-    runs, scored = [], 0
-    for chunk in chunks:
+    out, scored = [], 0
+    for chunk in (ids[i: i + window] for i in range(0, len(ids), window)):
         if scored >= min_tokens or len(chunk) < prefill + 2:
             break
-        runs.append((chunk, *forced_logits(session, torch_model, cfg, chunk, prefill)))
+        out.append((chunk, reference_logits(torch_model, chunk)))
         scored += len(chunk)
-    return forced_figures(runs)
+    return out
 
 
-def forced_logits(session, torch_model, cfg: ModelConfig, ids: list[int], prefill: int) -> tuple[np.ndarray, np.ndarray]:
-    """Teacher forcing, the one loop export and benchmarks share: PyTorch's logits over `ids` in one
-    pass (reference_logits), and the graph's as generation runs them (graph_logits).
-
-    Returns (reference, ours), both [len(ids), vocab] float64: row t predicts token t + 1.
-    """
-    return reference_logits(torch_model, ids), graph_logits(session, cfg, ids, prefill)
+def teacher_forced(session, references: list[tuple[list[int], np.ndarray]], cfg: ModelConfig, prefill: int = 32) -> dict[str, float]:
+    """Accuracy of the graph against PyTorch fp32 over the reference's windows, as generation runs them:
+    a `prefill`-token prompt pass, then one token per step, each step fed the text's next token.
+    Returns forced_figures over every position of the windows."""
+    return forced_figures([(chunk, ref, graph_logits(session, cfg, chunk, prefill)) for chunk, ref in references])
 
 
 def reference_logits(torch_model, ids: list[int]) -> np.ndarray:
@@ -300,7 +321,7 @@ def graph_logits(session, cfg: ModelConfig, ids: list[int], prefill: int) -> np.
 
 def forced_figures(runs: list[tuple[list[int], np.ndarray, np.ndarray]]) -> dict[str, float]:
     """Figures over teacher-forced runs (ids, reference logits, our logits), each pair of logits
-    [positions scored, vocab] (forced_logits' rows, or the first of them): the positions scored, max
+    [positions scored, vocab] (row t predicts token t + 1): the positions scored, max
     |Δlogit|, mean KL(PyTorch || ours), top-1 agreement, both perplexities over the next tokens and
     the change between them."""
     max_diff, kls, agree, nll_ref, nll_ours = 0.0, [], [], [], []

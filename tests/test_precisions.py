@@ -116,7 +116,7 @@ def test_accuracy_within_written_tolerances(artifacts, tiny, precision):
     from gpt2onnx.export.graph import model_config
 
     cfg = model_config(tiny.model.config)
-    figs = parity.teacher_forced(parity.ort_session(engine.manifest.file("model.onnx")), tiny.model, cfg, text)
+    figs = parity.teacher_forced(parity.ort_session(engine.manifest.file("model.onnx")), parity.teacher_references(tiny.model, cfg, text), cfg)
     tol = parity.TOLERANCES[precision]
     assert figs["tokens"] >= 256
     assert figs["mean_kl"] <= tol["mean_kl"] and figs["top1_agreement"] >= tol["top1_agreement"]
@@ -160,7 +160,7 @@ def test_a_failed_parity_says_where(tiny_artifact):
     cfg = model_config(tiny.model.config)
     rows = _parity_prompts([i for i in tiny.tokenizer.encode(checkpoints.sample_text()).ids if i < cfg.vocab_size], cfg)
     session = parity.ort_session(load_manifest(tiny_artifact).file("model.onnx"))
-    good = parity.decode_parity(session, tiny.model, cfg, rows)
+    good = parity.decode_parity(session, parity.decode_reference(tiny.model, cfg, rows), cfg)
     assert good["max_abs_logit_diff"] <= parity.TOLERANCES["fp32"]["max_abs_logit_diff"] and good["worst_at"].endswith(" of 2")
     moved = copy.deepcopy(tiny.model)
     with torch.no_grad():
@@ -169,7 +169,7 @@ def test_a_failed_parity_says_where(tiny_artifact):
         assert token not in rows[0] + rows[1]
         moved.lm_head.weight = torch.nn.Parameter(tiny.model.lm_head.weight.detach().clone())  # untied: logits stay
         moved.transformer.wte.weight[token] += torch.linspace(-1, 1, cfg.n_embd)
-    bad = parity.decode_parity(session, moved, cfg, rows)
+    bad = parity.decode_parity(session, parity.decode_reference(moved, cfg, rows), cfg)
     assert bad["max_abs_logit_diff"] > 1e-2 and bad["worst_at"] == "decode step 1, row 1 of 2"
     msg = parity.check("fp32", bad, {"mean_kl": 0.0, "top1_agreement": 1.0})
     assert msg.startswith("max |Δlogit| ") and "(at decode step 1, row 1 of 2) exceeds the fp32 tolerance" in msg
