@@ -381,7 +381,10 @@ class Decoder:
         self.chunk_mask[0, :h + width], self.chunk_mask[0, h + width:] = 1, 0
         # row r's idle write in the step (if in the bucket) lands after the chunk's columns: onnxruntime
         # runs the step's attention node first in our graphs (1.32 CPU: even with the two nodes swapped in
-        # the file, the chunk's columns come out right without this), but nothing promises that order
+        # the file, the chunk's columns come out right without this), but nothing promises that order.
+        # So the idle row attends over the chunk's columns before the chunk writes them (stale or
+        # never-written memory): harmless where every op is per row (its logits are dropped), which is why
+        # int8's dynamic quantization, one scale over the pass's rows, is refused a mixed step
         self.held[r] = h + width
         pick = greedy and self.pick is not None and not self.pick.broken and self.batch_for(n) >= PICK_FROM
         out = self._step(tokens, live, pick, chunk_row=r)

@@ -115,6 +115,12 @@ class Engine:
         if mixed_step and not spec.has_mixed:
             raise Gpt2OnnxError(f"{path} has no mixed step graph (mixed.onnx); re-export it with --mixed-step, or leave "
                                 "mixed_step unset")
+        if mixed_step and (manifest.raw.get("quantization") or {}).get("batch_invariant") is False:
+            # exports refuse this pairing since 2026-12-07: in one pass the rows share int8's activation scale,
+            # which the idle chunk row's read of columns not yet written moves (decoder.py, decode_with_chunk)
+            raise Gpt2OnnxError(f"{path} quantizes a pass's rows together (int8 dynamic), so its mixed step would make a "
+                                "request's logits depend on its pass-mates; leave mixed_step unset, or re-export with "
+                                "--int8-method nbits")
         # on the CPU it measured slower in the concurrent scenario (a second session, its own thread pool):
         # by default a CUDA feature, where a pass costs its launches more than its arithmetic
         sc.mixed_step = spec.has_mixed and (bool(mixed_step) if mixed_step is not None else ep == PROVIDERS["cuda"])

@@ -239,3 +239,43 @@ def test_scheduler_captures_every_pass_at_start(tiny_mixed_artifact):
     plain = Engine.load(tiny_mixed_artifact, provider="cpu", mixed_step=True)
     with Scheduler(plain, SchedulerConfig(max_batch=4, prompt_width=8)) as s:
         assert not s.kv._steps and not s.kv._mixed and s.kv.capture(8) == 0
+
+
+def test_int8_dynamic_refuses_the_mixed_step(tmp_path, monkeypatch):
+    """int8's dynamic quantization scales a pass's rows with one activation scale: in a mixed pass the idle
+    chunk row attends over the chunk's columns before they are written, so every row's logits moved with
+    memory nobody had written (measured: mixed vs model 0.34 to 0.46 from one run to the next on the same
+    files; fixed 0.35 with the cache zeroed, 0.48 filled with 100). Exports refuse the pairing, per-row
+    int8 (nbits) keeps it, and an artifact made before the refusal is refused the mixed step at load."""
+    from gpt2onnx.export import convert
+
+    r = run_cli("export", "synthetic:tiny", "-o", str(tmp_path / "x"), "--precision", "int8", "--mixed-step")
+    assert_one_line_error(r, "--mixed-step needs per-row activations", "--int8-method nbits")
+    assert not (tmp_path / "x").exists()
+    monkeypatch.setattr(convert, "_check_options", lambda opts: None)  # an artifact from before the refusal
+    old = convert.export(convert.ExportOptions("synthetic:tiny", str(tmp_path / "old"), precision="int8", mixed=True,
+                                               enforce_tolerances=False), log=lambda *_: None)
+    assert Engine.load(old, provider="cpu").generate([[5, 6, 7]], max_new_tokens=2)  # without the mixed step: fine
+    with pytest.raises(Gpt2OnnxError, match="quantizes a pass's rows together .*--int8-method nbits"):
+        Engine.load(old, provider="cpu", mixed_step=True)
+
+
+def test_mixed_pass_reads_no_unwritten_memory_where_rows_are_independent(tiny_mixed_artifact):
+    """The same mixed passes over a cache filled with zeros and with large values give the same logits for
+    every row that decodes and for the chunk: the idle chunk row's read of columns not yet written stays
+    in its own row (whose logits are dropped) in a per-row precision."""
+    def run(fill: float) -> list[np.ndarray]:
+        e = Engine.load(tiny_mixed_artifact, provider="cpu", mixed_step=True)
+        dec = e.decoder(3, 48, mixed=True)
+        for x in dec.kv_arrays():
+            x.fill(fill)
+        dec.prefill(0, [[5, 6, 7]]), dec.prefill(2, [[8, 9]])
+        tokens, live, out = np.array([11, 0, 12]), np.array([True, False, True]), []
+        for k in range(3):
+            step, last = dec.decode_with_chunk(tokens, live, 1, list(range(20 + 8 * k, 28 + 8 * k)), 8)
+            out += [step[live].copy(), last.copy()]
+            tokens = step.argmax(-1)
+        return out
+
+    for a, b in zip(run(0.0), run(1e4)):
+        assert np.array_equal(a, b)
