@@ -115,9 +115,11 @@ class Engine:
         if mixed_step and not spec.has_mixed:
             raise Gpt2OnnxError(f"{path} has no mixed step graph (mixed.onnx); re-export it with --mixed-step, or leave "
                                 "mixed_step unset")
-        if mixed_step and (manifest.raw.get("quantization") or {}).get("batch_invariant") is False:
+        if mixed_step and manifest.precision == "int8" and "dynamic" in (manifest.raw.get("quantization") or {}).get("method", ""):
             # exports refuse this pairing since 2026-12-07: in one pass the rows share int8's activation scale,
-            # which the idle chunk row's read of columns not yet written moves (decoder.py, decode_with_chunk)
+            # which the idle chunk row's read of columns not yet written moves (decoder.py, decode_with_chunk).
+            # The method, not batch_invariant: int4 measures False too (its kernels sum in other orders per
+            # batch size) yet quantizes each row by itself, so its idle row's read stays in that row
             raise Gpt2OnnxError(f"{path} quantizes a pass's rows together (int8 dynamic), so its mixed step would make a "
                                 "request's logits depend on its pass-mates; leave mixed_step unset, or re-export with "
                                 "--int8-method nbits")

@@ -258,6 +258,11 @@ def test_int8_dynamic_refuses_the_mixed_step(tmp_path, monkeypatch):
     assert Engine.load(old, provider="cpu").generate([[5, 6, 7]], max_new_tokens=2)  # without the mixed step: fine
     with pytest.raises(Gpt2OnnxError, match="quantizes a pass's rows together .*--int8-method nbits"):
         Engine.load(old, provider="cpu", mixed_step=True)
+    # int4 quantizes activations per row: it keeps the mixed step, whatever its measured batch invariance says
+    # (False here: MatMulNBits sums in other orders per batch size)
+    int4 = convert.export(convert.ExportOptions("synthetic:tiny", str(tmp_path / "int4"), precision="int4", mixed=True),
+                          log=lambda *_: None)
+    assert Engine.load(int4, provider="cpu", mixed_step=True).session_config.mixed_step
 
 
 def test_mixed_pass_reads_no_unwritten_memory_where_rows_are_independent(tiny_mixed_artifact):
