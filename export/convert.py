@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import functools
 import json
 import os
 import shutil
@@ -15,6 +16,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from gpt2onnx.runtime.artifact import FORMAT_VERSION, KV_DTYPES, MANIFEST_NAME, PRECISIONS, sha256
 from gpt2onnx.runtime.errors import Gpt2OnnxError
 from gpt2onnx.runtime.session import PROVIDERS
@@ -22,7 +25,7 @@ from gpt2onnx.runtime.spec import MIXED_FILE, PICK_FILE
 
 from . import checkpoints, graph, parity, quantize
 
-ALIGN = 4096  # external weights start on page boundaries (mmap); see _save_onnx
+ALIGN = 4096  # external weights start on page boundaries (mmap); see _weight_file
 
 
 @dataclass
@@ -86,16 +89,17 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
         model_path = os.path.join(tmp, "model.onnx")
         mixed_path = os.path.join(tmp, MIXED_FILE) if opts.mixed else None
         quantized = opts.precision in ("int8", "int4")
-        # the float graphs, each built inside the call that writes it (nothing else holds it), then the
-        # weights dropped: onnxruntime's quantizers read the float files and load their own copies
+        # the float graphs, each weight written into the data file as the graph takes it (the model holds
+        # none), then the checkpoint's weights dropped: onnxruntime's quantizers read the float files
         float_dir = os.path.join(tmp, "float") if quantized else tmp
         os.makedirs(float_dir, exist_ok=True)
         float_model = os.path.join(float_dir, "model.onnx")
-        _save_onnx(graph.build(cfg, w, fused=opts.fuse, dtype=dtype, kv_dtype=opts.kv_dtype, kv_scales=scales), float_model)
+        _write_graph(functools.partial(graph.build, cfg, w, fused=opts.fuse, dtype=dtype, kv_dtype=opts.kv_dtype,
+                                       kv_scales=scales), float_model)
         if mixed_path:
             log("building the mixed step graph (a decode step and a prompt chunk in one pass)")
-            _save_onnx(graph.build(cfg, w, dtype=dtype, kv_dtype=opts.kv_dtype, kv_scales=scales, mixed=True),
-                       os.path.join(float_dir, MIXED_FILE), share=float_model)
+            _write_graph(functools.partial(graph.build, cfg, w, dtype=dtype, kv_dtype=opts.kv_dtype, kv_scales=scales, mixed=True),
+                         os.path.join(float_dir, MIXED_FILE), share=float_model)
         del w
         quant = None
         if quantized:
@@ -252,43 +256,76 @@ def _quantize(float_path: str, path: str, opts: ExportOptions, log, share: str |
 
 
 def _save_onnx(model, path: str, share: str | None = None) -> None:
-    """The graph in `path`, the weights in `path`.data with every tensor of 4 KiB or more starting on
-    a 4096-byte boundary: onnxruntime memory-maps aligned external initializers on the CPU instead of
-    copying them into its own buffers, so a process holds one copy of the weights (in the page cache,
-    shared by every process that loads the artifact), and a table only gathered from (the token
-    embedding) costs resident memory only for the rows it reads.
-
-    `share`: a graph saved before whose weights this one reuses: a tensor with the same name and bytes
-    there points into that graph's data file instead of being written again (the mixed step graph and
-    model.onnx: one copy on disk, and in the page cache where onnxruntime maps it)."""
+    """`model` (weights inside it: a quantizer's output) in `path`, its weights in `path`.data, laid out
+    by `_weight_file`; each tensor's bytes leave the model as they are written."""
     import onnx
     from onnx import numpy_helper
-    from onnx.external_data_helper import set_external_data
 
-    shared = _external_tensors(share) if share else {}
-    data = path + ".data"
-    with open(data, "wb") as f:
+    with _weight_file(path, share) as external:
         for t in model.graph.initializer:
             has_raw = t.HasField("raw_data")
             raw = t.raw_data if has_raw else numpy_helper.to_array(t).tobytes()
             if len(raw) < ALIGN:
                 continue
-            if not has_raw:  # quantizers write some scales as typed fields; set_external_data wants raw bytes
+            if not has_raw:  # quantizers write some scales as typed fields; the file takes their bytes
                 for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
                     t.ClearField(field)
-                t.raw_data = raw  # not for the others: protobuf would keep a second copy of every weight until the model is freed
-            if t.name in shared and _same_bytes(shared[t.name], raw):
-                location, offset = shared[t.name][:2]
-                set_external_data(t, location, offset=offset, length=len(raw))
+            external(t.name, raw, t)
+            t.ClearField("raw_data")
+    onnx.save_model(model, path)
+
+
+def _write_graph(build: Callable, path: str, share: str | None = None) -> None:
+    """The graph `build(external=...)` returns (graph.build, its other arguments bound) in `path`, each weight written
+    into `path`.data by `_weight_file` as the graph takes it: the model never holds the weights' bytes,
+    so building and writing it costs about nothing beyond the checkpoint's own tensors (it held a
+    second copy of them until the model was saved: DialoGPT-large fp32's export peaked at 7.6 GB)."""
+    import onnx
+
+    with _weight_file(path, share) as external:
+        model = build(external=lambda name, arr, tensor: external(name, arr.reshape(-1).view(np.uint8), tensor))
+    onnx.save_model(model, path)
+
+
+@contextlib.contextmanager
+def _weight_file(path: str, share: str | None = None):
+    """Yields `external(name, raw, tensor)`, which appends a weight's bytes (raw: bytes or a uint8 array)
+    to `path`.data, points the TensorProto `tensor` at them (external data) and returns where they went,
+    (file name, offset, length); None for a tensor under 4 KiB, which stays in the model.
+
+    Every tensor of 4 KiB or more starts on a 4096-byte boundary: onnxruntime memory-maps aligned
+    external initializers on the CPU instead of copying them into its own buffers, so a process holds
+    one copy of the weights (in the page cache, shared by every process that loads the artifact), and
+    a table only gathered from (the token embedding) costs resident memory only for the rows it reads.
+
+    `share`: a graph saved before whose weights this one reuses: a tensor with the same name and bytes
+    there points into that graph's data file instead of being written again (the mixed step graph and
+    model.onnx: one copy on disk, and in the page cache where onnxruntime maps it). A data file left
+    empty (every weight shared) is removed."""
+    import onnx
+
+    shared = _external_tensors(share) if share else {}
+    data = path + ".data"
+    with open(data, "wb") as f:
+        def external(name: str, raw, tensor) -> tuple[str, int, int] | None:
+            if len(raw) < ALIGN:
+                return None
+            if name in shared and _same_bytes(shared[name], raw):
+                where = shared[name][:3]
             else:
                 f.write(b"\0" * (-f.tell() % ALIGN))
-                set_external_data(t, os.path.basename(data), offset=f.tell(), length=len(raw))
+                where = (os.path.basename(data), f.tell(), len(raw))
                 f.write(raw)
-            t.ClearField("raw_data")
-            t.data_location = onnx.TensorProto.EXTERNAL
-    if os.path.getsize(data) == 0:  # every weight shared: no data file of its own
+            del tensor.external_data[:]
+            for key, value in zip(("location", "offset", "length"), where):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            return where
+
+        yield external
+    if os.path.getsize(data) == 0:
         os.remove(data)
-    onnx.save_model(model, path)
 
 
 def _external_tensors(path: str) -> dict[str, tuple[str, int, int, str]]:
@@ -303,13 +340,14 @@ def _external_tensors(path: str) -> dict[str, tuple[str, int, int, str]]:
     return out
 
 
-def _same_bytes(ext: tuple[str, int, int, str], raw: bytes) -> bool:
+def _same_bytes(ext: tuple[str, int, int, str], raw) -> bool:
+    """Whether the shared tensor `ext` holds exactly `raw` (bytes or a uint8 array)."""
     _, offset, length, file = ext
     if length != len(raw):
         return False
     with open(file, "rb") as f:
         f.seek(offset)
-        return f.read(length) == raw
+        return f.read(length) == memoryview(raw)
 
 
 def _missing_parents(path: str) -> list[str]:

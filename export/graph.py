@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,21 +138,30 @@ class _Builder:
         self.onnx = onnx
         self.dtype = np.dtype(dtype)
         self.nodes: list = []
-        self.inits: dict[str, np.ndarray] = {}  # name -> weights, kept as numpy until `into` writes them
+        # name -> weights, kept as numpy until `into` writes them: the checkpoint's own arrays (views),
+        # cast to `dtype` there, one tensor at a time, so an fp16 build holds no half-size copy of them all
+        self.inits: dict[str, np.ndarray] = {}
         self._n = 0
         self._names: set[str] = set()
+        self._keep: set[str] = set()  # constants written in their own dtype (ids, shapes, uncast floats)
 
     def const(self, name: str, arr: np.ndarray, cast: bool = True) -> str:
         if name in self._names:  # shared constants (shapes, scales) are added once
             return name
         self._names.add(name)
         if cast and arr.dtype.kind == "f":
-            arr = arr.astype(self.dtype, copy=False)  # a view of the checkpoint's tensor where the dtype is already right
-        self.inits[name] = np.ascontiguousarray(arr)
+            self.inits[name] = arr  # cast (and made contiguous) in `into`
+        else:
+            self.inits[name] = np.ascontiguousarray(arr)
+            self._keep.add(name)
         return name
 
-    def into(self, model) -> None:
+    def into(self, model, external: Callable | None = None) -> None:
         """Write the initializers into `model`'s graph, one tensor at a time, in its own message.
+
+        `external(name, array, tensor)` may take a tensor's bytes instead: it writes them to a data file,
+        points the TensorProto at them and returns where they went (not None); the model then holds
+        none of the weight's bytes. None from it keeps the bytes in the model.
 
         Built apart and then passed to make_graph, every tensor would be copied into the graph and
         the copy kept beside the original (protobuf's upb backend merges the memory of messages
@@ -159,11 +169,14 @@ class _Builder:
         for DialoGPT-medium's 1.5 GB, 13.8 GB for DialoGPT-large's 3.3 GB."""
         helper = self.onnx.helper
         for name, arr in self.inits.items():
+            if name not in self._keep:  # a view of the checkpoint's tensor where the dtype is already right
+                arr = np.ascontiguousarray(arr, dtype=self.dtype)
             t = model.graph.initializer.add()
             t.name = name
             t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
             t.dims.extend(arr.shape)
-            t.raw_data = arr.tobytes()  # a bytes copy for that tensor alone, freed at once
+            if external is None or external(name, arr, t) is None:
+                t.raw_data = arr.tobytes()  # a bytes copy for that tensor alone, freed at once
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str | None = None,
            outputs: list[str] | None = None, **attrs) -> list[str]:
@@ -178,8 +191,12 @@ class _Builder:
 
 
 def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dtype: str = "float32",
-          kv_dtype: str | None = None, kv_scales: list[tuple[float, float]] | None = None, mixed: bool = False):
+          kv_dtype: str | None = None, kv_scales: list[tuple[float, float]] | None = None, mixed: bool = False,
+          external: Callable | None = None):
     """Return the onnx.ModelProto of the decoder.
+
+    `external`: where each weight's bytes go instead of the model (`_Builder.into`; the export writes
+    them straight into the artifact's data file, so the model never holds a copy of the weights).
 
     `mixed` builds the artifact's mixed step graph (mixed.onnx, fused only): a decode step over b rows
     and one row's next prompt chunk in one pass. Inputs: the step's (input_ids / position_ids [b, 1],
@@ -394,7 +411,7 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
     graph = helper.make_graph(b.nodes, "gpt2onnx_mixed_step" if mixed else "gpt2onnx_decoder", inputs, outputs)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="gpt2onnx")
-    b.into(model)
+    b.into(model, external)
     # the dims the weights were built with, in the graph itself: a manifest edited afterwards is caught at load
     helper.set_model_props(model, {CONFIG_PROP: json.dumps({k: getattr(cfg, k) for k in CONFIG_KEYS})})
     model.ir_version = min(model.ir_version, 10)  # readable by onnxruntime releases of the last two years

@@ -128,7 +128,7 @@ def test_full_disk_is_an_error_not_a_bug(tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(convert, "_save_onnx", full)
+    monkeypatch.setattr(convert, "_weight_file", full)  # every graph's weights go through it
     with pytest.raises(Gpt2OnnxError, match=r"cannot write .*/sub/art: No space left on device; free space there or choose another -o"):
         convert.export(convert.ExportOptions("synthetic:tiny", str(tmp_path / "sub" / "art")), log=QUIET)
     assert os.listdir(tmp_path) == []
