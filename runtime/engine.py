@@ -27,8 +27,8 @@ from .beam import Beams
 from .decoder import Decoder, Mixed, Pick
 from .errors import ContextOverflow, Gpt2OnnxError
 from .prompt_cache import PromptCache
-from .request import Request, Stats, TextStream, Token
-from .sampling import MAX_LOGPROBS, GenerationConfig, _int, logprobs
+from .request import SCORE_CHUNK, PromptScores, Request, Stats, Token
+from .sampling import MAX_LOGPROBS, GenerationConfig, _int
 from .session import (
     PROVIDERS,
     SessionConfig,
@@ -341,16 +341,11 @@ class Engine:
             row = self._prompt_ids(prompt, index, 0, self.n_positions, truncate=False)
         except ContextOverflow as e:  # its advice speaks of max_new_tokens and truncate, which scoring has not
             raise Gpt2OnnxError(f"{e.describe('max_new_tokens')}; shorten it", param="prompt") from None
-        dec, text = self.decoder(1, len(row), captured=False), TextStream(self.decode)
-        out = [Token(row[0], text.push(row[0]), 0)]
+        dec, scores = self.decoder(1, len(row), captured=False), PromptScores(row, top_logprobs, self.decode)
         for start in range(0, len(row), SCORE_CHUNK):
-            logits = dec.prefill(0, [row[start: start + SCORE_CHUNK]], every=True)  # [chunk, vocab]: position p predicts p + 1
-            for p in range(start + 1, min(start + SCORE_CHUNK + 1, len(row))):
-                lp, top = logprobs(logits[p - 1 - start], row[p], top_logprobs)
-                out.append(Token(row[p], text.push(row[p]), p, lp, top))
+            scores.add(start, dec.prefill(0, [row[start: start + SCORE_CHUNK]], every=True))  # [chunk, vocab]
         dec.close()
-        out[-1].text += text.finish()
-        return out
+        return scores.tokens
 
     def chat(self, **kw):
         """A DialoGPT chat session over this engine; `kw` are generation options."""
@@ -492,9 +487,6 @@ class Engine:
         if cache is not None:
             cache.decoder, cache.ids = dec, cache.ids[:keep]
         return dec
-
-
-SCORE_CHUNK = 128  # tokens per scoring pass: its logits are 128 x 50257 floats (26 MB), whatever the prompt's length
 
 
 @functools.cache

@@ -64,6 +64,7 @@ class Result:
     logprobs: list[Token] | None
     stats: Stats
     error: str | None = None
+    prompt_logprobs: list[Token] | None = None  # the prompt's tokens scored (Scheduler.submit's prompt_logprobs)
 
 
 class TextStream:
@@ -108,6 +109,37 @@ class TextStream:
         return piece
 
 
+SCORE_CHUNK = 128  # tokens per scoring pass: its logits are 128 x 50257 floats (26 MB), whatever the prompt's length
+
+
+class PromptScores:
+    """A prompt's tokens scored as its passes run: each token with its log-probability given the tokens
+    before it (the first token has none) and its `top` likeliest alternatives, computed as generated
+    tokens' are (`sampling.logprobs`, raw logits), and its text. Engine.score and the Scheduler's
+    prompt_logprobs (vLLM's name for it) fill it pass by pass."""
+
+    def __init__(self, ids: list[int], top: int, decode: Callable[[list[int]], str]):
+        self.ids, self.top, self.text = ids, top, TextStream(decode)
+        self.tokens = [Token(ids[0], self.text.push(ids[0]), 0)]
+        self._finish()
+
+    @property
+    def done(self) -> bool:
+        return len(self.tokens) == len(self.ids)
+
+    def add(self, start: int, logits: np.ndarray) -> None:
+        """The logits [n, vocab] of a pass over the prompt's tokens start .. start + n - 1: position p's
+        predict token p + 1."""
+        for p in range(start + 1, min(start + len(logits) + 1, len(self.ids))):
+            lp, top = logprobs(logits[p - 1 - start], self.ids[p], self.top)
+            self.tokens.append(Token(self.ids[p], self.text.push(self.ids[p]), p, lp, top))
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.done:
+            self.tokens[-1].text += self.text.finish()
+
+
 class Request:
     """A validated request and its output. Made by `Engine.request`; consumed by one decode loop."""
 
@@ -139,6 +171,7 @@ class Request:
         self.cv = threading.Condition()
         self.wakers: list[Callable[[], None]] = []  # async consumers' callbacks
         self.followers = 0  # blocking iterators waiting token by token
+        self.prompt_scores: PromptScores | None = None  # set by Scheduler.submit(prompt_logprobs=k)
 
     @property
     def done(self) -> bool:
@@ -218,4 +251,5 @@ class Request:
 
     def result(self) -> Result:
         lps = list(self.events) if self.cfg.logprobs is not None else None
-        return Result(list(self.tokens), self.text.text, self.finish_reason or "length", lps, self.stats, self.error)
+        return Result(list(self.tokens), self.text.text, self.finish_reason or "length", lps, self.stats, self.error,
+                      self.prompt_scores.tokens if self.prompt_scores else None)

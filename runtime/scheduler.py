@@ -19,7 +19,8 @@ waits a replay rather than a launch-bound prompt pass of a new shape; where the 
 step graph (export --mixed-step), one such chunk a step runs in the decode step's own pass
 (Decoder.decode_with_chunk), every weight read once for both, so a decoding row waits one pass.
 Under CUDA graphs every such pass is captured when the scheduler starts (Decoder.capture), not while
-requests wait on it. The slots are rows of the same decode
+requests wait on it. A request submitted with `prompt_logprobs` has its prompt scored in the passes
+that run it (each keeps every position's logits), alone and in full (no held prefix reused). The slots are rows of the same decode
 core `Engine.generate` uses (decoder.py), each with its own length and positions. A step whose rows
 all pick greedily takes their ids from the engine's device pick where it has one (CUDA), not the logits.
 Each request samples with its own options and generator, so its tokens do not depend on its
@@ -43,8 +44,8 @@ import numpy as np
 
 from .errors import Gpt2OnnxError, SchedulerClosed, one_line
 from .prompt_cache import common_prefix
-from .request import Request, Result, Token
-from .sampling import _int
+from .request import SCORE_CHUNK, PromptScores, Request, Result, Token
+from .sampling import MAX_LOGPROBS, _int
 
 
 class QueueFull(Gpt2OnnxError):
@@ -116,12 +117,20 @@ class Scheduler:
 
     # ---- the caller's side -----------------------------------------------------------------
 
-    def submit(self, prompt: str | list[int], *, index: int = 0, **kw) -> Handle:
+    def submit(self, prompt: str | list[int], *, index: int = 0, prompt_logprobs: int | None = None, **kw) -> Handle:
         """Queue a request (text or token ids; GenerationConfig fields as keywords) and return its
         Handle at once. `index`: which of the caller's prompts this is (its errors name it, as
-        generate's do). Raises Gpt2OnnxError for a bad request, QueueFull when the queue is full,
-        and Gpt2OnnxError after close()."""
+        generate's do). `prompt_logprobs` k: the prompt's tokens scored as its passes run, each with its
+        log-probability and k alternatives (as Engine.score's; Result.prompt_logprobs, and the
+        request's `prompt_scores` once its first token is out): one pass over the prompt serves both
+        the scores and the generation (vLLM's prompt_logprobs). Such a prompt runs in full (no held
+        prefix is reused) and alone (not in a shared or fixed-width pass). Raises Gpt2OnnxError for
+        a bad request, QueueFull when the queue is full, and Gpt2OnnxError after close()."""
+        if prompt_logprobs is not None:
+            _int(prompt_logprobs, "prompt_logprobs", 0, MAX_LOGPROBS)
         req = self.engine.request(prompt, self.engine.config(**kw), limit=self.capacity, index=index)
+        if prompt_logprobs is not None:
+            req.prompt_scores = PromptScores(req.ids, prompt_logprobs, self.engine.decode)
         with self.cv:
             if self.closed:
                 raise SchedulerClosed("the scheduler is shut down and takes no new requests")
@@ -210,7 +219,7 @@ class Scheduler:
         while self.waiting and free:
             req = self.waiting.popleft()
             best, reuse = None, 0
-            if self.config.keep_prefixes:
+            if self.config.keep_prefixes and req.prompt_scores is None:  # a scored prompt runs every token
                 for s in free:
                     p = min(common_prefix(s.tokens, req.ids), len(req.ids) - 1)  # at least one token must run
                     if p > reuse:
@@ -269,16 +278,16 @@ class Scheduler:
         chunk is not run here but returned, (slot, chunk), to run inside the decode step's pass."""
         budget = None if not any(s.req.tokens for s in self.running) else self.config.prefill_chunk
         pending = [s for s in self.running if not s.req.tokens]
-        fresh = {s.index: s for s in pending if not s.tokens}  # nothing held: may share a pass
+        fresh = {s.index: s for s in pending if not s.tokens and s.req.prompt_scores is None}  # nothing held: may share a pass
         riding = None
         for s in pending:
             if s.req is None or s.req.tokens:  # ran in an earlier group of this loop (and may have ended)
                 continue
             if budget is not None and budget <= 0:
                 return riding
-            w = self.config.prompt_width
-            fixed = budget is not None and w and self.kv.fits(s.index, w)  # a captured chunk of exactly w columns
-            group = self._group(s, fresh, budget) if not s.tokens and not fixed else [s]
+            w, scores = self.config.prompt_width, s.req.prompt_scores
+            fixed = budget is not None and w and self.kv.fits(s.index, w) and scores is None  # a captured chunk of exactly w columns
+            group = self._group(s, fresh, budget) if not s.tokens and not fixed and scores is None else [s]
             if fixed:
                 chunks = [s.req.ids[len(s.tokens):][:w]]
                 if self.kv.mixed is not None and riding is None:  # rides in this step's pass
@@ -291,6 +300,11 @@ class Scheduler:
             elif len(group) > 1:
                 logits, ran = self.kv.prefill(s.index, [g.req.ids for g in group]), max(len(g.req.ids) for g in group) * len(group)
                 chunks = [g.req.ids for g in group]
+            elif scores is not None:  # every position's logits, SCORE_CHUNK at most a pass: [chunk, vocab]
+                chunks = [s.req.ids[len(s.tokens):][: min(budget or SCORE_CHUNK, SCORE_CHUNK)]]
+                every = self.kv.prefill(s.index, chunks, every=True)
+                scores.add(len(s.tokens), every)
+                logits, ran = every[-1:], len(chunks[0])
             else:
                 todo = s.req.ids[len(s.tokens):]
                 chunks = [todo if budget is None else todo[:budget]]

@@ -166,9 +166,6 @@ class Serving:
         except ValueError as e:
             raise APIError(400, str(e), param=self.body.max_tokens_asked()[0]) from None
 
-    async def before_output(self) -> None:
-        """Work the response needs besides the generations, done while they run (completions: echo's scores)."""
-
     def token_chunk(self, i: int, tok: Token) -> dict:
         raise NotImplementedError
 
@@ -201,12 +198,6 @@ class Serving:
         """Submit every prompt x n choices, then stream (SSE) or wait for the whole response."""
         kw = self.options()
         self.handles = self.submit(self.prompts(kw), kw)
-        try:
-            await self.before_output()
-        except BaseException:
-            for h in self.handles:
-                h.cancel()
-            raise
         metrics = self.server.metrics
         metrics.requests.labels(route=self.route).inc()
         if self.body.stream:

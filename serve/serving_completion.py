@@ -37,7 +37,7 @@ class CompletionServing(Serving):
         super().__init__(request, body)
         self.prompt_list = self.body.prompts()
         self.offsets: dict[int, Offsets] = {}  # a streamed choice's offsets so far
-        # echo with logprobs: each prompt's tokens with their log-probabilities (Engine.score), first None
+        # max_tokens 0 (echo alone): each prompt's tokens, with logprobs scored (Engine.score), first None
         self.scores: list[list[Token]] | None = None
 
     def prompts(self, kw: dict) -> list[str | list[int]]:
@@ -45,7 +45,7 @@ class CompletionServing(Serving):
 
     async def respond(self):
         if self.body.max_tokens == 0:  # echo alone: the prompts back (scored with logprobs), nothing generated
-            await self.before_output()
+            await self._score_prompts()
             self.server.metrics.requests.labels(route=self.route).inc()
             choices = [{"index": i, "text": self.echo(i), "logprobs": self.prompt_logprobs(i), "finish_reason": "length"}
                        for i in range(len(self.prompt_list) * self.body.n)]
@@ -54,12 +54,11 @@ class CompletionServing(Serving):
             return self.envelope(self.object, choices, usage=self.usage([]))
         return await super().respond()
 
-    async def before_output(self) -> None:
-        """Score every prompt for echo with logprobs: a pass of its own per prompt (uncaptured, in a worker
-        thread, while the scheduler generates), as vLLM's prompt_logprobs returns the prompt's tokens. With
-        max_tokens 0 always: the scoring validates and counts the prompts no generation takes."""
-        if not (self.body.echo and (self.body.logprobs is not None or self.body.max_tokens == 0)):
-            return
+    async def _score_prompts(self) -> None:
+        """max_tokens 0: every prompt scored (Engine.score: a pass of its own per prompt, in a worker thread
+        beside the scheduler), which also validates and counts the prompts no generation takes. Echo with
+        logprobs and a generation scores the prompt in the generation's own prompt pass instead (the
+        scheduler's prompt_logprobs, `options`)."""
         engine, k = self.model.engine, self.body.logprobs or 0
 
         def score_all() -> list[list[Token]]:
@@ -84,11 +83,16 @@ class CompletionServing(Serving):
         return sum(len(s) for s in self.scores) if self.scores else 0
 
     def _prompt_events(self, i: int) -> list[Token]:
-        return self.scores[i // self.body.n] if self.scores else []
+        """Choice i's prompt tokens scored (echo with logprobs): from Engine.score with max_tokens 0, else
+        from its request's own prompt pass (complete once its first token is out)."""
+        if self.scores:
+            return self.scores[i // self.body.n]
+        scores = self.handles[i].request.prompt_scores if self.handles else None
+        return scores.tokens if scores else []
 
     def _offsets(self, i: int) -> Offsets:
         """Where choice i's first logprobs token starts in its text: 0 when the prompt's tokens come first."""
-        return Offsets(0 if self.scores else len(self.echo(i)))
+        return Offsets(0 if self.body.echo and self.body.logprobs is not None else len(self.echo(i)))
 
     def prompt_logprobs(self, i: int) -> dict | None:
         return self.logprobs(i, self._prompt_events(i), Offsets(0))
@@ -97,6 +101,8 @@ class CompletionServing(Serving):
         kw = super().options()
         if self.body.logprobs is not None:
             kw["logprobs"] = self.body.logprobs
+            if self.body.echo:  # each choice's prompt scored in its own prompt pass (Scheduler.submit)
+                kw["prompt_logprobs"] = self.body.logprobs
         return kw
 
     def echo(self, i: int) -> str:

@@ -218,6 +218,43 @@ def test_conversation_reuses_the_held_cache(engine):
         assert another.tokens == alone(engine, [7, 7], max_new_tokens=3)
 
 
+@pytest.mark.parametrize("score_chunk, prompt_width", [(128, 0), (7, 0), (7, 8)])
+def test_prompt_logprobs_come_from_the_generation_s_own_pass(engine, monkeypatch, score_chunk, prompt_width):
+    """submit(prompt_logprobs=k): the prompt's tokens scored in the pass that runs it for the generation
+    (what echo with logprobs needs), equal to Engine.score's, while other rows decode (the pass cut to the
+    step's budget, or SCORE_CHUNK tokens at most) and beside fixed-width chunks; the reply is the one the
+    request gets without scores. A prompt a held slot already holds still runs in full, to be scored."""
+    import gpt2onnx.runtime.scheduler as sched_mod
+
+    monkeypatch.setattr(sched_mod, "SCORE_CHUNK", score_chunk)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 50000, n).tolist() for n in (100, 5, 60, 1)]
+    cfg = SchedulerConfig(max_batch=3, prefill_chunk=16, prompt_width=prompt_width)
+    with Scheduler(engine, cfg) as s:
+        busy = [s.submit(rng.integers(0, 50000, 20).tolist(), max_new_tokens=40, eos_token_id=-1) for _ in range(2)]
+        scored = [s.submit(p, prompt_logprobs=2, max_new_tokens=3, eos_token_id=-1) for p in prompts]
+        plain = [s.submit(p, max_new_tokens=3, eos_token_id=-1) for p in prompts]
+        got, want = [h.result(timeout=120) for h in scored], [h.result(timeout=120) for h in plain]
+        again = s.submit(prompts[2], prompt_logprobs=0, max_new_tokens=1).result(timeout=60)  # a slot holds it
+        assert all(h.result(timeout=60).finish_reason == "length" for h in busy)
+    for p, r, q in zip(prompts, got, want):
+        ref = engine.score(p, 2)
+        assert r.tokens == q.tokens and q.prompt_logprobs is None
+        assert [t.id for t in r.prompt_logprobs] == p and r.prompt_logprobs[0].logprob is None
+        assert np.allclose([t.logprob for t in r.prompt_logprobs[1:]], [t.logprob for t in ref[1:]], atol=1e-6)
+        assert [[i for i, _ in t.top_logprobs] for t in r.prompt_logprobs[1:]] == [[i for i, _ in t.top_logprobs] for t in ref[1:]]
+        assert "".join(t.text for t in r.prompt_logprobs) == "".join(t.text for t in ref)
+        assert r.stats.cached_tokens == 0
+    assert again.stats.cached_tokens == 0 and len(again.prompt_logprobs) == 60
+    assert np.allclose([t.logprob for t in again.prompt_logprobs[1:]], [t.logprob for t in engine.score(prompts[2])[1:]], atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [-1, 21, 1.5, "2"])
+def test_prompt_logprobs_range_checked(engine, k):
+    with Scheduler(engine, SchedulerConfig(max_batch=1)) as s, pytest.raises(Gpt2OnnxError, match="prompt_logprobs"):
+        s.submit([1, 2, 3], prompt_logprobs=k)
+
+
 def test_graph_mode_buckets_on_cpu(tiny_artifact):
     """The CUDA-graph path (batch padded to buckets 1, 2, 4, 8 ...; graph ids in run options, ignored
     on CPU) gives the same tokens."""

@@ -134,6 +134,33 @@ def test_echo_with_logprobs_scores_the_prompt(client):
     assert lp["text_offset"][len(ids)] == len(prompt)
 
 
+def test_echo_with_logprobs_runs_the_prompt_once(client, monkeypatch):
+    """A generation with echo and logprobs scores its prompt in its own prompt pass (the scheduler's
+    prompt_logprobs), not in a second pass of Engine.score beside it: whole and streamed, with n=2 each
+    choice carries the scored prompt, its values those Engine.score gives."""
+    engine = client.app.state.server.models[client.model].engine
+    prompt = "Once upon a time there"
+    want = [t.logprob for t in engine.score(prompt, 1)]
+    monkeypatch.setattr(type(engine), "score", lambda *a, **k: pytest.fail("the prompt was scored in a pass of its own"))
+    body = {"model": client.model, "prompt": prompt, "max_tokens": 2, "echo": True, "logprobs": 1, "n": 2, "seed": 4}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    for c in r.json()["choices"]:
+        lps = c["logprobs"]["token_logprobs"]
+        assert c["text"].startswith(prompt) and lps[0] is None and np.allclose(lps[1: len(want)], want[1:], atol=1e-6)
+        assert len(lps) == len(want) + 2
+    r = client.post("/v1/completions", json={**body, "stream": True})
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    firsts = {}
+    for ch in chunks:
+        for c in ch["choices"]:
+            firsts.setdefault(c["index"], c)
+    assert sorted(firsts) == [0, 1], r.text
+    for c in firsts.values():
+        lps = c["logprobs"]["token_logprobs"]
+        assert c["text"].startswith(prompt) and lps[0] is None and np.allclose(lps[1: len(want)], want[1:], atol=1e-6)
+
+
 def test_max_tokens_zero_with_echo_returns_the_scored_prompt(client):
     """Scoring alone (max_tokens 0, echo, logprobs): the prompt back with its tokens' log-probabilities,
     nothing generated, whole or streamed; several prompts each scored by itself."""
