@@ -20,9 +20,10 @@ step graph (export --mixed-step), one such chunk a step runs in the decode step'
 (Decoder.decode_with_chunk), every weight read once for both, so a decoding row waits one pass.
 Under CUDA graphs every such pass is captured when the scheduler starts (Decoder.capture), not while
 requests wait on it. A request submitted with `prompt_logprobs` has its prompt scored in the passes
-that run it (each keeps every position's logits), alone and in full (no held prefix reused). The slots are rows of the same decode
-core `Engine.generate` uses (decoder.py), each with its own length and positions. A step whose rows
-all pick greedily takes their ids from the engine's device pick where it has one (CUDA), not the logits.
+that run it (each keeps every position's logits), alone and in full (no held prefix reused). The
+slots are rows of the same decode core `Engine.generate` uses (decoder.py), each with its own length
+and positions. A step whose rows all pick greedily takes their ids from the engine's device pick
+where it has one (CUDA), not the logits.
 Each request samples with its own options and generator, so its tokens do not depend on its
 batch-mates where the model's logits do not: the export measures that (manifest:
 parity.batch_invariance; exact in fp32 and int8 exported with `--int8-method nbits`, not in the
