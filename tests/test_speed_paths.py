@@ -326,3 +326,46 @@ def test_the_cuda_logits_path_on_the_cpu(tiny_artifact):
         assert got.base is not cuda.logits  # a copy, not a view of the Decoder's array
     plain.truncate(1, 0), cuda.truncate(1, 0)
     assert np.array_equal(cuda.chunk(1, [5, 6, 7], 8), plain.chunk(1, [5, 6, 7], 8))
+
+
+def test_int8_kv_prompts_run_in_capped_passes_with_the_same_logits(tmp_path_factory, engine, monkeypatch):
+    """Over an int8 KV cache (int8 and int4 artifacts) a long prompt runs in passes of at most
+    INT8_KV_PASS tokens (onnxruntime's attention costs more than linearly in a pass's length there):
+    int4's logits and reply are bit-equal to one pass, the row holds the whole prompt, a float cache
+    keeps one pass, and a prompt that does not fit is refused before any pass runs."""
+    from gpt2onnx.export.convert import ExportOptions, export
+    from gpt2onnx.runtime import decoder as decoder_mod
+
+    from .conftest import QUIET
+
+    int4 = Engine.load(export(ExportOptions("synthetic:tiny", str(tmp_path_factory.mktemp("kv") / "int4"), precision="int4"), log=QUIET))
+    assert int4.spec.kv_dtype == np.int8
+    row = np.random.default_rng(2).integers(0, 50000, 50).tolist()
+
+    def run(e, cap: int):
+        monkeypatch.setattr(decoder_mod, "INT8_KV_PASS", cap)
+        passes = []
+        dec = e.decoder(1, 64, captured=False)
+        real = dec.session.run_with_iobinding
+        monkeypatch.setattr(dec.session, "run_with_iobinding", lambda io, ro=None: (passes.append(1), real(io, ro))[1])
+        logits = dec.prefill(0, [row]).copy()
+        held = int(dec.held[0])
+        monkeypatch.undo()
+        return logits, len(passes), held
+
+    whole, n1, held1 = run(int4, 10**6)
+    pieces, n2, held2 = run(int4, 16)
+    assert (n1, n2) == (1, 4) and held1 == held2 == 50  # 16 + 16 + 16 + 2
+    assert np.array_equal(whole, pieces)
+    replies = {}
+    for cap in (10**6, 16):
+        monkeypatch.setattr(decoder_mod, "INT8_KV_PASS", cap)
+        replies[cap] = int4.generate([row], max_new_tokens=8, eos_token_id=-1)
+    assert replies[16] == replies[10**6]
+    _, n, _ = run(engine, 16)  # fp32 weights and cache: one pass
+    assert n == 1
+    monkeypatch.setattr(decoder_mod, "INT8_KV_PASS", 16)
+    small = int4.decoder(1, 40, captured=False)
+    with pytest.raises(Gpt2OnnxError, match="does not fit"):
+        small.prefill(0, [row])
+    assert int(small.held[0]) == 0  # nothing ran
