@@ -316,7 +316,10 @@ class Decoder:
             r, row = first, rows[0]
             h = int(self.held[r])
             T = h + len(row)
-            if len(row) > INT8_KV_PASS and s.kv_dtype == np.int8 and self.device == "cpu" and not every and T <= self.capacity:
+            # a long prompt over an int8 cache in passes (INT8_KV_PASS); one that does not fit goes on to the
+            # refusal below whole, before any pass has run
+            pieces = len(row) > INT8_KV_PASS and s.kv_dtype == np.int8 and self.device == "cpu" and not every
+            if pieces and T <= self.capacity:
                 starts = range(0, len(row), INT8_KV_PASS)
                 for a in starts[:-1]:
                     self.prefill(first, [row[a: a + INT8_KV_PASS]])
