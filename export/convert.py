@@ -77,6 +77,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
     w = graph.weights(ckpt.model, cfg)  # views of the model's tensors (the head's transpose a copy)
     ckpt.model = None
 
+    _import_writers(opts.precision)
     out = os.path.abspath(opts.output)
     made = _missing_parents(out)  # created here, removed again when the export fails or is interrupted
     tmp = None
@@ -273,6 +274,20 @@ def _save_onnx(model, path: str, share: str | None = None) -> None:
             external(t.name, raw, t)
             t.ClearField("raw_data")
     onnx.save_model(model, path)
+
+
+def _import_writers(precision: str) -> None:
+    """Imports what writes and checks the artifact before its directory exists. onnx's extension is a nanobind
+    module whose import runs Python (its enums): a Ctrl-C / SIGTERM landing there cannot unwind through it and
+    aborts the process (std::terminate, exit -6), past the cleanup that removes the half-written directory."""
+    import onnx  # noqa: F401
+    import onnx.helper  # noqa: F401
+    import onnx.numpy_helper  # noqa: F401
+    import onnxruntime  # noqa: F401
+
+    if precision in ("int8", "int4"):
+        import onnxruntime.quantization  # noqa: F401
+        import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
 
 
 def _write_graph(build: Callable, path: str, share: str | None = None) -> None:

@@ -290,6 +290,30 @@ def test_export_stopped_by_a_signal_leaves_nothing(tmp_path, sig):
     assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_export_imports_no_extension_once_its_directory_exists(tmp_path, precision):
+    """The test above, made deterministic: a signal inside a compiled module's import can abort the process
+    (onnx's nanobind import runs Python; std::terminate, exit -6, past the cleanup), so every extension the
+    export needs is imported before its temporary directory is made."""
+    code = f"""if True:
+        import sys, tempfile
+        from gpt2onnx.cli import main
+        made, orig = {{}}, tempfile.mkdtemp
+        def mkdtemp(*a, **k):
+            if ".art.tmp-" in k.get("prefix", "") and not made:
+                made.update(dict.fromkeys(sys.modules))
+            return orig(*a, **k)
+        tempfile.mkdtemp = mkdtemp
+        assert main(["export", "synthetic:tiny", "-o", {str(tmp_path / "art")!r}, "--precision", {precision!r}]) == 0
+        assert made, "the export's directory was not made by tempfile.mkdtemp"
+        print(sorted(m for m in sys.modules if m not in made and (getattr(sys.modules[m], "__file__", None) or "").endswith(".so")))
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
+
+
 @pytest.mark.parametrize("args, needles", [
     (["generate", "{art}", "hi", "--temperature", "0.5"], ["--temperature only applies with --sample"]),
     (["generate", "{art}", "hi", "--seed", "3"], ["--seed only applies with --sample"]),
