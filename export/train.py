@@ -296,6 +296,7 @@ def trained(name: str, cache_dir: str = DEFAULT_CACHE, log: Callable[[str], None
     os.makedirs(os.path.dirname(path), exist_ok=True)
     log(f"training trained:{name} once ({cfg.n_layer} layers x {cfg.n_embd}, {cfg.epochs} epochs; a few minutes on 2 cores) "
         f"into {path}")
+    _import_trainers()
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=os.path.dirname(path))
     try:
         train(cfg, tmp, log)
@@ -303,6 +304,18 @@ def trained(name: str, cache_dir: str = DEFAULT_CACHE, log: Callable[[str], None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _import_trainers() -> None:
+    """What train() and its checkpoint writer import, imported before the cache directory exists: a signal
+    inside a compiled module's import may abort the process past the clean-up (convert._import_writers)."""
+    import safetensors.torch  # noqa: F401
+    import tokenizers  # noqa: F401
+    import torch  # noqa: F401
+    import transformers
+    import yaml  # noqa: F401
+
+    transformers.GPT2LMHeadModel  # noqa: B018 - the lazy module imports the model's code (and its extensions) here
 
 
 def _publish(tmp: str, path: str) -> None:

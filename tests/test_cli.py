@@ -290,22 +290,27 @@ def test_export_stopped_by_a_signal_leaves_nothing(tmp_path, sig):
     assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int4"])
-def test_export_imports_no_extension_once_its_directory_exists(tmp_path, precision):
+@pytest.mark.parametrize("job", ["export fp32", "export int4", "train"])
+def test_no_extension_is_imported_once_a_half_written_directory_exists(tmp_path, job):
     """The test above, made deterministic: a signal inside a compiled module's import can abort the process
-    (onnx's nanobind import runs Python; std::terminate, exit -6, past the cleanup), so every extension the
-    export needs is imported before its temporary directory is made."""
+    (onnx's nanobind import runs Python; std::terminate, exit -6, past the clean-up), so every extension an
+    export (or the reference model's first training, into its cache) needs is imported before its
+    temporary directory is made."""
+    out = str(tmp_path / "art")
+    run = (f"assert main(['export', 'synthetic:tiny', '-o', {out!r}, '--precision', {job.split()[-1]!r}]) == 0" if job != "train"
+           else "from gpt2onnx.export import train; train._fit = lambda *a: ([1.0], [1.0]); "  # every import, no steps
+                f"train.trained('chat-tiny', {out!r}, log=lambda m: None)")
     code = f"""if True:
         import sys, tempfile
         from gpt2onnx.cli import main
         made, orig = {{}}, tempfile.mkdtemp
         def mkdtemp(*a, **k):
-            if ".art.tmp-" in k.get("prefix", "") and not made:
+            if ".tmp-" in k.get("prefix", "") and not made:
                 made.update(dict.fromkeys(sys.modules))
             return orig(*a, **k)
         tempfile.mkdtemp = mkdtemp
-        assert main(["export", "synthetic:tiny", "-o", {str(tmp_path / "art")!r}, "--precision", {precision!r}]) == 0
-        assert made, "the export's directory was not made by tempfile.mkdtemp"
+        {run}
+        assert made, "no half-written directory was made by tempfile.mkdtemp"
         print(sorted(m for m in sys.modules if m not in made and (getattr(sys.modules[m], "__file__", None) or "").endswith(".so")))
     """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
