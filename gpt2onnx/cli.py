@@ -12,6 +12,7 @@ import sys
 import threading
 from dataclasses import fields
 
+from gpt2onnx import interrupted
 from gpt2onnx.export.convert import KV_DTYPES, ExportOptions  # no heavy imports: choices and defaults only
 from gpt2onnx.export.quantize import INT8_METHODS
 from gpt2onnx.runtime.artifact import PRECISIONS
@@ -419,14 +420,6 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _interrupted(e: BaseException | None) -> bool:
-    while e is not None:
-        if isinstance(e, KeyboardInterrupt):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -458,7 +451,7 @@ def _run(args) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush must not fail too
         return 141
     except Exception as e:  # a bug: one line unless --debug
-        if _interrupted(e):  # the signal landed inside a C extension's import, which wraps it in an ImportError
+        if interrupted(e):  # the signal landed inside a C extension's import, which wraps it in an ImportError
             print("gpt2onnx: interrupted", file=sys.stderr)
             return 130
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # `> /dev/full`: the disk, not a bug

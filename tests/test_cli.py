@@ -290,6 +290,27 @@ def test_export_stopped_by_a_signal_leaves_nothing(tmp_path, sig):
     assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("module", ["numpy", "gpt2onnx.runtime.scheduler", "gpt2onnx.benchmarks.settings", "onnxruntime"])
+def test_ctrl_c_while_the_command_starts_is_one_line(tiny_artifact, tmp_path, module):
+    """A Ctrl-C in the first ~0.3 s of any command lands while the CLI's modules load or its parser is built
+    (benchmarks.settings), before the command's own handling: made deterministic by raising KeyboardInterrupt at one import, as the `gpt2onnx` script's
+    entry point (read from the installed metadata, not named here) is called. One line, exit 130."""
+    code = f"""if True:
+        import sys, importlib.abc, importlib.metadata
+        class Stop(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == {module!r}:
+                    raise KeyboardInterrupt
+        sys.meta_path.insert(0, Stop())
+        (script,) = importlib.metadata.entry_points(group="console_scripts", name="gpt2onnx")
+        sys.exit(script.load()(["generate", {tiny_artifact!r}, "hi", "--max-new-tokens", "2"]))
+    """
+    # run from an empty directory: the checkout's own (ignored) gpt2onnx.egg-info, left by a `pip install .`,
+    # would be found before the venv's metadata
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (130, "gpt2onnx: interrupted\n")
+
+
 @pytest.mark.parametrize("job", ["export fp32", "export int4", "train"])
 def test_no_extension_is_imported_once_a_half_written_directory_exists(tmp_path, job):
     """The test above, made deterministic: a signal inside a compiled module's import can abort the process
