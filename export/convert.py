@@ -77,7 +77,8 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
     w = graph.weights(ckpt.model, cfg)  # views of the model's tensors (the head's transpose a copy)
     ckpt.model = None
 
-    _import_writers(opts.precision)
+    quantized = opts.precision in ("int8", "int4")
+    _import_writers(quantized)
     out = os.path.abspath(opts.output)
     made = _missing_parents(out)  # created here, removed again when the export fails or is interrupted
     tmp = None
@@ -89,7 +90,6 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual mode
         model_path = os.path.join(tmp, "model.onnx")
         mixed_path = os.path.join(tmp, MIXED_FILE) if opts.mixed else None
-        quantized = opts.precision in ("int8", "int4")
         # the float graphs, each weight written into the data file as the graph takes it (the model holds
         # none), then the checkpoint's weights dropped: onnxruntime's quantizers read the float files
         float_dir = os.path.join(tmp, "float") if quantized else tmp
@@ -266,17 +266,16 @@ def _save_onnx(model, path: str, share: str | None = None) -> None:
         for t in model.graph.initializer:
             has_raw = t.HasField("raw_data")
             raw = t.raw_data if has_raw else numpy_helper.to_array(t).tobytes()
-            if len(raw) < ALIGN:
+            if external(t.name, raw, t) is None:  # under 4 KiB: stays in the model as the quantizer wrote it
                 continue
-            if not has_raw:  # quantizers write some scales as typed fields; the file takes their bytes
+            if not has_raw:  # quantizers write some scales as typed fields; the file took their bytes
                 for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
                     t.ClearField(field)
-            external(t.name, raw, t)
             t.ClearField("raw_data")
     onnx.save_model(model, path)
 
 
-def _import_writers(precision: str) -> None:
+def _import_writers(quantized: bool) -> None:
     """Imports what writes and checks the artifact before its directory exists. onnx's extension is a nanobind
     module whose import runs Python (its enums): a Ctrl-C / SIGTERM landing there cannot unwind through it and
     aborts the process (std::terminate, exit -6), past the cleanup that removes the half-written directory."""
@@ -285,7 +284,7 @@ def _import_writers(precision: str) -> None:
     import onnx.numpy_helper  # noqa: F401
     import onnxruntime  # noqa: F401
 
-    if precision in ("int8", "int4"):
+    if quantized:
         import onnxruntime.quantization  # noqa: F401
         import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
 
