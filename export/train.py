@@ -63,7 +63,8 @@ class TrainConfig:
 # Sizes chosen by measurement on the 2-core development machine (figures in README, "A trained reference model").
 PRESETS = {
     "chat": TrainConfig(n_layer=4, n_embd=128, n_head=4, epochs=8, lr=4e-3),
-    # for tests: the same data and code path in well under a minute
+    # for tests: the same data and code path, shipped (SHIPPED): training it took 2.9 minutes on 2 cores
+    # (data/chat-tiny/training.json)
     "chat-tiny": TrainConfig(n_layer=2, n_embd=64, n_head=2, epochs=4, batch=32, lr=3e-3),
 }
 
