@@ -213,209 +213,250 @@ def build(cfg: ModelConfig, w: dict[str, np.ndarray], *, fused: bool = True, dty
     cache (fused graphs only) stores keys and values quantized with one calibrated scale per layer
     and tensor (`kv_scales[i] = (key_scale, value_scale)`); the op quantizes on write and
     dequantizes on read, so attention reads a quarter of the fp32 bytes."""
-    from onnx import TensorProto, helper
+    return _Decoder(cfg, w, fused, dtype, kv_dtype, kv_scales, mixed).model(external)
 
-    np_dtype = np.dtype(dtype)
-    elem = helper.np_dtype_to_tensor_dtype(np_dtype)
-    kv_np = np.dtype(kv_dtype or dtype)
-    kv_elem = helper.np_dtype_to_tensor_dtype(kv_np)
-    if kv_np != np_dtype and not fused:
-        raise Gpt2OnnxError("a KV cache dtype other than the activations' needs the fused graph")
-    kv_int8 = kv_np == np.int8
-    if kv_int8 and (kv_scales is None or len(kv_scales) != cfg.n_layer):
-        raise Gpt2OnnxError("an int8 KV cache needs one (key, value) scale per layer")
-    cast_kv = kv_np != np_dtype and not kv_int8  # a float16 cache under float32 activations
-    if mixed and not fused:
-        raise Gpt2OnnxError("the mixed step graph needs the fused graph")
-    b = _Builder(np_dtype)
-    H, N, D = cfg.n_embd, cfg.n_head, cfg.head_dim
-    i64 = lambda name, vals: b.const(name, np.array(vals, dtype=np.int64), cast=False)  # noqa: E731
 
-    # Shapes needed by both variants: S, T (= past + S).
-    n = NAMES
-    ids_shape = b.one("Shape", [n.input_ids], name="ids_shape")
-    mask_shape = b.one("Shape", [n.attention_mask], name="mask_shape")
-    seq = None if mixed else b.one("Slice", [ids_shape, i64("c_1", [1]), i64("c_2", [2])], name="seq")
-    total = b.one("Slice", [mask_shape, i64("c_1", [1]), i64("c_2", [2])], name="total")
+class _Decoder:
+    """One build of the decoder graph, a method per part as onnxruntime-genai's builder has: the inputs'
+    shapes and lengths with the embeddings, a layer (fused or plain), the LM head, the graph's IO."""
 
-    ids, positions = n.input_ids, n.position_ids
-    if mixed:
-        # the step's b tokens then the chunk's W as one sequence [1, b + W]: every weight is read once
-        # for both, and only attention tells them apart (split_bw = [b, W], on the host from shapes)
-        chunk_shape = b.one("Shape", [n.chunk_ids], name="chunk_shape")
-        rows_b = b.one("Slice", [ids_shape, i64("c_0", [0]), "c_1"], name="step_rows")
-        split_bw = b.one("Concat", [rows_b, b.one("Slice", [chunk_shape, "c_1", "c_2"], name="chunk_cols")], axis=0, name="split_bw")
-        flat = i64("flat_1", [1, -1])
-        ids = b.one("Concat", [b.one("Reshape", [ids, flat], name="step_ids_row"), n.chunk_ids], axis=1, name="mixed_ids")
-        positions = b.one("Concat", [b.one("Reshape", [positions, flat], name="step_pos_row"), n.chunk_position_ids],
-                          axis=1, name="mixed_positions")
+    def __init__(self, cfg: ModelConfig, w: dict[str, np.ndarray], fused: bool, dtype: str, kv_dtype: str | None,
+                 kv_scales: list[tuple[float, float]] | None, mixed: bool):
+        from onnx import helper
 
-    # Embeddings. The fused graph folds the add into layer 0's SkipLayerNormalization.
-    tok = b.one("Gather", [b.const("wte", w["wte"]), ids], name=TOKEN_EMBEDDING)
-    pos = b.one("Gather", [b.const("wpe", w["wpe"]), positions], name="pos_emb")
+        self.np_dtype = np.dtype(dtype)
+        self.elem = helper.np_dtype_to_tensor_dtype(self.np_dtype)
+        kv_np = np.dtype(kv_dtype or dtype)
+        self.kv_elem = helper.np_dtype_to_tensor_dtype(kv_np)
+        if kv_np != self.np_dtype and not fused:
+            raise Gpt2OnnxError("a KV cache dtype other than the activations' needs the fused graph")
+        self.kv_int8 = kv_np == np.int8
+        if self.kv_int8 and (kv_scales is None or len(kv_scales) != cfg.n_layer):
+            raise Gpt2OnnxError("an int8 KV cache needs one (key, value) scale per layer")
+        self.cast_kv = kv_np != self.np_dtype and not self.kv_int8  # a float16 cache under float32 activations
+        if mixed and not fused:
+            raise Gpt2OnnxError("the mixed step graph needs the fused graph")
+        self.cfg, self.w, self.fused, self.mixed, self.kv_scales = cfg, w, fused, mixed, kv_scales
+        self.eps = cfg.layer_norm_epsilon
+        self.b = _Builder(self.np_dtype)
 
-    eps = cfg.layer_norm_epsilon
-    if fused:
-        # GroupQueryAttention's length inputs. The mask may be wider than past + seq: a runtime that
-        # binds one [B, capacity] mask for the whole generation leaves future columns 0, so every
-        # step has the same input shapes (CUDA graphs need that). Each row's length is 1 + the last
-        # column that holds a real token in that row: seqlens_k [B] = that - 1, and the op writes the
-        # row's new keys and values at seqlens_k - seq + 1 (a first prompt, mask width = seq, at 0:
-        # right-padded rows write their padding after their tokens, where their next token will
-        # overwrite it). total_sequence_length [] = the mask's width, an upper bound of every row's.
-        def lengths(mask: str, total: str, tag: str = "") -> tuple[str, str]:
-            total32 = b.one("Cast", [total], to=TensorProto.INT32, name=tag + "total_i32")
-            total_scalar = b.one("Squeeze", [total32, b.const("c0_axes", np.array([0], np.int64), cast=False)],
-                                 name=tag + "total_seq_len")
-            cols = b.one("Range", [i64("one_s64", 1), b.one("Add", [b.one("Squeeze", [total], name=tag + "width"), "one_s64"]),
-                                   "one_s64"], name=tag + "col_numbers")  # [T_max] = 1..width
-            real_cols = b.one("Mul", [mask, cols], name=tag + "real_cols")
-            last = b.one("Sub", [b.one("ReduceMax", [real_cols], axes=[1], keepdims=0, name=tag + "row_total"), "one_s64"],
-                         name=tag + "last_pos")
-            return b.one("Cast", [last], to=TensorProto.INT32, name=tag + "seqlens_k"), total_scalar  # [B], []
+    def i64(self, name: str, vals) -> str:
+        return self.b.const(name, np.array(vals, dtype=np.int64), cast=False)
 
-        seqlens_k, total_scalar = lengths(n.attention_mask, total)
-        if mixed:
-            chunk_total = b.one("Slice", [b.one("Shape", [n.chunk_mask], name="chunk_mask_shape"), "c_1", "c_2"], name="chunk_total")
-            chunk_seqlens, chunk_total_scalar = lengths(n.chunk_mask, chunk_total, "chunk_")
-        ln, residual = b.op("SkipLayerNormalization", [tok, pos, b.const("h0.ln_1.g", w["h0.ln_1.g"]), b.const("h0.ln_1.b", w["h0.ln_1.b"])],
-                            domain=MS_DOMAIN, epsilon=eps, name="h0.ln_1", outputs=["h0.ln_1_out", "", "", "h0.resid_in"])[::3]
-    else:
+    def model(self, external: Callable | None):
+        ln, residual = self._inputs()
+        for i in range(self.cfg.n_layer):
+            ln, residual = (self._fused_layer if self.fused else self._plain_layer)(i, ln, residual)
+        self._head(ln)
+        return self._io(external)
+
+    def _inputs(self) -> tuple[str, str]:
+        """The shapes (S, T = past + S), the lengths attention needs, the embeddings and layer 0's layer
+        norm: (ln, residual), [B, S, H] each (the mixed graph: [1, b + W, H])."""
+        b, n, i64, w = self.b, NAMES, self.i64, self.w
+        ids_shape = b.one("Shape", [n.input_ids], name="ids_shape")
+        mask_shape = b.one("Shape", [n.attention_mask], name="mask_shape")
+        self.seq = None if self.mixed else b.one("Slice", [ids_shape, i64("c_1", [1]), i64("c_2", [2])], name="seq")
+        total = b.one("Slice", [mask_shape, i64("c_1", [1]), i64("c_2", [2])], name="total")
+
+        ids, positions = n.input_ids, n.position_ids
+        if self.mixed:
+            # the step's b tokens then the chunk's W as one sequence [1, b + W]: every weight is read once
+            # for both, and only attention tells them apart (split_bw = [b, W], on the host from shapes)
+            chunk_shape = b.one("Shape", [n.chunk_ids], name="chunk_shape")
+            self.rows_b = b.one("Slice", [ids_shape, i64("c_0", [0]), "c_1"], name="step_rows")
+            self.split_bw = b.one("Concat", [self.rows_b, b.one("Slice", [chunk_shape, "c_1", "c_2"], name="chunk_cols")],
+                                  axis=0, name="split_bw")
+            flat = i64("flat_1", [1, -1])
+            ids = b.one("Concat", [b.one("Reshape", [ids, flat], name="step_ids_row"), n.chunk_ids], axis=1, name="mixed_ids")
+            positions = b.one("Concat", [b.one("Reshape", [positions, flat], name="step_pos_row"), n.chunk_position_ids],
+                              axis=1, name="mixed_positions")
+
+        # Embeddings. The fused graph folds the add into layer 0's SkipLayerNormalization.
+        tok = b.one("Gather", [b.const("wte", w["wte"]), ids], name=TOKEN_EMBEDDING)
+        pos = b.one("Gather", [b.const("wpe", w["wpe"]), positions], name="pos_emb")
+        if self.fused:
+            self.lens = self._lengths(n.attention_mask, total)
+            if self.mixed:
+                chunk_total = b.one("Slice", [b.one("Shape", [n.chunk_mask], name="chunk_mask_shape"), "c_1", "c_2"], name="chunk_total")
+                self.chunk_lens = self._lengths(n.chunk_mask, chunk_total, "chunk_")
+            return b.op("SkipLayerNormalization", [tok, pos, b.const("h0.ln_1.g", w["h0.ln_1.g"]), b.const("h0.ln_1.b", w["h0.ln_1.b"])],
+                        domain=MS_DOMAIN, epsilon=self.eps, name="h0.ln_1", outputs=["h0.ln_1_out", "", "", "h0.resid_in"])[::3]
         # Padding bias [B, 1, 1, T]: 0 for real tokens, MASK_VALUE for padding; plus the causal bias.
-        mask_f = b.one("Cast", [n.attention_mask], to=elem, name="mask_f")
+        mask_f = b.one("Cast", [n.attention_mask], to=self.elem, name="mask_f")
         inv = b.one("Sub", [b.const("one", np.array(1.0)), mask_f], name="mask_inv")
         pad_bias = b.one("Mul", [inv, b.const("mask_value", np.array(MASK_VALUE))], name="pad_bias_2d")
         pad_bias = b.one("Unsqueeze", [pad_bias, i64("axes_1_2", [1, 2])], name="pad_bias")
-        causal = _causal_bias(b, seq, total, i64)
-        attn_bias = b.one("Add", [pad_bias, causal], name="attn_bias")  # [B, 1, S, T]
+        causal = _causal_bias(b, self.seq, total, i64)
+        self.attn_bias = b.one("Add", [pad_bias, causal], name="attn_bias")  # [B, 1, S, T]
         residual = b.one("Add", [tok, pos], name="emb")
         ln = b.one("LayerNormalization", [residual, b.const("h0.ln_1.g", w["h0.ln_1.g"]), b.const("h0.ln_1.b", w["h0.ln_1.b"])],
-                   axis=-1, epsilon=eps, name="h0.ln_1")
+                   axis=-1, epsilon=self.eps, name="h0.ln_1")
+        return ln, residual
 
-    def gqa(p: str, tag: str, q: str, kv: list[tuple[str, str]], lens: str, total: str, quant: tuple[list, dict]) -> str:
+    def _lengths(self, mask: str, total: str, tag: str = "") -> tuple[str, str]:
+        """GroupQueryAttention's length inputs: (seqlens_k [B] int32, total_sequence_length [] int32).
+
+        The mask may be wider than past + seq: a runtime that binds one [B, capacity] mask for the whole
+        generation leaves future columns 0, so every step has the same input shapes (CUDA graphs need
+        that). Each row's length is 1 + the last column that holds a real token in that row: seqlens_k =
+        that - 1, and the op writes the row's new keys and values at seqlens_k - seq + 1 (a first prompt,
+        mask width = seq, at 0: right-padded rows write their padding after their tokens, where their next
+        token will overwrite it). total_sequence_length = the mask's width, an upper bound of every row's."""
+        from onnx import TensorProto
+
+        b, i64 = self.b, self.i64
+        total32 = b.one("Cast", [total], to=TensorProto.INT32, name=tag + "total_i32")
+        total_scalar = b.one("Squeeze", [total32, b.const("c0_axes", np.array([0], np.int64), cast=False)], name=tag + "total_seq_len")
+        cols = b.one("Range", [i64("one_s64", 1), b.one("Add", [b.one("Squeeze", [total], name=tag + "width"), "one_s64"]),
+                               "one_s64"], name=tag + "col_numbers")  # [T_max] = 1..width
+        real_cols = b.one("Mul", [mask, cols], name=tag + "real_cols")
+        last = b.one("Sub", [b.one("ReduceMax", [real_cols], axes=[1], keepdims=0, name=tag + "row_total"), "one_s64"],
+                     name=tag + "last_pos")
+        return b.one("Cast", [last], to=TensorProto.INT32, name=tag + "seqlens_k"), total_scalar
+
+    def _gqa(self, p: str, tag: str, q: str, kv: list[tuple[str, str]], lens: tuple[str, str], quant: tuple[list, dict]) -> str:
         """Layer `p`'s GroupQueryAttention over q [B, S, 3H] and its cache (`kv`: (past, present) of key and
         value); `tag` names a second node of the layer (the mixed graph's chunk)."""
+        b, N = self.b, self.cfg.n_head
         (past_k, pres_k), (past_v, pres_v) = kv
         quant_in, quant_attrs = quant
-        if cast_kv:
-            q = b.one("Cast", [q], to=kv_elem, name=p + tag + "qkv_kv")
-        out = b.op("GroupQueryAttention", [q, "", "", past_k, past_v, lens, total, *([""] * 4 if quant_in else []), *quant_in],
+        if self.cast_kv:
+            q = b.one("Cast", [q], to=self.kv_elem, name=p + tag + "qkv_kv")
+        out = b.op("GroupQueryAttention", [q, "", "", past_k, past_v, *lens, *([""] * 4 if quant_in else []), *quant_in],
                    domain=MS_DOMAIN, num_heads=N, kv_num_heads=N, name=p + tag + "attn", **quant_attrs,
                    outputs=[p + tag + "attn_out", pres_k, pres_v])[0]
-        return b.one("Cast", [out], to=elem, name=p + tag + "attn_out_act") if cast_kv else out
+        return b.one("Cast", [out], to=self.elem, name=p + tag + "attn_out_act") if self.cast_kv else out
 
-    for i in range(cfg.n_layer):
-        p = f"h{i}."
-        c = lambda k: b.const(p + k, w[p + k])  # noqa: E731, B023
+    def _fused_layer(self, i: int, ln: str, residual: str) -> tuple[str, str]:
+        """Layer i with the contrib ops; returns the next layer's (or ln_f's) (ln, residual)."""
+        b, n, w, H, p = self.b, NAMES, self.w, self.cfg.n_embd, f"h{i}."
+        c = lambda k: b.const(p + k, w[p + k])  # noqa: E731
         qkv = b.one("Add", [b.one("MatMul", [ln, c("qkv.w")], name=p + "qkv"), c("qkv.b")], name=p + "qkv_bias")  # [B, S, 3H]
-        layer_kv = n.kv(cfg.n_layer)[2 * i: 2 * i + 2]  # (past, present) of key and value
-        (past_k, pres_k), (past_v, pres_v) = layer_kv
-        if fused:
-            quant_in, quant_attrs = [], {}
-            if kv_int8:
-                quant_in = ["", b.const(p + "k_scale", np.array([kv_scales[i][0]], np.float32), cast=False),
-                            b.const(p + "v_scale", np.array([kv_scales[i][1]], np.float32), cast=False)]
-                quant_attrs = {"kv_cache_bit_width": 8, "k_quant_type": "PER_TENSOR", "v_quant_type": "PER_TENSOR"}
-            quant = (quant_in, quant_attrs)
-            if mixed:
-                # GroupQueryAttention takes a multi-token pass over a past for one row only, so the step's rows
-                # [b, 1, 3H] and the chunk [1, W, 3H] attend in two nodes, each over its own rows of the cache
-                step_q, chunk_q = b.op("Split", [qkv, split_bw], n_out=2, axis=1, name=p + "split_bw")
-                step_q = b.one("Reshape", [step_q, i64("rows_1_3h", [-1, 1, 3 * H])], name=p + "step_q")
-                step_a = gqa(p, "", step_q, layer_kv, seqlens_k, total_scalar, quant)  # [b, 1, H]
-                chunk_a = gqa(p, "chunk_", chunk_q, n.chunk_kv(cfg.n_layer)[2 * i: 2 * i + 2], chunk_seqlens,
-                              chunk_total_scalar, quant)  # [1, W, H]
-                attn = b.one("Concat", [b.one("Reshape", [step_a, i64("one_rows_h", [1, -1, H])], name=p + "step_a_row"), chunk_a],
-                             axis=1, name=p + "mixed_attn")  # [1, b + W, H]
-            else:
-                attn = gqa(p, "", qkv, layer_kv, seqlens_k, total_scalar, quant)
-            proj = b.one("MatMul", [attn, c("attn_out.w")], name=p + "attn_proj")
-            ln, residual = b.op("SkipLayerNormalization", [proj, residual, c("ln_2.g"), c("ln_2.b"), c("attn_out.b")],
-                                domain=MS_DOMAIN, epsilon=eps, name=p + "ln_2",
-                                outputs=[p + "ln_2_out", "", "", p + "resid_mid"])[::3]
-            fc = b.one("FastGelu", [b.one("MatMul", [ln, c("fc.w")], name=p + "fc"), c("fc.b")], domain=MS_DOMAIN, name=p + "gelu")
-            mlp = b.one("MatMul", [fc, c("proj.w")], name=p + "mlp_proj")
-            nxt = f"h{i + 1}.ln_1" if i + 1 < cfg.n_layer else "ln_f"
-            ln, residual = b.op("SkipLayerNormalization", [mlp, residual, b.const(nxt + ".g", w[nxt + ".g"]),
-                                                           b.const(nxt + ".b", w[nxt + ".b"]), c("proj.b")],
-                                domain=MS_DOMAIN, epsilon=eps, name=nxt, outputs=[nxt + "_out", "", "", f"h{i + 1}.resid_in"])[::3]
+        layer_kv = n.kv(self.cfg.n_layer)[2 * i: 2 * i + 2]  # (past, present) of key and value
+        quant_in, quant_attrs = [], {}
+        if self.kv_int8:
+            quant_in = ["", b.const(p + "k_scale", np.array([self.kv_scales[i][0]], np.float32), cast=False),
+                        b.const(p + "v_scale", np.array([self.kv_scales[i][1]], np.float32), cast=False)]
+            quant_attrs = {"kv_cache_bit_width": 8, "k_quant_type": "PER_TENSOR", "v_quant_type": "PER_TENSOR"}
+        quant = (quant_in, quant_attrs)
+        if self.mixed:
+            # GroupQueryAttention takes a multi-token pass over a past for one row only, so the step's rows
+            # [b, 1, 3H] and the chunk [1, W, 3H] attend in two nodes, each over its own rows of the cache
+            step_q, chunk_q = b.op("Split", [qkv, self.split_bw], n_out=2, axis=1, name=p + "split_bw")
+            step_q = b.one("Reshape", [step_q, self.i64("rows_1_3h", [-1, 1, 3 * H])], name=p + "step_q")
+            step_a = self._gqa(p, "", step_q, layer_kv, self.lens, quant)  # [b, 1, H]
+            chunk_a = self._gqa(p, "chunk_", chunk_q, n.chunk_kv(self.cfg.n_layer)[2 * i: 2 * i + 2], self.chunk_lens, quant)  # [1, W, H]
+            attn = b.one("Concat", [b.one("Reshape", [step_a, self.i64("one_rows_h", [1, -1, H])], name=p + "step_a_row"), chunk_a],
+                         axis=1, name=p + "mixed_attn")  # [1, b + W, H]
         else:
-            attn = _plain_attention(b, p, qkv, past_k, past_v, pres_k, pres_v, attn_bias, N, D, H, i64)
-            proj = b.one("Add", [b.one("MatMul", [attn, c("attn_out.w")], name=p + "attn_proj"), c("attn_out.b")])
-            residual = b.one("Add", [proj, residual], name=p + "resid_mid")
-            ln = b.one("LayerNormalization", [residual, c("ln_2.g"), c("ln_2.b")], axis=-1, epsilon=eps, name=p + "ln_2")
-            fc = b.one("Add", [b.one("MatMul", [ln, c("fc.w")], name=p + "fc"), c("fc.b")])
-            mlp = b.one("Add", [b.one("MatMul", [_gelu_tanh(b, fc), c("proj.w")], name=p + "mlp_proj"), c("proj.b")])
-            residual = b.one("Add", [mlp, residual], name=f"h{i + 1}.resid_in")
-            nxt = f"h{i + 1}.ln_1" if i + 1 < cfg.n_layer else "ln_f"
-            ln = b.one("LayerNormalization", [residual, b.const(nxt + ".g", w[nxt + ".g"]), b.const(nxt + ".b", w[nxt + ".b"])],
-                       axis=-1, epsilon=eps, name=nxt)
+            attn = self._gqa(p, "", qkv, layer_kv, self.lens, quant)
+        proj = b.one("MatMul", [attn, c("attn_out.w")], name=p + "attn_proj")
+        ln, residual = b.op("SkipLayerNormalization", [proj, residual, c("ln_2.g"), c("ln_2.b"), c("attn_out.b")],
+                            domain=MS_DOMAIN, epsilon=self.eps, name=p + "ln_2", outputs=[p + "ln_2_out", "", "", p + "resid_mid"])[::3]
+        fc = b.one("FastGelu", [b.one("MatMul", [ln, c("fc.w")], name=p + "fc"), c("fc.b")], domain=MS_DOMAIN, name=p + "gelu")
+        mlp = b.one("MatMul", [fc, c("proj.w")], name=p + "mlp_proj")
+        nxt = f"h{i + 1}.ln_1" if i + 1 < self.cfg.n_layer else "ln_f"
+        return b.op("SkipLayerNormalization", [mlp, residual, b.const(nxt + ".g", w[nxt + ".g"]), b.const(nxt + ".b", w[nxt + ".b"]),
+                                               c("proj.b")],
+                    domain=MS_DOMAIN, epsilon=self.eps, name=nxt, outputs=[nxt + "_out", "", "", f"h{i + 1}.resid_in"])[::3]
 
-    # Only the kept positions reach the LM head: decoding needs one row, and the prompt pass would
-    # otherwise spend seq x vocab x width multiply-adds on logits nobody reads. A row's last real token
-    # is where its position ids first reach their largest value (right padding repeats the last real
-    # position, left padding ends on it): ArgMax over them, on the device, picks that row of the
-    # hidden states, appended after the S others; the Slice then keeps [0, S) for keep = 0 or [S, S+1)
-    # for keep = 1. Slice reads its starts and ends on the host, so they are computed there from the
-    # shape and the input (onnxruntime's CUDA provider places such shape arithmetic on the CPU,
-    # fallback_cpu_capability.cc): any device value on that path would need a device-to-host copy,
-    # and a graph with a copy cannot be captured.
-    if mixed:  # the step's rows and the chunk's last real token: [b + 1, H] through the head, split after
-        step_h, chunk_h = b.op("Split", [ln, split_bw], n_out=2, axis=1, name="split_hidden")
-        chunk_pos_f = b.one("Cast", [n.chunk_position_ids], to=TensorProto.FLOAT, name="chunk_pos_f")
-        chunk_last = b.one("GatherND", [chunk_h, b.one("ArgMax", [chunk_pos_f], axis=1, keepdims=1, name="chunk_last_token")],
-                           batch_dims=1, name="chunk_last_hidden")  # [1, H]
-        rows = b.one("Concat", [b.one("Reshape", [step_h, i64("rows_h", [-1, H])], name="step_hidden"), chunk_last],
-                     axis=0, name="mixed_hidden")  # [b + 1, H]
-        logits = b.one("MatMul", [rows, b.const("lm_head.w", w["lm_head.w"])], name=LM_HEAD)
-        if np_dtype != np.float32:
-            logits = b.one("Cast", [logits], to=TensorProto.FLOAT, name="logits_f32")
-        split_b1 = b.one("Concat", [rows_b, i64("c_1", [1])], axis=0, name="split_b1")
-        step_l, chunk_l = b.op("Split", [logits, split_b1], n_out=2, axis=0, name="split_logits")
-        rows_1_v = i64("rows_1_v", [-1, 1, cfg.vocab_size])
-        b.op("Reshape", [step_l, rows_1_v], name="step_logits", outputs=[n.logits])  # [b, 1, vocab]
-        b.op("Reshape", [chunk_l, rows_1_v], name="chunk_logits", outputs=[n.chunk_logits])  # [1, 1, vocab]
-    else:
+    def _plain_layer(self, i: int, ln: str, residual: str) -> tuple[str, str]:
+        """Layer i in standard ONNX ops (the unfused graph); returns the next layer's (ln, residual)."""
+        b, w, cfg, p = self.b, self.w, self.cfg, f"h{i}."
+        c = lambda k: b.const(p + k, w[p + k])  # noqa: E731
+        qkv = b.one("Add", [b.one("MatMul", [ln, c("qkv.w")], name=p + "qkv"), c("qkv.b")], name=p + "qkv_bias")  # [B, S, 3H]
+        (past_k, pres_k), (past_v, pres_v) = NAMES.kv(cfg.n_layer)[2 * i: 2 * i + 2]
+        attn = _plain_attention(b, p, qkv, past_k, past_v, pres_k, pres_v, self.attn_bias, cfg.n_head, cfg.head_dim, cfg.n_embd, self.i64)
+        proj = b.one("Add", [b.one("MatMul", [attn, c("attn_out.w")], name=p + "attn_proj"), c("attn_out.b")])
+        residual = b.one("Add", [proj, residual], name=p + "resid_mid")
+        ln = b.one("LayerNormalization", [residual, c("ln_2.g"), c("ln_2.b")], axis=-1, epsilon=self.eps, name=p + "ln_2")
+        fc = b.one("Add", [b.one("MatMul", [ln, c("fc.w")], name=p + "fc"), c("fc.b")])
+        mlp = b.one("Add", [b.one("MatMul", [_gelu_tanh(b, fc), c("proj.w")], name=p + "mlp_proj"), c("proj.b")])
+        residual = b.one("Add", [mlp, residual], name=f"h{i + 1}.resid_in")
+        nxt = f"h{i + 1}.ln_1" if i + 1 < cfg.n_layer else "ln_f"
+        ln = b.one("LayerNormalization", [residual, b.const(nxt + ".g", w[nxt + ".g"]), b.const(nxt + ".b", w[nxt + ".b"])],
+                   axis=-1, epsilon=self.eps, name=nxt)
+        return ln, residual
+
+    def _head(self, ln: str) -> None:
+        """The LM head over the kept positions of ln_f's output ln, into the logits output(s).
+
+        Only the kept positions reach the LM head: decoding needs one row, and the prompt pass would
+        otherwise spend seq x vocab x width multiply-adds on logits nobody reads. A row's last real token
+        is where its position ids first reach their largest value (right padding repeats the last real
+        position, left padding ends on it): ArgMax over them, on the device, picks that row of the
+        hidden states, appended after the S others; the Slice then keeps [0, S) for keep = 0 or [S, S+1)
+        for keep = 1. Slice reads its starts and ends on the host, so they are computed there from the
+        shape and the input (onnxruntime's CUDA provider places such shape arithmetic on the CPU,
+        fallback_cpu_capability.cc): any device value on that path would need a device-to-host copy,
+        and a graph with a copy cannot be captured."""
+        from onnx import TensorProto
+
+        b, n, i64, H = self.b, NAMES, self.i64, self.cfg.n_embd
+        if self.mixed:  # the step's rows and the chunk's last real token: [b + 1, H] through the head, split after
+            step_h, chunk_h = b.op("Split", [ln, self.split_bw], n_out=2, axis=1, name="split_hidden")
+            chunk_pos_f = b.one("Cast", [n.chunk_position_ids], to=TensorProto.FLOAT, name="chunk_pos_f")
+            chunk_last = b.one("GatherND", [chunk_h, b.one("ArgMax", [chunk_pos_f], axis=1, keepdims=1, name="chunk_last_token")],
+                               batch_dims=1, name="chunk_last_hidden")  # [1, H]
+            rows = b.one("Concat", [b.one("Reshape", [step_h, i64("rows_h", [-1, H])], name="step_hidden"), chunk_last],
+                         axis=0, name="mixed_hidden")  # [b + 1, H]
+            logits = b.one("MatMul", [rows, b.const("lm_head.w", self.w["lm_head.w"])], name=LM_HEAD)
+            if self.np_dtype != np.float32:
+                logits = b.one("Cast", [logits], to=TensorProto.FLOAT, name="logits_f32")
+            split_b1 = b.one("Concat", [self.rows_b, i64("c_1", [1])], axis=0, name="split_b1")
+            step_l, chunk_l = b.op("Split", [logits, split_b1], n_out=2, axis=0, name="split_logits")
+            rows_1_v = i64("rows_1_v", [-1, 1, self.cfg.vocab_size])
+            b.op("Reshape", [step_l, rows_1_v], name="step_logits", outputs=[n.logits])  # [b, 1, vocab]
+            b.op("Reshape", [chunk_l, rows_1_v], name="chunk_logits", outputs=[n.chunk_logits])  # [1, 1, vocab]
+            return
         pos_f = b.one("Cast", [n.position_ids], to=TensorProto.FLOAT, name="pos_f")  # [B, S], exact below 2^24
         last_tok = b.one("ArgMax", [pos_f], axis=1, keepdims=1, name="last_token")  # [B, 1]
         last_h = b.one("Unsqueeze", [b.one("GatherND", [ln, last_tok], batch_dims=1, name="last_hidden_2d"), "c_1"],
                        name="last_hidden")  # [B, 1, H]
         both = b.one("Concat", [ln, last_h], axis=1, name="hidden_and_last")  # [B, S + 1, H]
-        start = b.one("Mul", [seq, n.logits_to_keep], name="keep_start")  # [1] = S * keep
-        end = b.one("Add", [seq, n.logits_to_keep], name="keep_end")  # [1] = S + keep
+        start = b.one("Mul", [self.seq, n.logits_to_keep], name="keep_start")  # [1] = S * keep
+        end = b.one("Add", [self.seq, n.logits_to_keep], name="keep_end")  # [1] = S + keep
         kept = b.one("Slice", [both, start, end, "c_1"], name="keep_last")
-        logits = b.one("MatMul", [kept, b.const("lm_head.w", w["lm_head.w"])], name=LM_HEAD)
-        if np_dtype != np.float32:
+        logits = b.one("MatMul", [kept, b.const("lm_head.w", self.w["lm_head.w"])], name=LM_HEAD)
+        if self.np_dtype != np.float32:
             b.one("Cast", [logits], to=TensorProto.FLOAT, name="logits_f32", outputs=[n.logits])
         else:
             b.nodes[-1].output[0] = n.logits
 
-    kv = lambda name, past: helper.make_tensor_value_info(name, kv_elem, ["batch", N, past, D])  # noqa: E731
-    i64_in = lambda name, dims: helper.make_tensor_value_info(name, TensorProto.INT64, dims)  # noqa: E731
-    inputs = [i64_in(n.input_ids, ["batch", "seq"]), i64_in(n.attention_mask, ["batch", "total"]),
-              i64_in(n.position_ids, ["batch", "seq"])]
-    if not mixed:  # a mixed pass keeps the step's and the chunk's last logits, always
-        inputs.append(i64_in(n.logits_to_keep, []))
-    outputs = [helper.make_tensor_value_info(n.logits, TensorProto.FLOAT, ["batch", "kept", cfg.vocab_size])]
-    for past, present in n.kv(cfg.n_layer):
-        inputs.append(kv(past, "past"))
-        outputs.append(kv(present, "present"))
-    if mixed:
-        inputs += [i64_in(n.chunk_ids, [1, "chunk"]), i64_in(n.chunk_mask, [1, "chunk_total"]),
-                   i64_in(n.chunk_position_ids, [1, "chunk"])]
-        outputs.append(helper.make_tensor_value_info(n.chunk_logits, TensorProto.FLOAT, [1, 1, cfg.vocab_size]))
-        ckv = lambda name, past: helper.make_tensor_value_info(name, kv_elem, [1, N, past, D])  # noqa: E731
-        for past, present in n.chunk_kv(cfg.n_layer):
-            inputs.append(ckv(past, "chunk_past"))
-            outputs.append(ckv(present, "chunk_present"))
-    graph = helper.make_graph(b.nodes, "gpt2onnx_mixed_step" if mixed else "gpt2onnx_decoder", inputs, outputs)
-    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="gpt2onnx")
-    b.into(model, external)
-    # the dims the weights were built with, in the graph itself: a manifest edited afterwards is caught at load
-    helper.set_model_props(model, {CONFIG_PROP: json.dumps({k: getattr(cfg, k) for k in CONFIG_KEYS})})
-    model.ir_version = min(model.ir_version, 10)  # readable by onnxruntime releases of the last two years
-    return model
+    def _io(self, external: Callable | None):
+        """The graph's inputs and outputs around the nodes built, as a ModelProto; the weights written by
+        `_Builder.into` (through `external` where given)."""
+        from onnx import TensorProto, helper
+
+        b, n, cfg = self.b, NAMES, self.cfg
+        N, D = cfg.n_head, cfg.head_dim
+        kv = lambda name, past: helper.make_tensor_value_info(name, self.kv_elem, ["batch", N, past, D])  # noqa: E731
+        i64_in = lambda name, dims: helper.make_tensor_value_info(name, TensorProto.INT64, dims)  # noqa: E731
+        inputs = [i64_in(n.input_ids, ["batch", "seq"]), i64_in(n.attention_mask, ["batch", "total"]),
+                  i64_in(n.position_ids, ["batch", "seq"])]
+        if not self.mixed:  # a mixed pass keeps the step's and the chunk's last logits, always
+            inputs.append(i64_in(n.logits_to_keep, []))
+        outputs = [helper.make_tensor_value_info(n.logits, TensorProto.FLOAT, ["batch", "kept", cfg.vocab_size])]
+        for past, present in n.kv(cfg.n_layer):
+            inputs.append(kv(past, "past"))
+            outputs.append(kv(present, "present"))
+        if self.mixed:
+            inputs += [i64_in(n.chunk_ids, [1, "chunk"]), i64_in(n.chunk_mask, [1, "chunk_total"]),
+                       i64_in(n.chunk_position_ids, [1, "chunk"])]
+            outputs.append(helper.make_tensor_value_info(n.chunk_logits, TensorProto.FLOAT, [1, 1, cfg.vocab_size]))
+            ckv = lambda name, past: helper.make_tensor_value_info(name, self.kv_elem, [1, N, past, D])  # noqa: E731
+            for past, present in n.chunk_kv(cfg.n_layer):
+                inputs.append(ckv(past, "chunk_past"))
+                outputs.append(ckv(present, "chunk_present"))
+        graph = helper.make_graph(b.nodes, "gpt2onnx_mixed_step" if self.mixed else "gpt2onnx_decoder", inputs, outputs)
+        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="gpt2onnx")
+        b.into(model, external)
+        # the dims the weights were built with, in the graph itself: a manifest edited afterwards is caught at load
+        helper.set_model_props(model, {CONFIG_PROP: json.dumps({k: getattr(cfg, k) for k in CONFIG_KEYS})})
+        model.ir_version = min(model.ir_version, 10)  # readable by onnxruntime releases of the last two years
+        return model
 
 
 def build_pick():
