@@ -83,7 +83,9 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
+    from .errors import APIError
     from .protocol import error_body
+    from .serving import capped_body
 
     @serve.deployment(num_replicas=None if autoscaling else replicas, autoscaling_config=autoscaling,
                       max_ongoing_requests=cfg.scheduler.max_batch + cfg.scheduler.max_queue, health_check_period_s=2, health_check_timeout_s=10,
@@ -157,9 +159,10 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
 
         @ingress_app.api_route("/{path:path}", methods=["GET", "POST"])
         async def route(self, path: str, request: Request):
-            body = await request.body()
-            if len(body) > cfg.max_body_bytes:
-                return JSONResponse(error_body(f"request body is over this server's limit of {cfg.max_body_bytes} bytes"), 413)
+            try:  # one ingress serves every replica: it must not hold (or wait for) an oversized body whole
+                body = await capped_body(request, cfg.max_body_bytes)
+            except APIError as e:
+                return e.response()
             headers = {k.lower(): v for k, v in request.headers.items()}
             key = conversation_key("/" + path, headers, body)
             handle = self.replica.options(stream=True, **({"multiplexed_model_id": key} if key else {}))

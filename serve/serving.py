@@ -65,23 +65,30 @@ def check_key(request: Request) -> None:
         raise APIError(401, "invalid or missing API key; send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
 
 
+async def capped_body(request: Request, limit: int) -> bytes:
+    """The request's body, taken as it streams in: 413 as soon as its declared length or the bytes sent
+    pass `limit`, so an oversized body is never held whole (nor waited for)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {declared} bytes is over this server's limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body is over this server's limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def read_body(request: Request, kind: type[BaseModel]) -> BaseModel:
     """The JSON body, size-limited and validated into `kind` (400 naming the field that is wrong)."""
     server = server_of(request)
     cfg = server.cfg
     if server.closing:
         raise APIError(503, "the server is shutting down; retry on another replica", "server_error", retry_after=cfg.retry_after_s)
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > cfg.max_body_bytes:
-        raise APIError(413, f"request body of {declared} bytes is over this server's limit of {cfg.max_body_bytes}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cfg.max_body_bytes:
-            raise APIError(413, f"request body is over this server's limit of {cfg.max_body_bytes} bytes")
-        chunks.append(chunk)
+    body = await capped_body(request, cfg.max_body_bytes)
     try:
-        data = json.loads(b"".join(chunks))
+        data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the body is not valid JSON: {e}") from None
     except RecursionError:  # json's decoder gives up on arrays or objects nested thousands deep

@@ -4,6 +4,7 @@ killed its replacement comes up and no well-formed request is lost without a cle
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -86,6 +87,20 @@ def test_two_replicas_serve_and_conversations_stick(ray_server, tiny_artifact):
     assert len(set().union(*seen.values())) == 2, seen  # and both replicas served
     models = httpx.get(ray_server + "/v1/models", timeout=30).json()
     assert [m["id"] for m in models["data"]] == [model]
+
+
+def test_ingress_refuses_an_oversized_body_before_reading_it(ray_server):
+    """The one ingress in front of every replica answers 413 on a body declared over the limit (1 MiB by
+    default) at once, as the single server does: it neither waits for nor holds a gigabyte it will refuse."""
+    host, port = ray_server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000000000\r\n\r\n{\"prompt\": \"")  # and nothing more of its gigabyte
+        reply = s.makefile("rb")
+        status = reply.readline().decode()
+        headers = dict(line.decode().lower().strip().split(": ", 1) for line in iter(reply.readline, b"\r\n"))
+        body = json.loads(reply.read(int(headers["content-length"])))
+    assert status.startswith("HTTP/1.1 413") and "over this server's limit" in body["error"]["message"], (status, body)
 
 
 def test_killed_replica_is_replaced_and_requests_get_answers(ray_server, tiny_artifact):
