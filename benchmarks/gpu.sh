@@ -25,7 +25,9 @@
 #   6. kernels.json / kernels.md (benchmarks/gpu_kernels.py): every CUDA kernel of 20 decode steps at 1 and
 #      16 rows, captured and uncaptured, under PyTorch's profiler: kernels per step, GPU busy time against
 #      the step's wall time, time by kind (matmul, attention, layer norm ...) and the longest kernels:
-#      where the batch-1 replay's ~1 ms goes.
+#      where the batch-1 replay's ~1 ms goes;
+#   7. int4/step.json, int4/step.md: DialoGPT-medium int4 for CUDA (MatMulNBits) exported and its steps at 1
+#      and 16 rows taken apart as in 3, when under 330 s of the run are gone (else skipped, said in the log).
 # Measured on an H200 (2026-12-04): 220 s in all; export 38 s, capture check 7 s, step breakdown 13 s, bench
 # 162 s (the first run, before the step breakdown was added: 194 s). Added since, not yet timed: the
 # chunked64 mode of the concurrent scenario (one more mode of 64 requests), steps at 4 and 16 rows with the
@@ -92,5 +94,21 @@ rm -f "$out/kernels.json" "$out/kernels.md"
 timeout 120 "$py" -m gpt2onnx.benchmarks.gpu_kernels "$art" --out "$out" --provider cuda --batch 1,16 \
   || stage "kernel listing FAILED (exit $?)"
 stage "kernel listing done"
+# int4 weights on CUDA (MatMulNBits, fp16 activations: a decode step reads a third of fp16's bytes, and
+# onnxruntime-genai's CUDA models are int4): its captured step at 1 and 16 rows beside fp16's above. Last, and
+# only while the lease has time: the export quantizes on the CPU (DialoGPT-medium on the 2-core VM: 39 s, 2.8 GB;
+# 224 MB of weights read per step against fp16's 708)
+art4=artifacts/dialogpt-medium-int4-cuda
+if (( SECONDS < 330 )); then
+  rm -f "$out/int4/step.json" "$out/int4/step.md"
+  { [ -f "$art4/model.onnx" ] && "$py" -m gpt2onnx.cli info "$art4" >/dev/null 2>&1; } || \
+    timeout 150 "$py" -m gpt2onnx.cli export synthetic:dialogpt-medium -o "$art4" --precision int4 --provider cuda --force \
+    || stage "int4 export FAILED (exit $?)"
+  timeout 90 "$py" -m gpt2onnx.benchmarks.gpu_step "$art4" --out "$out/int4" --provider cuda --batch 1,16 \
+    || stage "int4 step breakdown FAILED (exit $?)"
+  stage "int4 step breakdown done"
+else
+  stage "int4 step breakdown skipped: ${SECONDS} s of the lease gone"
+fi
 
 cat "$out/report.md"

@@ -408,7 +408,8 @@ def test_gpu_script_invocations_parse(tmp_path):
     modules = [c[1:] for c in invocations if c[0] == "-m"]
     # the bars' bench right after the capture check (whose capture.json its report reads), the diagnostics after it
     assert [m[0] for m in modules] == ["pip", "gpt2onnx.cli", "gpt2onnx.benchmarks.gpu_check", "gpt2onnx.cli",
-                                       "gpt2onnx.benchmarks.gpu_step", "gpt2onnx.benchmarks.gpu_step", "gpt2onnx.benchmarks.gpu_kernels"]
+                                       "gpt2onnx.benchmarks.gpu_step", "gpt2onnx.benchmarks.gpu_step", "gpt2onnx.benchmarks.gpu_kernels",
+                                       "gpt2onnx.cli", "gpt2onnx.benchmarks.gpu_step"]
     assert modules[1][:2] == ["gpt2onnx.cli", "export"] and "--mixed-step" in modules[1]  # no artifact yet: exported, mixed.onnx too
     check = gpu_check.parser().parse_args(modules[2][1:])
     assert check.out == str(out) and check.provider == "cuda" and check.artifact == "artifacts/dialogpt-medium-fp16-cuda"
@@ -418,6 +419,11 @@ def test_gpu_script_invocations_parse(tmp_path):
     assert xqa.out == str(out / "xqa") and xqa.batch == "1,16" and xqa.artifact == check.artifact
     kernels = gpu_kernels.parser().parse_args(modules[6][1:])
     assert kernels.out == str(out) and kernels.batch == "1,16" and kernels.provider == "cuda" and kernels.artifact == check.artifact
+    # last, with time left: int4 for CUDA exported (no such artifact yet) and its steps into their own folder
+    assert modules[7][1:6] == ["export", "synthetic:dialogpt-medium", "-o", "artifacts/dialogpt-medium-int4-cuda", "--precision"]
+    assert modules[7][6:9] == ["int4", "--provider", "cuda"]
+    int4 = gpu_step.parser().parse_args(modules[8][1:])
+    assert int4.out == str(out / "int4") and int4.artifact == "artifacts/dialogpt-medium-int4-cuda" and int4.provider == "cuda"
     cli = modules[3][1:]
     assert cli[0] == "bench"
     import argparse
