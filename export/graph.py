@@ -138,22 +138,17 @@ class _Builder:
         self.onnx = onnx
         self.dtype = np.dtype(dtype)
         self.nodes: list = []
-        # name -> weights, kept as numpy until `into` writes them: the checkpoint's own arrays (views),
-        # cast to `dtype` there, one tensor at a time, so an fp16 build holds no half-size copy of them all
-        self.inits: dict[str, np.ndarray] = {}
+        # name -> (weights, whether `into` casts them to `dtype`), kept as numpy until `into` writes them: the
+        # checkpoint's own arrays (views), cast there one tensor at a time, so an fp16 build holds no half-size
+        # copy of them all; constants not cast (ids, shapes, scales) are written in their own dtype
+        self.inits: dict[str, tuple[np.ndarray, bool]] = {}
         self._n = 0
-        self._names: set[str] = set()
-        self._keep: set[str] = set()  # constants written in their own dtype (ids, shapes, uncast floats)
 
     def const(self, name: str, arr: np.ndarray, cast: bool = True) -> str:
-        if name in self._names:  # shared constants (shapes, scales) are added once
+        if name in self.inits:  # shared constants (shapes, scales) are added once
             return name
-        self._names.add(name)
-        if cast and arr.dtype.kind == "f":
-            self.inits[name] = arr  # cast (and made contiguous) in `into`
-        else:
-            self.inits[name] = np.ascontiguousarray(arr)
-            self._keep.add(name)
+        cast = cast and arr.dtype.kind == "f"
+        self.inits[name] = (arr if cast else np.ascontiguousarray(arr), cast)  # cast (and made contiguous) in `into`
         return name
 
     def into(self, model, external: Callable | None = None) -> None:
@@ -168,8 +163,8 @@ class _Builder:
         copied into one another), so the export held the weights three times over: 6.7 GB at peak
         for DialoGPT-medium's 1.5 GB, 13.8 GB for DialoGPT-large's 3.3 GB."""
         helper = self.onnx.helper
-        for name, arr in self.inits.items():
-            if name not in self._keep:  # a view of the checkpoint's tensor where the dtype is already right
+        for name, (arr, cast) in self.inits.items():
+            if cast:  # a view of the checkpoint's tensor where the dtype is already right
                 arr = np.ascontiguousarray(arr, dtype=self.dtype)
             t = model.graph.initializer.add()
             t.name = name
