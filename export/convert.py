@@ -286,7 +286,8 @@ def _import_writers(quantized: bool) -> None:
 
     if quantized:
         import onnxruntime.quantization  # noqa: F401
-        import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
+
+        quantize.nbits_quantizer()
 
 
 def _write_graph(build: Callable, path: str, share: str | None = None) -> None:

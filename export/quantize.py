@@ -183,13 +183,26 @@ def _without_preprocess_hint():
             root.removeHandler(h)
 
 
-def _nbits(model, bits: int, block_size: int, symmetric: bool, accuracy_level: int, exclude, include=None):
+def nbits_quantizer():
+    """onnxruntime's MatMulNBitsQuantizer class. Its module calls logging.basicConfig(level=INFO) on import and
+    logs a line per MatMul it visits; imported as it is, every later INFO record of any library would print
+    (quantize_dynamic logs two per MatMul), so the root logger is put back as it was and the module's own
+    logger kept to warnings."""
     import logging
 
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    # the module configures logging at INFO on import and logs a line per MatMul it visits
+    for h in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(h)
+    root.setLevel(level)
     logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)
+    return MatMulNBitsQuantizer
+
+
+def _nbits(model, bits: int, block_size: int, symmetric: bool, accuracy_level: int, exclude, include=None):
+    MatMulNBitsQuantizer = nbits_quantizer()  # noqa: N806
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
                              accuracy_level=accuracy_level, nodes_to_exclude=list(exclude), nodes_to_include=include,
                              op_types_to_quantize=("MatMul",))

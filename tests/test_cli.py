@@ -270,6 +270,18 @@ def test_missing_extra_is_named_in_one_line(tiny_artifact, tmp_path, argv, extra
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("extra", [["--precision", "int8"], ["--precision", "int8", "--int8-method", "nbits"],
+                                   ["--precision", "int4"]])
+def test_quantized_export_says_only_its_own_lines(tmp_path, extra):
+    """onnxruntime's MatMulNBits quantizer module sets the root logger to INFO on import; imported before
+    quantize_dynamic ran, the int8 export printed two INFO lines per MatMul (~100 for DialoGPT-small)."""
+    r = run_cli("export", "synthetic:tiny", "-o", str(tmp_path / "art"), *extra)
+    assert r.returncode == 0, r.stderr
+    lines = (r.stdout + r.stderr).splitlines()
+    ours = ("loading synthetic:tiny", "building the fused float32 graph", "quantizing to", "checking parity", "wrote ")
+    assert [line for line in lines if not line.startswith(ours)] == [] and len(lines) == 5, lines
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_export_stopped_by_a_signal_leaves_nothing(tmp_path, sig):
     """Ctrl-C, a service manager's SIGTERM or a closed terminal's SIGHUP while the artifact is being
