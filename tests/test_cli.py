@@ -305,8 +305,9 @@ def test_export_stopped_by_a_signal_leaves_nothing(tmp_path, sig):
 @pytest.mark.parametrize("module", ["numpy", "gpt2onnx.runtime.scheduler", "gpt2onnx.benchmarks.settings", "onnxruntime"])
 def test_ctrl_c_while_the_command_starts_is_one_line(tiny_artifact, tmp_path, module):
     """A Ctrl-C in the first ~0.3 s of any command lands while the CLI's modules load or its parser is built
-    (benchmarks.settings), before the command's own handling: made deterministic by raising KeyboardInterrupt at one import, as the `gpt2onnx` script's
-    entry point (read from the installed metadata, not named here) is called. One line, exit 130."""
+    (benchmarks.settings), before the command's own handling: made deterministic by raising KeyboardInterrupt
+    at one import as the `gpt2onnx` script's entry point (read from the installed metadata, not named here) is
+    called. One line, exit 130."""
     code = f"""if True:
         import sys, importlib.abc, importlib.metadata
         class Stop(importlib.abc.MetaPathFinder):
