@@ -96,7 +96,7 @@ def captured(path: str, device_pick: bool | None = None, mixed_step: bool | None
 def run_cli(*args: str, input: str | bytes | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the installed CLI the way a user does; returns the completed process (text or bytes)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "gpt2onnx.cli", *args], input=input, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "gpt2onnx", *args], input=input, capture_output=True,
                           text=not isinstance(input, bytes), timeout=timeout, env=env)
 
 
