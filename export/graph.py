@@ -241,7 +241,7 @@ class _Decoder:
     def model(self, external: Callable | None):
         ln, residual = self._inputs()
         for i in range(self.cfg.n_layer):
-            ln, residual = (self._fused_layer if self.fused else self._plain_layer)(i, ln, residual)
+            ln, residual = (self._fused_layer if self.fused else self._plain_layer)(i, self._qkv(i, ln), residual)
         self._head(ln)
         return self._io(external)
 
@@ -323,11 +323,17 @@ class _Decoder:
                    outputs=[p + tag + "attn_out", pres_k, pres_v])[0]
         return b.one("Cast", [out], to=self.elem, name=p + tag + "attn_out_act") if self.cast_kv else out
 
-    def _fused_layer(self, i: int, ln: str, residual: str) -> tuple[str, str]:
-        """Layer i with the contrib ops; returns the next layer's (or ln_f's) (ln, residual)."""
+    def _qkv(self, i: int, ln: str) -> str:
+        """Layer i's packed query, key and value projection of its layer norm's output: [B, S, 3H]."""
+        b, w, p = self.b, self.w, f"h{i}."
+        return b.one("Add", [b.one("MatMul", [ln, b.const(p + "qkv.w", w[p + "qkv.w"])], name=p + "qkv"),
+                             b.const(p + "qkv.b", w[p + "qkv.b"])], name=p + "qkv_bias")
+
+    def _fused_layer(self, i: int, qkv: str, residual: str) -> tuple[str, str]:
+        """Layer i with the contrib ops, from its projection `qkv`; returns the next layer's (or ln_f's)
+        (ln, residual)."""
         b, n, w, H, p = self.b, NAMES, self.w, self.cfg.n_embd, f"h{i}."
         c = lambda k: b.const(p + k, w[p + k])  # noqa: E731
-        qkv = b.one("Add", [b.one("MatMul", [ln, c("qkv.w")], name=p + "qkv"), c("qkv.b")], name=p + "qkv_bias")  # [B, S, 3H]
         layer_kv = n.kv(self.cfg.n_layer)[2 * i: 2 * i + 2]  # (past, present) of key and value
         quant_in, quant_attrs = [], {}
         if self.kv_int8:
@@ -356,11 +362,11 @@ class _Decoder:
                                                c("proj.b")],
                     domain=MS_DOMAIN, epsilon=self.eps, name=nxt, outputs=[nxt + "_out", "", "", f"h{i + 1}.resid_in"])[::3]
 
-    def _plain_layer(self, i: int, ln: str, residual: str) -> tuple[str, str]:
-        """Layer i in standard ONNX ops (the unfused graph); returns the next layer's (ln, residual)."""
+    def _plain_layer(self, i: int, qkv: str, residual: str) -> tuple[str, str]:
+        """Layer i in standard ONNX ops (the unfused graph), from its projection `qkv`; returns the next
+        layer's (ln, residual)."""
         b, w, cfg, p = self.b, self.w, self.cfg, f"h{i}."
         c = lambda k: b.const(p + k, w[p + k])  # noqa: E731
-        qkv = b.one("Add", [b.one("MatMul", [ln, c("qkv.w")], name=p + "qkv"), c("qkv.b")], name=p + "qkv_bias")  # [B, S, 3H]
         (past_k, pres_k), (past_v, pres_v) = NAMES.kv(cfg.n_layer)[2 * i: 2 * i + 2]
         attn = _plain_attention(b, p, qkv, past_k, past_v, pres_k, pres_v, self.attn_bias, cfg.n_head, cfg.head_dim, cfg.n_embd, self.i64)
         proj = b.one("Add", [b.one("MatMul", [attn, c("attn_out.w")], name=p + "attn_proj"), c("attn_out.b")])
