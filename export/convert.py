@@ -284,9 +284,7 @@ def _import_writers(quantized: bool) -> None:
     import onnx.numpy_helper  # noqa: F401
     import onnxruntime  # noqa: F401
 
-    if quantized:
-        import onnxruntime.quantization  # noqa: F401
-
+    if quantized:  # the MatMulNBits quantizer's module brings onnxruntime.quantization (quantize_dynamic) with it
         quantize.nbits_quantizer()
 
 
