@@ -70,7 +70,7 @@ class GenerationConfig:
         if not self.repetition_penalty > 0:
             raise Gpt2OnnxError(f"repetition_penalty must be > 0, got {self.repetition_penalty}", param="repetition_penalty")
         if self.seed is not None:
-            _int(self.seed, "seed", 0, 2**63 - 1)
+            _int(self.seed, "seed", -2**63, 2**63 - 1)  # a signed 64-bit integer, as OpenAI's and vLLM's APIs take
         if self.eos_token_id is not None:
             _int(self.eos_token_id, "eos_token_id", -1, hint=" (-1 never stops early)")
         if isinstance(self.stop, str) or not isinstance(self.stop, (tuple, list)):
@@ -149,7 +149,8 @@ class Sampler:
 
     def __init__(self, cfg: GenerationConfig):
         self.cfg = cfg
-        self.rng = np.random.default_rng(cfg.seed)
+        # numpy seeds with non-negative integers: a negative seed s draws from s + 2**64, so every seed has its own stream
+        self.rng = np.random.default_rng(None if cfg.seed is None else cfg.seed % 2**64)
         self.greedy = (not cfg.do_sample and cfg.repetition_penalty == 1.0  # argmax of the raw logits
                        and not cfg.no_repeat_ngram_size and not cfg.min_new_tokens
                        and not cfg.presence_penalty and not cfg.frequency_penalty and not cfg.logit_bias)

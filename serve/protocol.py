@@ -45,7 +45,7 @@ class _Sampling(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0)
     n: Annotated[int, null_is(1)] = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)  # int64, as OpenAI's and vLLM's
     stream: Flag = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as OpenAI documents it (abuse monitoring)

@@ -225,8 +225,9 @@ class Serving:
         handles, seed = [], kw.get("seed")
         try:
             for k, p in enumerate(prompts):
-                for i in range(n):  # choice i samples with seed + i (wrapping at OpenAI's seed range)
-                    handles.append(sched.submit(p, index=k, **{**kw, **({"seed": (seed + i) % 2**63} if seed is not None else {})}))
+                for i in range(n):  # choice i samples with seed + i (wrapping within OpenAI's signed 64-bit seeds)
+                    wrapped = (seed + i + 2**63) % 2**64 - 2**63 if seed is not None else None
+                    handles.append(sched.submit(p, index=k, **{**kw, **({"seed": wrapped} if seed is not None else {})}))
         except Gpt2OnnxError as e:
             for h in handles:
                 h.cancel()

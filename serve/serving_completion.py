@@ -28,6 +28,12 @@ class Offsets:
         self.at += len(self.utf8.decode(b))
         return at
 
+    def end_prompt(self) -> None:
+        """The echoed prompt is decoded by itself (a token prompt that ends inside a character ends in
+        U+FFFD) and the completion's text starts afresh: count the prompt's dangling bytes, start again."""
+        self.at += len(self.utf8.decode(b"", final=True))
+        self.utf8.reset()
+
 
 class CompletionServing(Serving):
     request_type = CompletionRequest
@@ -95,7 +101,8 @@ class CompletionServing(Serving):
         return Offsets(0 if self.body.echo and self.body.logprobs is not None else len(self.echo(i)))
 
     def prompt_logprobs(self, i: int) -> dict | None:
-        return self.logprobs(i, self._prompt_events(i), Offsets(0))
+        events = self._prompt_events(i)
+        return self.logprobs(i, events, Offsets(0), len(events))
 
     def options(self) -> dict:
         kw = super().options()
@@ -112,28 +119,38 @@ class CompletionServing(Serving):
         p = self.prompt_list[i // self.body.n]
         return p if isinstance(p, str) else self.model.engine.tokenizer.decode(p, skip_special_tokens=False)
 
-    def logprobs(self, i: int, events: list[Token], offsets: Offsets) -> dict | None:
-        """OpenAI's legacy logprobs object: tokens, their log-probabilities, text offsets, alternatives."""
+    def logprobs(self, i: int, events: list[Token], offsets: Offsets, prompt: int = 0) -> dict | None:
+        """OpenAI's legacy logprobs object: tokens, their log-probabilities, text offsets, alternatives.
+        `prompt`: how many of `events` are the echoed prompt's tokens. Each top_logprobs entry holds the k
+        likeliest tokens and the token itself, as OpenAI's ("up to logprobs+1 elements") and vLLM's do."""
         if self.body.logprobs is None:
             return None
         piece = self.model.engine.token_bytes
         raw = [piece(e.id) for e in events]
+        text_offset = []
+        for j, b in enumerate(raw):
+            if j == prompt and prompt and self.body.echo:
+                offsets.end_prompt()
+            text_offset.append(offsets.next(b))
+        top = [None if e.top_logprobs is None  # a prompt's first token, which nothing predicts
+               else {**{token_str(piece(t)): lp for t, lp in e.top_logprobs}, token_str(b): e.logprob}
+               for e, b in zip(events, raw)]
         return {"tokens": [token_str(b) for b in raw], "token_logprobs": [e.logprob for e in events],
-                "text_offset": [offsets.next(b) for b in raw],
-                "top_logprobs": [None if e.top_logprobs is None else {token_str(piece(t)): lp for t, lp in e.top_logprobs}
-                                 for e in events]}  # None: a prompt's first token, which nothing predicts
+                "text_offset": text_offset, "top_logprobs": top}
 
     def token_chunk(self, i: int, tok: Token) -> dict:
         first = tok.index == 0  # the echoed prompt, and with logprobs its scored tokens, come with the first token
         text = (self.echo(i) if first else "") + tok.text
         offsets = self.offsets.setdefault(i, self._offsets(i))
-        events = (self._prompt_events(i) if first else []) + [tok]
-        return {"index": i, "text": text, "logprobs": self.logprobs(i, events, offsets), "finish_reason": None}
+        prompt = self._prompt_events(i) if first else []
+        return {"index": i, "text": text, "logprobs": self.logprobs(i, prompt + [tok], offsets, len(prompt)),
+                "finish_reason": None}
 
     def final_chunk(self, i: int, res: Result) -> dict:
         return {"index": i, "text": "", "logprobs": None, "finish_reason": finish(res)}
 
     def choice(self, i: int, res: Result) -> dict:
-        events = self._prompt_events(i) + (res.logprobs or [])
-        return {"index": i, "text": self.echo(i) + res.text, "logprobs": self.logprobs(i, events, self._offsets(i)),
+        prompt = self._prompt_events(i)
+        return {"index": i, "text": self.echo(i) + res.text,
+                "logprobs": self.logprobs(i, prompt + (res.logprobs or []), self._offsets(i), len(prompt)),
                 "finish_reason": finish(res)}

@@ -32,6 +32,15 @@ def test_sampling_reproducible_for_a_seed(engine):
     assert a != engine.generate([[1, 2, 3], [4, 5]], **{**kw, "seed": 4321})
 
 
+def test_a_negative_seed_is_a_seed_of_its_own(engine):
+    """Seeds are signed 64-bit integers (OpenAI's and vLLM's APIs send -1 and negative hashes): a negative seed
+    is reproducible and draws its own tokens, not those of its absolute value or of no seed."""
+    kw = dict(max_new_tokens=16, do_sample=True, temperature=1.0, eos_token_id=-1)
+    draw = lambda seed: engine.generate([[1, 2, 3]], seed=seed, **kw)[0]  # noqa: E731
+    assert draw(-7) == draw(-7) and draw(-2**63) == draw(-2**63)
+    assert len({tuple(draw(s)) for s in (-7, 7, -2**63, 2**63 - 1)}) == 4
+
+
 def test_sampler_filters():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
     draws = lambda **kw: {Sampler(GenerationConfig(do_sample=True, seed=s, **kw))(logits) for s in range(200)}  # noqa: E731
@@ -212,7 +221,7 @@ def _entry_points(engine):
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"), (dict(max_new_tokens="4"), "max_new_tokens must be an integer"),
     (dict(temperature=float("nan")), "temperature must be a finite number"), (dict(do_sample=True, temperature=0), "temperature must be > 0"),
     (dict(top_k=-1), "top_k must be >= 0"), (dict(top_p=1.5), r"top_p must be in \(0, 1\]"), (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
-    (dict(seed=-3), "seed must be from 0"), (dict(eos_token_id=10**6), "outside the vocabulary"), (dict(stop="x"), "stop must be a list"),
+    (dict(seed=2**63), "seed must be from -9223372036854775808 to 9223372036854775807"), (dict(eos_token_id=10**6), "outside the vocabulary"), (dict(stop="x"), "stop must be a list"),
     (dict(stop_token_ids=[-2]), "stop_token_ids entry must be >= 0"), (dict(logprobs=99), "logprobs must be from 0 to 20"),
     (dict(do_sample="yes"), "do_sample must be true or false"), (dict(beams=2), "unknown generation option"),
     (dict(max_new_tokens=200), "max_new_tokens=200 leaves no room for a prompt in 128 positions"),

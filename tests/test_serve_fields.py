@@ -128,7 +128,8 @@ def test_echo_with_logprobs_scores_the_prompt(client):
     # the same tokens; their values within float noise (the second request reuses the prompt the first left held)
     assert np.allclose(lp["token_logprobs"][len(ids):], gen["logprobs"]["token_logprobs"], atol=1e-5)
     assert lp["tokens"][len(ids):] == gen["logprobs"]["tokens"]
-    assert [len(d) for d in lp["top_logprobs"][1:]] == [2] * (len(lp["tokens"]) - 1)
+    # the 2 likeliest and the token itself (OpenAI: "up to logprobs+1 elements")
+    assert all(d[t] == v and len(d) in (2, 3) for t, v, d in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]))
     n = len(ids)
     assert lp["text_offset"][:n] == [prompt.index(t, o) for t, o in zip(lp["tokens"][:n], lp["text_offset"][:n])]
     assert lp["text_offset"][len(ids)] == len(prompt)
@@ -202,3 +203,53 @@ def test_lm_evaluation_harness_loglikelihood_request(client):
         assert len(lps) == len(c) and abs(sum(lps) - sum(t.logprob for t in want)) < 1e-5
         greedy = all(lp == max(top.values()) for lp, top in zip(lps, tops))
         assert greedy == all(t.id == t.top_logprobs[0][0] for t in want)
+
+
+def test_completion_top_logprobs_always_hold_the_chosen_token(client):
+    """OpenAI's legacy completions return the chosen token's log-probability among its alternatives ("up
+    to logprobs+1 elements"), as vLLM does: logprobs=0 gives {token: logprob}, and a sampled token outside
+    the k likeliest is there beside them."""
+    body = {"model": client.model, "prompt": "Hello", "max_tokens": 12, "temperature": 1.5, "seed": 4, "ignore_eos": True}
+    lp = client.post("/v1/completions", json={**body, "logprobs": 0}).json()["choices"][0]["logprobs"]
+    assert lp["top_logprobs"] == [{t: v} for t, v in zip(lp["tokens"], lp["token_logprobs"])]
+    lp = client.post("/v1/completions", json={**body, "logprobs": 1}).json()["choices"][0]["logprobs"]
+    for t, v, d in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert d[t] == v and len(d) == (1 if v == max(d.values()) else 2), (t, v, d)
+    assert any(len(d) == 2 for d in lp["top_logprobs"])  # this seed samples outside the top 1 at least once
+
+
+def test_echo_of_a_token_prompt_ending_inside_a_character_keeps_its_offsets(client):
+    """A token prompt that ends inside a UTF-8 character echoes as U+FFFD (decoded by itself) and the
+    completion's text starts afresh: text_offset follows that text, not one decoder run over both."""
+    engine = client.app.state.server.models[client.model].engine
+    ids = engine.encode("ok 🙂")
+    cut = next(n for n in range(len(ids), 0, -1) if engine.tokenizer.decode(ids[:n]).endswith("\ufffd"))
+    prompt = ids[:cut]  # ends inside the emoji's four bytes
+    body = {"model": client.model, "prompt": prompt, "max_tokens": 4, "seed": 1, "echo": True, "logprobs": 0}
+    for stream in (False, True):
+        r = client.post("/v1/completions", json={**body, "stream": stream})
+        if stream:
+            chunks = [json.loads(line[6:])["choices"][0] for line in r.text.splitlines() if line.startswith("data: {")]
+            c = {"text": "".join(ch["text"] for ch in chunks),
+                 "logprobs": {k: sum((ch["logprobs"][k] for ch in chunks if ch["logprobs"]), []) for k in ("tokens", "text_offset")}}
+        else:
+            c = r.json()["choices"][0]
+        echo = engine.tokenizer.decode(prompt)
+        offs = c["logprobs"]["text_offset"]
+        assert c["text"].startswith(echo) and offs[cut] == len(echo), (stream, c)
+        assert offs == sorted(offs) and offs[-1] <= len(c["text"]), (stream, c)
+
+
+def test_a_negative_seed_is_taken_as_vllm_and_openai_take_it(client):
+    """seed is a signed 64-bit integer in OpenAI's API and vLLM's (clients send -1 or negative hashes)."""
+    body = {"model": client.model, "prompt": "hi", "max_tokens": 8, "temperature": 1.0, "seed": -1, "ignore_eos": True}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200 and r.json()["choices"] == client.post("/v1/completions", json=body).json()["choices"], r.text
+    two = client.post("/v1/completions", json={**body, "n": 2}).json()["choices"]  # choice i: seed + i, wrapping as int64
+    assert two[0]["text"] == r.json()["choices"][0]["text"] and two[1]["text"] != two[0]["text"]
+    top = client.post("/v1/completions", json={**body, "seed": 2**63 - 1, "n": 2})
+    assert top.status_code == 200, top.text
+    chat = {"model": client.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "seed": -2**63}
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200
+    r = client.post("/v1/completions", json={**body, "seed": 2**63})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
