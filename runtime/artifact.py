@@ -93,6 +93,9 @@ def load_manifest(path: str, verify: str = "sha256") -> Manifest:
     """
     if verify not in VERIFY_MODES:
         raise Gpt2OnnxError(f"verify must be 'sha256' or 'size', not {verify!r}; an artifact's files are always checked")
+    if not isinstance(path, (str, os.PathLike)):  # os.path would take an int as a file descriptor
+        raise Gpt2OnnxError(f"the artifact path must be a string or path, got {type(path).__name__}")
+    path = os.fspath(path)
     if os.path.isfile(path):
         raise Gpt2OnnxError(f"{path} is a file; pass the artifact directory that holds it (and {MANIFEST_NAME})")
     if not os.path.isdir(path):

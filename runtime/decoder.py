@@ -269,6 +269,9 @@ class Decoder:
 
     def truncate(self, r: int, n: int) -> None:
         """Row r keeps its first n tokens (a held prefix reused by a new request, or 0: empty)."""
+        self._check_row(r)
+        if not 0 <= n <= self.held[r]:
+            raise Gpt2OnnxError(f"row {r} holds {int(self.held[r])} tokens; it can keep 0 to {int(self.held[r])}, not {n}")
         self._set_row(r, n)
 
     def _set_row(self, r: int, held: int) -> None:
@@ -310,8 +313,16 @@ class Decoder:
         graph keeps each row's logits at its last real token).
         """
         k, s = len(rows), self.spec
+        self._check_open()
         if every and k != 1:
             raise ValueError("every position's logits come one row at a time")
+        if not (k and 0 <= first and first + k <= self.slots):  # the pass writes rows first .. first + k - 1 by address
+            raise Gpt2OnnxError(f"{k} prompt row{'s' if k != 1 else ''} from row {first} do not fit this decoder's "
+                                f"{self.slots} slot{'s' if self.slots != 1 else ''} (rows 0 .. {self.slots - 1})")
+        for i, row in enumerate(rows):
+            if not len(row) or min(row) < 0 or max(row) >= s.vocab_size:
+                what = "is empty" if not len(row) else f"holds an id outside the vocabulary [0, {s.vocab_size})"
+                raise Gpt2OnnxError(f"prompt row {i} {what}")
         if k == 1:
             r, row = first, rows[0]
             h = int(self.held[r])
@@ -356,7 +367,9 @@ class Decoder:
     def decode(self, tokens: np.ndarray, live: np.ndarray | None = None) -> np.ndarray:
         """One step over rows 0 .. n-1: row r feeds tokens[r] (int64 [n]) at its next position; a row
         where `live` (bool [n]) is False runs as a harmless idle row (its write lands past its tokens
-        and is not kept). Returns logits [n, vocab]."""
+        and is not kept). Returns logits [n, vocab]. The tokens are ids the decoder's own logits chose,
+        so they are not checked each step (prefill checks a prompt's): onnxruntime's Gather refuses one
+        past the vocabulary, and takes -1 as the last id."""
         return self._step(tokens, live, pick=False)[: len(tokens), 0]
 
     def decode_greedy(self, tokens: np.ndarray, live: np.ndarray | None = None) -> np.ndarray:
@@ -383,6 +396,7 @@ class Decoder:
         [1, width], right-padded, captured once per bucket, row and width under CUDA graphs); where row r
         is in the step's bucket it runs there as an idle row whose write lands after the chunk's columns,
         so the two attention nodes never write the same column (`can_mix`)."""
+        self._check_row(r)
         n, c, h = len(tokens), len(chunk), int(self.held[r])
         if not 1 <= c <= width:
             raise ValueError(f"a {width}-column chunk takes 1 to {width} tokens, got {c}")
@@ -415,10 +429,23 @@ class Decoder:
             chunk_logits = (src if isinstance(src, np.ndarray) else src.numpy())[0, 0]
         return out[:n] if greedy else out[:n, 0], chunk_logits
 
+    def _check_open(self) -> None:
+        if self._kv is None:
+            raise Gpt2OnnxError("this decoder is closed (its cache is released); make a new one with engine.decoder()")
+
+    def _check_row(self, r: int) -> None:
+        """Row r exists: a pass binds its cache by address (row r at r x row_bytes), unchecked by onnxruntime."""
+        self._check_open()
+        if not 0 <= r < self.slots:
+            raise Gpt2OnnxError(f"row {r} is outside this decoder's {self.slots} slots (rows 0 .. {self.slots - 1})")
+
     def _step(self, tokens: np.ndarray, live: np.ndarray | None, pick: bool, chunk_row: int = -1) -> np.ndarray:
         """A decode step over the bucket holding rows 0 .. n-1: the bucket's logits [b, 1, vocab], or with
         `pick` its argmax ids [b]; with a `chunk_row`, the mixed pass (decode_with_chunk)."""
         n = len(tokens)
+        if self._kv is None or not 0 < n <= self.slots:
+            self._check_open()
+            raise Gpt2OnnxError(f"a step takes 1 to {self.slots} tokens (one per row), got {n}")
         b = self.batch_for(n)
         self.ids[:n, 0] = tokens
         if b > n:  # bucket padding rows: idle
@@ -455,6 +482,7 @@ class Decoder:
         `prefill` runs uncaptured: a scheduler's decoding rows then wait a replay, not a launch-bound
         prompt pass, while a prompt goes in. The row needs `width` free columns (`fits`).
         """
+        self._check_row(r)
         c, h = len(tokens), int(self.held[r])
         if not 1 <= c <= width:
             raise ValueError(f"a {width}-column chunk takes 1 to {width} tokens, got {c}")

@@ -214,7 +214,7 @@ class Engine:
         (unless `truncate`, which keeps the last ones) fitting `limit` positions beside `max_new` tokens."""
         if isinstance(prompt, str) and not truncate:
             self._refuse_unencoded(prompt, index, max_new, limit)
-        row = self.encode(prompt) if isinstance(prompt, str) else prompt
+        row = self.encode(prompt, index) if isinstance(prompt, str) else prompt
         if isinstance(row, (int, np.integer, bytes, bytearray)) or not hasattr(row, "__iter__"):
             raise Gpt2OnnxError("a prompt must be text or a list of token ids", param="prompt")
         row = list(row)
@@ -233,8 +233,8 @@ class Engine:
             raise ContextOverflow(index, len(row), max_new, limit)
         return row
 
-    def _requests(self, prompts, kw: dict) -> list[Request]:
-        cfg = self.config(**kw)
+    def _requests(self, prompts, kw: dict, where: str) -> list[Request]:
+        cfg = _no_logprobs(self.config(**kw), where)
         if isinstance(prompts, (str, bytes, bytearray)) or not hasattr(prompts, "__iter__"):
             raise Gpt2OnnxError("input_ids must be a non-empty list of lists of token ids")
         prompts = list(prompts)  # a generator, a tuple, a 2-D numpy array's rows
@@ -257,15 +257,17 @@ class Engine:
         if least > room:
             raise ContextOverflow(index, least, max_new, limit, at_least=True)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, index: int | None = None) -> list[int]:
+        """`text`'s token ids; `index` names the prompt in errors (which of several is empty, say)."""
+        what = "prompt" if index is None else f"prompt {index}"
         if not isinstance(text, str):
-            raise Gpt2OnnxError(f"prompt must be text, got {type(text).__name__}", param="prompt")
+            raise Gpt2OnnxError(f"{what} must be text, got {type(text).__name__}", param="prompt")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise Gpt2OnnxError("prompt is not valid UTF-8; pass UTF-8 text", param="prompt") from None
+            raise Gpt2OnnxError(f"{what} is not valid UTF-8; pass UTF-8 text", param="prompt") from None
         if not text:
-            raise Gpt2OnnxError("prompt is empty; pass some text", param="prompt")
+            raise Gpt2OnnxError(f"{what} is empty; pass some text", param="prompt")
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
@@ -291,7 +293,7 @@ class Engine:
             cache: reuse the keys and values of an earlier batch-1 request, up to the prefix this prompt shares
                 (see PromptCache); one row only.
             **kw: GenerationConfig fields (max_new_tokens, do_sample, temperature, top_k, top_p,
-                repetition_penalty, seed, eos_token_id, truncate, stop, stop_token_ids, logprobs,
+                repetition_penalty, seed, eos_token_id, truncate, stop, stop_token_ids,
                 no_repeat_ngram_size, min_new_tokens; num_beams, length_penalty, early_stopping for
                 beam search, which returns each prompt's best beam).
         Returns:
@@ -299,7 +301,7 @@ class Engine:
         Raises:
             Gpt2OnnxError: bad options, empty prompt, ids outside the vocabulary, a request longer than the context.
         """
-        reqs = self._requests(input_ids, kw)
+        reqs = self._requests(input_ids, kw, "generate")
         for _ in self.run(reqs, cache):
             pass
         return [r.tokens for r in reqs]
@@ -311,7 +313,7 @@ class Engine:
             raise Gpt2OnnxError("generate_text takes text or a list of texts; pass token ids to generate")
         if not prompts:
             raise Gpt2OnnxError("no prompts given; pass at least one")
-        reqs = self._requests(prompts, kw)
+        reqs = self._requests(prompts, kw, "generate_text")
         for _ in self.run(reqs):
             pass
         texts = [r.text.text for r in reqs]
@@ -320,7 +322,7 @@ class Engine:
     def stream(self, prompt: str | list[int], cache: PromptCache | None = None, **kw) -> Iterator[str]:
         """Yield the new text piece by piece. A piece never ends inside a multi-byte character:
         a token that leaves a character incomplete is held until the next one completes it."""
-        req = self.request(prompt, self.config(**kw))  # validated here, before the first next()
+        req = self.request(prompt, _no_logprobs(self.config(**kw), "stream"))  # validated here, before the first next()
         return (ev.text for events in self.run([req], cache) for ev in events if ev.text)
 
     def score(self, prompt: str | list[int], top_logprobs: int = 0, index: int = 0) -> list[Token]:
@@ -351,7 +353,7 @@ class Engine:
         """A DialoGPT chat session over this engine; `kw` are generation options."""
         from .chat import ChatSession
 
-        return ChatSession(self, self.config(**kw))
+        return ChatSession(self, _no_logprobs(self.config(**kw), "chat"))
 
     # ---- the decode loop -------------------------------------------------------------------
 
@@ -487,6 +489,14 @@ class Engine:
         if cache is not None:
             cache.decoder, cache.ids = dec, cache.ids[:keep]
         return dec
+
+
+def _no_logprobs(cfg: GenerationConfig, where: str) -> GenerationConfig:
+    """`where` returns tokens or text only: a logprobs option would be computed and dropped."""
+    if cfg.logprobs is not None:
+        raise Gpt2OnnxError(f"{where} returns no log-probabilities; drop logprobs, or submit the request to a Scheduler "
+                            "(Result.logprobs) or read the Token events of Engine.run", param="logprobs")
+    return cfg
 
 
 @functools.cache

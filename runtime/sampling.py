@@ -21,6 +21,9 @@ MAX_STOP = 16  # stop strings per request
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's limit)
 MAX_BEAMS = 16  # beams per prompt: each is a full row of the batch (its own KV cache)
 MAX_PENALTY = 2.0  # presence / frequency penalty range, OpenAI's
+# beam search's length_penalty range: new_tokens ** length_penalty (float32, up to 1024 new tokens) and a score
+# over it stay finite within it (1024 ** 10 ~ 1e30); usual values are 0.6-2 (transformers' default 1)
+MAX_LENGTH_PENALTY = 10.0
 MAX_BIAS = 100.0  # logit_bias range, OpenAI's: +100 forces a token, -100 bans it
 
 
@@ -88,6 +91,9 @@ class GenerationConfig:
         _int(self.min_new_tokens, "min_new_tokens", 0)
         _int(self.num_beams, "num_beams", 1, MAX_BEAMS, hint=" (1 turns beam search off)")
         _float(self.length_penalty, "length_penalty")
+        if abs(self.length_penalty) > MAX_LENGTH_PENALTY:
+            raise Gpt2OnnxError(f"length_penalty must be from -{MAX_LENGTH_PENALTY:g} to {MAX_LENGTH_PENALTY:g} (usually 0.6-2), "
+                                f"got {self.length_penalty}", param="length_penalty")
         if isinstance(self.early_stopping, (bool, np.bool_)):
             self.early_stopping = bool(self.early_stopping)
         elif self.early_stopping != "never":

@@ -71,6 +71,20 @@ def test_verify_modes_other_than_sha256_and_size_are_refused(art, verify):
     assert repr(verify) in msg
 
 
+@pytest.mark.parametrize("path, needle", [(None, "got NoneType"), (5, "got int"), (["a"], "got list")])
+def test_an_artifact_path_that_is_no_path_is_one_line(path, needle):
+    """Engine.load(None) was a TypeError out of os.path; Engine.load(5) said '5 is a file' (os.path took the
+    int for a file descriptor)."""
+    with pytest.raises(Gpt2OnnxError, match=f"the artifact path must be a string or path, {needle}"):
+        Engine.load(path)
+
+
+def test_a_pathlib_path_loads(art):
+    import pathlib
+
+    assert Engine.load(pathlib.Path(art), provider="cpu").n_positions > 0
+
+
 def test_engine_load_refuses_verify_none(art):
     from gpt2onnx.runtime import Engine
 

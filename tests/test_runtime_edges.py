@@ -85,11 +85,64 @@ def test_a_full_row_is_a_one_line_error(engine):
         dec.decode(np.array([1, 1]))
 
 
+@pytest.mark.parametrize("call, needle", [
+    (lambda d: d.prefill(0, [[15496, 11], [40, 1101, 257], [5]]), r"3 prompt rows from row 0 do not fit this decoder's 2 slots"),
+    (lambda d: d.prefill(1, [[1], [2]]), r"2 prompt rows from row 1 do not fit"),
+    (lambda d: d.prefill(-1, [[1]]), r"1 prompt row from row -1 do not fit"),
+    (lambda d: d.prefill(0, []), r"0 prompt rows"),
+    (lambda d: d.prefill(0, [[1], []]), r"prompt row 1 is empty"),
+    (lambda d: d.prefill(0, [[1, 60000]]), r"prompt row 0 holds an id outside the vocabulary \[0, 50257\)"),
+    (lambda d: d.prefill(0, [[-1]]), r"outside the vocabulary"),
+    (lambda d: d.decode(np.array([1, 2, 3])), r"a step takes 1 to 2 tokens \(one per row\), got 3"),
+    (lambda d: d.chunk(-1, [1, 2], 4), r"row -1 is outside this decoder's 2 slots"),
+    (lambda d: d.chunk(2, [1, 2], 4), r"row 2 is outside"),
+    (lambda d: d.truncate(0, 5), r"row 0 holds 0 tokens; it can keep 0 to 0, not 5"),
+])
+def test_the_decoder_refuses_rows_and_ids_it_does_not_have(engine, call, needle):
+    """engine.decoder() (the README's own-loop API) binds its cache rows and logits by address: rows past
+    its slots (or before row 0) made onnxruntime write outside them (an abort or heap corruption), ids
+    outside the vocabulary were onnxruntime's Gather error or (-1) silently the last token."""
+    dec = engine.decoder(2, 16)
+    with pytest.raises(Gpt2OnnxError, match=needle):
+        call(dec)
+    assert dec.prefill(0, [[1, 2], [3]]).shape == (2, engine.spec.vocab_size)  # the decoder still works
+
+
+def test_a_closed_decoder_says_so(engine):
+    dec = engine.decoder(1, 16)
+    dec.prefill(0, [[1, 2]])
+    dec.close()
+    for call in (lambda: dec.prefill(0, [[1]]), lambda: dec.decode(np.array([1])), lambda: dec.chunk(0, [1], 4)):
+        with pytest.raises(Gpt2OnnxError, match="this decoder is closed"):
+            call()
+
+
 def test_a_huge_logit_bias_id_is_refused_as_outside_the_vocabulary(engine):
     """Checked against the vocabulary before the sampler builds its bias arrays (an id past int64 was
     numpy's OverflowError there)."""
     with pytest.raises(Gpt2OnnxError, match="logit_bias token id 99999999999999999999999 is outside the vocabulary"):
         engine.generate([[1, 2]], max_new_tokens=2, logit_bias={10**23 - 1: 1.0})
+
+
+@pytest.mark.parametrize("penalty", [1000.0, -1000.0, 1e308, 10.5])
+def test_a_length_penalty_beam_search_cannot_score_is_refused(engine, penalty):
+    """new_tokens ** length_penalty overflowed float32 (numpy's overflow warnings) and then Python's float
+    (OverflowError out of generate, 'internal error' in the CLI) for penalties far past the usual 0.6-2."""
+    with pytest.raises(Gpt2OnnxError, match=r"length_penalty must be from -10 to 10 \(usually 0.6-2\)"):
+        engine.generate([[1, 2]], max_new_tokens=5, num_beams=2, length_penalty=penalty)
+    assert engine.generate([[1, 2]], max_new_tokens=5, num_beams=2, length_penalty=-10.0, eos_token_id=-1)
+
+
+def test_entry_points_that_return_no_logprobs_refuse_them(engine):
+    """generate, generate_text, stream and chat return tokens or text: a logprobs option was computed
+    every step and dropped. It is refused, pointing at what returns them."""
+    for name, call in {"generate": lambda: engine.generate([[1, 2]], logprobs=2),
+                       "generate_text": lambda: engine.generate_text("hi", logprobs=0),
+                       "stream": lambda: engine.stream("hi", logprobs=1),
+                       "chat": lambda: engine.chat(logprobs=1)}.items():
+        with pytest.raises(Gpt2OnnxError, match=f"^{name} returns no log-probabilities; drop logprobs, or submit") as e:
+            call()
+        assert e.value.param == "logprobs"
 
 
 def test_scheduler_errors_name_the_callers_prompt(engine):
@@ -111,7 +164,7 @@ def test_a_text_too_long_to_fit_is_refused_before_it_is_tokenized(engine, monkey
     refused unencoded. Shorter texts, and truncate=True (which keeps the newest tokens), are tokenized."""
     calls = []
     real = engine.encode
-    monkeypatch.setattr(engine, "encode", lambda text: calls.append(len(text)) or real(text))
+    monkeypatch.setattr(engine, "encode", lambda text, index=None: calls.append(len(text)) or real(text, index))
     with pytest.raises(Gpt2OnnxError, match=r"prompt 2 has at least \d+ tokens, longer than the 128-position context"):
         engine.request("漢字" * 200_000, GenerationConfig(max_new_tokens=4), index=2)
     assert calls == []
@@ -138,6 +191,8 @@ def test_prompt_errors_name_the_prompt(engine):
         with pytest.raises(Gpt2OnnxError) as e:
             engine.request(prompt, GenerationConfig(max_new_tokens=2))
         assert e.value.param == "prompt", str(e.value)
+    with pytest.raises(Gpt2OnnxError, match="^prompt 1 is empty; pass some text$"):  # which of several
+        engine.generate_text(["hi", ""])
 
 
 def test_errors_survive_pickling_as_a_process_pool_sends_them():
@@ -155,7 +210,7 @@ def test_errors_survive_pickling_as_a_process_pool_sends_them():
 @pytest.mark.parametrize("prompt, kw, needle, param", [
     ([], {}, "prompt 0 is empty", "prompt"),
     ([5, 99999999], {}, "outside the vocabulary", "prompt"),
-    ("", {}, "prompt is empty", "prompt"),
+    ("", {}, "prompt 0 is empty", "prompt"),
     ([5] * 2000, {}, "longer than the", "prompt"),
     ([5, 6], {"top_logprobs": 21}, "top_logprobs", "top_logprobs"),
 ])

@@ -229,7 +229,12 @@ def test_device_pick_changes_no_token(tiny_artifact, graph_mode):
     assert e.generate(prompts[:2], max_new_tokens=5) == plain.generate(prompts[:2], max_new_tokens=5)
     sampled = dict(do_sample=True, top_k=5, seed=3, max_new_tokens=5)
     assert e.generate(prompts, **sampled) == plain.generate(prompts, **sampled)
-    assert e.generate(prompts, max_new_tokens=5, logprobs=2) == plain.generate(prompts, max_new_tokens=5, logprobs=2)
+
+    def with_logprobs(engine):  # generate returns no log-probabilities: Engine.run's Token events carry them
+        reqs = [engine.request(p, engine.config(max_new_tokens=5, logprobs=2), index=i, stream=False) for i, p in enumerate(prompts)]
+        return [(ev.id, ev.logprob) for events in engine.run(reqs) for ev in events]
+
+    assert with_logprobs(e) == with_logprobs(plain)
     assert e.pick.runs == ran  # 2 rows, sampling, log-probabilities: the logits path
 
 
