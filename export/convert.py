@@ -26,6 +26,7 @@ from gpt2onnx.runtime.spec import MIXED_FILE, PICK_FILE
 from . import checkpoints, graph, parity, quantize
 
 ALIGN = 4096  # external weights start on page boundaries (mmap); see _weight_file
+NAME_MAX = 255  # bytes in one file name (Linux, macOS)
 
 
 @dataclass
@@ -84,7 +85,8 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
     tmp = None
     try:
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+        # the name shortened: the temporary name (and its ".old" for --force) must fit NAME_MAX as the artifact's does
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)[:32]}.tmp-", dir=os.path.dirname(out))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual mode
@@ -201,6 +203,8 @@ def _check_options(opts: ExportOptions) -> None:
         opts.int4.check()  # before the checkpoint loads
     if opts.provider not in PROVIDERS:
         raise Gpt2OnnxError(f"unknown provider {opts.provider!r}; choose one of {', '.join(PROVIDERS)}")
+    if isinstance(opts.seed, bool) or not isinstance(opts.seed, int) or not 0 <= opts.seed < 2**63:
+        raise Gpt2OnnxError(f"--seed (synthetic weights) must be an integer from 0 to {2**63 - 1}, got {opts.seed!r}"[:200])
     _check_output(opts.output, opts.force)
 
 
@@ -210,6 +214,8 @@ def _check_output(output: str, force: bool) -> None:
     written (the artifact is built in a temporary directory beside `output`, then renamed)."""
     if not output:
         raise Gpt2OnnxError("-o is empty; name the artifact directory to write")
+    if len(os.path.basename(os.path.abspath(output)).encode()) > NAME_MAX:
+        raise Gpt2OnnxError(f"-o's last name is longer than the {NAME_MAX} bytes a file name may have; choose a shorter one")
     if os.path.lexists(output) and not os.path.isdir(output):
         raise Gpt2OnnxError(f"{output} is a file; choose a directory path for -o")
     out, cwd = os.path.realpath(output), os.path.realpath(os.getcwd())

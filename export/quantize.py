@@ -29,6 +29,9 @@ INT4_ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 _PREPROCESS_HINT = "Please consider to run pre-processing before quantization"
 
 
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)  # onnxruntime's blockwise quantizer refuses others (MLAS q4_dq.cpp)
+
+
 @dataclass(frozen=True)
 class Int8Config:
     # dynamic: DynamicQuantizeMatMul, fastest, but its activations share one scale per call, so a
@@ -73,8 +76,9 @@ class Int4Config:
         """Raises Gpt2OnnxError for a block size, accuracy level or head width MatMulNBits does not take."""
         if self.head_bits not in (4, 8):
             raise Gpt2OnnxError(f"int4 head bits must be 4 or 8, got {self.head_bits}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise Gpt2OnnxError(f"int4 block size must be a power of two >= 16, got {self.block_size}")
+        if self.block_size not in INT4_BLOCK_SIZES:
+            raise Gpt2OnnxError(f"int4 block size must be one of {', '.join(map(str, INT4_BLOCK_SIZES))} (what onnxruntime's "
+                                f"MatMulNBits quantizer takes), got {self.block_size}")
         if self.accuracy_level not in INT4_ACCURACY_LEVELS:
             raise Gpt2OnnxError(f"int4 accuracy level must be 0 or 1 (fp32 activations), 2 (fp16), 3 (bf16) or "
                                 f"4 (int8 activations), got {self.accuracy_level}")

@@ -7,6 +7,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -35,7 +36,8 @@ def _default(cls, name: str):
     return next(f.default for f in fields(cls) if f.name == name)
 
 
-def _add_generation_args(p: argparse.ArgumentParser) -> None:
+def _add_generation_args(p: argparse.ArgumentParser, truncate: bool = True) -> None:
+    """The generation options as flags; `truncate` False for chat, which drops its oldest turns to fit itself."""
     d = GenerationConfig()
     p.add_argument("--max-new-tokens", type=int, help=f"tokens to generate (default {d.max_new_tokens})")
     p.add_argument("--sample", dest="do_sample", action="store_true", default=None, help="sample instead of greedy")
@@ -45,7 +47,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, help="penalty > 1 for tokens already present (default off)")
     p.add_argument("--seed", type=int, help="seed for sampling")
     p.add_argument("--eos-token-id", type=int, help="stop token (default the model's; -1 never stops early)")
-    p.add_argument("--truncate", action="store_true", default=None, help="keep the newest prompt tokens when too long")
+    if truncate:
+        p.add_argument("--truncate", action="store_true", default=None, help="keep the newest prompt tokens when too long")
     p.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size, prompt included (default off)")
     p.add_argument("--min-new-tokens", type=int, help="forbid the stop token before this many new tokens (default 0)")
     p.add_argument("--presence-penalty", type=float, help="OpenAI's: subtract this from tokens already generated (-2..2, default off)")
@@ -177,7 +180,7 @@ def cmd_generate(args) -> None:
             print(piece, end="", flush=True)
         print()
     else:
-        rows = _parse_ids(args.ids) if args.ids is not None else [engine.encode(p) for p in args.prompt]
+        rows = _parse_ids(args.ids) if args.ids is not None else [engine.encode(p, i) for i, p in enumerate(args.prompt)]
         new = engine.generate(rows, **vars(cfg))
         texts = [engine.decode(r) for r in new]
         if args.json:
@@ -364,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "each request's tokens independent of its batch-mates, slower)")
     q.add_argument("--int8-per-tensor", action="store_true", help="int8: one scale per weight instead of per column")
     q.add_argument("--int8-full-range", action="store_true", help="int8: 8-bit weights instead of 7-bit (VNNI machines)")
-    q.add_argument("--int4-block-size", type=int, help="int4: weights per scale (power of two >= 16)")
+    q.add_argument("--int4-block-size", type=int, help="int4: weights per scale (16, 32, 64, 128 or 256)")
     q.add_argument("--int4-asymmetric", action="store_true", help="int4: zero points per block")
     q.add_argument("--int4-accuracy-level", type=int, help="int4: 0 fp32 activations, 4 int8 activations")
     q.add_argument("--int4-head-bits", type=int, choices=(4, 8),
@@ -389,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--say", action="append", metavar="TEXT",
                    help="a user turn; repeat for a scripted conversation printed with its replies (no stdin read)")
     p.add_argument("--timing", action="store_true", help="print each turn's prompt and per-token times to stderr")
-    _add_generation_args(p)
+    _add_generation_args(p, truncate=False)
     _add_engine_args(p)
     p.set_defaults(func=cmd_chat)
 
@@ -413,7 +416,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
     for p in sub.choices.values():  # where an internal error's "rerun with --debug" puts it: after the command
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        p.set_defaults(command_parser=p)  # its errors and flag names (_parse, _in_flags)
     return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, with an unknown option reported by its command's parser (`see gpt2onnx generate --help`)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _in_flags(message: str, args: argparse.Namespace) -> str:
+    """The runtime's messages name options as its Python API does (max_new_tokens, do_sample): said by the
+    CLI, they name the flags the user typed (--max-new-tokens, --sample)."""
+    command = getattr(args, "command_parser", None)
+    if command is None:
+        return message
+    message = message.replace("pass truncate=True (the CLI's --truncate)", "pass --truncate")
+    for action in command._actions:
+        if action.option_strings and "_" in action.dest:  # a Python name no plain word would be
+            message = re.sub(rf"(?<![\w-]){action.dest}(?!\w)", max(action.option_strings, key=len), message)
+    return message
 
 
 def _interrupt(signum, frame):
@@ -425,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.formatwarning = lambda msg, *a, **k: f"gpt2onnx: warning: {msg}\n"
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     # SIGTERM and SIGHUP as Ctrl-C (an export removes its half-written directory); the server shuts
     # down gracefully on its own handlers, and only the main thread may set any
     handle = args.func is not cmd_serve and threading.current_thread() is threading.main_thread()
@@ -442,7 +467,7 @@ def _run(args) -> int:
         args.func(args)
         sys.stdout.flush()  # here, so a reader that left is met below and not in the interpreter's exit
     except Gpt2OnnxError as e:
-        print(f"gpt2onnx: error: {e}", file=sys.stderr)
+        print(f"gpt2onnx: error: {_in_flags(str(e), args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gpt2onnx: interrupted", file=sys.stderr)

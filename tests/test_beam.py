@@ -255,9 +255,9 @@ def test_cli_beam_flags(tiny_artifact, engine):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--num-beams", "0"], "num_beams must be from 1 to 16"), (["--num-beams", "2", "--sample"], "does not sample"),
-    (["--num-beams", "2", "--stream"], "drop --stream or --num-beams"), (["--num-beams", "2", "--length-penalty", "inf"], "length_penalty must be a finite"),
-    (["--min-new-tokens", "-2"], "min_new_tokens must be >= 0"),
+    (["--num-beams", "0"], "--num-beams must be from 1 to 16"), (["--num-beams", "2", "--sample"], "does not sample"),
+    (["--num-beams", "2", "--stream"], "drop --stream or --num-beams"), (["--num-beams", "2", "--length-penalty", "inf"], "--length-penalty must be a finite"),
+    (["--min-new-tokens", "-2"], "--min-new-tokens must be >= 0"),
 ])
 def test_cli_bad_beam_values_are_one_line_errors(tiny_artifact, args, needle):
     r = run_cli("generate", tiny_artifact, "Hello", *args)

@@ -177,10 +177,18 @@ def test_damaged_artifact(damaged, kind, needle):
     (["generate", "{art}", "hi", "--provider", "tpu"], ["--provider: invalid choice: 'tpu'", "'auto', 'cpu', 'cuda'"]),
     (["generate", "{art}", "hi", "--provider", "cuda"], ["cuda is not available", "CPUExecutionProvider"]),
     (["generate", "{art}", "hi", "--threads", "0"], ["threads must be an integer from 1"]),  # --threads reaches the engine
-    (["generate", "{art}", ""], ["prompt is empty"]),
+    (["generate", "{art}", ""], ["prompt 0 is empty"]),
+    (["generate", "{art}", "hi", ""], ["prompt 1 is empty"]),
     (["generate", "{art}", "word " * 300], ["longer than the 128-position context", "--truncate"]),
     (["generate", "{art}", "hello there my friend", "--max-new-tokens", "127"], ["runs past the 128-position context"]),
     (["generate", "{art}", "hi", "--max-new-tokens", "500"], ["leaves no room"]),
+    # the runtime's messages name the flags, not the Python options behind them
+    (["generate", "{art}", "hi", "--max-new-tokens", "0"], ["--max-new-tokens must be >= 1"]),
+    (["generate", "{art}", "hi", "--num-beams", "2", "--sample"], ["drop --sample or set --num-beams=1"]),
+    (["generate", "{art}", "hello there my friend", "--max-new-tokens", "126"], ["lower --max-new-tokens, or pass --truncate to"]),
+    (["serve", "{art}", "--max-batch", "0"], ["--max-batch must be from 1"]),
+    (["generate", "{art}", "hi", "--frobnicate"], ["unrecognized arguments: --frobnicate", "see `gpt2onnx generate --help`"]),
+    (["chat", "{art}", "--truncate"], ["unrecognized arguments: --truncate", "see `gpt2onnx chat --help`"]),  # chat fits itself
     (["generate", "{art}", "--ids", "1,2,99999"], ["outside the vocabulary"]),
     (["generate", "{art}", "--ids", "1,x"], ["comma-separated"]),
     (["generate", "{art}"], ["either prompt text or --ids"]),
@@ -363,9 +371,22 @@ def test_no_extension_is_imported_once_a_half_written_directory_exists(tmp_path,
     (["export", "synthetic:tiny", "-o", "{tmp}/x", "--precision", "int4", "--int8-method", "nbits"], ["--int8-method only applies"]),
     (["export", "synthetic:tiny", "-o", "{tmp}/x", "--keep-float", "lm_head"], ["--keep-float only applies with --precision int8 or int4"]),
     (["serve", "{art}", "--replicas", "2"], ["--replicas only applies with --ray"]),
-    (["export", "synthetic:tiny", "-o", "{tmp}/x", "--precision", "int4", "--int4-block-size", "0"], ["power of two >= 16, got 0"]),
+    (["export", "synthetic:tiny", "-o", "{tmp}/x", "--precision", "int4", "--int4-block-size", "0"], ["one of 16, 32, 64, 128, 256", "got 0"]),
+    (["export", "synthetic:tiny", "-o", "{tmp}/x", "--precision", "int4", "--int4-block-size", "512"], ["one of 16, 32, 64, 128, 256", "got 512"]),
+    (["export", "synthetic:tiny", "-o", "{tmp}/x", "--seed", "99999999999999999999999"], ["--seed (synthetic weights) must be an integer from 0"]),
+    (["export", "synthetic:tiny", "-o", "{tmp}/x", "--seed", "-1"], ["--seed (synthetic weights) must be an integer from 0", "got -1"]),
     (["export", "synthetic:tiny", "-o", "{tmp}/x", "--precision", "int4", "--int4-accuracy-level", "9"], ["accuracy level", "got 9"]),
 ])
 def test_flags_that_would_be_ignored_are_refused(tmp_path, tiny_artifact, args, needles):
     assert_one_line_error(run_cli(*[a.format(art=tiny_artifact, tmp=tmp_path) for a in args]), *needles)
     assert not (tmp_path / "x").exists()
+
+
+def test_export_to_a_long_name(tmp_path):
+    """A name near the 255-byte limit is exported (its temporary directory's name is shortened: the name
+    plus ".tmp-XXXXXXXX" failed as 'internal error: OSError: File name too long'); one past it is refused first."""
+    r = run_cli("export", "synthetic:tiny", "-o", str(tmp_path / ("y" * 250)))
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(tmp_path) == ["y" * 250] and (tmp_path / ("y" * 250) / "gpt2onnx.json").is_file()
+    assert_one_line_error(run_cli("export", "synthetic:tiny", "-o", str(tmp_path / ("z" * 256))), "longer than the 255 bytes")
+    assert os.listdir(tmp_path) == ["y" * 250]
