@@ -221,7 +221,7 @@ class Serving:
         room = sched.config.max_batch + sched.config.max_queue
         if len(prompts) * n > room:  # would get 429 on every retry
             raise APIError(400, f"{len(prompts)} prompt(s) x n={n} is {len(prompts) * n} sequences, more than this server "
-                           f"runs and queues at once ({room}); send fewer prompts or a lower n", param="n")
+                           f"runs and queues at once ({room}); send fewer prompts or a lower n", param="n" if n > 1 else "prompt")
         handles, seed = [], kw.get("seed")
         try:
             for k, p in enumerate(prompts):

@@ -253,3 +253,15 @@ def test_a_negative_seed_is_taken_as_vllm_and_openai_take_it(client):
     assert client.post("/v1/chat/completions", json=chat).status_code == 200
     r = client.post("/v1/completions", json={**body, "seed": 2**63})
     assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
+
+
+def test_too_many_sequences_name_what_to_lower(client):
+    """More prompts x n than the server runs and queues at once is a 400 (it would be a 429 on every retry)
+    whose param is what the client sent too much of: the prompts, or n when it asked for several."""
+    sched = client.app.state.server.models[client.model].scheduler
+    room = sched.config.max_batch + sched.config.max_queue
+    body = {"model": client.model, "max_tokens": 1}
+    r = client.post("/v1/completions", json={**body, "prompt": ["hi"] * (room + 1)})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    r = client.post("/v1/completions", json={**body, "prompt": ["hi"] * (room // 2 + 1), "n": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
