@@ -80,6 +80,9 @@ def sample(mode: str, art: str, load: dict | None = None) -> dict:
         return {"tok_s": done[0] / (time.perf_counter() - t)}
 
 
+PARTS = ("gpt2onnx/__init__.py", "gpt2onnx/cli.py", "runtime", "export", "serve", "benchmarks")  # what shim links
+
+
 def shim(checkout: str, root: str) -> str:
     """A directory holding a `gpt2onnx` package made of links into `checkout` (its package-dir mapping)."""
     pkg = os.path.join(root, "gpt2onnx")
@@ -103,8 +106,27 @@ def main() -> None:
     p.add_argument("--sample", nargs=3, metavar=("MODE", "ART", "LOAD"), help=argparse.SUPPRESS)  # a child process
     args = p.parse_args()
     if args.sample:
-        print(json.dumps(sample(args.sample[0], args.sample[1], json.loads(args.sample[2]))))
+        import gpt2onnx.runtime
+
+        # where the package came from: the parent checks it is the side's checkout, not an installed copy
+        origin = os.path.realpath(gpt2onnx.runtime.__file__)
+        print(json.dumps({"origin": origin, "figures": sample(args.sample[0], args.sample[1], json.loads(args.sample[2]))}))
         return
+    base = os.path.abspath(args.base)
+    missing = [part for part in PARTS if not os.path.exists(os.path.join(base, part))]
+    if missing:
+        p.error(f"{args.base} is not a gpt2onnx checkout (no {missing[0]}); pass the root of the other checkout")
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or set(modes) - set(MODES):
+        p.error(f"--modes takes a comma-separated choice of {', '.join(MODES)}, got {args.modes!r}")
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
+    if len(args.base_art) != len(args.new_art):
+        p.error(f"--base-art and --new-art pair artifacts one by one: give as many of each ({len(args.base_art)} and {len(args.new_art)})")
+    arts = [os.path.abspath(a) for a in args.base_art + args.new_art]  # the children run in a temporary directory
+    for a in arts:
+        if not os.path.isfile(os.path.join(a, "gpt2onnx.json")):
+            p.error(f"{a} is not an artifact directory (no gpt2onnx.json)")
     loads = {}
     for side in ("base", "new"):
         try:
@@ -114,13 +136,12 @@ def main() -> None:
         if not isinstance(loads[side], dict):  # a check, not an assert: python -O would drop that
             p.error(f"--{side}-load takes a JSON object of Engine.load options, e.g. '{{\"huge_pages\": false}}'")
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    modes = [m for m in args.modes.split(",") if m]
-    pairs = list(zip(args.base_art, args.new_art))
+    pairs = list(zip(arts[: len(args.base_art)], arts[len(args.base_art):]))
+    roots = {"base": os.path.realpath(base), "new": os.path.realpath(here)}
     jobs = [(m, i) for m in modes for i in (range(len(pairs)) if m == "b1" else [1 if m == "c16" and len(pairs) > 1 else 0])]
     results: dict[tuple, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {"base": shim(os.path.abspath(args.base), os.path.join(tmp, "base")),
-                 "new": shim(here, os.path.join(tmp, "new"))}
+        paths = {"base": shim(base, os.path.join(tmp, "base")), "new": shim(here, os.path.join(tmp, "new"))}
         for rep in range(args.repeats):
             for mode, i in jobs:
                 for side in (("base", "new") if rep % 2 == 0 else ("new", "base")):
@@ -132,7 +153,11 @@ def main() -> None:
                                          env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
                     if out.returncode:
                         sys.exit(f"{side} {mode} {art} failed: {out.stderr.strip().splitlines()[-1:]}")
-                    results.setdefault((mode, os.path.basename(pairs[i][1]), side), []).append(json.loads(out.stdout))
+                    child = json.loads(out.stdout)
+                    if not child["origin"].startswith(roots[side] + os.sep):  # an A/B of one checkout against itself
+                        sys.exit(f"the {side} side ran gpt2onnx from {child['origin']}, not from {roots[side]}; "
+                                 "run this from a directory without its own gpt2onnx package")
+                    results.setdefault((mode, os.path.basename(pairs[i][1]), side), []).append(child["figures"])
     for (mode, name, side) in sorted(k for k in results if k[2] == "new"):
         for metric in results[(mode, name, side)][0]:
             bs = [r[metric] for r in results[(mode, name, "base")]]

@@ -703,3 +703,22 @@ def test_ab_passes_load_options_to_one_side(tiny_artifact):
     assert [ln.split()[:3] for ln in ok.stdout.splitlines()] == [["b1", "tiny", "ms_per_token"], ["b1", "tiny", "ttft_ms"]]
     refused = ab("--base-load", "[1]")
     assert refused.returncode == 2 and "--base-load takes a JSON object of Engine.load options" in refused.stderr
+
+
+def test_ab_refuses_what_would_compare_a_checkout_with_itself(tiny_artifact, tmp_path):
+    """A base that is no checkout once built dangling links and measured the installed package on both
+    sides (ratios of 1, exit 0); relative artifact paths failed in the children's temporary directory."""
+    root = str(Path(__file__).resolve().parents[1])
+    art = os.path.basename(tiny_artifact)
+
+    def ab(base: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gpt2onnx.benchmarks.ab", base, "--base-art", art, "--new-art", art,
+                               *extra], capture_output=True, text=True, timeout=300, cwd=os.path.dirname(tiny_artifact))
+
+    for base, extra, needle in [(str(tmp_path), [], "is not a gpt2onnx checkout (no gpt2onnx/__init__.py)"),
+                                (root, ["--modes", "b2"], "--modes takes a comma-separated choice of b1, b16, c16"),
+                                (root, ["--repeats", "0"], "--repeats must be at least 1")]:
+        r = ab(base, *extra)
+        assert r.returncode == 2 and needle in r.stderr and not r.stdout, r.stderr
+    ok = ab(root, "--modes", "b1", "--repeats", "1")  # relative artifact paths, from where they are
+    assert ok.returncode == 0 and ok.stdout.startswith("b1   tiny"), ok.stderr
