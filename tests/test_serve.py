@@ -690,3 +690,21 @@ def test_the_app_freezes_its_startup_heap_while_it_runs(tiny_artifact):
         assert gc.get_freeze_count() > 10_000
         assert c.get("/health").status_code == 200
     assert gc.get_freeze_count() == 0
+
+
+def test_soak_fails_when_it_could_not_do_what_was_asked(tiny_artifact):
+    """The soak's exit status is its verdict: nonsense settings are refused (--every 0 killed every client
+    thread and still reported 'failures 0', exit 0), a soak cut short by its timeout fails, a whole one passes."""
+    def soak(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gpt2onnx.benchmarks.serve_soak", tiny_artifact, *args],
+                              capture_output=True, text=True, timeout=180)
+
+    for args, needle in [(["--every", "0"], "--every must be at least 1"), (["--clients", "0"], "--clients must be"),
+                         (["--requests", "-5"], "--requests must be"), (["--timeout-s", "nan"], "--timeout-s must be")]:
+        r = soak(*args)
+        assert r.returncode == 2 and needle in r.stderr, r.stderr
+    r = soak("--requests", "6", "--clients", "2", "--every", "3")
+    assert r.returncode == 0 and "6 requests in" in r.stdout and "failures 0 []" in r.stdout, (r.stdout, r.stderr)
+    assert r.stdout.count("server RSS") == 2
+    r = soak("--requests", "100000", "--clients", "1", "--every", "1000", "--timeout-s", "2")
+    assert r.returncode == 1 and "stopped by --timeout-s after" in r.stderr, (r.stdout, r.stderr)
