@@ -32,6 +32,9 @@ def scenarios(s: Settings, n_positions: int, log=print) -> Plan:
         Gpt2OnnxError: the first --prompt-len and --new-tokens do not fit (see decode_prompts).
     """
     contexts = [c for c in s.context if c + s.context_new_tokens <= n_positions]
+    if len(contexts) < len(s.context):
+        log(f"context scenario: {', '.join(str(c) for c in s.context if c not in contexts)} tokens plus {s.context_new_tokens} "
+            f"new tokens do not fit the {n_positions}-position context; dropped")
     points = [("decode", 1, p, s.new_tokens) for p in decode_prompts(s, n_positions, log)]
     points += [("throughput", b, s.prompt_len[0], s.new_tokens) for b in s.batch if b != 1]
     points += [("context", 1, c, s.context_new_tokens) for c in contexts]

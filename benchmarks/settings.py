@@ -9,7 +9,8 @@ import os
 from dataclasses import dataclass, field
 
 from gpt2onnx.runtime.errors import Gpt2OnnxError
-from gpt2onnx.runtime.session import PROVIDERS, select_provider
+from gpt2onnx.runtime.sampling import MAX_BEAMS
+from gpt2onnx.runtime.session import MAX_THREADS, PROVIDERS, select_provider
 
 from .engines.llamacpp import LLAMACPP_SRC
 
@@ -143,6 +144,12 @@ def check(s: Settings) -> None:
         raise Gpt2OnnxError(f"unknown precision {unknown[0]!r} in --concurrent-precisions; choose from {', '.join(PRECISIONS)}")
     if s.provider not in ("cpu", "cuda"):
         raise Gpt2OnnxError(f"unknown provider {s.provider!r}; choose cpu or cuda")
+    if not 0 <= s.threads <= MAX_THREADS:  # checked here, not first in a worker after the plan
+        raise Gpt2OnnxError(f"--threads must be 0 (one per core) to {MAX_THREADS}, got {s.threads}")
+    if s.beams != 0 and not 2 <= s.beams <= MAX_BEAMS:
+        raise Gpt2OnnxError(f"--beams must be 0 (skip the beam scenario) or 2 to {MAX_BEAMS}, got {s.beams}")
+    if os.path.lexists(s.cache) and not os.path.isdir(s.cache):
+        raise Gpt2OnnxError(f"--cache {s.cache} is a file; give a directory for the baselines' checkpoints and exports")
     _check_out(s.out)
 
 

@@ -22,7 +22,10 @@ new_conversation(), reply(history, n), concurrent(mode, clients, requests, max_b
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -62,7 +65,8 @@ class Worker:
         self.spec = spec
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(spec, child), daemon=True)
-        self.proc.start()
+        with _sigint_ignored():  # a Ctrl-C reaches the whole process group: the parent alone answers it
+            self.proc.start()
         self.loaded = self._recv()
 
     def _recv(self) -> dict:
@@ -92,6 +96,22 @@ class Worker:
         self.proc.join(timeout=30)
         if self.proc.is_alive():
             self.proc.kill()
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored while a worker starts: an ignored signal stays ignored across exec, and Python keeps it
+    so (it installs its KeyboardInterrupt handler only over the default), so a terminal's Ctrl-C, sent to
+    the whole process group, ends the run through the parent ("interrupted", exit 130) without a
+    KeyboardInterrupt traceback from every worker. The parent's daemon workers end with it."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _one_line(e: Exception) -> str:

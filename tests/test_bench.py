@@ -667,6 +667,28 @@ def test_bench_drops_prompts_that_cannot_fit():
     assert any("prompts of 512 tokens" in m and "256-position" in m for m in said), said
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--threads", "-1"], "--threads must be 0 (one per core) to 1024, got -1"),
+    (["--threads", "5000"], "--threads must be 0 (one per core) to 1024, got 5000"),
+    (["--beams", "-1"], "--beams must be 0 (skip the beam scenario) or 2 to 16, got -1"),
+    (["--beams", "1"], "--beams must be 0"),
+    (["--cache", "{file}"], "is a file; give a directory for the baselines"),
+])
+def test_bench_refuses_settings_a_worker_would_refuse_late(tiny_artifact, tmp_path, capsys, args, needle):
+    """Refused before any system loads: --threads was a worker's 'internal error', --beams a refusal after the
+    whole run, a --cache that is a file a NotADirectoryError while saving a baseline."""
+    (tmp_path / "f").write_text("x")
+    err = _bench_refusal(capsys, tiny_artifact, *CHEAP, *[a.format(file=tmp_path / "f") for a in args], "--out", str(tmp_path / "r"))
+    assert needle in err and not (tmp_path / "r").exists(), err
+
+
+def test_bench_says_which_context_points_it_drops():
+    said = []
+    p = plan.scenarios(settings.Settings(artifacts=[], concurrent_clients=[0], context=[50, 200, 300]), 256, log=said.append)
+    assert [x[2] for x in p.points if x[0] == "context"] == [50, 200]
+    assert any(m.startswith("context scenario: 300 tokens plus 16 new tokens do not fit the 256-position") for m in said), said
+
+
 def test_bench_refuses_an_out_that_is_a_file(tiny_artifact, tmp_path, capsys):
     """Refused before measuring, not a FileExistsError after the whole run."""
     f = tmp_path / "f"
@@ -722,3 +744,30 @@ def test_ab_refuses_what_would_compare_a_checkout_with_itself(tiny_artifact, tmp
         assert r.returncode == 2 and needle in r.stderr and not r.stdout, r.stderr
     ok = ab(root, "--modes", "b1", "--repeats", "1")  # relative artifact paths, from where they are
     assert ok.returncode == 0 and ok.stdout.startswith("b1   tiny"), ok.stderr
+
+
+def test_ctrl_c_ends_a_bench_in_one_line(tiny_artifact, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: the workers printed a KeyboardInterrupt
+    traceback each beside the parent's "interrupted". Now they ignore it and the parent alone answers."""
+    import signal
+    import time
+
+    out = tmp_path / "report"
+    p = subprocess.Popen([sys.executable, "-m", "gpt2onnx", "bench", tiny_artifact, "--baselines", "pytorch", "--out", str(out),
+                          "--repeats", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal starts it
+    lines, deadline = [], time.time() + 180
+    try:
+        for line in p.stdout:  # until the workers are loaded and measuring
+            lines.append(line)
+            if line.startswith("warm-up") or time.time() > deadline:
+                break
+        os.killpg(p.pid, signal.SIGINT)
+        rest = p.communicate(timeout=60)[0]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    text = "".join(lines) + rest
+    assert any(ln.startswith("warm-up") for ln in lines), text
+    assert p.returncode == 130 and "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert text.rstrip().endswith("gpt2onnx: interrupted") and not out.exists(), text
