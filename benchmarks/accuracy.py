@@ -21,7 +21,6 @@ when accuracy.json sits beside its results.json.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -309,7 +308,9 @@ def plot(docs: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m gpt2onnx.benchmarks.accuracy", description=__doc__.split("\n\n")[0])
+    from .settings import ToolParser
+
+    p = ToolParser(prog="python -m gpt2onnx.benchmarks.accuracy", description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", default="trained:chat", help="a trained:NAME model (default trained:chat)")
     p.add_argument("--out", default="reports/accuracy-trained-chat", help="where accuracy.json/.md/.png go")
     p.add_argument("--artifacts", default="artifacts", help="where the exported variants are kept")
@@ -317,8 +318,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, help="measure the first N held-out conversations only (default all)")
     p.add_argument("--no-llamacpp", action="store_true", help="leave out llama.cpp's rows (measured where `make llamacpp` ran)")
     args = p.parse_args(argv)
-    measure(args.model, args.out, args.artifacts, log=lambda m: print(m, flush=True), force=args.force, limit=args.limit,
-            llamacpp=not args.no_llamacpp)
+    p.at_least(args, limit=1)
+    if not args.model.startswith("trained:"):  # synthetic weights have no held-out text to be accurate on
+        p.error(f"accuracy is measured on trained weights and their held-out conversations: give trained:chat or "
+                f"trained:chat-tiny, not {args.model!r}")
+    for flag, path in (("--out", args.out), ("--artifacts", args.artifacts)):
+        if os.path.exists(path) and not os.path.isdir(path):
+            p.error(f"{flag} {path} is a file; give a directory")
+    p.run(measure, args.model, args.out, args.artifacts, log=lambda m: print(m, flush=True), force=args.force, limit=args.limit,
+          llamacpp=not args.no_llamacpp)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ how many of the rounds' schedulers are still alive. What a process pays that reb
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import socket
@@ -67,13 +66,16 @@ def rounds(artifact: str, n: int, requests: int, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from .settings import ToolParser
+
+    p = ToolParser(prog="python -m gpt2onnx.benchmarks.app_rounds", description=__doc__.splitlines()[0])
     p.add_argument("artifact")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--requests", type=int, default=4)
     p.add_argument("--json", action="store_true", help="print the figures as one JSON line at the end")
     a = p.parse_args(argv)
-    out = rounds(a.artifact, a.rounds, a.requests, log=lambda m: print(m, file=sys.stderr, flush=True))
+    p.at_least(a, rounds=1, requests=1)
+    out = p.run(rounds, a.artifact, a.rounds, a.requests, log=lambda m: print(m, file=sys.stderr, flush=True))
     growth = out["rss_mb"][-1] / out["rss_mb"][0]
     print(f"RSS {out['rss_mb'][0]:.1f} -> {out['rss_mb'][-1]:.1f} MB (x{growth:.3f}) over {a.rounds} rounds; "
           f"{out['alive']} of {a.rounds} schedulers still alive", file=sys.stderr)

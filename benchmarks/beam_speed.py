@@ -16,7 +16,6 @@ run interleaved (1, 4, 1, 4, ...) `repeats` times; figures are medians over repe
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -71,8 +70,11 @@ def beam_speeds(specs, s, log) -> dict[str, list[dict]]:
 
 def main(argv: list[str] | None = None) -> int:
     from gpt2onnx.runtime import Engine
+    from gpt2onnx.runtime.sampling import MAX_BEAMS
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from .settings import ToolParser
+
+    p = ToolParser(prog="python -m gpt2onnx.benchmarks.beam_speed", description=__doc__.splitlines()[0])
     p.add_argument("artifact")
     p.add_argument("--beams", default="1,4", help="comma list of beam counts (default 1,4)")
     p.add_argument("--prompt-len", type=int, default=32)
@@ -82,8 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--provider", default="cpu")
     p.add_argument("--json", help="also write the rows to this file")
     a = p.parse_args(argv)
-    engine = Engine.load(a.artifact, provider=a.provider, threads=a.threads)
-    rows = measure(engine, tuple(int(k) for k in a.beams.split(",")), a.prompt_len, a.new_tokens, a.repeats)
+    p.at_least(a, prompt_len=1, new_tokens=1, repeats=1)
+    try:
+        beams = tuple(int(k) for k in a.beams.split(","))
+    except ValueError:
+        beams = ()
+    if not beams or not all(1 <= k <= MAX_BEAMS for k in beams):
+        p.error(f"--beams takes comma-separated beam counts from 1 to {MAX_BEAMS}, got {a.beams!r}")
+    p.output_file(a.json, "--json")
+    engine = p.run(Engine.load, a.artifact, provider=a.provider, threads=a.threads)
+    rows = p.run(measure, engine, beams, a.prompt_len, a.new_tokens, a.repeats)
     print(f"{'beams':>5} {'prefill ms':>10} {'ms/token':>9} {'step p50 ms':>11} {'tokens/s':>8} {'vs 1 beam':>9}")
     for r in rows:
         ratio = f"{r['vs_one_beam']:.2f}x" if r["vs_one_beam"] else "-"

@@ -11,7 +11,6 @@ The peak (VmHWM) is the figure the benchmark's footprint row compares with other
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -114,13 +113,21 @@ def table(rows: dict[str, dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from gpt2onnx.runtime import load_manifest
+
+    from .settings import ToolParser
+
+    ap = ToolParser(prog="python -m gpt2onnx.benchmarks.memory", description=__doc__.splitlines()[0])
     ap.add_argument("artifacts", nargs="+")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
-    rows = {os.path.basename(os.path.normpath(a)): footprint(a, args.prompt_len, args.new_tokens) for a in args.artifacts}
+    ap.at_least(args, prompt_len=1, new_tokens=1)
+    ap.output_file(args.out, "--out")
+    for a in args.artifacts:  # here, in one line, not as a worker's failure
+        ap.run(load_manifest, a, verify="size")
+    rows = {os.path.basename(os.path.normpath(a)): ap.run(footprint, a, args.prompt_len, args.new_tokens) for a in args.artifacts}
     print(table(rows))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

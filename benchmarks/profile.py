@@ -16,7 +16,6 @@ thread pool's hand-offs ("outside kernels").
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -116,7 +115,9 @@ def render(p: dict) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m gpt2onnx.benchmarks.profile", description=__doc__.split("\n\n")[0])
+    from .settings import ToolParser
+
+    p = ToolParser(prog="python -m gpt2onnx.benchmarks.profile", description=__doc__.split("\n\n")[0])
     p.add_argument("artifact")
     p.add_argument("--batch", type=int, default=1, help="rows decoded together")
     p.add_argument("--prompt-len", type=int, default=32)
@@ -124,12 +125,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the figures here")
     a = p.parse_args(argv)
-    from gpt2onnx.runtime.errors import Gpt2OnnxError
-
-    try:
-        result = profile(a.artifact, a.prompt_len, a.new_tokens, a.threads, batch=a.batch)
-    except Gpt2OnnxError as e:
-        raise SystemExit(f"profile: {e}") from None
+    p.at_least(a, batch=1, prompt_len=1, new_tokens=2)
+    p.output_file(a.json, "--json")
+    result = p.run(profile, a.artifact, a.prompt_len, a.new_tokens, a.threads, batch=a.batch)
     print(render(result))
     if a.json:
         with open(a.json, "w") as f:

@@ -615,9 +615,21 @@ def _beams(beams: dict[str, list[dict]]) -> list[str]:
     return L
 
 
-if __name__ == "__main__":  # re-render a report from its results.json: python -m gpt2onnx.benchmarks.report DIR
+def main(argv: list[str] | None = None) -> None:
+    """Re-render a report from its results.json: python -m gpt2onnx.benchmarks.report DIR."""
     import json
-    import sys
 
-    with open(os.path.join(sys.argv[1], "results.json")) as f:
-        write_report(json.load(f), sys.argv[1])
+    from .settings import ToolParser
+
+    p = ToolParser(prog="python -m gpt2onnx.benchmarks.report", description="re-render a benchmark report from its results.json")
+    p.add_argument("dir", help="a report directory written by gpt2onnx bench")
+    a = p.parse_args(argv)
+    path = os.path.join(a.dir, "results.json")
+    if not os.path.isfile(path):
+        p.error(f"{a.dir} holds no results.json; give a report directory `gpt2onnx bench --out` wrote")
+    with open(path, encoding="utf-8") as f:
+        write_report(json.load(f), a.dir)
+
+
+if __name__ == "__main__":
+    main()

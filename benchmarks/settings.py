@@ -176,3 +176,34 @@ def _check_out(out: str) -> None:
         raise Gpt2OnnxError(f"--out {out} cannot be created: {parent} is not a directory; give another report directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise Gpt2OnnxError(f"--out {out} cannot be written: {parent} is not writable; give a report directory you can write")
+
+
+class ToolParser(argparse.ArgumentParser):
+    """The parser of a benchmark tool run on its own (`python -m gpt2onnx.benchmarks.profile ...`): its errors
+    in one line, as the gpt2onnx CLI's, checked before anything is measured; `run` says the runtime's
+    refusals (a missing artifact, a prompt that does not fit) in that same line instead of a traceback."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def at_least(self, args: argparse.Namespace, **minimums: int) -> None:
+        """Refuse each option (by dest) set below its minimum."""
+        for name, lo in minimums.items():
+            v = getattr(args, name)
+            if v is not None and not v >= lo:
+                self.error(f"--{name.replace('_', '-')} must be at least {lo}, got {v}")
+
+    def output_file(self, path: str | None, flag: str) -> None:
+        """Refuse a file to write the figures to that cannot be written, before the measuring, not after."""
+        if path is None:
+            return
+        parent = os.path.dirname(os.path.abspath(path)) or "."
+        if os.path.isdir(path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            self.error(f"{flag} {path} cannot be written (a directory, or its directory is missing or read-only); "
+                       "give a file path in a writable directory")
+
+    def run(self, fn, *args, **kw):
+        try:
+            return fn(*args, **kw)
+        except Gpt2OnnxError as e:
+            self.error(str(e))

@@ -771,3 +771,28 @@ def test_ctrl_c_ends_a_bench_in_one_line(tiny_artifact, tmp_path):
     assert any(ln.startswith("warm-up") for ln in lines), text
     assert p.returncode == 130 and "Traceback" not in text and "KeyboardInterrupt" not in text, text
     assert text.rstrip().endswith("gpt2onnx: interrupted") and not out.exists(), text
+
+
+@pytest.mark.parametrize("module, args, needle", [
+    ("report", [], "the following arguments are required: dir"),
+    ("report", ["{tmp}"], "holds no results.json"),
+    ("app_rounds", ["{art}", "--rounds", "0"], "--rounds must be at least 1, got 0"),
+    ("app_rounds", ["{tmp}/missing"], "does not exist"),
+    ("profile", ["{art}", "--prompt-len", "-2"], "--prompt-len must be at least 1, got -2"),
+    ("profile", ["{art}", "--json", "{tmp}"], "--json {tmp} cannot be written"),
+    ("profile", ["{tmp}/missing"], "does not exist"),
+    ("accuracy", ["trained:chat", "--limit", "0"], "--limit must be at least 1, got 0"),
+    ("accuracy", ["synthetic:tiny"], "accuracy is measured on trained weights"),
+    ("beam_speed", ["{art}", "--beams", "0"], "--beams takes comma-separated beam counts from 1 to 16"),
+    ("beam_speed", ["{tmp}/missing"], "does not exist"),
+    ("memory", ["{tmp}/missing"], "does not exist"),
+    ("memory", ["{art}", "--out", "{tmp}"], "--out {tmp} cannot be written"),
+])
+def test_benchmark_tools_refuse_bad_input_in_one_line(tiny_artifact, tmp_path, module, args, needle):
+    """The tools the README names (python -m gpt2onnx.benchmarks.X) refuse as the CLI does, before measuring:
+    they printed tracebacks (report took --help for a directory), looped on --limit -1, or failed after the run."""
+    r = subprocess.run([sys.executable, "-m", f"gpt2onnx.benchmarks.{module}",
+                        *[a.format(art=tiny_artifact, tmp=tmp_path) for a in args]], capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith(f"python -m gpt2onnx.benchmarks.{module}: error: ") and needle.format(tmp=tmp_path) in lines[0], r.stderr
