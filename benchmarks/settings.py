@@ -1,5 +1,6 @@
 """The benchmark's settings: one dataclass (its defaults are the command line's), the argparse options
-that build it, and the checks that refuse a setting before anything is measured."""
+that build it, and the checks that refuse a setting before anything is measured (ToolParser: the same
+for the tools run on their own, `python -m gpt2onnx.benchmarks.X`)."""
 
 from __future__ import annotations
 
