@@ -33,6 +33,11 @@ def status(pid: int | str = "self") -> dict[str, float]:
 
 
 def _probe(path: str, prompt_len: int, new_tokens: int, session_options: dict, conn) -> None:
+    import warnings
+
+    from gpt2onnx import warning_line  # the standard library only: nothing for the stages below to count
+
+    warnings.formatwarning = warning_line  # as the CLI's: this is a spawned interpreter of its own
     try:
         import numpy as np
 

@@ -119,8 +119,13 @@ def _one_line(e: Exception) -> str:
 
 
 def _serve(spec: SystemSpec, conn) -> None:
+    import warnings
+
+    from gpt2onnx import warning_line
+
     from .engines import runner_class
 
+    warnings.formatwarning = warning_line  # as the CLI's: this is a spawned interpreter of its own
     try:
         threads = spec.threads or physical_cores()
         t = time.perf_counter()

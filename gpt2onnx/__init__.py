@@ -17,6 +17,12 @@ def interrupted(e: BaseException | None) -> bool:
     return False
 
 
+def warning_line(message, *args, **kw) -> str:
+    """warnings.formatwarning for gpt2onnx's processes (the CLI and the benchmark's workers): one line
+    saying whose warning it is, not Python's file:line and source."""
+    return f"gpt2onnx: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         from gpt2onnx.cli import main as run

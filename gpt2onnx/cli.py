@@ -13,7 +13,7 @@ import sys
 import threading
 from dataclasses import fields
 
-from gpt2onnx import interrupted
+from gpt2onnx import interrupted, warning_line
 from gpt2onnx.export.convert import KV_DTYPES, ExportOptions  # no heavy imports: choices and defaults only
 from gpt2onnx.export.quantize import INT8_METHODS
 from gpt2onnx.runtime.artifact import PRECISIONS
@@ -448,7 +448,7 @@ def _interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
-    warnings.formatwarning = lambda msg, *a, **k: f"gpt2onnx: warning: {msg}\n"
+    warnings.formatwarning = warning_line
     parser = build_parser()
     args = _parse(parser, argv)
     # SIGTERM and SIGHUP as Ctrl-C (an export removes its half-written directory); the server shuts

@@ -796,3 +796,16 @@ def test_benchmark_tools_refuse_bad_input_in_one_line(tiny_artifact, tmp_path, m
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert lines[0].startswith(f"python -m gpt2onnx.benchmarks.{module}: error: ") and needle.format(tmp=tmp_path) in lines[0], r.stderr
+
+
+def test_a_workers_warning_reads_as_the_cli_s(tmp_path):
+    """The fp16-on-CPU warning, raised in a worker (a spawned interpreter), printed as Python's UserWarning
+    with its file, line and source; the CLI prints it as one 'gpt2onnx: warning:' line."""
+    art = tmp_path / "fp16"
+    assert run_cli("export", "synthetic:tiny", "-o", str(art), "--precision", "fp16").returncode == 0
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    r = subprocess.run([sys.executable, "-m", "gpt2onnx", "bench", str(art), *CHEAP, "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "gpt2onnx: warning: fp16 on the CPU provider is no faster" in out, out
+    assert "UserWarning" not in out, out
