@@ -208,7 +208,9 @@ def write_record(out: str, stem: str, title: str, result: dict, lines: list[str]
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gpt2onnx.benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+    from .settings import ToolParser
+
+    p = ToolParser(prog="python -m gpt2onnx.benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("artifact", metavar="ARTIFACT_DIR")
     p.add_argument("--out", required=True, help="directory for capture.json and capture.md")
     p.add_argument("--provider", choices=("cuda", "cpu"), default="cuda", help="cpu runs the check without capture (tests)")
@@ -225,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.new_tokens < 2 or a.timing_tokens < 2 or a.repeats < 1:
         p.error("--new-tokens and --timing-tokens must be >= 2, --repeats >= 1")
+    p.output_dir(a.out)  # before the measuring, not a FileExistsError after it
     try:
         result = check(a.artifact, a.provider, a.new_tokens, a.repeats, a.timing_tokens,
                        log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -256,7 +256,9 @@ def write(r: dict, out: str) -> None:
 def batch_parser(prog: str, doc: str, files: str, default_batch: str, steps: int) -> argparse.ArgumentParser:
     """The command line of a per-batch GPU tool (this one, gpu_kernels): an artifact, --out, --provider,
     --batch, --steps."""
-    p = argparse.ArgumentParser(prog=f"python -m gpt2onnx.benchmarks.{prog}", description=doc.split("\n\n")[0])
+    from .settings import ToolParser
+
+    p = ToolParser(prog=f"python -m gpt2onnx.benchmarks.{prog}", description=doc.split("\n\n")[0])
     p.add_argument("artifact", metavar="ARTIFACT_DIR")
     p.add_argument("--out", required=True, help=f"directory for {files}")
     p.add_argument("--provider", choices=("cuda", "cpu"), default="cuda", help="cpu runs without capture (tests)")
@@ -277,6 +279,7 @@ def batch_main(p: argparse.ArgumentParser, argv: list[str] | None, measure, writ
         p.error(f"--batch takes comma-separated integers, got {a.batch!r}")
     if not batches or min(batches) < 1 or a.steps < 1:
         p.error("--batch needs sizes >= 1 and --steps >= 1")
+    p.output_dir(a.out)  # before the measuring, not a FileExistsError after it
     try:
         r = measure(a.artifact, a.provider, batches, a.steps, log=lambda m: print(m, file=sys.stderr, flush=True),
                     save=lambda r: write(r, a.out))

@@ -10,7 +10,6 @@ The defaults in export/quantize.py come from this table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -44,18 +43,25 @@ CONFIGS = [
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from .settings import ToolParser
+
+    ap = ToolParser(prog="python -m gpt2onnx.benchmarks.quant_sweep", description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default="synthetic:dialogpt-small")
     ap.add_argument("--out", default="reports/quant-sweep.json")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--configs", help="comma-separated indices into CONFIGS to run (default all; 0, fp32, is "
                                       "always run: the time base)")
     args = ap.parse_args()
+    ap.at_least(args, rounds=1)
+    ap.output_file(args.out, "--out")
     configs = CONFIGS
     if args.configs:
-        picked = sorted({0, *(int(i) for i in args.configs.split(","))})
-        if picked[-1] >= len(CONFIGS):
-            ap.error(f"--configs: indices run 0 .. {len(CONFIGS) - 1}, got {picked[-1]}")
+        try:
+            picked = sorted({0, *(int(i) for i in args.configs.split(","))})
+        except ValueError:
+            picked = [-1]
+        if picked[0] < 0 or picked[-1] >= len(CONFIGS):
+            ap.error(f"--configs takes comma-separated indices from 0 to {len(CONFIGS) - 1}, got {args.configs!r}")
         configs = [CONFIGS[i] for i in picked]
     warnings.simplefilter("ignore")
     from gpt2onnx.runtime import Engine

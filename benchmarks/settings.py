@@ -203,6 +203,10 @@ class ToolParser(argparse.ArgumentParser):
             self.error(f"{flag} {path} cannot be written (a directory, or its directory is missing or read-only); "
                        "give a file path in a writable directory")
 
+    def output_dir(self, path: str) -> None:
+        """Refuse a directory for the figures that cannot be made or written (bench's own --out check)."""
+        self.run(_check_out, path)
+
     def run(self, fn, *args, **kw):
         try:
             return fn(*args, **kw)

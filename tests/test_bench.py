@@ -787,10 +787,16 @@ def test_ctrl_c_ends_a_bench_in_one_line(tiny_artifact, tmp_path):
     ("beam_speed", ["{tmp}/missing"], "does not exist"),
     ("memory", ["{tmp}/missing"], "does not exist"),
     ("memory", ["{art}", "--out", "{tmp}"], "--out {tmp} cannot be written"),
+    ("gpu_check", ["{art}", "--provider", "cpu", "--out", "{tmp}/file"], "--out {tmp}/file is a file"),
+    ("gpu_step", ["{art}", "--provider", "cpu", "--out", "{tmp}/file"], "--out {tmp}/file is a file"),
+    ("gpu_kernels", ["{art}", "--provider", "cpu", "--out", "{tmp}/file"], "--out {tmp}/file is a file"),
+    ("quant_sweep", ["--configs", "-1", "--out", "{tmp}/q.json"], "--configs takes comma-separated indices from 0 to"),
+    ("quant_sweep", ["--out", "{tmp}"], "--out {tmp} cannot be written"),
 ])
 def test_benchmark_tools_refuse_bad_input_in_one_line(tiny_artifact, tmp_path, module, args, needle):
     """The tools the README names (python -m gpt2onnx.benchmarks.X) refuse as the CLI does, before measuring:
     they printed tracebacks (report took --help for a directory), looped on --limit -1, or failed after the run."""
+    (tmp_path / "file").write_text("x")
     r = subprocess.run([sys.executable, "-m", f"gpt2onnx.benchmarks.{module}",
                         *[a.format(art=tiny_artifact, tmp=tmp_path) for a in args]], capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
