@@ -143,10 +143,15 @@ def _load_hf(name_or_path: str, offline: str | None = None) -> Checkpoint:
     local = {"local_files_only": True} if offline else {}
     try:
         # config.json alone first: another architecture is refused before its weights are read (or downloaded)
-        model_type = transformers.PretrainedConfig.get_config_dict(name_or_path, **local)[0].get("model_type")
+        config = transformers.PretrainedConfig.get_config_dict(name_or_path, **local)[0]
+        model_type = config.get("model_type")
         if model_type != "gpt2":
             what = f"is a {model_type!r} model" if model_type else "has no model_type in its config.json"
             raise Gpt2OnnxError(f"{name_or_path} {what}; only GPT-2-family checkpoints (model_type 'gpt2') are supported")
+        heads = [a for a in config.get("architectures") or [] if a not in LM_ARCHITECTURES]
+        if heads:  # a classifier or a two-headed model: its extra weights are not a language model's
+            raise Gpt2OnnxError(f"{name_or_path} is a {heads[0]}; gpt2onnx exports GPT-2 language models "
+                                f"({', '.join(LM_ARCHITECTURES)})")
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # its paragraph on missing or unused weights: refused below in one line
         try:
@@ -183,6 +188,9 @@ def _load_hf(name_or_path: str, offline: str | None = None) -> Checkpoint:
     if not getattr(hf_tok, "is_fast", False):
         raise Gpt2OnnxError(f"{name_or_path} has no fast tokenizer (tokenizer.json); save one with transformers first")
     return Checkpoint(model.eval(), hf_tok.backend_tokenizer, name_or_path)
+
+
+LM_ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")  # config.json's architectures a causal LM loads from (tied head)
 
 
 def synthetic_model(name: str, seed: int = 0):

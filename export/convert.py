@@ -64,7 +64,10 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
     opts = dataclasses.replace(opts, kv_dtype=_kv_dtype(opts))
     log(f"loading {opts.model}")
     ckpt = checkpoints.load(opts.model, opts.seed)
-    cfg = graph.model_config(ckpt.model.config)
+    notes: list[str] = []
+    cfg = graph.model_config(ckpt.model.config, getattr(ckpt.model, "generation_config", None), opts.fuse, notes)
+    for n in notes:
+        log(n)
     text = [i for i in ckpt.tokenizer.encode(checkpoints.sample_text()).ids if i < cfg.vocab_size]
     log(f"building the {'fused' if opts.fuse else 'plain'} {dtype} graph: {cfg.n_layer} layers, width {cfg.n_embd}")
     scales = None

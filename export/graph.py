@@ -67,10 +67,23 @@ class ModelConfig:
         return self.n_embd // self.n_head
 
 
-def model_config(hf_config) -> ModelConfig:
-    """Read and check a transformers GPT2Config; refuse variants the graph does not implement."""
+# generation_config fields that change what transformers' generate returns when the caller passes none
+GENERATE_DEFAULTS = ("do_sample", "num_beams", "temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size",
+                     "min_new_tokens", "length_penalty", "max_new_tokens")
+# GELU's tanh approximation under both of transformers' names for it (NewGELUActivation, PytorchGELUTanh)
+GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def model_config(hf_config, generation_config=None, fused: bool = True, notes: list[str] | None = None) -> ModelConfig:
+    """Read and check a transformers GPT2Config; refuse variants the graph does not implement.
+
+    The stop token is the one transformers' `generate` stops on: `generation_config`'s (the checkpoint's
+    generation_config.json, else derived from the config) when given, else the config's. Where it lists
+    several, the first is the artifact's and `notes` says to pass the others as stop_token_ids."""
+    if hf_config.activation_function not in GELU_TANH:
+        raise Gpt2OnnxError(f"checkpoint has activation_function={hf_config.activation_function!r}; gpt2onnx supports "
+                            "GELU's tanh approximation only (gelu_new, gelu_pytorch_tanh)")
     unsupported = {
-        "activation_function": (hf_config.activation_function, "gelu_new"),
         "scale_attn_weights": (hf_config.scale_attn_weights, True),
         "scale_attn_by_inverse_layer_idx": (hf_config.scale_attn_by_inverse_layer_idx, False),
         "reorder_and_upcast_attn": (hf_config.reorder_and_upcast_attn, False),
@@ -78,14 +91,41 @@ def model_config(hf_config) -> ModelConfig:
     for key, (got, want) in unsupported.items():
         if got != want:
             raise Gpt2OnnxError(f"checkpoint has {key}={got!r}; gpt2onnx supports {key}={want!r} only")
-    eos = hf_config.eos_token_id if hf_config.eos_token_id is not None else hf_config.vocab_size - 1
-    return ModelConfig(
-        n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd,
-        vocab_size=hf_config.vocab_size, n_positions=hf_config.n_positions,
-        layer_norm_epsilon=float(hf_config.layer_norm_epsilon), eos_token_id=int(eos),
-        bos_token_id=int(hf_config.bos_token_id if hf_config.bos_token_id is not None else eos),
-        pad_token_id=int(hf_config.pad_token_id if hf_config.pad_token_id is not None else eos),
-    )
+    H, heads = hf_config.n_embd, hf_config.n_head
+    if hf_config.n_inner not in (None, 4 * H):
+        raise Gpt2OnnxError(f"checkpoint has n_inner={hf_config.n_inner}; gpt2onnx supports GPT-2's MLP width 4 x n_embd "
+                            f"only (n_inner None or {4 * H})")
+    if H % heads:
+        raise Gpt2OnnxError(f"checkpoint's n_embd {H} is not a multiple of n_head {heads}")
+    if fused and (H // heads) % 8:
+        raise Gpt2OnnxError(f"checkpoint's head size n_embd / n_head = {H // heads} is not a multiple of 8, which "
+                            "onnxruntime's GroupQueryAttention needs; --no-fuse exports a plain graph for other runtimes")
+    V = hf_config.vocab_size
+    eos = generation_config.eos_token_id if generation_config is not None and generation_config.eos_token_id is not None \
+        else hf_config.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        if len(eos) > 1 and notes is not None:
+            notes.append(f"note: the checkpoint stops on {len(eos)} ids ({', '.join(map(str, eos))}); the artifact's "
+                         f"eos_token_id is {eos[0]}: pass the others as stop_token_ids")
+        eos = eos[0] if eos else None
+    if generation_config is not None and notes is not None:  # what transformers' generate applies unasked, gpt2onnx per request
+        default = type(generation_config)()
+        set_ = [f"{k}={getattr(generation_config, k)!r}" for k in GENERATE_DEFAULTS
+                if getattr(generation_config, k, None) != getattr(default, k, None)]
+        if set_:
+            notes.append(f"note: the checkpoint's generation_config.json sets {', '.join(set_)}, which transformers' generate "
+                         "applies by default; gpt2onnx takes generation options per request")
+    if eos is None:  # transformers' generate would then never stop early; the runtime needs a stop token
+        raise Gpt2OnnxError("checkpoint sets no eos_token_id (config.json or generation_config.json); set the token its "
+                            "replies end with (GPT-2's <|endoftext|> is 50256)")
+    ids = {"eos_token_id": int(eos)}
+    ids["bos_token_id"] = int(hf_config.bos_token_id) if hf_config.bos_token_id is not None else ids["eos_token_id"]
+    ids["pad_token_id"] = int(hf_config.pad_token_id) if hf_config.pad_token_id is not None else ids["eos_token_id"]
+    for name, i in ids.items():
+        if not 0 <= i < V:
+            raise Gpt2OnnxError(f"checkpoint's {name} {i} is outside its vocabulary 0..{V - 1}; fix config.json")
+    return ModelConfig(n_layer=hf_config.n_layer, n_head=heads, n_embd=H, vocab_size=V, n_positions=hf_config.n_positions,
+                       layer_norm_epsilon=float(hf_config.layer_norm_epsilon), **ids)
 
 
 def weights(model, cfg: ModelConfig) -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -42,6 +43,58 @@ def test_another_architecture_is_refused_before_its_weights_load(tmp_path, tiny,
     del cfg["model_type"]
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(Gpt2OnnxError, match="has no model_type in its config.json"):
+        checkpoints.load(path)
+
+
+def _gpt2_config(**kw):
+    import transformers
+
+    return transformers.GPT2Config(**{"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 1000, "bos_token_id": 999,
+                                      "eos_token_id": 999, **kw})
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"n_inner": 192}, "n_inner=192; gpt2onnx supports GPT-2's MLP width 4 x n_embd only"),  # was: a weight-shape error
+    ({"n_embd": 60}, "head size n_embd / n_head = 15 is not a multiple of 8"),  # was: onnxruntime's error after the build
+    ({"activation_function": "relu"}, "activation_function='relu'; gpt2onnx supports GELU's tanh approximation only"),
+    ({"eos_token_id": None, "bos_token_id": None}, "sets no eos_token_id"),  # was: vocab_size - 1, a stop HF never makes
+    ({"vocab_size": 500}, "eos_token_id 999 is outside its vocabulary 0..499"),  # was: IndexError in the parity check
+    ({"pad_token_id": 5000}, "pad_token_id 5000 is outside its vocabulary 0..999"),  # was: exported, then refused at load
+])
+def test_configs_the_graph_does_not_implement_are_refused(kw, needle):
+    from gpt2onnx.export.graph import model_config
+
+    with pytest.raises(Gpt2OnnxError, match=re.escape(needle)):
+        model_config(_gpt2_config(**kw))
+
+
+def test_the_stop_token_is_the_one_transformers_generate_stops_on():
+    """generation_config.json's eos_token_id is what generate stops on (it was ignored: the artifact stopped on
+    config.json's); a list of them gives the first and a note; gelu_pytorch_tanh is gelu_new's function."""
+    import transformers
+
+    from gpt2onnx.export.graph import model_config
+
+    cfg = _gpt2_config(activation_function="gelu_pytorch_tanh")
+    assert model_config(cfg).eos_token_id == 999
+    assert model_config(cfg, transformers.GenerationConfig(eos_token_id=42)).eos_token_id == 42
+    notes = []
+    got = model_config(cfg, transformers.GenerationConfig(eos_token_id=[7, 8]), notes=notes)
+    assert got.eos_token_id == 7 and got.pad_token_id == 7 and notes == [  # no pad id: padding with the stop token
+        "note: the checkpoint stops on 2 ids (7, 8); the artifact's eos_token_id is 7: pass the others as stop_token_ids"]
+    notes = []
+    model_config(cfg, transformers.GenerationConfig(eos_token_id=42, no_repeat_ngram_size=3, do_sample=True), notes=notes)
+    assert notes == ["note: the checkpoint's generation_config.json sets do_sample=True, no_repeat_ngram_size=3, which "
+                     "transformers' generate applies by default; gpt2onnx takes generation options per request"]
+    notes = []
+    model_config(cfg, transformers.GenerationConfig.from_model_config(cfg), notes=notes)
+    assert notes == []  # what transformers derives from a config alone sets nothing to say
+    assert model_config(_gpt2_config(n_embd=48, n_head=4), fused=False).head_dim == 12  # a plain graph takes any head size
+
+
+def test_a_classifier_checkpoint_is_refused_as_one(tmp_path, tiny):
+    path = _edited_checkpoint(tiny, tmp_path / "ck", architectures=["GPT2ForSequenceClassification"])
+    with pytest.raises(Gpt2OnnxError, match="is a GPT2ForSequenceClassification; gpt2onnx exports GPT-2 language models"):
         checkpoints.load(path)
 
 
