@@ -87,10 +87,8 @@ def shim(checkout: str, root: str) -> str:
     """A directory holding a `gpt2onnx` package made of links into `checkout` (its package-dir mapping)."""
     pkg = os.path.join(root, "gpt2onnx")
     os.makedirs(pkg)
-    for name in ("__init__.py", "cli.py"):
-        os.symlink(os.path.join(checkout, "gpt2onnx", name), os.path.join(pkg, name))
-    for sub in ("runtime", "export", "serve", "benchmarks"):
-        os.symlink(os.path.join(checkout, sub), os.path.join(pkg, sub))
+    for part in PARTS:
+        os.symlink(os.path.join(checkout, part), os.path.join(pkg, os.path.basename(part)))
     return root
 
 
@@ -156,7 +154,7 @@ def main() -> None:
                     child = json.loads(out.stdout)
                     if not child["origin"].startswith(roots[side] + os.sep):  # an A/B of one checkout against itself
                         sys.exit(f"the {side} side ran gpt2onnx from {child['origin']}, not from {roots[side]}; "
-                                 "run this from a directory without its own gpt2onnx package")
+                                 "another gpt2onnx on the import path (an installed copy, PYTHONPATH) came first")
                     results.setdefault((mode, os.path.basename(pairs[i][1]), side), []).append(child["figures"])
     for (mode, name, side) in sorted(k for k in results if k[2] == "new"):
         for metric in results[(mode, name, side)][0]:

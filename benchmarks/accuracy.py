@@ -322,9 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.model.startswith("trained:"):  # synthetic weights have no held-out text to be accurate on
         p.error(f"accuracy is measured on trained weights and their held-out conversations: give trained:chat or "
                 f"trained:chat-tiny, not {args.model!r}")
-    for flag, path in (("--out", args.out), ("--artifacts", args.artifacts)):
-        if os.path.exists(path) and not os.path.isdir(path):
-            p.error(f"{flag} {path} is a file; give a directory")
+    p.output_dir(args.out)
+    p.output_dir(args.artifacts, "--artifacts")
     p.run(measure, args.model, args.out, args.artifacts, log=lambda m: print(m, flush=True), force=args.force, limit=args.limit,
           llamacpp=not args.no_llamacpp)
 

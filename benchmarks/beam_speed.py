@@ -72,11 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     from gpt2onnx.runtime import Engine
     from gpt2onnx.runtime.sampling import MAX_BEAMS
 
-    from .settings import ToolParser
+    from .settings import ToolParser, int_list
 
     p = ToolParser(prog="python -m gpt2onnx.benchmarks.beam_speed", description=__doc__.splitlines()[0])
     p.add_argument("artifact")
-    p.add_argument("--beams", default="1,4", help="comma list of beam counts (default 1,4)")
+    p.add_argument("--beams", type=int_list, default="1,4", help="comma list of beam counts (default 1,4)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
@@ -85,12 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the rows to this file")
     a = p.parse_args(argv)
     p.at_least(a, prompt_len=1, new_tokens=1, repeats=1)
-    try:
-        beams = tuple(int(k) for k in a.beams.split(","))
-    except ValueError:
-        beams = ()
+    beams = tuple(a.beams)
     if not beams or not all(1 <= k <= MAX_BEAMS for k in beams):
-        p.error(f"--beams takes comma-separated beam counts from 1 to {MAX_BEAMS}, got {a.beams!r}")
+        p.error(f"--beams takes comma-separated beam counts from 1 to {MAX_BEAMS}, got {','.join(map(str, a.beams))}")
     p.output_file(a.json, "--json")
     engine = p.run(Engine.load, a.artifact, provider=a.provider, threads=a.threads)
     rows = p.run(measure, engine, beams, a.prompt_len, a.new_tokens, a.repeats)

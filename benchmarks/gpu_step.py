@@ -256,13 +256,13 @@ def write(r: dict, out: str) -> None:
 def batch_parser(prog: str, doc: str, files: str, default_batch: str, steps: int) -> argparse.ArgumentParser:
     """The command line of a per-batch GPU tool (this one, gpu_kernels): an artifact, --out, --provider,
     --batch, --steps."""
-    from .settings import ToolParser
+    from .settings import ToolParser, int_list
 
     p = ToolParser(prog=f"python -m gpt2onnx.benchmarks.{prog}", description=doc.split("\n\n")[0])
     p.add_argument("artifact", metavar="ARTIFACT_DIR")
     p.add_argument("--out", required=True, help=f"directory for {files}")
     p.add_argument("--provider", choices=("cuda", "cpu"), default="cuda", help="cpu runs without capture (tests)")
-    p.add_argument("--batch", default=default_batch, help=f"comma-separated batch sizes (default {default_batch})")
+    p.add_argument("--batch", type=int_list, default=default_batch, help=f"comma-separated batch sizes (default {default_batch})")
     p.add_argument("--steps", type=int, default=steps, help="timed or profiled steps per batch")
     return p
 
@@ -273,10 +273,7 @@ def batch_main(p: argparse.ArgumentParser, argv: list[str] | None, measure, writ
     from gpt2onnx.runtime.errors import Gpt2OnnxError
 
     a = p.parse_args(argv)
-    try:
-        batches = [int(x) for x in a.batch.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--batch takes comma-separated integers, got {a.batch!r}")
+    batches = a.batch
     if not batches or min(batches) < 1 or a.steps < 1:
         p.error("--batch needs sizes >= 1 and --steps >= 1")
     p.output_dir(a.out)  # before the measuring, not a FileExistsError after it

@@ -43,25 +43,22 @@ CONFIGS = [
 
 
 def main() -> None:
-    from .settings import ToolParser
+    from .settings import ToolParser, int_list
 
     ap = ToolParser(prog="python -m gpt2onnx.benchmarks.quant_sweep", description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default="synthetic:dialogpt-small")
     ap.add_argument("--out", default="reports/quant-sweep.json")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--configs", help="comma-separated indices into CONFIGS to run (default all; 0, fp32, is "
+    ap.add_argument("--configs", type=int_list, help="comma-separated indices into CONFIGS to run (default all; 0, fp32, is "
                                       "always run: the time base)")
     args = ap.parse_args()
     ap.at_least(args, rounds=1)
     ap.output_file(args.out, "--out")
     configs = CONFIGS
     if args.configs:
-        try:
-            picked = sorted({0, *(int(i) for i in args.configs.split(","))})
-        except ValueError:
-            picked = [-1]
+        picked = sorted({0, *args.configs})
         if picked[0] < 0 or picked[-1] >= len(CONFIGS):
-            ap.error(f"--configs takes comma-separated indices from 0 to {len(CONFIGS) - 1}, got {args.configs!r}")
+            ap.error(f"--configs takes comma-separated indices from 0 to {len(CONFIGS) - 1}, got {','.join(map(str, args.configs))}")
         configs = [CONFIGS[i] for i in picked]
     warnings.simplefilter("ignore")
     from gpt2onnx.runtime import Engine

@@ -68,9 +68,17 @@ class Settings:
     llamacpp_src: str = LLAMACPP_SRC  # the llama.cpp sources `make llamacpp` unpacks (its GGUF converter)
 
 
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated integers ("" for none)."""
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes comma-separated integers, got {text!r}") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = Settings(artifacts=[])
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    ints = int_list
     p.add_argument("artifacts", nargs="+", metavar="ARTIFACT_DIR", help="artifact directories to measure")
     p.add_argument("--baselines", default=",".join(d.baselines),
                    help=f"comma list of {', '.join(BASELINES)} ('' for none; default {','.join(DEFAULT_BASELINES)}: "
@@ -164,19 +172,19 @@ def check_provider(provider: str) -> None:
                             f"{PROVIDERS[provider]}); pass --bench-provider cpu, or install onnxruntime-gpu for cuda") from None
 
 
-def _check_out(out: str) -> None:
-    """Refuse an --out the report cannot be written to; results.write creates it only after every
+def _check_out(out: str, flag: str = "--out") -> None:
+    """Refuse an --out (`flag`) the report cannot be written to; results.write creates it only after every
     measurement. Nothing is created here, so a refused run leaves no directory behind."""
     path = os.path.abspath(out)
     if os.path.lexists(path) and not os.path.isdir(path):
-        raise Gpt2OnnxError(f"--out {out} is a file, not a directory; give a directory for the report (new or existing)")
+        raise Gpt2OnnxError(f"{flag} {out} is a file, not a directory; give a directory for the report (new or existing)")
     parent = path
     while not os.path.lexists(parent):  # the nearest part that exists is where the new directories go
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise Gpt2OnnxError(f"--out {out} cannot be created: {parent} is not a directory; give another report directory")
+        raise Gpt2OnnxError(f"{flag} {out} cannot be created: {parent} is not a directory; give another report directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise Gpt2OnnxError(f"--out {out} cannot be written: {parent} is not writable; give a report directory you can write")
+        raise Gpt2OnnxError(f"{flag} {out} cannot be written: {parent} is not writable; give a report directory you can write")
 
 
 class ToolParser(argparse.ArgumentParser):
@@ -203,9 +211,9 @@ class ToolParser(argparse.ArgumentParser):
             self.error(f"{flag} {path} cannot be written (a directory, or its directory is missing or read-only); "
                        "give a file path in a writable directory")
 
-    def output_dir(self, path: str) -> None:
+    def output_dir(self, path: str, flag: str = "--out") -> None:
         """Refuse a directory for the figures that cannot be made or written (bench's own --out check)."""
-        self.run(_check_out, path)
+        self.run(_check_out, path, flag)
 
     def run(self, fn, *args, **kw):
         try:

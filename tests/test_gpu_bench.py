@@ -414,11 +414,11 @@ def test_gpu_script_invocations_parse(tmp_path):
     check = gpu_check.parser().parse_args(modules[2][1:])
     assert check.out == str(out) and check.provider == "cuda" and check.artifact == "artifacts/dialogpt-medium-fp16-cuda"
     step = gpu_step.parser().parse_args(modules[4][1:])
-    assert step.out == str(out) and step.provider == "cuda" and step.artifact == check.artifact and step.batch == "1,4,16,64"
+    assert step.out == str(out) and step.provider == "cuda" and step.artifact == check.artifact and step.batch == [1, 4, 16, 64]
     xqa = gpu_step.parser().parse_args(modules[5][1:])  # the same steps with ORT_ENABLE_XQA=1, into their own folder
-    assert xqa.out == str(out / "xqa") and xqa.batch == "1,16" and xqa.artifact == check.artifact
+    assert xqa.out == str(out / "xqa") and xqa.batch == [1, 16] and xqa.artifact == check.artifact
     kernels = gpu_kernels.parser().parse_args(modules[6][1:])
-    assert kernels.out == str(out) and kernels.batch == "1,16" and kernels.provider == "cuda" and kernels.artifact == check.artifact
+    assert kernels.out == str(out) and kernels.batch == [1, 16] and kernels.provider == "cuda" and kernels.artifact == check.artifact
     # last, with time left: int4 for CUDA exported (no such artifact yet) and its steps into their own folder
     assert modules[7][1:6] == ["export", "synthetic:dialogpt-medium", "-o", "artifacts/dialogpt-medium-int4-cuda", "--precision"]
     assert modules[7][6:9] == ["int4", "--provider", "cuda"]
