@@ -24,6 +24,10 @@ MAX_PENALTY = 2.0  # presence / frequency penalty range, OpenAI's
 # beam search's length_penalty range: new_tokens ** length_penalty (float32, up to 1024 new tokens) and a score
 # over it stay finite within it (1024 ** 10 ~ 1e30); usual values are 0.6-2 (transformers' default 1)
 MAX_LENGTH_PENALTY = 10.0
+# repetition_penalty acts as at most this factor (at least its inverse): beyond it a seen token's logit is
+# already ~0 or far below every other, and float32 logits times 1e300 overflow to inf and NaN (argmax then
+# picks garbage). Any positive penalty is taken, as in transformers and vLLM; only the factor is bounded.
+REPETITION_FACTOR = 1e30
 MAX_BIAS = 100.0  # logit_bias range, OpenAI's: +100 forces a token, -100 bans it
 
 
@@ -72,6 +76,7 @@ class GenerationConfig:
         _float(self.repetition_penalty, "repetition_penalty")
         if not self.repetition_penalty > 0:
             raise Gpt2OnnxError(f"repetition_penalty must be > 0, got {self.repetition_penalty}", param="repetition_penalty")
+        self.repetition_penalty = min(max(self.repetition_penalty, 1 / REPETITION_FACTOR), REPETITION_FACTOR)
         if self.seed is not None:
             _int(self.seed, "seed", -2**63, 2**63 - 1)  # a signed 64-bit integer, as OpenAI's and vLLM's APIs take
         if self.eos_token_id is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -59,6 +60,19 @@ def test_repetition_penalty_changes_greedy_output(engine):
     assert len(set(plain)) < len(plain)  # the tiny model repeats itself ...
     penalised = engine.generate([[1, 2, 3]], max_new_tokens=20, repetition_penalty=1e4)[0]
     assert len(set(penalised)) == len(penalised)  # ... unless repeats are penalised away
+
+
+@pytest.mark.parametrize("huge, tiny_p", [(1e300, 1e-300), (3.5e38, 1e-45)])
+def test_an_extreme_repetition_penalty_is_the_strongest_one_not_nan(engine, huge, tiny_p):
+    # float32 logits times 1e300 were inf and NaN (overflow warnings, then argmax over NaN: garbage tokens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for p, bound in ((huge, 1e30), (tiny_p, 1e-30)):
+            for kw in (dict(), dict(num_beams=2), dict(do_sample=True, seed=3)):
+                got = engine.generate([[1, 2, 3]], max_new_tokens=12, repetition_penalty=p, **kw)[0]
+                assert got == engine.generate([[1, 2, 3]], max_new_tokens=12, repetition_penalty=bound, **kw)[0]
+                if p > 1 and not kw:  # the strongest penalty never repeats a token the row holds
+                    assert len(set(got) | {1, 2, 3}) == len(got) + 3
 
 
 def test_stream_joins_to_generate_text(engine):
