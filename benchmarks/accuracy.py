@@ -213,12 +213,16 @@ def measure(model: str, out: str, artifacts: str, log=print, force: bool = False
         "rows": results,
         **({"llamacpp_skipped": skipped} if skipped else {}),
     }
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "accuracy.json"), "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2, ensure_ascii=False)
-    with open(os.path.join(out, "accuracy.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(markdown(doc)) + "\n")
-    plot([doc], os.path.join(out, "accuracy.png"))
+    from .results import publish
+
+    def fill(tmp: str) -> None:
+        with open(os.path.join(tmp, "accuracy.json"), "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2, ensure_ascii=False)
+        with open(os.path.join(tmp, "accuracy.md"), "w", encoding="utf-8") as f:
+            f.write("\n".join(markdown(doc)) + "\n")
+        plot([doc], os.path.join(tmp, "accuracy.png"))
+
+    publish(out, fill)
     return doc
 
 

@@ -16,7 +16,6 @@ run interleaved (1, 4, 1, 4, ...) `repeats` times; figures are medians over repe
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
@@ -97,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['num_beams']:>5} {r['prefill_ms']:>10.1f} {r['ms_per_token']:>9.2f} {r['step_p50_ms']:>11.2f} "
               f"{r['tokens_per_s']:>8.1f} {ratio:>9}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"artifact": a.artifact, "provider": engine.provider, "rows": rows}, f, indent=2)
+        from .results import write_json
+
+        write_json(a.json, {"artifact": a.artifact, "provider": engine.provider, "rows": rows})
     return 0
 
 

@@ -200,11 +200,15 @@ def write(result: dict, out: str) -> None:
 
 def write_record(out: str, stem: str, title: str, result: dict, lines: list[str]) -> None:
     """DIR/stem.json (the record) and DIR/stem.md (its rendering under `title`): the GPU checks' output pair."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{stem}.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(out, f"{stem}.md"), "w") as f:
-        f.write("\n".join([f"# {title}", "", *lines, ""]))
+    from .results import publish
+
+    def fill(tmp: str) -> None:
+        with open(os.path.join(tmp, f"{stem}.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        with open(os.path.join(tmp, f"{stem}.md"), "w") as f:
+            f.write("\n".join([f"# {title}", "", *lines, ""]))
+
+    publish(out, fill)
 
 
 def parser() -> argparse.ArgumentParser:

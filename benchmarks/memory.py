@@ -11,7 +11,6 @@ The peak (VmHWM) is the figure the benchmark's footprint row compares with other
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -135,8 +134,9 @@ def main() -> None:
     rows = {os.path.basename(os.path.normpath(a)): ap.run(footprint, a, args.prompt_len, args.new_tokens) for a in args.artifacts}
     print(table(rows))
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
+        from .results import write_json
+
+        write_json(args.out, rows)
 
 
 if __name__ == "__main__":

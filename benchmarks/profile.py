@@ -130,8 +130,9 @@ def main(argv=None) -> None:
     result = p.run(profile, a.artifact, a.prompt_len, a.new_tokens, a.threads, batch=a.batch)
     print(render(result))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
+        from .results import write_json
+
+        write_json(a.json, result, indent=1)
 
 
 if __name__ == "__main__":

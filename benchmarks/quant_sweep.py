@@ -91,8 +91,9 @@ def main() -> None:
         r.pop("path")
         r["p50_ms"], r["ttft_ms"], r["vs_fp32"] = float(np.median(t)), float(np.median(f)), float(np.median(t)) / base
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"model": args.model, "rows": rows}, f, indent=2)
+    from .results import write_json
+
+    write_json(args.out, {"model": args.model, "rows": rows})
     print(f"{'precision':9s} {'config':90s} {'MB':>5s} {'RSS':>5s} {'MB/tok':>7s} {'ms/tok':>7s} {'×fp32':>6s} {'TTFT':>6s} "
           f"{'KL':>9s} {'top-1':>6s} {'ppl %':>7s}")
     for r in rows:

@@ -38,7 +38,10 @@ def floor_bandwidth(machine: dict, provider: str) -> tuple[str, float]:
     return "read", bw["read"]
 
 
-def write_report(results: dict, out: str) -> None:
+def write_report(results: dict, out: str, into: str | None = None) -> None:
+    """report.md and the plots of `results`, for the report directory `out` (its accuracy.json and capture.json,
+    when there, are read from it), written into `into` (default `out`; results.publish passes its temporary directory)."""
+    src, out = out, into or out
     s = results["settings"]
     m = results["machine"]
     summary = results["summary"]
@@ -109,7 +112,7 @@ def write_report(results: dict, out: str) -> None:
         L += ["", "GPU memory: " + ", ".join(f"{x['name']} {_fmt(x.get('gpu_peak_mb') or x.get('gpu_used_mb'), '.0f')} MB" for x in systems)]
     L += _memory(systems)
     L += _edge_section(results)
-    L += _gpu_section(results, _capture(out))
+    L += _gpu_section(results, _capture(src))
     L += _beams(results.get("beams") or {})
 
     L += ["", "## Time to first token (batch 1), ms", "", "| system | " + " | ".join(f"prompt {p}" for p in s["prompt_len"]) + " |",
@@ -160,7 +163,7 @@ def write_report(results: dict, out: str) -> None:
     if any(r["scenario"] == "concurrent" for r in summary):
         L += _concurrent_section(results)
 
-    trained = _trained_accuracy(out)
+    trained = _trained_accuracy(src)
     L += _accuracy_section(systems, trained)
     plots = ["latency_vs_context.png", "throughput_vs_batch.png", "precisions.png"]
     plots += ["concurrent.png"] if any(r["scenario"] == "concurrent" for r in summary) else []
@@ -627,8 +630,11 @@ def main(argv: list[str] | None = None) -> None:
     path = os.path.join(a.dir, "results.json")
     if not os.path.isfile(path):
         p.error(f"{a.dir} holds no results.json; give a report directory `gpt2onnx bench --out` wrote")
+    from .results import publish
+
     with open(path, encoding="utf-8") as f:
-        write_report(json.load(f), a.dir)
+        res = json.load(f)
+    publish(a.dir, lambda tmp: write_report(res, a.dir, into=tmp))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ import csv
 import datetime
 import json
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import asdict
 from typing import TypedDict
 
@@ -209,16 +211,50 @@ def assemble(s: Settings, machine: Machine, systems: list[System], skipped: list
 
 
 def write(results: Results, out: str) -> None:
-    """results.json, results.csv, then report.md and the plots (report.write_report) into `out`."""
+    """results.json, results.csv, then report.md and the plots (report.write_report) into `out`, all or
+    nothing (publish)."""
     from . import report
 
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        rows = results["records"]
-        if rows:
-            wr = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))  # chat rows add a column
-            wr.writeheader()
-            wr.writerows(rows)
-    report.write_report(results, out)
+    def fill(tmp: str) -> None:
+        with open(os.path.join(tmp, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        with open(os.path.join(tmp, "results.csv"), "w", newline="") as f:
+            rows = results["records"]
+            if rows:
+                wr = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))  # chat rows add a column
+                wr.writeheader()
+                wr.writerows(rows)
+        report.write_report(results, out, into=tmp)
+
+    publish(out, fill)
+
+
+def write_json(path: str, doc, indent: int = 2) -> None:
+    """`doc` as JSON at `path`, whole or not at all: written beside it, then renamed over it."""
+    fd, tmp = tempfile.mkstemp(prefix=".gpt2onnx-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=indent, ensure_ascii=False)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def publish(out: str, fill) -> None:
+    """Run `fill(tmp)` on a new temporary directory beside `out`, then move each file it wrote into `out`
+    (created then): a writer that fails half-way (a plot, a full disk, Ctrl-C) leaves `out` as it was, no
+    half-written report or stray directory. The temporary directory sits in the nearest existing ancestor
+    of `out`, on its file system, so each move is one rename."""
+    path = os.path.abspath(out)
+    base = os.path.dirname(path)
+    while not os.path.isdir(base):
+        base = os.path.dirname(base)
+    tmp = tempfile.mkdtemp(prefix=".gpt2onnx-report-", dir=base)
+    try:
+        fill(tmp)
+        os.makedirs(path, exist_ok=True)
+        for name in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

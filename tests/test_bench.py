@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from gpt2onnx.benchmarks import figures, harness, loop, plan, results, settings, worker, workloads
+from gpt2onnx.benchmarks import report as report_mod
 from gpt2onnx.benchmarks.engines import ctranslate2, llamacpp
 from gpt2onnx.export import checkpoints
 from gpt2onnx.export.convert import ExportOptions, export
@@ -72,6 +73,16 @@ def test_bench_schema_and_report(tmp_path, tiny_artifact, monkeypatch):
     (out / "report.md").unlink()
     subprocess.run([sys.executable, "-m", "gpt2onnx.benchmarks.report", str(out)], check=True, capture_output=True)
     assert (out / "report.md").read_text() == report
+    # a writer that fails half-way (here the plots, after report.md) leaves the directory as it was and no
+    # new one: a report is written whole or not at all
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(report_mod, "_plots", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    for target in (out, tmp_path / "new" / "rep"):
+        on_disk["created"] = "changed"
+        with pytest.raises(OSError, match="No space left"):
+            results.write(on_disk, str(target))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "rep"]
 
 
 def test_bench_cli_with_optimum(tmp_path, tiny_artifact):
