@@ -44,6 +44,7 @@ def run(s: Settings, log=print) -> results.Results:
     check(s)
     check_provider(s.provider)
     manifests = [load_manifest(a, verify="sha256") for a in s.artifacts]  # a damaged artifact stops here
+    plan.check_artifacts(manifests)
     # before the baselines are prepared (downloads, conversions): a prompt that cannot fit stops here
     scenarios = plan.scenarios(s, min(m.config["n_positions"] for m in manifests), log)
     specs, skipped = plan.systems(s, manifests, log)

@@ -5,6 +5,7 @@ system runs (decode, throughput, context, chat, the concurrent clients' request 
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 
 from gpt2onnx.runtime.errors import Gpt2OnnxError
@@ -87,8 +88,11 @@ def concurrent_plan(s: Settings, n_positions: int, log=print) -> dict | None:
 def systems(s: Settings, manifests, log) -> tuple[list[SystemSpec], list[dict]]:
     """(specs, skipped): ours, one per artifact, then the baselines in `s.baselines` order; a baseline
     that cannot run here is a skipped entry {baseline, reason}."""
-    specs = [SystemSpec(f"ours {m.precision}{'' if m.raw.get('fused', True) else ' unfused'} {s.provider}", "ours", m.path,
-                        s.provider, s.threads, m.precision) for m in manifests]
+    names = [f"ours {m.precision}{'' if m.raw.get('fused', True) else ' unfused'} {s.provider}" for m in manifests]
+    # two artifacts of one precision (an int4 with a 4-bit head beside the default) are told apart by directory:
+    # one name would pool their records into one row
+    names = [f"{n} ({os.path.basename(os.path.normpath(m.path))})" if names.count(n) > 1 else n for n, m in zip(names, manifests)]
+    specs = [SystemSpec(n, "ours", m.path, s.provider, s.threads, m.precision) for n, m in zip(names, manifests)]
     skipped = []
     for kind in s.baselines:
         why = baseline_missing(kind, s.llamacpp_src)
@@ -111,6 +115,28 @@ def systems(s: Settings, manifests, log) -> tuple[list[SystemSpec], list[dict]]:
                 log(f"skipping the optimum baseline at int8: {why}")
                 skipped.append({"baseline": "optimum int8", "reason": why})
     return specs, skipped
+
+
+def check_artifacts(manifests) -> None:
+    """One model per run, each artifact once: the baselines are prepared from the first artifact's
+    checkpoint, so an artifact of another model would be compared with the wrong PyTorch."""
+    seen = set()
+    for m in manifests:
+        where = os.path.realpath(m.path)
+        if where in seen:
+            raise Gpt2OnnxError(f"artifact {m.path} is given twice; give each artifact once")
+        seen.add(where)
+    first = manifests[0]
+    for m in manifests[1:]:
+        if _model(m) != _model(first):
+            raise Gpt2OnnxError(f"{m.path} was exported from {_model(m)}, {first.path} from {_model(first)}: the baselines "
+                                "run one model; bench the artifacts of one checkpoint per run")
+
+
+def _model(m) -> str:
+    """The checkpoint an artifact came from, as the manifest says (synthetic weights with their seed)."""
+    src = m.raw.get("source") or {}
+    return f"{src.get('checkpoint')}" + (f" (seed {src.get('seed')})" if src.get("synthetic") else "")
 
 
 def baseline_missing(kind: str, llamacpp_src: str = llamacpp.LLAMACPP_SRC) -> str | None:

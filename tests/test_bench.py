@@ -709,6 +709,27 @@ def test_bench_refuses_an_out_that_is_a_file(tiny_artifact, tmp_path, capsys):
     assert f.read_text() == "x"
 
 
+def test_bench_takes_each_artifact_once_and_of_one_model(tiny_artifact, tiny_mixed_artifact, tmp_path, capsys):
+    """The same artifact twice measured it twice under one name; two artifacts of one precision pooled their
+    records into one row; an artifact of another model met the first one's PyTorch baseline."""
+    from types import SimpleNamespace
+
+    from gpt2onnx.runtime.artifact import load_manifest
+
+    again = str(tmp_path / "again")
+    os.symlink(tiny_artifact, again)
+    err = _bench_refusal(capsys, tiny_artifact, again, *CHEAP, "--out", str(tmp_path / "r"))
+    assert f"artifact {again} is given twice; give each artifact once" in err and not (tmp_path / "r").exists()
+    both = [load_manifest(a) for a in (tiny_artifact, tiny_mixed_artifact)]
+    specs, _ = plan.systems(settings.Settings(artifacts=[], baselines=[]), both, log=QUIET)
+    assert [x.name for x in specs] == [f"ours fp32 cpu ({os.path.basename(a)})" for a in (tiny_artifact, tiny_mixed_artifact)]
+    plan.check_artifacts(both)  # one checkpoint: fine
+    other = SimpleNamespace(path="/x/medium", raw={"source": {"checkpoint": "synthetic:dialogpt-medium", "synthetic": True, "seed": 0}})
+    with pytest.raises(Gpt2OnnxError, match="was exported from synthetic:dialogpt-medium .seed 0., .* from synthetic:tiny .seed 0.: "
+                       "the baselines run one model; bench the artifacts of one checkpoint per run"):
+        plan.check_artifacts([both[0], other])
+
+
 def test_bench_refuses_an_unavailable_provider(tiny_artifact, tmp_path, capsys, monkeypatch):
     """cuda where onnxruntime has no CUDA provider (made so here, whatever this machine has): refused first."""
     import onnxruntime as ort
