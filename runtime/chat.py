@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from .errors import ContextOverflow, Gpt2OnnxError
+from .errors import ContextOverflow, Gpt2OnnxError, require_utf8
 from .prompt_cache import PromptCache
 from .sampling import GenerationConfig
 
@@ -29,7 +29,12 @@ def turn(ids: Sequence[int], eos: int) -> list[int]:
 
 
 def encode_turns(tokenizer, texts: Sequence[str | None], eos: int) -> list[list[int]]:
-    """Each text as a DialoGPT turn. `tokenizer`: a `tokenizers.Tokenizer`; None or "" is an empty turn."""
+    """Each text as a DialoGPT turn. `tokenizer`: a `tokenizers.Tokenizer`; None or "" is an empty turn.
+
+    Raises:
+        Gpt2OnnxError: a text UTF-8 cannot encode (param "messages")."""
+    for i, t in enumerate(texts):
+        require_utf8(t or "", f"message {i}", "messages")
     return [turn(tokenizer.encode(t or "", add_special_tokens=False).ids, eos) for t in texts]
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from .artifact import Manifest, load_manifest
 from .beam import Beams
 from .decoder import Decoder, Mixed, Pick
-from .errors import ContextOverflow, Gpt2OnnxError
+from .errors import ContextOverflow, Gpt2OnnxError, require_utf8
 from .prompt_cache import PromptCache
 from .request import SCORE_CHUNK, PromptScores, Request, Stats, Token
 from .sampling import MAX_LOGPROBS, GenerationConfig, _int
@@ -192,10 +192,12 @@ class Engine:
         return cfg
 
     def request(self, prompt: str | list[int], cfg: GenerationConfig, limit: int | None = None, index: int = 0,
-                stream: bool = True) -> Request:
+                stream: bool = True, room: int | None = None) -> Request:
         """Validate one prompt (text or token ids) against `cfg` and a context of `limit` positions
         (default the model's) and make its Request. `stream`: the caller hands out tokens as they
         come (stream, the Scheduler), which beam search cannot: it knows its tokens only at the end.
+        `room`: positions kept free beside the prompt (default cfg.max_new_tokens; 0 for a prompt
+        that is only scored).
 
         Raises:
             Gpt2OnnxError: empty prompt, ids outside the vocabulary, a request longer than the context,
@@ -204,10 +206,10 @@ class Engine:
         if stream and cfg.num_beams > 1:
             raise Gpt2OnnxError("num_beams > 1 knows its tokens only at the end, so it cannot stream or run in the "
                                 "Scheduler (the server); use generate, generate_text or chat, or num_beams=1")
-        limit = limit or self.n_positions
-        row = self._prompt_ids(prompt, index, cfg.max_new_tokens, limit, cfg.truncate)
+        limit, room = limit or self.n_positions, cfg.max_new_tokens if room is None else room
+        row = self._prompt_ids(prompt, index, room, limit, cfg.truncate)
         eos = self.eos_token_id if cfg.eos_token_id is None else cfg.eos_token_id
-        return Request(row[-(limit - cfg.max_new_tokens):], cfg, eos, self.decode, self.vocab_size)
+        return Request(row[-(limit - room):], cfg, eos, self.decode, self.vocab_size)
 
     def _prompt_ids(self, prompt: str | list[int], index: int, max_new: int, limit: int, truncate: bool) -> list[int]:
         """The prompt's token ids, checked: text or integer ids inside the vocabulary, not empty, and
@@ -262,16 +264,18 @@ class Engine:
         what = "prompt" if index is None else f"prompt {index}"
         if not isinstance(text, str):
             raise Gpt2OnnxError(f"{what} must be text, got {type(text).__name__}", param="prompt")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise Gpt2OnnxError(f"{what} is not valid UTF-8; pass UTF-8 text", param="prompt") from None
+        require_utf8(text, what, "prompt")
         if not text:
             raise Gpt2OnnxError(f"{what} is empty; pass some text", param="prompt")
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """The special tokens' ids (<|endoftext|> ...): `decode` leaves them out of the text."""
+        return frozenset(i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes token `token_id` stands for. A byte-level BPE token may hold part of a multi-byte

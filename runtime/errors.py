@@ -13,6 +13,15 @@ class Gpt2OnnxError(Exception):
             self.param = param
 
 
+def require_utf8(text: str, what: str, param: str) -> None:
+    """Refuse text that UTF-8 cannot encode (a lone surrogate, which JSON's \\ud800 escape can carry):
+    the tokenizer would fail on it with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Gpt2OnnxError(f"{what} is not valid UTF-8 (it holds a lone surrogate); pass UTF-8 text", param=param) from None
+
+
 def one_line(err: BaseException, limit: int = 300) -> str:
     """An exception as one line for a log, a warning or a record: its type and the first line of its
     message, cut at `limit` characters (onnxruntime's messages run to many lines)."""

@@ -172,6 +172,7 @@ class Request:
         self.wakers: list[Callable[[], None]] = []  # async consumers' callbacks
         self.followers = 0  # blocking iterators waiting token by token
         self.prompt_scores: PromptScores | None = None  # set by Scheduler.submit(prompt_logprobs=k)
+        self.score_only = False  # Scheduler.submit(max_new_tokens=0): ends after its prompt pass, nothing generated
 
     @property
     def done(self) -> bool:

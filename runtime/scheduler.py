@@ -125,11 +125,19 @@ class Scheduler:
         log-probability and k alternatives (as Engine.score's; Result.prompt_logprobs, and the
         request's `prompt_scores` once its first token is out): one pass over the prompt serves both
         the scores and the generation (vLLM's prompt_logprobs). Such a prompt runs in full (no held
-        prefix is reused) and alone (not in a shared or fixed-width pass). Raises Gpt2OnnxError for
-        a bad request, QueueFull when the queue is full, and Gpt2OnnxError after close()."""
+        prefix is reused) and alone (not in a shared or fixed-width pass); with max_new_tokens=0 it is
+        only scored (OpenAI's echo with max_tokens 0): it ends after its prompt pass, no token, finish
+        reason "length", and needs only its prompt to fit. Raises Gpt2OnnxError for a bad request,
+        QueueFull when the queue is full, and Gpt2OnnxError after close()."""
         if prompt_logprobs is not None:
             _int(prompt_logprobs, "prompt_logprobs", 0, MAX_LOGPROBS)
-        req = self.engine.request(prompt, self.engine.config(**kw), limit=self.capacity, index=index)
+        score_only = kw.get("max_new_tokens") == 0 and not isinstance(kw.get("max_new_tokens"), bool)
+        if score_only and prompt_logprobs is None:
+            raise Gpt2OnnxError("max_new_tokens=0 generates nothing; pass prompt_logprobs to have the prompt scored",
+                                param="max_new_tokens")
+        cfg = self.engine.config(**{**kw, "max_new_tokens": 1} if score_only else kw)
+        req = self.engine.request(prompt, cfg, limit=self.capacity, index=index, room=0 if score_only else None)
+        req.score_only = score_only
         if prompt_logprobs is not None:
             req.prompt_scores = PromptScores(req.ids, prompt_logprobs, self.engine.decode)
         with self.cv:
@@ -327,6 +335,12 @@ class Scheduler:
         s.req.stats.prefill_s += dt
         s.tokens += chunk
         if len(s.tokens) < len(s.req.ids):
+            return False
+        if s.req.score_only:  # max_new_tokens 0: its prompt scored, the request is done
+            if len(s.tokens) >= self.kv.capacity:  # a held row must leave a column: steps write one in every row
+                del s.tokens[self.kv.capacity - 1:]
+                self.kv.truncate(s.index, len(s.tokens))
+            self._retire(s, "length")
             return False
         self._emit(s, s.req.choose(logits))  # the whole prompt is in: its first token
         return True

@@ -15,7 +15,6 @@ models would keep every app's engines and schedulers alive for the life of the p
 
 from __future__ import annotations
 
-import asyncio
 import gc
 from contextlib import asynccontextmanager
 
@@ -88,9 +87,7 @@ async def lifespan(app: FastAPI):
     gc.freeze()
     server.metrics.gc.watch(True)  # from here: the collection above ran before the server took requests
     yield
-    server.closing = True  # new /v1 requests get 503 while in-flight ones finish
-    timeout = server.cfg.shutdown_timeout_s
-    await asyncio.gather(*(asyncio.to_thread(m.scheduler.close, False, timeout) for m in server.models.values()))
+    await server.drain()  # new /v1 requests get 503 while in-flight ones finish (for shutdown_timeout_s)
     server.metrics.gc.watch(False)
     gc.unfreeze()
 

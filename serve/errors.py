@@ -54,6 +54,7 @@ async def _api_error(request: Request, e: APIError) -> JSONResponse:
 
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
     # routing's own errors: 404 for an unknown path, 405 for a wrong method
+    _count(request, e.status_code)
     return APIError(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error").response()
 
 

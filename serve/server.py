@@ -1,8 +1,8 @@
 """`gpt2onnx serve`: load the artifacts, start one scheduler each, serve HTTP with uvicorn.
 
-SIGTERM / Ctrl-C: uvicorn stops accepting connections and waits up to `shutdown_timeout_s` for open
-ones; then the app's shutdown finishes (or, past the deadline, cancels) what the schedulers still
-hold, and the process exits 0.
+SIGTERM / Ctrl-C: uvicorn stops accepting connections, the schedulers finish what they hold for up to
+`shutdown_timeout_s` and cancel the rest (those clients get a 503, or their stream an error event
+and [DONE]), and the process exits 0.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from gpt2onnx.runtime import Engine, Gpt2OnnxError, Scheduler
 
 from .app import Model, build_app
 from .config import ServeConfig
+
+SHUTDOWN_GRACE_S = 5  # after the schedulers' deadline, for the cancelled requests' handlers to answer
 
 
 def model_names(artifacts: list[str]) -> list[str]:
@@ -82,8 +84,17 @@ def serve(artifacts: list[str], cfg: ServeConfig) -> None:
     app = build_app(models, cfg)
     host, port = sock.getsockname()[:2]
     announce([m.name for m in models], [m.name for m in models if m.engine.manifest.synthetic], host, port, cfg)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(cfg.shutdown_timeout_s) or None,
-                                           access_log=False))
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # uvicorn waits for open connections before the app's own shutdown, and cancels their handlers at its
+            # deadline (a plain-text 500, a stream cut mid-chunk). The schedulers drain from the start instead:
+            # past shutdown_timeout_s they cancel what is left, whose handlers answer 503 (or end their stream
+            # with an error event) within uvicorn's deadline, SHUTDOWN_GRACE_S later.
+            app.state.server.drain()
+            await super().shutdown(sockets)
+
+    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=cfg.shutdown_timeout_s + SHUTDOWN_GRACE_S,
+                                   access_log=False))
     # uvicorn handles SIGTERM (graceful stop), then re-raises it under the handler it found; a no-op
     # one here makes a graceful stop exit 0 instead of dying by the signal
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from gpt2onnx.runtime import Engine, Gpt2OnnxError, Scheduler
 from gpt2onnx.runtime.errors import ContextOverflow
@@ -27,7 +28,7 @@ from gpt2onnx.runtime.request import Result, Token
 from .config import ServeConfig
 from .errors import APIError, from_runtime
 from .metrics import Metrics
-from .streaming import events
+from .streaming import SHUT_DOWN, events
 
 
 @dataclass
@@ -48,6 +49,19 @@ class ServerState:
         self.cfg = cfg
         self.metrics = Metrics(models)
         self.closing = False
+        self._drain: asyncio.Future | None = None
+
+    def drain(self) -> asyncio.Future:
+        """Shut down (once; every caller gets the same future): new /v1 requests get 503, the accepted ones
+        run for shutdown_timeout_s, then the rest are cancelled (their clients get a 503 or a stream's error
+        event) and the schedulers stop. `serve` starts it as soon as uvicorn starts shutting down; the app's
+        lifespan end awaits it."""
+        if self._drain is None:
+            self.closing = True
+            t = self.cfg.shutdown_timeout_s
+            self._drain = asyncio.ensure_future(asyncio.gather(*(asyncio.to_thread(m.scheduler.close, False, t)
+                                                                 for m in self.models.values())))
+        return self._drain
 
 
 def server_of(request: Request) -> ServerState:
@@ -72,11 +86,14 @@ async def capped_body(request: Request, limit: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body of {declared} bytes is over this server's limit of {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body is over this server's limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body is over this server's limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone while sending its body: nginx's "client closed request", not a server error
+        raise APIError(499, "the client closed the connection while sending the body") from None
     return b"".join(chunks)
 
 
@@ -233,7 +250,8 @@ class Serving:
                 h.cancel()
             if isinstance(e, ContextOverflow):
                 field = self.body.max_tokens_asked()[0]
-                fix = "lower it" if e.param == "max_new_tokens" else f"shorten the {self.prompt_param} or lower {field}"
+                fix = ("lower it" if e.param == "max_new_tokens" else f"shorten the {self.prompt_param}"
+                       + (f" or lower {field}" if e.max_new else ""))  # max_tokens 0 (echo alone): the prompt alone is too long
                 raise APIError(400, f"{e.describe(field)}; {fix}", param=field if e.param == "max_new_tokens" else self.prompt_param,
                                code="context_length_exceeded") from None
             names = {"prompt": self.prompt_param, "max_new_tokens": self.body.max_tokens_asked()[0], **self.runtime_names}
@@ -253,7 +271,10 @@ class Serving:
         try:
             done, _ = await asyncio.wait({work, watch}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if work in done:
-                return work.result()
+                results = work.result()
+                if any(r.finish_reason == "cancelled" for r in results):  # only a shutdown cancels what a client waits for
+                    raise APIError(503, SHUT_DOWN, "server_error", retry_after=self.server.cfg.retry_after_s)
+                return results
             if watch in done:  # nobody will read this answer; nginx's "client closed request"
                 raise APIError(499, "the client closed the connection")
             raise APIError(504, f"the request did not finish within {timeout:g} s", "server_error")

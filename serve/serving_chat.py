@@ -35,9 +35,13 @@ class ChatServing(Serving):
         field, asked = body.max_tokens_asked()
         if kw["max_new_tokens"] >= capacity:
             raise APIError(400, f"{field}={kw['max_new_tokens']} leaves no room for messages in the {capacity}-position "
-                           "context; lower it", param=field)
+                           "context; lower it", param=field, code="context_length_exceeded")
         try:
-            turns = fit_history(encode_turns(engine.tokenizer, texts, engine.eos_token_id), capacity - kw["max_new_tokens"])
+            turns = encode_turns(engine.tokenizer, texts, engine.eos_token_id)
+        except Gpt2OnnxError as e:
+            raise APIError(400, str(e), param="messages") from None
+        try:
+            turns = fit_history(turns, capacity - kw["max_new_tokens"])
         except Gpt2OnnxError as e:
             raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
         prompt = joined(turns)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 
 from fastapi.responses import StreamingResponse
 
-from gpt2onnx.runtime import Gpt2OnnxError
 from gpt2onnx.runtime.request import Result, Token
 
-from .errors import from_runtime
 from .protocol import CompletionRequest
 from .serving import Serving, finish, token_str
 from .streaming import sse
@@ -23,9 +20,11 @@ class Offsets:
     def __init__(self, start: int):
         self.at, self.utf8 = start, codecs.getincrementaldecoder("utf-8")("replace")
 
-    def next(self, b: bytes) -> int:
+    def next(self, b: bytes, shown: bool = True) -> int:
+        """Where a token of bytes `b` starts; `shown` False: a special token the text leaves out (0 wide)."""
         at = self.at
-        self.at += len(self.utf8.decode(b))
+        if shown:
+            self.at += len(self.utf8.decode(b))
         return at
 
     def end_prompt(self) -> None:
@@ -43,37 +42,23 @@ class CompletionServing(Serving):
         super().__init__(request, body)
         self.prompt_list = self.body.prompts()
         self.offsets: dict[int, Offsets] = {}  # a streamed choice's offsets so far
-        # max_tokens 0 (echo alone): each prompt's tokens, with logprobs scored (Engine.score), first None
-        self.scores: list[list[Token]] | None = None
 
     def prompts(self, kw: dict) -> list[str | list[int]]:
         return self.prompt_list
 
     async def respond(self):
         if self.body.max_tokens == 0:  # echo alone: the prompts back (scored with logprobs), nothing generated
-            await self._score_prompts()
+            # through the scheduler as any request (its queue bounds, cancelled on a disconnect or the timeout):
+            # each choice's prompt is only scored (Scheduler.submit with max_new_tokens 0)
+            self.handles = self.submit(self.prompt_list, self.options())
             self.server.metrics.requests.labels(route=self.route).inc()
+            await self.wait()
             choices = [{"index": i, "text": self.echo(i), "logprobs": self.prompt_logprobs(i), "finish_reason": "length"}
                        for i in range(len(self.prompt_list) * self.body.n)]
             if self.body.stream:
                 return StreamingResponse(self._echo_events(choices), media_type="text/event-stream")
             return self.envelope(self.object, choices, usage=self.usage([]))
         return await super().respond()
-
-    async def _score_prompts(self) -> None:
-        """max_tokens 0: every prompt scored (Engine.score: a pass of its own per prompt, in a worker thread
-        beside the scheduler), which also validates and counts the prompts no generation takes. Echo with
-        logprobs and a generation scores the prompt in the generation's own prompt pass instead (the
-        scheduler's prompt_logprobs, `options`)."""
-        engine, k = self.model.engine, self.body.logprobs or 0
-
-        def score_all() -> list[list[Token]]:
-            return [engine.score(p, k, index=j) for j, p in enumerate(self.prompt_list)]
-
-        try:
-            self.scores = await asyncio.to_thread(score_all)
-        except Gpt2OnnxError as e:
-            raise from_runtime(e, self.server.cfg.retry_after_s) from None
 
     async def _echo_events(self, choices: list[dict]):
         for c in choices:
@@ -83,16 +68,9 @@ class CompletionServing(Serving):
             yield sse(self.chunk([], usage=self.usage([])))
         yield b"data: [DONE]\n\n"
 
-    def prompt_tokens(self) -> int:
-        if self.handles:
-            return super().prompt_tokens()
-        return sum(len(s) for s in self.scores) if self.scores else 0
-
     def _prompt_events(self, i: int) -> list[Token]:
-        """Choice i's prompt tokens scored (echo with logprobs): from Engine.score with max_tokens 0, else
-        from its request's own prompt pass (complete once its first token is out)."""
-        if self.scores:
-            return self.scores[i // self.body.n]
+        """Choice i's prompt tokens scored (echo with logprobs), by its request's own prompt pass (complete
+        once its first token is out, or with max_tokens 0 once it is done)."""
         scores = self.handles[i].request.prompt_scores if self.handles else None
         return scores.tokens if scores else []
 
@@ -106,6 +84,8 @@ class CompletionServing(Serving):
 
     def options(self) -> dict:
         kw = super().options()
+        if self.body.max_tokens == 0:  # echo alone: scored, even without logprobs (which validates and counts it)
+            return {**kw, "max_new_tokens": 0, "prompt_logprobs": self.body.logprobs or 0}
         if self.body.logprobs is not None:
             kw["logprobs"] = self.body.logprobs
             if self.body.echo:  # each choice's prompt scored in its own prompt pass (Scheduler.submit)
@@ -125,13 +105,14 @@ class CompletionServing(Serving):
         likeliest tokens and the token itself, as OpenAI's ("up to logprobs+1 elements") and vLLM's do."""
         if self.body.logprobs is None:
             return None
-        piece = self.model.engine.token_bytes
+        piece, special = self.model.engine.token_bytes, self.model.engine.special_ids
         raw = [piece(e.id) for e in events]
         text_offset = []
-        for j, b in enumerate(raw):
+        for j, (e, b) in enumerate(zip(events, raw)):
             if j == prompt and prompt and self.body.echo:
                 offsets.end_prompt()
-            text_offset.append(offsets.next(b))
+            # the echoed prompt keeps its special tokens' text; the completion's text leaves them out
+            text_offset.append(offsets.next(b, shown=j < prompt or e.id not in special))
         top = [None if e.top_logprobs is None  # a prompt's first token, which nothing predicts
                else {**{token_str(piece(t)): lp for t, lp in e.top_logprobs}, token_str(b): e.logprob}
                for e, b in zip(events, raw)]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from gpt2onnx.runtime import Gpt2OnnxError
 from gpt2onnx.runtime.chat import encode_turns, joined
+from gpt2onnx.runtime.errors import require_utf8
 
 from .errors import APIError
 from .protocol import DetokenizeRequest, TokenizeRequest
@@ -23,11 +25,15 @@ async def tokenize(request: Request):
     if why:
         raise APIError(400, why[0], param=why[1])
     engine = model.engine
-    if body.messages is not None:
-        texts = [m.text for m in body.messages if m.role in ("user", "assistant")]
-        ids = joined(encode_turns(engine.tokenizer, texts, engine.eos_token_id))
-    else:
-        ids = engine.tokenizer.encode(body.prompt, add_special_tokens=False).ids
+    try:
+        if body.messages is not None:
+            texts = [m.text for m in body.messages if m.role in ("user", "assistant")]
+            ids = joined(encode_turns(engine.tokenizer, texts, engine.eos_token_id))
+        else:
+            require_utf8(body.prompt, "prompt", "prompt")
+            ids = engine.tokenizer.encode(body.prompt, add_special_tokens=False).ids
+    except Gpt2OnnxError as e:
+        raise APIError(400, str(e), param=e.param) from None
     out = {"count": len(ids), "max_model_len": model.scheduler.capacity, "tokens": ids}
     if body.return_token_strs:
         out["token_strs"] = [engine.tokenizer.id_to_token(t) for t in ids]

@@ -12,6 +12,8 @@ from gpt2onnx.runtime.request import Result, Token
 
 from .protocol import error_body
 
+SHUT_DOWN = "the server shut down before the request finished; retry it on another replica"
+
 
 def sse(obj) -> bytes:
     """One server-sent event carrying `obj` as JSON."""
@@ -64,6 +66,9 @@ async def events(handles: list, shape, timeout_s: float, observe: Callable[[Resu
                 break
             if isinstance(res, Exception):
                 yield sse(error_body(str(res), "server_error"))
+                break
+            if res is not None and res.finish_reason == "cancelled":  # the server shut down mid-stream
+                yield sse(error_body(SHUT_DOWN, "server_error"))
                 break
             if tok is not None:
                 yield sse(shape.chunk([shape.token_chunk(i, tok)]))

@@ -386,6 +386,41 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_artifact):
     assert out["r"].status_code == 200 and out["r"].json()["usage"]["completion_tokens"] >= 1
 
 
+def test_sigterm_past_the_shutdown_timeout_answers_what_it_cancels(tiny_artifact):
+    """Requests still running at --shutdown-timeout-s were cancelled by uvicorn mid-response: a plain-text
+    500, streams cut mid-chunk without [DONE], CancelledError tracebacks. The schedulers drain from the
+    start of the shutdown now: what they cancel answers 503 in OpenAI's shape, a stream an error event and
+    [DONE]; the rest finish; exit 0, nothing logged."""
+    s = Server(tiny_artifact, "--shutdown-timeout-s", "1", "--max-batch", "1", key=None)
+    body = {"model": s.model, "prompt": "x", "max_tokens": 120, "ignore_eos": True, "temperature": 0}
+    out: dict[int, httpx.Response] = {}
+
+    def ask(i: int) -> None:
+        out[i] = httpx.post(s.url + "/completions", json={**body, "stream": i % 4 == 0}, timeout=60)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    s.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(60)
+    assert s.proc.wait(30) == 0
+    codes = sorted(r.status_code for r in out.values())
+    assert len(out) == 16 and set(codes) <= {200, 503} and 503 in codes, codes
+    for i, r in out.items():
+        if r.status_code == 503:
+            assert r.json()["error"]["message"].startswith("the server shut down before the request finished")
+            assert r.headers["retry-after"]
+        elif i % 4 == 0:
+            assert r.text.endswith("data: [DONE]\n\n"), r.text[-300:]
+            done = '"finish_reason":"length"' in r.text.replace(" ", "")
+            assert done != ("the server shut down before the request finished" in r.text), r.text[-300:]
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 120
+    assert not [line for line in s.log if "Traceback" in line or "ERROR" in line or "Cancel" in line], s.log
+
+
 def test_serve_cli_errors_are_one_line(tiny_artifact, tmp_path):
     from .conftest import run_cli
 

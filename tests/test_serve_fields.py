@@ -187,6 +187,42 @@ def test_max_tokens_zero_with_echo_returns_the_scored_prompt(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
 
 
+def test_echo_alone_is_a_scheduler_request_that_needs_only_its_prompt_to_fit(client):
+    """max_tokens 0 ran Engine.score in a thread beside the scheduler: past the queue's bound, never cancelled
+    by a disconnect or the request timeout (a 2 s timeout answered 200 after 74 s). It is a scheduler request
+    now, ended after its prompt pass, so it takes a prompt that fills the whole context."""
+    model = client.app.state.server.models[client.model]
+    before = dict(model.scheduler.counters)
+    full = [int(t) for t in np.arange(model.engine.n_positions) % 1000 + 1]
+    body = {"model": client.model, "prompt": full, "max_tokens": 0, "echo": True, "logprobs": 0}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == len(full) and lp["token_logprobs"][0] is None
+    want = model.engine.score(full)
+    assert np.allclose(lp["token_logprobs"][1:], [t.logprob for t in want[1:]], atol=1e-5)
+    assert model.scheduler.counters["requests"] == before["requests"] + 1
+    assert model.scheduler.counters["generated_tokens"] == before["generated_tokens"]
+    r = client.post("/v1/completions", json={**body, "prompt": full + [1]})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "prompt", r.text
+    assert err["message"].endswith("longer than the 128-position context; shorten the prompt"), err
+    r = client.post("/v1/completions", json={"model": client.model, "prompt": [999, 998], "max_tokens": 3})
+    assert r.status_code == 200, r.text  # its held row (a whole context) leaves room for the next steps
+
+
+def test_the_scheduler_scores_a_prompt_alone_with_max_new_tokens_zero(engine):
+    from gpt2onnx.runtime import Gpt2OnnxError, Scheduler
+
+    with Scheduler(engine) as sched:
+        res = sched.submit([464, 2068, 7586], max_new_tokens=0, prompt_logprobs=2).result()
+        assert res.tokens == [] and res.text == "" and res.finish_reason == "length"
+        assert [(t.id, t.logprob) for t in res.prompt_logprobs] == [(t.id, t.logprob) for t in engine.score([464, 2068, 7586], 2)]
+        with pytest.raises(Gpt2OnnxError, match="max_new_tokens=0 generates nothing; pass prompt_logprobs"):
+            sched.submit([464], max_new_tokens=0)
+        assert sched.submit([464, 2068], max_new_tokens=3).result().tokens  # and generation goes on after it
+
+
 def test_lm_evaluation_harness_loglikelihood_request(client):
     """The body lm-evaluation-harness's local-completions model sends for a log-likelihood (a batch of
     token-id prompts, max_tokens 1, logprobs 1, echo) and its parsing: the continuation's summed
@@ -265,3 +301,74 @@ def test_too_many_sequences_name_what_to_lower(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
     r = client.post("/v1/completions", json={**body, "prompt": ["hi"] * (room // 2 + 1), "n": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+
+
+def test_a_lone_surrogate_is_a_400_everywhere_text_is_taken(client):
+    """JSON's "\\ud800" is a str Python holds and UTF-8 cannot encode: completions refused it, chat and
+    /tokenize answered 500 (the tokenizer's TypeError) with a traceback in the log."""
+    bad = "hi \ud800"
+    for route, body, param in [
+        ("/v1/completions", {"prompt": bad, "max_tokens": 2}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": bad}], "max_tokens": 2}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": bad}]}], "max_tokens": 2}, "messages"),
+        ("/tokenize", {"prompt": bad}, "prompt"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "fine"}, {"role": "assistant", "content": bad}]}, "messages"),
+    ]:
+        raw = json.dumps({"model": client.model, **body}).encode()  # ASCII JSON: the surrogate as its \\ud800 escape
+        r = client.post(route, content=raw, headers={"content-type": "application/json"})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == param and "not valid UTF-8" in err["message"], (route, r.text)
+
+
+def test_text_offsets_skip_the_special_tokens_the_text_leaves_out(client):
+    """A generated <|endoftext|> (ignore_eos) is not in the completion's text, so it adds nothing to the
+    offsets after it (they counted its 13 characters: [0, 13, 26] for a text of nothing)."""
+    body = {"model": client.model, "prompt": "hi", "max_tokens": 3, "ignore_eos": True, "logit_bias": {"50256": 100},
+            "temperature": 0, "logprobs": 0}
+    c = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert c["logprobs"]["tokens"] == ["<|endoftext|>"] * 3 and c["text"] == ""
+    assert c["logprobs"]["text_offset"] == [0, 0, 0]
+    c = client.post("/v1/completions", json={**body, "echo": True}).json()["choices"][0]
+    assert c["text"] == "hi" and c["logprobs"]["text_offset"][-3:] == [2, 2, 2]
+    r = client.post("/v1/completions", json={**body, "stream": True})
+    offs = [o for line in r.text.splitlines() if line.startswith("data: {")
+            for c in json.loads(line[6:])["choices"] if c["logprobs"] for o in c["logprobs"]["text_offset"]]
+    assert offs == [0, 0, 0], r.text
+
+
+def test_context_errors_carry_their_code_and_routing_errors_count(client):
+    """A chat max_tokens that fills the context is context_length_exceeded, as completions' is; 404 and 405
+    from routing count in /metrics as every other error does."""
+    r = client.post("/v1/chat/completions", json={"model": client.model, "messages": [{"role": "user", "content": "hi"}],
+                                                  "max_tokens": 128})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+
+    def errors(status: str) -> float:
+        for line in client.get("/metrics").text.splitlines():
+            if line.startswith("gpt2onnx_http_errors_total{") and f'status="{status}"' in line:
+                return float(line.split()[-1])
+        return 0.0
+
+    n404, n405 = errors("404"), errors("405")
+    assert client.get("/v1/nothing").status_code == 404 and client.get("/v1/completions").status_code == 405
+    assert (errors("404"), errors("405")) == (n404 + 1, n405 + 1)
+
+
+def test_a_client_gone_while_sending_its_body_is_a_499_not_a_500():
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    from gpt2onnx.serve.errors import APIError
+    from gpt2onnx.serve.serving import capped_body
+
+    class Half:
+        headers = {"content-length": "1000"}
+
+        async def stream(self):
+            yield b'{"model": '
+            raise ClientDisconnect()
+
+    with pytest.raises(APIError) as e:
+        asyncio.run(capped_body(Half(), 10_000))
+    assert e.value.status == 499
