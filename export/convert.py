@@ -248,9 +248,15 @@ def _parity_prompts(ids: list[int], cfg) -> list[list[int]]:
 
 
 def _batch_prompts(ids: list[int], cfg) -> list[list[int]]:
-    """Four prompts of different lengths from the shipped text's ids (a padded batch of four)."""
+    """Four prompts of different lengths from the shipped text's ids (a padded batch of four), and where the
+    context allows two more: 2 x head_dim + 1 tokens, whose pass alone would leave its last row alone in a
+    block of onnxruntime's CPU attention (runtime/decoder.py, Decoder.lone_tail), beside four tokens more."""
     n = min(24, cfg.n_positions // 4)
-    return [ids[:n], ids[n: n + n // 2], ids[2 * n: 2 * n + 3], ids[3 * n: 4 * n - 5]]
+    rows = [ids[:n], ids[n: n + n // 2], ids[2 * n: 2 * n + 3], ids[3 * n: 4 * n - 5]]
+    tail = 2 * cfg.head_dim + 1
+    if tail + 4 + 4 <= cfg.n_positions and len(ids) >= tail + 4:  # batch_invariance's capacity: the longest + 4
+        rows += [ids[:tail], ids[:tail + 4]]
+    return rows
 
 
 def _quantize(float_path: str, path: str, opts: ExportOptions, log, share: str | None = None) -> dict:

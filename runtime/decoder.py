@@ -136,10 +136,11 @@ class Mixed:
         return ro
 
 
-def right_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ids, attention_mask, position_ids [rows, longest] of a right-padded batch, as a fused graph takes
-    it: each row from column 0, its padding after it repeating its last position (0 .. len - 1, len - 1 ...)."""
-    width = max(map(len, rows))
+def right_pad(rows: list[list[int]], pad_id: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids, attention_mask, position_ids [rows, width (default the longest)] of a right-padded batch, as a
+    fused graph takes it: each row from column 0, its padding after it repeating its last position (0 ..
+    len - 1, len - 1 ...)."""
+    width = width or max(map(len, rows))
     ids = np.full((len(rows), width), pad_id, np.int64)
     mask = np.zeros((len(rows), width), np.int64)
     for r, row in enumerate(rows):
@@ -338,11 +339,17 @@ class Decoder:
             ids = np.array([row], np.int64)  # [1, S]
             pos = np.arange(h, T, dtype=np.int64)[None]  # [1, S]
             mask = np.ones((1, T), np.int64)  # exactly [1, T] for a prompt pass
+            if self.lone_tail(len(row), h) and T < self.capacity:  # one padding column, as `chunk` pads
+                ids = np.append(ids, [[s.pad_token_id]], axis=1)  # [1, S + 1]
+                pos = np.append(pos, [[T - 1]], axis=1)  # repeats the last position: its logits are the ones kept
+                mask = np.ones((1, T + 1), np.int64)  # GQA reads the past as seqlens_k + 1 - (S + 1) = held
         else:
             if self.held[first: first + k].any():
                 raise ValueError("rows run together in one prompt pass must start empty")
             ids, mask, pos = right_pad(rows, s.pad_token_id)
             T = ids.shape[1]
+            if self.lone_tail(T, 0) and T < self.capacity:  # one more padding column (masked, as the rest)
+                ids, mask, pos = right_pad(rows, s.pad_token_id, T + 1)
         if T > self.capacity:
             raise Gpt2OnnxError(f"a prompt of {T} positions does not fit the {self.capacity}-position KV cache")
         n = s.names
@@ -362,7 +369,22 @@ class Decoder:
         for i, row in enumerate(rows):
             r = first + i
             self._set_row(r, (int(self.held[r]) if k == 1 else 0) + len(row))
-        return out[0] if every else self.logits[first: first + k, 0]
+        return out[0, :len(rows[0])] if every else self.logits[first: first + k, 0]
+
+    def lone_tail(self, width: int, held: int) -> bool:
+        """Whether a prompt pass of `width` columns over a row holding `held` tokens would leave its last
+        query row alone in a block of onnxruntime's CPU attention over a float cache. That attention works
+        through a pass's rows in blocks of 2 x head_dim (measured with onnxruntime 1.32 on AVX2: a block of 16,
+        32, 64, 128 rows at head sizes 8, 16, 32, 64), and a row alone in its block (a pass of 129 tokens'
+        last at head size 64, or any one-token pass over a past) comes out ~2e-6 apart from the same row in a
+        block of more. How a prompt is split into passes is up to its batch-mates (a right-padded group's width,
+        the scheduler's chunks while others decode, a held prefix), so such a pass gets one padding column:
+        every prompt row is then computed in a block of two or more whatever shares its batch, and a
+        request's fp32 tokens cannot depend on it (tests/test_runtime.py). Decode steps are one row per
+        sequence for every row alike. The int8 cache's attention has no such tail (measured exact)."""
+        s = self.spec
+        return (self.device == "cpu" and s.kv_dtype != np.int8 and width % (2 * s.head_dim) == 1
+                and (width > 1 or held > 0))
 
     def decode(self, tokens: np.ndarray, live: np.ndarray | None = None) -> np.ndarray:
         """One step over rows 0 .. n-1: row r feeds tokens[r] (int64 [n]) at its next position; a row

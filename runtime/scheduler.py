@@ -27,8 +27,10 @@ where it has one (CUDA), not the logits.
 Each request samples with its own options and generator, so its tokens do not depend on its
 batch-mates where the model's logits do not: the export measures that (manifest:
 parity.batch_invariance; exact in fp32 and int8 exported with `--int8-method nbits`, not in the
-default int8, whose DynamicQuantizeMatMul shares one activation scale per call, nor in int4 on an
-AVX-512 VNNI CPU, whose MatMulNBits kernels sum one row and many in other orders).
+default int8, whose DynamicQuantizeMatMul shares one activation scale per call, nor in int4, whose
+MatMulNBits kernels sum one row and many in other orders: measured so on AVX-512 VNNI and on AVX2).
+A prompt's passes are split by its batch-mates (chunks, groups, held prefixes); the decoder pads a
+pass whose split would change its rows' float attention (Decoder.lone_tail).
 """
 
 from __future__ import annotations
@@ -131,10 +133,8 @@ class Scheduler:
         QueueFull when the queue is full, and Gpt2OnnxError after close()."""
         if prompt_logprobs is not None:
             _int(prompt_logprobs, "prompt_logprobs", 0, MAX_LOGPROBS)
-        score_only = kw.get("max_new_tokens") == 0 and not isinstance(kw.get("max_new_tokens"), bool)
-        if score_only and prompt_logprobs is None:
-            raise Gpt2OnnxError("max_new_tokens=0 generates nothing; pass prompt_logprobs to have the prompt scored",
-                                param="max_new_tokens")
+        # max_new_tokens 0 with prompt_logprobs: scored only (without, validation refuses it as anywhere else)
+        score_only = prompt_logprobs is not None and kw.get("max_new_tokens") == 0 and not isinstance(kw.get("max_new_tokens"), bool)
         cfg = self.engine.config(**{**kw, "max_new_tokens": 1} if score_only else kw)
         req = self.engine.request(prompt, cfg, limit=self.capacity, index=index, room=0 if score_only else None)
         req.score_only = score_only

@@ -64,7 +64,7 @@ def test_batch_invariance_is_measured_at_export(tmp_path_factory, engine, precis
     from .conftest import QUIET
 
     fp32 = engine.manifest.raw["parity"]["batch_invariance"]
-    assert fp32["invariant"] is True and fp32["max_abs_logit_diff"] == 0.0 and fp32["rows"] == 4
+    assert fp32["invariant"] is True and fp32["max_abs_logit_diff"] == 0.0 and fp32["rows"] == 6  # 4, and a block tail beside a longer row
     out = str(tmp_path_factory.mktemp("art") / f"{precision}-{method}")
     path = export(ExportOptions("synthetic:tiny", out, precision=precision, int8=Int8Config(method=method)), log=QUIET)
     e = Engine.load(path, provider="cpu")
@@ -403,3 +403,35 @@ def test_smaller_slot_capacity(engine):
             alone(engine, [1, 2, 3], max_new_tokens=8, eos_token_id=-1)
         with pytest.raises(Gpt2OnnxError, match="runs past the 24-position context"):
             s.submit(list(range(20)), max_new_tokens=8)
+
+
+def test_fp32_logits_do_not_depend_on_how_batch_mates_split_a_prompt(engine):
+    """onnxruntime's CPU attention over a float cache computes a pass's rows in blocks of 2 x head_dim (32 on
+    tiny), and a row alone in its block came out ~3e-6 apart: a 33-token prompt alone against beside a longer
+    one, a one-token pass over a held prefix (the scheduler's reuse) against the fresh pass, a prompt chunked
+    20 + 20 + 1 (the scheduler's chunks while another request decodes) against one pass. Such passes get one
+    padding column (Decoder.lone_tail): bit-equal now."""
+    rng = np.random.default_rng(0)
+    p, q = rng.integers(0, 50000, 33).tolist(), rng.integers(0, 50000, 40).tolist()
+    assert engine.spec.head_dim == 16  # the block these lengths straddle: 2 x 16
+    alone = engine.decoder(1, 48).prefill(0, [p])[0].copy()
+    assert np.array_equal(alone, engine.decoder(2, 48).prefill(0, [p, q])[0])
+    dec = engine.decoder(1, 48)
+    dec.prefill(0, [p[:32]])
+    assert np.array_equal(alone, dec.prefill(0, [p[32:]])[0])  # a one-token pass over a held prefix
+    dec = engine.decoder(1, 48)
+    assert np.array_equal(dec.prefill(0, [p], every=True), engine.decoder(1, 48).prefill(0, [p + [7]], every=True)[:33])
+
+    c = rng.integers(0, 50000, 41).tolist()  # a scheduler's chunks of 20 while another row decodes: 20, 20, 1
+    dec = engine.decoder(1, 48)
+    for a in (0, 20):
+        dec.prefill(0, [c[a: a + 20]])
+    assert np.array_equal(dec.prefill(0, [c[40:]])[0], engine.decoder(1, 48).prefill(0, [c])[0])
+
+    kw = dict(max_new_tokens=4, do_sample=True, seed=5, logprobs=0)
+    with Scheduler(engine, SchedulerConfig(max_batch=4)) as sched:
+        first = sched.submit(p, **kw).result()
+        again = sched.submit(p, **kw).result()  # its slot's 32-token prefix reused: a one-token pass
+    assert again.stats.cached_tokens == 32
+    lps = lambda r: [(t.id, t.logprob) for t in r.logprobs]  # noqa: E731
+    assert lps(again) == lps(first)
