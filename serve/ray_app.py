@@ -44,6 +44,8 @@ except ImportError:  # pragma: no cover - gpt2onnx[ray] not installed: the CLI s
 QUIET = {"log_level": "WARNING", "enable_access_log": False}
 CONVERSATION_HEADER = "x-conversation-id"
 REPLICA_HEADER = "x-gpt2onnx-replica"  # which replica answered (tests, debugging)
+INGRESS_SPARE = 32  # requests the ingress takes beyond what the replicas run and queue: /health, /metrics, 429s
+HOP_BY_HOP = ("content-length", "transfer-encoding", "connection", "keep-alive")  # the ingress's own response sets these
 
 
 def conversation_key(path: str, headers: dict[str, str], body: bytes) -> str | None:
@@ -82,13 +84,20 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
     the engine's threads on a real cluster; fractions let several replicas share a small machine."""
     from ray import serve
     from ray.serve.config import RequestRouterConfig
+    from ray.serve.exceptions import BackPressureError
 
     from .errors import APIError
     from .protocol import error_body
+    from .server import SHUTDOWN_GRACE_S
     from .serving import capped_body
 
+    room = cfg.scheduler.max_batch + cfg.scheduler.max_queue  # what a replica's scheduler runs and queues
+    most = (autoscaling or {}).get("max_replicas", replicas)
+
+    # one more than the scheduler takes, so the scheduler itself answers the next with its 429 (and Retry-After);
+    # one more waits at the ingress, after which Ray raises BackPressureError: a 429 too, not an unbounded queue
     @serve.deployment(num_replicas=None if autoscaling else replicas, autoscaling_config=autoscaling,
-                      max_ongoing_requests=cfg.scheduler.max_batch + cfg.scheduler.max_queue, health_check_period_s=2, health_check_timeout_s=10,
+                      max_ongoing_requests=room + 1, max_queued_requests=1, health_check_period_s=2, health_check_timeout_s=10,
                       request_router_config=RequestRouterConfig(request_router_class=ConversationRouter),
                       ray_actor_options={"num_cpus": replica_cpus}, logging_config=QUIET,
                       graceful_shutdown_timeout_s=cfg.shutdown_timeout_s)
@@ -150,14 +159,18 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
 
     ingress_app = FastAPI(docs_url=None, redoc_url=None)
 
+    # one ingress in front of every replica: Ray's default of 5 requests at once would be the whole service's
+    # limit; it outlives the replicas' shutdown deadline by SHUTDOWN_GRACE_S, so what they cut short is answered
     @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0},  # it forwards bytes; the replicas compute
-                      logging_config=QUIET, graceful_shutdown_timeout_s=cfg.shutdown_timeout_s)
+                      max_ongoing_requests=most * (room + 2) + INGRESS_SPARE, logging_config=QUIET,
+                      graceful_shutdown_timeout_s=cfg.shutdown_timeout_s + SHUTDOWN_GRACE_S)
     @serve.ingress(ingress_app)
     class Ingress:
         def __init__(self, replica):
             self.replica = replica
 
-        @ingress_app.api_route("/{path:path}", methods=["GET", "POST"])
+        # every method: the replica's app answers what it does not route (405) in OpenAI's error shape
+        @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
         async def route(self, path: str, request: Request):
             try:  # one ingress serves every replica: it must not hold (or wait for) an oversized body whole
                 body = await capped_body(request, cfg.max_body_bytes)
@@ -169,6 +182,9 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
             gen = handle.forward.remote(request.method, "/" + path, [(k.encode(), v.encode()) for k, v in request.headers.items()], body)
             try:
                 status, resp_headers = await gen.__anext__()
+            except BackPressureError:  # every replica is full and one more waits here already: the plain server's 429
+                return JSONResponse(error_body("every replica is busy and the queue is full; retry later", "rate_limit_error",
+                                               code="queue_full"), 429, headers={"Retry-After": str(cfg.retry_after_s)})
             except Exception as e:  # noqa: BLE001 - a replica that died or is restarting
                 return JSONResponse(error_body(f"no replica could take the request ({type(e).__name__}); retry", "server_error"),
                                     503, headers={"Retry-After": str(cfg.retry_after_s)})
@@ -189,7 +205,7 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
             except Exception as e:  # noqa: BLE001
                 return JSONResponse(error_body(f"the replica failed ({type(e).__name__}); retry", "server_error"), 503,
                                     headers={"Retry-After": str(cfg.retry_after_s)})
-            keep = {k: v for k, v in resp_headers if k.lower() in ("retry-after", "content-type", REPLICA_HEADER)}
+            keep = {k: v for k, v in resp_headers if k.lower() not in HOP_BY_HOP}  # Location, Allow, Retry-After ...
             return Response(content, status_code=status, headers=keep)
 
     return Ingress.bind(Replica.bind(artifacts, cfg))
@@ -201,7 +217,6 @@ def run(artifacts: list[str], cfg: ServeConfig, replicas: int) -> None:
     import logging
     import os
     import signal
-    import socket
     import threading
 
     import ray
@@ -209,14 +224,12 @@ def run(artifacts: list[str], cfg: ServeConfig, replicas: int) -> None:
 
     from gpt2onnx.runtime import load_manifest
 
-    from .server import announce, model_names
+    from .server import announce, listen, model_names
 
     names = model_names(artifacts)
     synthetic = [n for n, a in zip(names, artifacts) if load_manifest(a, verify="size").synthetic]  # a bad path fails here, before Ray starts
-    port = cfg.port
-    if port == 0:  # Ray's proxy takes a port number: find a free one, as the plain server's --port 0 does
-        with socket.create_server((cfg.host, 0)) as s:
-            port = s.getsockname()[1]
+    with listen(cfg) as s:  # a port in use is refused in one line here (Ray's proxy fails with a traceback); --port 0 picks one
+        port = s.getsockname()[1]
     # warnings only, as the plain server: Ray's and Serve's INFO lines in this process, and the workers'
     # output (the raylet's notes on the controller it kills at shutdown) stays in Ray's log directory
     ray.init(ignore_reinit_error=True, logging_level=logging.WARNING, log_to_driver=False)

@@ -71,15 +71,21 @@ def check(cfg: ServeConfig) -> None:
     replace(cfg.scheduler, capacity=None).validate(1 << 30)  # capacity against each model's context when it loads
 
 
+def listen(cfg: ServeConfig) -> socket.socket:
+    """A socket bound to cfg's host and port; one line naming the fix when it cannot be."""
+    try:
+        return socket.create_server((cfg.host, cfg.port))
+    except OSError as e:  # a port in use, or a host that is not one of this machine's addresses
+        fix = "choose another --port" if e.errno == errno.EADDRINUSE else "check --host (an address of this machine) and --port"
+        why = os.strerror(e.errno) if e.errno else str(e)  # create_server's strerror adds "(while attempting to bind ...)"
+        raise Gpt2OnnxError(f"cannot listen on {cfg.host}:{cfg.port}: {why}; {fix}") from None
+
+
 def serve(artifacts: list[str], cfg: ServeConfig) -> None:
     import uvicorn
 
     check(cfg)
-    try:
-        sock = socket.create_server((cfg.host, cfg.port))  # bound here, so --port 0 can say which port it got
-    except OSError as e:  # a port in use, or a host that is not one of this machine's addresses
-        fix = "choose another --port" if e.errno == errno.EADDRINUSE else "check --host (an address of this machine) and --port"
-        raise Gpt2OnnxError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}; {fix}") from None
+    sock = listen(cfg)  # bound here, so --port 0 can say which port it got
     models = load_models(artifacts, cfg)
     app = build_app(models, cfg)
     host, port = sock.getsockname()[:2]

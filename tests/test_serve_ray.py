@@ -150,3 +150,32 @@ def test_autoscaling_configuration_serves(ray_server, tiny_artifact):
         assert replica.status == "HEALTHY" and sum(replica.replica_states.values()) >= 1
     finally:
         serve.delete("auto")
+
+
+def test_the_ingress_relays_what_the_replica_app_answers(ray_server):
+    """Every method reaches the replica's app (a DELETE got FastAPI's {"detail": ...}, uncounted), and the
+    answer's headers come back whole (a redirect lost its Location)."""
+    r = httpx.delete(ray_server + "/v1/models", timeout=30)
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    r = httpx.get(ray_server + "/v1/models/", timeout=30)
+    assert r.status_code == 307 and r.headers["location"].endswith("/v1/models"), (r.status_code, dict(r.headers))
+
+
+def test_the_ingress_is_sized_for_every_replica_and_the_queue_is_bounded(tiny_artifact):
+    """The one ingress ran Ray's default of 5 requests at once: the whole service's limit, whatever the
+    replicas (3 of 8 streams waited ~10 s for a first token). A replica takes one more than its scheduler
+    (which then answers 429 itself) and one more waits at the ingress; past that Ray's BackPressureError is
+    a 429 too, not an unbounded queue (a request past --request-timeout-s got its 200 after 16.8 s). The
+    ingress outlives the replicas' shutdown deadline, to answer what they cut short."""
+    from gpt2onnx.runtime import SchedulerConfig
+    from gpt2onnx.serve.config import ServeConfig
+    from gpt2onnx.serve.ray_app import application
+
+    cfg = ServeConfig(scheduler=SchedulerConfig(max_batch=4, max_queue=2), shutdown_timeout_s=7)
+    for replicas, autoscaling, most in ((3, None, 3), (1, {"min_replicas": 1, "max_replicas": 5}, 5)):
+        ingress = application([tiny_artifact], cfg, replicas=replicas, autoscaling=autoscaling)._bound_deployment
+        replica = ingress.init_args[0]._bound_deployment
+        i, r = ingress._deployment_config, replica._deployment_config
+        assert (r.max_ongoing_requests, r.max_queued_requests) == (4 + 2 + 1, 1)
+        assert i.max_ongoing_requests >= most * (r.max_ongoing_requests + r.max_queued_requests) + 8
+        assert i.graceful_shutdown_timeout_s > r.graceful_shutdown_timeout_s == 7

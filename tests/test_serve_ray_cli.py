@@ -70,3 +70,15 @@ def test_ray_serve_cli_matches_the_plain_server(tiny_artifact):
     text = "".join(out)
     for noise in ("INFO", "Traceback", "SIGTERM received", "SystemExit", "(raylet)"):
         assert noise not in text, text[-2000:]
+
+
+def test_ray_serve_on_a_port_in_use_is_one_line(tiny_artifact):
+    """It was a RayTaskError traceback from Ray's proxy after 14 s; the plain server's line now, before Ray starts."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "gpt2onnx.cli", "serve", tiny_artifact, "--ray", "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use; choose another --port" in r.stderr
