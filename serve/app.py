@@ -15,7 +15,6 @@ models would keep every app's engines and schedulers alive for the life of the p
 
 from __future__ import annotations
 
-import gc
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request
@@ -80,16 +79,10 @@ router.add_api_route("/detokenize", detokenize, methods=["POST"])
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     server: ServerState = app.state.server
-    # what is alive now (modules, the engines, the schedulers: ~80,000 objects) lives as long as the
-    # server; frozen out of the collector, a full collection walks only what requests made since
-    # (vLLM freezes its heap after warm-up the same way). Unfrozen at shutdown.
-    gc.collect()
-    gc.freeze()
-    server.metrics.gc.watch(True)  # from here: the collection above ran before the server took requests
+    server.start()
     yield
     await server.drain()  # new /v1 requests get 503 while in-flight ones finish (for shutdown_timeout_s)
-    server.metrics.gc.watch(False)
-    gc.unfreeze()
+    server.stop()
 
 
 def build_app(models: list[Model], cfg: ServeConfig) -> FastAPI:

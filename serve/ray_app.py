@@ -108,6 +108,7 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
 
             self.models = load_models(artifacts, cfg)
             self.app = build_app(self.models, cfg)
+            self.app.state.server.start()  # forward() sends http scopes only: the app's lifespan never runs here
             self.replica_id = serve.get_replica_context().replica_tag
 
         async def forward(self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> AsyncIterator:
@@ -151,6 +152,8 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
             """Ray Serve's shutdown hook (after in-flight requests drained): stop the schedulers' threads."""
             for m in getattr(self, "models", []):
                 m.scheduler.close(cancel=True)
+            if hasattr(self, "app"):
+                self.app.state.server.stop()
 
         def check_health(self) -> None:
             for m in self.models:

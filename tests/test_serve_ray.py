@@ -179,3 +179,20 @@ def test_the_ingress_is_sized_for_every_replica_and_the_queue_is_bounded(tiny_ar
         assert (r.max_ongoing_requests, r.max_queued_requests) == (4 + 2 + 1, 1)
         assert i.max_ongoing_requests >= most * (r.max_ongoing_requests + r.max_queued_requests) + 8
         assert i.graceful_shutdown_timeout_s > r.graceful_shutdown_timeout_s == 7
+
+
+def test_replicas_freeze_their_heap_and_time_gc_pauses(ray_server, tiny_artifact):
+    """A replica's app gets http scopes only, so the app's lifespan never ran there: no gc.freeze, and the
+    GC-pause histogram stayed 0 whatever the replica did. ServerState.start runs in each replica now."""
+    import os
+
+    model = os.path.basename(tiny_artifact)
+    for i in range(6):
+        r = httpx.post(ray_server + "/v1/completions", json={"model": model, "prompt": f"gc {i}", "max_tokens": 16}, timeout=60)
+        assert r.status_code == 200, r.text
+    counts = []
+    for _ in range(4):  # /metrics answers for the replica it reaches
+        text = httpx.get(ray_server + "/metrics", timeout=30).text
+        counts.append(sum(float(line.split()[-1]) for line in text.splitlines()
+                          if line.startswith("gpt2onnx_gc_pause_seconds_count")))
+    assert max(counts) > 0, counts
