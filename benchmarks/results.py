@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import asdict
 from typing import TypedDict
 
-from .settings import Settings
+from .settings import Settings, nearest_existing
 from .worker import SystemSpec
 
 SCHEMA_VERSION = 2
@@ -247,10 +247,7 @@ def publish(out: str, fill) -> None:
     half-written report or stray directory. The temporary directory sits in the nearest existing ancestor
     of `out`, on its file system, so each move is one rename."""
     path = os.path.abspath(out)
-    base = os.path.dirname(path)
-    while not os.path.isdir(base):
-        base = os.path.dirname(base)
-    tmp = tempfile.mkdtemp(prefix=".gpt2onnx-report-", dir=base)
+    tmp = tempfile.mkdtemp(prefix=".gpt2onnx-report-", dir=nearest_existing(os.path.dirname(path)))
     try:
         fill(tmp)
         os.makedirs(path, exist_ok=True)

@@ -172,15 +172,20 @@ def check_provider(provider: str) -> None:
                             f"{PROVIDERS[provider]}); pass --bench-provider cpu, or install onnxruntime-gpu for cuda") from None
 
 
+def nearest_existing(path: str) -> str:
+    """`path`, or its nearest ancestor that exists: where directories made for `path` would go."""
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
+
+
 def _check_out(out: str, flag: str = "--out") -> None:
     """Refuse an --out (`flag`) the report cannot be written to; results.write creates it only after every
     measurement. Nothing is created here, so a refused run leaves no directory behind."""
     path = os.path.abspath(out)
     if os.path.lexists(path) and not os.path.isdir(path):
         raise Gpt2OnnxError(f"{flag} {out} is a file, not a directory; give a directory for the report (new or existing)")
-    parent = path
-    while not os.path.lexists(parent):  # the nearest part that exists is where the new directories go
-        parent = os.path.dirname(parent)
+    parent = nearest_existing(path)
     if not os.path.isdir(parent):
         raise Gpt2OnnxError(f"{flag} {out} cannot be created: {parent} is not a directory; give another report directory")
     if not os.access(parent, os.W_OK | os.X_OK):

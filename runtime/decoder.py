@@ -336,20 +336,19 @@ class Decoder:
                 for a in starts[:-1]:
                     self.prefill(first, [row[a: a + INT8_KV_PASS]])
                 return self.prefill(first, [row[starts[-1]:]])  # the last piece's last token's logits
-            ids = np.array([row], np.int64)  # [1, S]
-            pos = np.arange(h, T, dtype=np.int64)[None]  # [1, S]
-            mask = np.ones((1, T), np.int64)  # exactly [1, T] for a prompt pass
-            if self.lone_tail(len(row), h) and T < self.capacity:  # one padding column, as `chunk` pads
-                ids = np.append(ids, [[s.pad_token_id]], axis=1)  # [1, S + 1]
-                pos = np.append(pos, [[T - 1]], axis=1)  # repeats the last position: its logits are the ones kept
-                mask = np.ones((1, T + 1), np.int64)  # GQA reads the past as seqlens_k + 1 - (S + 1) = held
+            # one padding column where the pass would leave its last row alone (lone_tail), as `chunk` pads: its
+            # position repeats the last (whose logits the graph keeps), and the mask's one more column keeps
+            # GQA's past at seqlens_k + 1 - (S + 1) = held
+            pad = int(self.lone_tail(len(row), h) and T < self.capacity)
+            ids = np.array([[*row, *[s.pad_token_id] * pad]], np.int64)  # [1, S + pad]
+            pos = np.minimum(np.arange(h, T + pad, dtype=np.int64), T - 1)[None]  # [1, S + pad]
+            mask = np.ones((1, T + pad), np.int64)  # exactly [1, T (+ pad)] for a prompt pass
         else:
             if self.held[first: first + k].any():
                 raise ValueError("rows run together in one prompt pass must start empty")
-            ids, mask, pos = right_pad(rows, s.pad_token_id)
-            T = ids.shape[1]
-            if self.lone_tail(T, 0) and T < self.capacity:  # one more padding column (masked, as the rest)
-                ids, mask, pos = right_pad(rows, s.pad_token_id, T + 1)
+            T = max(map(len, rows))
+            pad = int(self.lone_tail(T, 0) and T < self.capacity)  # one more padding column (masked, as the rest)
+            ids, mask, pos = right_pad(rows, s.pad_token_id, T + pad)
         if T > self.capacity:
             raise Gpt2OnnxError(f"a prompt of {T} positions does not fit the {self.capacity}-position KV cache")
         n = s.names
