@@ -28,6 +28,7 @@ taking requests, lets in-flight ones finish for `shutdown_timeout_s`, and exits 
 
 import hashlib
 import json
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the routes' annotations here
@@ -242,15 +243,85 @@ def run(artifacts: list[str], cfg: ServeConfig, replicas: int) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    serve.start(http_options={"host": cfg.host, "port": port}, logging_config=QUIET)
-    serve.run(application(artifacts, cfg, replicas), name="gpt2onnx", route_prefix="/")
-    announce(names, synthetic, cfg.host, port, cfg, how=f"{replicas} Ray Serve replica{'s' if replicas > 1 else ''}")
-    while not stop.wait(1.0):  # a timed wait: the signal handler runs between the waits
-        pass
+    gcs = ray.get_runtime_context().gcs_address
+    failed: list[BaseException] = []
+
+    def deploy() -> None:
+        try:
+            serve.start(http_options={"host": cfg.host, "port": port}, logging_config=QUIET)
+            serve.run(application(artifacts, cfg, replicas), name="gpt2onnx", route_prefix="/")
+        except BaseException as e:  # noqa: BLE001 - raised again on the main thread
+            failed.append(e)
+
+    # deploying waits on the GCS as well: a signal that stopped Ray's processes mid-start would hang it
+    starting = threading.Thread(target=deploy, daemon=True)
+    starting.start()
+    watch(lambda: stop.is_set() or not starting.is_alive(), gcs, stop)
+    if failed:
+        raise failed[0]
+    if not stop.is_set():
+        announce(names, synthetic, cfg.host, port, cfg, how=f"{replicas} Ray Serve replica{'s' if replicas > 1 else ''}")
+        watch(stop.is_set, gcs, stop)
     # each replica finishes its in-flight requests (graceful_shutdown_timeout_s), then stops; a Ray
     # this process started goes with it (serve.shutdown would first have the raylet report the
     # controller it kills as a failed task), a cluster it joined (RAY_ADDRESS) loses only Serve
-    serve.delete("gpt2onnx")
+    draining = threading.Thread(target=serve.delete, args=("gpt2onnx",), daemon=True)
+    draining.start()
+    watch(lambda: not draining.is_alive(), gcs, stop)
     if os.environ.get("RAY_ADDRESS"):
         serve.shutdown()
     ray.shutdown()
+
+
+def watch(done, gcs: str, stop) -> None:
+    """Wait until `done()`, checking every half second that Ray's GCS still answers. Ray's client waits a
+    minute on a GCS that is gone, then aborts the process with a C++ error (exit 1); instead leave at once
+    with one line: after our SIGTERM (the same signal reached Ray's processes: it was sent to the whole
+    process group or cgroup, systemd's default KillMode) exit 0, otherwise (the cluster went away under
+    us: no route answers) exit 1 for a supervisor to restart."""
+    import os
+    import sys
+
+    while not done():
+        time.sleep(0.5)
+        if done() or gcs_reachable(gcs):
+            continue
+        if stop.is_set():
+            why = ("Ray's processes were stopped by the same signal (sent to the whole process group or cgroup); requests "
+                   "in flight were cut: under systemd set KillMode=mixed so they can finish")
+        else:
+            why = f"Ray's GCS at {gcs} stopped answering; no request can be served"
+        print(f"gpt2onnx: {why}; exiting", file=sys.stderr, flush=True)
+        end_children()  # the raylet's agents outlive it otherwise, orphaned
+        os._exit(0 if stop.is_set() else 1)  # not sys.exit: atexit's ray.shutdown would wait on the GCS too
+
+
+def end_children(grace_s: float = 3.0) -> None:
+    """Stop the processes this one started (a local Ray's raylet, its workers and agents): SIGTERM, then
+    SIGKILL what is left after `grace_s`. A cluster joined through RAY_ADDRESS runs none here."""
+    import psutil
+
+    kids = psutil.Process().children(recursive=True)
+    for k in kids:
+        try:
+            k.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(kids, timeout=grace_s)
+    for k in alive:
+        try:
+            k.kill()
+        except psutil.Error:
+            pass
+
+
+def gcs_reachable(address: str, timeout_s: float = 0.5) -> bool:
+    """Whether Ray's GCS (host:port) accepts a connection: a stopped head refuses at once."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False

@@ -82,3 +82,68 @@ def test_ray_serve_on_a_port_in_use_is_one_line(tiny_artifact):
                            capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use; choose another --port" in r.stderr
+
+
+def _start_in_own_group(tiny_artifact: str) -> tuple[subprocess.Popen, list[str]]:
+    """`serve --ray` as a service manager starts it: a process group of its own, which the Ray processes it
+    starts join. Returns the process once it has said it serves, and the lines it writes from then on."""
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2onnx.cli", "serve", tiny_artifact, "--ray", "--replicas", "1",
+                             "--port", "0", "--provider", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    deadline, line = time.time() + 240, ""
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        if "serving" in line or not line:
+            break
+    assert "serving" in line, line
+    out: list[str] = []
+    threading.Thread(target=lambda: out.extend(proc.stderr), daemon=True).start()
+    return proc, out
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    try:  # whatever Ray left in the group
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def test_ray_serve_stopped_with_its_process_group_exits_at_once(tiny_artifact):
+    """systemd's default KillMode sends SIGTERM to every process of the service, Ray's GCS and raylet too:
+    serve.delete then waited a minute on the gone GCS and Ray aborted the process with a C++ error (exit 1).
+    Now: one line that says why the requests were cut and what to set, exit 0, at once."""
+    proc, out = _start_in_own_group(tiny_artifact)
+    try:
+        t0 = time.time()
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0
+        took = time.time() - t0
+    finally:
+        _end_group(proc)
+    time.sleep(0.5)
+    text = "".join(out)
+    assert took < 15, took
+    assert "Ray's processes were stopped by the same signal" in text and "KillMode=mixed" in text, text
+    for noise in ("Traceback", "rpc_client", "Failed to connect to GCS"):
+        assert noise not in text, text[-2000:]
+
+
+def test_ray_serve_exits_when_its_gcs_is_gone(tiny_artifact):
+    """A head that dies under a running server (its GCS killed) left `serve --ray` waiting for a signal with no
+    route answering: a supervisor saw it alive. Now it says so in one line and exits 1, its Ray processes with it."""
+    psutil = pytest.importorskip("psutil")
+    proc, out = _start_in_own_group(tiny_artifact)
+    try:
+        gcs = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "gcs_server"]
+        assert len(gcs) == 1, [p.name() for p in psutil.Process(proc.pid).children(recursive=True)]
+        gcs[0].kill()
+        assert proc.wait(30) == 1
+    finally:
+        _end_group(proc)
+    time.sleep(0.5)
+    text = "".join(out)
+    assert "stopped answering; no request can be served; exiting" in text, text
+    assert "Traceback" not in text, text[-2000:]
