@@ -257,6 +257,15 @@ def cmd_bench(args) -> None:
     bench_main(args)
 
 
+def api_key(flag: str | None, env: str | None) -> str | None:
+    """The server's key: --api-key, else GPT2ONNX_API_KEY. Set but empty (`--api-key "$KEY"` with KEY unset) is
+    refused rather than serving without a key; a key read from a secret file loses its trailing newline."""
+    key, source = (flag, "--api-key") if flag is not None else (env, "GPT2ONNX_API_KEY")
+    if key is not None and not key.strip():
+        raise Gpt2OnnxError(f"the API key is empty ({source}); give a non-empty key, or unset {source} to serve without one")
+    return None if key is None else key.strip()
+
+
 def cmd_serve(args) -> None:
     import os
 
@@ -266,9 +275,10 @@ def cmd_serve(args) -> None:
     except ImportError as e:
         raise Gpt2OnnxError(f"the server needs {e.name}; install it with `pip install 'gpt2onnx[serve]'`") from None
     cfg = _serve_config(args)
-    # an empty --api-key (`--api-key "$KEY"` with KEY unset) reaches check(), which refuses it, instead of serving without one
-    cfg.api_key = args.api_key if args.api_key is not None else os.environ.get("GPT2ONNX_API_KEY") or None
+    cfg.api_key = api_key(args.api_key, os.environ.get("GPT2ONNX_API_KEY"))
     _refuse_unused(["replicas"] if args.replicas is not None else [], not args.ray, "--ray")
+    if args.ray and (given := [k for k in ("keep_alive_s", "root_path") if getattr(args, k) is not None]):  # Ray's proxy's
+        raise Gpt2OnnxError(f"--{given[0].replace('_', '-')} does not apply with --ray (Ray Serve's proxy holds the connections); drop it")
     if not args.ray:
         serve(args.artifacts, cfg)
         return
@@ -325,7 +335,14 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    f"{d.default_max_tokens}, or --max-tokens if lower; a chat reply may take the context left, up to --max-tokens)")
     p.add_argument("--max-body-bytes", type=int, help=f"largest request body (default {d.max_body_bytes})")
     p.add_argument("--request-timeout-s", type=float, help=f"cancel a request after this long (default {d.request_timeout_s:g})")
-    p.add_argument("--shutdown-timeout-s", type=float, help=f"on SIGTERM, time in-flight requests get (default {d.shutdown_timeout_s:g})")
+    p.add_argument("--shutdown-timeout-s", type=float, help=f"on SIGTERM, time in-flight requests get; the process exits within "
+                   f"this + 5 s (default {d.shutdown_timeout_s:g}: inside Kubernetes' default grace of 30 s)")
+    p.add_argument("--access-log", action="store_true", default=None, help="log a line per request (method, path, status, "
+                   "seconds, request id); server errors are logged either way")
+    p.add_argument("--keep-alive-s", type=float, help=f"close an idle keep-alive connection after this long (default "
+                   f"{d.keep_alive_s:g}; above a load balancer's idle timeout, e.g. 65 behind an AWS ALB's 60)")
+    p.add_argument("--root-path", help="the path prefix a reverse proxy strips before forwarding (ASGI root_path)")
+    p.add_argument("--allowed-origins", help="browser origins allowed to call the API (CORS), comma-separated, or * (default: none)")
     s = p.add_argument_group("scheduler (one per model)")
     s.add_argument("--max-batch", type=int, help=f"requests decoded together per model (default {sd.max_batch})")
     s.add_argument("--max-queue", type=int, help=f"requests waiting beyond the batch before 429 (default {sd.max_queue})")
@@ -451,9 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = warning_line
     parser = build_parser()
     args = _parse(parser, argv)
-    # SIGTERM and SIGHUP as Ctrl-C (an export removes its half-written directory); the server shuts
-    # down gracefully on its own handlers, and only the main thread may set any
-    handle = args.func is not cmd_serve and threading.current_thread() is threading.main_thread()
+    # SIGTERM and SIGHUP as Ctrl-C (an export removes its half-written directory; a server still loading
+    # stops with one line); a serving server shuts down gracefully on its own handlers, and only the main
+    # thread may set any
+    handle = threading.current_thread() is threading.main_thread()
     saved = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)} if handle else {}
     try:
         return _run(args)

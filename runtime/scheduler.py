@@ -36,6 +36,7 @@ pass whose split would change its rows' float attention (Decoder.lone_tail).
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import weakref
@@ -112,6 +113,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Slot] = []  # admission order
         self.closed = False
+        self.stopped: str | None = None  # why the loop's thread ended by an error (it then refuses requests)
         self.counters = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "steps": 0,
                          "refused": 0, "cancelled": 0, "errors": 0}
         self.cv = threading.Condition()
@@ -142,7 +144,8 @@ class Scheduler:
             req.prompt_scores = PromptScores(req.ids, prompt_logprobs, self.engine.decode)
         with self.cv:
             if self.closed:
-                raise SchedulerClosed("the scheduler is shut down and takes no new requests")
+                raise SchedulerClosed(f"{self.stopped}; it takes no new requests" if self.stopped
+                                      else "the scheduler is shut down and takes no new requests")
             if len(self.waiting) + len(self.running) >= len(self.slots) + self.config.max_queue:
                 self.counters["refused"] += 1
                 raise QueueFull(f"the queue is full ({self.config.max_queue} waiting, its max_queue); retry later")
@@ -203,23 +206,41 @@ class Scheduler:
     # ---- the loop --------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            with self.cv:
-                while not self.waiting and not self.running and not self.closed:
-                    self.cv.wait()
-                if self.closed and not self.waiting and not self.running:
-                    return
-                self._admit()
-            try:
-                self._step()
-            except Exception as e:  # an onnxruntime failure: fail the running requests, keep serving
-                msg = one_line(e)
+        try:
+            while True:
                 with self.cv:
-                    for s in self.running:
-                        s.tokens = []  # the row's cache may be half-written
-                        self.counters["errors"] += 1
-                        self._release(s, "error", msg)
-                    self.running.clear()
+                    while not self.waiting and not self.running and not self.closed:
+                        self.cv.wait()
+                    if self.closed and not self.waiting and not self.running:
+                        return
+                    try:
+                        self._admit()
+                    except Exception as e:  # noqa: BLE001 - a slot's reset failed: as a failed step
+                        self._fail_running(e)
+                try:
+                    self._step()
+                except Exception as e:  # an onnxruntime failure: fail the running requests, keep serving
+                    with self.cv:
+                        self._fail_running(e)
+        except BaseException as e:  # the loop cannot go on: refuse new requests, end every accepted one
+            with self.cv:
+                self.stopped = f"the scheduler stopped ({one_line(e)})"
+                self.closed = True
+                self._fail_running(e)
+                for req in self.waiting:
+                    req.end("error", self.stopped)
+                self.waiting.clear()
+            # a bug, not a request's fault: its traceback goes to the log (the server's /health now fails)
+            logging.getLogger("gpt2onnx").error("%s", self.stopped, exc_info=True)
+
+    def _fail_running(self, e: BaseException) -> None:
+        """End every running request with `e` (under the lock); their rows' caches may be half-written."""
+        msg = one_line(e)
+        for s in self.running:
+            s.tokens = []
+            self.counters["errors"] += 1
+            self._release(s, "error", msg)
+        self.running.clear()
 
     def _admit(self) -> None:
         """Waiting requests into free slots (under the lock): the slot sharing the longest prefix
@@ -236,13 +257,13 @@ class Scheduler:
             if best is None:
                 best = min(free, key=lambda s: (bool(s.tokens), s.used, s.index))
             free.remove(best)
+            best.req = req
+            self.running.append(best)  # first: should the reset below fail, the request fails with the running ones
             del best.tokens[reuse:]
             self.kv.truncate(best.index, reuse)
-            best.req = req
             req.stats.cached_tokens = reuse
             self.counters["prompt_tokens"] += len(req.ids)
             self.counters["cached_tokens"] += reuse
-            self.running.append(best)
 
     def _step(self) -> None:
         """Drop cancelled rows, run bounded prompt work, then one decode step."""

@@ -18,9 +18,11 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from . import errors
+from .access import RequestIds
 from .config import ServeConfig
 from .serving import Model, ServerState, check_key, model_named, run, server_of
 from .serving_chat import ChatServing
@@ -32,12 +34,17 @@ __all__ = ["Model", "build_app"]
 router = APIRouter()
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' checks (HAProxy's httpchk)
 async def health(request: Request):
+    """200 while every model's scheduler runs; 503 while draining, or when a scheduler's loop has
+    stopped on an error (it refuses every request: a liveness probe should restart the server)."""
     server = server_of(request)
-    return JSONResponse({"status": "shutting_down" if server.closing else "ok",
-                         "models": {m.name: m.scheduler.metrics() for m in server.models.values()}},
-                        status_code=503 if server.closing else 200)
+    stopped = {m.name: m.scheduler.stopped for m in server.models.values() if m.scheduler.stopped}
+    status = "error" if stopped else "shutting_down" if server.closing else "ok"
+    body = {"status": status, "models": {m.name: m.scheduler.metrics() for m in server.models.values()}}
+    if stopped:
+        body["errors"] = stopped
+    return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 
 @router.get("/metrics")
@@ -89,6 +96,10 @@ def build_app(models: list[Model], cfg: ServeConfig) -> FastAPI:
     """The FastAPI app serving `models`; its shutdown (lifespan end) closes their schedulers."""
     app = FastAPI(title="gpt2onnx", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = ServerState(models, cfg)
+    app.add_middleware(RequestIds)
+    if cfg.allowed_origins:  # browsers' cross-origin calls (vLLM's --allowed-origins); off unless asked
+        app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in cfg.allowed_origins.split(",") if o.strip()],
+                           allow_methods=["*"], allow_headers=["*"], expose_headers=["X-Request-Id", "Retry-After"])
     errors.install(app)
     app.include_router(router)
     return app

@@ -18,7 +18,13 @@ class ServeConfig:
     max_tokens: int = 512  # cap on max_tokens a request may ask for
     default_max_tokens: int = 16  # when a request names none (OpenAI's completions default)
     request_timeout_s: float = 300.0  # a request still running after this is cancelled (504, or an error event)
-    shutdown_timeout_s: float = 30.0  # on SIGTERM: in-flight requests get this long, then are cancelled
+    # on SIGTERM: in-flight requests get this long, then are cancelled (answered 503 within SHUTDOWN_GRACE_S): the
+    # default leaves the whole inside Kubernetes' default terminationGracePeriodSeconds of 30
+    shutdown_timeout_s: float = 25.0
     retry_after_s: int = 1  # Retry-After on 429 / 503
+    access_log: bool = False  # a log line per request (server errors are logged either way)
+    keep_alive_s: float = 5.0  # uvicorn's (and vLLM's) default; set it above a load balancer's idle timeout
+    root_path: str = ""  # the prefix a reverse proxy strips (ASGI root_path)
+    allowed_origins: str | None = None  # CORS: comma-separated origins or "*"; None = no CORS headers
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # each model's scheduler
     session: SessionConfig = field(default_factory=SessionConfig)  # each model's onnxruntime session

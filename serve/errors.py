@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt2onnx.runtime import Gpt2OnnxError, QueueFull, SchedulerClosed
 
+from .access import server_error
 from .protocol import error_body
 
 
@@ -22,13 +23,14 @@ class APIError(Exception):
     """An error response: status, OpenAI's message / type / param / code, and Retry-After if any."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, retry_after: int | None = None):
+                 code: str | None = None, retry_after: int | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code, self.retry_after = status, message, type_, param, code, retry_after
+        self.headers = {**(headers or {}), **({"Retry-After": str(retry_after)} if retry_after is not None else {})}
 
     def response(self) -> JSONResponse:
-        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status, headers=headers)
+        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status,
+                            headers=self.headers or None)
 
 
 def from_runtime(e: Gpt2OnnxError, retry_after_s: int, names: dict[str, str] | None = None) -> APIError:
@@ -49,17 +51,20 @@ def _count(request: Request, status: int) -> None:
 
 async def _api_error(request: Request, e: APIError) -> JSONResponse:
     _count(request, e.status)
+    server_error(request.scope, e.status, e.message)
     return e.response()
 
 
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
     # routing's own errors: 404 for an unknown path, 405 for a wrong method
     _count(request, e.status_code)
-    return APIError(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error").response()
+    return APIError(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error",
+                    headers=e.headers).response()  # a 405's Allow
 
 
 async def _internal(request: Request, e: Exception) -> JSONResponse:
     _count(request, 500)
+    server_error(request.scope, 500, f"internal error: {type(e).__name__}: {e} (uvicorn logs its traceback)")
     return APIError(500, f"internal error: {type(e).__name__}", "server_error").response()
 
 

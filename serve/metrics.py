@@ -9,11 +9,18 @@ import gc
 import itertools
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)  # up to the request timeouts
 GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
 
@@ -76,23 +83,33 @@ class Metrics:
     def __init__(self, models):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("gpt2onnx_http_requests", "generation requests accepted", ["route"], registry=r)
-        self.errors = Counter("gpt2onnx_http_errors", "error responses", ["status"], registry=r)
-        self.ttft = Histogram("gpt2onnx_time_to_first_token_seconds", "submission to first token", buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("gpt2onnx_inter_token_seconds", "gap between consecutive tokens", buckets=LATENCY_BUCKETS, registry=r)
-        self.latency = Histogram("gpt2onnx_request_seconds", "submission to last token", buckets=LATENCY_BUCKETS, registry=r)
+        self.errors = Counter("gpt2onnx_http_errors", "error responses (streamed ones by the status they would have had)", ["status"], registry=r)
+        # per model, as vLLM's: two models' latencies in one series say nothing of either
+        self.ttft = Histogram("gpt2onnx_time_to_first_token_seconds", "submission to first token", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("gpt2onnx_inter_token_seconds", "gap between consecutive tokens", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("gpt2onnx_request_seconds", "submission to last token", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        for m in models:  # each model's series from the start, at 0 (a rate over a series that appears later misses its first)
+            for h in (self.ttft, self.itl, self.latency):
+                h.labels(model=m.name)
         r.register(_SchedulerCollector(models))
         self.gc = GcPauses()  # watched while the app runs (its lifespan)
         r.register(self.gc)
+        # the process's memory, CPU time and open files (process_resident_memory_bytes ...), and Python's version:
+        # what the default registry would carry, here in the app's own
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
 
-    def observe(self, res) -> None:
+    def observe(self, model: str, res) -> None:
         """Record one finished choice's timings."""
         ts = res.stats.token_s
         if not ts:
             return
-        self.ttft.observe(ts[0] - res.stats.submitted_s)
-        self.latency.observe(ts[-1] - res.stats.submitted_s)
+        self.ttft.labels(model=model).observe(ts[0] - res.stats.submitted_s)
+        self.latency.labels(model=model).observe(ts[-1] - res.stats.submitted_s)
+        itl = self.itl.labels(model=model)
         for a, b in zip(ts, ts[1:]):
-            self.itl.observe(b - a)
+            itl.observe(b - a)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -24,6 +24,7 @@ Flag = Annotated[bool, null_is(False)]
 STRICT = ConfigDict(extra="forbid", strict=True)
 
 MAX_N = 16
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily (vLLM's _SAMPLING_EPS)
 
 
 class StreamOptions(BaseModel):
@@ -73,10 +74,11 @@ class _Sampling(BaseModel):
         if max_new > max_tokens_cap:
             raise ValueError(f"{field}={max_new} is above this server's limit of {max_tokens_cap}")
         temperature = 1.0 if self.temperature is None else self.temperature
-        kw: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": temperature > 0}
+        sample = temperature >= GREEDY_BELOW  # vLLM's: a temperature this low is greedy, not a draw over near-ties
+        kw: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": sample}
         if self.ignore_eos:
             kw["eos_token_id"] = -1
-        if temperature > 0:
+        if sample:
             kw["temperature"] = temperature
         for name in ("top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "seed"):
             if getattr(self, name) is not None:

@@ -104,9 +104,11 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
                       graceful_shutdown_timeout_s=cfg.shutdown_timeout_s)
     class Replica:
         def __init__(self, artifacts: list[str], cfg: ServeConfig):
+            from .access import configure
             from .app import build_app
             from .server import load_models
 
+            configure(cfg.access_log)  # into the replica's log (Ray's log directory)
             self.models = load_models(artifacts, cfg)
             self.app = build_app(self.models, cfg)
             self.app.state.server.start()  # forward() sends http scopes only: the app's lifespan never runs here
@@ -241,7 +243,7 @@ def run(artifacts: list[str], cfg: ServeConfig, replicas: int) -> None:
     # ray.init installs a SIGTERM handler that raises SystemExit out of whatever runs (a traceback from
     # atexit's ray.shutdown); ours only asks the loop below to stop
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
     gcs = ray.get_runtime_context().gcs_address
     failed: list[BaseException] = []

@@ -14,7 +14,6 @@ import gc
 import hmac
 import json
 import time
-import uuid
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -26,6 +25,7 @@ from gpt2onnx.runtime import Engine, Gpt2OnnxError, Scheduler
 from gpt2onnx.runtime.errors import ContextOverflow
 from gpt2onnx.runtime.request import Result, Token
 
+from .access import request_id
 from .config import ServeConfig
 from .errors import APIError, from_runtime
 from .metrics import Metrics
@@ -88,10 +88,11 @@ def check_key(request: Request) -> None:
     key = server_of(request).cfg.api_key
     if key is None:
         return
-    given = request.headers.get("authorization", "")
-    token = given[7:] if given.lower().startswith("bearer ") else ""
+    scheme, token = (request.headers.get("authorization", "").split(None, 1) + ["", ""])[:2]  # any run of spaces after the scheme
+    token = token.strip() if scheme.lower() == "bearer" else ""
     if not hmac.compare_digest(token.encode(), key.encode()):
-        raise APIError(401, "invalid or missing API key; send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
+        raise APIError(401, "invalid or missing API key; send it as 'Authorization: Bearer KEY'", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
 
 
 async def capped_body(request: Request, limit: int) -> bytes:
@@ -185,7 +186,7 @@ class Serving:
         why = body.unsupported()
         if why:
             raise APIError(400, why[0], param=why[1])
-        self.id, self.created = f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time())
+        self.id, self.created = f"{self.id_prefix}-{request_id(request.scope)}", int(time.time())  # X-Request-Id's, as vLLM
         self.handles: list = []
 
     # ---- per route kind --------------------------------------------------------------------
@@ -240,11 +241,12 @@ class Serving:
         metrics = self.server.metrics
         metrics.requests.labels(route=self.route).inc()
         if self.body.stream:
-            return StreamingResponse(events(self.handles, self, self.server.cfg.request_timeout_s, metrics.observe),
+            return StreamingResponse(events(self.handles, self, self.server.cfg.request_timeout_s,
+                                            lambda r: metrics.observe(self.model.name, r)),
                                      media_type="text/event-stream")
         results = await self.wait()
         for r in results:
-            metrics.observe(r)
+            metrics.observe(self.model.name, r)
         return self.envelope(self.object, [self.choice(i, r) for i, r in enumerate(results)], usage=self.usage(results))
 
     def submit(self, prompts: list, kw: dict) -> list:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 from gpt2onnx.runtime.request import Result, Token
 
+from .access import server_error
 from .protocol import error_body
 
 SHUT_DOWN = "the server shut down before the request finished; retry it on another replica"
@@ -48,6 +49,14 @@ async def merged(handles: list) -> AsyncIterator[tuple[int, Token | None, Result
             h.cancel()
 
 
+def failed(shape, status: int, message: str) -> bytes:
+    """The error event of a stream whose 200 is already sent: counted and logged with the status the
+    same error gets unstreamed."""
+    shape.server.metrics.errors.labels(status=str(status)).inc()
+    server_error(shape.request.scope, status, message)
+    return sse(error_body(message, "server_error"))
+
+
 async def events(handles: list, shape, timeout_s: float, observe: Callable[[Result], None]) -> AsyncIterator[bytes]:
     """The SSE body: a chunk per token per choice, a last chunk per choice with its finish_reason,
     the usage chunk if the request asked for it, then [DONE]. `shape` is the route's serving object
@@ -62,13 +71,13 @@ async def events(handles: list, shape, timeout_s: float, observe: Callable[[Resu
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:
-                yield sse(error_body(f"the request did not finish within {timeout_s:g} s", "server_error"))
+                yield failed(shape, 504, f"the request did not finish within {timeout_s:g} s")
                 break
             if isinstance(res, Exception):
-                yield sse(error_body(str(res), "server_error"))
+                yield failed(shape, 500, str(res))
                 break
             if res is not None and res.finish_reason == "cancelled":  # the server shut down mid-stream
-                yield sse(error_body(SHUT_DOWN, "server_error"))
+                yield failed(shape, 503, SHUT_DOWN)
                 break
             if tok is not None:
                 yield sse(shape.chunk([shape.token_chunk(i, tok)]))

@@ -152,7 +152,8 @@ def test_models_health_metrics(server):
     h = httpx.get(server.base + "/health", timeout=10)  # no key needed
     assert h.status_code == 200 and h.json()["status"] == "ok"
     m = server.metrics()
-    assert f'gpt2onnx_waiting{{model="{server.model}"}}' in m and "gpt2onnx_time_to_first_token_seconds_count" in m
+    assert f'gpt2onnx_waiting{{model="{server.model}"}}' in m and f'gpt2onnx_time_to_first_token_seconds_count{{model="{server.model}"}}' in m
+    assert m["process_resident_memory_bytes"] > 10e6
     assert all(f'gpt2onnx_gc_pause_seconds_count{{generation="{g}"}}' in m for g in "012")
 
 
@@ -369,7 +370,10 @@ def test_full_queue_gets_429_with_retry_after(tiny_artifact):
         assert s.stop() == 0
 
 
-def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_artifact):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_artifact, sig):
+    """SIGHUP (a closed terminal; some supervisors' stop) killed the server mid-request; Ctrl-C drained, then
+    said "interrupted" and exited 130. Every stop signal drains the same way now and exits 0."""
     s = Server(tiny_artifact, key=None)
     out = {}
 
@@ -380,10 +384,11 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_artifact):
     t = threading.Thread(target=slow)
     t.start()
     time.sleep(0.5)
-    s.proc.send_signal(signal.SIGTERM)
+    s.proc.send_signal(sig)
     t.join(60)
     assert s.proc.wait(30) == 0
     assert out["r"].status_code == 200 and out["r"].json()["usage"]["completion_tokens"] >= 1
+    assert not [line for line in s.log if "interrupted" in line or "Traceback" in line], s.log
 
 
 def test_sigterm_past_the_shutdown_timeout_answers_what_it_cancels(tiny_artifact):
