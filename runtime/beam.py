@@ -19,8 +19,13 @@ beat the worst of them any more (transformers' heuristic: the best running score
 (its new tokens, or max_new_tokens with "never" and length_penalty > 0) ** length_penalty). The
 search ends when no prompt takes hypotheses, or at max_new_tokens.
 
+Stop strings end a candidate whose new text holds one, as transformers' StopStringCriteria ends a
+beam (the hypothesis keeps its tokens; its text is cut before the stop string, as generate_text's).
+
 Differences from transformers, both for a prompt's tokens not to depend on its batch-mates: n-gram
-bans and the repetition penalty look at the prompt's own tokens, not at the padding of a batch.
+bans and the repetition penalty look at the prompt's own tokens, not at the padding of a batch. A
+stop string is looked for in the new text only (as OpenAI's and generate_text's), so one that
+begins in the prompt and ends in the first new token does not end the beam.
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ class Beams:
             top = top[np.lexsort((top, -flat[top]))]  # best first; a tie to the lower index
             score, beam, token = flat[top], top // V, top % V
             stops = np.isin(token, self.stop_ids) | last
+            if self.cfg.stop:
+                stops |= self._ends_text(b, beam, token)
             if self.open[b]:
                 self._finish(b, [(score[j], beam[j], token[j]) for j in range(K) if stops[j]])
             go = np.argsort(stops, kind="stable")[:K]  # the best K that go on (at the last step, any K)
@@ -94,6 +101,14 @@ class Beams:
                     break
                 events.append(r.accept(int(t)))
         return events
+
+    def _ends_text(self, b: int, beam: np.ndarray, token: np.ndarray) -> np.ndarray:
+        """Which candidates (beam, token) of prompt b put a stop string into their new text: they end there,
+        as hypotheses scored at that length (transformers' StopStringCriteria in beam search). A running
+        beam's text holds none, so any occurrence is the new token's."""
+        decode, rows, start = self.reqs[b].text.decode, self.rows[b * self.K:(b + 1) * self.K], self.plen[b * self.K]
+        return np.array([any(s in decode([*rows[k, start: start + self.t].tolist(), int(t)]) for s in self.cfg.stop)
+                         for k, t in zip(beam, token)], bool)
 
     def _log_probs(self, logits: np.ndarray) -> np.ndarray:
         """log_softmax(logits [B*K, vocab]) in float32, then the processors transformers applies to

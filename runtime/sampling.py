@@ -1,8 +1,11 @@
 """Next-token choice from logits: greedy, or sampled with transformers' processor order.
 
-Order (as transformers applies them, OpenAI's and min_p where vLLM puts them): logit bias ->
-repetition penalty -> presence and frequency penalties -> no-repeat n-grams -> min_new_tokens ->
-temperature -> top-k -> top-p -> min-p -> draw. (Beam search, beam.py, uses repetition penalty,
+Order (as transformers applies them; OpenAI's where vLLM puts them): logit bias -> repetition
+penalty -> presence and frequency penalties -> no-repeat n-grams -> min_new_tokens -> temperature
+-> top-k -> top-p -> min-p -> draw. (vLLM's V1 sampler applies min_p before top-k and top-p; the
+two orders differ only where min_p and top_p are both set.) Which of several tokens tied at the
+top-p boundary stay is numpy's sort's choice, as it is torch.sort's in transformers (they can
+differ; the number kept is the same). Ties are common only in fp16 logits. (Beam search, beam.py, uses repetition penalty,
 n-grams and min_new_tokens on log-probabilities, and refuses OpenAI's fields and min_p.)
 Every request samples with its own generator, so a seeded request draws the same tokens whatever
 else shares its batch.
@@ -177,9 +180,10 @@ class Sampler:
             return int(logits.argmax())
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
-        # inverse-CDF draw: one uniform per token, reproducible for a seed
-        u = self.rng.random()
-        return int(min((probs.cumsum() < u).sum(), probs.shape[-1] - 1))
+        # inverse-CDF draw: one uniform per token, reproducible for a seed. u is scaled to the sum as computed
+        # (it may end a hair below 1): a u past it drew the last token of the vocabulary, filtered out or not
+        cdf = probs.cumsum()
+        return int((cdf < self.rng.random() * cdf[-1]).sum())
 
     def warp(self, logits: np.ndarray, seen: np.ndarray | None = None, counts: np.ndarray | None = None) -> np.ndarray:
         """The scores the token is chosen from: logits [vocab] after the logit bias and the penalties

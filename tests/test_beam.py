@@ -281,7 +281,41 @@ def test_beam_speed_harness_runs(engine):
     assert all(r["ms_per_token"] > 0 and r["batch"] == 1 for r in rows)
 
 
-def test_stop_strings_cut_the_best_beam_text(engine):
+def test_stop_strings_end_beams_as_transformers_stop_strings_do(engine, tiny):
+    """A stop string ended only the text of the winner of a search that ignored it; transformers' StopStringCriteria
+    ends every candidate whose text reaches one, as a hypothesis scored at that length, so another beam can win
+    ("uV" below: transformers' reply ends in it after 9 tokens, ours searched on to 10). Stop strings taken from
+    unconstrained replies, ASCII (transformers matches vocabulary strings, which miss a character split across
+    tokens)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=tiny.tokenizer)
+
+    def theirs(p, stop, **kw):
+        return hf_generate(tiny.model, [p], engine.eos_token_id, engine.pad_token_id, do_sample=False, stop_strings=[stop],
+                           tokenizer=tok, **kw)[0]
+
+    kw = dict(max_new_tokens=10, num_beams=4)
+    ours = engine.generate([PROMPTS[0]], stop=["uV"], **kw)[0]
+    assert ours == theirs(PROMPTS[0], "uV", **kw) and ours[:6] == engine.generate([PROMPTS[0]], **kw)[0][:6]
+    assert engine.decode(ours).endswith("uV") and len(ours) == 9
+    rng, checked = np.random.default_rng(0), 0
+    for _ in range(40):
+        p = rng.integers(100, 50000, int(rng.integers(3, 10))).tolist()
+        text = engine.decode(engine.generate([p], **kw)[0])
+        pairs = [text[i: i + 2] for i in range(1, len(text) - 2) if text[i: i + 2].isascii() and text[i: i + 2].isprintable()]
+        if not pairs or checked >= 8:
+            continue
+        stop = pairs[int(rng.integers(len(pairs)))]
+        for k, opts in ((4, {}), (3, dict(length_penalty=0.6, early_stopping=True))):
+            assert engine.generate([p], stop=[stop], **{**kw, "num_beams": k, **opts})[0] == theirs(p, stop, **{**kw, "num_beams": k, **opts})
+            checked += 1
+    assert checked >= 6, checked
     full = engine.generate_text("Hello there", max_new_tokens=12, num_beams=3)
-    stop = full[3:6]
-    assert stop and engine.generate_text("Hello there", max_new_tokens=12, num_beams=3, stop=[stop]) == full[: full.index(stop)]
+    stop = full[3:6]  # the text of the hypothesis that ends in a stop string is cut before it
+    cut = engine.generate_text("Hello there", max_new_tokens=12, num_beams=3, stop=[stop])
+    assert stop and stop not in cut
+    tokens = engine.generate([engine.encode("Hello there")], max_new_tokens=12, num_beams=3, stop=[stop])[0]
+    assert engine.decode(tokens).startswith(cut) and stop in engine.decode(tokens)
+
+

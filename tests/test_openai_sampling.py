@@ -92,3 +92,32 @@ def test_bad_values_are_refused_naming_the_field(engine, kw, match):
     with pytest.raises(Gpt2OnnxError) as e:
         engine.generate([PROMPT], max_new_tokens=2, **kw)
     assert match in str(e.value)
+
+
+def test_a_temperature_under_1e_5_is_greedy_as_in_vllm(tiny_artifact):
+    """A temperature of 1e-6 sampled over near-ties (two logits 1 ulp apart drew either); vLLM decodes greedily
+    below 1e-5, as temperature 0 does."""
+    from gpt2onnx.serve.protocol import CompletionRequest
+
+    kw = CompletionRequest(model="m", prompt="x", temperature=1e-6).generation(16, 64)
+    assert kw["do_sample"] is False and "temperature" not in kw
+    assert CompletionRequest(model="m", prompt="x", temperature=1e-5).generation(16, 64)["do_sample"] is True
+
+
+def test_the_draw_never_picks_a_token_the_filters_removed():
+    """The inverse-CDF draw compared u with a cumulative sum that can end just below 1: a u past it (1 - 2**-53,
+    the largest numpy draws) took the vocabulary's last token even where top-k had removed it."""
+    import numpy as np
+
+    from gpt2onnx.runtime.sampling import GenerationConfig, Sampler
+
+    class Top:
+        def random(self):
+            return 1 - 2**-53
+
+    logits = np.random.default_rng(3).standard_normal(50257).astype(np.float32)
+    for trial in range(20):
+        s = Sampler(GenerationConfig(do_sample=True, top_k=10, temperature=0.7 + trial / 10))
+        s.rng = Top()
+        keep = set(np.argsort(-logits)[:10].tolist())
+        assert s(logits) in keep
