@@ -463,3 +463,17 @@ def test_step_breakdown_reports_a_failed_pick_not_the_fallback(tiny_artifact, mo
                                     "pick_from": 4, "parts": [part]}))
     assert "greedy's pick on the device at batch 4: **failed** (RuntimeError: operation not permitted" in md
     assert "greedy on device ms" not in md
+
+
+def test_the_concurrent_bar_on_cuda_is_the_gpu_bars_own():
+    """The GPU report's concurrent section held the CPU's inter-token bar (<= 5) for the same quantity its GPU
+    bars held to <= 3 (reports/gpu/report.md said both)."""
+    import json
+    import os
+
+    from gpt2onnx.benchmarks import report
+
+    path = os.path.join(os.path.dirname(__file__), "..", "reports", "gpu", "results.json")
+    with open(path) as f:
+        lines = [ln for ln in report._concurrent_section(json.load(f)) if "bar 2" in ln]
+    assert lines and all(f"target ≤ {report.GPU_ITL:g}:" in ln for ln in lines), lines
