@@ -26,6 +26,7 @@ taking requests, lets in-flight ones finish for `shutdown_timeout_s`, and exits 
 """
 
 
+import asyncio
 import hashlib
 import json
 import time
@@ -91,14 +92,17 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
     from .protocol import error_body
     from .server import SHUTDOWN_GRACE_S
     from .serving import capped_body
+    from .streaming import SHUT_DOWN
 
     room = cfg.scheduler.max_batch + cfg.scheduler.max_queue  # what a replica's scheduler runs and queues
     most = (autoscaling or {}).get("max_replicas", replicas)
 
-    # one more than the scheduler takes, so the scheduler itself answers the next with its 429 (and Retry-After);
-    # one more waits at the ingress, after which Ray raises BackPressureError: a 429 too, not an unbounded queue
+    # one more than the scheduler takes, so the scheduler itself answers the next with its 429 (and Retry-After).
+    # Ray counts a request as queued at the ingress from its arrival until its router has picked a replica, so the
+    # queue bound is a replica's room, not 1 (which refused bursts the replicas had room for); past it Ray raises
+    # BackPressureError: a 429 too, not an unbounded queue
     @serve.deployment(num_replicas=None if autoscaling else replicas, autoscaling_config=autoscaling,
-                      max_ongoing_requests=room + 1, max_queued_requests=1, health_check_period_s=2, health_check_timeout_s=10,
+                      max_ongoing_requests=room + 1, max_queued_requests=room, health_check_period_s=2, health_check_timeout_s=10,
                       request_router_config=RequestRouterConfig(request_router_class=ConversationRouter),
                       ray_actor_options={"num_cpus": replica_cpus}, logging_config=QUIET,
                       graceful_shutdown_timeout_s=cfg.shutdown_timeout_s)
@@ -168,16 +172,41 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
     # one ingress in front of every replica: Ray's default of 5 requests at once would be the whole service's
     # limit; it outlives the replicas' shutdown deadline by SHUTDOWN_GRACE_S, so what they cut short is answered
     @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0},  # it forwards bytes; the replicas compute
-                      max_ongoing_requests=most * (room + 2) + INGRESS_SPARE, logging_config=QUIET,
+                      max_ongoing_requests=most * (room + 1) + room + INGRESS_SPARE, logging_config=QUIET,
                       graceful_shutdown_timeout_s=cfg.shutdown_timeout_s + SHUTDOWN_GRACE_S)
     @serve.ingress(ingress_app)
     class Ingress:
         def __init__(self, replica):
             self.replica = replica
+            self.draining = False
+            self.inflight: set = set()  # the replica calls still answering (their response generators)
+
+        async def drain(self, timeout_s: float) -> int:
+            """Shutdown's first step (run() calls it before serve.delete, which removes the route at once: Ray's
+            proxy then answers 404, which clients do not retry): new requests get the plain server's 503 with
+            Retry-After; in-flight ones run for up to `timeout_s`, then are cancelled (a 503, or a stream's error
+            event). Returns how many were cancelled."""
+            self.draining = True
+            deadline = time.monotonic() + timeout_s
+            while self.inflight and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            cut = list(self.inflight)
+            for gen in cut:
+                gen.cancel()
+            deadline = time.monotonic() + SHUTDOWN_GRACE_S  # for their handlers to answer
+            while self.inflight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return len(cut)
+
+        def failed(self, why: str) -> str:
+            return SHUT_DOWN if self.draining else why
 
         # every method: the replica's app answers what it does not route (405) in OpenAI's error shape
         @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
         async def route(self, path: str, request: Request):
+            retry = {"Retry-After": str(cfg.retry_after_s)}
+            if self.draining:  # /health too: a load balancer stops sending here
+                return JSONResponse(error_body(SHUT_DOWN, "server_error"), 503, headers=retry)
             try:  # one ingress serves every replica: it must not hold (or wait for) an oversized body whole
                 body = await capped_body(request, cfg.max_body_bytes)
             except APIError as e:
@@ -186,33 +215,49 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
             key = conversation_key("/" + path, headers, body)
             handle = self.replica.options(stream=True, **({"multiplexed_model_id": key} if key else {}))
             gen = handle.forward.remote(request.method, "/" + path, [(k.encode(), v.encode()) for k, v in request.headers.items()], body)
+            self.inflight.add(gen)
+            streaming = False
             try:
-                status, resp_headers = await gen.__anext__()
-            except BackPressureError:  # every replica is full and one more waits here already: the plain server's 429
-                return JSONResponse(error_body("every replica is busy and the queue is full; retry later", "rate_limit_error",
-                                               code="queue_full"), 429, headers={"Retry-After": str(cfg.retry_after_s)})
-            except Exception as e:  # noqa: BLE001 - a replica that died or is restarting
-                return JSONResponse(error_body(f"no replica could take the request ({type(e).__name__}); retry", "server_error"),
-                                    503, headers={"Retry-After": str(cfg.retry_after_s)})
-            media = dict(resp_headers).get("content-type", "application/json")
-            if media.startswith("text/event-stream"):
-                async def chunks():
-                    try:
-                        async for c in gen:
-                            yield c
-                    except Exception as e:  # noqa: BLE001 - the replica died mid-stream: say so, then end
-                        yield f"data: {json.dumps(error_body(f'the replica failed mid-stream ({type(e).__name__}); retry', 'server_error'))}\n\n".encode()
-                        yield b"data: [DONE]\n\n"
+                try:
+                    status, resp_headers = await gen.__anext__()
+                except BackPressureError:  # every replica is full and one more waits here already: the plain server's 429
+                    return JSONResponse(error_body("every replica is busy and the queue is full; retry later", "rate_limit_error",
+                                                   code="queue_full"), 429, headers=retry)
+                except (Exception, asyncio.CancelledError) as e:  # a replica that died or is restarting, or cut by drain()
+                    if isinstance(e, asyncio.CancelledError) and not self.draining:
+                        raise
+                    return JSONResponse(error_body(self.failed(f"no replica could take the request ({type(e).__name__}); retry"),
+                                                   "server_error"), 503, headers=retry)
+                media = dict(resp_headers).get("content-type", "application/json")
+                if media.startswith("text/event-stream"):
+                    async def chunks():
+                        try:
+                            async for c in gen:
+                                yield c
+                        except (Exception, asyncio.CancelledError) as e:  # the replica died mid-stream, or drain() cut it
+                            if isinstance(e, asyncio.CancelledError) and not self.draining:
+                                raise
+                            why = self.failed(f"the replica failed mid-stream ({type(e).__name__}); retry")
+                            yield f"data: {json.dumps(error_body(why, 'server_error'))}\n\n".encode()
+                            yield b"data: [DONE]\n\n"
+                        finally:
+                            self.inflight.discard(gen)
 
-                return StreamingResponse(chunks(), status_code=status, media_type="text/event-stream",
-                                         headers={REPLICA_HEADER: dict(resp_headers).get(REPLICA_HEADER, "")})
-            try:
-                content = b"".join([c async for c in gen])
-            except Exception as e:  # noqa: BLE001
-                return JSONResponse(error_body(f"the replica failed ({type(e).__name__}); retry", "server_error"), 503,
-                                    headers={"Retry-After": str(cfg.retry_after_s)})
-            keep = {k: v for k, v in resp_headers if k.lower() not in HOP_BY_HOP}  # Location, Allow, Retry-After ...
-            return Response(content, status_code=status, headers=keep)
+                    streaming = True
+                    return StreamingResponse(chunks(), status_code=status, media_type="text/event-stream",
+                                             headers={REPLICA_HEADER: dict(resp_headers).get(REPLICA_HEADER, "")})
+                try:
+                    content = b"".join([c async for c in gen])
+                except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001
+                    if isinstance(e, asyncio.CancelledError) and not self.draining:
+                        raise
+                    return JSONResponse(error_body(self.failed(f"the replica failed ({type(e).__name__}); retry"), "server_error"),
+                                        503, headers=retry)
+                keep = {k: v for k, v in resp_headers if k.lower() not in HOP_BY_HOP}  # Location, Allow, Retry-After ...
+                return Response(content, status_code=status, headers=keep)
+            finally:
+                if not streaming:  # a stream leaves the set when its body ends
+                    self.inflight.discard(gen)
 
     return Ingress.bind(Replica.bind(artifacts, cfg))
 
@@ -230,7 +275,7 @@ def run(artifacts: list[str], cfg: ServeConfig, replicas: int) -> None:
 
     from gpt2onnx.runtime import load_manifest
 
-    from .server import announce, listen, model_names
+    from .server import SHUTDOWN_GRACE_S, announce, listen, model_names
 
     names = model_names(artifacts)
     synthetic = [n for n, a in zip(names, artifacts) if load_manifest(a, verify="size").synthetic]  # a bad path fails here, before Ray starts
@@ -267,7 +312,15 @@ def run(artifacts: list[str], cfg: ServeConfig, replicas: int) -> None:
     # each replica finishes its in-flight requests (graceful_shutdown_timeout_s), then stops; a Ray
     # this process started goes with it (serve.shutdown would first have the raylet report the
     # controller it kills as a failed task), a cluster it joined (RAY_ADDRESS) loses only Serve
-    draining = threading.Thread(target=serve.delete, args=("gpt2onnx",), daemon=True)
+    def stop_serving() -> None:
+        try:  # new requests get 503 while in-flight ones finish (serve.delete alone removes the route: Ray's 404)
+            serve.get_app_handle("gpt2onnx").drain.remote(cfg.shutdown_timeout_s).result(
+                timeout_s=cfg.shutdown_timeout_s + 2 * SHUTDOWN_GRACE_S)
+        except Exception:  # noqa: BLE001 - the ingress is gone or stuck: the delete below still stops what is left
+            pass
+        serve.delete("gpt2onnx")
+
+    draining = threading.Thread(target=stop_serving, daemon=True)
     draining.start()
     watch(lambda: not draining.is_alive(), gcs, stop)
     if os.environ.get("RAY_ADDRESS"):

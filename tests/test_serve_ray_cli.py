@@ -43,9 +43,21 @@ def test_ray_serve_cli_matches_the_plain_server(tiny_artifact):
         for i in range(3):
             r = httpx.post(url, json={"model": model, "prompt": f"hello {i}", "max_tokens": 4}, timeout=60)
             assert r.status_code == 200, r.text
-        # a streamed request in flight when SIGTERM comes is finished, then the process exits 0
+        # a streamed request in flight when SIGTERM comes is finished, then the process exits 0; requests sent
+        # after the signal get the plain server's 503 with Retry-After (they got Ray's 404 once serve.delete had
+        # removed the route: a client does not retry a 404)
         body = {"model": model, "prompt": "x", "max_tokens": 120, "temperature": 0, "ignore_eos": True, "stream": True}
-        tokens, finishes, done = 0, [], False
+        tokens, finishes, done, later = 0, [], False, []
+
+        def after_the_signal():
+            while proc.poll() is None and not [r for r in later if r.status_code != 200]:
+                try:
+                    later.append(httpx.post(url, json={"model": model, "prompt": "y", "max_tokens": 2}, timeout=30))
+                except httpx.TransportError:
+                    break
+                time.sleep(0.05)
+
+        asker = threading.Thread(target=after_the_signal, daemon=True)
         with httpx.stream("POST", url, json=body, timeout=120) as r:
             assert r.status_code == 200
             for ln in r.iter_lines():
@@ -57,10 +69,16 @@ def test_ray_serve_cli_matches_the_plain_server(tiny_artifact):
                         tokens += 1
                         if tokens == 1:
                             proc.send_signal(signal.SIGTERM)
+                            asker.start()
                     else:
                         finishes.append(ch["finish_reason"])
         assert done and finishes == ["length"] and tokens == 120
         assert proc.wait(120) == 0
+        asker.join(30)
+        refused = [r for r in later if r.status_code != 200]
+        assert refused and refused[0].status_code == 503 and refused[0].headers["retry-after"], \
+            [(r.status_code, r.text[:100]) for r in later]
+        assert refused[0].json()["error"]["message"].startswith("the server shut down")
         for t in readers:
             t.join(10)
     finally:
