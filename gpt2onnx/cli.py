@@ -226,10 +226,10 @@ def cmd_chat(args) -> None:
         except EOFError:
             print(file=sys.stderr)
             return
-        line = line.strip()
-        if not line:
+        line = line.rstrip("\r\n")  # the text as typed, spaces kept (a turn's tokens are its text's, as --say's)
+        if not line:  # Enter alone sends nothing
             continue
-        if line == "/reset":
+        if line.strip() == "/reset":
             session.reset()
             print("(history cleared)", file=sys.stderr)
             continue

@@ -74,6 +74,15 @@ def test_chat_loop(tiny_artifact, engine):
     assert "history cleared" in r.stderr
 
 
+def test_chat_on_stdin_sends_each_line_as_typed(tiny_artifact, engine):
+    """The stdin loop stripped each line, so "hi  " ran other tokens than engine.chat, --say and the server send
+    for the same text; only the line ending goes now (Enter alone still sends nothing)."""
+    r = run_cli("chat", tiny_artifact, "--max-new-tokens", "5", input="Hello!  \n\n  How are you?\n")
+    assert r.returncode == 0, r.stderr
+    chat = engine.chat(max_new_tokens=5)
+    assert r.stdout == "".join(f"{chat.send(m)}\n" for m in ("Hello!  ", "  How are you?"))
+
+
 def test_export_refuses_existing_dir_then_force(tmp_path, tiny_artifact):
     out = tmp_path / "art"
     out.mkdir()
