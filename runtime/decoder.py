@@ -321,6 +321,8 @@ class Decoder:
             raise Gpt2OnnxError(f"{k} prompt row{'s' if k != 1 else ''} from row {first} do not fit this decoder's "
                                 f"{self.slots} slot{'s' if self.slots != 1 else ''} (rows 0 .. {self.slots - 1})")
         for i, row in enumerate(rows):
+            if isinstance(row, (str, bytes, bytearray)) or (len(row) and np.asarray(row).dtype.kind not in "iu"):  # not b"Hi", 13.9
+                raise Gpt2OnnxError(f"prompt row {i} must be a list of integer token ids")
             if not len(row) or min(row) < 0 or max(row) >= s.vocab_size:
                 what = "is empty" if not len(row) else f"holds an id outside the vocabulary [0, {s.vocab_size})"
                 raise Gpt2OnnxError(f"prompt row {i} {what}")
@@ -388,9 +390,7 @@ class Decoder:
     def decode(self, tokens: np.ndarray, live: np.ndarray | None = None) -> np.ndarray:
         """One step over rows 0 .. n-1: row r feeds tokens[r] (int64 [n]) at its next position; a row
         where `live` (bool [n]) is False runs as a harmless idle row (its write lands past its tokens
-        and is not kept). Returns logits [n, vocab]. The tokens are ids the decoder's own logits chose,
-        so they are not checked each step (prefill checks a prompt's): onnxruntime's Gather refuses one
-        past the vocabulary, and takes -1 as the last id."""
+        and is not kept). Returns logits [n, vocab]. Ids outside the vocabulary are refused."""
         return self._step(tokens, live, pick=False)[: len(tokens), 0]
 
     def decode_greedy(self, tokens: np.ndarray, live: np.ndarray | None = None) -> np.ndarray:
@@ -468,6 +468,11 @@ class Decoder:
             self._check_open()
             raise Gpt2OnnxError(f"a step takes 1 to {self.slots} tokens (one per row), got {n}")
         b = self.batch_for(n)
+        # a few microseconds a step: ids that are not the vocabulary's (13.9, -5, 50257) would be truncated,
+        # wrapped to the table's end by Gather, or fail inside onnxruntime with its own log line
+        tokens = np.asarray(tokens)
+        if tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() >= self.spec.vocab_size:
+            raise Gpt2OnnxError(f"a step's tokens must be integer ids in [0, {self.spec.vocab_size}), got {tokens.tolist()[:8]}")
         self.ids[:n, 0] = tokens
         if b > n:  # bucket padding rows: idle
             self.ids[n:b, 0] = self.spec.pad_token_id

@@ -142,7 +142,16 @@ class Engine:
         if tokenizer.id_to_token(spec.vocab_size) is not None:  # an id the embedding has no row for (O(1), not a vocab walk)
             raise Gpt2OnnxError(f"{path}: tokenizer.json has more tokens than the model's vocabulary of {spec.vocab_size} "
                                 "(a tokenizer from another model?); re-export the artifact")
-        return cls(manifest, session, tokenizer, ep, sc, pick_session, spec)
+        engine = cls(manifest, session, tokenizer, ep, sc, pick_session, spec)
+        engine._load_args = (path, provider, threads, verify, cuda_graph, huge_pages, device_pick, mixed_step)
+        return engine
+
+    def __reduce__(self):
+        """Pickled as its load (multiprocessing's spawn passes arguments so): the other process loads the
+        artifact itself, with the same options; onnxruntime's session cannot be copied."""
+        if getattr(self, "_load_args", None) is None:
+            raise TypeError("this Engine was not made by Engine.load, so it cannot be pickled; pass its artifact path")
+        return (Engine.load, self._load_args)
 
     def decoder(self, slots: int, capacity: int, prefault: bool = False, captured: bool = True,
                 mixed: bool = False) -> Decoder:
@@ -217,7 +226,8 @@ class Engine:
         if isinstance(prompt, str) and not truncate:
             self._refuse_unencoded(prompt, index, max_new, limit)
         row = self.encode(prompt, index) if isinstance(prompt, str) else prompt
-        if isinstance(row, (int, np.integer, bytes, bytearray)) or not hasattr(row, "__iter__"):
+        # a set or a dict has no order of its own (a set's ids came in hash order, a dict's keys as a text)
+        if isinstance(row, (int, np.integer, bytes, bytearray, set, frozenset, dict)) or not hasattr(row, "__iter__"):
             raise Gpt2OnnxError("a prompt must be text or a list of token ids", param="prompt")
         row = list(row)
         if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in row):  # no 1.7, "15", True
@@ -237,11 +247,11 @@ class Engine:
 
     def _requests(self, prompts, kw: dict, where: str) -> list[Request]:
         cfg = _no_logprobs(self.config(**kw), where)
-        if isinstance(prompts, (str, bytes, bytearray)) or not hasattr(prompts, "__iter__"):
-            raise Gpt2OnnxError("input_ids must be a non-empty list of lists of token ids")
+        if isinstance(prompts, (str, bytes, bytearray, set, frozenset, dict)) or not hasattr(prompts, "__iter__"):
+            raise Gpt2OnnxError("input_ids must be a non-empty list of lists of token ids", param="prompt")
         prompts = list(prompts)  # a generator, a tuple, a 2-D numpy array's rows
         if not prompts or isinstance(prompts[0], (int, np.integer)):
-            raise Gpt2OnnxError("input_ids must be a non-empty list of lists of token ids")
+            raise Gpt2OnnxError("input_ids must be a non-empty list of lists of token ids", param="prompt")
         return [self.request(p, cfg, index=i, stream=False) for i, p in enumerate(prompts)]
 
     # ---- text ------------------------------------------------------------------------------
@@ -366,6 +376,8 @@ class Engine:
         finish; yields each step's new Token events. Once half the rows have finished, the live
         ones are packed into the first rows so finished ones stop costing work. Beam search
         (num_beams > 1) yields once, at the end."""
+        if cache is not None and not isinstance(cache, PromptCache):
+            raise Gpt2OnnxError(f"cache must be a PromptCache or None, got {type(cache).__name__}", param="cache")
         if reqs and reqs[0].cfg.num_beams > 1:
             yield from self._run_beams(reqs, cache)
             return

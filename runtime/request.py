@@ -239,6 +239,8 @@ class Request:
             self._publish(None)
 
     def _publish(self, ev: Token | None) -> None:
+        if self.done:  # what only choosing the next token needs goes (a kept handle holds only the output)
+            self.seen = self.counts = self.row = None
         with self.cv:
             if ev is not None:
                 self.events.append(ev)

@@ -36,7 +36,9 @@ pass whose split would change its rows' float attention (Decoder.lone_tail).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import os
 import threading
 import time
 import weakref
@@ -50,6 +52,24 @@ from .errors import Gpt2OnnxError, SchedulerClosed, one_line
 from .prompt_cache import common_prefix
 from .request import SCORE_CHUNK, PromptScores, Request, Result, Token
 from .sampling import MAX_LOGPROBS, _int
+
+IDLE_WAKE_S = 1.0  # an idle loop wakes this often, not holding its scheduler between: a dropped one is collected
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every open scheduler of this process
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """A loop still inside onnxruntime while the interpreter finalizes aborts the process (C++'s "terminate
+    called without an active exception", exit 134, whatever the exit code was meant to be): at exit every
+    open scheduler cancels its requests and stops its thread first."""
+    for sched in list(_LIVE):
+        if sched.pid == os.getpid():
+            sched.close(cancel=True)
+
+
+def _seconds(timeout) -> None:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0):
+        raise Gpt2OnnxError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}", param="timeout")
 
 
 class QueueFull(Gpt2OnnxError):
@@ -99,6 +119,9 @@ class Scheduler:
     """Runs requests through one engine with continuous batching (see the module docstring)."""
 
     def __init__(self, engine, config: SchedulerConfig | None = None):
+        if config is not None and not isinstance(config, SchedulerConfig):
+            raise Gpt2OnnxError(f"config must be a SchedulerConfig, got {type(config).__name__}; "
+                                "e.g. Scheduler(engine, SchedulerConfig(max_batch=16))")
         self.engine = engine
         self.config = cfg = config or SchedulerConfig()
         cfg.validate(engine.n_positions)
@@ -117,8 +140,10 @@ class Scheduler:
         self.counters = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "steps": 0,
                          "refused": 0, "cancelled": 0, "errors": 0}
         self.cv = threading.Condition()
-        self.thread = threading.Thread(target=self._loop, name="gpt2onnx-scheduler", daemon=True)
+        self.pid = os.getpid()
+        self.thread = threading.Thread(target=Scheduler._loop, args=(weakref.ref(self),), name="gpt2onnx-scheduler", daemon=True)
         self.thread.start()
+        _LIVE.add(self)
 
     # ---- the caller's side -----------------------------------------------------------------
 
@@ -143,6 +168,9 @@ class Scheduler:
         if prompt_logprobs is not None:
             req.prompt_scores = PromptScores(req.ids, prompt_logprobs, self.engine.decode)
         with self.cv:
+            if self.pid != os.getpid():
+                raise SchedulerClosed("this scheduler was made in another process (before a fork): its loop runs there; "
+                                      "make the Scheduler in this process")
             if self.closed:
                 raise SchedulerClosed(f"{self.stopped}; it takes no new requests" if self.stopped
                                       else "the scheduler is shut down and takes no new requests")
@@ -169,6 +197,9 @@ class Scheduler:
     def close(self, cancel: bool = False, timeout: float | None = None) -> None:
         """Refuse new requests, then finish the accepted ones (or cancel them with cancel=True, or
         those still unfinished after `timeout` seconds) and stop the loop's thread."""
+        _seconds(timeout)
+        if self.pid != os.getpid():  # a copy made by fork(): the loop's thread and its requests stayed in the parent
+            return
         with self.cv:
             self.closed = True
             if cancel:
@@ -193,8 +224,20 @@ class Scheduler:
     def __enter__(self) -> Scheduler:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __reduce__(self):
+        raise TypeError("a Scheduler runs its loop in this process and cannot be pickled; pass the Engine (or its "
+                        "artifact path) and make a Scheduler in the other process")
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(cancel=exc_type is not None)  # leaving on an error: what was accepted is not waited for
+
+    def __del__(self) -> None:
+        """Dropped without close() (the loop's thread holds it only weakly): its requests are gone with
+        their handles, so only the KV cache is left to free."""
+        kv = getattr(self, "kv", None)
+        if kv is not None and getattr(self, "pid", None) == os.getpid():
+            self.closed = True
+            kv.close()
 
     def metrics(self) -> dict:
         """Queue and batch occupancy and totals since start (for /metrics)."""
@@ -205,23 +248,32 @@ class Scheduler:
 
     # ---- the loop --------------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    @staticmethod
+    def _loop(ref: weakref.ref) -> None:
+        """The loop's thread holds its scheduler only during a turn: one dropped without close() is
+        collected (its finalizer frees the KV cache) and the thread ends."""
+        while (sched := ref()) is not None and sched._turn():
+            del sched
+
+    def _turn(self) -> bool:
+        """One step of the loop (or an idle second); False once the loop is over."""
         try:
-            while True:
-                with self.cv:
-                    while not self.waiting and not self.running and not self.closed:
-                        self.cv.wait()
-                    if self.closed and not self.waiting and not self.running:
-                        return
-                    try:
-                        self._admit()
-                    except Exception as e:  # noqa: BLE001 - a slot's reset failed: as a failed step
-                        self._fail_running(e)
+            with self.cv:
+                if not self.waiting and not self.running and not self.closed:
+                    self.cv.wait(IDLE_WAKE_S)
+                    return True
+                if self.closed and not self.waiting and not self.running:
+                    return False
                 try:
-                    self._step()
-                except Exception as e:  # an onnxruntime failure: fail the running requests, keep serving
-                    with self.cv:
-                        self._fail_running(e)
+                    self._admit()
+                except Exception as e:  # noqa: BLE001 - a slot's reset failed: as a failed step
+                    self._fail_running(e)
+            try:
+                self._step()
+            except Exception as e:  # an onnxruntime failure: fail the running requests, keep serving
+                with self.cv:
+                    self._fail_running(e)
+            return True
         except BaseException as e:  # the loop cannot go on: refuse new requests, end every accepted one
             with self.cv:
                 self.stopped = f"the scheduler stopped ({one_line(e)})"
@@ -232,6 +284,7 @@ class Scheduler:
                 self.waiting.clear()
             # a bug, not a request's fault: its traceback goes to the log (the server's /health now fails)
             logging.getLogger("gpt2onnx").error("%s", self.stopped, exc_info=True)
+            return False
 
     def _fail_running(self, e: BaseException) -> None:
         """End every running request with `e` (under the lock); their rows' caches may be half-written."""
@@ -416,6 +469,7 @@ class Handle:
 
     def result(self, timeout: float | None = None) -> Result:
         """Wait for the request to end. Raises Gpt2OnnxError if it failed or `timeout` passed."""
+        _seconds(timeout)
         req = self.request
         with req.cv:
             if not req.cv.wait_for(lambda: req.done, timeout):

@@ -88,7 +88,7 @@ def check_precision(precision: str, ep: str) -> None:
         raise Gpt2OnnxError("int8 artifacts run on the cpu provider only; use the cpu provider, or an int4 or fp16 artifact for cuda")
     if precision == "fp16" and ep == PROVIDERS["cpu"]:
         warnings.warn("fp16 on the CPU provider is no faster than fp32 (its CPU kernels compute through fp32; measured 27.6 vs 26.7 ms/token on DialoGPT-small); "
-                      "use an fp32, int8 or int4 artifact for cpu", UserWarning, stacklevel=4)
+                      "use an fp32, int8 or int4 artifact for cpu", UserWarning, stacklevel=3)
 
 
 def build_session(manifest: Manifest, ep: str, sc: SessionConfig, profile_prefix: str | None = None):
@@ -117,7 +117,7 @@ def build_session(manifest: Manifest, ep: str, sc: SessionConfig, profile_prefix
         warnings.warn(f"this artifact's graph needs host<->device copies on CUDA ({copies[0]}"
                       f"{f' and {len(copies) - 1} more' if len(copies) > 1 else ''}), so its decode step cannot be "
                       "captured as a CUDA graph; decoding without one (re-export it with --provider cuda)",
-                      UserWarning, stacklevel=4)
+                      UserWarning, stacklevel=3)
     if not sc.cuda_graph:
         return ort.InferenceSession(path, so, providers=[(ep, cuda_options(False))])
     try:
@@ -125,7 +125,7 @@ def build_session(manifest: Manifest, ep: str, sc: SessionConfig, profile_prefix
     except Exception as e:  # e.g. a node placed on the CPU: onnxruntime refuses to capture the graph
         sc.cuda_graph = False
         warnings.warn(f"CUDA graph capture unavailable for this artifact ({str(e).splitlines()[0][:200]}); "
-                      "decoding without it", UserWarning, stacklevel=4)
+                      "decoding without it", UserWarning, stacklevel=3)
         return ort.InferenceSession(path, so, providers=[(ep, cuda_options(False))])
 
 

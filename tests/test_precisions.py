@@ -461,3 +461,16 @@ def test_int8_quantizer_reads_the_float_weights_from_the_file(tmp_path, tiny_art
     monkeypatch.setattr(q, "quantize_dynamic", lambda model, *a, **k: (seen.append(model), real(model, *a, **k))[1])
     export(ExportOptions("synthetic:tiny", str(tmp_path / "q"), precision="int8"), log=QUIET)
     assert len(seen) == 1 and isinstance(seen[0], str), seen
+
+
+def test_the_fp16_on_cpu_warning_names_the_line_that_loads(artifacts):
+    """It named the caller's caller (stacklevel one too many), so a filter by module matched the wrong one."""
+    import inspect
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        Engine.load(artifacts("fp16"), provider="cpu")
+    hits = [w for w in caught if "fp16 on the CPU" in str(w.message)]
+    assert hits and hits[0].filename == __file__ and hits[0].lineno == line, [(w.filename, w.lineno) for w in caught]
