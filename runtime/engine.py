@@ -263,11 +263,16 @@ class Engine:
         room = limit - max_new
         if len(text) <= room:  # a token covers at least one character's byte: nothing to prove
             return
-        if self._longest_piece is None:  # made at the first long text: ~30 ms over the vocabulary
-            self._longest_piece = max(len(s.encode("utf-8")) for s in self.tokenizer.get_vocab(with_added_tokens=True))
-        least = len(text.encode("utf-8", "surrogatepass")) // self._longest_piece
+        least = self.token_floor(text)
         if least > room:
             raise ContextOverflow(index, least, max_new, limit, at_least=True)
+
+    def token_floor(self, text: str) -> int:
+        """A lower bound on `text`'s tokens, without the tokenizer (which holds the GIL ~1.4 s a megabyte):
+        no token covers more UTF-8 bytes than the vocabulary's longest piece spells."""
+        if self._longest_piece is None:  # made at the first long text: ~30 ms over the vocabulary
+            self._longest_piece = max(len(s.encode("utf-8")) for s in self.tokenizer.get_vocab(with_added_tokens=True))
+        return len(text.encode("utf-8", "surrogatepass")) // self._longest_piece
 
     def encode(self, text: str, index: int | None = None) -> list[int]:
         """`text`'s token ids; `index` names the prompt in errors (which of several is empty, say)."""

@@ -53,6 +53,11 @@ from .prompt_cache import common_prefix
 from .request import SCORE_CHUNK, PromptScores, Request, Result, Token
 from .sampling import MAX_LOGPROBS, _int
 
+# prompt tokens one pass may run while nothing decodes (rows x width): a pass cannot be cancelled, so
+# 16 fresh rows of 1,000 tokens ran as one 80-second pass on 2 cores (its clients' timeouts, disconnects
+# and every new arrival waited it out, and onnxruntime's arena kept the pass's ~0.9 GB); vLLM bounds
+# a step's tokens the same way (max_num_batched_tokens)
+IDLE_PASS_TOKENS = 2048
 IDLE_WAKE_S = 1.0  # an idle loop wakes this often, not holding its scheduler between: a dropped one is collected
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # every open scheduler of this process
 
@@ -366,11 +371,16 @@ class Scheduler:
         for s in pending:
             if s.req is None or s.req.tokens:  # ran in an earlier group of this loop (and may have ended)
                 continue
+            if s.req.cancelled:  # between passes too: a client gone (or its timeout) frees its slot now
+                self.counters["cancelled"] += 1
+                fresh.pop(s.index, None)
+                self._retire(s, "cancelled")
+                continue
             if budget is not None and budget <= 0:
                 return riding
             w, scores = self.config.prompt_width, s.req.prompt_scores
             fixed = budget is not None and w and self.kv.fits(s.index, w) and scores is None  # a captured chunk of exactly w columns
-            group = self._group(s, fresh, budget) if not s.tokens and not fixed and scores is None else [s]
+            group = self._group(s, fresh, budget or IDLE_PASS_TOKENS) if not s.tokens and not fixed and scores is None else [s]
             if fixed:
                 chunks = [s.req.ids[len(s.tokens):][:w]]
                 if self.kv.mixed is not None and riding is None:  # rides in this step's pass
@@ -390,7 +400,7 @@ class Scheduler:
                 logits, ran = every[-1:], len(chunks[0])
             else:
                 todo = s.req.ids[len(s.tokens):]
-                chunks = [todo if budget is None else todo[:budget]]
+                chunks = [todo[: budget or IDLE_PASS_TOKENS]]
                 logits, ran = self.kv.prefill(s.index, chunks), len(chunks[0])
             dt = time.perf_counter() - t
             started = False
@@ -419,7 +429,7 @@ class Scheduler:
         self._emit(s, s.req.choose(logits))  # the whole prompt is in: its first token
         return True
 
-    def _group(self, s: Slot, fresh: dict[int, Slot], budget: int | None) -> list[Slot]:
+    def _group(self, s: Slot, fresh: dict[int, Slot], budget: int) -> list[Slot]:
         """`s` and the fresh rows in the slots right after it that can share its prompt pass: right-padded
         to the longest (a row's padding lands after its tokens, where its reply overwrites it), within the
         budget, wasting at most a quarter of the pass on padding."""
@@ -427,7 +437,7 @@ class Scheduler:
         while (nxt := fresh.get(group[-1].index + 1)) is not None:
             lens = [len(g.req.ids) for g in group] + [len(nxt.req.ids)]
             width, rows = max(lens), len(lens)
-            if (budget is not None and width * rows > budget) or width * rows > 1.25 * sum(lens):
+            if width * rows > budget or width * rows > 1.25 * sum(lens):
                 break
             group.append(nxt)
         return group

@@ -24,6 +24,8 @@ Flag = Annotated[bool, null_is(False)]
 STRICT = ConfigDict(extra="forbid", strict=True)
 
 MAX_N = 16
+MAX_BIAS_ENTRIES = 300
+MAX_STOP_CHARS = 1024
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily (vLLM's _SAMPLING_EPS)
 
 
@@ -45,7 +47,6 @@ class _Sampling(BaseModel):
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
     n: Annotated[int, null_is(1)] = Field(default=1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)  # int64, as OpenAI's and vLLM's
     stream: Flag = False
     stream_options: StreamOptions | None = None
@@ -55,7 +56,18 @@ class _Sampling(BaseModel):
     # JSON object's keys are ids as strings)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[TokenKey, Bias] | None = None
+    # at most MAX_BIAS_ENTRIES: each choice validates and builds its bias (a whole vocabulary's, 5 prompts x n 16,
+    # held the event loop 7.6 s)
+    logit_bias: dict[TokenKey, Bias] | None = Field(default=None, max_length=MAX_BIAS_ENTRIES)
+    # a stop string is matched as it streams, in time linear in the text; its length is bounded all the same
+    stop: str | list[str] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_length(cls, v):
+        if any(len(s) > MAX_STOP_CHARS for s in ([v] if isinstance(v, str) else v or [])):
+            raise ValueError(f"a stop string may hold at most {MAX_STOP_CHARS} characters")
+        return v
 
     def unsupported(self) -> tuple[str, str] | None:
         """Why the body cannot be served as asked, and the field at fault (OpenAI's `param`); None if it can."""

@@ -31,6 +31,8 @@ from .errors import APIError, from_runtime
 from .metrics import Metrics
 from .streaming import SHUT_DOWN, events
 
+BODY_TIMEOUT_S = 30.0  # for a request's whole body to arrive (nginx's client_body_timeout is 60 s between reads)
+
 
 @dataclass
 class Model:
@@ -95,19 +97,27 @@ def check_key(request: Request) -> None:
                        headers={"WWW-Authenticate": "Bearer"})
 
 
-async def capped_body(request: Request, limit: int) -> bytes:
+async def capped_body(request: Request, limit: int, deadline_s: float = BODY_TIMEOUT_S) -> bytes:
     """The request's body, taken as it streams in: 413 as soon as its declared length or the bytes sent
-    pass `limit`, so an oversized body is never held whole (nor waited for)."""
+    pass `limit`, so an oversized body is never held whole (nor waited for); 408 when it has not all
+    arrived within `deadline_s` (800 connections that sent all but the last bytes held 800 MB, for ever)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body of {declared} bytes is over this server's limit of {limit}")
-    chunks, size = [], 0
-    try:
+    chunks: list[bytes] = []
+
+    async def take() -> None:
+        size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise APIError(413, f"request body is over this server's limit of {limit} bytes")
             chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(take(), deadline_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {deadline_s:g} s; send it whole") from None
     except ClientDisconnect:  # gone while sending its body: nginx's "client closed request", not a server error
         raise APIError(499, "the client closed the connection while sending the body") from None
     return b"".join(chunks)
@@ -188,6 +198,7 @@ class Serving:
             raise APIError(400, why[0], param=why[1])
         self.id, self.created = f"{self.id_prefix}-{request_id(request.scope)}", int(time.time())  # X-Request-Id's, as vLLM
         self.handles: list = []
+        self.per_prompt = body.n  # scheduler requests per prompt: one per choice (echo alone: one, its choices alike)
 
     # ---- per route kind --------------------------------------------------------------------
 
@@ -216,7 +227,7 @@ class Serving:
         raise NotImplementedError
 
     def prompt_tokens(self) -> int:
-        return sum(len(h.request.ids) for h in self.handles[:: self.body.n])
+        return sum(len(h.request.ids) for h in self.handles[:: self.per_prompt])
 
     # ---- OpenAI's response shaping ---------------------------------------------------------
 
@@ -251,7 +262,7 @@ class Serving:
 
     def submit(self, prompts: list, kw: dict) -> list:
         """One scheduler request per prompt and choice; all or none (a failure cancels the rest)."""
-        sched, n = self.model.scheduler, self.body.n
+        sched, n = self.model.scheduler, self.per_prompt
         room = sched.config.max_batch + sched.config.max_queue
         if len(prompts) * n > room:  # would get 429 on every retry
             raise APIError(400, f"{len(prompts)} prompt(s) x n={n} is {len(prompts) * n} sequences, more than this server "

@@ -49,7 +49,9 @@ class CompletionServing(Serving):
     async def respond(self):
         if self.body.max_tokens == 0:  # echo alone: the prompts back (scored with logprobs), nothing generated
             # through the scheduler as any request (its queue bounds, cancelled on a disconnect or the timeout):
-            # each choice's prompt is only scored (Scheduler.submit with max_new_tokens 0)
+            # each prompt is only scored (Scheduler.submit with max_new_tokens 0), once for its n choices, which are
+            # alike (n scoring passes of a 1,023-token prompt held the scheduler n x 10 s)
+            self.per_prompt = 1
             self.handles = self.submit(self.prompt_list, self.options())
             self.server.metrics.requests.labels(route=self.route).inc()
             await self.wait()
@@ -71,7 +73,7 @@ class CompletionServing(Serving):
     def _prompt_events(self, i: int) -> list[Token]:
         """Choice i's prompt tokens scored (echo with logprobs), by its request's own prompt pass (complete
         once its first token is out, or with max_tokens 0 once it is done)."""
-        scores = self.handles[i].request.prompt_scores if self.handles else None
+        scores = self.handles[i * self.per_prompt // self.body.n].request.prompt_scores if self.handles else None
         return scores.tokens if scores else []
 
     def _offsets(self, i: int) -> Offsets:

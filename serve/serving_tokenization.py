@@ -24,10 +24,17 @@ async def tokenize(request: Request):
     why = body.unsupported()
     if why:
         raise APIError(400, why[0], param=why[1])
-    engine = model.engine
+    engine, limit = model.engine, model.scheduler.capacity
+    texts = [m.text or "" for m in body.messages if m.role in ("user", "assistant")] if body.messages is not None else [body.prompt]
+    # a text surely longer than the context is refused untokenized: the tokenizer holds the event loop
+    # (and every stream) ~1.4 s a megabyte, and no prompt that long could run
+    floor = sum(engine.token_floor(t) for t in texts if len(t) > limit)
+    if floor > limit:
+        field = "messages" if body.messages is not None else "prompt"
+        raise APIError(400, f"the {field} holds at least {floor} tokens, more than this model's {limit}-position context",
+                       param=field, code="context_length_exceeded")
     try:
         if body.messages is not None:
-            texts = [m.text for m in body.messages if m.role in ("user", "assistant")]
             ids = joined(encode_turns(engine.tokenizer, texts, engine.eos_token_id))
         else:
             require_utf8(body.prompt, "prompt", "prompt")

@@ -64,6 +64,16 @@ async def events(handles: list, shape, timeout_s: float, observe: Callable[[Resu
     deadline = time.monotonic() + timeout_s
     results: list[Result | None] = [None] * len(handles)
     it = merged(handles)
+    late = f"the request did not finish within {timeout_s:g} s"
+    timed_out = False
+
+    def cut() -> None:  # the deadline, kept even while this generator waits on a client that does not read
+        nonlocal timed_out
+        timed_out = True
+        for h in handles:
+            h.cancel()
+
+    watchdog = asyncio.get_running_loop().call_later(timeout_s, cut)
     try:
         while True:
             try:
@@ -71,13 +81,13 @@ async def events(handles: list, shape, timeout_s: float, observe: Callable[[Resu
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:
-                yield failed(shape, 504, f"the request did not finish within {timeout_s:g} s")
+                yield failed(shape, 504, late)
                 break
             if isinstance(res, Exception):
                 yield failed(shape, 500, str(res))
                 break
-            if res is not None and res.finish_reason == "cancelled":  # the server shut down mid-stream
-                yield failed(shape, 503, SHUT_DOWN)
+            if res is not None and res.finish_reason == "cancelled":  # the deadline, or the server shut down mid-stream
+                yield failed(shape, 504, late) if timed_out else failed(shape, 503, SHUT_DOWN)
                 break
             if tok is not None:
                 yield sse(shape.chunk([shape.token_chunk(i, tok)]))
@@ -89,4 +99,5 @@ async def events(handles: list, shape, timeout_s: float, observe: Callable[[Resu
             yield sse(shape.chunk([], usage=shape.usage(results)))
         yield b"data: [DONE]\n\n"
     finally:
+        watchdog.cancel()
         await it.aclose()

@@ -435,3 +435,31 @@ def test_fp32_logits_do_not_depend_on_how_batch_mates_split_a_prompt(engine):
     assert again.stats.cached_tokens == 32
     lps = lambda r: [(t.id, t.logprob) for t in r.logprobs]  # noqa: E731
     assert lps(again) == lps(first)
+
+
+def test_prompt_passes_while_idle_are_bounded_and_cancels_land_between_them(engine, monkeypatch):
+    """Nothing decoding, every fresh prompt ran in one pass: 16 rows of 1,000 tokens were one 80-second pass
+    on 2 cores that no cancel, timeout or arrival could interrupt. A pass is held to IDLE_PASS_TOKENS
+    (rows x width) now, and a request cancelled meanwhile never runs its prompt."""
+    from gpt2onnx.runtime import scheduler
+
+    monkeypatch.setattr(scheduler, "IDLE_PASS_TOKENS", 256, raising=False)
+    sched = Scheduler(engine, SchedulerConfig(max_batch=8))
+    passes, handles = [], []
+    prefill = sched.kv.prefill
+
+    def counted(first, rows, *a, **kw):
+        passes.append(len(rows) * max(len(r) for r in rows))
+        if len(passes) == 1:  # a client leaves while the first pass runs
+            for h in handles[4:]:
+                h.cancel()
+        return prefill(first, rows, *a, **kw)
+
+    sched.kv.prefill = counted
+    with sched.cv:  # all eight admitted together, as a burst finds an idle scheduler
+        handles += [sched.submit([100 + i] * 100, max_new_tokens=2) for i in range(8)]
+    results = [h.result(timeout=60) for h in handles]
+    sched.close()
+    assert passes and max(passes) <= 256, passes
+    assert [r.finish_reason for r in results[4:]] == ["cancelled"] * 4 and all(not r.tokens for r in results[4:])
+    assert all(len(r.tokens) == 2 for r in results[:4])

@@ -6,6 +6,7 @@ In-process (FastAPI's TestClient) on synthetic:tiny, or the CLI as a process whe
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -175,3 +176,126 @@ def test_access_log_head_allow_cors_and_proxy_settings(tiny_artifact, caplog):
         with pytest.raises(Gpt2OnnxError, match=needle):
             check(ServeConfig(**bad))
     check(ServeConfig(root_path="/llm", keep_alive_s=65))
+
+
+def test_a_stream_nobody_reads_is_cut_at_its_deadline(engine):
+    """The deadline was checked only while the stream waited for a token: one whose client stopped reading sat
+    in its send, so its 16 rows decoded on past --request-timeout-s (47 s with a 10 s timeout, in an audit)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from gpt2onnx.runtime import Scheduler, SchedulerConfig
+    from gpt2onnx.serve.metrics import Metrics
+    from gpt2onnx.serve.streaming import events
+
+    shape = SimpleNamespace(chunk=lambda choices, **kw: {"choices": choices, **kw}, token_chunk=lambda i, tok: {"i": i},
+                            final_chunk=lambda i, res: {"i": i, "end": res.finish_reason},
+                            body=SimpleNamespace(include_usage=False), server=SimpleNamespace(metrics=Metrics([])),
+                            request=SimpleNamespace(scope={"method": "POST", "path": "/v1/completions"}))
+    with Scheduler(engine, SchedulerConfig(max_batch=2)) as sched:
+        step = sched._step
+
+        def slow_step():  # a model whose 120 tokens take ~1.2 s, past the 0.3 s deadline on any machine
+            time.sleep(0.01)
+            step()
+
+        sched._step = slow_step
+        handles = [sched.submit([15496, 11, i], max_new_tokens=120, eos_token_id=-1) for i in range(2)]
+
+        async def reader_that_stops() -> list[bytes]:
+            stream = events(handles, shape, 0.3, lambda r: None)
+            first = await stream.__anext__()  # then the client reads nothing more: its send would block here
+            await asyncio.sleep(1.0)
+            ends.extend(h.request.finish_reason for h in handles)  # while nobody reads
+            rest = [c async for c in stream]
+            return [first, *rest]
+
+        ends: list = []
+        chunks = asyncio.run(reader_that_stops())
+        assert ends == ["cancelled", "cancelled"], ends
+        assert all(len(h.request.tokens) < 120 for h in handles)
+        assert b"did not finish within 0.3 s" in b"".join(chunks) and chunks[-1] == b"data: [DONE]\n\n"
+        assert sched.metrics()["running"] == 0
+
+
+def test_per_request_work_the_body_can_ask_for_is_bounded(tiny_artifact):
+    """A logit_bias over the whole vocabulary was validated and built per choice on the event loop (5 prompts x
+    n 16 held it 7.6 s); stop strings had no length bound. Both are refused past their bounds in one line."""
+    app = _app(tiny_artifact)
+    model = os.path.basename(tiny_artifact)
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json={"model": model, "prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias" and "300" in r.json()["error"]["message"], r.text
+        for stop in ("x" * 1025, ["a", "x" * 1025]):
+            r = c.post("/v1/completions", json={"model": model, "prompt": "hi", "stop": stop})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "stop" and "1024" in r.json()["error"]["message"], r.text
+        r = c.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2, "stop": ["x" * 1024],
+                                            "logit_bias": {str(i): 1 for i in range(300)}})
+        assert r.status_code == 200, r.text
+
+
+def test_texts_that_cannot_fit_are_not_tokenized(tiny_artifact):
+    """/tokenize tokenized a 1 MiB text on the event loop (3.6 s, every stream stalled) for a prompt no model
+    context could hold, and chat tokenized a 1 MiB message history truncation then dropped (1.6 s). Both are
+    known to overrun from their bytes alone (over the vocabulary's longest piece): refused, or dropped
+    untokenized."""
+    app = _app(tiny_artifact)
+    model = os.path.basename(tiny_artifact)
+    big = "ab " * 100_000
+    with TestClient(app) as c:
+        r = c.post("/tokenize", json={"model": model, "prompt": big})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+        r = c.post("/tokenize", json={"model": model, "messages": [{"role": "user", "content": big}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        assert c.post("/tokenize", json={"model": model, "prompt": "ab " * 10}).json()["count"] > 0
+        turns = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "how?"}]
+        body = {"model": model, "max_tokens": 3, "temperature": 0}
+        alone = c.post("/v1/chat/completions", json={**body, "messages": turns[1:]}).json()
+        after_big = c.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": big}, *turns[1:]]}).json()
+        assert after_big["choices"] == alone["choices"] and after_big["usage"] == alone["usage"], (after_big, alone)
+        r = c.post("/v1/chat/completions", json={**body, "messages": [*turns, {"role": "user", "content": big}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+
+
+def test_a_body_that_never_arrives_whole_is_a_408():
+    import asyncio
+
+    from starlette.requests import Request
+
+    from gpt2onnx.serve.errors import APIError
+    from gpt2onnx.serve.serving import capped_body
+
+    async def receive(sent=[]):  # noqa: B006 - the first call sends part of the body, later ones wait for ever
+        if not sent:
+            sent.append(1)
+            return {"type": "http.request", "body": b'{"model": ', "more_body": True}
+        await asyncio.Event().wait()
+
+    async def read():
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [(b"content-length", b"100")]}
+        return await capped_body(Request(scope, receive), 1 << 20, deadline_s=0.2)
+
+    with pytest.raises(APIError) as e:
+        asyncio.run(read())
+    assert e.value.status == 408 and "did not arrive within 0.2 s" in e.value.message
+
+
+def test_echo_alone_scores_each_prompt_once_for_its_n_choices(tiny_artifact):
+    """max_tokens 0 with echo scored a prompt once per choice, n alike passes (n 8 of a 1,023-token prompt did not
+    finish in 65 s in an audit); once now, the choices still n."""
+    app = _app(tiny_artifact)
+    model = os.path.basename(tiny_artifact)
+    with TestClient(app) as c:
+        sched = app.state.server.models[model].scheduler
+        body = {"model": model, "prompt": ["one two three", "four five"], "max_tokens": 0, "echo": True, "logprobs": 2}
+        before = sched.metrics()["prompt_tokens"]
+        one = c.post("/v1/completions", json=body).json()
+        scored = sched.metrics()["prompt_tokens"] - before
+        many = c.post("/v1/completions", json={**body, "n": 3}).json()
+        assert sched.metrics()["prompt_tokens"] - before == 2 * scored  # the second request ran its prompts once too
+        assert [ch["index"] for ch in many["choices"]] == list(range(6))
+        for i, ch in enumerate(many["choices"]):
+            assert {k: v for k, v in ch.items() if k != "index"} == {k: v for k, v in one["choices"][i // 3].items() if k != "index"}
+        assert many["usage"] == one["usage"]
+        s = c.post("/v1/completions", json={**body, "n": 2, "stream": True})
+        assert s.status_code == 200 and s.text.replace(' ', '').count('"finish_reason":"length"') == 4, s.text[-400:]
