@@ -326,7 +326,6 @@ class Scheduler:
     def _step(self) -> None:
         """Drop cancelled rows, run bounded prompt work, then one decode step."""
         for s in [s for s in self.running if s.req.cancelled]:
-            self.counters["cancelled"] += 1
             self._retire(s, "cancelled")
         riding = self._prefill()  # (slot, chunk) to run in the step's pass, or None
         rows = [s for s in self.running if s.req.tokens]  # prompt done, first token sampled
@@ -372,7 +371,6 @@ class Scheduler:
             if s.req is None or s.req.tokens:  # ran in an earlier group of this loop (and may have ended)
                 continue
             if s.req.cancelled:  # between passes too: a client gone (or its timeout) frees its slot now
-                self.counters["cancelled"] += 1
                 fresh.pop(s.index, None)
                 self._retire(s, "cancelled")
                 continue
@@ -449,6 +447,7 @@ class Scheduler:
 
     def _retire(self, s: Slot, reason: str) -> None:
         with self.cv:
+            self.counters["cancelled"] += reason == "cancelled"
             self.running.remove(s)
             self._release(s, reason)
             self.cv.notify_all()

@@ -33,7 +33,7 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the routes' annotations here
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from .config import ServeConfig
 
@@ -92,7 +92,7 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
     from .protocol import error_body
     from .server import SHUTDOWN_GRACE_S
     from .serving import capped_body
-    from .streaming import SHUT_DOWN
+    from .streaming import SHUT_DOWN, sse
 
     room = cfg.scheduler.max_batch + cfg.scheduler.max_queue  # what a replica's scheduler runs and queues
     most = (autoscaling or {}).get("max_replicas", replicas)
@@ -198,15 +198,19 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
                 await asyncio.sleep(0.05)
             return len(cut)
 
-        def failed(self, why: str) -> str:
-            return SHUT_DOWN if self.draining else why
+        def failed(self, e: BaseException, what: str) -> APIError:
+            """The 503 for a replica call that ended in `e`: the shutdown's words when drain() cut it; a
+            cancellation that drain() did not make (the client left) goes on up."""
+            if isinstance(e, asyncio.CancelledError) and not self.draining:
+                raise e
+            why = SHUT_DOWN if self.draining else f"{what} ({type(e).__name__}); retry"
+            return APIError(503, why, "server_error", retry_after=cfg.retry_after_s)
 
         # every method: the replica's app answers what it does not route (405) in OpenAI's error shape
         @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
         async def route(self, path: str, request: Request):
-            retry = {"Retry-After": str(cfg.retry_after_s)}
             if self.draining:  # /health too: a load balancer stops sending here
-                return JSONResponse(error_body(SHUT_DOWN, "server_error"), 503, headers=retry)
+                return APIError(503, SHUT_DOWN, "server_error", retry_after=cfg.retry_after_s).response()
             try:  # one ingress serves every replica: it must not hold (or wait for) an oversized body whole
                 body = await capped_body(request, cfg.max_body_bytes)
             except APIError as e:
@@ -221,13 +225,10 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
                 try:
                     status, resp_headers = await gen.__anext__()
                 except BackPressureError:  # every replica is full and one more waits here already: the plain server's 429
-                    return JSONResponse(error_body("every replica is busy and the queue is full; retry later", "rate_limit_error",
-                                                   code="queue_full"), 429, headers=retry)
+                    return APIError(429, "every replica is busy and the queue is full; retry later", "rate_limit_error",
+                                    code="queue_full", retry_after=cfg.retry_after_s).response()
                 except (Exception, asyncio.CancelledError) as e:  # a replica that died or is restarting, or cut by drain()
-                    if isinstance(e, asyncio.CancelledError) and not self.draining:
-                        raise
-                    return JSONResponse(error_body(self.failed(f"no replica could take the request ({type(e).__name__}); retry"),
-                                                   "server_error"), 503, headers=retry)
+                    return self.failed(e, "no replica could take the request").response()
                 media = dict(resp_headers).get("content-type", "application/json")
                 if media.startswith("text/event-stream"):
                     async def chunks():
@@ -235,10 +236,8 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
                             async for c in gen:
                                 yield c
                         except (Exception, asyncio.CancelledError) as e:  # the replica died mid-stream, or drain() cut it
-                            if isinstance(e, asyncio.CancelledError) and not self.draining:
-                                raise
-                            why = self.failed(f"the replica failed mid-stream ({type(e).__name__}); retry")
-                            yield f"data: {json.dumps(error_body(why, 'server_error'))}\n\n".encode()
+                            why = self.failed(e, "the replica failed mid-stream").message
+                            yield sse(error_body(why, "server_error"))
                             yield b"data: [DONE]\n\n"
                         finally:
                             self.inflight.discard(gen)
@@ -249,10 +248,7 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
                 try:
                     content = b"".join([c async for c in gen])
                 except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001
-                    if isinstance(e, asyncio.CancelledError) and not self.draining:
-                        raise
-                    return JSONResponse(error_body(self.failed(f"the replica failed ({type(e).__name__}); retry"), "server_error"),
-                                        503, headers=retry)
+                    return self.failed(e, "the replica failed").response()
                 keep = {k: v for k, v in resp_headers if k.lower() not in HOP_BY_HOP}  # Location, Allow, Retry-After ...
                 return Response(content, status_code=status, headers=keep)
             finally:
@@ -309,9 +305,9 @@ def run(artifacts: list[str], cfg: ServeConfig, replicas: int) -> None:
     if not stop.is_set():
         announce(names, synthetic, cfg.host, port, cfg, how=f"{replicas} Ray Serve replica{'s' if replicas > 1 else ''}")
         watch(stop.is_set, gcs, stop)
-    # each replica finishes its in-flight requests (graceful_shutdown_timeout_s), then stops; a Ray
-    # this process started goes with it (serve.shutdown would first have the raylet report the
-    # controller it kills as a failed task), a cluster it joined (RAY_ADDRESS) loses only Serve
+    # the ingress drains (503 to new requests, in-flight ones finish for shutdown_timeout_s), then the
+    # application is deleted; a Ray this process started goes with it (serve.shutdown would first have the
+    # raylet report the controller it kills as a failed task), a cluster it joined (RAY_ADDRESS) loses only Serve
     def stop_serving() -> None:
         try:  # new requests get 503 while in-flight ones finish (serve.delete alone removes the route: Ray's 404)
             serve.get_app_handle("gpt2onnx").drain.remote(cfg.shutdown_timeout_s).result(
