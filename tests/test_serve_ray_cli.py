@@ -135,15 +135,12 @@ def test_ray_serve_stopped_with_its_process_group_exits_at_once(tiny_artifact):
     Now: one line that says why the requests were cut and what to set, exit 0, at once."""
     proc, out = _start_in_own_group(tiny_artifact)
     try:
-        t0 = time.time()
         os.killpg(proc.pid, signal.SIGTERM)
-        assert proc.wait(30) == 0
-        took = time.time() - t0
+        assert proc.wait(30) == 0  # it waited ~60 s on the gone GCS: this wait would time out
     finally:
         _end_group(proc)
     time.sleep(0.5)
     text = "".join(out)
-    assert took < 15, took
     assert "Ray's processes were stopped by the same signal" in text and "KillMode=mixed" in text, text
     for noise in ("Traceback", "rpc_client", "Failed to connect to GCS"):
         assert noise not in text, text[-2000:]
