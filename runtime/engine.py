@@ -35,6 +35,7 @@ from .session import (
     build_pick_session,
     build_session,
     check_io,
+    check_libraries,
     check_precision,
     select_provider,
 )
@@ -100,6 +101,7 @@ class Engine:
         sc = SessionConfig(provider=provider, threads=threads, verify=verify, cuda_graph=cuda_graph, huge_pages=huge_pages,
                            device_pick=device_pick, mixed_step=mixed_step)
         sc.validate()
+        check_libraries()
         ep = select_provider(provider)  # before the slow checks: a wrong flag fails fast
         sc.cuda_graph = ep == PROVIDERS["cuda"] and cuda_graph is not False
         manifest = load_manifest(path, verify=verify)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -63,6 +64,38 @@ class SessionConfig:
         for name in ("cuda_graph", "huge_pages", "device_pick", "mixed_step"):
             if getattr(self, name) not in (None, True, False):
                 raise Gpt2OnnxError(f"{name} must be true, false or unset, got {getattr(self, name)!r}")
+
+
+# The oldest releases that run every graph the exporter writes, and the runtime's pyproject floors
+# (tests/test_runtime_edges.py holds the two equal). Found by running each precision's artifact on older
+# releases (2026-12-07): onnxruntime 1.22-1.24 refuse the int8 KV cache's GroupQueryAttention at load,
+# 1.25-1.26 load it and fail the first pass (their CPU kernel reads the cache as float), 1.27 runs it;
+# tokenizers 0.19 cannot parse the tokenizer.json that 0.20 and later write (merges as pairs).
+MIN_VERSIONS = {"onnxruntime": (1, 27), "tokenizers": (0, 20)}
+
+
+def check_libraries() -> None:
+    """Refuse, in one line naming the upgrade, an onnxruntime or tokenizers older than MIN_VERSIONS
+    (pip enforces the floors; a --no-deps install or a system package does not)."""
+    import importlib.metadata
+
+    import onnxruntime
+    import tokenizers
+
+    for module in (onnxruntime, tokenizers):
+        name, have = module.__name__, getattr(module, "__version__", "0")
+        floor = MIN_VERSIONS[name]
+        if tuple(int(x) for x in re.findall(r"\d+", have)[:2]) < floor:
+            dist = name
+            if name == "onnxruntime":  # the CUDA build is its own distribution
+                try:
+                    importlib.metadata.version("onnxruntime-gpu")
+                    dist = "onnxruntime-gpu"
+                except importlib.metadata.PackageNotFoundError:
+                    pass
+            want = ".".join(map(str, floor))
+            raise Gpt2OnnxError(f"{name} {have} is older than {want}, the oldest gpt2onnx runs on; "
+                                f"pip install -U '{dist}>={want}'")
 
 
 def select_provider(requested: str) -> str:

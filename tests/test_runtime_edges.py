@@ -219,3 +219,33 @@ def test_score_refuses_bad_input_in_one_line(engine, prompt, kw, needle, param):
         engine.score(prompt, **kw)
     assert needle in str(e.value) and "\n" not in str(e.value) and e.value.param == param, (str(e.value), e.value.param)
     assert "truncate" not in str(e.value)  # scoring keeps every token: no truncate to offer
+
+
+@pytest.mark.parametrize("module,old", [("onnxruntime", "1.26.0"), ("tokenizers", "0.19.1")])
+def test_a_library_older_than_the_floor_is_refused_naming_the_upgrade(tiny_artifact, monkeypatch, module, old):
+    """onnxruntime 1.25-1.26 loaded an int8 artifact and failed its first pass with an internal error, 1.22-1.24
+    and tokenizers 0.19 refused it with "re-export it" (which cannot help): pip keeps the floors, a --no-deps
+    install or a system package does not."""
+    import importlib
+
+    from gpt2onnx.runtime import Engine
+
+    monkeypatch.setattr(importlib.import_module(module), "__version__", old)
+    with pytest.raises(Gpt2OnnxError) as e:
+        Engine.load(tiny_artifact, provider="cpu")
+    assert str(e.value).startswith(f"{module} {old} is older than ") and f"pip install -U '{module}>=" in str(e.value)
+
+
+def test_the_runtime_floors_are_the_packages_floors():
+    """MIN_VERSIONS and pyproject's dependencies say the same (one found by running old releases, one pip keeps)."""
+    import re
+    from pathlib import Path
+
+    from gpt2onnx.runtime.session import MIN_VERSIONS
+
+    deps = Path(__file__).resolve().parent.parent.joinpath("pyproject.toml").read_text().split("dependencies = [", 1)[1]
+    deps = deps.split("]", 1)[0]
+    for name, floor in MIN_VERSIONS.items():
+        found = re.search(rf'"{name}>=([\d.]+)"', deps)
+        assert found, f"pyproject's runtime dependencies have no {name}>= floor"
+        assert tuple(int(x) for x in found.group(1).split(".")[:2]) == floor, (name, found.group(1), floor)
