@@ -221,11 +221,11 @@ def test_score_refuses_bad_input_in_one_line(engine, prompt, kw, needle, param):
     assert "truncate" not in str(e.value)  # scoring keeps every token: no truncate to offer
 
 
-@pytest.mark.parametrize("module,old", [("onnxruntime", "1.26.0"), ("tokenizers", "0.19.1")])
+@pytest.mark.parametrize("module,old", [("onnxruntime", "1.27.0"), ("tokenizers", "0.19.1")])
 def test_a_library_older_than_the_floor_is_refused_naming_the_upgrade(tiny_artifact, monkeypatch, module, old):
-    """onnxruntime 1.25-1.26 loaded an int8 artifact and failed its first pass with an internal error, 1.22-1.24
-    and tokenizers 0.19 refused it with "re-export it" (which cannot help): pip keeps the floors, a --no-deps
-    install or a system package does not."""
+    """Below the floors an int8 artifact ran wrong rows (onnxruntime 1.27), failed its first pass with an
+    internal error (1.25-1.26), or was refused with "re-export it", which cannot help (1.22-1.24, tokenizers
+    0.19): pip keeps the floors, a --no-deps install or a system package does not."""
     import importlib
 
     from gpt2onnx.runtime import Engine
