@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 PROMPT ?= Hello, how are you today?
 PORT ?= 8000
 
-.PHONY: demo test bench serve lint clean llamacpp
+.PHONY: demo test floors bench serve lint clean llamacpp
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -125,6 +125,40 @@ $(LLAMACPP_TOOLS_STAMP): $(LLAMACPP_WHEEL_STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	$(MAKE) floors
+
+# pyproject's floors, run (requirements-floors.txt: the oldest release of each dependency it admits).
+# .venv-floors holds them all and runs the tests that reach each one (export and parity: torch,
+# transformers, onnx, onnxruntime's quantizers; the server: fastapi, uvicorn, prometheus-client, the
+# openai client), then exports synthetic:tiny at every precision (each export checks its own parity).
+# .venv-floors-rt is the runtime alone (`pip install .`, no torch) at its floors, tokenizers 0.20 among
+# them (transformers needs a newer one): each artifact's greedy and seeded tokens there must equal
+# .venv-floors'. ~6 min on 2 cores, most of it the tests.
+FLOORS := .venv-floors
+FLOORS_RT := .venv-floors-rt
+FLOORS_RT_PINS := $(shell grep -Eo '^(onnxruntime|numpy)==[0-9.]+' requirements-floors.txt) tokenizers==0.20.0
+FLOORS_IDS := 464,2068,7586,21831,18045,625,262;15496,11,703
+
+floors:
+	test -x $(FLOORS)/bin/python || $(PY) -m venv $(FLOORS)
+	$(FLOORS)/bin/python -m pip install -q -r requirements-floors.txt
+	$(FLOORS)/bin/python -m pip install -q --no-deps -e .
+	$(FLOORS)/bin/python -m pytest -q -p no:cacheprovider tests/test_parity.py tests/test_precisions.py tests/test_beam.py \
+	  tests/test_serve.py tests/test_serve_fields.py
+	test -x $(FLOORS_RT)/bin/python || $(PY) -m venv $(FLOORS_RT)
+	$(FLOORS_RT)/bin/python -m pip install -q $(FLOORS_RT_PINS)
+	$(FLOORS_RT)/bin/python -m pip install -q --no-deps -e .
+	rm -rf build/floors
+	for p in fp32 fp16 int8 int4; do \
+	  $(FLOORS)/bin/gpt2onnx export synthetic:tiny -o build/floors/$$p --precision $$p >/dev/null || exit 1; \
+	  for venv in $(FLOORS) $(FLOORS_RT); do \
+	    { $$venv/bin/gpt2onnx generate build/floors/$$p --ids '$(FLOORS_IDS)' --max-new-tokens 12 --json \
+	      && $$venv/bin/gpt2onnx generate build/floors/$$p "Hello, how are you?" --sample --seed 7 --max-new-tokens 12 --json; \
+	    } > build/floors/$$p/tokens-$$(basename $$venv).json || exit 1; \
+	  done; \
+	  cmp build/floors/$$p/tokens-$(FLOORS).json build/floors/$$p/tokens-$(FLOORS_RT).json || exit 1; \
+	done
+	@echo "floors: every precision runs at $(FLOORS_RT_PINS)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -132,4 +166,4 @@ lint: $(STAMP)
 # Only what the build made: exported artifacts, the trained-model cache, pytest's cache. The committed reports/
 # stay (make bench rewrites them in place), and so does build/llamacpp (~10 minutes of compiling on 2 cores).
 clean:
-	rm -rf artifacts .pytest_cache
+	rm -rf artifacts .pytest_cache build/floors

@@ -118,10 +118,9 @@ def test_logprobs_match_the_model_distribution(engine):
 def test_full_queue_refuses_at_once(engine):
     with Scheduler(engine, SchedulerConfig(max_batch=1, max_queue=1)) as s:
         long = [s.submit([1, 2, 3], max_new_tokens=100, eos_token_id=-1) for _ in range(2)]  # one runs, one waits
-        t = time.perf_counter()
+        # no time bound: a submit that waited for room would get it (the rows end) and raise nothing
         with pytest.raises(QueueFull, match="queue is full"):
             s.submit([1, 2], max_new_tokens=4)
-        assert time.perf_counter() - t < 1.0
         assert s.metrics()["refused"] == 1
         for h in long:
             h.cancel()
