@@ -20,7 +20,7 @@ import numpy as np
 
 from gpt2onnx.runtime.artifact import FORMAT_VERSION, KV_DTYPES, MANIFEST_NAME, PRECISIONS, sha256
 from gpt2onnx.runtime.errors import Gpt2OnnxError
-from gpt2onnx.runtime.session import PROVIDERS
+from gpt2onnx.runtime.session import PROVIDERS, check_libraries
 from gpt2onnx.runtime.spec import MIXED_FILE, PICK_FILE
 
 from . import checkpoints, graph, parity, quantize
@@ -60,6 +60,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> str:
             loaded, or parity outside the precision's tolerance (nothing is written then).
     """
     _check_options(opts)
+    check_libraries()  # below the floors the quantizers and the parity check fail on their own, unclearly
     dtype = _activation_dtype(opts.precision)
     opts = dataclasses.replace(opts, kv_dtype=_kv_dtype(opts))
     log(f"loading {opts.model}")

@@ -236,6 +236,19 @@ def test_a_library_older_than_the_floor_is_refused_naming_the_upgrade(tiny_artif
     assert str(e.value).startswith(f"{module} {old} is older than ") and f"pip install -U '{module}>=" in str(e.value)
 
 
+def test_an_export_below_the_floor_is_refused_before_it_writes(tmp_path, monkeypatch):
+    """onnxruntime 1.22-1.23's int4 quantizer raised a TypeError from inside the export; 1.27 exported
+    and failed its parity check by 10.4 after minutes of work."""
+    import onnxruntime
+
+    from gpt2onnx.export.convert import ExportOptions, export
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.23.2")
+    with pytest.raises(Gpt2OnnxError, match=r"^onnxruntime 1\.23\.2 is older than "):
+        export(ExportOptions(model="synthetic:tiny", output=str(tmp_path / "art"), precision="int4"), log=lambda _: None)
+    assert not any(tmp_path.iterdir())
+
+
 def test_the_runtime_floors_are_the_packages_floors():
     """MIN_VERSIONS and pyproject's dependencies say the same (one found by running old releases, one pip keeps)."""
     import re
