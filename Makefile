@@ -136,7 +136,7 @@ test: $(STAMP)
 # .venv-floors'. ~6 min on 2 cores, most of it the tests.
 FLOORS := .venv-floors
 FLOORS_RT := .venv-floors-rt
-FLOORS_RT_PINS := $(shell grep -Eo '^(onnxruntime|numpy)==[0-9.]+' requirements-floors.txt) tokenizers==0.20.0
+FLOORS_RT_PINS := $(shell sed -nE 's/^ *"(onnxruntime|numpy|tokenizers)>=([0-9.]+)".*/\1==\2/p' pyproject.toml)  # the runtime's own floors
 FLOORS_IDS := 464,2068,7586,21831,18045,625,262;15496,11,703
 
 floors:

@@ -262,3 +262,22 @@ def test_the_runtime_floors_are_the_packages_floors():
         found = re.search(rf'"{name}>=([\d.]+)"', deps)
         assert found, f"pyproject's runtime dependencies have no {name}>= floor"
         assert tuple(int(x) for x in found.group(1).split(".")[:2]) == floor, (name, found.group(1), floor)
+
+
+def test_make_floors_installs_pyprojects_floors():
+    """requirements-floors.txt pins each package at the floor pyproject gives it (`make floors` runs what pip
+    admits, not a newer release), but where it says why not: torch (only 2.13.0 is installable here) and
+    tokenizers (transformers' own floor is newer; the runtime's runs alone, from pyproject)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    floors = dict(re.findall(r'"([a-z-]+)(?:\[[a-z]+\])?>=([\d.]+)', root.joinpath("pyproject.toml").read_text()))
+    pins = dict(re.findall(r"^([a-z-]+)==([\d.]+)", root.joinpath("requirements-floors.txt").read_text(), re.M))
+    assert len(pins) >= 15 and "onnxruntime" in pins, pins
+    for name, pin in pins.items():
+        if name in ("torch", "tokenizers"):
+            continue
+        assert name in floors, f"requirements-floors.txt pins {name}, which pyproject does not name"
+        norm = lambda v: tuple(int(x) for x in v.split(".")) + (0,) * (3 - len(v.split(".")))  # noqa: E731
+        assert norm(pin) == norm(floors[name]), (name, pin, floors[name])
