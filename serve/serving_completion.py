@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 
 from fastapi.responses import StreamingResponse
@@ -9,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from gpt2onnx.runtime.request import Result, Token
 
 from .protocol import CompletionRequest
-from .serving import Serving, finish, token_str
+from .serving import Serving, finish, token_str, whole
 from .streaming import sse
 
 
@@ -55,12 +56,16 @@ class CompletionServing(Serving):
             self.handles = self.submit(self.prompt_list, self.options())
             self.server.metrics.requests.labels(route=self.route).inc()
             await self.wait()
-            choices = [{"index": i, "text": self.echo(i), "logprobs": self.prompt_logprobs(i), "finish_reason": "length"}
-                       for i in range(len(self.prompt_list) * self.body.n)]
-            if self.body.stream:
+            if self.body.stream:  # its scored prompts shaped off the event loop too (serving.whole)
+                choices = await asyncio.to_thread(self._echoed)
                 return StreamingResponse(self._echo_events(choices), media_type="text/event-stream")
-            return self.envelope(self.object, choices, usage=self.usage([]))
+            return await whole(lambda: self.envelope(self.object, self._echoed(), usage=self.usage([])))
         return await super().respond()
+
+    def _echoed(self) -> list[dict]:
+        """Every choice of an echo alone: its prompt back, scored with logprobs when asked."""
+        return [{"index": i, "text": self.echo(i), "logprobs": self.prompt_logprobs(i), "finish_reason": "length"}
+                for i in range(len(self.prompt_list) * self.body.n)]
 
     async def _echo_events(self, choices: list[dict]):
         for c in choices:

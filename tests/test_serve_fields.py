@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -190,11 +191,53 @@ def test_max_tokens_zero_with_echo_returns_the_scored_prompt(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
 
 
+def test_whole_responses_are_shaped_off_the_event_loop(client, monkeypatch):
+    """A response sent whole is shaped (choices, logprobs) and encoded in a worker thread: on the event loop,
+    16 echoed 1,000-token prompts with logprobs 5 (a 4 MB body) held every other client's stream 742 ms
+    (DialoGPT-small int8, 2 cores). Completions, echo alone (whole and streamed) and chat, each checked
+    where its choices are built: no event loop runs in that thread."""
+    import asyncio
+
+    from gpt2onnx.serve.serving_chat import ChatServing
+    from gpt2onnx.serve.serving_completion import CompletionServing
+
+    on_loop = []
+
+    def where(f):
+        def wrapped(*a, **k):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(f.__name__)
+            except RuntimeError:
+                pass
+            where.calls += 1
+            return f(*a, **k)
+        return wrapped
+
+    where.calls = 0
+    for cls, name in ((CompletionServing, "choice"), (CompletionServing, "_echoed"), (ChatServing, "choice")):
+        if hasattr(cls, name):  # _echoed: where echo alone's choices are built
+            monkeypatch.setattr(cls, name, where(getattr(cls, name)))
+    body = {"model": client.model, "prompt": "The cat sat", "logprobs": 2, "max_tokens": 3}
+    for b in (body, {**body, "echo": True, "max_tokens": 0}, {**body, "echo": True, "max_tokens": 0, "stream": True}):
+        r = client.post("/v1/completions", json=b)
+        assert r.status_code == 200 and ("The cat sat" in r.text) == ("echo" in b), r.text
+    r = client.post("/v1/chat/completions", json={"model": client.model, "messages": [{"role": "user", "content": "hi"}],
+                                                  "max_tokens": 3, "logprobs": True, "top_logprobs": 2})
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"]["content"], r.text
+    assert on_loop == [] and where.calls == 4, (on_loop, where.calls)
+
+
 def test_echo_alone_is_a_scheduler_request_that_needs_only_its_prompt_to_fit(client):
     """max_tokens 0 ran Engine.score in a thread beside the scheduler: past the queue's bound, never cancelled
     by a disconnect or the request timeout (a 2 s timeout answered 200 after 74 s). It is a scheduler request
     now, ended after its prompt pass, so it takes a prompt that fills the whole context."""
     model = client.app.state.server.models[client.model]
+    # a client has its result when the last token is published; the loop counts it and frees the slot just
+    # after, so an earlier test's request may still be counted here: wait for the loop to settle
+    deadline = time.monotonic() + 10
+    while model.scheduler.running and time.monotonic() < deadline:
+        time.sleep(0.01)
     before = dict(model.scheduler.counters)
     full = [int(t) for t in np.arange(model.engine.n_positions) % 1000 + 1]
     body = {"model": client.model, "prompt": full, "max_tokens": 0, "echo": True, "logprobs": 0}
