@@ -58,6 +58,11 @@ from .sampling import MAX_LOGPROBS, _int
 # and every new arrival waited it out, and onnxruntime's arena kept the pass's ~0.9 GB); vLLM bounds
 # a step's tokens the same way (max_num_batched_tokens)
 IDLE_PASS_TOKENS = 2048
+# consecutive failed turns after which a scheduler calls itself failing (`health`: /health a 503, a Ray replica
+# replaced) until a pass runs again: one failure may be one request's, but an engine that fails every pass will
+# not recover by itself (after a sticky CUDA error every launch fails), and a server answering every request
+# with a 500 while its probe says ok keeps its share of the traffic
+FAILING_TURNS = 3
 IDLE_WAKE_S = 1.0  # an idle loop wakes this often, not holding its scheduler between: a dropped one is collected
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # every open scheduler of this process
 
@@ -142,6 +147,9 @@ class Scheduler:
         self.running: list[Slot] = []  # admission order
         self.closed = False
         self.stopped: str | None = None  # why the loop's thread ended by an error (it then refuses requests)
+        self.failing: str | None = None  # why its last FAILING_TURNS turns failed, until a pass runs again
+        self._failures = 0  # turns failed since a pass last ran
+        self._passes = 0  # prompt and decode passes run (a turn may run none: its rows all cancelled)
         self.counters = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "steps": 0,
                          "refused": 0, "cancelled": 0, "errors": 0}
         self.cv = threading.Condition()
@@ -269,15 +277,19 @@ class Scheduler:
                     return True
                 if self.closed and not self.waiting and not self.running:
                     return False
+                failed, passes = None, self._passes
                 try:
                     self._admit()
                 except Exception as e:  # noqa: BLE001 - a slot's reset failed: as a failed step
                     self._fail_running(e)
+                    failed = e
             try:
                 self._step()
             except Exception as e:  # an onnxruntime failure: fail the running requests, keep serving
                 with self.cv:
                     self._fail_running(e)
+                failed = e
+            self._count(failed, self._passes != passes)
             return True
         except BaseException as e:  # the loop cannot go on: refuse new requests, end every accepted one
             with self.cv:
@@ -290,6 +302,27 @@ class Scheduler:
             # a bug, not a request's fault: its traceback goes to the log (the server's /health now fails)
             logging.getLogger("gpt2onnx").error("%s", self.stopped, exc_info=True)
             return False
+
+    @property
+    def health(self) -> str | None:
+        """None while it serves; else why not: its loop stopped, or its engine fails every pass (`failing`)."""
+        return self.stopped or self.failing
+
+    def _count(self, failed: Exception | None, ran: bool) -> None:
+        """After a turn: a pass that ran ends `failing`; FAILING_TURNS failed turns in a row with no pass between
+        start it."""
+        log = logging.getLogger("gpt2onnx")
+        if ran:
+            if self.failing:
+                log.warning("the scheduler's passes run again; it serves")
+            self._failures, self.failing = 0, None
+        if failed is None:
+            return
+        self._failures += 1
+        if self._failures >= FAILING_TURNS:
+            if self.failing is None:
+                log.error("the scheduler is failing: %d turns in a row failed, the last with %s", self._failures, one_line(failed))
+            self.failing = f"its last {self._failures} turns failed, the last with: {one_line(failed)}"
 
     def _fail_running(self, e: BaseException) -> None:
         """End every running request with `e` (under the lock); their rows' caches may be half-written."""
@@ -352,6 +385,7 @@ class Scheduler:
             out = self.kv.decode_greedy(tokens, live) if greedy else self.kv.decode(tokens, live)  # else logits [n, vocab]
         dt = time.perf_counter() - t
         self.counters["steps"] += 1
+        self._passes += 1
         for s in rows:
             s.req.stats.step_s.append(dt)
             s.req.stats.decode_s += dt
@@ -416,6 +450,7 @@ class Scheduler:
         prompt, its first token is chosen. Returns whether it was."""
         s.req.stats.prefill_s += dt
         s.tokens += chunk
+        self._passes += 1
         if len(s.tokens) < len(s.req.ids):
             return False
         if s.req.score_only:  # max_new_tokens 0: its prompt scored, the request is done

@@ -36,10 +36,11 @@ router = APIRouter()
 
 @router.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' checks (HAProxy's httpchk)
 async def health(request: Request):
-    """200 while every model's scheduler runs; 503 while draining, or when a scheduler's loop has
-    stopped on an error (it refuses every request: a liveness probe should restart the server)."""
+    """200 while every model's scheduler serves; 503 while draining, or when a scheduler's loop has
+    stopped on an error (it refuses every request) or its engine fails every pass (Scheduler.health):
+    a liveness probe should restart the server, a load balancer send elsewhere."""
     server = server_of(request)
-    stopped = {m.name: m.scheduler.stopped for m in server.models.values() if m.scheduler.stopped}
+    stopped = {m.name: m.scheduler.health for m in server.models.values() if m.scheduler.health}
     status = "error" if stopped else "shutting_down" if server.closing else "ok"
     body = {"status": status, "models": {m.name: m.scheduler.metrics() for m in server.models.values()}}
     if stopped:

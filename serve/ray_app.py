@@ -166,6 +166,8 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
             for m in self.models:
                 if not m.scheduler.thread.is_alive():
                     raise RuntimeError(f"the scheduler of {m.name} stopped")
+                if m.scheduler.health:  # its engine fails every pass: Ray replaces the replica
+                    raise RuntimeError(f"the scheduler of {m.name} is failing: {m.scheduler.health}")
 
     ingress_app = FastAPI(docs_url=None, redoc_url=None)
 

@@ -153,6 +153,42 @@ def test_request_ids_errors_in_the_log_and_streamed_errors_counted(tiny_artifact
         assert 'gpt2onnx_http_errors_total{status="500"} 2.0' in metrics, metrics
 
 
+def test_an_engine_that_fails_every_pass_fails_the_health_check_until_a_pass_runs(tiny_artifact, caplog):
+    """A scheduler whose every pass failed answered each request with a 500 while /health said ok: a load
+    balancer kept sending it its share and a liveness probe never restarted it (after a sticky CUDA error
+    every later launch fails). FAILING_TURNS failed turns in a row make /health a 503 naming the error, and
+    Ray's health check fail; one failure does not, and the first pass that runs ends it."""
+    import logging
+
+    from gpt2onnx.runtime.scheduler import FAILING_TURNS
+
+    app = _app(tiny_artifact)
+    model = os.path.basename(tiny_artifact)
+    body = {"model": model, "prompt": "hi", "max_tokens": 2}
+    with TestClient(app, raise_server_exceptions=False) as c, caplog.at_level(logging.WARNING, logger="gpt2onnx"):
+        sched = app.state.server.models[model].scheduler
+        prefill = sched.kv.prefill
+
+        def broken(*a, **k):
+            raise RuntimeError("CUDA failure 700: an illegal memory access was encountered")
+
+        sched.kv.prefill = broken
+        for i in range(FAILING_TURNS):
+            h = c.get("/health")
+            assert h.status_code == 200 and sched.health is None, (i, h.text)  # fewer failures than that: still serving
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 500 and "illegal memory access" in r.json()["error"]["message"], r.text
+        h = c.get("/health")
+        assert h.status_code == 503 and h.json()["status"] == "error", h.text
+        assert "turns failed" in h.json()["errors"][model] and "illegal memory access" in h.json()["errors"][model], h.text
+        sched.kv.prefill = prefill
+        assert c.post("/v1/completions", json=body).status_code == 200
+        h = c.get("/health")
+        assert h.status_code == 200 and sched.health is None, h.text
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert any("scheduler is failing" in ln for ln in lines) and any("run again" in ln for ln in lines), lines
+
+
 def test_access_log_head_allow_cors_and_proxy_settings(tiny_artifact, caplog):
     import logging
 
