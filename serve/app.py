@@ -29,7 +29,7 @@ from .serving_chat import ChatServing
 from .serving_completion import CompletionServing
 from .serving_tokenization import detokenize, tokenize
 
-__all__ = ["Model", "build_app"]
+__all__ = ["Model", "build_app", "health_report"]
 
 router = APIRouter()
 
@@ -39,13 +39,18 @@ async def health(request: Request):
     """200 while every model's scheduler serves; 503 while draining, or when a scheduler's loop has
     stopped on an error (it refuses every request) or its engine fails every pass (Scheduler.health):
     a liveness probe should restart the server, a load balancer send elsewhere."""
-    server = server_of(request)
+    status, body = health_report(server_of(request))
+    return JSONResponse(body, status_code=status)
+
+
+def health_report(server) -> tuple[int, dict]:
+    """/health's status code and body for one server (one Ray replica's, which it reports to the ingress)."""
     stopped = {m.name: m.scheduler.health for m in server.models.values() if m.scheduler.health}
     status = "error" if stopped else "shutting_down" if server.closing else "ok"
     body = {"status": status, "models": {m.name: m.scheduler.metrics() for m in server.models.values()}}
     if stopped:
         body["errors"] = stopped
-    return JSONResponse(body, status_code=200 if status == "ok" else 503)
+    return (200 if status == "ok" else 503), body
 
 
 @router.get("/metrics")

@@ -19,6 +19,7 @@ without a key (completions) go to whichever replica Ray's default ranking picks.
 Each replica runs the app of app.py in-process (ASGI), so the routes, validation and errors are
 the single server's exactly; the ingress forwards method, path, headers and body and streams the
 answer back. A replica that dies is replaced by Ray; requests it held fail with a 503 that says so.
+`/metrics` and `/health` are the ingress's own: every replica's, from what each reports (`report`).
 
 `gpt2onnx serve --ray` behaves like the plain server: the same start line naming the models, warnings
 only (no per-request access log from the ingress or the replicas), and on SIGTERM or Ctrl-C it stops
@@ -29,6 +30,7 @@ taking requests, lets in-flight ones finish for `shutdown_timeout_s`, and exits 
 import asyncio
 import hashlib
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -36,6 +38,7 @@ from fastapi import FastAPI, Request  # module level: FastAPI resolves the route
 from fastapi.responses import Response, StreamingResponse
 
 from .config import ServeConfig
+from .metrics import CONTENT_TYPE_LATEST as METRICS_TYPE
 
 try:  # the router base class exists in the ray extra only; the rest of this module needs it too
     from ray.serve.request_router import RequestRouter
@@ -48,6 +51,12 @@ CONVERSATION_HEADER = "x-conversation-id"
 REPLICA_HEADER = "x-gpt2onnx-replica"  # which replica answered (tests, debugging)
 INGRESS_SPARE = 32  # requests the ingress takes beyond what the replicas run and queue: /health, /metrics, 429s
 HOP_BY_HOP = ("content-length", "transfer-encoding", "connection", "keep-alive")  # the ingress's own response sets these
+# A Serve handle reaches some replica, never a chosen one, so the ingress cannot ask each for its /metrics or
+# /health: each replica sends them every REPORT_S instead, and the ingress answers for all of them (each series
+# labelled with its replica, as Ray's own metrics are); a replica not heard from for STALE_S (killed, scaled
+# down) leaves the answer
+REPORT_S = 2.0
+STALE_S = 10.0
 
 
 def conversation_key(path: str, headers: dict[str, str], body: bytes) -> str | None:
@@ -116,7 +125,11 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
             self.models = load_models(artifacts, cfg)
             self.app = build_app(self.models, cfg)
             self.app.state.server.start()  # forward() sends http scopes only: the app's lifespan never runs here
-            self.replica_id = serve.get_replica_context().replica_tag
+            context = serve.get_replica_context()
+            self.replica_id = context.replica_tag
+            self.reporting = threading.Event()  # set: stop reporting
+            threading.Thread(target=report, args=(self.app.state.server, self.replica_id, context.app_name, self.reporting),
+                             name="gpt2onnx-report", daemon=True).start()
 
         async def forward(self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> AsyncIterator:
             """Run one HTTP request through the app; yields (status, headers), then body chunks."""
@@ -157,6 +170,8 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
 
         def __del__(self) -> None:
             """Ray Serve's shutdown hook (after in-flight requests drained): stop the schedulers' threads."""
+            if hasattr(self, "reporting"):
+                self.reporting.set()
             for m in getattr(self, "models", []):
                 m.scheduler.close(cancel=True)
             if hasattr(self, "app"):
@@ -182,6 +197,18 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
             self.replica = replica
             self.draining = False
             self.inflight: set = set()  # the replica calls still answering (their response generators)
+            self.reports: dict[str, tuple[float, str, int, dict]] = {}  # replica -> (when, /metrics text, /health status, body)
+
+        async def report(self, replica: str, metrics: str, status: int, health: dict) -> None:
+            """A replica's latest /metrics text and /health (its reporter thread calls this every REPORT_S)."""
+            self.reports[replica] = (time.monotonic(), metrics, status, health)
+
+        def fresh(self) -> dict[str, tuple[float, str, int, dict]]:
+            """The reports of replicas heard from within STALE_S; the others are forgotten."""
+            now = time.monotonic()
+            for gone in [k for k, r in self.reports.items() if now - r[0] > STALE_S]:
+                del self.reports[gone]
+            return self.reports
 
         async def drain(self, timeout_s: float) -> int:
             """Shutdown's first step (run() calls it before serve.delete, which removes the route at once: Ray's
@@ -213,6 +240,13 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
         async def route(self, path: str, request: Request):
             if self.draining:  # /health too: a load balancer stops sending here
                 return APIError(503, SHUT_DOWN, "server_error", retry_after=cfg.retry_after_s).response()
+            if path == "metrics" and request.method == "GET":  # every replica's series
+                return Response(merged_metrics({k: r[1] for k, r in self.fresh().items()}), media_type=METRICS_TYPE)
+            if path == "health" and request.method in ("GET", "HEAD") and self.fresh():  # none yet: a replica answers
+                ok = any(r[2] == 200 for r in self.reports.values())  # one replica that serves: the service serves
+                body = {"status": "ok" if ok else "error", "replicas": {k: r[3] for k, r in sorted(self.reports.items())}}
+                return Response(json.dumps(body).encode() if request.method == "GET" else b"", status_code=200 if ok else 503,
+                                media_type="application/json")
             try:  # one ingress serves every replica: it must not hold (or wait for) an oversized body whole
                 body = await capped_body(request, cfg.max_body_bytes)
             except APIError as e:
@@ -258,6 +292,45 @@ def application(artifacts: list[str], cfg: ServeConfig, replicas: int = 2, autos
                     self.inflight.discard(gen)
 
     return Ingress.bind(Replica.bind(artifacts, cfg))
+
+
+def report(server, replica: str, app_name: str, stop: threading.Event) -> None:
+    """A replica's reporter thread: its /metrics text and /health to the ingress now and every REPORT_S until
+    `stop` (a failed call, the ingress not up yet or gone, is tried again next time)."""
+    from ray import serve
+
+    from .app import health_report
+
+    ingress = None
+    while True:
+        try:
+            ingress = ingress or serve.get_deployment_handle("Ingress", app_name)
+            status, body = health_report(server)
+            ingress.report.remote(replica, server.metrics.render()[0].decode(), status, body)
+        except Exception:  # noqa: BLE001 - metrics are best effort; serving goes on
+            pass
+        if stop.wait(REPORT_S):
+            return
+
+
+def merged_metrics(texts: dict[str, str]) -> bytes:
+    """Replicas' /metrics texts (replica -> text) as one exposition, each sample labelled with its replica:
+    a counter summed over replicas would drop whenever one goes away, which Prometheus reads as a reset."""
+    from prometheus_client import generate_latest
+    from prometheus_client.core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    for replica, text in sorted(texts.items()):
+        for fam in text_string_to_metric_families(text):
+            into = families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type, fam.unit))
+            into.samples += [x._replace(labels={**x.labels, "replica": replica}) for x in fam.samples]
+
+    class Merged:
+        def collect(self):
+            return iter(families.values())
+
+    return generate_latest(Merged())
 
 
 def run(artifacts: list[str], cfg: ServeConfig, replicas: int) -> None:

@@ -206,8 +206,49 @@ def test_replicas_freeze_their_heap_and_time_gc_pauses(ray_server, tiny_artifact
         r = httpx.post(ray_server + "/v1/completions", json={"model": model, "prompt": f"gc {i}", "max_tokens": 16}, timeout=60)
         assert r.status_code == 200, r.text
     counts = []
-    for _ in range(4):  # /metrics answers for the replica it reaches
+    for _ in range(4):  # every replica's series (each sends them to the ingress every REPORT_S)
         text = httpx.get(ray_server + "/metrics", timeout=30).text
         counts.append(sum(float(line.split()[-1]) for line in text.splitlines()
                           if line.startswith("gpt2onnx_gc_pause_seconds_count")))
     assert max(counts) > 0, counts
+
+
+def test_metrics_and_health_answer_for_every_replica(ray_server, tiny_artifact):
+    """/metrics and /health at the ingress answered for whichever replica a request reached: a scrape
+    alternated between two replicas' counters (Prometheus reads each drop as a counter reset), and /health
+    said nothing of the other replica. Each replica reports both to the ingress now (every REPORT_S), and
+    the ingress answers for all of them, each series labelled with its replica."""
+    import os
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gpt2onnx.serve.ray_app import REPORT_S, STALE_S
+
+    model = os.path.basename(tiny_artifact)
+
+    def served() -> dict[str, float]:  # completions accepted, per replica, as /metrics says
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(httpx.get(ray_server + "/metrics", timeout=30).text):
+            for s in fam.samples:
+                if s.name == "gpt2onnx_http_requests_total" and s.labels.get("route") == "completions":
+                    out[s.labels["replica"]] = out.get(s.labels["replica"], 0) + s.value
+        return out
+
+    deadline = time.monotonic() + STALE_S + 4 * REPORT_S  # a replica replaced earlier in this module leaves within STALE_S
+    while len(before := served()) != 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(before) == 2, before
+    time.sleep(2 * REPORT_S)  # the earlier tests' requests are in the replicas' next reports
+    before = served()
+    for i in range(8):
+        r = httpx.post(ray_server + "/v1/completions", json={"model": model, "prompt": f"count {i}", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 4 * REPORT_S
+    while sum((after := served()).values()) - sum(before.values()) != 8 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert sorted(after) == sorted(before) and sum(after.values()) - sum(before.values()) == 8, (before, after)
+    h = httpx.get(ray_server + "/health", timeout=30)
+    assert h.status_code == 200 and h.json()["status"] == "ok", h.text
+    assert sorted(h.json()["replicas"]) == sorted(after), h.text
+    assert all(v["status"] == "ok" and model in v["models"] for v in h.json()["replicas"].values()), h.text
+    assert httpx.head(ray_server + "/health", timeout=30).status_code == 200
