@@ -63,6 +63,9 @@ IDLE_PASS_TOKENS = 2048
 # not recover by itself (after a sticky CUDA error every launch fails), and a server answering every request
 # with a 500 while its probe says ok keeps its share of the traffic
 FAILING_TURNS = 3
+# while failing and idle, a one-token pass this often tells whether the engine works again: a load balancer that
+# reads /health as readiness sends a failing server nothing, so only such a probe can end it
+PROBE_S = 5.0
 IDLE_WAKE_S = 1.0  # an idle loop wakes this often, not holding its scheduler between: a dropped one is collected
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # every open scheduler of this process
 
@@ -150,6 +153,7 @@ class Scheduler:
         self.failing: str | None = None  # why its last FAILING_TURNS turns failed, until a pass runs again
         self._failures = 0  # turns failed since a pass last ran
         self._passes = 0  # prompt and decode passes run (a turn may run none: its rows all cancelled)
+        self._probed = 0.0  # when an idle failing scheduler last probed its engine (time.monotonic)
         self.counters = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "steps": 0,
                          "refused": 0, "cancelled": 0, "errors": 0}
         self.cv = threading.Condition()
@@ -273,7 +277,10 @@ class Scheduler:
         try:
             with self.cv:
                 if not self.waiting and not self.running and not self.closed:
-                    self.cv.wait(IDLE_WAKE_S)
+                    if self.failing and time.monotonic() - self._probed >= PROBE_S:
+                        self._probe()
+                    else:
+                        self.cv.wait(IDLE_WAKE_S if not self.failing else min(IDLE_WAKE_S, PROBE_S))
                     return True
                 if self.closed and not self.waiting and not self.running:
                     return False
@@ -323,6 +330,21 @@ class Scheduler:
             if self.failing is None:
                 log.error("the scheduler is failing: %d turns in a row failed, the last with %s", self._failures, one_line(failed))
             self.failing = f"its last {self._failures} turns failed, the last with: {one_line(failed)}"
+
+    def _probe(self) -> None:
+        """Idle and failing (under the lock): one token through the least recently used slot (emptied before
+        and after: what it held may be half-written); a pass that runs ends `failing`, one that fails keeps it."""
+        self._probed = time.monotonic()
+        s = min(self.slots, key=lambda s: (s.used, s.index))
+        s.tokens = []
+        try:
+            self.kv.truncate(s.index, 0)
+            self.kv.prefill(s.index, [[self.engine.pad_token_id]])
+            self.kv.truncate(s.index, 0)
+        except Exception as e:  # noqa: BLE001 - still failing
+            logging.getLogger("gpt2onnx").debug("the scheduler's probe failed: %s", one_line(e))
+            return
+        self._count(None, True)
 
     def _fail_running(self, e: BaseException) -> None:
         """End every running request with `e` (under the lock); their rows' caches may be half-written."""

@@ -153,38 +153,49 @@ def test_request_ids_errors_in_the_log_and_streamed_errors_counted(tiny_artifact
         assert 'gpt2onnx_http_errors_total{status="500"} 2.0' in metrics, metrics
 
 
-def test_an_engine_that_fails_every_pass_fails_the_health_check_until_a_pass_runs(tiny_artifact, caplog):
+def test_an_engine_that_fails_every_pass_fails_the_health_check_until_a_pass_runs(tiny_artifact, caplog, monkeypatch):
     """A scheduler whose every pass failed answered each request with a 500 while /health said ok: a load
     balancer kept sending it its share and a liveness probe never restarted it (after a sticky CUDA error
     every later launch fails). FAILING_TURNS failed turns in a row make /health a 503 naming the error, and
-    Ray's health check fail; one failure does not, and the first pass that runs ends it."""
+    Ray's health check fail; one failure does not. It ends with the first pass that runs: a request's, or,
+    as a load balancer that reads /health as readiness sends none, the idle scheduler's own probe."""
     import logging
 
-    from gpt2onnx.runtime.scheduler import FAILING_TURNS
+    from gpt2onnx.runtime import scheduler as mod
 
+    monkeypatch.setattr(mod, "PROBE_S", 0.2)
     app = _app(tiny_artifact)
     model = os.path.basename(tiny_artifact)
     body = {"model": model, "prompt": "hi", "max_tokens": 2}
     with TestClient(app, raise_server_exceptions=False) as c, caplog.at_level(logging.WARNING, logger="gpt2onnx"):
         sched = app.state.server.models[model].scheduler
         prefill = sched.kv.prefill
+        calls = []
 
         def broken(*a, **k):
+            calls.append(a)
             raise RuntimeError("CUDA failure 700: an illegal memory access was encountered")
 
         sched.kv.prefill = broken
-        for i in range(FAILING_TURNS):
+        for i in range(mod.FAILING_TURNS):
             h = c.get("/health")
             assert h.status_code == 200 and sched.health is None, (i, h.text)  # fewer failures than that: still serving
             r = c.post("/v1/completions", json=body)
             assert r.status_code == 500 and "illegal memory access" in r.json()["error"]["message"], r.text
+        n = len(calls)
+        time.sleep(1.0)  # idle: its probes run and fail
         h = c.get("/health")
         assert h.status_code == 503 and h.json()["status"] == "error", h.text
         assert "turns failed" in h.json()["errors"][model] and "illegal memory access" in h.json()["errors"][model], h.text
-        sched.kv.prefill = prefill
-        assert c.post("/v1/completions", json=body).status_code == 200
+        assert len(calls) > n, "the idle scheduler did not probe its engine"
+        sched.kv.prefill = prefill  # the engine works again; no request comes: the next probe finds it
+        deadline = time.monotonic() + 10
+        while c.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
         h = c.get("/health")
         assert h.status_code == 200 and sched.health is None, h.text
+        assert not any(s.tokens for s in sched.slots) and not sched.kv.held.any(), sched.kv.held  # the probe's row emptied
+        assert c.post("/v1/completions", json=body).status_code == 200
     lines = [rec.getMessage() for rec in caplog.records]
     assert any("scheduler is failing" in ln for ln in lines) and any("run again" in ln for ln in lines), lines
 
