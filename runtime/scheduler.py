@@ -318,17 +318,16 @@ class Scheduler:
     def _count(self, failed: Exception | None, ran: bool) -> None:
         """After a turn: a pass that ran ends `failing`; FAILING_TURNS failed turns in a row with no pass between
         start it."""
-        log = logging.getLogger("gpt2onnx")
         if ran:
             if self.failing:
-                log.warning("the scheduler's passes run again; it serves")
+                logging.getLogger("gpt2onnx").warning("the scheduler's passes run again; it serves")
             self._failures, self.failing = 0, None
         if failed is None:
             return
         self._failures += 1
         if self._failures >= FAILING_TURNS:
             if self.failing is None:
-                log.error("the scheduler is failing: %d turns in a row failed, the last with %s", self._failures, one_line(failed))
+                logging.getLogger("gpt2onnx").error("the scheduler is failing: %d turns in a row failed, the last with %s", self._failures, one_line(failed))
             self.failing = f"its last {self._failures} turns failed, the last with: {one_line(failed)}"
 
     def _probe(self) -> None:
