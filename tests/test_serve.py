@@ -757,3 +757,26 @@ def test_soak_fails_when_it_could_not_do_what_was_asked(tiny_artifact):
     assert r.stdout.count("server RSS") == 2
     r = soak("--requests", "100000", "--clients", "1", "--every", "1000", "--timeout-s", "2")
     assert r.returncode == 1 and "stopped by --timeout-s after" in r.stderr, (r.stdout, r.stderr)
+
+
+def test_stall_probe_measures_a_stream_around_a_whole_response(tiny_artifact, tmp_path):
+    """benchmarks/serve_stall.py (the figures of the whole-response stall, reports/serve-stall): it refuses
+    nonsense settings, and on synthetic:tiny measures a stall around a real scoring answer, the stream's
+    largest gap no smaller than its median gap, and against another checkout alternates the two sides."""
+    import os
+
+    def stall(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gpt2onnx.benchmarks.serve_stall", tiny_artifact, *args],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    for args, needle in [(["--prompts", "0"], "--prompts must be at least 1"), (["--base", str(tmp_path)], "not a gpt2onnx checkout")]:
+        r = stall(*args)
+        assert r.returncode == 2 and needle in r.stderr, r.stderr
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = stall("--prompts", "2", "--prompt-len", "100", "--stream-tokens", "100", "--repeats", "2", "--base", root)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    runs = [ln for ln in r.stdout.splitlines() if " run " in ln]
+    assert [ln.split()[0] for ln in runs] == ["base", "new", "new", "base"], r.stdout
+    for side in ("base", "new"):
+        fig = dict(kv.rsplit(" ", 1) for kv in r.stdout.split(f"{side:4} median: ")[1].splitlines()[0].split(", "))
+        assert float(fig["stall_ms"]) >= float(fig["gap_p50_before_ms"]) > 0 and float(fig["response_mb"]) > 0, fig
