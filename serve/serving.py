@@ -323,8 +323,8 @@ async def whole(build) -> Response:
     """A response sent whole (not streamed): `build()`'s dict shaped and encoded to JSON in a worker thread,
     not on the event loop that feeds every other client's stream. Sixteen echoed 1,000-token prompts with
     logprobs 5 are a 4 MB body: built on the loop (through FastAPI's jsonable_encoder walk, which a dict of
-    plain JSON types does not need) it held a concurrent stream's next token 742 ms. Encoded as Starlette's
-    JSONResponse encodes."""
+    plain JSON types does not need) it held a concurrent stream's next token 839 ms, in a thread 128 ms (medians,
+    DialoGPT-small int8, 2 cores: reports/serve-stall). Encoded as Starlette's JSONResponse encodes."""
     body = await asyncio.to_thread(lambda: json.dumps(build(), ensure_ascii=False, allow_nan=False, indent=None,
                                                       separators=(",", ":")).encode())
     return Response(body, media_type="application/json")
