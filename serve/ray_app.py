@@ -57,6 +57,7 @@ HOP_BY_HOP = ("content-length", "transfer-encoding", "connection", "keep-alive")
 # down) leaves the answer
 REPORT_S = 2.0
 STALE_S = 10.0
+DRAINED_LINGER_S = 1.0  # after the drain, the ingress answers 503 this long before the route goes (serve --ray)
 
 
 def conversation_key(path: str, headers: dict[str, str], body: bytes) -> str | None:
@@ -339,7 +340,7 @@ def run(artifacts: list[str], cfg: ServeConfig, replicas: int) -> None:
     import logging
     import os
     import signal
-    import threading
+    import sys
 
     import ray
     from ray import serve
@@ -387,8 +388,13 @@ def run(artifacts: list[str], cfg: ServeConfig, replicas: int) -> None:
         try:  # new requests get 503 while in-flight ones finish (serve.delete alone removes the route: Ray's 404)
             serve.get_app_handle("gpt2onnx").drain.remote(cfg.shutdown_timeout_s).result(
                 timeout_s=cfg.shutdown_timeout_s + 2 * SHUTDOWN_GRACE_S)
-        except Exception:  # noqa: BLE001 - the ingress is gone or stuck: the delete below still stops what is left
-            pass
+            # the route stays a while answering 503 (retried elsewhere) before the delete makes it Ray's 404 (not
+            # retried): with nothing in flight the drain returns at once, and a request sent just after the signal
+            # met the 404 (1 in 7 runs of the CLI test)
+            time.sleep(DRAINED_LINGER_S)
+        except Exception as e:  # noqa: BLE001 - the ingress is gone or stuck: the delete below still stops what is left
+            print(f"gpt2onnx: the ingress did not drain ({type(e).__name__}: {str(e)[:200]}); stopping anyway",
+                  file=sys.stderr, flush=True)
         serve.delete("gpt2onnx")
 
     draining = threading.Thread(target=stop_serving, daemon=True)
