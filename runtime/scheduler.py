@@ -280,7 +280,7 @@ class Scheduler:
                     if self.failing and time.monotonic() - self._probed >= PROBE_S:
                         self._probe()
                     else:
-                        self.cv.wait(IDLE_WAKE_S if not self.failing else min(IDLE_WAKE_S, PROBE_S))
+                        self.cv.wait(min(IDLE_WAKE_S, PROBE_S))
                     return True
                 if self.closed and not self.waiting and not self.running:
                     return False
