@@ -37,15 +37,12 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name} must be at least 1, got {getattr(a, name)}")
     if not 0 < a.timeout_s < float("inf"):
         p.error(f"--timeout-s must be a positive number of seconds, got {a.timeout_s}")
-    proc = subprocess.Popen([sys.executable, "-m", "gpt2onnx.cli", "serve", a.artifact, "--port", "0", "--provider", "cpu",
-                             "--max-queue", str(4 * a.clients)], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    line = proc.stderr.readline()
-    if "serving" not in line:
-        print(f"server did not start: {line}{proc.stderr.read()}", file=sys.stderr)
+    try:
+        proc, base = start_server(a.artifact, "--max-queue", str(4 * a.clients), env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
         return 1
-    threading.Thread(target=proc.stderr.read, daemon=True).start()
-    url = line.split(" on ")[1].split()[0] + "/completions"
+    url = base + "/completions"
     model = os.path.basename(os.path.normpath(a.artifact))
     lock, done, readings, failures = threading.Lock(), [0], [], []
     deadline = time.time() + a.timeout_s
@@ -93,6 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     if done[0] < a.requests:  # the figures above cover fewer requests than asked: not the soak asked for
         print(f"stopped by --timeout-s after {done[0]} of {a.requests} requests", file=sys.stderr)
     return 0 if not failures and done[0] >= a.requests else 1
+
+
+def start_server(artifact: str, *flags: str, env: dict | None = None, cwd: str | None = None) -> tuple[subprocess.Popen, str]:
+    """`gpt2onnx serve ARTIFACT` (cpu, a free loopback port, and `flags`) as a process, once it answers, and its
+    /v1 URL; its stderr is drained in the background. RuntimeError with its output when it does not start."""
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2onnx.cli", "serve", artifact, "--port", "0", "--provider", "cpu",
+                             *flags], stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    line = proc.stderr.readline()
+    if "serving" not in line:
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line}{proc.stderr.read()}")
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    return proc, line.split(" on ")[1].split()[0]
 
 
 def gc_pauses(metrics: str) -> list[str]:

@@ -21,13 +21,13 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 
 from .ab import PARTS, shim
+from .serve_soak import start_server
 
 
 def run_once(artifact: str, env: dict, cwd: str, prompts: int, prompt_len: int, logprobs: int, stream_tokens: int) -> dict:
@@ -35,14 +35,8 @@ def run_once(artifact: str, env: dict, cwd: str, prompts: int, prompt_len: int, 
     the figures of that run."""
     import httpx
 
-    proc = subprocess.Popen([sys.executable, "-m", "gpt2onnx.cli", "serve", artifact, "--port", "0", "--provider", "cpu",
-                             "--max-body-bytes", str(16 << 20)], stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    proc, base = start_server(artifact, "--max-body-bytes", str(16 << 20), env=env, cwd=cwd)
     try:
-        line = proc.stderr.readline()
-        if "serving" not in line:
-            raise RuntimeError(f"server did not start: {line}{proc.stderr.read()}")
-        threading.Thread(target=proc.stderr.read, daemon=True).start()
-        base = line.split(" on ")[1].split()[0]
         model = os.path.basename(os.path.normpath(artifact))
         rng = random.Random(0)
         body = {"model": model, "prompt": [[rng.randrange(50000) for _ in range(prompt_len)] for _ in range(prompts)],
