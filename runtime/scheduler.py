@@ -410,7 +410,7 @@ class Scheduler:
         for s in rows:
             s.req.stats.step_s.append(dt)
             s.req.stats.decode_s += dt
-            self._emit(s, s.req.take(out[s.index]))
+            self._emit(s, out[s.index])
         if riding:
             self._took(riding[0], riding[1], chunk_logits, dt)
 
@@ -480,7 +480,7 @@ class Scheduler:
                 self.kv.truncate(s.index, len(s.tokens))
             self._retire(s, "length")
             return False
-        self._emit(s, s.req.choose(logits))  # the whole prompt is in: its first token
+        self._emit(s, logits)  # the whole prompt is in: its first token
         return True
 
     def _group(self, s: Slot, fresh: dict[int, Slot], budget: int) -> list[Slot]:
@@ -496,8 +496,11 @@ class Scheduler:
             group.append(nxt)
         return group
 
-    def _emit(self, s: Slot, tok: Token) -> None:
+    def _emit(self, s: Slot, out: np.ndarray) -> None:
+        """A row's next token from its logits [vocab] or its device-picked id (0-d), counted before `take`
+        publishes it: a client that has its last token finds it in /metrics."""
         self.counters["generated_tokens"] += 1
+        s.req.take(out)
         if s.req.done:
             self._retire(s, s.req.finish_reason)
 

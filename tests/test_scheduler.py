@@ -191,6 +191,18 @@ def test_async_iterator_and_wait(engine):
     assert ids == whole == expected
 
 
+def test_a_token_is_counted_before_it_is_published(engine):
+    """/metrics and a client that has a request's last token agree: the scheduler counts each token before
+    its consumers are woken (it counted after, so a snapshot taken at the end could miss the last one)."""
+    with Scheduler(engine) as s:
+        base = s.counters["generated_tokens"]
+        h = s.submit([40, 1101, 257], max_new_tokens=16, eos_token_id=-1)
+        seen = []  # (tokens the request has, tokens counted) at each wake-up, on the scheduler's thread
+        h.request.wakers.append(lambda: seen.append((len(h.request.tokens), s.counters["generated_tokens"] - base)))
+        assert len(h.result().tokens) == 16
+    assert seen and seen[-1][0] == 16 and all(counted >= have for have, counted in seen), seen
+
+
 def test_streamed_text_equals_the_result(engine):
     with Scheduler(engine) as s:
         h = s.submit("Hello, how are you?", max_new_tokens=20)
