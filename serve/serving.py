@@ -123,12 +123,28 @@ async def capped_body(request: Request, limit: int, deadline_s: float = BODY_TIM
     return b"".join(chunks)
 
 
+def refuse_non_json(request: Request) -> None:
+    """415 for a body sent as anything but JSON. A browser sends text/plain, a form or multipart to any
+    origin without asking first (a CORS "simple request"), so a page the user visits could spend this server's
+    compute if it parsed those as JSON; FastAPI's own body parsing (and so vLLM) refuses them too. No
+    Content-Type is taken as JSON, as FastAPI takes it (a raw socket, some scripts)."""
+    given = request.headers.get("content-type")
+    if given is None:
+        return
+    media = given.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return
+    raise APIError(415, f"the body's Content-Type is {media or 'empty'}, not JSON; send it as application/json "
+                        "(curl: -H 'Content-Type: application/json')")
+
+
 async def read_body(request: Request, kind: type[BaseModel]) -> BaseModel:
     """The JSON body, size-limited and validated into `kind` (400 naming the field that is wrong)."""
     server = server_of(request)
     cfg = server.cfg
     if server.closing:
         raise APIError(503, "the server is shutting down; retry on another replica", "server_error", retry_after=cfg.retry_after_s)
+    refuse_non_json(request)
     body = await capped_body(request, cfg.max_body_bytes)
     try:
         data = json.loads(body)

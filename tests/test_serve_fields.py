@@ -418,3 +418,27 @@ def test_a_client_gone_while_sending_its_body_is_a_499_not_a_500():
     with pytest.raises(APIError) as e:
         asyncio.run(capped_body(Half(), 10_000))
     assert e.value.status == 499
+
+
+ROUTES = {"/v1/completions": {"prompt": "hi", "max_tokens": 2}, "/v1/chat/completions":
+          {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, "/tokenize": {"prompt": "hi"},
+          "/detokenize": {"tokens": [1, 2]}}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_body_not_sent_as_json_is_a_415(client, route):
+    """A browser page may send text/plain, a form or multipart to any origin unasked (a CORS simple request):
+    parsed as JSON, such a POST to a server on localhost would run. FastAPI's body parsing and so vLLM refuse
+    them; JSON types with parameters, +json types and no Content-Type at all are taken."""
+    raw = json.dumps({"model": client.model, **ROUTES[route]}).encode()
+    generated = lambda: sum(m.scheduler.counters["requests"] + m.scheduler.counters["generated_tokens"] for m in client.app.state.server.models.values())  # noqa: E731
+    before = generated()
+    for media in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                  "multipart/form-data; boundary=x", "application/jsonx", ""):
+        r = client.post(route, content=raw, headers={"Content-Type": media})
+        err = r.json()["error"]
+        assert r.status_code == 415 and "application/json" in err["message"] and err["type"] == "invalid_request_error", (media, r.text)
+    assert generated() == before  # nothing ran
+    for media in ("application/json", "application/json; charset=utf-8", "Application/JSON", "application/vnd.api+json", None):
+        r = client.post(route, content=raw, headers={"Content-Type": media} if media else {})
+        assert r.status_code == 200, (media, r.text)
