@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import gc
 import json
-import socket
 import sys
-import threading
-import time
 import weakref
 
 from .memory import status
@@ -25,32 +22,22 @@ from .memory import status
 def one_round(artifact: str, requests: int) -> weakref.ref:
     """One build / serve / shut-down round; returns a weak reference to its scheduler."""
     import httpx
-    import uvicorn
 
     from gpt2onnx.serve.app import build_app
     from gpt2onnx.serve.config import ServeConfig
     from gpt2onnx.serve.server import load_models
 
+    from .clients import served
+
     cfg = ServeConfig()
     models = load_models([artifact], cfg)
     ref = weakref.ref(models[0].scheduler)
-    app = build_app(models, cfg)
-    sock = socket.create_server(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    with httpx.Client(timeout=120) as http:
+    with served(build_app(models, cfg)) as base, httpx.Client(timeout=120) as http:  # leaving: the app's shutdown closes the schedulers
         for i in range(requests):
             body = {"model": models[0].name, "prompt": f"round {i}", "max_tokens": 8, "temperature": 0, "stream": bool(i % 2)}
-            r = http.post(url, json=body)
+            r = http.post(base + "/v1/completions", json=body)
             if r.status_code != 200:
                 raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-    server.should_exit = True  # the app's shutdown closes the schedulers
-    thread.join(60)
-    sock.close()
     return ref
 
 

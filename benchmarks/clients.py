@@ -4,11 +4,36 @@ those clients (one request at a time behind a lock). Every record it returns is
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+
+@contextlib.contextmanager
+def served(app) -> Iterator[str]:
+    """The ASGI `app` served by uvicorn in a thread of this process on a free loopback port; yields its base URL
+    (http://127.0.0.1:PORT). On exit uvicorn stops as SIGTERM stops it (the app's shutdown closes its schedulers)."""
+    import uvicorn
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("uvicorn stopped before it served (its log says why)")
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
 
 
 def run_clients(serve, requests: list[tuple[list[int], int]], clients: int) -> list[dict]:

@@ -3,13 +3,14 @@ scheduler, the same behind `gpt2onnx serve`'s HTTP app, a lock around `generate`
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
 
 import numpy as np
 
-from ..clients import SerialClients, check_reply, run_clients, token_times
+from ..clients import SerialClients, check_reply, run_clients, served, token_times
 from ..machine import nvidia_smi_mb
 from ..worker import SystemSpec
 
@@ -81,46 +82,33 @@ class Ours(SerialClients):
         """The scheduler behind `gpt2onnx serve`'s app, in this process on a loopback port; clients
         stream /v1/completions over HTTP and stamp each token's SSE chunk as it arrives, so the
         difference from mode `scheduler` is what HTTP, JSON and SSE cost."""
-        import json
-        import socket
-
         import httpx
-        import uvicorn
 
         from gpt2onnx.serve.app import Model, build_app
         from gpt2onnx.serve.config import ServeConfig
 
         sched = self._scheduler(max_batch, clients)
         app = build_app([Model("m", self.engine, sched, 0)], ServeConfig(max_tokens=self.engine.n_positions - 1, request_timeout_s=3600))
-        sock = socket.create_server(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.01)
-        http = httpx.Client(timeout=3600, limits=httpx.Limits(max_connections=clients + 4))
+        with served(app) as base, httpx.Client(timeout=3600, limits=httpx.Limits(max_connections=clients + 4)) as http:
+            return run_clients(functools.partial(self._stream, http, base + "/v1/completions"), requests, clients)
 
-        def serve(prompt, n):
-            submitted, stamps = time.perf_counter(), []
-            body = {"model": "m", "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
-            with http.stream("POST", url, json=body) as r:
-                if r.status_code != 200:
-                    raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:200]!r}")
-                for line in r.iter_lines():
-                    if line.startswith("data: {"):
-                        choices = json.loads(line[6:])["choices"]
-                        if choices and choices[0]["finish_reason"] is None:  # one chunk per token
-                            stamps.append(time.perf_counter())
-            check_reply(stamps, stamps, n)
-            return submitted, stamps
+    @staticmethod
+    def _stream(http, url: str, prompt: list[int], n: int) -> tuple[float, list[float]]:
+        """One streamed completion of `n` tokens; returns (submitted_s, each token's arrival stamp)."""
+        import json
 
-        try:
-            return run_clients(serve, requests, clients)
-        finally:
-            http.close()
-            server.should_exit = True  # the app's shutdown closes the scheduler
-            thread.join(60)
+        submitted, stamps = time.perf_counter(), []
+        body = {"model": "m", "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
+        with http.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:200]!r}")
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    choices = json.loads(line[6:])["choices"]
+                    if choices and choices[0]["finish_reason"] is None:  # one chunk per token
+                        stamps.append(time.perf_counter())
+        check_reply(stamps, stamps, n)
+        return submitted, stamps
 
     def _one(self, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
         t = time.perf_counter()
