@@ -1,11 +1,13 @@
-"""Where a decode step's time goes: onnxruntime's node profile, by operator, beside the weight bytes
-each operator reads and the rate it reads them at.
+"""Where a decode step's time goes (or, with --prompt, a prompt's): onnxruntime's node profile, by operator,
+beside the weight bytes each operator reads and the rate it reads them at.
 
     python -m gpt2onnx.benchmarks.profile ARTIFACT [--batch 1] [--prompt-len 32] [--new-tokens 64]
-                                          [--threads N] [--json OUT]
+                                          [--prompt] [--threads N] [--json OUT]
 
 One untimed warm-up generation, then one profiled generation (seeded random prompts, one per row of
---batch, EOS off, so it decodes exactly --new-tokens steps). Only the decode steps count (the prompt pass is dropped).
+--batch, EOS off, so it decodes exactly --new-tokens steps). Only the decode steps count (the prompt's
+passes are dropped); with --prompt only the prompt's passes count (all of them: a long prompt over an int8
+cache runs in several, decoder.INT8_KV_PASS), and the figures are per prompt, not per step.
 Per operator type, per step: milliseconds of kernel time, its share of the step, the initializer
 bytes its nodes read (the stored graph's initializers; an embedding Gather reads one row) and those
 bytes over its time in GB/s, beside the machine's read bandwidth measured in the same process
@@ -26,8 +28,10 @@ import numpy as np
 
 
 def profile(path: str, prompt_len: int = 32, new_tokens: int = 64, threads: int | None = None, seed: int = 0,
-            batch: int = 1) -> dict:
+            batch: int = 1, prompt: bool = False) -> dict:
     """Profile one generation of the artifact at `path`; returns the figures (module docstring)."""
+    if prompt:
+        new_tokens = 1  # the prompt's passes and its first token: no decode step
     from gpt2onnx.runtime import Engine
     from gpt2onnx.runtime.session import build_session
 
@@ -48,12 +52,14 @@ def profile(path: str, prompt_len: int = 32, new_tokens: int = 64, threads: int 
 
     weights = _weight_bytes(engine.manifest.file("model.onnx"))
     runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
-    steps = runs[len(runs) // 2 + 1:]  # the profiled generation's decode steps (its prompt pass dropped)
-    first = steps[0]["ts"]
+    ours = runs[len(runs) // 2:]  # the profiled generation's passes: its prompt's, then new_tokens - 1 steps
+    passes = len(ours) - (new_tokens - 1)
+    steps = ours[:passes] if prompt else ours[passes:]
+    first, end = steps[0]["ts"], steps[-1]["ts"] + steps[-1]["dur"]
     by_op = collections.defaultdict(lambda: {"us": 0.0, "bytes": 0, "nodes": set()})
     by_shape = collections.defaultdict(lambda: {"us": 0.0, "bytes": 0, "nodes": set()})  # (op, weight bytes)
     for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < first:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or not first <= e["ts"] <= end:
             continue
         a = e["args"]
         row = by_op[a["op_name"]]
@@ -63,8 +69,8 @@ def profile(path: str, prompt_len: int = 32, new_tokens: int = 64, threads: int 
             r["us"] += e["dur"]
             r["bytes"] += b
             r["nodes"].add(node)
-    n = len(steps)
-    step_ms = statistics.median(s["dur"] for s in steps) / 1e3
+    n = 1 if prompt else len(steps)  # figures per prompt (all its passes), or per decode step
+    step_ms = sum(s["dur"] for s in steps) / 1e3 if prompt else statistics.median(s["dur"] for s in steps) / 1e3
     ops = []
     for op, r in sorted(by_op.items(), key=lambda kv: -kv[1]["us"]):
         ms = r["us"] / n / 1e3
@@ -76,8 +82,9 @@ def profile(path: str, prompt_len: int = 32, new_tokens: int = 64, threads: int 
     kernels = sum(o["ms_per_step"] for o in ops)
     weights_mb = sum(o["weights_mb_per_step"] for o in ops)
     return {"artifact": path, "precision": manifest.precision, "batch": batch, "threads": sc.threads or os.cpu_count() or 1,
+            "mode": "prompt" if prompt else "decode", "prompt_len": prompt_len,
             "huge_pages": sc.huge_pages,
-            "steps": n, "step_ms_p50": step_ms, "kernels_ms": kernels, "outside_kernels_ms": step_ms - kernels,
+            "steps": len(steps), "step_ms_p50": step_ms, "kernels_ms": kernels, "outside_kernels_ms": step_ms - kernels,
             "weights_mb_per_step": weights_mb, "floor_ms": weights_mb / bandwidth, "read_bandwidth_gbs": bandwidth,
             "ops": ops, "weight_groups": heavy}
 
@@ -96,18 +103,20 @@ def _weight_bytes(model_path: str) -> dict[str, int]:
 
 def render(p: dict) -> str:
     pages = "2 MB pages" if p["huge_pages"] else "4 KB pages"
+    what = (f"a {p['prompt_len']}-token prompt {p['step_ms_p50']:.2f} ms in {p['steps']} pass{'es' if p['steps'] != 1 else ''}" if p.get("mode") == "prompt"
+            else f"decode step p50 {p['step_ms_p50']:.2f} ms over {p['steps']} steps")
+    unit = "prompt" if p.get("mode") == "prompt" else "step"
     lines = [f"{p['artifact']} ({p['precision']}, batch {p.get('batch', 1)}, {p['threads']} threads, weights on {pages}): "
-             f"decode step p50 {p['step_ms_p50']:.2f} ms over "
-             f"{p['steps']} steps; kernels {p['kernels_ms']:.2f} ms, outside kernels {p['outside_kernels_ms']:.2f} ms",
-             f"weights read per step {p['weights_mb_per_step']:.0f} MB; read bandwidth {p['read_bandwidth_gbs']:.1f} GB/s "
-             f"-> floor {p['floor_ms']:.2f} ms ({p['floor_ms'] / p['step_ms_p50']:.0%} of the step)",
-             "", "| operator | nodes | ms/step | share | weights MB/step | GB/s (% of read bw) |", "|---|---|---|---|---|---|"]
+             f"{what}; kernels {p['kernels_ms']:.2f} ms, outside kernels {p['outside_kernels_ms']:.2f} ms",
+             f"weights read per {unit} {p['weights_mb_per_step']:.0f} MB; read bandwidth {p['read_bandwidth_gbs']:.1f} GB/s "
+             f"-> floor {p['floor_ms']:.2f} ms ({p['floor_ms'] / p['step_ms_p50']:.0%} of the {unit})",
+             "", f"| operator | nodes | ms/{unit} | share | weights MB/{unit} | GB/s (% of read bw) |", "|---|---|---|---|---|---|"]
     for o in p["ops"]:
         rate = f"{o['gbs']:.1f} ({o['gbs'] / p['read_bandwidth_gbs']:.0%})" if o["gbs"] else "—"
         lines.append(f"| {o['op']} | {o['nodes']} | {o['ms_per_step']:.3f} | {o['share']:.1%} | "
                      f"{o['weights_mb_per_step']:.1f} | {rate} |")
     lines += ["", "Operators that read weights, by weight size per node:", "",
-              "| operator | weights MB per node | nodes | ms/step | GB/s (% of read bw) |", "|---|---|---|---|---|"]
+              f"| operator | weights MB per node | nodes | ms/{unit} | GB/s (% of read bw) |", "|---|---|---|---|---|"]
     for g in (g for g in p["weight_groups"] if g["weights_mb_per_node"] >= 0.1):
         lines.append(f"| {g['op']} | {g['weights_mb_per_node']:.2f} | {g['nodes']} | {g['ms_per_step']:.3f} | "
                      f"{g['gbs']:.1f} ({g['gbs'] / p['read_bandwidth_gbs']:.0%}) |")
@@ -122,12 +131,13 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=1, help="rows decoded together")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt", action="store_true", help="profile the prompt's passes, not the decode steps")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the figures here")
     a = p.parse_args(argv)
     p.at_least(a, batch=1, prompt_len=1, new_tokens=2)
     p.output_file(a.json, "--json")
-    result = p.run(profile, a.artifact, a.prompt_len, a.new_tokens, a.threads, batch=a.batch)
+    result = p.run(profile, a.artifact, a.prompt_len, a.new_tokens, a.threads, batch=a.batch, prompt=a.prompt)
     print(render(result))
     if a.json:
         from .results import write_json

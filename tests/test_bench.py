@@ -647,6 +647,33 @@ def test_profile_counts_decode_steps_and_weight_bytes(tiny_artifact):
     assert {o["op"]: o for o in b["ops"]}["MatMul"]["weights_mb_per_step"] == pytest.approx(matmul / 1e6)
 
 
+
+def test_profile_prompt_counts_every_pass_of_the_prompt(tmp_path_factory, tiny_artifact, monkeypatch):
+    """profile --prompt: the profiled prompt's passes only, all of them (one over a float cache; over an int8
+    cache a long prompt runs in INT8_KV_PASS pieces), the figures per prompt: weights read once a pass."""
+    import onnx
+
+    from gpt2onnx.benchmarks import profile
+    from gpt2onnx.export.convert import ExportOptions, export
+    from gpt2onnx.runtime import decoder as decoder_mod
+
+    from .conftest import QUIET
+
+    p = profile.profile(tiny_artifact, prompt_len=40, prompt=True)
+    model = onnx.load(os.path.join(tiny_artifact, "model.onnx"), load_external_data=False)
+    size = {t.name: int(np.prod(t.dims)) * 4 for t in model.graph.initializer}
+    matmul = sum(size.get(i, 0) for n in model.graph.node if n.op_type == "MatMul" for i in n.input)
+    ops = {o["op"]: o for o in p["ops"]}
+    assert p["mode"] == "prompt" and p["steps"] == 1 and ops["MatMul"]["weights_mb_per_step"] == pytest.approx(matmul / 1e6)
+    assert 0 < p["kernels_ms"] <= p["step_ms_p50"]
+    assert "a 40-token prompt" in profile.render(p) and "ms/prompt" in profile.render(p)
+    int4 = export(ExportOptions("synthetic:tiny", str(tmp_path_factory.mktemp("prof") / "int4"), precision="int4"), log=QUIET)
+    monkeypatch.setattr(decoder_mod, "INT8_KV_PASS", 16)
+    q = profile.profile(int4, prompt_len=40, prompt=True)  # 16 + 16 + 8
+    assert q["steps"] == 3
+    one = {o["op"]: o["weights_mb_per_step"] for o in profile.profile(int4, prompt_len=8, prompt=True)["ops"]}
+    assert {o["op"]: o["weights_mb_per_step"] for o in q["ops"]}["MatMulNBits"] == pytest.approx(3 * one["MatMulNBits"])
+
 # the cheapest bench: every optional scenario off, so a refusal that comes late shows as a run, not a wait
 CHEAP = ["--baselines", "", "--no-footprint", "--concurrent-clients", "0", "--chat-turns", "0", "--beams", "0",
          "--repeats", "1", "--new-tokens", "2", "--batch", "1", "--prompt-len", "8", "--context", ""]
