@@ -305,13 +305,14 @@ def _llamacpp_paths(systems: list[dict]) -> list[str]:
         if not lp:
             continue
         b, n = lp["llama_bench"], len(lp["llama_bench"]["tg"][0].get("runs", [])) or 1
-        rss = (b["peak_rss_mb"], lp.get("binding_footprint_mb")) if lp["used"] == "llama-bench" else (lp.get("binding_footprint_mb"), b["peak_rss_mb"])
+        bench_rss, binding_rss = b.get("peak_rss_mb"), lp.get("binding_footprint_mb")
+        lower = "llama-bench" if bench_rss and not bench_rss >= (binding_rss or float("inf")) else "the binding"
         L.append(f"**{x['name']}** rows: at each batch-1 point (decode and context), the faster of llama-cpp-python and "
                  f"llama.cpp's own **llama-bench** (median of {n} run{'s' * (n > 1)}, one per repeat between the other systems'; "
                  "llama-bench gives averages, no percentiles: where it is shown, p50 = p90 = p99), per-token figures and "
-                 "time to first token chosen apart: the table \"llama.cpp's two paths\" says which. Peak RSS "
-                 f"{'llama-bench' if lp['used'] == 'llama-bench' else 'the binding'}'s, the faster at the first decode point "
-                 f"({_fmt(rss[0], '.0f')} MB; the other {_fmt(rss[1], '.0f')} MB); the other scenarios are the binding's.")
+                 "time to first token chosen apart: the table \"llama.cpp's two paths\" says which. Peak RSS (the memory "
+                 f"table and the edge bar) the lower of the two, {lower}'s (llama-bench {_fmt(bench_rss, '.0f')} MB, the binding "
+                 f"{_fmt(binding_rss, '.0f')} MB); the other scenarios are the binding's.")
     return L
 
 

@@ -538,8 +538,9 @@ def test_llama_bench_runs_of_the_repeats_make_one_median():
 
 def test_llamacpp_rows_take_the_faster_path():
     """prefer_faster: at each batch-1 point llama-bench's figures (the faster flash-attention setting)
-    replace the binding's only where they are faster, per-token and TTFT apart; the footprint follows
-    the first decode point."""
+    replace the binding's only where they are faster, per-token and TTFT apart; the footprint is the lower
+    of the two paths' peak RSS whichever is faster (it followed the first decode point's path: the edge bar's
+    verdict then flipped with per-token noise)."""
     bench = {"pp": [{"prompt_len": 32, "flash_attn": False, "ms": 20.0, "tokens_per_s": 1600.0},
                     {"prompt_len": 32, "flash_attn": True, "ms": 25.0, "tokens_per_s": 1280.0}],
              "tg": [{"depth": 32, "new_tokens": 64, "flash_attn": False, "ms_per_token": 6.0, "tokens_per_s": 166.7},
@@ -550,8 +551,8 @@ def test_llamacpp_rows_take_the_faster_path():
                           "decode_tokens_per_s": tps, "ttft_ms": 80.0} for fa, tps in ((False, 400.0), (True, 320.0))],
              "peak_rss_mb": 150.0}  # each point with flash attention off and on: the faster of the two counts
 
-    def case(binding_ms, binding_ttft=30.0):
-        systems = [{"name": "llama.cpp Q8_0 cpu", "kind": "llamacpp", "weights_bytes_per_token": 1e8, "footprint_mb": 190.0}]
+    def case(binding_ms, binding_ttft=30.0, binding_rss=190.0):
+        systems = [{"name": "llama.cpp Q8_0 cpu", "kind": "llamacpp", "weights_bytes_per_token": 1e8, "footprint_mb": binding_rss}]
         row = lambda sc, p, n, ms, ttft: {"system": "llama.cpp Q8_0 cpu", "scenario": sc, "batch": 1, "prompt_len": p,  # noqa: E731
                                           "new_tokens": n, "p50_ms": ms, "p90_ms": ms, "ttft_ms": ttft, "total_s": 1.0}
         summary = [row("decode", 32, 64, binding_ms, binding_ttft), row("decode", 128, 64, binding_ms, 60.0),
@@ -579,7 +580,9 @@ def test_llamacpp_rows_take_the_faster_path():
     assert "| llama.cpp Q8_0 cpu | decode: prompt 32, 64 new | 8.00 | **5.00 (FA on)** | 30.0 | **20.0 (FA off)** |" in table
     assert "| llama.cpp Q8_0 cpu | context: prompt 500, 16 new | 8.00 | **7.00 (FA off)** | — | — |" in table
     x, (row, _, ctx, _, _) = case(binding_ms=4.0, binding_ttft=10.0)
-    assert x["llamacpp_path"]["used"] == "llama-cpp-python" and row["p50_ms"] == 4.0 and x["footprint_mb"] == 190.0
+    assert x["llamacpp_path"]["used"] == "llama-cpp-python" and row["p50_ms"] == 4.0 and x["footprint_mb"] == 150.0
+    assert "Peak RSS (the memory table and the edge bar) the lower of the two, llama-bench's (llama-bench 150 MB, the binding 190 MB)" in "\n".join(report._llamacpp_paths([x]))
+    assert case(binding_ms=4.0, binding_rss=140.0)[0]["footprint_mb"] == 140.0  # the binding's where it is the lower
     assert "source" not in row and "ttft_source" not in row and row["total_s"] == 1.0
     assert ctx["source"] == "llama-bench"  # each point on its own
     x, (row, *_) = case(binding_ms=4.0, binding_ttft=40.0)

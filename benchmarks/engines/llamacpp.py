@@ -321,8 +321,8 @@ def prefer_faster(systems: list[dict], summary: list[dict], bench: dict[str, dic
     first decode point's path), points: [{scenario, prompt_len, new_tokens, binding_ms, llama_bench_ms,
     llama_bench_fa, binding_ttft_ms, llama_bench_ttft_ms, llama_bench_ttft_fa}], binding_footprint_mb,
     llama_bench: the figures}, llama-bench's figure at each point the faster of its two flash-attention
-    settings; where the
-    first decode point goes through llama-bench, the system's footprint is llama-bench's peak RSS.
+    settings. The system's footprint is the lower of the two paths' peak RSS (llama-bench's: its C++ tools load
+    no interpreter, as an edge deployment of llama.cpp runs), whichever was faster per token.
     Where llama-batched-bench ran, its batches become the system's throughput rows (_batched_rows)."""
     for x in systems:
         b = bench.get(x["name"])
@@ -362,7 +362,7 @@ def prefer_faster(systems: list[dict], summary: list[dict], bench: dict[str, dic
         faster = bool(first) and first["llama_bench_ms"] < first["binding_ms"]
         x["llamacpp_path"] = {"used": "llama-bench" if faster else "llama-cpp-python", "points": points,
                               "binding_footprint_mb": x.get("footprint_mb"), "llama_bench": b}
-        if faster:
+        if b.get("peak_rss_mb") and not b["peak_rss_mb"] >= (x.get("footprint_mb") or float("inf")):
             x["footprint_mb"] = b["peak_rss_mb"]
 
 
