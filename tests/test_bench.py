@@ -674,6 +674,8 @@ def test_profile_prompt_counts_every_pass_of_the_prompt(tmp_path_factory, tiny_a
     monkeypatch.setattr(decoder_mod, "INT8_KV_PASS", 16)
     q = profile.profile(int4, prompt_len=40, prompt=True)  # 16 + 16 + 8
     assert q["steps"] == 3
+    d = profile.profile(int4, prompt_len=40, new_tokens=6)  # decode mode: the 5 steps, none of the 3 prompt passes
+    assert d["steps"] == 5 and d["mode"] == "decode"
     one = {o["op"]: o["weights_mb_per_step"] for o in profile.profile(int4, prompt_len=8, prompt=True)["ops"]}
     assert {o["op"]: o["weights_mb_per_step"] for o in q["ops"]}["MatMulNBits"] == pytest.approx(3 * one["MatMulNBits"])
 
