@@ -203,12 +203,12 @@ class Engine:
         return cfg
 
     def request(self, prompt: str | list[int], cfg: GenerationConfig, limit: int | None = None, index: int = 0,
-                stream: bool = True, room: int | None = None) -> Request:
+                stream: bool = True, prompt_logprobs: int | None = None, score_only: bool = False) -> Request:
         """Validate one prompt (text or token ids) against `cfg` and a context of `limit` positions
         (default the model's) and make its Request. `stream`: the caller hands out tokens as they
         come (stream, the Scheduler), which beam search cannot: it knows its tokens only at the end.
-        `room`: positions kept free beside the prompt (default cfg.max_new_tokens; 0 for a prompt
-        that is only scored).
+        `prompt_logprobs` k: the prompt's tokens are scored as its passes run, k alternatives each;
+        `score_only`: only that (it needs no positions beside the prompt; cfg.max_new_tokens is not generated).
 
         Raises:
             Gpt2OnnxError: empty prompt, ids outside the vocabulary, a request longer than the context,
@@ -217,10 +217,10 @@ class Engine:
         if stream and cfg.num_beams > 1:
             raise Gpt2OnnxError("num_beams > 1 knows its tokens only at the end, so it cannot stream or run in the "
                                 "Scheduler (the server); use generate, generate_text or chat, or num_beams=1")
-        limit, room = limit or self.n_positions, cfg.max_new_tokens if room is None else room
+        limit, room = limit or self.n_positions, 0 if score_only else cfg.max_new_tokens
         row = self._prompt_ids(prompt, index, room, limit, cfg.truncate)
         eos = self.eos_token_id if cfg.eos_token_id is None else cfg.eos_token_id
-        return Request(row[-(limit - room):], cfg, eos, self.decode, self.vocab_size)
+        return Request(row[-(limit - room):], cfg, eos, self.decode, self.vocab_size, prompt_logprobs, score_only)
 
     def _prompt_ids(self, prompt: str | list[int], index: int, max_new: int, limit: int, truncate: bool) -> list[int]:
         """The prompt's token ids, checked: text or integer ids inside the vocabulary, not empty, and

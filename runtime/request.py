@@ -178,7 +178,8 @@ class PromptScores:
 class Request:
     """A validated request and its output. Made by `Engine.request`; consumed by one decode loop."""
 
-    def __init__(self, ids: list[int], cfg: GenerationConfig, eos: int, decode: Callable[[list[int]], str], vocab: int):
+    def __init__(self, ids: list[int], cfg: GenerationConfig, eos: int, decode: Callable[[list[int]], str], vocab: int,
+                 prompt_logprobs: int | None = None, score_only: bool = False):
         self.ids, self.cfg = ids, cfg
         self.stop_ids = frozenset(([] if eos < 0 else [eos]) + list(cfg.stop_token_ids))
         bad = [t for t in cfg.logit_bias or () if t >= vocab]
@@ -206,8 +207,9 @@ class Request:
         self.cv = threading.Condition()
         self.wakers: list[Callable[[], None]] = []  # async consumers' callbacks
         self.followers = 0  # blocking iterators waiting token by token
-        self.prompt_scores: PromptScores | None = None  # set by Scheduler.submit(prompt_logprobs=k)
-        self.score_only = False  # Scheduler.submit(max_new_tokens=0): ends after its prompt pass, nothing generated
+        # Scheduler.submit(prompt_logprobs=k): the prompt's tokens scored as its passes run
+        self.prompt_scores = PromptScores(ids, prompt_logprobs, decode) if prompt_logprobs is not None else None
+        self.score_only = score_only  # Scheduler.submit(max_new_tokens=0): ends after its prompt pass, nothing generated
 
     @property
     def done(self) -> bool:

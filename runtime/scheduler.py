@@ -50,7 +50,7 @@ import numpy as np
 
 from .errors import Gpt2OnnxError, SchedulerClosed, one_line
 from .prompt_cache import common_prefix
-from .request import SCORE_CHUNK, PromptScores, Request, Result, Token
+from .request import SCORE_CHUNK, Request, Result, Token
 from .sampling import MAX_LOGPROBS, _int
 
 # prompt tokens one pass may run while nothing decodes (rows x width): a pass cannot be cancelled, so
@@ -180,10 +180,8 @@ class Scheduler:
         # max_new_tokens 0 with prompt_logprobs: scored only (without, validation refuses it as anywhere else)
         score_only = prompt_logprobs is not None and kw.get("max_new_tokens") == 0 and not isinstance(kw.get("max_new_tokens"), bool)
         cfg = self.engine.config(**{**kw, "max_new_tokens": 1} if score_only else kw)
-        req = self.engine.request(prompt, cfg, limit=self.capacity, index=index, room=0 if score_only else None)
-        req.score_only = score_only
-        if prompt_logprobs is not None:
-            req.prompt_scores = PromptScores(req.ids, prompt_logprobs, self.engine.decode)
+        req = self.engine.request(prompt, cfg, limit=self.capacity, index=index, prompt_logprobs=prompt_logprobs,
+                                  score_only=score_only)
         with self.cv:
             if self.pid != os.getpid():
                 raise SchedulerClosed("this scheduler was made in another process (before a fork): its loop runs there; "
