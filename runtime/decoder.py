@@ -48,9 +48,13 @@ PICK_FROM = 4
 # Engine.generate, medians of 10 interleaved: 512 tokens int8 663 -> 581 ms, int4 1095 -> 1038; 1000
 # tokens int8 2647 -> 1896, int4 2613 -> 2246 (prefill alone, 128 or 256 a pass about the same); 200
 # tokens level; fp32 at 1000 tokens 1807 in one pass, 1885 in passes of 256, so float caches keep one.
+# 128 since 2026-12-08: on the 2-core AMD EPYC with AVX-512 VNNI, passes of 128 against 256 (medians of 5
+# interleaved, the same prompts) took int8 124 / 210 / 497 ms against 129 / 220 / 518 at 300 / 512 / 1000
+# tokens, int4 180 / 311 / 700 against 187 / 323 / 734 (64, 96 and 192 no better); on the AVX2 box above
+# 128 and 256 were about the same.
 # The logits are bit-equal for int4 and int8 nbits; int8's dynamic quantization scales each pass's
 # activations by itself, so its logits move within its tolerance (as they do with a pass's batch).
-INT8_KV_PASS = 256
+INT8_KV_PASS = 128
 
 
 class Pick:
