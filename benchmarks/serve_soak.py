@@ -12,7 +12,6 @@ requests or `--timeout-s`, whichever first.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -25,16 +24,16 @@ from .memory import status
 def main(argv: list[str] | None = None) -> int:
     import httpx
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from .settings import ToolParser
+
+    p = ToolParser(prog="python -m gpt2onnx.benchmarks.serve_soak", description=__doc__.splitlines()[0])
     p.add_argument("artifact")
     p.add_argument("--requests", type=int, default=10_000)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--every", type=int, default=1000)
     p.add_argument("--timeout-s", type=float, default=1800)
     a = p.parse_args(argv)
-    for name in ("requests", "clients", "every"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name} must be at least 1, got {getattr(a, name)}")
+    p.at_least(a, requests=1, clients=1, every=1)
     if not 0 < a.timeout_s < float("inf"):
         p.error(f"--timeout-s must be a positive number of seconds, got {a.timeout_s}")
     try:

@@ -16,7 +16,6 @@ every call has a timeout. Run it on a quiet machine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -85,7 +84,9 @@ def run_once(artifact: str, env: dict, cwd: str, prompts: int, prompt_len: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from .settings import ToolParser
+
+    p = ToolParser(prog="python -m gpt2onnx.benchmarks.serve_stall", description=__doc__.splitlines()[0])
     p.add_argument("artifact")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=1000)
@@ -94,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--base", help="another checkout whose server alternates with this one's")
     a = p.parse_args(argv)
-    for name in ("prompts", "prompt_len", "repeats", "stream_tokens"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    p.at_least(a, prompts=1, prompt_len=1, repeats=1, stream_tokens=1)
     if not os.path.isfile(os.path.join(a.artifact, "gpt2onnx.json")):
         p.error(f"{a.artifact} is not an artifact directory (no gpt2onnx.json)")
     if a.base and not all(os.path.exists(os.path.join(a.base, part)) for part in PARTS):
